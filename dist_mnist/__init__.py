@@ -1,0 +1,1 @@
+"""dist_mnist: DistributedDataParallel MNIST training with profiling and fault tolerance built in."""

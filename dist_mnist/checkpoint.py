@@ -1,0 +1,119 @@
+"""Checkpoints: atomic writes by rank 0, rotation, safe loading (weights_only) with fallback to an older file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_mnist.errors import UserError
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step(\d{8})\.pt$")
+# Config fields a checkpoint must share with the run that resumes it: they fix the model, the data order and
+# the learning-rate schedule, so continuing with another value would silently train something else.
+RECIPE_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
+                 "seed")
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"step{step:08d}.pt"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint files in `folder`, newest (highest step) first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), reverse=True)
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> tuple[Path, int]:
+    """Write atomically (temp file, fsync, os.replace), then drop all but the newest `keep`; returns path, bytes."""
+    path = checkpoint_path(folder, step)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # The rename is durable only once the directory entry itself is on disk.
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in list_checkpoints(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return path, path.stat().st_size
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with weights_only=True: tensors and plain containers only, so a crafted pickle is refused, never run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling refused"
+        raise UserError(f"checkpoint {path} was refused: it needs arbitrary unpickling, which is never allowed "
+                        f"({first_line})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt: {exc})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} is not a dist_mnist checkpoint (format {FORMAT_VERSION} expected)")
+    return state
+
+
+def find_resume_checkpoint(folder: Path, warn: bool) -> dict[str, Any] | None:
+    """The newest checkpoint in `folder` that loads; unreadable ones are reported and skipped."""
+    for path in list_checkpoints(folder):
+        try:
+            return load_checkpoint(path)
+        except UserError as exc:
+            if warn:
+                print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr, flush=True)
+    return None
+
+
+def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint from another model or recipe with an error naming the mismatch."""
+    if state.get("model_class") != type(model).__name__:
+        raise UserError(f"checkpoint {source} holds a {state.get('model_class')}, not a {type(model).__name__}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise UserError(f"checkpoint {source} does not fit the model: parameters differ at {diff}")
+    for name in RECIPE_FIELDS:
+        if state["config"].get(name) != config.get(name):
+            raise UserError(f"checkpoint {source} was trained with --{name.replace('_', '-')} "
+                            f"{state['config'].get(name)}, this run has {config.get(name)}; use the same value or "
+                            "--resume never with a new --run-name")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators, in types that weights_only loading accepts."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])

@@ -1,0 +1,144 @@
+"""Training configuration: one validated dataclass and the command line built from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from dist_mnist.errors import UserError
+
+
+def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that carries its own `--help` text and argparse options."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # Data
+    dataset: str = _opt("mnist", "mnist: the real IDX files; synthetic: deterministic MNIST-shaped data for smoke runs",
+                        choices=["mnist", "synthetic"])
+    data_dir: str = _opt(os.environ.get("DIST_MNIST_DATA", "./data"),
+                         "folder holding MNIST/raw/<four IDX files> (default: $DIST_MNIST_DATA, else ./data)")
+    no_download: bool = _opt(False, "never download MNIST; fail with a clear error when the files are missing")
+    synthetic_train_size: int = _opt(60_000, "training samples made by --dataset synthetic")
+    synthetic_test_size: int = _opt(10_000, "test samples made by --dataset synthetic")
+    num_workers: int = _opt(0, "DataLoader worker processes per rank; batches are sliced from decoded tensors, "
+                               "so 0 is fastest on CPU (measured, see docs/benchmarks.md)")
+    data_on_device: str = _opt("auto", "keep the whole decoded dataset (47 MB) on the GPU and slice batches there; "
+                                       "auto: on with CUDA", choices=["auto", "on", "off"])
+
+    # Model and recipe
+    epochs: int = _opt(2, "passes over the training set")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); for smoke runs")
+    batch_size: int = _opt(128, "training batch size PER PROCESS; the global batch is this times the world size")
+    eval_batch_size: int = _opt(1000, "evaluation batch size per process")
+    lr: float = _opt(3e-3, "peak learning rate of the one-cycle schedule (AdamW)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    warmup_frac: float = _opt(0.2, "share of all steps spent warming the learning rate up to --lr")
+    grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off); with fp16 the gradients "
+                                 "are unscaled first")
+    seed: int = _opt(0, "seed for weights, dropout and the data order")
+    deterministic: bool = _opt(False, "use only deterministic kernels (torch.use_deterministic_algorithms)")
+
+    # Speed
+    amp: str = _opt("auto", "mixed precision. auto: bf16 where the hardware runs it natively (CPUs with AVX512-BF16/"
+                            "AMX, CUDA GPUs from Ampere on), fp16 with a GradScaler on older GPUs, off elsewhere",
+                    choices=["auto", "off", "bf16", "fp16"])
+    channels_last: str = _opt("auto", "NHWC memory format for the convolutions; auto: on (measured faster on CPU "
+                                      "with bf16 and on CUDA)", choices=["auto", "on", "off"])
+    compile: bool = _opt(False, "torch.compile the model. Pays on CUDA for long runs; on a 2-core CPU the classic "
+                                "CNN ran slower than eager and compiling took 10-20 s (docs/benchmarks.md)")
+    compile_mode: str = _opt("default", "torch.compile mode",
+                             choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    compile_backend: str = _opt("inductor", "torch.compile backend; eager and aot_eager only check the wiring",
+                                choices=["inductor", "aot_eager", "eager"])
+    threads: int = _opt(0, "intra-op CPU threads per process (0: torch's default; torchrun sets OMP_NUM_THREADS=1)")
+
+    # Distributed
+    backend: str = _opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU",
+                        choices=["auto", "nccl", "gloo"])
+    device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=["auto", "cpu", "cuda"])
+    timeout_s: float = _opt(300.0, "seconds a rendezvous or collective may wait before the job fails")
+
+    # Evaluation, logging and run output
+    eval_every: int = _opt(0, "also evaluate every N optimizer steps (0: only at the end of each epoch)")
+    log_every: int = _opt(50, "print progress every N optimizer steps (rank 0 only)")
+    output_dir: str = _opt("profiles", "root folder for run output")
+    run_name: str = _opt("", "run folder name inside --output-dir (default: a timestamp; under torchrun, stable "
+                             "across restarts of the same job)")
+    tensorboard: bool = _opt(True, "write TensorBoard scalars next to the traces (--no-tensorboard to skip)")
+
+    # Profiling
+    profile: bool = _opt(False, "record torch.profiler traces of a few steps on every rank")
+    profile_wait: int = _opt(5, "profiler schedule: steps to skip before each window")
+    profile_warmup: int = _opt(2, "profiler schedule: warm-up steps per window (recorded, then discarded)")
+    profile_active: int = _opt(3, "profiler schedule: steps recorded per window")
+    profile_repeat: int = _opt(1, "profiler schedule: number of windows (0: until training ends)")
+    profile_memory: bool = _opt(False, "record tensor allocations in the traces (bigger traces)")
+    profile_shapes: bool = _opt(False, "record operator input shapes in the traces")
+    profile_stack: bool = _opt(False, "record Python stacks in the traces (much bigger traces)")
+    cuda_memory_snapshot: bool = _opt(False, "CUDA only: dump a memory snapshot (view at pytorch.org/memory_viz)")
+    peak_tflops: float = _opt(0.0, "peak TFLOP/s per process for the MFU figure (0: measure a matmul peak)")
+
+    # Checkpoints and fault tolerance
+    checkpoint_every: int = _opt(200, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
+    checkpoint_dir: str = _opt("", "where checkpoints go (default: <run folder>/checkpoints)")
+    keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
+    resume: str = _opt("auto", "auto: continue from the run's newest valid checkpoint if any; never: start fresh; "
+                               "or a path to a checkpoint file")
+
+    def __post_init__(self) -> None:
+        positive = ["epochs", "batch_size", "eval_batch_size", "log_every", "synthetic_train_size",
+                    "synthetic_test_size", "keep_checkpoints", "profile_active"]
+        non_negative = ["max_steps", "num_workers", "eval_every", "checkpoint_every", "threads", "profile_wait",
+                        "profile_warmup", "profile_repeat", "grad_clip", "weight_decay", "peak_tflops"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_frac < 1:
+            raise UserError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
+        if not self.timeout_s > 0:
+            raise UserError(f"--timeout-s must be positive, got {self.timeout_s}")
+        if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):
+            raise UserError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+        if self.data_on_device == "on" and self.num_workers > 0:
+            raise UserError("--data-on-device on slices batches on the GPU; it cannot use --num-workers > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description="Train the MNIST CNN with DistributedDataParallel. Run as `torchrun --nproc_per_node=N "
+                    "launch/train.py` for N processes, or `python launch/train.py` for a world of one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        kwargs = {k: v for k, v in f.metadata.items()}
+        if f.type == "bool":
+            # --no-download is itself a negation; the other switches get a --no-X form.
+            kwargs["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=f.default, **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse the command line into a validated config; bad values raise UserError."""
+    return TrainConfig(**vars(build_parser().parse_args(argv)))

@@ -1,0 +1,190 @@
+"""Data: MNIST IDX files (or synthetic data) decoded once into uint8 tensors, sharded per rank, sliced into batches."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets import MNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from dist_mnist.config import TrainConfig
+from dist_mnist.distributed import DistContext
+from dist_mnist.errors import UserError
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# The classic MNIST normalisation constants (mean and std of the training pixels scaled to [0, 1]).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+SYNTHETIC_SEED = 1234
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 28, 28]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def mnist_raw_dir(data_dir: str) -> Path:
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def _read_idx_pair(raw: Path, prefix: str) -> Split:
+    images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    tensors = []
+    for path, reader in ((images_path, read_image_file), (labels_path, read_label_file)):
+        try:
+            tensors.append(reader(str(path)))
+        except (AssertionError, ValueError, TypeError, KeyError, RuntimeError, IndexError) as exc:
+            detail = f": {exc}" if str(exc) else ""
+            raise UserError(f"{path} is not a valid MNIST IDX file (wrong magic number, dimensions or size"
+                            f"{detail}); replace it with the original file") from None
+    images, labels = tensors
+    if images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise UserError(f"{images_path} and {labels_path} do not match: {tuple(images.shape)} images of 28x28 "
+                        f"expected with as many labels, got {len(labels)} labels")
+    if len(labels) and int(labels.max()) > 9:
+        raise UserError(f"{labels_path} holds labels outside 0-9; replace it with the original file")
+    return Split(images.contiguous(), labels.long())
+
+
+def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
+    """Decode the four IDX files with torchvision's reader; rank 0 downloads them first when allowed."""
+    raw = mnist_raw_dir(cfg.data_dir)
+    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing and not cfg.no_download:
+        error = ""
+        if ctx.is_main:
+            try:
+                MNIST(cfg.data_dir, train=True, download=True)
+            except (RuntimeError, OSError) as exc:
+                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # Other ranks wait, so only one process downloads; all of them learn whether it worked.
+        error = ctx.broadcast_object(error)
+        if error:
+            raise UserError(f"could not download MNIST into {raw} ({error}); copy the files {', '.join(MNIST_FILES)} "
+                            "there, or point --data-dir / DIST_MNIST_DATA at a folder holding MNIST/raw/")
+        missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing:
+        raise UserError(f"MNIST files missing in {raw}: {', '.join(missing)} (expected {', '.join(MNIST_FILES)}); "
+                        "point --data-dir or DIST_MNIST_DATA at the folder holding MNIST/raw/, or drop "
+                        "--no-download to let torchvision fetch them")
+    return _read_idx_pair(raw, "train"), _read_idx_pair(raw, "t10k")
+
+
+def synthetic_splits(train_size: int, test_size: int) -> tuple[Split, Split]:
+    """Learnable MNIST-shaped data: a fixed random template per class plus noise; the same on every call."""
+    templates = torch.rand(10, 28, 28, generator=torch.Generator().manual_seed(SYNTHETIC_SEED)) * 255
+
+    def make(n: int, seed: int) -> Split:
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 10, (n,), generator=gen)
+        noise = torch.randn(n, 28, 28, generator=gen) * 60
+        images = (templates[labels] * 0.6 + noise + 40).clamp_(0, 255).to(torch.uint8)
+        return Split(images, labels)
+
+    return make(train_size, SYNTHETIC_SEED + 1), make(test_size, SYNTHETIC_SEED + 2)
+
+
+def load_splits(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
+    if cfg.dataset == "synthetic":
+        return synthetic_splits(cfg.synthetic_train_size, cfg.synthetic_test_size)
+    return load_mnist(cfg, ctx)
+
+
+class BatchIndexDataset(Dataset):
+    """Whole-batch indexing: one tensor gather per batch instead of per-sample Python work and collation."""
+
+    def __init__(self, split: Split, device: torch.device | None = None) -> None:
+        self.images = split.images if device is None else split.images.to(device)
+        self.labels = split.labels if device is None else split.labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, device=self.labels.device)
+        return self.images[index], self.labels[index]
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """This rank's batches of a DistributedSampler epoch, optionally starting `skip_batches` into it."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batches = BatchSampler(sampler, batch_size, drop_last=True)
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        # Without set_epoch every epoch would replay the same order (pytorch/pytorch#31771).
+        self.sampler.set_epoch(epoch)
+        self.skip_batches = skip_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batches), self.skip_batches, None)
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.skip_batches
+
+
+class ShardSampler(Sampler[int]):
+    """Strided, unpadded shard for evaluation: every sample on exactly one rank, at any world size.
+
+    DistributedSampler pads by repeating samples, which would count some test images twice
+    (pytorch/pytorch#25162), so evaluation uses this instead.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, num_samples, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def normalize(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 [B, 28, 28] -> normalised float32 [B, 1, 28, 28] on `device`, done once per batch."""
+    x = images.to(device, non_blocking=True).unsqueeze(1).float()
+    x = x.sub_(MNIST_MEAN * 255).mul_(1.0 / (MNIST_STD * 255))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@dataclass
+class DataPipeline:
+    train_loader: DataLoader
+    train_batches: ResumableBatchSampler
+    test_loader: DataLoader
+    train_size: int
+    test_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_batches.batches)
+
+
+def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split, on_device: bool) -> DataPipeline:
+    cuda = ctx.device.type == "cuda"
+    dataset_device = ctx.device if on_device else None
+    train_sampler = DistributedSampler(range(len(train)), num_replicas=ctx.world_size, rank=ctx.rank,
+                                       shuffle=True, seed=cfg.seed)
+    train_batches = ResumableBatchSampler(train_sampler, cfg.batch_size)
+    if len(train_batches.batches) == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than this rank's share of the training set "
+                        f"({len(train_sampler)} samples); lower it")
+    workers = 0 if on_device else cfg.num_workers
+    # batch_size=None: the sampler already yields whole batches and the dataset gathers them in one indexing op.
+    common = {"batch_size": None, "num_workers": workers, "pin_memory": cuda and not on_device,
+              "persistent_workers": workers > 0}
+    train_loader = DataLoader(BatchIndexDataset(train, dataset_device), sampler=train_batches, **common)
+    test_batches = BatchSampler(ShardSampler(len(test), ctx.rank, ctx.world_size), cfg.eval_batch_size,
+                                drop_last=False)
+    test_loader = DataLoader(BatchIndexDataset(test, dataset_device), sampler=test_batches, **common)
+    return DataPipeline(train_loader, train_batches, test_loader, len(train), len(test))

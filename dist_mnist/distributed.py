@@ -1,0 +1,116 @@
+"""Distributed session: environment -> rank, world size, device and backend; process-group setup and teardown."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist_mnist.config import TrainConfig
+from dist_mnist.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    # A gloo group for small CPU-side messages (stop flags, stats, run name). On nccl this keeps control traffic
+    # off the GPU stream, so checking for a stop request every step never forces a CUDA synchronize.
+    control_group: Any
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control_group)
+        return out
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on at least one."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.control_group)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    cuda_ok = torch.cuda.is_available()
+    if cfg.device == "cuda" or cfg.backend == "nccl":
+        if not cuda_ok:
+            why = "--backend nccl" if cfg.backend == "nccl" else "--device cuda"
+            raise UserError(f"{why} needs a CUDA GPU and none is available here; use --device cpu --backend gloo")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not cuda_ok):
+        if cfg.backend == "nccl":
+            raise UserError("--backend nccl runs on CUDA only; use --backend gloo with --device cpu")
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {local_rank} has no GPU: this host has {torch.cuda.device_count()}; "
+                        "start at most that many processes per node")
+    return torch.device("cuda", local_rank)
+
+
+@contextmanager
+def distributed_session(cfg: TrainConfig) -> Iterator[DistContext]:
+    """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""
+    rank, local_rank, world_size = _env_int("RANK"), _env_int("LOCAL_RANK"), _env_int("WORLD_SIZE")
+    launched = rank is not None
+    if launched and world_size is None:
+        raise UserError("RANK is set but WORLD_SIZE is not; start with torchrun, or unset RANK for one process")
+    rank, world_size = rank or 0, world_size or 1
+    local_rank = rank if local_rank is None else local_rank
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg, local_rank)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        # Before init_process_group, so NCCL binds this process to its own GPU and not to GPU 0.
+        torch.cuda.set_device(device)
+
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    init_kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+    if backend == "nccl":
+        init_kwargs["device_id"] = device
+    if launched:
+        dist.init_process_group(init_method="env://", rank=rank, world_size=world_size, **init_kwargs)
+    else:
+        # A world of one needs no rendezvous: an in-process store, so no port is opened.
+        dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **init_kwargs)
+    try:
+        control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+        yield DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                          backend=backend, control_group=control_group)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,139 @@
+"""Metrics: per-phase step timers, process memory, and the run's metrics.jsonl and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch.profiler import record_function
+
+# The phases of one training step, in order. Their trace labels are "train/<phase>".
+PHASES = ("data", "to_device", "forward", "backward", "optimizer")
+
+
+class StepTimer:
+    """Always-on timing of each step's phases, also labelled with record_function for the profiler.
+
+    On CPU the marks are perf_counter readings. On CUDA they are events on the compute stream, read only when
+    `drain` is called: no synchronize per step, and the durations are those of the GPU timeline, so a phase the
+    GPU overlapped with other work costs nothing and a starved GPU shows up as data wait.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[Any] = []
+        self._pending: list[list[Any]] = []
+        self.steps: list[dict[str, float]] = []  # seconds per phase, one dict per finished step
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def begin_step(self) -> None:
+        self._marks = [self._now()]
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with record_function(f"train/{name}"):
+            yield
+        self._marks.append(self._now())
+
+    def cancel_step(self) -> None:
+        self._marks = []
+
+    def end_step(self) -> None:
+        self._pending.append(self._marks)
+        self._marks = []
+
+    def drain(self) -> list[dict[str, float]]:
+        """Resolve the steps finished since the last call; returns them (also kept in `steps`)."""
+        if not self._pending:
+            return []
+        if self.cuda:
+            self._pending[-1][-1].synchronize()
+            durations = [[a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in self._pending]
+        else:
+            durations = [[b - a for a, b in zip(m, m[1:])] for m in self._pending]
+        new = [dict(zip(PHASES, d)) for d in durations]
+        self._pending = []
+        self.steps.extend(new)
+        return new
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this process and its children (the DataLoader workers)."""
+    proc = psutil.Process()
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class MemoryTracker:
+    """Peak resident memory: sampled with psutil (workers included) and the kernel's own peak for this process."""
+
+    def __init__(self) -> None:
+        self.peak_rss_bytes = 0
+
+    def sample(self) -> int:
+        rss = process_rss_bytes()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return rss
+
+
+class RunWriter:
+    """metrics.jsonl, config.json and TensorBoard scalars of a run; only global rank 0 writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it pulls in TensorBoard
+
+            self._tb = SummaryWriter(log_dir=str(run_dir))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.enabled:
+            _write_atomic(self.run_dir / name, json.dumps(obj, indent=2) + "\n")
+
+    def reset_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Start metrics.jsonl over with `records` (those of the checkpoint a run resumes from)."""
+        if self.enabled:
+            _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.scalars("eval", record, record["step"])
+
+    def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

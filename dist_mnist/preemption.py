@@ -1,0 +1,76 @@
+"""Preemption: SIGTERM/SIGINT ask every rank to stop at a step boundary; a second signal exits at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType, TracebackType
+
+import torch
+import torch.distributed as dist
+
+from dist_mnist.distributed import DistContext
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Signal handlers that record a stop request; used as a context manager that restores the old handlers."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            # Second signal: the user means it. Die the way the signal says, without saving.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class StopVote:
+    """Agree across ranks whether any rank was asked to stop, without a blocking collective per step.
+
+    Each poll waits for the vote started at the previous poll and starts the next one, so the all-reduce
+    overlaps a whole training step; every rank sees the same answer at the same step. The vote runs on the
+    CPU-side gloo control group, so on CUDA it never synchronises the GPU.
+    """
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self._buffer = torch.zeros(1, dtype=torch.int32)
+        self._work: dist.Work | None = None
+
+    def poll(self, local_request: bool) -> bool:
+        if self.ctx.world_size == 1:
+            return local_request
+        decided = False
+        if self._work is not None:
+            self._work.wait()
+            decided = bool(self._buffer.item())
+        self._buffer = torch.tensor([int(local_request)], dtype=torch.int32)
+        self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, group=self.ctx.control_group,
+                                     async_op=True)
+        return decided
+
+    def finish(self) -> None:
+        """Wait for the vote in flight, so later collectives on the control group line up on every rank."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None

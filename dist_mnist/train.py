@@ -1,0 +1,519 @@
+"""Training: the explicit loop that calls data, step, evaluation, checkpoints, profiler and metrics by name."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
+
+from dist_mnist import checkpoint
+from dist_mnist.config import TrainConfig
+from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
+from dist_mnist.distributed import DistContext
+from dist_mnist.errors import UserError
+from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer
+from dist_mnist.model import MnistCNN
+from dist_mnist.preemption import StopRequest, StopVote
+from dist_mnist.profiling import build_summary, flops_per_sample, format_summary, make_profiler, \
+    measure_matmul_peak, rank_stats
+from dist_mnist.rundir import checkpoint_dir, open_run_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings that depend on the device
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    data_on_device: bool
+
+    def describe(self) -> dict[str, Any]:
+        return {"amp": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off",
+                "channels_last": self.channels_last, "data_on_device": self.data_on_device}
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU instructions that make bf16 matmuls and convolutions faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSettings:
+    cuda = device.type == "cuda"
+    if cfg.amp == "fp16" and not cuda:
+        raise UserError("--amp fp16 runs on CUDA only (it needs a GradScaler and fp16 kernels); "
+                        "use --amp bf16 or --amp off on CPU")
+    if cfg.amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("--amp bf16 needs a GPU with bf16 support (Ampere or newer); use --amp fp16")
+    if cfg.compile and not cuda and cfg.compile_backend == "inductor" and not _has_cxx_compiler():
+        raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) for inductor; install one, "
+                        "or run without --compile")
+    if cfg.cuda_memory_snapshot and not cuda:
+        raise UserError("--cuda-memory-snapshot needs CUDA; it records the CUDA caching allocator")
+    if cfg.amp == "auto":
+        if cuda:
+            amp_dtype: torch.dtype | None = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            amp_dtype = torch.bfloat16 if cpu_has_native_bf16() else None
+    else:
+        amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    return SpeedSettings(
+        amp_dtype=amp_dtype,
+        channels_last=cfg.channels_last != "off",
+        data_on_device=cuda and cfg.data_on_device != "off",
+    )
+
+
+def _has_cxx_compiler() -> bool:
+    from shutil import which
+
+    return any(which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace for deterministic results; set before the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, optimizer and one training step
+
+
+def one_cycle(total_steps: int, warmup_frac: float) -> Any:
+    """LR multiplier: linear warm-up to 1 over `warmup_frac` of the steps, then cosine down to 0."""
+    warmup = max(1, int(total_steps * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainParts:
+    module: nn.Module  # the plain model: what checkpoints hold and evaluation runs
+    train_model: nn.Module  # what the training step calls: DDP around `module`, compiled when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    settings: SpeedSettings
+    device: torch.device
+    grad_clip: float
+
+
+def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    # On the device before the optimizer is built, so the optimizer holds the device's parameters.
+    module = MnistCNN().to(ctx.device, memory_format=memory_format)
+    ddp = DDP(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+              forward_sync_buffers=False, gradient_as_bucket_view=True)
+    # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries so all-reduce still overlaps);
+    # checkpoints come from `module`, so no `_orig_mod.`/`module.` prefixes ever reach them.
+    train_model = torch.compile(ddp, mode=cfg.compile_mode, backend=cfg.compile_backend) if cfg.compile else ddp
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=ctx.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(total_steps, cfg.warmup_frac))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.amp_dtype == torch.float16)
+    # Dropout masks differ per rank (as they would across one big batch) but are reproducible.
+    torch.manual_seed(cfg.seed + 1 + ctx.rank)
+    return TrainParts(module, train_model, optimizer, scheduler, scaler, settings, ctx.device, cfg.grad_clip)
+
+
+def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, timer: StepTimer) -> torch.Tensor:
+    """One optimizer step on one batch; returns the detached loss (no host sync)."""
+    with timer.phase("to_device"):
+        x = normalize(images, parts.device, parts.settings.channels_last)
+        y = labels.to(parts.device, non_blocking=True)
+    with timer.phase("forward"):
+        with torch.autocast(parts.device.type, dtype=parts.settings.amp_dtype,
+                            enabled=parts.settings.amp_dtype is not None):
+            loss = F.cross_entropy(parts.train_model(x), y)
+    with timer.phase("backward"):  # includes DDP's gradient all-reduce
+        parts.scaler.scale(loss).backward()
+    with timer.phase("optimizer"):
+        if parts.grad_clip:
+            parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(parts.module.parameters(), parts.grad_clip)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scheduler.step()
+    return loss.detach()
+
+
+def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
+    """Loss and accuracy over the whole test set: each image counted once across ranks, identical on all ranks."""
+    module = parts.module  # not DDP: ranks hold different numbers of test batches, so no collective per forward
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=parts.device)  # loss sum, correct, samples
+    with torch.inference_mode(), record_function("eval"), torch.autocast(
+            parts.device.type, dtype=parts.settings.amp_dtype, enabled=parts.settings.amp_dtype is not None):
+        for images, labels in loader:
+            x = normalize(images, parts.device, parts.settings.channels_last)
+            y = labels.to(parts.device, non_blocking=True)
+            logits = module(x).float()
+            totals[0] += F.cross_entropy(logits, y, reduction="sum")
+            totals[1] += (logits.argmax(dim=1) == y).sum()
+            totals[2] += y.numel()
+    module.train()
+    dist.all_reduce(totals)
+    loss_sum, correct, samples = totals.tolist()
+    return {"test_loss": loss_sum / samples, "test_accuracy": correct / samples, "test_samples": int(samples)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TrainState:
+    """Where training stands: exactly what a checkpoint must restore."""
+    epoch: int = 0
+    step: int = 0  # optimizer steps done
+    batch_in_epoch: int = 0  # batches of `epoch` already done on each rank
+    elapsed_s: float = 0.0  # training wall time before this process started (from resumed checkpoints)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Holds a run's parts; `fit` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = open_run_dir(cfg, ctx)
+        self.checkpoint_dir = checkpoint_dir(cfg, self.run_dir)
+        self.settings = resolve_speed_settings(cfg, ctx.device)
+        seed_everything(cfg.seed, cfg.deterministic)
+        train_split, test_split = load_splits(cfg, ctx)
+        self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
+        self.total_steps = cfg.epochs * self.data.steps_per_epoch
+        self.global_batch = cfg.batch_size * ctx.world_size
+        self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
+        self.state = TrainState()
+        self.writer = RunWriter(self.run_dir, ctx.is_main, cfg.tensorboard)
+        self.timer = StepTimer(ctx.device)
+        self.memory = MemoryTracker()
+        self.stop = StopRequest()
+        self.vote = StopVote(ctx)
+        # Wall-clock bookkeeping: training time excludes evaluation and checkpoint pauses.
+        self.clock_start: float | None = None
+        self.paused_s = 0.0
+        self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
+        self.measured_step_s: list[float] = []
+        self.last_checkpoint: tuple[Path, int, float] | None = None  # path, bytes, seconds to write
+        self.loss_window: list[tuple[int, torch.Tensor]] = []
+        self.train_loss_sum, self.train_loss_count = 0.0, 0
+        self.last_log = (0, 0.0)  # (step, training seconds) at the last progress line
+        self.last_record = (0, 0.0)  # the same at the last metrics record
+
+    # -- output --------------------------------------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(message, flush=True)
+
+    def training_seconds(self) -> float:
+        if self.clock_start is None:
+            return 0.0
+        return time.perf_counter() - self.clock_start - self.paused_s
+
+    def elapsed_s(self) -> float:
+        """Seconds since the run's first training step, evaluation and checkpoints included."""
+        now = 0.0 if self.clock_start is None else time.perf_counter() - self.clock_start
+        return self.state.elapsed_s + now
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.resume == "never":
+            return
+        # Rank 0 reads and checks the file and sends it to the others: one decision, no shared disk needed.
+        state, error, source = None, "", ""
+        if ctx.is_main:
+            try:
+                if cfg.resume == "auto":
+                    state = checkpoint.find_resume_checkpoint(self.checkpoint_dir, warn=True)
+                    source = "the newest valid checkpoint"
+                else:
+                    state = checkpoint.load_checkpoint(Path(cfg.resume))
+                    source = cfg.resume
+                if state is not None:
+                    checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source)
+                    if state["world_size"] != ctx.world_size:
+                        raise UserError(f"checkpoint {source} was written by {state['world_size']} processes, this "
+                                        f"run has {ctx.world_size}; resume with the same --nproc_per_node")
+            except UserError as exc:
+                error = str(exc)
+        state, error = ctx.broadcast_object((state, error))
+        if error:
+            raise UserError(error)
+        if state is None:
+            return
+        self.parts.module.load_state_dict(state["model"])
+        self.parts.optimizer.load_state_dict(state["optimizer"])
+        self.parts.scheduler.load_state_dict(state["scheduler"])
+        self.parts.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"][ctx.rank])
+        self.state = TrainState(epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
+                                elapsed_s=state["elapsed_s"], metrics=list(state["metrics"]))
+        self.log(f"resumed from step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})"
+                 f" of {self.checkpoint_dir if cfg.resume == 'auto' else cfg.resume}")
+
+    def save_checkpoint(self) -> None:
+        self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
+        paused = time.perf_counter()
+        rng_states = self.ctx.gather_objects(checkpoint.rng_state())
+        if self.ctx.is_main:
+            state = {
+                "format_version": checkpoint.FORMAT_VERSION,
+                "model_class": type(self.parts.module).__name__,
+                "model": self.parts.module.state_dict(),
+                "optimizer": self.parts.optimizer.state_dict(),
+                "scheduler": self.parts.scheduler.state_dict(),
+                "scaler": self.parts.scaler.state_dict(),
+                "epoch": self.state.epoch,
+                "step": self.state.step,
+                "batch_in_epoch": self.state.batch_in_epoch,
+                "elapsed_s": self.elapsed_s(),
+                "world_size": self.ctx.world_size,
+                "rng": rng_states,
+                "config": self.cfg.to_json(),
+                "metrics": self.state.metrics,
+            }
+            path, size = checkpoint.save_checkpoint(state, self.checkpoint_dir, self.state.step,
+                                                    self.cfg.keep_checkpoints)
+            self.last_checkpoint = (path, size, time.perf_counter() - paused)
+        self.ctx.barrier()  # nobody moves on (or exits) before the file is in place
+        self.paused_s += time.perf_counter() - paused
+
+    # -- losses and progress --------------------------------------------------------------------------------
+
+    def flush_losses(self) -> None:
+        """Move the window of per-step losses to the host; stop on every rank if any of them is not finite."""
+        if not self.loss_window:
+            return
+        steps = [s for s, _ in self.loss_window]
+        values = torch.stack([loss for _, loss in self.loss_window]).float().cpu()
+        self.loss_window = []
+        bad = [s for s, v in zip(steps, values.tolist()) if not math.isfinite(v)]
+        first_bad = min((b for b in self.ctx.gather_objects(bad[0] if bad else None) if b is not None), default=None)
+        if first_bad is not None:
+            newest = checkpoint.list_checkpoints(self.checkpoint_dir)
+            kept = f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
+            raise UserError(f"training loss became non-finite at step {first_bad}; stopped ({kept}). Lower --lr, "
+                            "or use --grad-clip")
+        self.train_loss_sum += float(values.sum())
+        self.train_loss_count += len(values)
+
+    def log_progress(self) -> None:
+        self.flush_losses()
+        seconds = self.training_seconds()
+        prev_step, prev_seconds = self.last_log
+        samples_per_sec = (self.state.step - prev_step) * self.global_batch / max(seconds - prev_seconds, 1e-9)
+        self.last_log = (self.state.step, seconds)
+        recent = self.timer.drain()
+        rss = self.memory.sample()
+        if not self.ctx.is_main:
+            return
+        step_time = sum(sum(s.values()) for s in recent) / max(len(recent), 1)
+        data_share = sum(s["data"] for s in recent) / max(step_time * len(recent), 1e-12)
+        loss = self.train_loss_sum / max(self.train_loss_count, 1)
+        lr = self.parts.scheduler.get_last_lr()[0]
+        print(f"epoch {self.state.epoch} step {self.state.step}/{self.step_limit()} loss {loss:.4f} "
+              f"lr {lr:.2e} {samples_per_sec:,.0f} samples/s", flush=True)
+        self.writer.scalars("train", {"loss": loss, "lr": lr, "samples_per_sec": samples_per_sec,
+                                      "step_time_ms": step_time * 1e3, "data_wait_share": data_share,
+                                      "rss_mb": rss / 2**20}, self.state.step)
+
+    def step_limit(self) -> int:
+        return min(self.cfg.max_steps, self.total_steps) if self.cfg.max_steps else self.total_steps
+
+    def evaluate_and_record(self) -> dict[str, Any]:
+        self.flush_losses()
+        paused = time.perf_counter()
+        result = evaluate(self.parts, self.data.test_loader)
+        # The mean training loss since the last record, over all ranks.
+        loss = torch.tensor([self.train_loss_sum, float(self.train_loss_count)], dtype=torch.float64)
+        dist.all_reduce(loss, group=self.ctx.control_group)
+        self.train_loss_sum, self.train_loss_count = 0.0, 0
+        self.paused_s += time.perf_counter() - paused
+        seconds = self.training_seconds()
+        prev_step, prev_seconds = self.last_record
+        self.last_record = (self.state.step, seconds)
+        record = {
+            "epoch": self.state.epoch, "step": self.state.step,
+            "train_loss": loss[0].item() / max(loss[1].item(), 1),
+            **result,
+            "samples_per_sec": (self.state.step - prev_step) * self.global_batch / max(seconds - prev_seconds, 1e-9),
+            "elapsed_s": self.elapsed_s(),
+        }
+        self.state.metrics.append(record)
+        self.writer.append_metrics(record)
+        self.log(f"eval  epoch {record['epoch']} step {record['step']}: test loss {record['test_loss']:.4f}, "
+                 f"accuracy {record['test_accuracy']:.2%} of {record['test_samples']} images, "
+                 f"{record['elapsed_s']:.1f} s since the first step")
+        return record
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        self.resume()
+        state = self.state
+        self.writer.write_json("config.json", {**cfg.to_json(), "resolved": {
+            "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
+            "global_batch_size": self.global_batch, "steps_per_epoch": self.data.steps_per_epoch,
+            "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
+            **self.settings.describe()}})
+        self.writer.reset_metrics(state.metrics)
+        if state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps):
+            self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
+            return
+        self.log(f"run {self.run_dir}: {ctx.world_size} x {ctx.device.type} ({ctx.backend}), "
+                 f"{self.data.train_size} training images, global batch {self.global_batch}, "
+                 f"{self.data.steps_per_epoch} steps/epoch, {self.settings.describe()}")
+        if cfg.cuda_memory_snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+
+        stopped_by: str | None = None
+        with self.stop, make_profiler(cfg, ctx, self.run_dir) as profiler:
+            while state.epoch < cfg.epochs and stopped_by is None:
+                self.data.train_batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
+                batches = iter(self.data.train_loader)
+                while True:
+                    self.begin_step()
+                    with self.timer.phase("data"):
+                        batch = next(batches, None)
+                    if batch is None:  # the fetch that ended the epoch is not a step
+                        self.timer.cancel_step()
+                        self.prev_step_start = None
+                        break
+                    loss = train_step(self.parts, *batch, self.timer)
+                    self.timer.end_step()
+                    profiler.step()
+                    state.step += 1
+                    state.batch_in_epoch += 1
+                    self.loss_window.append((state.step, loss))
+
+                    if state.step % cfg.log_every == 0:
+                        self.log_progress()
+                    stop_now = self.vote.poll(self.stop.requested)
+                    at_limit = bool(cfg.max_steps) and state.step >= cfg.max_steps
+                    end_of_epoch = state.batch_in_epoch == self.data.steps_per_epoch
+                    if cfg.eval_every and state.step % cfg.eval_every == 0 and not end_of_epoch:
+                        self.evaluate_and_record()
+                    if stop_now:
+                        stopped_by = self.stop.signal_name or "a signal on another rank"
+                    if stop_now or at_limit:
+                        break
+                    if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                        self.save_checkpoint()
+                if state.batch_in_epoch >= self.data.steps_per_epoch:
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                if stopped_by is None:
+                    self.evaluate_and_record()
+                self.save_checkpoint()
+                if cfg.max_steps and state.step >= cfg.max_steps:
+                    break
+            self.vote.finish()
+        self.finish(stopped_by)
+
+    def begin_step(self) -> None:
+        now = time.perf_counter()
+        if self.clock_start is None:
+            self.clock_start = now
+        if self.prev_step_start is not None:
+            start, paused = self.prev_step_start
+            self.measured_step_s.append(now - start - (self.paused_s - paused))
+        self.prev_step_start = (now, self.paused_s)
+        self.timer.begin_step()
+
+    def finish(self, stopped_by: str | None) -> None:
+        """Report: progress tail, where the time went (summary.json), and why we stopped."""
+        ctx = self.ctx
+        if self.cfg.cuda_memory_snapshot:
+            torch.cuda.memory._dump_snapshot(str(self.run_dir / f"rank{ctx.rank}.memory_snapshot.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        self.timer.drain()
+        self.memory.sample()
+        cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
+        stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size, self.measured_step_s,
+                           self.memory.peak_rss_bytes, cuda_peak)
+        all_stats = ctx.gather_objects(stats)
+        if ctx.is_main and self.timer.steps:
+            peak_source = "--peak-tflops"
+            peak = self.cfg.peak_tflops * 1e12
+            if not peak:
+                dtype = self.settings.amp_dtype or torch.float32
+                peak = measure_matmul_peak(ctx.device, dtype)
+                peak_source = f"measured {str(dtype).removeprefix('torch.')} matmul"
+            mean_step = sum(stats["measured_step_time_s"] for stats in all_stats) / len(all_stats)
+            summary = build_summary(
+                all_stats,
+                global_samples_per_sec=self.global_batch / mean_step if mean_step else 0.0,
+                epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
+                flops=flops_per_sample(self.parts.module, ctx.device),
+                peak_flops_per_process=peak, peak_source=peak_source)
+            self.writer.write_json("summary.json", summary)
+            print(format_summary(summary), flush=True)
+        if ctx.is_main and stopped_by:
+            print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
+                  "Run the same command again to resume.", flush=True)
+        if ctx.is_main and self.last_checkpoint:
+            path, size, seconds = self.last_checkpoint
+            print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)
+        self.writer.close()
+        ctx.barrier()
+
+
+def fit(cfg: TrainConfig, ctx: DistContext) -> None:
+    Trainer(cfg, ctx).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1."""
+    from dist_mnist.config import parse_args
+    from dist_mnist.distributed import distributed_session
+
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = parse_args(argv)
+        with distributed_session(cfg) as ctx:
+            fit(cfg, ctx)
+    except UserError as exc:
+        prefix = "error" if rank == "0" else f"[rank {rank}] error"
+        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0

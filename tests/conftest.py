@@ -1,0 +1,105 @@
+"""Shared test helpers: tiny MNIST-format IDX files, subprocess runs that cannot hang, a CPU-only environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = str(REPO / "launch" / "train.py")
+# Small but learnable: the synthetic dataset at these sizes keeps a 2-rank run to a few seconds.
+SMOKE_FLAGS = ["--dataset", "synthetic", "--synthetic-train-size", "512", "--synthetic-test-size", "203",
+               "--batch-size", "16", "--eval-batch-size", "50", "--log-every", "4", "--peak-tflops", "1",
+               "--no-tensorboard"]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: CPU only, one thread per rank, loopback networking, no downloads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "RANK", "LOCAL_RANK",
+                                                                       "WORLD_SIZE", "MASTER_"))}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(args: list[str], timeout: float = 180, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
+    """Run a command in its own session; on timeout kill the whole process group and fail the test."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or cpu_env(), cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(args)}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return Result(proc.returncode, out, err)
+
+
+def train(*flags: str, timeout: float = 180, env: dict[str, str] | None = None) -> Result:
+    """`python launch/train.py FLAGS` (a world of one)."""
+    return run([sys.executable, TRAIN_SCRIPT, *flags], timeout=timeout, env=env)
+
+
+def torchrun(nproc: int, *flags: str, timeout: float = 240, torchrun_flags: tuple[str, ...] = (),
+             env: dict[str, str] | None = None) -> Result:
+    """`torchrun --standalone --nproc-per-node=N launch/train.py FLAGS` (picks a free port itself)."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                *torchrun_flags, TRAIN_SCRIPT, *flags], timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_idx(path: Path, tensor: torch.Tensor) -> None:
+    """Write a uint8 tensor as an IDX file (the MNIST format: magic 0x0000080N, big-endian dims, raw bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">I", 0x0800 + tensor.dim()) + b"".join(struct.pack(">I", d) for d in tensor.shape)
+    path.write_bytes(header + tensor.to(torch.uint8).contiguous().numpy().tobytes())
+
+
+def make_mnist_dir(root: Path, train_size: int = 300, test_size: int = 101) -> Path:
+    """A data dir holding MNIST/raw/ with four small, valid IDX files; returns `root`."""
+    from dist_mnist.data import synthetic_splits
+
+    train, test = synthetic_splits(train_size, test_size)
+    raw = root / "MNIST" / "raw"
+    write_idx(raw / "train-images-idx3-ubyte", train.images)
+    write_idx(raw / "train-labels-idx1-ubyte", train.labels)
+    write_idx(raw / "t10k-images-idx3-ubyte", test.images)
+    write_idx(raw / "t10k-labels-idx1-ubyte", test.labels)
+    return root
+
+
+@pytest.fixture
+def mnist_dir(tmp_path: Path) -> Path:
+    return make_mnist_dir(tmp_path / "data")
+
+
+def real_mnist_dir() -> str | None:
+    """The real MNIST root from DIST_MNIST_DATA, when it holds the four files."""
+    root = os.environ.get("DIST_MNIST_DATA")
+    if root and all((Path(root) / "MNIST" / "raw" / n).is_file() for n in (
+            "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte")):
+        return root
+    return None
