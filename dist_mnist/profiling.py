@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from contextlib import nullcontext
@@ -85,8 +86,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def parameter_digest(model: nn.Module) -> str:
+    """A hash of all parameter bytes: equal on every rank exactly when DDP kept the replicas in sync."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, measured_step_s: list[float],
-               peak_rss_bytes: int, cuda_peak_bytes: int | None) -> dict[str, Any]:
+               peak_rss_bytes: int, cuda_peak_bytes: int | None, params_digest: str) -> dict[str, Any]:
     """This rank's figures for summary.json. The first steps (warm-up, lazy init) are left out."""
     timed = steps[min(len(steps) // 5, 5):] or steps
     step_times = [sum(s.values()) for s in timed]
@@ -108,6 +117,7 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
         "explained_fraction": statistics.fmean(step_times) / measured if measured and step_times else 0.0,
         "peak_rss_bytes": peak_rss_bytes,
         "cuda_peak_allocated_bytes": cuda_peak_bytes,
+        "params_digest": params_digest,
     }
 
 
@@ -119,6 +129,7 @@ def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, ep
     achieved = global_samples_per_sec * flops
     return {
         "world_size": len(ranks),
+        "ranks_in_sync": len({r["params_digest"] for r in ranks}) == 1,
         "samples_per_sec": global_samples_per_sec,
         "epoch_time_s": epoch_time_s,
         "flops_per_sample": flops,
@@ -145,5 +156,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"global: {summary['samples_per_sec']:.0f} samples/s, epoch {epoch}, "
                  f"{summary['flops_per_sample'] / 1e6:.1f} MFLOP/sample, {summary['achieved_tflops']:.3f} TFLOP/s "
                  f"achieved, MFU {mfu} of {summary['peak_tflops_per_process']:.3f} TFLOP/s per process "
-                 f"({summary['peak_source']})")
+                 f"({summary['peak_source']}); parameters identical on all ranks: "
+                 f"{'yes' if summary['ranks_in_sync'] else 'NO'}")
     return "\n".join(lines)

@@ -27,8 +27,15 @@ from dist_mnist.errors import UserError
 from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
-from dist_mnist.profiling import build_summary, flops_per_sample, format_summary, make_profiler, \
-    measure_matmul_peak, rank_stats
+from dist_mnist.profiling import (
+    build_summary,
+    flops_per_sample,
+    format_summary,
+    make_profiler,
+    measure_matmul_peak,
+    parameter_digest,
+    rank_stats,
+)
 from dist_mnist.rundir import checkpoint_dir, open_run_dir
 
 
@@ -470,7 +477,7 @@ class Trainer:
         self.memory.sample()
         cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
         stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size, self.measured_step_s,
-                           self.memory.peak_rss_bytes, cuda_peak)
+                           self.memory.peak_rss_bytes, cuda_peak, parameter_digest(self.parts.module))
         all_stats = ctx.gather_objects(stats)
         if ctx.is_main and self.timer.steps:
             peak_source = "--peak-tflops"
