@@ -36,7 +36,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> tuple[Path, int]:
-    """Write atomically (temp file, fsync, os.replace), then drop all but the newest `keep`; returns path, bytes."""
+    """Write atomically (temp file, fsync, os.replace), then keep it and the `keep - 1` highest-step others;
+    returns path, bytes."""
     path = checkpoint_path(folder, step)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -50,7 +51,9 @@ def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(folder)[keep:]:
+    # Never the file just written, even when older-timeline files with higher steps exist (a run resumed from an
+    # earlier checkpoint by path): deleting it would leave nothing of this run to resume.
+    for old in [p for p in list_checkpoints(folder) if p != path][keep - 1:]:
         old.unlink(missing_ok=True)
     return path, path.stat().st_size
 
@@ -62,24 +65,32 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling refused"
-        raise UserError(f"checkpoint {path} was refused: it needs arbitrary unpickling, which is never allowed "
-                        f"({first_line})") from None
+        # torch's message starts with advice to retry with weights_only=False: the one thing never to do here.
+        culprit = re.search(r"GLOBAL (\S+)", str(exc))
+        needs = f"it references {culprit.group(1)}, which" if culprit else "it"
+        raise UserError(f"checkpoint {path} was refused: {needs} needs arbitrary unpickling (running code from the "
+                        "file); only tensors and plain containers are loaded") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt: {exc})") from None
+        # The reader's first sentence says what broke; the rest is generic advice.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt: {reason})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint {path} is not a dist_mnist checkpoint (format {FORMAT_VERSION} expected)")
     return state
 
 
-def find_resume_checkpoint(folder: Path, warn: bool) -> dict[str, Any] | None:
-    """The newest checkpoint in `folder` that loads; unreadable ones are reported and skipped."""
+def find_resume_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in `folder` that loads, and its path; unreadable ones are reported and set aside."""
     for path in list_checkpoints(folder):
         try:
-            return load_checkpoint(path)
+            return path, load_checkpoint(path)
         except UserError as exc:
-            if warn:
-                print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr, flush=True)
+            # Left under its name, a broken file would be retried on every restart and, having the highest step,
+            # outlive the good checkpoints written after it in the rotation.
+            aside = path.with_name(f"{path.name}.unreadable")
+            os.replace(path, aside)
+            print(f"warning: {exc}; renamed it to {aside.name}, trying the previous checkpoint", file=sys.stderr,
+                  flush=True)
     return None
 
 

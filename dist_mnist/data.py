@@ -64,7 +64,8 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
             try:
                 MNIST(cfg.data_dir, train=True, download=True)
             except (RuntimeError, OSError) as exc:
-                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
+                error = " ".join(str(exc).split()) or type(exc).__name__
         # Other ranks wait, so only one process downloads; all of them learn whether it worked.
         error = ctx.broadcast_object(error)
         if error:
@@ -181,8 +182,10 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split
                         f"({len(train_sampler)} samples); lower it")
     workers = 0 if on_device else cfg.num_workers
     # batch_size=None: the sampler already yields whole batches and the dataset gathers them in one indexing op.
+    # Own generator: iterating a loader otherwise draws a seed from the global RNG, so an extra evaluation or a
+    # resumed epoch would shift every later dropout mask and a resumed run would not match an uninterrupted one.
     common = {"batch_size": None, "num_workers": workers, "pin_memory": cuda and not on_device,
-              "persistent_workers": workers > 0}
+              "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(cfg.seed)}
     train_loader = DataLoader(BatchIndexDataset(train, dataset_device), sampler=train_batches, **common)
     test_batches = BatchSampler(ShardSampler(len(test), ctx.rank, ctx.world_size), cfg.eval_batch_size,
                                 drop_last=False)

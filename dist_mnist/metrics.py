@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,16 +82,42 @@ def process_rss_bytes() -> int:
     return total
 
 
+def own_peak_rss_bytes() -> int:
+    """The kernel's record of this process's peak resident memory (Linux VmHWM; 0 where there is no /proc).
+
+    Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a torchrun worker would start with its
+    launcher's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class MemoryTracker:
-    """Peak resident memory: sampled with psutil (workers included) and the kernel's own peak for this process."""
+    """Peak resident memory: sampled with psutil (workers included) and the kernel's own peak for this process.
+
+    Workers are forked, so their RSS counts pages they still share with the parent again: an upper bound.
+    """
 
     def __init__(self) -> None:
         self.peak_rss_bytes = 0
 
     def sample(self) -> int:
         rss = process_rss_bytes()
-        self.peak_rss_bytes = max(self.peak_rss_bytes, rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss, own_peak_rss_bytes())
         return rss
+
+
+def format_eval(record: dict[str, Any]) -> str:
+    """One metrics.jsonl record as the progress line the run printed (also used by `python -m dist_mnist.report`)."""
+    return (f"eval  epoch {record['epoch']} step {record['step']}: test loss {record['test_loss']:.4f}, "
+            f"accuracy {record['test_accuracy']:.2%} of {record['test_samples']} images, "
+            f"{record['elapsed_s']:.1f} s since the first step")
 
 
 class RunWriter:

@@ -1,9 +1,10 @@
-"""Preemption: SIGTERM/SIGINT ask every rank to stop at a step boundary; a second signal exits at once."""
+"""Preemption: SIGTERM/SIGINT ask every rank to stop at a step boundary; a second signal later exits at once."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from types import FrameType, TracebackType
 
 import torch
@@ -12,6 +13,9 @@ import torch.distributed as dist
 from dist_mnist.distributed import DistContext
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A repeat this soon after the first signal is the same request delivered twice, not a user insisting: Slurm
+# signals every process of a job step and torchrun forwards its own copy to the workers a moment later.
+REPEAT_GRACE_S = 1.0
 
 
 class StopRequest:
@@ -19,6 +23,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -26,12 +31,13 @@ class StopRequest:
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
+        if not self.requested:
+            self.signal_name = signal.Signals(signum).name
+            self._first_at = time.monotonic()
+        elif time.monotonic() - self._first_at >= REPEAT_GRACE_S:
             # Second signal: the user means it. Die the way the signal says, without saving.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-            return
-        self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:

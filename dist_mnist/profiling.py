@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,8 +21,10 @@ from dist_mnist.distributed import DistContext
 from dist_mnist.metrics import PHASES
 
 # A rank is a straggler when its own work per step (everything but backward, where the gradient all-reduce
-# makes fast ranks wait for slow ones) is this much above the median rank's.
+# makes fast ranks wait for slow ones) is this much above the median rank's, and the excess, which every other
+# rank spends waiting, is a noticeable share of a step (so sub-millisecond jitter on fast steps is no straggler).
 STRAGGLER_RATIO = 1.25
+STRAGGLER_MIN_STEP_SHARE = 0.05
 
 
 class _NoProfiler(nullcontext):
@@ -32,10 +35,19 @@ class _NoProfiler(nullcontext):
         pass
 
 
-def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> profile | _NoProfiler:
-    """A torch.profiler writing one gzipped trace per rank and window into the run folder, or a no-op."""
+def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, steps_left: int) -> profile | _NoProfiler:
+    """A torch.profiler writing one gzipped trace per rank and window into the run folder, or a no-op.
+
+    Call its `step()` after every training step; a window's trace is written when its last active step ends
+    (or when training ends inside a window).
+    """
     if not cfg.profile:
         return _NoProfiler()
+    if ctx.is_main and steps_left <= cfg.profile_wait + cfg.profile_warmup:
+        # A warning, not an error: a resumed run may legitimately have only a few steps left.
+        print(f"warning: --profile records nothing: {steps_left} steps are left, and the first window only starts "
+              f"recording after --profile-wait {cfg.profile_wait} + --profile-warmup {cfg.profile_warmup} steps",
+              file=sys.stderr, flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
     return profile(
         activities=activities,
@@ -124,8 +136,11 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
 def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
                   flops: float, peak_flops_per_process: float, peak_source: str) -> dict[str, Any]:
     median_own = statistics.median(r["own_time_p50_s"] for r in ranks)
+    median_step = statistics.median(r["step_time_p50_s"] for r in ranks)
     for r in ranks:
-        r["straggler"] = len(ranks) > 1 and r["own_time_p50_s"] > STRAGGLER_RATIO * median_own
+        excess = r["own_time_p50_s"] - median_own
+        r["straggler"] = (len(ranks) > 1 and r["own_time_p50_s"] > STRAGGLER_RATIO * median_own
+                          and excess > STRAGGLER_MIN_STEP_SHARE * median_step)
     achieved = global_samples_per_sec * flops
     return {
         "world_size": len(ranks),

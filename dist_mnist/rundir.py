@@ -46,7 +46,8 @@ def _choose_run_dir(cfg: TrainConfig) -> Path:
     output_dir = Path(cfg.output_dir)
     _ensure_writable(output_dir, "--output-dir")
     run_dir = output_dir / (cfg.run_name or _default_name(output_dir))
-    if run_dir.exists():
+    # A folder without files is what a run that failed during start-up (say, on missing data) leaves: reuse it.
+    if run_dir.exists() and any(p.is_file() for p in run_dir.rglob("*")):
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         resumable = cfg.resume not in ("auto", "never") or (
             cfg.resume == "auto" and list_checkpoints(checkpoint_dir(cfg, run_dir)))

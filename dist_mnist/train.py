@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
-from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer
+from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
 from dist_mnist.profiling import (
@@ -37,7 +38,6 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.rundir import checkpoint_dir, open_run_dir
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings that depend on the device
@@ -143,7 +143,7 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
     # On the device before the optimizer is built, so the optimizer holds the device's parameters.
     module = MnistCNN().to(ctx.device, memory_format=memory_format)
     ddp = DDP(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-              forward_sync_buffers=False, gradient_as_bucket_view=True)
+              gradient_as_bucket_view=True)
     # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries so all-reduce still overlaps);
     # checkpoints come from `module`, so no `_orig_mod.`/`module.` prefixes ever reach them.
     train_model = torch.compile(ddp, mode=cfg.compile_mode, backend=cfg.compile_backend) if cfg.compile else ddp
@@ -238,6 +238,7 @@ class Trainer:
         self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
         self.measured_step_s: list[float] = []
         self.last_checkpoint: tuple[Path, int, float] | None = None  # path, bytes, seconds to write
+        self.first_step_unix = 0.0
         self.loss_window: list[tuple[int, torch.Tensor]] = []
         self.train_loss_sum, self.train_loss_count = 0.0, 0
         self.last_log = (0, 0.0)  # (step, training seconds) at the last progress line
@@ -270,19 +271,18 @@ class Trainer:
         if ctx.is_main:
             try:
                 if cfg.resume == "auto":
-                    state = checkpoint.find_resume_checkpoint(self.checkpoint_dir, warn=True)
-                    source = "the newest valid checkpoint"
+                    found = checkpoint.find_resume_checkpoint(self.checkpoint_dir)
                 else:
-                    state = checkpoint.load_checkpoint(Path(cfg.resume))
-                    source = cfg.resume
-                if state is not None:
+                    found = Path(cfg.resume), checkpoint.load_checkpoint(Path(cfg.resume))
+                if found is not None:
+                    source, state = str(found[0]), found[1]
                     checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source)
                     if state["world_size"] != ctx.world_size:
                         raise UserError(f"checkpoint {source} was written by {state['world_size']} processes, this "
                                         f"run has {ctx.world_size}; resume with the same --nproc_per_node")
             except UserError as exc:
-                error = str(exc)
-        state, error = ctx.broadcast_object((state, error))
+                state, error = None, str(exc)  # every rank fails: no need to send them the refused state
+        state, source, error = ctx.broadcast_object((state, source, error))
         if error:
             raise UserError(error)
         if state is None:
@@ -295,11 +295,11 @@ class Trainer:
         self.state = TrainState(epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
                                 elapsed_s=state["elapsed_s"], metrics=list(state["metrics"]))
         self.log(f"resumed from step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})"
-                 f" of {self.checkpoint_dir if cfg.resume == 'auto' else cfg.resume}")
+                 f" of {source}")
 
     def save_checkpoint(self) -> None:
+        paused = time.perf_counter()  # from here on (the loss gather waits for the slowest rank) not a step's time
         self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
-        paused = time.perf_counter()
         rng_states = self.ctx.gather_objects(checkpoint.rng_state())
         if self.ctx.is_main:
             state = {
@@ -344,6 +344,7 @@ class Trainer:
         self.train_loss_count += len(values)
 
     def log_progress(self) -> None:
+        paused = time.perf_counter()
         self.flush_losses()
         seconds = self.training_seconds()
         prev_step, prev_seconds = self.last_log
@@ -351,24 +352,29 @@ class Trainer:
         self.last_log = (self.state.step, seconds)
         recent = self.timer.drain()
         rss = self.memory.sample()
-        if not self.ctx.is_main:
-            return
-        step_time = sum(sum(s.values()) for s in recent) / max(len(recent), 1)
-        data_share = sum(s["data"] for s in recent) / max(step_time * len(recent), 1e-12)
-        loss = self.train_loss_sum / max(self.train_loss_count, 1)
-        lr = self.parts.scheduler.get_last_lr()[0]
-        print(f"epoch {self.state.epoch} step {self.state.step}/{self.step_limit()} loss {loss:.4f} "
-              f"lr {lr:.2e} {samples_per_sec:,.0f} samples/s", flush=True)
-        self.writer.scalars("train", {"loss": loss, "lr": lr, "samples_per_sec": samples_per_sec,
-                                      "step_time_ms": step_time * 1e3, "data_wait_share": data_share,
-                                      "rss_mb": rss / 2**20}, self.state.step)
+        if self.ctx.is_main:
+            step_time = sum(sum(s.values()) for s in recent) / max(len(recent), 1)
+            data_share = sum(s["data"] for s in recent) / max(step_time * len(recent), 1e-12)
+            loss = self.train_loss_sum / max(self.train_loss_count, 1)
+            lr = self.parts.scheduler.get_last_lr()[0]
+            print(f"epoch {self.state.epoch} step {self.state.step}/{self.step_limit()} loss {loss:.4f} "
+                  f"lr {lr:.2e} {samples_per_sec:,.0f} samples/s", flush=True)
+            memory = {"rss_mb": rss / 2**20}
+            if self.ctx.device.type == "cuda":
+                memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**20
+            self.writer.scalars("train", {"loss": loss, "lr": lr, "samples_per_sec": samples_per_sec,
+                                          "step_time_ms": step_time * 1e3, "data_wait_share": data_share,
+                                          **memory}, self.state.step)
+        # Progress reports are bookkeeping like evaluation (a gather, psutil, printing): left out of the measured
+        # step time, which the phase timers must explain.
+        self.paused_s += time.perf_counter() - paused
 
     def step_limit(self) -> int:
         return min(self.cfg.max_steps, self.total_steps) if self.cfg.max_steps else self.total_steps
 
     def evaluate_and_record(self) -> dict[str, Any]:
+        paused = time.perf_counter()  # from here on (the loss gather waits for the slowest rank) not a step's time
         self.flush_losses()
-        paused = time.perf_counter()
         result = evaluate(self.parts, self.data.test_loader)
         # The mean training loss since the last record, over all ranks.
         loss = torch.tensor([self.train_loss_sum, float(self.train_loss_count)], dtype=torch.float64)
@@ -387,9 +393,7 @@ class Trainer:
         }
         self.state.metrics.append(record)
         self.writer.append_metrics(record)
-        self.log(f"eval  epoch {record['epoch']} step {record['step']}: test loss {record['test_loss']:.4f}, "
-                 f"accuracy {record['test_accuracy']:.2%} of {record['test_samples']} images, "
-                 f"{record['elapsed_s']:.1f} s since the first step")
+        self.log(format_eval(record))
         return record
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -414,7 +418,7 @@ class Trainer:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
 
         stopped_by: str | None = None
-        with self.stop, make_profiler(cfg, ctx, self.run_dir) as profiler:
+        with self.stop, make_profiler(cfg, ctx, self.run_dir, self.step_limit() - state.step) as profiler:
             while state.epoch < cfg.epochs and stopped_by is None:
                 self.data.train_batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
                 batches = iter(self.data.train_loader)
@@ -428,7 +432,9 @@ class Trainer:
                         break
                     loss = train_step(self.parts, *batch, self.timer)
                     self.timer.end_step()
-                    profiler.step()
+                    paused = time.perf_counter()
+                    profiler.step()  # writes a trace when a window closes: I/O, left out of step time like checkpoints
+                    self.paused_s += time.perf_counter() - paused
                     state.step += 1
                     state.batch_in_epoch += 1
                     self.loss_window.append((state.step, loss))
@@ -461,6 +467,7 @@ class Trainer:
         now = time.perf_counter()
         if self.clock_start is None:
             self.clock_start = now
+            self.first_step_unix = time.time()
         if self.prev_step_start is not None:
             start, paused = self.prev_step_start
             self.measured_step_s.append(now - start - (self.paused_s - paused))
@@ -493,11 +500,16 @@ class Trainer:
                 epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
                 flops=flops_per_sample(self.parts.module, ctx.device),
                 peak_flops_per_process=peak, peak_source=peak_source)
+            # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
+            summary["startup_s"] = self.first_step_unix - psutil.Process().create_time()
+            summary["first_step_unix"] = self.first_step_unix
             self.writer.write_json("summary.json", summary)
             print(format_summary(summary), flush=True)
         if ctx.is_main and stopped_by:
+            # A default run name is a fresh timestamp on every launch, so only --run-name finds this run again.
+            again = "the same command" if self.cfg.run_name else f"the same command with --run-name {self.run_dir.name}"
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
-                  "Run the same command again to resume.", flush=True)
+                  f"Run {again} to resume.", flush=True)
         if ctx.is_main and self.last_checkpoint:
             path, size, seconds = self.last_checkpoint
             print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)

@@ -1,0 +1,300 @@
+"""Benchmark: fast vs classic throughput, time to 99% accuracy, DDP overhead, scaling and MFU, side by side in one run.
+
+    python -m dist_mnist.bench --data-dir ../shared/data            # everything, writes docs/benchmarks.md
+    torchrun --nproc_per_node=2 -m dist_mnist.bench --only throughput   # throughput of DDP across the ranks
+
+Absolute numbers on shared machines are noise; the ratios, measured back to back in one run, are what hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import datasets, transforms
+
+from dist_mnist.config import TrainConfig
+from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
+from dist_mnist.distributed import DistContext, distributed_session
+from dist_mnist.errors import UserError
+from dist_mnist.metrics import StepTimer
+from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
+from dist_mnist.train import SpeedSettings, build_train_parts, resolve_speed_settings, train_step
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ("throughput", "time-to-accuracy", "scaling", "profiler")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_steps(parts: Any, batches: Any, ctx: DistContext, seconds: float, warmup: int = 5) -> float:
+    """Global training samples/s of `train_step` over `seconds` after `warmup` steps; batches cycle forever."""
+    timer = StepTimer(ctx.device)
+    samples, start = 0, 0.0
+    for i, (images, labels) in enumerate(batches):
+        if i == warmup:
+            _sync(ctx.device)
+            start = time.perf_counter()
+        timer.begin_step()
+        train_step(parts, images, labels, timer)
+        timer.end_step()
+        if i >= warmup:
+            samples += len(labels)
+        # Every rank must stop at the same step, so rank 0's clock decides.
+        if i >= warmup and i % 10 == 0:
+            _sync(ctx.device)
+            timer.drain()
+            done = torch.tensor([int(time.perf_counter() - start >= seconds)])
+            dist.broadcast(done, src=0, group=ctx.control_group)
+            if done.item():
+                break
+    _sync(ctx.device)
+    return samples * ctx.world_size / (time.perf_counter() - start)
+
+
+def _forever(loader: DataLoader, sampler: Any) -> Any:
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class _ClassicBatches:
+    """The classic pytorch/examples pipeline: PIL images, per-sample ToTensor + Normalize, default collate."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, batch_size: int) -> None:
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+        dataset = datasets.MNIST(cfg.data_dir, train=True, download=False, transform=transform)
+        self.sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=cfg.seed)
+        cuda = ctx.device.type == "cuda"
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=1 if cuda else 0, pin_memory=cuda)
+
+    def __iter__(self) -> Any:
+        # Undo ToTensor+Normalize into the uint8 form train_step expects, exactly, so both configurations
+        # run the same step code; the classic per-sample work has been paid in full by then.
+        for images, labels in _forever(self.loader, self.sampler):
+            raw = (images.squeeze(1) * MNIST_STD + MNIST_MEAN).mul_(255).round_().to(torch.uint8)
+            yield raw, labels
+
+
+def measure_throughput(cfg: TrainConfig, ctx: DistContext, seconds: float) -> dict[str, Any]:
+    """Default fast configuration vs the classic one (fp32, eager, batch 64, per-sample transforms)."""
+    fast = resolve_speed_settings(cfg, ctx.device)
+    classic = SpeedSettings(amp_dtype=None, channels_last=False, data_on_device=False)
+    train, test = load_splits(cfg, ctx)
+    results: dict[str, Any] = {}
+    for name, settings, batch_size in (("classic", classic, 64), ("fast", fast, cfg.batch_size)):
+        run_cfg = dataclasses.replace(cfg, batch_size=batch_size)
+        parts = build_train_parts(run_cfg, ctx, settings, total_steps=10**6)
+        if name == "classic":
+            batches: Any = _ClassicBatches(run_cfg, ctx, batch_size)
+        else:
+            pipeline = build_pipeline(run_cfg, ctx, train, test, settings.data_on_device)
+            batches = _forever(pipeline.train_loader, pipeline.train_batches)
+        results[name] = {"samples_per_sec": _timed_steps(parts, iter(batches), ctx, seconds),
+                         "batch_size": batch_size, **settings.describe()}
+    results["speedup"] = results["fast"]["samples_per_sec"] / results["classic"]["samples_per_sec"]
+    dtype = fast.amp_dtype or torch.float32
+    flops = flops_per_sample(parts.module, ctx.device)
+    peak = measure_matmul_peak(ctx.device, dtype)
+    results["mfu"] = {"flops_per_sample": flops, "peak_tflops_per_process": peak / 1e12,
+                      "dtype": str(dtype).removeprefix("torch."),
+                      "mfu": results["fast"]["samples_per_sec"] * flops / (peak * ctx.world_size)}
+    return results
+
+
+def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name: str,
+            timeout: float = 900) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """Run launch/train.py (under torchrun when nproc > 1); returns summary.json, metrics.jsonl, launch time."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    script = str(REPO / "launch" / "train.py")
+    prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+              if nproc > 1 else [sys.executable])
+    cmd = [*prefix, script, *flags, "--threads", str(threads), "--output-dir", str(out_dir),
+           "--run-name", run_name, "--no-tensorboard", "--checkpoint-every", "0"]
+    launched = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    run_dir = out_dir / run_name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, metrics, launched
+
+
+def measure_time_to_accuracy(data_flags: list[str], nproc: int, threads: int, out_dir: Path,
+                             target: float = 0.99) -> dict[str, Any]:
+    """The default recipe, evaluated every 50 steps: wall time to `target` from the first step and from launch."""
+    summary, metrics, launched = _launch(nproc, [*data_flags, "--eval-every", "50"], threads, out_dir, "tta")
+    hit = next((m for m in metrics if m["test_accuracy"] >= target), None)
+    startup = summary["first_step_unix"] - launched
+    return {
+        "nproc": nproc, "threads": threads, "target": target,
+        "final_accuracy": metrics[-1]["test_accuracy"],
+        "reached_at_step": hit["step"] if hit else None,
+        "seconds_from_first_step": hit["elapsed_s"] if hit else None,
+        "seconds_total": startup + hit["elapsed_s"] if hit else None,
+        "startup_s": startup,
+    }
+
+
+def measure_scaling(data_flags: list[str], process_counts: list[int], steps: int,
+                    out_dir: Path) -> dict[str, Any]:
+    """Throughput for N processes of 1 thread each, plus 1 process using all the threads the N would."""
+    runs: dict[str, Any] = {}
+    base = None
+    for nproc in process_counts:
+        summary, _, _ = _launch(nproc, [*data_flags, "--max-steps", str(steps)], 1, out_dir, f"scale{nproc}")
+        sps = summary["samples_per_sec"]
+        base = base or sps / nproc
+        runs[f"{nproc}x1"] = {"samples_per_sec": sps, "efficiency": sps / (base * nproc),
+                              "backward_share": summary["ranks"][0]["backward_share"]}
+    most = max(process_counts)
+    if most > 1:
+        summary, _, _ = _launch(1, [*data_flags, "--max-steps", str(steps)], most, out_dir, f"single{most}")
+        runs[f"1x{most}"] = {"samples_per_sec": summary["samples_per_sec"]}
+        runs["ddp_ratio"] = runs[f"{most}x1"]["samples_per_sec"] / runs[f"1x{most}"]["samples_per_sec"]
+    return runs
+
+
+def measure_profiler_cost(data_flags: list[str], steps: int, out_dir: Path) -> dict[str, Any]:
+    """Unprofiled vs --profile throughput outside the active window (the summary's steps exclude none)."""
+    plain, _, _ = _launch(1, [*data_flags, "--max-steps", str(steps)], 0, out_dir, "noprof")
+    profiled, _, _ = _launch(1, [*data_flags, "--max-steps", str(steps), "--profile"], 0, out_dir, "prof")
+    return {"unprofiled_samples_per_sec": plain["samples_per_sec"],
+            "profiled_samples_per_sec": profiled["samples_per_sec"],
+            "ratio": profiled["samples_per_sec"] / plain["samples_per_sec"]}
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPU cores"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores ({_cpu_model()})"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = [f"### {results['machine']} — {results['date']}", "",
+             f"torch {results['torch']}, command: `{results['command']}`", "", "| measure | value |", "|---|---|"]
+    tp = results.get("throughput")
+    if tp:
+        lines += [
+            f"| classic config (fp32, eager, batch 64, per-sample transforms) | "
+            f"{tp['classic']['samples_per_sec']:,.0f} samples/s |",
+            f"| default config ({tp['fast']['amp']}, channels_last={tp['fast']['channels_last']}, batch "
+            f"{tp['fast']['batch_size']}, whole-batch indexing) | {tp['fast']['samples_per_sec']:,.0f} samples/s |",
+            f"| **speed-up default / classic** | **{tp['speedup']:.2f}x** |",
+            f"| model FLOPs per training sample | {tp['mfu']['flops_per_sample'] / 1e6:.1f} MFLOP |",
+            f"| measured {tp['mfu']['dtype']} matmul peak per process | "
+            f"{tp['mfu']['peak_tflops_per_process']:.3f} TFLOP/s |",
+            f"| **MFU of the default config** | **{tp['mfu']['mfu']:.1%}** |",
+        ]
+    tta = results.get("time_to_accuracy")
+    if tta:
+        hit = tta["seconds_from_first_step"]
+        lines += [
+            f"| time to {tta['target']:.1%} test accuracy, {tta['nproc']} process(es) x {tta['threads']} thread(s),"
+            f" from the first step | **{hit:.1f} s** (step {tta['reached_at_step']}) |" if hit is not None else
+            f"| time to {tta['target']:.1%} test accuracy | not reached (final {tta['final_accuracy']:.2%}) |",
+            f"| the same including start-up | {tta['seconds_total']:.1f} s |" if hit is not None else "",
+            f"| start-up to first training step (launch, imports, data, model) | {tta['startup_s']:.1f} s |",
+        ]
+    sc = results.get("scaling")
+    if sc:
+        for key, run in sc.items():
+            if key == "ddp_ratio":
+                continue
+            eff = f", scaling efficiency {run['efficiency']:.0%}" if "efficiency" in run else ""
+            lines.append(f"| {key.replace('x', ' process(es) x ', 1)} thread(s) | "
+                         f"{run['samples_per_sec']:,.0f} samples/s{eff} |")
+        if "ddp_ratio" in sc:
+            lines.append(f"| **DDP ratio: N ranks x 1 thread / 1 process x N threads** | **{sc['ddp_ratio']:.2f}** |")
+    pr = results.get("profiler")
+    if pr:
+        lines.append(f"| throughput with --profile / without (whole run incl. the active window) | "
+                     f"{pr['ratio']:.3f} |")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dist_mnist.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("DIST_MNIST_DATA", "./data"),
+                        help="folder holding MNIST/raw/ (default: $DIST_MNIST_DATA, else ./data)")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only these sections (repeatable); default: all")
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per throughput configuration")
+    parser.add_argument("--scaling", default="1,2", help="process counts for the scaling section")
+    parser.add_argument("--scaling-steps", type=int, default=150, help="training steps per scaling run")
+    parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
+                        help="markdown file the result table is appended to ('' to skip)")
+    parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
+    args = parser.parse_args(argv)
+    sections = args.only or list(SECTIONS)
+    cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False)
+    launched_by_torchrun = "RANK" in os.environ
+    try:
+        results: dict[str, Any] = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                   "command": " ".join(["python -m dist_mnist.bench", *(argv or sys.argv[1:])])}
+        with distributed_session(cfg) as ctx:
+            results["machine"] = machine_description(ctx.device)
+            if "throughput" in sections:
+                results["throughput"] = measure_throughput(cfg, ctx, args.seconds)
+        if launched_by_torchrun and int(os.environ["RANK"]) != 0:
+            return 0
+        data_flags = ["--data-dir", args.data_dir, "--no-download"]
+        with tempfile.TemporaryDirectory(prefix="dist_mnist_bench_") as tmp:
+            # Sections that start their own training jobs would nest torchruns, so they run only stand-alone.
+            if not launched_by_torchrun:
+                cuda = torch.cuda.is_available()
+                if "time-to-accuracy" in sections:
+                    results["time_to_accuracy"] = measure_time_to_accuracy(
+                        data_flags, nproc=1 if cuda else 2, threads=1 if not cuda else 0, out_dir=Path(tmp))
+                if "scaling" in sections:
+                    counts = [int(n) for n in args.scaling.split(",")]
+                    if cuda and max(counts) > torch.cuda.device_count():
+                        counts = [n for n in counts if n <= torch.cuda.device_count()]
+                    results["scaling"] = measure_scaling(data_flags, counts, args.scaling_steps, Path(tmp))
+                if "profiler" in sections:
+                    results["profiler"] = measure_profiler_cost(data_flags, args.scaling_steps, Path(tmp))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    table = render_markdown(results)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Checkpoint files and resuming: atomic rotation, safe loading, fallback, compatibility, run folders, NaN stops."""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import SMOKE_FLAGS, train
+
+from dist_mnist import checkpoint
+from dist_mnist.errors import UserError
+from dist_mnist.model import MnistCNN
+from dist_mnist.train import main
+
+# A short single-process run with a checkpoint every 4 steps: most tests below resume from a copy of it.
+BASE_STEPS, BASE_INTERVAL = 8, 4
+BASE_FLAGS = [*SMOKE_FLAGS, "--checkpoint-every", str(BASE_INTERVAL), "--run-name", "run"]
+
+
+class CodeRunner:
+    """A pickle that runs a shell command when unpickled: what a malicious checkpoint file would hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (self.command,)
+
+
+def write_crafted_checkpoint(path: Path, marker: Path) -> None:
+    payload = CodeRunner(f"touch {shlex.quote(str(marker))}")
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, "model": payload}, path)
+
+
+def train_in_process(capsys: pytest.CaptureFixture[str], output_dir: Path, *flags: str) -> tuple[int, str, str]:
+    """`main()` in this process (no interpreter start-up): returns exit code, stdout, stderr."""
+    code = main([*BASE_FLAGS, "--output-dir", str(output_dir), *flags])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output_dir = tmp_path_factory.mktemp("base")
+    assert main([*BASE_FLAGS, "--output-dir", str(output_dir), "--max-steps", str(BASE_STEPS)]) == 0
+    return output_dir
+
+
+@pytest.fixture
+def run_copy(base_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the base run's output folder; its checkpoints are in run/checkpoints."""
+    return Path(shutil.copytree(base_run, tmp_path / "out"))
+
+
+def checkpoints_of(output_dir: Path) -> Path:
+    return output_dir / "run" / "checkpoints"
+
+
+def single_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The file layer
+
+
+def test_save_rotates_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    for step in (3, 10, 7):  # written out of order: rotation goes by step, not by write time
+        path, size = checkpoint.save_checkpoint({"step": step, "w": torch.full((4,), float(step))}, tmp_path, step,
+                                                keep=2)
+        assert size == path.stat().st_size > 0
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step00000010.pt", "step00000007.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000007.pt", "step00000010.pt"]
+    loaded = torch.load(tmp_path / "step00000010.pt", weights_only=True)
+    assert torch.equal(loaded["w"], torch.full((4,), 10.0))
+    # Resumed from an earlier step with keep=1: the file just written survives the higher-step leftovers.
+    checkpoint.save_checkpoint({"step": 5}, tmp_path, 5, keep=1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step00000005.pt"]
+
+
+def test_crash_during_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good, _ = checkpoint.save_checkpoint({"step": 1}, tmp_path, 1, keep=2)
+    before = good.read_bytes()
+
+    def crash_halfway(obj: object, f: object) -> None:
+        f.write(b"PK\x03\x04 half a zip")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint({"step": 2}, tmp_path, 2, keep=2)
+    # The partial file never took a checkpoint's name; the previous checkpoint is untouched and still the newest.
+    assert checkpoint.list_checkpoints(tmp_path) == [good]
+    assert good.read_bytes() == before
+
+
+def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's state, which must round-trip too
+    torch.save({"rng": checkpoint.rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    again = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
+    evil, marker = tmp_path / "evil.pt", tmp_path / "payload-ran"
+    write_crafted_checkpoint(evil, marker)
+    with pytest.raises(UserError, match=r"refused: it references posix\.system.*arbitrary unpickling"):
+        checkpoint.load_checkpoint(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad", [b"", b"not a zip file at all"])
+def test_unreadable_file_is_a_user_error(tmp_path: Path, bad: bytes) -> None:
+    (tmp_path / "bad.pt").write_bytes(bad)
+    with pytest.raises(UserError, match="unreadable"):
+        checkpoint.load_checkpoint(tmp_path / "bad.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming through the command line
+
+
+@pytest.mark.timeout(120)
+def test_truncated_newest_checkpoint_falls_back_to_previous(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
+    newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 2))
+    assert code == 0, err
+    assert f"warning: checkpoint {newest} is unreadable" in err
+    assert "renamed it to step00000008.pt.unreadable, trying the previous checkpoint" in err
+    assert f"resumed from step {BASE_STEPS - BASE_INTERVAL} " in out
+    assert newest.with_name("step00000008.pt.unreadable").is_file()  # kept for inspection, out of the rotation
+
+
+@pytest.mark.timeout(120)
+def test_crafted_checkpoint_given_as_path_is_refused(tmp_path: Path) -> None:
+    """Through the real command line: a one-line error, no traceback, and the payload never runs."""
+    evil, marker = tmp_path / "evil.pt", tmp_path / "payload-ran"
+    write_crafted_checkpoint(evil, marker)
+    result = train(*BASE_FLAGS, "--output-dir", str(tmp_path / "out"), "--resume", str(evil))
+    assert result.returncode == 1
+    line = single_error_line(result.stderr)
+    assert str(evil) in line and "refused" in line and "arbitrary unpickling" in line
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(120)
+def test_crafted_checkpoint_in_run_is_skipped(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
+    marker = run_copy / "payload-ran"
+    evil = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS + 4)  # the newest by name
+    write_crafted_checkpoint(evil, marker)
+    code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 1))
+    assert code == 0, err
+    assert f"warning: checkpoint {evil} was refused" in err and "arbitrary unpickling" in err
+    assert f"resumed from step {BASE_STEPS} " in out
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_of_another_model_is_refused(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
+    state = torch.load(checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS), weights_only=True)
+    state["model"]["fc1.weight"] = torch.zeros(64, 9216)  # a narrower hidden layer
+    other = run_copy / "other.pt"
+    torch.save(state, other)
+    code, _, err = train_in_process(capsys, run_copy, "--resume", str(other))
+    assert code == 1
+    line = single_error_line(err)
+    assert "does not fit the model" in line and "fc1.weight" in line
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_of_another_recipe_is_refused(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
+    before = sorted(p.name for p in checkpoints_of(run_copy).iterdir())
+    code, _, err = train_in_process(capsys, run_copy, "--batch-size", "32")
+    assert code == 1
+    line = single_error_line(err)
+    assert "--batch-size 16, this run has 32" in line
+    assert sorted(p.name for p in checkpoints_of(run_copy).iterdir()) == before
+
+
+def test_compatibility_check_names_the_mismatch() -> None:
+    model = MnistCNN()
+    state = {"model_class": "MnistCNN", "model": {**model.state_dict(), "extra.weight": torch.zeros(1)},
+             "config": {"batch_size": 16}}
+    with pytest.raises(UserError, match="extra.weight"):
+        checkpoint.check_compatible(state, model, {"batch_size": 16}, "x.pt")
+    with pytest.raises(UserError, match="holds a ResNet, not a MnistCNN"):
+        checkpoint.check_compatible({**state, "model_class": "ResNet"}, model, {}, "x.pt")
+
+
+@pytest.mark.timeout(120)
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(capsys: pytest.CaptureFixture[str],
+                                                              run_copy: Path) -> None:
+    # Make the newest checkpoint diverge when resumed: an absurd learning rate hidden in the optimizer state, so the
+    # config still matches and no test-only flag is needed.
+    newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
+    state = torch.load(newest, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["lr"] = group["initial_lr"] = 1e30
+    state["scheduler"]["base_lrs"] = [1e30 for _ in state["scheduler"]["base_lrs"]]
+    torch.save(state, newest)
+    code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 3 * BASE_INTERVAL))
+    assert code == 1
+    line = single_error_line(err)
+    assert f"the last good checkpoint is {newest}" in line
+    bad_step = int(line.split("non-finite at step ")[1].split(";")[0])
+    assert BASE_STEPS < bad_step <= BASE_STEPS + BASE_INTERVAL
+    # Nothing was saved after the loss went bad: the checkpoint the message names is still the newest.
+    assert checkpoint.list_checkpoints(checkpoints_of(run_copy))[0] == newest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def folder_snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.timeout(120)
+def test_resume_never_on_existing_run_fails_without_touching_it(capsys: pytest.CaptureFixture[str],
+                                                                run_copy: Path) -> None:
+    before = folder_snapshot(run_copy / "run")
+    code, _, err = train_in_process(capsys, run_copy, "--resume", "never")
+    assert code == 1
+    assert "already exists" in single_error_line(err)
+    assert folder_snapshot(run_copy / "run") == before
+
+
+@pytest.mark.timeout(120)
+def test_existing_folder_without_checkpoint_is_refused_unless_restarted(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "run").mkdir()
+    code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1")
+    assert code == 1
+    assert "already exists and holds no checkpoint" in single_error_line(err)
+    # A worker that torchrun restarted before the first checkpoint reuses its own folder.
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1")
+    assert code == 0, err
+    assert checkpoint.list_checkpoints(checkpoints_of(tmp_path))
+
+
+def test_in_process_runs_leave_nothing_behind() -> None:
+    """The runs above share this process with later tests: no process group or signal handler may outlive them."""
+    assert not dist.is_initialized()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

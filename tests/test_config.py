@@ -1,0 +1,59 @@
+"""Config validation: every impossible value is a UserError that names its flag; good values parse."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_mnist.config import TrainConfig, build_parser, parse_args
+from dist_mnist.errors import UserError
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--batch-size", "0"), ("--batch-size", "-4"), ("--epochs", "0"), ("--epochs", "-1"),
+    ("--eval-batch-size", "0"), ("--log-every", "0"), ("--synthetic-train-size", "0"),
+    ("--synthetic-test-size", "-3"), ("--keep-checkpoints", "0"), ("--profile-active", "0"),
+    ("--max-steps", "-1"), ("--num-workers", "-1"), ("--eval-every", "-5"), ("--checkpoint-every", "-1"),
+    ("--threads", "-2"), ("--grad-clip", "-0.5"), ("--weight-decay", "-0.01"),
+    ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"),
+    ("--warmup-frac", "-0.1"), ("--warmup-frac", "1"), ("--warmup-frac", "1.5"),
+    ("--timeout-s", "0"), ("--timeout-s", "-10"),
+])
+def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
+    with pytest.raises(UserError, match=f"^{flag} must"):
+        parse_args([f"{flag}={value}"])  # the = form, so argparse takes "-1e-3" as a value
+
+
+@pytest.mark.parametrize("run_name", ["a/b", "/abs", "..", "."])
+def test_run_name_must_be_a_plain_folder_name(run_name: str) -> None:
+    with pytest.raises(UserError, match="--run-name must be a plain folder name"):
+        parse_args(["--run-name", run_name])
+
+
+def test_data_on_device_excludes_workers() -> None:
+    with pytest.raises(UserError, match="--data-on-device on .* --num-workers"):
+        parse_args(["--data-on-device", "on", "--num-workers", "2"])
+
+
+def test_the_same_checks_apply_without_the_command_line() -> None:
+    with pytest.raises(UserError, match="--batch-size must be positive"):
+        TrainConfig(batch_size=0)
+
+
+def test_defaults_are_valid_and_flags_parse() -> None:
+    cfg = parse_args(["--batch-size", "64", "--lr", "0.01", "--no-download", "--no-tensorboard", "--deterministic",
+                      "--backend", "gloo", "--run-name", "r1", "--warmup-frac", "0"])
+    assert (cfg.batch_size, cfg.lr, cfg.no_download, cfg.tensorboard, cfg.deterministic) == (64, 0.01, True, False,
+                                                                                             True)
+    assert cfg.to_json()["backend"] == "gloo"
+    assert TrainConfig().to_json() == parse_args([]).to_json()
+
+
+def test_help_says_batch_size_is_per_process() -> None:
+    assert "PER PROCESS" in build_parser().format_help()
+
+
+def test_unknown_choice_is_rejected_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        parse_args(["--backend", "mpi"])
+    assert excinfo.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

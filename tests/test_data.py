@@ -1,0 +1,260 @@
+"""Data: IDX reading and its errors, training shards and their order, exact evaluation shards, and the fast
+batch pipeline against the plain torchvision one."""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_mnist_dir, write_idx
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import datasets, transforms
+
+from dist_mnist.config import TrainConfig
+from dist_mnist.data import (
+    MNIST_FILES,
+    MNIST_MEAN,
+    MNIST_STD,
+    ResumableBatchSampler,
+    ShardSampler,
+    Split,
+    build_pipeline,
+    load_mnist,
+    mnist_raw_dir,
+    normalize,
+    synthetic_splits,
+)
+from dist_mnist.distributed import DistContext
+from dist_mnist.errors import UserError
+
+WORLD_SIZES = [1, 2, 3, 7]
+CPU = torch.device("cpu")
+
+
+def cpu_ctx(rank: int = 0, world_size: int = 1) -> DistContext:
+    """Rank `rank` of a world that needs no process group: the code under test makes no collective call."""
+    return DistContext(rank=rank, local_rank=rank, world_size=world_size, device=CPU, backend="gloo",
+                       control_group=None)
+
+
+def mnist_cfg(data_dir: Path, **overrides: object) -> TrainConfig:
+    return TrainConfig(data_dir=str(data_dir), no_download=True, **overrides)
+
+
+def train_batches(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int = 0
+                  ) -> ResumableBatchSampler:
+    sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return ResumableBatchSampler(sampler, batch_size)
+
+
+def epoch_batches(batches: ResumableBatchSampler, epoch: int, skip: int = 0) -> list[list[int]]:
+    batches.set_epoch(epoch, skip_batches=skip)
+    return list(batches)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training shards
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_train_shards_disjoint_and_complete(world_size: int) -> None:
+    # 210 divides by 1, 2, 3 and 7, and batch 5 divides every shard: nothing is padded or dropped.
+    shards = [sum(epoch_batches(train_batches(210, 5, r, world_size), epoch=0), []) for r in range(world_size)]
+    counts = collections.Counter(i for shard in shards for i in shard)
+    assert sorted(counts) == list(range(210))
+    assert set(counts.values()) == {1}
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_uneven_train_set_gives_every_rank_the_same_number_of_steps(world_size: int) -> None:
+    # DDP hangs when one rank runs a step the others do not: shards must stay equal even when 203 does not divide.
+    per_rank = [epoch_batches(train_batches(203, 4, r, world_size), epoch=0) for r in range(world_size)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    assert all(len(batch) == 4 for batches in per_rank for batch in batches)
+    samplers = [train_batches(203, 4, r, world_size).sampler for r in range(world_size)]
+    assert set().union(*(set(s) for s in samplers)) == set(range(203))
+    assert sum(len(s) for s in samplers) == math.ceil(203 / world_size) * world_size
+
+
+def test_set_epoch_reshuffles_and_is_repeatable() -> None:
+    batches = train_batches(203, 8, rank=1, world_size=2, seed=5)
+    epoch0, epoch1 = epoch_batches(batches, 0), epoch_batches(batches, 1)
+    assert epoch0 != epoch1
+    assert epoch_batches(train_batches(203, 8, rank=1, world_size=2, seed=5), 1) == epoch1
+    assert epoch_batches(train_batches(203, 8, rank=1, world_size=2, seed=6), 1) != epoch1
+
+
+@pytest.mark.parametrize("skip", [0, 3, 12])
+def test_skip_batches_continues_the_same_order(skip: int) -> None:
+    batches = train_batches(203, 8, rank=0, world_size=2)
+    full = epoch_batches(batches, 4)
+    resumed = epoch_batches(train_batches(203, 8, rank=0, world_size=2), 4, skip=skip)
+    assert resumed == full[skip:]
+    assert len(batches) == len(full)
+    batches.set_epoch(4, skip_batches=skip)
+    assert len(batches) == len(full) - skip
+    batches.set_epoch(5)  # a new epoch starts from its first batch again
+    assert len(batches) == len(full)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation shards
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_shard_sampler_counts_every_test_index_once(world_size: int) -> None:
+    shards = [list(ShardSampler(203, r, world_size)) for r in range(world_size)]
+    assert sorted(sum(shards, [])) == list(range(203))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert [len(ShardSampler(203, r, world_size)) for r in range(world_size)] == list(map(len, shards))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_eval_loader_yields_every_test_image_once(world_size: int) -> None:
+    train, test = synthetic_splits(64, 203)
+    # Labels replaced by positions, so each yielded label says which test image it came with.
+    tagged = Split(test.images, torch.arange(len(test)))
+    cfg = TrainConfig(batch_size=4, eval_batch_size=50)
+    seen: list[int] = []
+    for rank in range(world_size):
+        pipeline = build_pipeline(cfg, cpu_ctx(rank, world_size), train, tagged, on_device=False)
+        for images, positions in pipeline.test_loader:
+            assert torch.equal(images, test.images[positions])
+            seen += positions.tolist()
+    assert sorted(seen) == list(range(203))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IDX files
+
+
+def test_idx_files_decode_to_the_written_tensors(tmp_path: Path) -> None:
+    train, test = load_mnist(mnist_cfg(make_mnist_dir(tmp_path, train_size=300, test_size=101)), cpu_ctx())
+    expected_train, expected_test = synthetic_splits(300, 101)
+    for got, expected in ((train, expected_train), (test, expected_test)):
+        assert got.images.dtype == torch.uint8 and got.labels.dtype == torch.int64
+        assert torch.equal(got.images, expected.images) and torch.equal(got.labels, expected.labels)
+
+
+def _wrong_magic(data: bytes) -> bytes:
+    return b"\x12\x34\x56\x78" + data[4:]
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _header_only(data: bytes) -> bytes:
+    return data[:6]
+
+
+@pytest.mark.parametrize("corrupt", [_wrong_magic, _truncated, _header_only, lambda data: b""],
+                         ids=["wrong-magic", "truncated", "cut-in-header", "empty"])
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_corrupt_idx_file_is_named(tmp_path: Path, name: str, corrupt: Callable[[bytes], bytes]) -> None:
+    data_dir = make_mnist_dir(tmp_path)
+    path = mnist_raw_dir(str(data_dir)) / name
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(UserError, match=f"^{path} is not a valid MNIST IDX file") as excinfo:
+        load_mnist(mnist_cfg(data_dir), cpu_ctx())
+    assert "\n" not in str(excinfo.value)
+
+
+def test_images_and_labels_that_do_not_match_are_refused(tmp_path: Path) -> None:
+    data_dir = make_mnist_dir(tmp_path, train_size=300, test_size=101)
+    raw = mnist_raw_dir(str(data_dir))
+    (raw / "train-labels-idx1-ubyte").write_bytes((raw / "t10k-labels-idx1-ubyte").read_bytes())
+    with pytest.raises(UserError, match="train-images-idx3-ubyte and .*train-labels-idx1-ubyte do not match"):
+        load_mnist(mnist_cfg(data_dir), cpu_ctx())
+
+
+def test_labels_outside_0_to_9_are_refused(tmp_path: Path) -> None:
+    data_dir = make_mnist_dir(tmp_path, train_size=300, test_size=101)
+    write_idx(mnist_raw_dir(str(data_dir)) / "t10k-labels-idx1-ubyte", torch.full((101,), 12))
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte holds labels outside 0-9"):
+        load_mnist(mnist_cfg(data_dir), cpu_ctx())
+
+
+def test_missing_files_name_all_four_and_the_flags(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as excinfo:
+        load_mnist(mnist_cfg(tmp_path / "nowhere"), cpu_ctx())
+    message = str(excinfo.value)
+    assert all(name in message for name in MNIST_FILES)
+    assert "--data-dir" in message and "DIST_MNIST_DATA" in message and "--no-download" in message
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
+
+
+def test_one_missing_file_is_named_first(tmp_path: Path) -> None:
+    data_dir = make_mnist_dir(tmp_path)
+    (mnist_raw_dir(str(data_dir)) / "t10k-images-idx3-ubyte").unlink()
+    with pytest.raises(UserError, match="^MNIST files missing in .*: t10k-images-idx3-ubyte \\(expected"):
+        load_mnist(mnist_cfg(data_dir), cpu_ctx())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def test_cpu_loaders_do_not_pin_memory_and_workers_persist() -> None:
+    train, test = synthetic_splits(64, 20)
+    pipeline = build_pipeline(TrainConfig(batch_size=8), cpu_ctx(), train, test, on_device=False)
+    assert not pipeline.train_loader.pin_memory and not pipeline.test_loader.pin_memory
+    assert pipeline.train_loader.num_workers == 0 and not pipeline.train_loader.persistent_workers
+    with_workers = build_pipeline(TrainConfig(batch_size=8, num_workers=2), cpu_ctx(), train, test, on_device=False)
+    assert with_workers.train_loader.persistent_workers and with_workers.test_loader.persistent_workers
+
+
+def test_batch_larger_than_the_shard_is_a_user_error() -> None:
+    train, test = synthetic_splits(64, 20)
+    with pytest.raises(UserError, match="--batch-size 40 is larger than this rank's share"):
+        build_pipeline(TrainConfig(batch_size=40), cpu_ctx(1, 2), train, test, on_device=False)
+
+
+def reference_mnist(data_dir: Path, train: bool) -> datasets.MNIST:
+    """The straightforward pipeline: torchvision's MNIST with per-sample ToTensor and Normalize."""
+    per_sample = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    return datasets.MNIST(str(data_dir), train=train, download=False, transform=per_sample)
+
+
+def check_normalized(x: torch.Tensor, expected: torch.Tensor, channels_last: bool) -> None:
+    assert x.dtype == torch.float32 and x.shape == expected.shape
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fast_train_pipeline_matches_torchvision(tmp_path: Path, rank: int, channels_last: bool) -> None:
+    """BatchIndexDataset + per-batch normalize == MNIST + ToTensor + Normalize per sample, batch for batch."""
+    data_dir = make_mnist_dir(tmp_path, train_size=300, test_size=101)
+    world_size, seed, batch_size, epoch = 2, 7, 16, 1
+    cfg = mnist_cfg(data_dir, batch_size=batch_size, seed=seed)
+    ctx = cpu_ctx(rank, world_size)
+    pipeline = build_pipeline(cfg, ctx, *load_mnist(cfg, ctx), on_device=False)
+    pipeline.train_batches.set_epoch(epoch)
+
+    reference_set = reference_mnist(data_dir, train=True)
+    reference_sampler = DistributedSampler(reference_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    reference_sampler.set_epoch(epoch)
+    reference = DataLoader(reference_set, batch_size=batch_size, sampler=reference_sampler, drop_last=True)
+
+    fast = list(pipeline.train_loader)
+    assert len(fast) == len(reference) == pipeline.steps_per_epoch
+    for (images, labels), (expected_x, expected_y) in zip(fast, reference):
+        check_normalized(normalize(images, CPU, channels_last), expected_x, channels_last)
+        assert torch.equal(labels, expected_y)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_eval_pipeline_matches_torchvision(tmp_path: Path, channels_last: bool) -> None:
+    data_dir = make_mnist_dir(tmp_path, train_size=300, test_size=101)
+    cfg = mnist_cfg(data_dir, batch_size=16, eval_batch_size=32)
+    pipeline = build_pipeline(cfg, cpu_ctx(), *load_mnist(cfg, cpu_ctx()), on_device=False)
+    images, labels = map(torch.cat, zip(*pipeline.test_loader))
+    expected_x, expected_y = map(torch.stack, zip(*((x, torch.tensor(y)) for x, y in reference_mnist(data_dir, False))))
+    check_normalized(normalize(images, CPU, channels_last), expected_x, channels_last)
+    assert torch.equal(labels, expected_y)

@@ -1,0 +1,183 @@
+"""Real gloo process groups (torch.multiprocessing spawn, a file:// store, no ports) driving the package's own
+training step and evaluation: replicas stay identical, W ranks at batch B equal one process at batch W*B, and
+evaluation counts every test image once with the same result on every rank."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_mnist.config import TrainConfig
+from dist_mnist.data import DataPipeline, build_pipeline, load_splits
+from dist_mnist.distributed import DistContext
+from dist_mnist.metrics import StepTimer
+from dist_mnist.train import TrainParts, build_train_parts, evaluate, resolve_speed_settings, train_step
+
+TEST_SIZE = 203  # odd, and divides by neither 2 nor 3: evaluation shards are uneven
+STEPS = 3
+PER_RANK_BATCH = 16
+PG_TIMEOUT_S = 60  # the process group's own timeout: a lost rank fails the collective instead of hanging
+SPAWN_TIMEOUT_S = 120  # the parent's: kill the ranks if they have not finished by then
+Scenario = Callable[[DistContext, int], dict[str, Any]]
+
+
+def _rank_main(rank: int, world_size: int, store: str, out_dir: str, scenario: Scenario, batch_size: int) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        ctx = DistContext(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"),
+                          backend="gloo", control_group=dist.group.WORLD)
+        torch.save(scenario(ctx, batch_size), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_world(world_size: int, scenario: Scenario, out_dir: Path, batch_size: int = PER_RANK_BATCH
+                ) -> list[dict[str, Any]]:
+    """Run `scenario` on every rank of a fresh gloo world; returns each rank's result, in rank order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context = mp.start_processes(_rank_main, args=(world_size, str(out_dir / "store"), str(out_dir), scenario,
+                                                   batch_size),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        # join() re-raises a rank's exception with its traceback (and stops the other ranks).
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world_size} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+def _cfg(batch_size: int) -> TrainConfig:
+    return TrainConfig(dataset="synthetic", synthetic_train_size=256, synthetic_test_size=TEST_SIZE,
+                       batch_size=batch_size, eval_batch_size=50, amp="off", channels_last="off", seed=0)
+
+
+def _build(ctx: DistContext, batch_size: int) -> tuple[DataPipeline, TrainParts]:
+    """The data pipeline and training parts exactly as Trainer builds them (fp32, no channels_last)."""
+    cfg = _cfg(batch_size)
+    data = build_pipeline(cfg, ctx, *load_splits(cfg, ctx), on_device=False)
+    parts = build_train_parts(cfg, ctx, resolve_speed_settings(cfg, ctx.device), cfg.epochs * data.steps_per_epoch)
+    return data, parts
+
+
+def _train(ctx: DistContext, batch_size: int, dropout: bool) -> dict[str, Any]:
+    """The package's loop body for STEPS steps; evaluation before and after."""
+    data, parts = _build(ctx, batch_size)
+    initial_eval = evaluate(parts, data.test_loader)
+    if not dropout:
+        parts.module.eval()  # a deterministic step: the same function of the batch however it is split
+    timer = StepTimer(ctx.device)
+    data.train_batches.set_epoch(0)
+    losses = []
+    for images, labels in itertools.islice(data.train_loader, STEPS):
+        timer.begin_step()
+        losses.append(train_step(parts, images, labels, timer))
+        timer.end_step()
+    optimizer_params = [id(p) for group in parts.optimizer.param_groups for p in group["params"]]
+    eval_forward_modes: set[tuple[bool, bool]] = set()
+    hook = parts.module.register_forward_hook(
+        lambda module, args, out: eval_forward_modes.add((torch.is_inference_mode_enabled(), module.training)))
+    final_eval = evaluate(parts, data.test_loader)
+    hook.remove()
+    return {
+        "params": {k: v.detach().clone() for k, v in parts.module.state_dict().items()},
+        "losses": torch.stack(losses),
+        "losses_detached": all(loss.grad_fn is None and not loss.requires_grad for loss in losses),
+        "optimizer_holds_module_params": optimizer_params == [id(p) for p in parts.module.parameters()],
+        "steps_timed": len(timer.drain()),
+        "initial_eval": initial_eval,
+        "final_eval": final_eval,
+        "eval_forward_modes": sorted(eval_forward_modes),  # (inference mode on, training mode on) per forward
+        "training_mode_after_eval": parts.module.training,
+    }
+
+
+def train_both_ways(ctx: DistContext, batch_size: int) -> dict[str, Any]:
+    # One world for both runs: starting ranks (importing torch) costs more than the steps.
+    return {"dropout": _train(ctx, batch_size, dropout=True), "deterministic": _train(ctx, batch_size, dropout=False)}
+
+
+def evaluate_initial_model(ctx: DistContext, batch_size: int) -> dict[str, Any]:
+    data, parts = _build(ctx, batch_size)
+    return {"initial_eval": evaluate(parts, data.test_loader)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn_world(2, train_both_ways, tmp_path_factory.mktemp("world2"))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return spawn_world(1, train_both_ways, tmp_path_factory.mktemp("world1"), batch_size=2 * PER_RANK_BATCH)[0]
+
+
+def assert_same_eval(a: dict[str, float], b: dict[str, float]) -> None:
+    assert a["test_samples"] == b["test_samples"] == TEST_SIZE
+    assert a["test_accuracy"] == b["test_accuracy"]
+    assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+
+
+@pytest.mark.timeout(180)
+def test_replicas_stay_identical_after_training(two_ranks: list[dict[str, Any]]) -> None:
+    rank0, rank1 = (result["dropout"] for result in two_ranks)
+    assert rank0["params"].keys() == rank1["params"].keys()
+    for name, tensor in rank0["params"].items():
+        assert torch.equal(tensor, rank1["params"][name]), name
+    # ...and they did train: the parameters moved away from the shared initial weights.
+    assert rank0["initial_eval"]["test_loss"] != rank0["final_eval"]["test_loss"]
+
+
+@pytest.mark.timeout(180)
+def test_step_hygiene(two_ranks: list[dict[str, Any]]) -> None:
+    for result in (run for ranks in two_ranks for run in ranks.values()):
+        assert result["losses_detached"]  # a stored loss must not keep its graph alive
+        assert result["optimizer_holds_module_params"]  # the model was on its device before the optimizer
+        assert result["eval_forward_modes"] == [(True, False)]  # evaluate() ran in inference_mode and eval()
+        assert result["training_mode_after_eval"]  # ...and switched back to train() afterwards
+        assert result["steps_timed"] == STEPS
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_at_batch_b_equal_one_process_at_batch_2b(
+        two_ranks: list[dict[str, Any]], one_process: dict[str, Any]) -> None:
+    expected = one_process["deterministic"]
+    ranks = [result["deterministic"] for result in two_ranks]
+    # The two ranks' batches together are the single process's batch: same samples, so the same mean loss.
+    torch.testing.assert_close((ranks[0]["losses"] + ranks[1]["losses"]) / 2, expected["losses"])
+    for result in ranks:
+        for name, tensor in result["params"].items():
+            # AdamW divides by sqrt(v): for the few weights whose gradient is ~0, float rounding differences of
+            # the split sum can move an update by up to ~lr * 1e-2, hence atol 1e-4 (most differ by < 1e-7).
+            torch.testing.assert_close(tensor, expected["params"][name], rtol=1e-4, atol=1e-4, msg=name)
+    assert_same_eval(ranks[0]["final_eval"], expected["final_eval"])
+
+
+@pytest.mark.timeout(180)
+def test_evaluation_is_exact_and_identical_on_every_rank(
+        tmp_path: Path, two_ranks: list[dict[str, Any]], one_process: dict[str, Any]) -> None:
+    expected = one_process["dropout"]["initial_eval"]
+    three = [result["initial_eval"] for result in spawn_world(3, evaluate_initial_model, tmp_path)]
+    two = [result["dropout"]["initial_eval"] for result in two_ranks]
+    for results in (two, three):
+        assert all(result == results[0] for result in results)  # bit-identical on every rank
+        assert_same_eval(results[0], expected)
+    trained = [result["dropout"]["final_eval"] for result in two_ranks]
+    assert trained[0] == trained[1]

@@ -1,0 +1,217 @@
+"""End to end through launch/train.py: torchrun and single-process runs write their run files, only rank 0
+talks, runs are reproducible, every bad input is one error line, and (with real MNIST) the recipe learns."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import SMOKE_FLAGS, Result, cpu_env, make_mnist_dir, real_mnist_dir, torchrun, train
+
+from dist_mnist.data import MNIST_FILES, mnist_raw_dir
+
+SMOKE_TEST_SIZE = 203  # what SMOKE_FLAGS make: odd, so neither 2 nor 3 ranks divide it
+MAX_STEPS = 12
+LOG_EVERY = 4  # SMOKE_FLAGS' --log-every
+RECORD_KEYS = {"epoch", "step", "train_loss", "test_loss", "test_accuracy", "test_samples", "samples_per_sec",
+               "elapsed_s"}
+
+
+@dataclass
+class Run:
+    result: Result
+    run_dir: Path
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def json(self, name: str) -> dict[str, Any]:
+        return json.loads((self.run_dir / name).read_text())
+
+
+def smoke_flags(output_dir: Path, run_name: str, *extra: str) -> list[str]:
+    return [*SMOKE_FLAGS, "--max-steps", str(MAX_STEPS), "--output-dir", str(output_dir), "--run-name", run_name,
+            "--timeout-s", "60", *extra]
+
+
+def torchrun_smoke(nproc: int, output_dir: Path, run_name: str, *extra: str,
+                   env: dict[str, str] | None = None) -> Run:
+    return Run(torchrun(nproc, *smoke_flags(output_dir, run_name, *extra), timeout=150, env=env),
+               output_dir / run_name)
+
+
+def assert_ok(run: Run) -> None:
+    assert run.result.returncode == 0, f"stdout:\n{run.result.stdout[-3000:]}\nstderr:\n{run.result.stderr[-3000:]}"
+    assert "Traceback" not in run.result.stderr
+
+
+def assert_run_files(run: Run, world_size: int) -> None:
+    assert_ok(run)
+    config = run.json("config.json")
+    assert config["resolved"]["world_size"] == world_size and config["max_steps"] == MAX_STEPS
+    last = run.metrics()[-1]
+    assert RECORD_KEYS <= last.keys()
+    assert last["step"] == MAX_STEPS and last["epoch"] == MAX_STEPS // config["resolved"]["steps_per_epoch"]
+    assert last["test_samples"] == SMOKE_TEST_SIZE
+    assert 0 <= last["test_accuracy"] <= 1 and last["samples_per_sec"] > 0 and last["elapsed_s"] > 0
+    summary = run.json("summary.json")
+    assert summary["world_size"] == world_size and summary["ranks_in_sync"]
+
+
+def final_model(run: Run) -> dict[str, torch.Tensor]:
+    state = torch.load(run.run_dir / "checkpoints" / f"step{MAX_STEPS:08d}.pt", map_location="cpu", weights_only=True)
+    return state["model"]
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def torchrun_two(out_dir: Path) -> Run:
+    # OMP_NUM_THREADS left unset, so the run shows that torchrun gives each of its processes one thread.
+    env = {k: v for k, v in cpu_env().items() if k != "OMP_NUM_THREADS"}
+    return torchrun_smoke(2, out_dir, "two", "--deterministic", env=env)
+
+
+@pytest.fixture(scope="module")
+def single_process(out_dir: Path) -> Run:
+    return Run(train(*smoke_flags(out_dir, "single"), timeout=120), out_dir / "single")
+
+
+@pytest.mark.timeout(200)
+def test_torchrun_two_processes_write_the_run_files(torchrun_two: Run) -> None:
+    assert_run_files(torchrun_two, world_size=2)
+    resolved = torchrun_two.json("config.json")["resolved"]
+    assert resolved["backend"] == "gloo" and resolved["device"] == "cpu"
+    assert resolved["threads_per_process"] == 1
+
+
+@pytest.mark.timeout(200)
+def test_only_rank_0_prints_progress(torchrun_two: Run) -> None:
+    lines = torchrun_two.result.stdout.splitlines()
+    assert sum(line.startswith("epoch ") for line in lines) == MAX_STEPS // LOG_EVERY
+    assert sum(line.startswith("eval ") for line in lines) == 1
+    assert sum(line.startswith("run ") for line in lines) == 1
+
+
+@pytest.mark.timeout(150)
+def test_single_process_mode_writes_the_run_files(single_process: Run) -> None:
+    assert_run_files(single_process, world_size=1)
+    assert single_process.json("config.json")["resolved"]["backend"] == "gloo"
+
+
+@pytest.mark.timeout(200)
+def test_three_processes_count_the_odd_test_set_once(tmp_path: Path) -> None:
+    assert_run_files(torchrun_smoke(3, tmp_path, "three"), world_size=3)
+
+
+@pytest.mark.timeout(200)
+def test_same_seed_and_world_size_give_the_same_parameters(torchrun_two: Run, out_dir: Path) -> None:
+    again = torchrun_smoke(2, out_dir, "two-again", "--deterministic")
+    assert_ok(again)
+    first, second = final_model(torchrun_two), final_model(again)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.timeout(150)
+def test_existing_run_folder_is_never_overwritten(single_process: Run) -> None:
+    assert_ok(single_process)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in single_process.run_dir.rglob("*") if p.is_file()}
+    again = train(*smoke_flags(single_process.run_dir.parent, single_process.run_dir.name, "--resume", "never"),
+                  timeout=120)
+    assert_one_line_error(again, "already exists")
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in single_process.run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 1, no traceback
+
+
+def assert_one_line_error(result: Result, *expected: str) -> None:
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0]
+
+
+def _data_dir(tmp_path: Path, corrupt: Callable[[Path], None]) -> str:
+    data_dir = make_mnist_dir(tmp_path / "data")
+    corrupt(mnist_raw_dir(str(data_dir)))
+    return str(data_dir)
+
+
+def _wrong_magic(raw: Path) -> None:
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x12\x34\x56\x78" + path.read_bytes()[4:])
+
+
+def _truncated(raw: Path) -> None:
+    path = raw / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _unwritable_output(tmp_path: Path) -> str:
+    # Root may write anywhere, but nobody can make a folder below a regular file.
+    (tmp_path / "a-file").write_text("")
+    return str(tmp_path / "a-file" / "runs")
+
+
+NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}
+
+# id -> (flags for tmp_path, extra environment, texts the error line must hold)
+BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], dict[str, str], tuple[str, ...]]] = {
+    "missing-files-no-download": (lambda p: ["--data-dir", str(p / "empty"), "--no-download"], {},
+                                  (*MNIST_FILES, "--data-dir", "--no-download")),
+    "missing-files-download-impossible": (lambda p: ["--data-dir", str(p / "empty")], NO_NETWORK,
+                                          ("could not download MNIST", *MNIST_FILES, "--data-dir")),
+    "wrong-magic": (lambda p: ["--data-dir", _data_dir(p, _wrong_magic), "--no-download"], {},
+                    ("train-images-idx3-ubyte is not a valid MNIST IDX file",)),
+    "truncated": (lambda p: ["--data-dir", _data_dir(p, _truncated), "--no-download"], {},
+                  ("t10k-images-idx3-ubyte is not a valid MNIST IDX file",)),
+    "zero-batch-size": (lambda p: [*SMOKE_FLAGS, "--batch-size", "0"], {}, ("--batch-size must be positive",)),
+    "negative-epochs": (lambda p: [*SMOKE_FLAGS, "--epochs=-1"], {}, ("--epochs must be positive",)),
+    "nccl-without-cuda": (lambda p: [*SMOKE_FLAGS, "--backend", "nccl"], {}, ("--backend nccl", "CUDA")),
+    "fp16-on-cpu": (lambda p: [*SMOKE_FLAGS, "--amp", "fp16"], {}, ("--amp fp16 runs on CUDA only",)),
+    "unwritable-output-dir": (lambda p: [*SMOKE_FLAGS, "--output-dir", _unwritable_output(p)], {},
+                              ("cannot write to --output-dir",)),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_error_line(tmp_path: Path, case: str) -> None:
+    make_flags, extra_env, expected = BAD_INPUTS[case]
+    # --output-dir first, so a case's own --output-dir (given later) wins.
+    flags = ["--output-dir", str(tmp_path / "runs"), *make_flags(tmp_path), "--max-steps", "2"]
+    assert_one_line_error(train(*flags, timeout=90, env=cpu_env(**extra_env)), *expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real MNIST
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_epoch_on_real_mnist_reaches_98_5_percent(tmp_path: Path) -> None:
+    data_dir = real_mnist_dir()
+    if data_dir is None:
+        pytest.skip("real MNIST not found: set DIST_MNIST_DATA to a folder holding MNIST/raw/<the four IDX files>")
+    run = Run(torchrun(2, "--data-dir", data_dir, "--no-download", "--epochs", "1", "--output-dir", str(tmp_path),
+                       "--run-name", "real", "--timeout-s", "120", timeout=280), tmp_path / "real")
+    assert_ok(run)
+    last = run.metrics()[-1]
+    assert last["test_samples"] == 10_000
+    assert last["test_accuracy"] >= 0.985, last
+    print(f"real MNIST, 1 epoch, 2 processes: {last}")

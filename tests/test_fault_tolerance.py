@@ -1,0 +1,264 @@
+"""End to end: resumed runs equal uninterrupted ones, killed workers restart under torchrun, SIGTERM stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, torchrun
+
+from dist_mnist.checkpoint import checkpoint_path, list_checkpoints
+from dist_mnist.train import main
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+SINGLE = [sys.executable, TRAIN_SCRIPT]
+PROGRESS = re.compile(r"^epoch \d+ step (\d+)/\d+ ", re.MULTILINE)
+RESUMED = re.compile(r"^resumed from step (\d+) ", re.MULTILINE)
+STOPPED = re.compile(r"^stopped by SIGTERM at step (\d+); checkpoint saved", re.MULTILINE)
+# Fails a lost peer's collective long before the subprocess and pytest timeouts.
+PG_TIMEOUT = ["--timeout-s", "60"]
+
+
+class LiveRun:
+    """A command in its own session whose output the test watches while it runs; killed as a group on timeout."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(),
+                                     start_new_session=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._drain, args=(stream, sink), daemon=True)
+                        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _drain(stream: object, sink: list[str]) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            sink.append(line)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    def _fail(self, why: str) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        for reader in self.readers:
+            reader.join()
+        stderr = "".join(self.err)[-3000:]
+        pytest.fail(f"{why}: {' '.join(self.args)}\nstdout:\n{self.stdout[-3000:]}\nstderr:\n{stderr}")
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+        """Poll `condition` (not a blind sleep: the machine may be slow) until it holds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                self._fail(f"ended before {what}")
+            if time.monotonic() > deadline:
+                self._fail(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def progress_step(self) -> int:
+        """The last step rank 0 reported."""
+        steps = PROGRESS.findall(self.stdout)
+        return int(steps[-1]) if steps else 0
+
+    def result(self, timeout: float = 180) -> Result:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._fail(f"timed out after {timeout}s")
+        for reader in self.readers:
+            reader.join()
+        return Result(self.proc.returncode, self.stdout, "".join(self.err))
+
+
+def final_tensors(checkpoint_file: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors and the optimizer's moments: everything that must match after a resume."""
+    state = torch.load(checkpoint_file, weights_only=True)
+    tensors = {f"model.{k}": v for k, v in state["model"].items()}
+    for index, moments in state["optimizer"]["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": v for k, v in moments.items()})
+    return tensors
+
+
+def assert_resumed_equals_straight(output_dir: Path, total_steps: int) -> None:
+    expected = final_tensors(checkpoint_path(output_dir / "straight" / "checkpoints", total_steps))
+    got = final_tensors(checkpoint_path(output_dir / "resumed" / "checkpoints", total_steps))
+    assert expected.keys() == got.keys()
+    differing = [name for name in expected if not torch.equal(expected[name], got[name])]
+    assert not differing, f"tensors differ after resuming: {differing}"
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def sigterm_then_rerun(command: list[str], checkpoints: Path) -> tuple[Result, int]:
+    """Start a run, SIGTERM it once it trains, check it stopped with a checkpoint, rerun the same command to the end.
+
+    Returns the stopped run and the step it stopped at. For torchrun the signal goes to the agent, which forwards it.
+    """
+    job = LiveRun(command)
+    job.wait_until(lambda: job.progress_step() > 0, "the first progress line")
+    os.kill(job.proc.pid, signal.SIGTERM)
+    stopped = job.result()
+    match = STOPPED.search(stopped.stdout)
+    assert match, f"no stop message\nstdout:\n{stopped.stdout}\nstderr:\n{stopped.stderr[-3000:]}"
+    stop_step = int(match.group(1))
+    assert list_checkpoints(checkpoints)[0] == checkpoint_path(checkpoints, stop_step)
+
+    rerun = LiveRun(command).result()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from step {stop_step} " in rerun.stdout
+    final_step = int(PROGRESS.findall(rerun.stdout)[-1])
+    assert final_step > stop_step
+    assert list_checkpoints(checkpoints)[0] == checkpoint_path(checkpoints, final_step)
+    return stopped, stop_step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume equals uninterrupted. fp32 and deterministic kernels, so equality can be exact; dropout is on, so the RNG
+# state must be restored too.
+
+EXACT_FLAGS = [*SMOKE_FLAGS, "--epochs", "2", "--amp", "off", "--deterministic", "--checkpoint-every", "0",
+               *PG_TIMEOUT]
+
+
+@pytest.fixture
+def restore_determinism() -> Iterator[None]:
+    """--deterministic run in this process flips process-wide switches: put them back for later tests."""
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    cudnn.deterministic, cudnn.benchmark = saved[1], saved[2]
+    if saved[3] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("restore_determinism")
+def test_run_stopped_by_max_steps_resumes_to_identical_parameters(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # In this process (no interpreter start-up). 256 samples at batch 16: 16 steps per epoch, 32 in all. Step 11 is
+    # mid-epoch, so the resumed run must skip the batches already done; it then crosses into the second epoch. The
+    # first part stops through --max-steps, so the LR schedule must not depend on it for the parameters to match.
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", "--output-dir", str(tmp_path)]
+    assert main([*flags, "--run-name", "straight"]) == 0
+    assert main([*flags, "--run-name", "resumed", "--max-steps", "11"]) == 0
+    capsys.readouterr()
+    assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "resumed from step 11 (epoch 0, batch 11)" in capsys.readouterr().out
+    assert_resumed_equals_straight(tmp_path, 32)
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_to_torchrun_stops_every_rank_and_resumed_run_matches_straight(tmp_path: Path) -> None:
+    # 512 samples, 2 ranks at batch 16: 16 steps per epoch, 32 in all. torchrun forwards SIGTERM to its workers; they
+    # stop at the same step and exit 0. The agent itself then re-raises the signal as an exception (exit code 1):
+    # torchrun's behaviour, not the workers'.
+    flags = [*EXACT_FLAGS, "--output-dir", str(tmp_path)]
+    straight = torchrun(2, *flags, "--run-name", "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped, stop_step = sigterm_then_rerun([*TORCHRUN, TRAIN_SCRIPT, *flags, "--run-name", "resumed"],
+                                            tmp_path / "resumed" / "checkpoints")
+    assert "Root Cause" not in stopped.stderr, "a worker failed instead of stopping"
+    assert stop_step < 32
+    assert_resumed_equals_straight(tmp_path, 32)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_single_process_saves_exits_zero_and_resumes(tmp_path: Path) -> None:
+    flags = [*SMOKE_FLAGS, "--epochs", "1", "--checkpoint-every", "0", "--output-dir", str(tmp_path),
+             "--run-name", "preempted"]
+    stopped, _ = sigterm_then_rerun([*SINGLE, *flags], tmp_path / "preempted" / "checkpoints")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "Run the same command to resume." in stopped.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A killed worker under torchrun --max-restarts
+
+
+def worker_pid(agent_pid: int, rank: int) -> int | None:
+    for child in psutil.Process(agent_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+@pytest.mark.timeout(400)
+def test_killed_worker_is_restarted_and_repeats_at_most_one_interval(tmp_path: Path) -> None:
+    # 512 samples, 2 ranks, batch 16: 16 steps per epoch, 64 in all; a checkpoint every 8 steps (and at epoch ends),
+    # an evaluation every 4. Progress every step, so the log shows how far the job got before the kill.
+    interval, eval_every, total = 8, 4, 64
+    flags = [*SMOKE_FLAGS, "--epochs", "4", "--checkpoint-every", str(interval), "--eval-every", str(eval_every),
+             "--log-every", "1", "--output-dir", str(tmp_path), *PG_TIMEOUT]
+    # No --run-name: the default name must lead the restarted workers back to the first attempt's folder.
+    job = LiveRun([*TORCHRUN, "--max-restarts=1", TRAIN_SCRIPT, *flags])
+    job.wait_until(lambda: any(list_checkpoints(p) for p in tmp_path.glob("*/checkpoints")), "the first checkpoint")
+    # Kill the worker that writes checkpoints, halfway into the next interval.
+    job.wait_until(lambda: job.progress_step() >= interval + interval // 2, "progress past the first checkpoint")
+    victim = worker_pid(job.proc.pid, rank=0)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    result = job.result(timeout=300)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = RESUMED.search(result.stdout)
+    assert resumed, "the restarted workers did not resume"
+    # Rank 0 prints a step once every rank has finished it (the progress line gathers losses from all ranks).
+    last_done = max(int(s) for s in PROGRESS.findall(result.stdout[:resumed.start()]))
+    resumed_at = int(resumed.group(1))
+    lost = last_done - resumed_at
+    print(f"\nkill test: killed after step {last_done}, resumed from {resumed_at}: {lost} steps repeated")
+    assert 0 <= lost <= interval
+
+    run_dirs = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(run_dirs) == 1, f"a restart started a new run folder: {run_dirs}"
+    assert metrics_steps(run_dirs[0]) == list(range(eval_every, total + 1, eval_every))
+    assert list_checkpoints(run_dirs[0] / "checkpoints")[0] == checkpoint_path(run_dirs[0] / "checkpoints", total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals
+
+SIGNAL_SCRIPT = """
+import os, signal, time
+from dist_mnist.preemption import REPEAT_GRACE_S, StopRequest
+with StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # a duplicate (torchrun forwarding a copy): the same request
+    time.sleep(0.1)
+    print("requested", stop.requested, stop.signal_name, flush=True)
+    time.sleep(REPEAT_GRACE_S + 0.1)
+    os.kill(os.getpid(), signal.SIGINT)  # the user insists: exit at once, no checkpoint
+    time.sleep(30)
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_second_signal_exits_at_once() -> None:
+    result = LiveRun([sys.executable, "-c", SIGNAL_SCRIPT]).result(timeout=60)
+    assert result.stdout.splitlines() == ["requested True SIGTERM"]
+    assert result.returncode == -signal.SIGINT

@@ -1,0 +1,269 @@
+"""Profiling: per-rank traces, TensorBoard's profiler plugin and scalars, summary.json, and the report command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from conftest import SMOKE_FLAGS, Result, cpu_env, free_port, run, torchrun, train
+from torch.utils.data import DataLoader, TensorDataset
+
+from dist_mnist import report
+from dist_mnist.metrics import PHASES, format_eval, process_rss_bytes
+from dist_mnist.profiling import build_summary, format_summary
+from dist_mnist.train import main as train_main
+
+# A short window (steps 3 and 4 recorded) with an evaluation inside it (--eval-every 3), so traces stay small.
+PROFILE_FLAGS = ["--profile", "--profile-wait", "1", "--profile-warmup", "1", "--profile-active", "2"]
+RUN_FLAGS = [*SMOKE_FLAGS, "--epochs", "1", "--timeout-s", "60"]
+RANK_KEYS = {"rank", "steps", "step_time_p50_s", "step_time_p90_s", "samples_per_sec", "own_time_p50_s",
+             "measured_step_time_s", "explained_fraction", "peak_rss_bytes", "cuda_peak_allocated_bytes",
+             "straggler", *(f"{phase}_share" for phase in PHASES)}
+
+
+def _run_2_ranks(out_dir: Path, name: str, *flags: str) -> tuple[Path, Result]:
+    result = torchrun(2, *RUN_FLAGS, "--output-dir", str(out_dir), "--run-name", name, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir / name, result
+
+
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    return _run_2_ranks(tmp_path_factory.mktemp("profiles"), "prof", *PROFILE_FLAGS, "--eval-every", "3",
+                        "--tensorboard")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    """No profiler, and DataLoader workers whose memory the summary must count."""
+    return _run_2_ranks(tmp_path_factory.mktemp("profiles"), "plain", "--num-workers", "2")
+
+
+def _traces(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("*.pt.trace.json.gz"))
+
+
+def _annotations(trace: dict[str, Any]) -> set[str]:
+    return {e["name"] for e in trace["traceEvents"] if e.get("cat") == "user_annotation"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Traces
+
+
+@pytest.mark.timeout(300)
+def test_profile_writes_one_gzipped_trace_per_rank_with_phase_labels(profiled_run: tuple[Path, Result]) -> None:
+    run_dir, _ = profiled_run
+    traces = _traces(run_dir)
+    assert [p.name.split(".")[0] for p in traces] == ["rank0", "rank1"]
+    for rank, path in enumerate(traces):
+        with gzip.open(path, "rt") as f:
+            trace = json.load(f)
+        assert trace["distributedInfo"]["rank"] == rank
+        assert trace["distributedInfo"]["world_size"] == 2
+        labels = _annotations(trace)
+        assert {f"train/{phase}" for phase in PHASES} <= labels
+        assert "eval" in labels  # --eval-every 3 puts an evaluation inside the recorded steps
+
+
+@pytest.mark.timeout(120)
+def test_heavy_profiler_options_record_memory_shapes_and_stacks(tmp_path: Path) -> None:
+    result = train(*RUN_FLAGS, "--max-steps", "3", "--output-dir", str(tmp_path), "--run-name", "heavy",
+                   "--profile", "--profile-wait", "0", "--profile-warmup", "1", "--profile-active", "1",
+                   "--profile-memory", "--profile-shapes", "--profile-stack")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = _traces(tmp_path / "heavy")
+    with gzip.open(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("name") == "[memory]" for e in events)  # --profile-memory
+    assert any("Input Dims" in e.get("args", {}) for e in events)  # --profile-shapes
+    assert any(e.get("cat") == "python_function" for e in events)  # --profile-stack
+
+
+@pytest.mark.timeout(120)
+def test_profile_window_beyond_the_run_warns_and_records_nothing(tmp_path: Path) -> None:
+    result = train(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "short",
+                   "--profile")  # default schedule: 5 steps wait + 2 warm-up
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: --profile records nothing: 2 steps are left" in result.stderr
+    assert _traces(tmp_path / "short") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorBoard: the profiler plugin and the scalars
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+def _wait_for_run(base: str, run_name: str, deadline_s: float) -> None:
+    """Poll the plugin until it has loaded `run_name` (it parses traces in a background thread)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            if run_name in _get_json(f"{base}/runs")["runs"]:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass  # the server is still starting
+        if time.monotonic() > deadline:
+            pytest.fail(f"TensorBoard's profiler plugin did not list run {run_name!r} within {deadline_s:.0f} s")
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(300)
+def test_tensorboard_profiler_plugin_lists_the_run_and_both_workers(profiled_run: tuple[Path, Result]) -> None:
+    run_dir, _ = profiled_run
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir.parent),
+                               "--host", "127.0.0.1", "--port", str(port)], env=cpu_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin/pytorch_profiler"
+        _wait_for_run(base, run_dir.name, deadline_s=120)
+        query = urllib.parse.urlencode({"run": run_dir.name})
+        views = _get_json(f"{base}/views?{query}")
+        assert {"Overview", "Operator", "Trace", "Distributed"} <= set(views)
+        assert _get_json(f"{base}/workers?{query}&view=Overview") == ["rank0", "rank1"]
+        (span,) = _get_json(f"{base}/spans?{query}&worker=rank1")
+        overview = _get_json(f"{base}/overview?{query}&worker=rank1&span={span}")
+        assert overview["steps"]["rows"]  # the plugin parsed the recorded steps
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_tensorboard_scalars_sit_next_to_the_traces(profiled_run: tuple[Path, Result]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = profiled_run
+    tags = set(EventAccumulator(str(run_dir)).Reload().Tags()["scalars"])
+    assert {"train/loss", "train/samples_per_sec", "train/step_time_ms", "train/data_wait_share",
+            "train/rss_mb", "eval/test_loss", "eval/test_accuracy"} <= tags
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summary.json
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("which", ["profiled_run", "plain_run"])
+def test_summary_explains_the_step_time_of_every_rank(which: str, request: pytest.FixtureRequest) -> None:
+    run_dir, _ = request.getfixturevalue(which)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"]
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1]
+    for r in summary["ranks"]:
+        assert RANK_KEYS <= r.keys()
+        assert 0 < r["step_time_p50_s"] <= r["step_time_p90_s"]
+        assert r["samples_per_sec"] > 0
+        assert sum(r[f"{phase}_share"] for phase in PHASES) == pytest.approx(1.0)
+        # The phase timers account for (nearly) all of the wall time between step starts.
+        assert 0.9 <= r["explained_fraction"] <= 1.05
+        assert r["peak_rss_bytes"] > 0 and r["cuda_peak_allocated_bytes"] is None
+        assert r["straggler"] in (True, False)
+    assert summary["samples_per_sec"] > 0 and summary["flops_per_sample"] > 0 and summary["mfu"] > 0
+    assert summary["epoch_time_s"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_peak_memory_counts_dataloader_workers() -> None:
+    me = psutil.Process()
+    before = {child.pid for child in me.children(recursive=True)}
+    loader = DataLoader(TensorDataset(torch.zeros(64, 1, 28, 28)), batch_size=16, num_workers=2,
+                        persistent_workers=True)
+    batches = iter(loader)
+    next(batches)
+    workers = [child for child in me.children(recursive=True) if child.pid not in before]
+    assert len(workers) == 2
+    own = me.memory_info().rss
+    assert process_rss_bytes() >= own + sum(w.memory_info().rss for w in workers) * 0.9
+    del batches, loader
+
+
+def _rank(rank: int, own_s: float, step_s: float = 0.1) -> dict[str, Any]:
+    return {"rank": rank, "own_time_p50_s": own_s, "step_time_p50_s": step_s, "params_digest": "x"}
+
+
+@pytest.mark.parametrize(("own_times", "step_s", "stragglers"), [
+    ([0.02, 0.02, 0.02, 0.04], 0.1, [False, False, False, True]),  # twice the median own work
+    ([0.02, 0.021, 0.02, 0.024], 0.1, [False] * 4),  # within 25% of the median
+    ([0.0010, 0.0010, 0.0010, 0.0016], 0.1, [False] * 4),  # 60% slower, but 0.6% of a step: jitter
+    ([0.02, 0.05], 0.1, [False, True]),
+    ([0.05], 0.1, [False]),  # a world of one has no stragglers
+])
+def test_straggler_flag(own_times: list[float], step_s: float, stragglers: list[bool]) -> None:
+    summary = build_summary([_rank(i, t, step_s) for i, t in enumerate(own_times)], 100.0, None, 1e6, 1e12, "x")
+    assert [r["straggler"] for r in summary["ranks"]] == stragglers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--profile-active", "0"], "error: --profile-active must be positive, got 0"),
+    (["--profile-wait", "-1"], "error: --profile-wait must not be negative, got -1"),
+    (["--profile-repeat", "-2"], "error: --profile-repeat must not be negative, got -2"),
+])
+def test_nonsense_schedule_is_one_line_error(flags: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main([*RUN_FLAGS, "--profile", *flags]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == message + "\n" and captured.out == ""
+
+
+@pytest.mark.timeout(120)
+def test_unwritable_output_dir_is_one_line_error_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # we may run as root, who can write anywhere, but no folder fits under a regular file
+    result = train(*RUN_FLAGS, "--profile", "--output-dir", str(blocker / "profiles"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot write to --output-dir {blocker / 'profiles'}")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""  # not a step trained
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m dist_mnist.report
+
+
+@pytest.mark.timeout(300)
+def test_report_prints_the_table_the_run_printed(profiled_run: tuple[Path, Result]) -> None:
+    run_dir, train_result = profiled_run
+    result = run([sys.executable, "-m", "dist_mnist.report", str(run_dir)], timeout=60)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last_record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result.stdout == format_eval(last_record) + "\n" + format_summary(summary) + "\n"
+    assert format_summary(summary) in train_result.stdout
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda d: None, "no run folder"),
+    (lambda d: d.mkdir(), "has no summary.json"),
+    (lambda d: (d.mkdir(), (d / "summary.json").write_text('{"ranks": [')), "summary.json is corrupt"),
+    (lambda d: (d.mkdir(), (d / "summary.json").write_text('{"ranks": []}')), "not a dist_mnist run file"),
+])
+def test_report_rejects_missing_or_corrupt_runs(setup: Any, message: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    setup(run_dir)
+    assert report.main([str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
