@@ -21,7 +21,7 @@ _NAME = re.compile(r"^step(\d{8})\.pt$")
 # Config fields a checkpoint must share with the run that resumes it: they fix the model, the data order and
 # the learning-rate schedule, so continuing with another value would silently train something else.
 RECIPE_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
-                 "seed")
+                 "label_smoothing", "seed")
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:

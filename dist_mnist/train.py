@@ -7,6 +7,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,7 @@ class TrainParts:
     settings: SpeedSettings
     device: torch.device
     grad_clip: float
+    label_smoothing: float
 
 
 def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
@@ -147,13 +150,14 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
     # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries so all-reduce still overlaps);
     # checkpoints come from `module`, so no `_orig_mod.`/`module.` prefixes ever reach them.
     train_model = torch.compile(ddp, mode=cfg.compile_mode, backend=cfg.compile_backend) if cfg.compile else ddp
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=ctx.device.type == "cuda")
+    # fused=True: one kernel for all parameters; on CPU the unfused step cost as much as a small batch's backward.
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(total_steps, cfg.warmup_frac))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.amp_dtype == torch.float16)
     # Dropout masks differ per rank (as they would across one big batch) but are reproducible.
     torch.manual_seed(cfg.seed + 1 + ctx.rank)
-    return TrainParts(module, train_model, optimizer, scheduler, scaler, settings, ctx.device, cfg.grad_clip)
+    return TrainParts(module, train_model, optimizer, scheduler, scaler, settings, ctx.device, cfg.grad_clip,
+                      cfg.label_smoothing)
 
 
 def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, timer: StepTimer) -> torch.Tensor:
@@ -164,7 +168,7 @@ def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, ti
     with timer.phase("forward"):
         with torch.autocast(parts.device.type, dtype=parts.settings.amp_dtype,
                             enabled=parts.settings.amp_dtype is not None):
-            loss = F.cross_entropy(parts.train_model(x), y)
+            loss = F.cross_entropy(parts.train_model(x), y, label_smoothing=parts.label_smoothing)
     with timer.phase("backward"):  # includes DDP's gradient all-reduce
         parts.scaler.scale(loss).backward()
     with timer.phase("optimizer"):
@@ -255,6 +259,19 @@ class Trainer:
             return 0.0
         return time.perf_counter() - self.clock_start - self.paused_s
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in here (evaluation, checkpoints, progress reports, trace writing) is not training time.
+
+        Leaving it out keeps samples/s and the measured step time honest, and the latter is what the phase
+        timers must explain.
+        """
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
     def elapsed_s(self) -> float:
         """Seconds since the run's first training step, evaluation and checkpoints included."""
         now = 0.0 if self.clock_start is None else time.perf_counter() - self.clock_start
@@ -290,7 +307,8 @@ class Trainer:
         self.parts.module.load_state_dict(state["model"])
         self.parts.optimizer.load_state_dict(state["optimizer"])
         self.parts.scheduler.load_state_dict(state["scheduler"])
-        self.parts.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16: an enabled scaler refuses it and starts fresh instead
+            self.parts.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"][ctx.rank])
         self.state = TrainState(epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
                                 elapsed_s=state["elapsed_s"], metrics=list(state["metrics"]))
@@ -298,7 +316,11 @@ class Trainer:
                  f" of {source}")
 
     def save_checkpoint(self) -> None:
-        paused = time.perf_counter()  # from here on (the loss gather waits for the slowest rank) not a step's time
+        with self.paused():
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        started = time.perf_counter()
         self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
         rng_states = self.ctx.gather_objects(checkpoint.rng_state())
         if self.ctx.is_main:
@@ -320,9 +342,8 @@ class Trainer:
             }
             path, size = checkpoint.save_checkpoint(state, self.checkpoint_dir, self.state.step,
                                                     self.cfg.keep_checkpoints)
-            self.last_checkpoint = (path, size, time.perf_counter() - paused)
+            self.last_checkpoint = (path, size, time.perf_counter() - started)
         self.ctx.barrier()  # nobody moves on (or exits) before the file is in place
-        self.paused_s += time.perf_counter() - paused
 
     # -- losses and progress --------------------------------------------------------------------------------
 
@@ -344,7 +365,10 @@ class Trainer:
         self.train_loss_count += len(values)
 
     def log_progress(self) -> None:
-        paused = time.perf_counter()
+        with self.paused():
+            self._log_progress()
+
+    def _log_progress(self) -> None:
         self.flush_losses()
         seconds = self.training_seconds()
         prev_step, prev_seconds = self.last_log
@@ -365,22 +389,18 @@ class Trainer:
             self.writer.scalars("train", {"loss": loss, "lr": lr, "samples_per_sec": samples_per_sec,
                                           "step_time_ms": step_time * 1e3, "data_wait_share": data_share,
                                           **memory}, self.state.step)
-        # Progress reports are bookkeeping like evaluation (a gather, psutil, printing): left out of the measured
-        # step time, which the phase timers must explain.
-        self.paused_s += time.perf_counter() - paused
 
     def step_limit(self) -> int:
         return min(self.cfg.max_steps, self.total_steps) if self.cfg.max_steps else self.total_steps
 
     def evaluate_and_record(self) -> dict[str, Any]:
-        paused = time.perf_counter()  # from here on (the loss gather waits for the slowest rank) not a step's time
-        self.flush_losses()
-        result = evaluate(self.parts, self.data.test_loader)
-        # The mean training loss since the last record, over all ranks.
-        loss = torch.tensor([self.train_loss_sum, float(self.train_loss_count)], dtype=torch.float64)
-        dist.all_reduce(loss, group=self.ctx.control_group)
-        self.train_loss_sum, self.train_loss_count = 0.0, 0
-        self.paused_s += time.perf_counter() - paused
+        with self.paused():  # the loss gather in flush_losses waits for the slowest rank: not a step's time
+            self.flush_losses()
+            result = evaluate(self.parts, self.data.test_loader)
+            # The mean training loss since the last record, over all ranks.
+            loss = torch.tensor([self.train_loss_sum, float(self.train_loss_count)], dtype=torch.float64)
+            dist.all_reduce(loss, group=self.ctx.control_group)
+            self.train_loss_sum, self.train_loss_count = 0.0, 0
         seconds = self.training_seconds()
         prev_step, prev_seconds = self.last_record
         self.last_record = (self.state.step, seconds)
@@ -432,9 +452,8 @@ class Trainer:
                         break
                     loss = train_step(self.parts, *batch, self.timer)
                     self.timer.end_step()
-                    paused = time.perf_counter()
-                    profiler.step()  # writes a trace when a window closes: I/O, left out of step time like checkpoints
-                    self.paused_s += time.perf_counter() - paused
+                    with self.paused():
+                        profiler.step()  # writes a trace when a window closes
                     state.step += 1
                     state.batch_in_epoch += 1
                     self.loss_window.append((state.step, loss))

@@ -1,0 +1,281 @@
+"""Beyond one machine: torchrun agents meeting through c10d, rendezvous failures, the SLURM script, the PyTorchJob."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, free_port, run
+
+SLURM_SCRIPT = REPO / "launch" / "slurm.sbatch"
+MANIFEST = REPO / "launch" / "pytorchjob.yaml"
+# 16 steps per epoch at 2 ranks; 6 are enough for one profiler window (steps 3 and 4 recorded).
+RUN_FLAGS = [*SMOKE_FLAGS, "--epochs", "1", "--max-steps", "6", "--timeout-s", "60", "--profile", "--profile-wait",
+             "1", "--profile-warmup", "1", "--profile-active", "2"]
+
+
+def agent_command(endpoint: str, *train_flags: str, rdzv_id: str, rdzv_conf: str = "",
+                  local_addr: str = "") -> list[str]:
+    """One node's torchrun agent: --nnodes=2 with one worker, joining the c10d rendezvous at `endpoint`."""
+    optional = [f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []
+    optional += [f"--local-addr={local_addr}"] if local_addr else []
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", *optional, TRAIN_SCRIPT, *train_flags]
+
+
+def run_together(commands: list[tuple[list[str], dict[str, str]]], logs: Path, timeout: float) -> list[Result]:
+    """Start every command at once (each a node), wait for all under one deadline; kill them all on timeout.
+
+    Output goes to files: a full pipe would stall one agent while the test waits on the other, and the stalled one
+    would hold the whole rendezvous up.
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for index, (args, env) in enumerate(commands):
+            with open(logs / f"{index}.out", "wb") as out, open(logs / f"{index}.err", "wb") as err:
+                procs.append(subprocess.Popen(args, stdout=out, stderr=err, env=env, start_new_session=True))
+        for proc in procs:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        tails = "\n".join(f"--- agent {i} stderr:\n{(logs / f'{i}.err').read_text()[-2000:]}"
+                          for i in range(len(procs)))
+        pytest.fail(f"agents still running after {timeout}s\n{tails}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return [Result(proc.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+            for i, proc in enumerate(procs)]
+
+
+def assert_trained_together(results: list[Result], run_dir: Path) -> None:
+    """Both agents finished; one run of world size 2 with identical replicas; traces named by global rank."""
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert summary["ranks_in_sync"], "parameters differ between the two nodes"
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["world_size"] == 2
+    # Both workers have LOCAL_RANK 0; only the agent holding global rank 0 may print the summary.
+    assert sum("parameters identical on all ranks" in r.stdout for r in results) == 1
+    traces = sorted(run_dir.glob("*.pt.trace.json.gz"))
+    assert [p.name.split(".")[0] for p in traces] == ["rank0", "rank1"]
+    for rank, path in enumerate(traces):
+        with gzip.open(path, "rt") as f:
+            info = json.load(f)["distributedInfo"]
+        assert (info["rank"], info["world_size"], info["backend"]) == (rank, 2, "gloo")
+
+
+@pytest.mark.timeout(240)
+def test_two_agents_train_together_through_c10d_rendezvous(tmp_path: Path) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    flags = [*RUN_FLAGS, "--run-name", "two-nodes", "--output-dir", str(tmp_path / "out")]
+    # Both agents think they may host the store (loopback is "this host"); the loser of the bind joins as a client,
+    # as on a real cluster where every node starts the same command.
+    command = agent_command(endpoint, *flags, rdzv_id=f"two-agents-{uuid.uuid4().hex[:8]}")
+    results = run_together([(command, cpu_env()), (command, cpu_env())], tmp_path / "logs", timeout=180)
+    assert_trained_together(results, tmp_path / "out" / "two-nodes")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case, rdzv_conf, error", [
+    # A node whose rendezvous endpoint nobody serves (head node down, wrong host or port, firewall): it connects as
+    # a client only (is_host=false, as any node but the head) and gives up after read_timeout, retried once.
+    pytest.param("endpoint-unreachable", "is_host=false,read_timeout=5", "The connection to the C10d store has failed",
+                 id="endpoint-unreachable"),
+    # The head node is up but the other node never comes: the join times out.
+    pytest.param("peer-never-joins", "join_timeout=5", "RendezvousTimeoutError", id="peer-never-joins"),
+])
+def test_rendezvous_failure_is_a_clear_error_within_the_timeout(case: str, rdzv_conf: str, error: str,
+                                                                 tmp_path: Path) -> None:
+    port = free_port()
+    output_dir = tmp_path / "out"
+    command = agent_command(f"127.0.0.1:{port}", *SMOKE_FLAGS, "--output-dir", str(output_dir),
+                            rdzv_id=f"{case}-{uuid.uuid4().hex[:8]}", rdzv_conf=rdzv_conf)
+    result = run(command, timeout=90)
+    assert result.returncode != 0
+    assert error in result.stderr
+    if case == "endpoint-unreachable":
+        assert f"(127.0.0.1, {port})" in result.stderr  # the message names the address it tried
+    assert not output_dir.exists(), "no worker may start before the rendezvous completes"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two hosts: network namespaces joined by a veth pair
+
+
+@dataclass(frozen=True)
+class Host:
+    namespace: str
+    interface: str
+    address: str
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@contextmanager
+def two_hosts() -> Iterator[tuple[Host, Host]]:
+    """Two network namespaces, each with loopback and one end of a veth pair (10.77.0.1 and .2); always removed."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (`ip`) is not installed")
+    tag = f"dm{os.getpid() % 100_000}"
+    hosts = (Host(f"{tag}-a", f"{tag}a", "10.77.0.1"), Host(f"{tag}-b", f"{tag}b", "10.77.0.2"))
+    created: list[str] = []
+    try:
+        for host in hosts:
+            made = _ip("netns", "add", host.namespace)
+            if made.returncode != 0:
+                pytest.skip(f"cannot create network namespaces here (needs root or CAP_SYS_ADMIN): "
+                            f"{made.stderr.strip()}")
+            created.append(host.namespace)
+        a, b = hosts
+        steps = [("link", "add", a.interface, "netns", a.namespace, "type", "veth", "peer", "name", b.interface,
+                  "netns", b.namespace)]
+        for host in hosts:
+            steps += [("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", host.interface),
+                      ("-n", host.namespace, "link", "set", host.interface, "up"),
+                      ("-n", host.namespace, "link", "set", "lo", "up")]
+        # Some containers let a namespace be created but not entered (`ip netns exec` remounts /sys).
+        steps += [("netns", "exec", host.namespace, "true") for host in hosts]
+        for step in steps:
+            done = _ip(*step)
+            if done.returncode != 0:
+                pytest.skip(f"cannot wire the namespaces (ip {' '.join(step)}): {done.stderr.strip()}")
+        yield hosts
+    finally:
+        for namespace in created:  # deleting a namespace also deletes its end of the veth pair
+            _ip("netns", "del", namespace)
+
+
+@pytest.mark.timeout(240)
+def test_two_hosts_over_a_veth_pair(tmp_path: Path) -> None:
+    """Two agents in separate network namespaces: no shared loopback, only the 10.77.0.0/24 link between them."""
+    with two_hosts() as (head, other):
+        endpoint = f"{head.address}:{free_port()}"
+        rdzv_id = f"veth-{uuid.uuid4().hex[:8]}"
+        flags = [*RUN_FLAGS, "--run-name", "two-hosts", "--output-dir", str(tmp_path / "out")]
+        commands = []
+        for host in (head, other):
+            # The hostname resolves to neither namespace's address, so say which agent hosts the store (is_host)
+            # and which address the others reach this node at (--local-addr becomes the workers' MASTER_ADDR).
+            agent = agent_command(endpoint, *flags, rdzv_id=rdzv_id, local_addr=host.address,
+                                  rdzv_conf=f"is_host={str(host is head).lower()}")
+            commands.append((["ip", "netns", "exec", host.namespace, *agent],
+                             cpu_env(GLOO_SOCKET_IFNAME=host.interface)))
+        results = run_together(commands, tmp_path / "logs", timeout=180)
+    assert_trained_together(results, tmp_path / "out" / "two-hosts")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SLURM batch script and the Kubernetes manifest
+
+# Stand-ins for SLURM's commands: they log how they were called. The fake srun either exits at once or, in "preempt"
+# mode, plays a job step hit by the time-limit signal: it sends USR1 to the batch shell and waits for the SIGTERM
+# the script must forward.
+FAKE_SCONTROL = """#!/bin/bash
+if [[ "$1 $2" == "show hostnames" ]]; then printf 'node-a\\nnode-b\\n'; else echo "$*" >> "$FAKE_LOG/scontrol"; fi
+"""
+FAKE_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_LOG/srun"
+[[ "$FAKE_SRUN_MODE" == preempt ]] || exit 0
+trap 'echo TERM >> "$FAKE_LOG/srun-signals"; exit 143' TERM
+sleep 0.5  # the batch shell records srun's pid right after starting it; the real signal comes hours later
+kill -USR1 "$PPID"
+for _ in $(seq 300); do sleep 0.1; done
+"""
+
+
+def submit_to_fake_slurm(tmp_path: Path, mode: str, *train_flags: str) -> tuple[Result, Path]:
+    """Run the batch script as sbatch would on the first node of a 2-node allocation, with SLURM's commands faked."""
+    bin_dir, log_dir = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = cpu_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log_dir), FAKE_SRUN_MODE=mode,
+                  SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node-[a-b]",
+                  SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="8")
+    return run(["bash", str(SLURM_SCRIPT), *train_flags], timeout=60, env=env), log_dir
+
+
+def test_slurm_script_is_valid_bash() -> None:
+    result = run(["bash", "-n", str(SLURM_SCRIPT)], timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install shellcheck)")
+def test_slurm_script_passes_shellcheck() -> None:
+    result = run(["shellcheck", str(SLURM_SCRIPT)], timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.timeout(90)
+def test_slurm_script_starts_one_torchrun_per_node_at_the_first_node(tmp_path: Path) -> None:
+    result, logs = submit_to_fake_slurm(tmp_path, "exit", "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    srun_args = (logs / "srun").read_text().splitlines()
+    torchrun_args = srun_args[srun_args.index("torchrun"):]
+    assert "--kill-on-bad-exit=1" in srun_args[:srun_args.index("torchrun")]
+    endpoint = next(a for a in torchrun_args if a.startswith("--rdzv-endpoint="))
+    assert endpoint.startswith("--rdzv-endpoint=node-a:")  # the allocation's first node hosts the rendezvous
+    assert {"--nnodes=2", "--rdzv-backend=c10d", "--rdzv-id=4242", "--max-restarts=3"} <= set(torchrun_args)
+    # The run name comes from the job id, so a requeued job resumes the same run; the user's flags pass through.
+    assert torchrun_args[torchrun_args.index("launch/train.py"):] == [
+        "launch/train.py", "--run-name", "slurm-4242", "--epochs", "3"]
+    assert not (logs / "scontrol").exists(), "a job that ended by itself must not be requeued"
+
+
+@pytest.mark.timeout(90)
+def test_slurm_time_limit_signal_stops_the_workers_then_requeues(tmp_path: Path) -> None:
+    result, logs = submit_to_fake_slurm(tmp_path, "preempt")
+    assert (logs / "srun-signals").read_text().split() == ["TERM"]  # forwarded to the step, exactly once
+    assert (logs / "scontrol").read_text().split() == ["requeue", "4242"]
+    assert result.returncode == 143  # the step's status: torchrun ended by the forwarded SIGTERM
+
+
+def _manifest() -> list[dict[str, Any]]:
+    yaml = pytest.importorskip("yaml")
+    return [doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc]
+
+
+def test_pytorchjob_manifest_names_image_command_and_restart_policy() -> None:
+    docs = _manifest()
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Master", "Worker"}
+    for spec in specs.values():
+        assert spec["restartPolicy"] == "OnFailure"
+        pod = spec["template"]["spec"]
+        container = next(c for c in pod["containers"] if c["name"] == "pytorch")  # the name the operator looks for
+        assert container["image"]
+        command = [*container["command"], *container.get("args", [])]
+        assert command[0] == "torchrun" and "launch/train.py" in command
+        assert "--rdzv-backend=c10d" in command
+        output_dir = next(a.split("=", 1)[1] for a in command if a.startswith("--output-dir="))
+        # Run files and checkpoints outlive a restarted pod only on the claimed volume.
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mount = next(m for m in container["volumeMounts"] if output_dir.startswith(m["mountPath"]))
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] in claims

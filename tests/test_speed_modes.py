@@ -1,0 +1,271 @@
+"""Speed modes are correct, not just fast: bf16 learns like fp32, `--amp auto` resolves per CPU and is recorded,
+the GradScaler is on only for fp16 and its state survives checkpoints, gradients are unscaled before clipping,
+compiled and uncompiled runs share checkpoints, and channels_last computes what the contiguous layout does.
+
+Covered elsewhere: fp16 refused on CPU (`tests/test_e2e.py::test_bad_input_is_one_error_line[fp16-on-cpu]`); the
+fast input pipeline gives the torchvision pipeline's batches (`tests/test_data.py::test_fast_*_pipeline_matches_
+torchvision`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMOKE_FLAGS
+
+import dist_mnist.train as train_module
+from dist_mnist.config import TrainConfig
+from dist_mnist.data import normalize, synthetic_splits
+from dist_mnist.distributed import DistContext, distributed_session
+from dist_mnist.metrics import StepTimer
+from dist_mnist.model import MnistCNN
+from dist_mnist.train import SpeedSettings, TrainParts, build_train_parts, main, resolve_speed_settings, train_step
+
+CPU = torch.device("cpu")
+INITIAL_LOSS = math.log(10)  # cross-entropy of a uniform guess over 10 classes
+
+
+def train_here(output_dir: Path, run_name: str, *flags: str) -> Path:
+    """`main()` in this process on the smoke data (no interpreter start-up); returns the run folder."""
+    code = main([*SMOKE_FLAGS, "--output-dir", str(output_dir), "--run-name", run_name, "--timeout-s", "60", *flags])
+    assert code == 0, f"run {run_name} exited with {code}"
+    return output_dir / run_name
+
+
+def read_json(run_dir: Path, name: str) -> dict[str, Any]:
+    return json.loads((run_dir / name).read_text())
+
+
+def final_record(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def load_checkpoint(run_dir: Path, step: int) -> dict[str, Any]:
+    return torch.load(run_dir / "checkpoints" / f"step{step:08d}.pt", map_location="cpu", weights_only=True)
+
+
+def force_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 autocast with an enabled GradScaler on CPU: the CUDA-only mode's scaler logic, testable here."""
+    resolve = train_module.resolve_speed_settings
+    monkeypatch.setattr(train_module, "resolve_speed_settings",
+                        lambda cfg, device: dataclasses.replace(resolve(cfg, device), amp_dtype=torch.float16))
+
+
+@pytest.fixture
+def world_of_one() -> Iterator[DistContext]:
+    """A real process group of one (in-process store, no port), as DDP in build_train_parts needs."""
+    with distributed_session(TrainConfig(device="cpu")) as ctx:
+        yield ctx
+
+
+def build_parts(ctx: DistContext, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                grad_clip: float = 0.0) -> TrainParts:
+    cfg = TrainConfig(grad_clip=grad_clip, seed=0)
+    return build_train_parts(cfg, ctx, SpeedSettings(amp_dtype, channels_last, data_on_device=False), total_steps=10)
+
+
+def smoke_batch(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    train, _ = synthetic_splits(size, 1)
+    return train.images, train.labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixed precision: bf16 learns like fp32; auto resolves per CPU and is recorded
+
+
+@pytest.fixture(scope="module")
+def fp32_and_default_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Same seed and steps (1.5 epochs, evaluated at 32 and 48): plain fp32 versus the defaults on a CPU with
+    native bf16 (auto -> bf16 autocast + channels_last)."""
+    output_dir = tmp_path_factory.mktemp("amp")
+    steps = ["--max-steps", "48"]
+    fp32 = train_here(output_dir, "fp32", "--amp", "off", "--channels-last", "off", *steps)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+        default = train_here(output_dir, "default", *steps)
+    return {"fp32": fp32, "default": default}
+
+
+@pytest.mark.timeout(120)
+def test_bf16_reaches_the_loss_of_fp32(fp32_and_default_runs: dict[str, Path]) -> None:
+    fp32, bf16 = (final_record(fp32_and_default_runs[name]) for name in ("fp32", "default"))
+    assert fp32["step"] == bf16["step"] == 48
+    # Tolerances in units of the initial loss, so a change of recipe (label smoothing, learning rate) keeps them
+    # meaningful: bf16 rounding moves the trajectory a little (observed gaps 0.01-0.04 ln 10), a broken autocast
+    # (wrong dtype, lost gradients) leaves the loss near ln 10.
+    # The training loss carries dropout and label smoothing, so only the plain test loss must fall far.
+    for record in (fp32, bf16):
+        assert record["test_loss"] < 0.25 * INITIAL_LOSS, record
+    assert bf16["test_loss"] == pytest.approx(fp32["test_loss"], abs=0.1 * INITIAL_LOSS)
+    assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], abs=0.1 * INITIAL_LOSS)
+
+
+@pytest.mark.timeout(120)
+def test_config_json_records_the_resolved_amp_and_channels_last(fp32_and_default_runs: dict[str, Path]) -> None:
+    fp32, default = (read_json(fp32_and_default_runs[name], "config.json") for name in ("fp32", "default"))
+    assert (fp32["amp"], fp32["channels_last"]) == ("off", "off")
+    assert (fp32["resolved"]["amp"], fp32["resolved"]["channels_last"]) == ("off", False)
+    assert (default["amp"], default["channels_last"]) == ("auto", "auto")
+    assert (default["resolved"]["amp"], default["resolved"]["channels_last"]) == ("bfloat16", True)
+
+
+@pytest.mark.parametrize(("amp", "native_bf16", "expected"), [
+    ("auto", True, torch.bfloat16),
+    ("auto", False, None),
+    ("bf16", False, torch.bfloat16),  # asked for explicitly: emulated, slower, still correct
+    ("off", True, None),
+])
+def test_amp_on_cpu_resolves_by_native_bf16(monkeypatch: pytest.MonkeyPatch, amp: str, native_bf16: bool,
+                                            expected: torch.dtype | None) -> None:
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native_bf16)
+    settings = resolve_speed_settings(TrainConfig(amp=amp), CPU)
+    assert settings.amp_dtype == expected
+    assert not settings.data_on_device  # a CPU has no device memory to keep the dataset in
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("auto", True), ("on", True), ("off", False)])
+def test_channels_last_flag_resolves(flag: str, expected: bool) -> None:
+    assert resolve_speed_settings(TrainConfig(channels_last=flag), CPU).channels_last is expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GradScaler: fp16 only, unscaled before clipping, kept in checkpoints
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_grad_scaler_is_enabled_only_for_fp16(world_of_one: DistContext, amp_dtype: torch.dtype | None) -> None:
+    assert build_parts(world_of_one, amp_dtype).scaler.is_enabled() == (amp_dtype == torch.float16)
+
+
+def test_grad_clip_sees_unscaled_gradients_and_bounds_their_norm(world_of_one: DistContext,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    max_norm = 0.05
+    clip = torch.nn.utils.clip_grad_norm_
+    norms: list[tuple[float, float]] = []  # (norm the clip saw, norm it left)
+
+    def recording_clip(parameters: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        parameters = list(parameters)
+        seen = clip(parameters, *args, **kwargs)
+        norms.append((seen.item(), torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])).item()))
+        return seen
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    images, labels = smoke_batch()
+    for amp_dtype in (None, torch.float16):  # fp16: the scaler multiplies the loss by 65536 before backward
+        parts = build_parts(world_of_one, amp_dtype, grad_clip=max_norm)
+        parts.module.eval()  # no dropout: both steps see the same function of the same weights
+        before = [p.detach().clone() for p in parts.module.parameters()]
+        timer = StepTimer(CPU)
+        timer.begin_step()
+        train_step(parts, images, labels, timer)
+        assert any(not torch.equal(a, b) for a, b in zip(before, parts.module.parameters())), "the step was skipped"
+    (fp32_seen, fp32_left), (fp16_seen, fp16_left) = norms
+    assert fp32_seen > max_norm  # the clip had something to do
+    assert fp32_left <= max_norm * (1 + 1e-4) and fp16_left <= max_norm * (1 + 1e-4)
+    # Clipping the still-scaled fp16 gradients would have seen a norm 65536 times larger.
+    assert fp16_seen == pytest.approx(fp32_seen, rel=0.05)
+
+
+@pytest.mark.timeout(120)
+def test_fp16_scaler_state_is_checkpointed_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    force_fp16(monkeypatch)
+    run_dir = train_here(tmp_path, "fp16", "--max-steps", "4")
+    first = load_checkpoint(run_dir, 4)["scaler"]
+    assert first["scale"] > 1 and first["_growth_tracker"] == 4  # four steps without overflow
+    train_here(tmp_path, "fp16", "--max-steps", "6")
+    assert "resumed from step 4" in capsys.readouterr().out
+    # A scaler started afresh on resume would have counted only the 2 new steps.
+    assert load_checkpoint(run_dir, 6)["scaler"] == {**first, "_growth_tracker": 6}
+
+
+@pytest.mark.timeout(120)
+def test_amp_can_change_between_fp16_and_bf16_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bf16 checkpoint holds an empty scaler state; an fp16 run resuming it starts its scaler fresh (loading the
+    empty state raised a RuntimeError), and a bf16 run ignores an fp16 checkpoint's scaler state."""
+    run_dir = train_here(tmp_path, "switch", "--amp", "bf16", "--max-steps", "2")
+    assert load_checkpoint(run_dir, 2)["scaler"] == {}
+    with monkeypatch.context() as fp16:
+        force_fp16(fp16)
+        train_here(tmp_path, "switch", "--max-steps", "4")
+    assert load_checkpoint(run_dir, 4)["scaler"]["_growth_tracker"] == 2
+    train_here(tmp_path, "switch", "--amp", "bf16", "--max-steps", "6")
+    assert load_checkpoint(run_dir, 6)["scaler"] == {}
+    out = capsys.readouterr().out
+    assert "resumed from step 2" in out and "resumed from step 4" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile: compiled and uncompiled runs share checkpoints
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()  # compiled frames of this test's models must not linger into later tests
+
+
+@pytest.fixture(scope="module")
+def uncompiled_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = train_here(tmp_path_factory.mktemp("eager"), "eager", "--max-steps", "8")
+    return run_dir / "checkpoints" / "step00000008.pt"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])  # wiring only: inductor compiles for tens of seconds
+def test_compiled_and_uncompiled_runs_resume_each_other(tmp_path: Path, uncompiled_checkpoint: Path, backend: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    compiled = train_here(tmp_path, "compiled", "--compile", "--compile-backend", backend,
+                          "--resume", str(uncompiled_checkpoint), "--max-steps", "16")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the training forward really was compiled
+    state = load_checkpoint(compiled, 16)
+    assert state["config"]["compile"] and state["config"]["compile_backend"] == backend
+    # No `_orig_mod.` (torch.compile) or `module.` (DDP) prefix: the plain network loads it strictly.
+    assert list(state["model"]) == list(MnistCNN().state_dict())
+    MnistCNN().load_state_dict(state["model"], strict=True)
+    train_here(tmp_path, "uncompiled", "--resume", str(compiled / "checkpoints" / "step00000016.pt"),
+               "--max-steps", "24")
+    out = capsys.readouterr().out
+    assert "resumed from step 8" in out and "resumed from step 16" in out
+    assert final_record(tmp_path / "uncompiled")["step"] == 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# channels_last
+
+
+def test_channels_last_step_matches_contiguous(world_of_one: DistContext) -> None:
+    """The same weights and batch in both memory formats give the same logits, loss and gradients."""
+    images, labels = smoke_batch()
+    results = {}
+    for channels_last in (False, True):
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        parts = build_parts(world_of_one, channels_last=channels_last)
+        conv2 = parts.module.conv2.weight  # conv1's single input channel makes both formats the same strides
+        assert conv2.is_contiguous(memory_format=memory_format) and conv2.is_contiguous() is not channels_last
+        x = normalize(images, CPU, channels_last)
+        assert x.is_contiguous(memory_format=memory_format)
+        parts.module.eval()  # no dropout: the two runs must compute the same function
+        logits = parts.module(x)
+        F.cross_entropy(logits, labels).backward()
+        grads = [p.grad.clone() for p in parts.module.parameters()]
+        parts.optimizer.zero_grad(set_to_none=True)
+        timer = StepTimer(CPU)
+        timer.begin_step()
+        loss = train_step(parts, images, labels, timer)
+        results[channels_last] = (logits.detach(), loss, grads)
+    (logits, loss, grads), (cl_logits, cl_loss, cl_grads) = results[False], results[True]
+    torch.testing.assert_close(cl_logits, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cl_loss, loss, rtol=1e-5, atol=1e-6)
+    for cl_grad, grad in zip(cl_grads, grads):
+        torch.testing.assert_close(cl_grad, grad, rtol=1e-3, atol=1e-5)
