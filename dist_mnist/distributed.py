@@ -104,7 +104,13 @@ def distributed_session(cfg: TrainConfig) -> Iterator[DistContext]:
     if backend == "nccl":
         init_kwargs["device_id"] = device
     if launched:
-        dist.init_process_group(init_method="env://", rank=rank, world_size=world_size, **init_kwargs)
+        # torchrun's agent keeps one store for every restart of a job, so restarted workers would find the
+        # addresses their dead predecessors published and gloo would connect to those (refused, or a hang):
+        # key each restart apart.
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"dist_mnist/attempt_{attempt}", store)
+        dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
     else:
         # A world of one needs no rendezvous: an in-process store, so no port is opened.
         dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **init_kwargs)

@@ -48,7 +48,9 @@ def _choose_run_dir(cfg: TrainConfig) -> Path:
     run_dir = output_dir / (cfg.run_name or _default_name(output_dir))
     # A folder without files is what a run that failed during start-up (say, on missing data) leaves: reuse it.
     if run_dir.exists() and any(p.is_file() for p in run_dir.rglob("*")):
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        # A torchrun restart, or a SLURM requeue of a job whose first attempt died before its first checkpoint.
+        restarted = any(int(os.environ.get(var, "0") or 0) > 0
+                        for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
         resumable = cfg.resume not in ("auto", "never") or (
             cfg.resume == "auto" and list_checkpoints(checkpoint_dir(cfg, run_dir)))
         if not (restarted or resumable):

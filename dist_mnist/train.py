@@ -145,6 +145,10 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     # On the device before the optimizer is built, so the optimizer holds the device's parameters.
     module = MnistCNN().to(ctx.device, memory_format=memory_format)
+    if settings.channels_last:
+        # conv1 has one input channel, so its weight fits both layouts; cuDNN returns its gradient with the
+        # standard strides, and DDP's gradient bucket views must match the parameter's strides exactly.
+        module.conv1.weight.data = module.conv1.weight.data.clone(memory_format=torch.contiguous_format)
     ddp = DDP(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
               gradient_as_bucket_view=True)
     # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries so all-reduce still overlaps);

@@ -243,7 +243,12 @@ def test_resume_never_on_existing_run_fails_without_touching_it(capsys: pytest.C
 @pytest.mark.timeout(120)
 def test_existing_folder_without_checkpoint_is_refused_unless_restarted(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty folder is what a run that failed during start-up leaves behind: it is reused.
     (tmp_path / "run").mkdir()
+    elsewhere = str(tmp_path / "elsewhere")
+    code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1", "--checkpoint-dir", elsewhere)
+    assert code == 0, err
+    # A folder holding a run's files but no checkpoint is somebody's results: refused.
     code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1")
     assert code == 1
     assert "already exists and holds no checkpoint" in single_error_line(err)
