@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding MNIST/raw/ (default: $DIST_MNIST_DATA, else ./data)")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only these sections (repeatable); default: all")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                        help="per-process batch of the default configuration (the classic one always uses 64)")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per throughput configuration")
     parser.add_argument("--scaling", default="1,2", help="process counts for the scaling section")
     parser.add_argument("--scaling-steps", type=int, default=300, help="training steps per scaling run")
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
     sections = args.only or list(SECTIONS)
-    cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False)
+    cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False, batch_size=args.batch_size)
     launched_by_torchrun = "RANK" in os.environ
     try:
         results: dict[str, Any] = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

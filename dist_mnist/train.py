@@ -149,11 +149,14 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
         # conv1 has one input channel, so its weight fits both layouts; cuDNN returns its gradient with the
         # standard strides, and DDP's gradient bucket views must match the parameter's strides exactly.
         module.conv1.weight.data = module.conv1.weight.data.clone(memory_format=torch.contiguous_format)
-    ddp = DDP(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-              gradient_as_bucket_view=True)
+    # A world of one has nothing to all-reduce: DDP there would only copy every gradient into its buckets and
+    # back (without it the one-process run was 5-15% faster on the 2-core CPU: docs/benchmarks.md).
+    wrapped = module if ctx.world_size == 1 else DDP(
+        module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
     # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries so all-reduce still overlaps);
     # checkpoints come from `module`, so no `_orig_mod.`/`module.` prefixes ever reach them.
-    train_model = torch.compile(ddp, mode=cfg.compile_mode, backend=cfg.compile_backend) if cfg.compile else ddp
+    train_model = (torch.compile(wrapped, mode=cfg.compile_mode, backend=cfg.compile_backend) if cfg.compile
+                   else wrapped)
     # fused=True: one kernel for all parameters; on CPU the unfused step cost as much as a small batch's backward.
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(total_steps, cfg.warmup_frac))
