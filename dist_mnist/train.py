@@ -301,9 +301,6 @@ class Trainer:
                 if found is not None:
                     source, state = str(found[0]), found[1]
                     checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source)
-                    if state["world_size"] != ctx.world_size:
-                        raise UserError(f"checkpoint {source} was written by {state['world_size']} processes, this "
-                                        f"run has {ctx.world_size}; resume with the same --nproc_per_node")
             except UserError as exc:
                 state, error = None, str(exc)  # every rank fails: no need to send them the refused state
         state, source, error = ctx.broadcast_object((state, source, error))
@@ -316,11 +313,42 @@ class Trainer:
         self.parts.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved without fp16: an enabled scaler refuses it and starts fresh instead
             self.parts.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"][ctx.rank])
         self.state = TrainState(epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
                                 elapsed_s=state["elapsed_s"], metrics=list(state["metrics"]))
+        if state["world_size"] == ctx.world_size:
+            checkpoint.set_rng_state(state["rng"][ctx.rank])
+        else:
+            self.adapt_to_world_size(state["world_size"])
         self.log(f"resumed from step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})"
                  f" of {source}")
+
+    def adapt_to_world_size(self, old_world_size: int) -> None:
+        """Continue a checkpoint written by another number of processes (an elastic restart with new membership).
+
+        Every epoch is one global permutation, and rank r takes every W-th index of it, so the first k batches
+        of all ranks together are exactly its first k*B*W samples, whatever W is. The new ranks skip as many of
+        their own batches as fit into what was done, repeating fewer than one global batch. The learning-rate
+        schedule moves to the same fraction of training. Dropout streams restart from the seed: the run stays
+        correct but is no longer bit-identical to an uninterrupted one.
+        """
+        state, spe = self.state, self.data.steps_per_epoch
+        # DistributedSampler pads each rank's share up to ceil(N / W); the batch sampler drops the last partial batch.
+        old_spe = math.ceil(self.data.train_size / old_world_size) // self.cfg.batch_size
+        samples_done = state.batch_in_epoch * self.cfg.batch_size * old_world_size
+        progress = (state.epoch * old_spe + state.batch_in_epoch) / (self.cfg.epochs * old_spe)
+        state.batch_in_epoch = samples_done // self.global_batch
+        if state.batch_in_epoch >= spe:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        scheduler = self.parts.scheduler
+        scheduler.last_epoch = round(progress * self.total_steps)
+        for group, base_lr, factor in zip(self.parts.optimizer.param_groups, scheduler.base_lrs,
+                                          scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        torch.manual_seed(self.cfg.seed + 1 + self.ctx.rank + 1000 * (state.step + 1))
+        self.log(f"warning: the checkpoint was written by {old_world_size} processes, this run has "
+                 f"{self.ctx.world_size}: continuing epoch {state.epoch} at sample "
+                 f"{state.batch_in_epoch * self.global_batch} of its order (it had reached {samples_done}), "
+                 f"learning-rate schedule at {progress:.1%}")
 
     def save_checkpoint(self) -> None:
         with self.paused():

@@ -279,3 +279,40 @@ def test_pytorchjob_manifest_names_image_command_and_restart_policy() -> None:
         volumes = {v["name"]: v for v in pod["volumes"]}
         mount = next(m for m in container["volumeMounts"] if output_dir.startswith(m["mountPath"]))
         assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] in claims
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elastic membership: a restart that comes back with another world size continues the same run
+
+
+def last_metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize(("first", "then", "final_step"), [
+    # 512 samples, batch 16 per process. 2 ranks: 16 steps per epoch; stopped after 8 = 256 samples. 1 process:
+    # 32 steps per epoch, so it skips 16 batches (256 samples) and ends the epoch 16 steps later, at step 24.
+    (2, 1, 24),
+    # 1 process: stopped after 8 steps = 128 samples; 2 ranks skip 4 of their 16 batches (128 samples): step 20.
+    (1, 2, 20),
+])
+@pytest.mark.timeout(240)
+def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, first: int, then: int,
+                                                           final_step: int) -> None:
+    flags = [*SMOKE_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "elastic",
+             "--timeout-s", "60"]
+
+    def launch(nproc: int, *extra: str) -> Result:
+        prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                  if nproc > 1 else [sys.executable])
+        return run([*prefix, TRAIN_SCRIPT, *flags, *extra], timeout=180)
+
+    stopped = launch(first, "--max-steps", "8")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    resumed = launch(then)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"written by {first} processes, this run has {then}" in resumed.stdout
+    final = last_metrics(tmp_path / "elastic")
+    assert (final["epoch"], final["step"], final["test_samples"]) == (1, final_step, 203)
+    summary = json.loads((tmp_path / "elastic" / "summary.json").read_text())
+    assert summary["world_size"] == then and summary["ranks_in_sync"]
