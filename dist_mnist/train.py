@@ -454,7 +454,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> None:
-        cfg, ctx, state = self.cfg, self.ctx, self.state
+        cfg, ctx = self.cfg, self.ctx
         self.resume()
         state = self.state
         self.writer.write_json("config.json", {**cfg.to_json(), "resolved": {
