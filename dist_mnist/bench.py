@@ -31,7 +31,7 @@ from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import StepTimer
 from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
-from dist_mnist.train import SpeedSettings, build_train_parts, resolve_speed_settings, train_step
+from dist_mnist.train import SpeedSettings, build_train_parts, dtype_name, resolve_speed_settings, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("throughput", "time-to-accuracy", "scaling", "profiler")
@@ -115,7 +115,7 @@ def measure_throughput(cfg: TrainConfig, ctx: DistContext, seconds: float) -> di
     flops = flops_per_sample(parts.module, ctx.device)
     peak = measure_matmul_peak(ctx.device, dtype)
     results["mfu"] = {"flops_per_sample": flops, "peak_tflops_per_process": peak / 1e12,
-                      "dtype": str(dtype).removeprefix("torch."),
+                      "dtype": dtype_name(dtype),
                       "mfu": results["fast"]["samples_per_sec"] * flops / (peak * ctx.world_size)}
     return results
 

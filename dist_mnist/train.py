@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from shutil import which
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
 from dist_mnist import checkpoint
-from dist_mnist.config import TrainConfig
+from dist_mnist.config import TrainConfig, parse_args
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
-from dist_mnist.distributed import DistContext
+from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
 from dist_mnist.model import MnistCNN
@@ -52,8 +53,13 @@ class SpeedSettings:
     data_on_device: bool
 
     def describe(self) -> dict[str, Any]:
-        return {"amp": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off",
+        return {"amp": dtype_name(self.amp_dtype),
                 "channels_last": self.channels_last, "data_on_device": self.data_on_device}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """'bfloat16', 'float16', 'float32'; 'off' for no autocast."""
+    return str(dtype).removeprefix("torch.") if dtype else "off"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -93,8 +99,6 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
 
 
 def _has_cxx_compiler() -> bool:
-    from shutil import which
-
     return any(which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
@@ -114,7 +118,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 # Model, optimizer and one training step
 
 
-def one_cycle(total_steps: int, warmup_frac: float) -> Any:
+def warmup_cosine(total_steps: int, warmup_frac: float) -> Any:
     """LR multiplier: linear warm-up to 1 over `warmup_frac` of the steps, then cosine down to 0."""
     warmup = max(1, int(total_steps * warmup_frac))
 
@@ -130,7 +134,7 @@ def one_cycle(total_steps: int, warmup_frac: float) -> Any:
 @dataclass
 class TrainParts:
     module: nn.Module  # the plain model: what checkpoints hold and evaluation runs
-    train_model: nn.Module  # what the training step calls: DDP around `module`, compiled when asked
+    train_model: nn.Module  # what the training step calls: DDP around `module` (world > 1), compiled when asked
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -159,7 +163,7 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
                    else wrapped)
     # fused=True: one kernel for all parameters; on CPU the unfused step cost as much as a small batch's backward.
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(total_steps, cfg.warmup_frac))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_frac))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.amp_dtype == torch.float16)
     # Dropout masks differ per rank (as they would across one big batch) but are reproducible.
     torch.manual_seed(cfg.seed + 1 + ctx.rank)
@@ -546,8 +550,8 @@ class Trainer:
             if not peak:
                 dtype = self.settings.amp_dtype or torch.float32
                 peak = measure_matmul_peak(ctx.device, dtype)
-                peak_source = f"measured {str(dtype).removeprefix('torch.')} matmul"
-            mean_step = sum(stats["measured_step_time_s"] for stats in all_stats) / len(all_stats)
+                peak_source = f"measured {dtype_name(dtype)} matmul"
+            mean_step = sum(r["measured_step_time_s"] for r in all_stats) / len(all_stats)
             summary = build_summary(
                 all_stats,
                 global_samples_per_sec=self.global_batch / mean_step if mean_step else 0.0,
@@ -571,20 +575,13 @@ class Trainer:
         ctx.barrier()
 
 
-def fit(cfg: TrainConfig, ctx: DistContext) -> None:
-    Trainer(cfg, ctx).fit()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1."""
-    from dist_mnist.config import parse_args
-    from dist_mnist.distributed import distributed_session
-
     rank = os.environ.get("RANK", "0")
     try:
         cfg = parse_args(argv)
         with distributed_session(cfg) as ctx:
-            fit(cfg, ctx)
+            Trainer(cfg, ctx).fit()
     except UserError as exc:
         prefix = "error" if rank == "0" else f"[rank {rank}] error"
         print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
