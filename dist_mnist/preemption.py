@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from types import FrameType, TracebackType
 
@@ -48,6 +49,29 @@ class StopRequest:
                  tb: TracebackType | None) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a SIGTERM/SIGINT is the rank's to act on, unless the rank itself sent it.
+
+    torchrun (killpg), Slurm and a terminal's Ctrl-C signal every process of the job, DataLoader workers included.
+    A worker that died of it would turn the rank's stop at a step boundary, with a checkpoint, into "DataLoader
+    worker exited unexpectedly"; the rank shuts its workers down itself once it has stopped. A worker the rank
+    terminates (one that is stuck) must still die, and a Python signal handler cannot tell who sent a signal, so
+    the signals are blocked and a thread takes them with sigwaitinfo, which says. A worker whose rank is gone exits
+    by itself: the DataLoader's watchdog in the worker notices.
+    """
+    rank_pid = os.getppid()
+    # Blocked before the worker starts any other thread, so every later thread inherits the mask and the signals
+    # wait for sigwaitinfo instead of killing the process.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_exit_when_signalled_by, args=(rank_pid,), name="stop-signals", daemon=True).start()
+
+
+def _exit_when_signalled_by(rank_pid: int) -> None:
+    while (received := signal.sigwaitinfo(STOP_SIGNALS)).si_pid != rank_pid:
+        pass
+    os._exit(128 + received.si_signo)  # the shell's convention for "ended by this signal"
 
 
 class StopVote:

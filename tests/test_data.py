@@ -199,13 +199,14 @@ def test_one_missing_file_is_named_first(tmp_path: Path) -> None:
 # Loaders
 
 
-def test_cpu_loaders_do_not_pin_memory_and_workers_persist() -> None:
+def test_cpu_loaders_do_not_pin_memory_and_workers_are_spawned_once() -> None:
     train, test = synthetic_splits(64, 20)
     pipeline = build_pipeline(TrainConfig(batch_size=8), cpu_ctx(), train, test, on_device=False)
     assert not pipeline.train_loader.pin_memory and not pipeline.test_loader.pin_memory
     assert pipeline.train_loader.num_workers == 0 and not pipeline.train_loader.persistent_workers
     with_workers = build_pipeline(TrainConfig(batch_size=8, num_workers=2), cpu_ctx(), train, test, on_device=False)
-    assert with_workers.train_loader.persistent_workers and with_workers.test_loader.persistent_workers
+    for loader in (with_workers.train_loader, with_workers.test_loader):
+        assert loader.persistent_workers and loader.multiprocessing_context.get_start_method() == "spawn"
 
 
 def test_batch_larger_than_the_shard_is_a_user_error() -> None:

@@ -108,14 +108,19 @@ def metrics_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def sigterm_then_rerun(command: list[str], checkpoints: Path) -> tuple[Result, int]:
+def sigterm_then_rerun(command: list[str], checkpoints: Path, everyone: bool = False) -> tuple[Result, int]:
     """Start a run, SIGTERM it once it trains, check it stopped with a checkpoint, rerun the same command to the end.
 
-    Returns the stopped run and the step it stopped at. For torchrun the signal goes to the agent, which forwards it.
+    Returns the stopped run and the step it stopped at. For torchrun the signal goes to the agent, which forwards it;
+    with `everyone`, every process of the job gets its own copy at once, DataLoader workers included, as from Slurm.
     """
     job = LiveRun(command)
     job.wait_until(lambda: job.progress_step() > 0, "the first progress line")
-    os.kill(job.proc.pid, signal.SIGTERM)
+    targets = [job.proc.pid]
+    if everyone:
+        targets += [p.pid for p in psutil.Process(job.proc.pid).children(recursive=True)]
+    for pid in targets:
+        os.kill(pid, signal.SIGTERM)
     stopped = job.result()
     match = STOPPED.search(stopped.stdout)
     assert match, f"no stop message\nstdout:\n{stopped.stdout}\nstderr:\n{stopped.stderr[-3000:]}"
@@ -181,6 +186,18 @@ def test_sigterm_to_torchrun_stops_every_rank_and_resumed_run_matches_straight(t
     assert "Root Cause" not in stopped.stderr, "a worker failed instead of stopping"
     assert stop_step < 32
     assert_resumed_equals_straight(tmp_path, 32)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_every_process_with_dataloader_workers_still_stops_at_a_step(tmp_path: Path) -> None:
+    # Slurm's scancel and preemption signal every process of the step, not only torchrun. Workers that died of it
+    # would make the ranks fail with "DataLoader worker exited unexpectedly" instead of saving a checkpoint.
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "1024", "--epochs", "2", "--num-workers", "2",
+             "--checkpoint-every", "0", "--output-dir", str(tmp_path), "--run-name", "preempted", *PG_TIMEOUT]
+    stopped, stop_step = sigterm_then_rerun([*TORCHRUN, TRAIN_SCRIPT, *flags], tmp_path / "preempted" / "checkpoints",
+                                            everyone=True)
+    assert "Root Cause" not in stopped.stderr and "exited unexpectedly" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stop_step < 64
 
 
 @pytest.mark.timeout(300)
@@ -262,3 +279,43 @@ def test_second_signal_exits_at_once() -> None:
     result = LiveRun([sys.executable, "-c", SIGNAL_SCRIPT]).result(timeout=60)
     assert result.stdout.splitlines() == ["requested True SIGTERM"]
     assert result.returncode == -signal.SIGINT
+
+
+WORKER_SIGNAL_SCRIPT = """
+import multiprocessing, sys, time
+from dist_mnist.preemption import leave_stop_signals_to_the_rank
+
+def worker() -> None:
+    leave_stop_signals_to_the_rank(0)
+    print("ready", flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context("spawn").Process(target=worker, daemon=True)
+    process.start()
+    print(process.pid, flush=True)
+    sys.stdin.readline()  # the test has signalled the worker from outside
+    print("alive", process.is_alive(), flush=True)
+    process.terminate()  # its own rank: the DataLoader ending a stuck worker
+    process.join(10)
+    print("exit code", process.exitcode, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_dataloader_worker_ignores_stop_signals_unless_its_rank_sends_them(tmp_path: Path) -> None:
+    script = tmp_path / "worker_signals.py"
+    script.write_text(WORKER_SIGNAL_SCRIPT)
+    rank = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=cpu_env(), start_new_session=True)
+    try:
+        worker_pid = int(rank.stdout.readline())
+        assert rank.stdout.readline() == "ready\n"
+        os.kill(worker_pid, signal.SIGTERM)  # as torchrun's killpg, Slurm or Ctrl-C would
+        os.kill(worker_pid, signal.SIGINT)
+        time.sleep(0.5)
+        out, _ = rank.communicate("go on\n", timeout=60)
+    finally:
+        if rank.poll() is None:
+            os.killpg(rank.pid, signal.SIGKILL)
+    assert out.splitlines() == ["alive True", f"exit code {128 + signal.SIGTERM}"]
