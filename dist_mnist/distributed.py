@@ -104,12 +104,16 @@ def distributed_session(cfg: TrainConfig) -> Iterator[DistContext]:
     if backend == "nccl":
         init_kwargs["device_id"] = device
     if launched:
-        # torchrun's agent keeps one store for every restart of a job, so restarted workers would find the
-        # addresses their dead predecessors published and gloo would connect to those (refused, or a hang):
-        # key each restart apart.
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"dist_mnist/attempt_{attempt}", store)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # The workers meet in the agent's own store, which lives as long as the agent: restarted workers
+            # would find the addresses their dead predecessors published and gloo would connect to those
+            # (refused, or a hang), so key each restart apart. Without store sharing
+            # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, needed for nodes that join or replace others) every
+            # rendezvous round starts a fresh store, and a replacement node's restart count differs from the
+            # others', so no prefix there.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"dist_mnist/attempt_{attempt}", store)
         dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
     else:
         # A world of one needs no rendezvous: an in-process store, so no port is opened.

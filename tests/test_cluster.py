@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, free_port, run
 
@@ -36,32 +39,73 @@ def agent_command(endpoint: str, *train_flags: str, rdzv_id: str, rdzv_conf: str
             f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", *optional, TRAIN_SCRIPT, *train_flags]
 
 
-def run_together(commands: list[tuple[list[str], dict[str, str]]], logs: Path, timeout: float) -> list[Result]:
-    """Start every command at once (each a node), wait for all under one deadline; kill them all on timeout.
+class Agents:
+    """torchrun agents (each a node) started now or later, killed as process groups when the test ends.
 
     Output goes to files: a full pipe would stall one agent while the test waits on the other, and the stalled one
     would hold the whole rendezvous up.
     """
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    deadline = time.monotonic() + timeout
-    try:
-        for index, (args, env) in enumerate(commands):
-            with open(logs / f"{index}.out", "wb") as out, open(logs / f"{index}.err", "wb") as err:
-                procs.append(subprocess.Popen(args, stdout=out, stderr=err, env=env, start_new_session=True))
-        for proc in procs:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        tails = "\n".join(f"--- agent {i} stderr:\n{(logs / f'{i}.err').read_text()[-2000:]}"
-                          for i in range(len(procs)))
-        pytest.fail(f"agents still running after {timeout}s\n{tails}")
-    finally:
-        for proc in procs:
+
+    def __init__(self, logs: Path, timeout: float) -> None:
+        self.logs = logs
+        self.deadline = time.monotonic() + timeout
+        self.procs: list[subprocess.Popen[bytes]] = []
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Agents:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for proc in self.procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    return [Result(proc.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
-            for i, proc in enumerate(procs)]
+
+    def start(self, args: list[str], env: dict[str, str]) -> int:
+        index = len(self.procs)
+        with open(self.logs / f"{index}.out", "wb") as out, open(self.logs / f"{index}.err", "wb") as err:
+            self.procs.append(subprocess.Popen(args, stdout=out, stderr=err, env=env, start_new_session=True))
+        return index
+
+    def stdout(self, index: int) -> str:
+        return (self.logs / f"{index}.out").read_text()
+
+    def tails(self) -> str:
+        return "\n".join(f"--- agent {i}:\n{self.stdout(i)[-1500:]}\n{(self.logs / f'{i}.err').read_text()[-2500:]}"
+                         for i in range(len(self.procs)))
+
+    def wait_for_any_output(self, pattern: str) -> re.Match[str]:
+        while not (found := re.search(pattern, "".join(map(self.stdout, range(len(self.procs)))), re.MULTILINE)):
+            if any(proc.poll() is not None for proc in self.procs) or time.monotonic() > self.deadline:
+                pytest.fail(f"no agent printed {pattern!r}\n{self.tails()}")
+            time.sleep(0.1)
+        return found
+
+    def kill(self, index: int) -> None:
+        """The node is gone: its agent and workers die at once (torchrun starts each worker in its own session)."""
+        agent = psutil.Process(self.procs[index].pid)
+        for proc in [agent, *agent.children(recursive=True)]:
+            proc.kill()
+        self.procs[index].wait()
+
+    def results(self, indices: list[int] | None = None) -> list[Result]:
+        """Wait for the agents (all, or those given) under the one deadline."""
+        chosen = range(len(self.procs)) if indices is None else indices
+        try:
+            for index in chosen:
+                self.procs[index].wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"agents still running at the deadline\n{self.tails()}")
+        return [Result(self.procs[i].returncode, self.stdout(i), (self.logs / f"{i}.err").read_text())
+                for i in chosen]
+
+
+def run_together(commands: list[tuple[list[str], dict[str, str]]], logs: Path, timeout: float) -> list[Result]:
+    """Start every command at once (each a node) and wait for all under one deadline."""
+    with Agents(logs, timeout) as agents:
+        for args, env in commands:
+            agents.start(args, env)
+        return agents.results()
 
 
 def assert_trained_together(results: list[Result], run_dir: Path) -> None:
@@ -274,6 +318,8 @@ def test_pytorchjob_manifest_names_image_command_and_restart_policy() -> None:
         command = [*container["command"], *container.get("args", [])]
         assert command[0] == "torchrun" and "launch/train.py" in command
         assert "--rdzv-backend=c10d" in command
+        # A restarted pod is a replacement node: see ELASTIC_ENV below.
+        assert {e["name"]: e.get("value") for e in container["env"]}.items() >= ELASTIC_ENV.items()
         output_dir = next(a.split("=", 1)[1] for a in command if a.startswith("--output-dir="))
         # Run files and checkpoints outlive a restarted pod only on the claimed volume.
         volumes = {v["name"]: v for v in pod["volumes"]}
@@ -316,3 +362,83 @@ def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, firs
     assert (final["epoch"], final["step"], final["test_samples"]) == (1, final_step, 203)
     summary = json.loads((tmp_path / "elastic" / "summary.json").read_text())
     assert summary["world_size"] == then and summary["ranks_in_sync"]
+
+
+# torchrun 2.14 shares its rendezvous TCPStore with the workers and caches the store's address after the first
+# round; a node new to the job (one joining, or a replacement) then waits for an address that the others never
+# publish again, and both agents time out. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes every round publish it (and
+# worker rank 0 host a fresh store per round); launch/pytorchjob.yaml sets it.
+ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def elastic_agent(endpoint: str, nnodes: str, rdzv_id: str, *train_flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
+            "--rdzv-conf=last_call_timeout=1", "--max-restarts=2", TRAIN_SCRIPT, *train_flags]
+
+
+def wait_until_listening(endpoint: str, timeout: float = 60) -> None:
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"nothing listens on {endpoint}")
+            time.sleep(0.1)
+
+
+def assert_resumed_as_two(results: list[Result], run_dir: Path) -> int:
+    """Both agents finished a world of 2 that resumed the run; returns the step it resumed from."""
+    assert [r.returncode for r in results] == [0, 0], "\n".join(r.stderr[-2500:] for r in results)
+    resumed = re.search(r"^resumed from step (\d+) ", "".join(r.stdout for r in results), re.MULTILINE)
+    assert resumed
+    final = last_metrics(run_dir)
+    assert (final["epoch"], final["test_samples"]) == (1, 203)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"]
+    return int(resumed.group(1))
+
+
+@pytest.mark.timeout(300)
+def test_node_joining_a_running_job_grows_it_and_the_run_continues(tmp_path: Path) -> None:
+    # --nnodes=1:2: the first agent trains alone; when a second joins, torchrun stops the workers (SIGTERM: they
+    # checkpoint), meets again as 2 nodes and restarts them with WORLD_SIZE 2 and, since nothing failed, the same
+    # TORCHELASTIC_RESTART_COUNT. 8192 samples at batch 16: 512 steps alone, 256 per epoch as two.
+    out = tmp_path / "out"
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "8192", "--epochs", "1", "--log-every", "20",
+             "--checkpoint-every", "0", "--timeout-s", "60", "--output-dir", str(out), "--run-name", "grown"]
+    command = elastic_agent(f"127.0.0.1:{free_port()}", "1:2", f"grow-{uuid.uuid4().hex[:8]}", *flags)
+    with Agents(tmp_path / "logs", timeout=240) as agents:
+        agents.start(command, cpu_env(**ELASTIC_ENV))
+        agents.wait_for_any_output("^epoch 0 step 20/512 ")
+        agents.start(command, cpu_env(**ELASTIC_ENV))
+        results = agents.results()
+    stopped = re.search(r"^stopped by SIGTERM at step (\d+); checkpoint saved", results[0].stdout, re.MULTILINE)
+    assert stopped, results[0].stdout
+    assert "written by 1 processes, this run has 2" in results[0].stdout + results[1].stdout
+    assert assert_resumed_as_two(results, out / "grown") == int(stopped.group(1))
+
+
+@pytest.mark.timeout(300)
+def test_replacement_node_rejoins_and_the_run_resumes(tmp_path: Path) -> None:
+    # --nnodes=2: a node dies (agent and worker killed at once, as a lost pod or host) and a new agent with the same
+    # command takes its place, as Kubernetes does for a PyTorchJob pod. The surviving agent's worker fails, it
+    # restarts its group, and both meet again as 2 nodes and resume from the last checkpoint (every 16 steps).
+    out = tmp_path / "out"
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "8192", "--epochs", "1", "--log-every", "8",
+             "--checkpoint-every", "16", "--timeout-s", "20", "--output-dir", str(out), "--run-name", "replaced"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = elastic_agent(endpoint, "2", f"replace-{uuid.uuid4().hex[:8]}", *flags)
+    with Agents(tmp_path / "logs", timeout=240) as agents:
+        survivor = agents.start(command, cpu_env(**ELASTIC_ENV))
+        wait_until_listening(endpoint)  # the survivor hosts the rendezvous; the store would die with its host
+        lost = agents.start(command, cpu_env(**ELASTIC_ENV))
+        agents.wait_for_any_output("^epoch 0 step 40/")
+        agents.kill(lost)
+        replacement = agents.start(command, cpu_env(**ELASTIC_ENV))
+        results = agents.results([survivor, replacement])
+    resumed_from = assert_resumed_as_two(results, out / "replaced")
+    assert resumed_from >= 32 and resumed_from % 16 == 0
