@@ -101,7 +101,8 @@ def own_peak_rss_bytes() -> int:
 class MemoryTracker:
     """Peak resident memory: sampled with psutil (workers included) and the kernel's own peak for this process.
 
-    Workers are forked, so their RSS counts pages they still share with the parent again: an upper bound.
+    Each worker's RSS includes the shared libraries it maps (torch's alone are hundreds of MB), counted again per
+    process: an upper bound.
     """
 
     def __init__(self) -> None:

@@ -186,10 +186,12 @@ def test_peak_memory_counts_dataloader_workers() -> None:
     me = psutil.Process()
     before = {child.pid for child in me.children(recursive=True)}
     loader = DataLoader(TensorDataset(torch.zeros(64, 1, 28, 28)), batch_size=16, num_workers=2,
-                        persistent_workers=True)
+                        persistent_workers=True, multiprocessing_context="spawn")  # as the pipeline's workers
     batches = iter(loader)
     next(batches)
-    workers = [child for child in me.children(recursive=True) if child.pid not in before]
+    # spawn also starts multiprocessing's resource tracker; the workers are the ones torch names.
+    workers = [child for child in me.children(recursive=True)
+               if child.pid not in before and child.name() == "pt_data_worker"]
     assert len(workers) == 2
     own = me.memory_info().rss
     assert process_rss_bytes() >= own + sum(w.memory_info().rss for w in workers) * 0.9
