@@ -15,7 +15,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
-from dist_mnist.preemption import leave_stop_signals_to_the_rank
+from dist_mnist.preemption import DataWorkerContext, leave_stop_signals_to_the_rank
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # The classic MNIST normalisation constants (mean and std of the training pixels scaled to [0, 1]).
@@ -191,7 +191,7 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split
         # spawn, not fork: by now the rank is multithreaded (gloo, NCCL, queue feeders), and a forked child
         # inherits every lock another thread held at that instant; a CI run hung waiting on a forked worker. The
         # decoded tensors reach the workers through shared memory (/dev/shm); persistent workers start once a run.
-        common |= {"multiprocessing_context": "spawn", "worker_init_fn": leave_stop_signals_to_the_rank}
+        common |= {"multiprocessing_context": DataWorkerContext(), "worker_init_fn": leave_stop_signals_to_the_rank}
     train_loader = DataLoader(BatchIndexDataset(train, dataset_device), sampler=train_batches, **common)
     test_batches = BatchSampler(ShardSampler(len(test), ctx.rank, ctx.world_size), cfg.eval_batch_size,
                                 drop_last=False)

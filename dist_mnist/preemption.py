@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing.context
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
@@ -51,6 +53,26 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class _DataWorkerProcess(multiprocessing.context.SpawnProcess):
+    def start(self) -> None:
+        # Fork and exec keep the signal mask, so the child has the stop signals blocked from its first instruction
+        # until leave_stop_signals_to_the_rank takes them over: otherwise a job-wide signal in the seconds a
+        # spawned worker spends importing torch would kill it. The rank gets any signal it held back right after.
+        # The resource tracker first: starting it unblocks these signals in the caller.
+        multiprocessing.resource_tracker.ensure_running()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class DataWorkerContext(multiprocessing.context.SpawnContext):
+    """multiprocessing's spawn, for DataLoader workers that must not die of their job's stop signals."""
+
+    Process = _DataWorkerProcess
+
+
 def leave_stop_signals_to_the_rank(worker_id: int) -> None:
     """DataLoader worker_init_fn: a SIGTERM/SIGINT is the rank's to act on, unless the rank itself sent it.
 
@@ -62,8 +84,8 @@ def leave_stop_signals_to_the_rank(worker_id: int) -> None:
     by itself: the DataLoader's watchdog in the worker notices.
     """
     rank_pid = os.getppid()
-    # Blocked before the worker starts any other thread, so every later thread inherits the mask and the signals
-    # wait for sigwaitinfo instead of killing the process.
+    # Blocked (already, when started through DataWorkerContext) before the worker starts any other thread, so every
+    # later thread inherits the mask and the signals wait for sigwaitinfo instead of killing the process.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     threading.Thread(target=_exit_when_signalled_by, args=(rank_pid,), name="stop-signals", daemon=True).start()
 

@@ -282,8 +282,8 @@ def test_second_signal_exits_at_once() -> None:
 
 
 WORKER_SIGNAL_SCRIPT = """
-import multiprocessing, sys, time
-from dist_mnist.preemption import leave_stop_signals_to_the_rank
+import os, sys, time
+from dist_mnist.preemption import DataWorkerContext, leave_stop_signals_to_the_rank
 
 def worker() -> None:
     leave_stop_signals_to_the_rank(0)
@@ -291,10 +291,11 @@ def worker() -> None:
     time.sleep(60)
 
 if __name__ == "__main__":
-    process = multiprocessing.get_context("spawn").Process(target=worker, daemon=True)
+    process = DataWorkerContext().Process(target=worker, daemon=True)
     process.start()
     print(process.pid, flush=True)
-    sys.stdin.readline()  # the test has signalled the worker from outside
+    while not os.path.exists(sys.argv[1]):  # the test signals the worker from outside, then creates the file
+        time.sleep(0.05)
     print("alive", process.is_alive(), flush=True)
     process.terminate()  # its own rank: the DataLoader ending a stuck worker
     process.join(10)
@@ -304,18 +305,17 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(120)
 def test_dataloader_worker_ignores_stop_signals_unless_its_rank_sends_them(tmp_path: Path) -> None:
-    script = tmp_path / "worker_signals.py"
+    script, go_on = tmp_path / "worker_signals.py", tmp_path / "go_on"
     script.write_text(WORKER_SIGNAL_SCRIPT)
-    rank = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=cpu_env(), start_new_session=True)
-    try:
-        worker_pid = int(rank.stdout.readline())
-        assert rank.stdout.readline() == "ready\n"
-        os.kill(worker_pid, signal.SIGTERM)  # as torchrun's killpg, Slurm or Ctrl-C would
-        os.kill(worker_pid, signal.SIGINT)
-        time.sleep(0.5)
-        out, _ = rank.communicate("go on\n", timeout=60)
-    finally:
-        if rank.poll() is None:
-            os.killpg(rank.pid, signal.SIGKILL)
-    assert out.splitlines() == ["alive True", f"exit code {128 + signal.SIGTERM}"]
+    rank = LiveRun([sys.executable, str(script), str(go_on)])
+    rank.wait_until(lambda: len(rank.out) > 0, "the worker's pid")
+    worker_pid = int(rank.out[0])
+    # As torchrun's killpg, Slurm or Ctrl-C would: once while the worker is still starting (importing), once after.
+    os.kill(worker_pid, signal.SIGTERM)
+    rank.wait_until(lambda: "ready\n" in rank.out, "the worker to get past its start-up", timeout=60)
+    os.kill(worker_pid, signal.SIGTERM)
+    os.kill(worker_pid, signal.SIGINT)
+    time.sleep(0.5)
+    go_on.touch()
+    result = rank.result(timeout=60)
+    assert result.stdout.splitlines()[1:] == ["ready", "alive True", f"exit code {128 + signal.SIGTERM}"]
