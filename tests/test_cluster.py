@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,17 +30,19 @@ RUN_FLAGS = [*SMOKE_FLAGS, "--epochs", "1", "--max-steps", "6", "--timeout-s", "
              "1", "--profile-warmup", "1", "--profile-active", "2"]
 
 
-def agent_command(endpoint: str, *train_flags: str, rdzv_id: str, rdzv_conf: str = "",
-                  local_addr: str = "") -> list[str]:
-    """One node's torchrun agent: --nnodes=2 with one worker, joining the c10d rendezvous at `endpoint`."""
+def agent_command(endpoint: str, *train_flags: str, rdzv_id: str, rdzv_conf: str = "", local_addr: str = "",
+                  nnodes: str = "2", max_restarts: int = 0) -> list[str]:
+    """One node's torchrun agent with one worker, joining the c10d rendezvous at `endpoint`."""
     optional = [f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []
     optional += [f"--local-addr={local_addr}"] if local_addr else []
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", *optional, TRAIN_SCRIPT, *train_flags]
+    optional += [f"--max-restarts={max_restarts}"] if max_restarts else []
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", *optional, TRAIN_SCRIPT,
+            *train_flags]
 
 
 class Agents:
-    """torchrun agents (each a node) started now or later, killed as process groups when the test ends.
+    """torchrun agents (each a node) started now or later; whatever still runs is killed when the test ends.
 
     Output goes to files: a full pipe would stall one agent while the test waits on the other, and the stalled one
     would hold the whole rendezvous up.
@@ -56,10 +58,9 @@ class Agents:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for proc in self.procs:
+        for index, proc in enumerate(self.procs):
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                self.kill(index)
 
     def start(self, args: list[str], env: dict[str, str]) -> int:
         index = len(self.procs)
@@ -74,18 +75,19 @@ class Agents:
         return "\n".join(f"--- agent {i}:\n{self.stdout(i)[-1500:]}\n{(self.logs / f'{i}.err').read_text()[-2500:]}"
                          for i in range(len(self.procs)))
 
-    def wait_for_any_output(self, pattern: str) -> re.Match[str]:
-        while not (found := re.search(pattern, "".join(map(self.stdout, range(len(self.procs)))), re.MULTILINE)):
+    def wait_for_any_output(self, pattern: str) -> None:
+        while not re.search(pattern, "".join(map(self.stdout, range(len(self.procs)))), re.MULTILINE):
             if any(proc.poll() is not None for proc in self.procs) or time.monotonic() > self.deadline:
                 pytest.fail(f"no agent printed {pattern!r}\n{self.tails()}")
             time.sleep(0.1)
-        return found
 
     def kill(self, index: int) -> None:
         """The node is gone: its agent and workers die at once (torchrun starts each worker in its own session)."""
-        agent = psutil.Process(self.procs[index].pid)
-        for proc in [agent, *agent.children(recursive=True)]:
-            proc.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            agent = psutil.Process(self.procs[index].pid)
+            for proc in [*agent.children(recursive=True), agent]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
         self.procs[index].wait()
 
     def results(self, indices: list[int] | None = None) -> list[Result]:
@@ -372,9 +374,8 @@ ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def elastic_agent(endpoint: str, nnodes: str, rdzv_id: str, *train_flags: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
-            "--rdzv-conf=last_call_timeout=1", "--max-restarts=2", TRAIN_SCRIPT, *train_flags]
+    return agent_command(endpoint, *train_flags, rdzv_id=rdzv_id, rdzv_conf="last_call_timeout=1", nnodes=nnodes,
+                         max_restarts=2)
 
 
 def wait_until_listening(endpoint: str, timeout: float = 60) -> None:
