@@ -9,19 +9,27 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from dist_mnist.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one entry per stateful part (model, optimizer, ..., train_state, clock)
 _NAME = re.compile(r"^step(\d{8})\.pt$")
 # Config fields a checkpoint must share with the run that resumes it: they fix the model, the data order and
 # the learning-rate schedule, so continuing with another value would silently train something else.
 RECIPE_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
                  "label_smoothing", "seed")
+
+
+class Stateful(Protocol):
+    """A part of a run that saves and restores itself: a checkpoint is a dict of these, by name."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:

@@ -219,12 +219,59 @@ def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
 
 @dataclass
 class TrainState:
-    """Where training stands: exactly what a checkpoint must restore."""
+    """Where training stands in the data and the schedule, and the evaluations so far."""
     epoch: int = 0
     step: int = 0  # optimizer steps done
     batch_in_epoch: int = 0  # batches of `epoch` already done on each rank
-    elapsed_s: float = 0.0  # training wall time before this process started (from resumed checkpoints)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                "metrics": list(self.metrics)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.metrics = list(state["metrics"])
+
+
+class RunClock:
+    """Training wall time: evaluation, checkpoint and reporting pauses are measured apart, and the time of the
+    processes a run was resumed from carries over through checkpoints."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None  # perf_counter at the first training step of this process
+        self.first_step_unix = 0.0
+        self.paused_s = 0.0
+        self.resumed_s = 0.0  # seconds since the first step, as of the checkpoint this process resumed from
+
+    def begin(self) -> float:
+        """Called at every step start; starts the clock at the first one. Returns the perf_counter reading."""
+        now = time.perf_counter()
+        if self.start is None:
+            self.start, self.first_step_unix = now, time.time()
+        return now
+
+    def training_seconds(self) -> float:
+        """This process's training time so far, pauses left out."""
+        return 0.0 if self.start is None else time.perf_counter() - self.start - self.paused_s
+
+    def elapsed_s(self) -> float:
+        """Seconds since the run's first training step, evaluation and checkpoints included."""
+        return self.resumed_s + (0.0 if self.start is None else time.perf_counter() - self.start)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed_s()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resumed_s = state["elapsed_s"]
 
 
 class Trainer:
@@ -247,13 +294,10 @@ class Trainer:
         self.memory = MemoryTracker()
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
-        # Wall-clock bookkeeping: training time excludes evaluation and checkpoint pauses.
-        self.clock_start: float | None = None
-        self.paused_s = 0.0
+        self.clock = RunClock()
         self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
         self.measured_step_s: list[float] = []
         self.last_checkpoint: tuple[Path, int, float] | None = None  # path, bytes, seconds to write
-        self.first_step_unix = 0.0
         self.loss_window: list[tuple[int, torch.Tensor]] = []
         self.train_loss_sum, self.train_loss_count = 0.0, 0
         self.last_log = (0, 0.0)  # (step, training seconds) at the last progress line
@@ -266,27 +310,23 @@ class Trainer:
             print(message, flush=True)
 
     def training_seconds(self) -> float:
-        if self.clock_start is None:
-            return 0.0
-        return time.perf_counter() - self.clock_start - self.paused_s
+        return self.clock.training_seconds()
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> Any:
         """Time spent in here (evaluation, checkpoints, progress reports, trace writing) is not training time.
 
         Leaving it out keeps samples/s and the measured step time honest, and the latter is what the phase
         timers must explain.
         """
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_s += time.perf_counter() - start
+        return self.clock.paused()
 
     def elapsed_s(self) -> float:
-        """Seconds since the run's first training step, evaluation and checkpoints included."""
-        now = 0.0 if self.clock_start is None else time.perf_counter() - self.clock_start
-        return self.state.elapsed_s + now
+        return self.clock.elapsed_s()
+
+    def stateful(self) -> dict[str, checkpoint.Stateful]:
+        """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
+        return {"model": self.parts.module, "optimizer": self.parts.optimizer, "scheduler": self.parts.scheduler,
+                "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock}
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -312,13 +352,10 @@ class Trainer:
             raise UserError(error)
         if state is None:
             return
-        self.parts.module.load_state_dict(state["model"])
-        self.parts.optimizer.load_state_dict(state["optimizer"])
-        self.parts.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when saved without fp16: an enabled scaler refuses it and starts fresh instead
-            self.parts.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState(epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
-                                elapsed_s=state["elapsed_s"], metrics=list(state["metrics"]))
+        for name, part in self.stateful().items():
+            # An empty state is what a disabled GradScaler (no fp16) saves: the part stays as built.
+            if state[name]:
+                part.load_state_dict(state[name])
         if state["world_size"] == ctx.world_size:
             checkpoint.set_rng_state(state["rng"][ctx.rank])
         else:
@@ -366,18 +403,10 @@ class Trainer:
             state = {
                 "format_version": checkpoint.FORMAT_VERSION,
                 "model_class": type(self.parts.module).__name__,
-                "model": self.parts.module.state_dict(),
-                "optimizer": self.parts.optimizer.state_dict(),
-                "scheduler": self.parts.scheduler.state_dict(),
-                "scaler": self.parts.scaler.state_dict(),
-                "epoch": self.state.epoch,
-                "step": self.state.step,
-                "batch_in_epoch": self.state.batch_in_epoch,
-                "elapsed_s": self.elapsed_s(),
                 "world_size": self.ctx.world_size,
                 "rng": rng_states,
                 "config": self.cfg.to_json(),
-                "metrics": self.state.metrics,
+                **{name: part.state_dict() for name, part in self.stateful().items()},
             }
             path, size = checkpoint.save_checkpoint(state, self.checkpoint_dir, self.state.step,
                                                     self.cfg.keep_checkpoints)
@@ -522,14 +551,11 @@ class Trainer:
         self.finish(stopped_by)
 
     def begin_step(self) -> None:
-        now = time.perf_counter()
-        if self.clock_start is None:
-            self.clock_start = now
-            self.first_step_unix = time.time()
+        now = self.clock.begin()
         if self.prev_step_start is not None:
             start, paused = self.prev_step_start
-            self.measured_step_s.append(now - start - (self.paused_s - paused))
-        self.prev_step_start = (now, self.paused_s)
+            self.measured_step_s.append(now - start - (self.clock.paused_s - paused))
+        self.prev_step_start = (now, self.clock.paused_s)
         self.timer.begin_step()
 
     def finish(self, stopped_by: str | None) -> None:
@@ -559,8 +585,8 @@ class Trainer:
                 flops=flops_per_sample(self.parts.module, ctx.device),
                 peak_flops_per_process=peak, peak_source=peak_source)
             # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
-            summary["startup_s"] = self.first_step_unix - psutil.Process().create_time()
-            summary["first_step_unix"] = self.first_step_unix
+            summary["startup_s"] = self.clock.first_step_unix - psutil.Process().create_time()
+            summary["first_step_unix"] = self.clock.first_step_unix
             self.writer.write_json("summary.json", summary)
             print(format_summary(summary), flush=True)
         if ctx.is_main and stopped_by:
