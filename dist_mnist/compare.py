@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dist_mnist.metrics import PHASES
+
 # Numbers that identify rather than measure: a ratio of them means nothing.
 _NOT_COMPARED = {"rank", "first_step_unix"}
 
@@ -100,11 +102,11 @@ def _number(record: dict[str, Any], key: str) -> float | None:
 
 
 def phase_names(ranks: list[dict[str, Any]]) -> list[str]:
-    """The step phases the summary has shares for (`<phase>_share`), in the order the summary lists them."""
-    names: dict[str, None] = {}
-    for r in ranks:
-        names.update((key.removesuffix("_share"), None) for key in r if key.endswith("_share"))
-    return list(names)
+    """The step phases (metrics.PHASES, which add up to the step) the summaries have a `<phase>_share` for.
+
+    Other `*_share` fields are not phases (they may overlap one) and are compared as plain numbers.
+    """
+    return [p for p in PHASES if any(f"{p}_share" in r for r in ranks)]
 
 
 def mean_step_s(rank: dict[str, Any]) -> float | None:

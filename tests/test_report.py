@@ -39,7 +39,8 @@ SHARES_A = {"data": 0.1, "to_device": 0.0, "forward": 0.3, "backward": 0.5, "opt
 SHARES_B = {"data": 0.05, "to_device": 0.05, "forward": 0.3, "backward": 0.4, "optimizer": 0.2}
 # A: one rank; B: two ranks, with comm fields A's summary lacks and one both have with other values.
 SUMMARY_A = _summary([_rank(0, 0.010, 1600.0, SHARES_A, comm_bytes_per_step=4_800_000)], 1600.0, 0.2)
-SUMMARY_B = _summary([_rank(0, 0.015, 2400.0, SHARES_B, comm_bytes_per_step=2_400_000, comm_time_s=0.004),
+SUMMARY_B = _summary([_rank(0, 0.015, 2400.0, SHARES_B, comm_bytes_per_step=2_400_000, comm_time_s=0.004,
+                            exposed_comm_share=0.1),
                       _rank(1, 0.016, 2300.0, SHARES_B)], 4000.0, 0.1)
 CONFIG_A = {"batch_size": 16, "amp": "auto", "resolved": {"world_size": 1, "backend": "gloo"}}
 CONFIG_B = {"batch_size": 16, "amp": "auto", "ddp_comm_hook": "bf16", "resolved": {"world_size": 2,
@@ -97,6 +98,9 @@ def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
     for key in [("rank 0", "comm_time_s"), ("rank 1", "samples/s")]:
         assert rows[key].ratio is None and rows[key].shown_a == "-" and rows[key].shown_b != "-"
     assert ("global", "first_step_unix") not in rows  # a timestamp, not a figure
+    # A share that is not a step phase (it may overlap one) is a plain number, not a phase with ms.
+    assert rows[("rank 0", "exposed_comm_share")].shown_b == "0.1"
+    assert ("rank 0", "exposed_comm ms") not in rows
 
 
 def test_report_prints_two_runs_side_by_side_with_the_config_diff(tmp_path: Path,
