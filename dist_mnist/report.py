@@ -39,12 +39,12 @@ def _format_or_fail(path: Path, formatter: Callable[[Any], str], record: Any) ->
         raise UserError(f"{path} is not a dist_mnist run file (missing or bad field {exc})") from None
 
 
-def _read_text(path: Path, missing: str) -> str | None:
-    """The file's text; None when it does not exist and `missing` is empty, else a UserError saying `missing`."""
+def _read_text(path: Path, missing: str | None = None) -> str | None:
+    """The file's text; when it does not exist, None, or a UserError saying `missing` where that is given."""
     try:
         return path.read_text()
     except FileNotFoundError:
-        if missing:
+        if missing is not None:
             raise UserError(missing) from None
         return None
     except OSError as exc:
@@ -65,7 +65,7 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
     """The records of a JSON-lines file (none when it does not exist), each checked to have `fields`."""
-    text = _read_text(path, "")
+    text = _read_text(path)
     records = [_read_json(path, line) for line in (text or "").splitlines() if line.strip()]
     for number, record in enumerate(records, 1):
         missing = [f for f in fields if not isinstance(record, dict) or f not in record]
@@ -92,6 +92,9 @@ def picture(run_dir: Path) -> Path:
     path = run_dir / PICTURE_FILE
     try:
         write_run_picture(path, run_dir.name, summary, progress, metrics)
+    except ImportError as exc:
+        raise UserError(f"cannot draw the picture: {exc} (pip install -e . installs matplotlib); pass --no-picture "
+                        "to skip it") from None
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}; pass --no-picture to skip it") from None
     return path
@@ -99,8 +102,13 @@ def picture(run_dir: Path) -> Path:
 
 def _read_config(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "config.json"
-    text = _read_text(path, "")
-    return None if text is None else _read_json(path, text)
+    text = _read_text(path)
+    if text is None:
+        return None
+    config = _read_json(path, text)
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a dist_mnist run file (not a JSON object)")
+    return config
 
 
 def compare(run_a: Path, run_b: Path) -> str:

@@ -47,7 +47,7 @@ CONFIG_B = {"batch_size": 16, "amp": "auto", "ddp_comm_hook": "bf16", "resolved"
                                                                                     "backend": "gloo"}}
 
 
-def _write_run(run_dir: Path, summary: dict[str, Any], config: dict[str, Any] | None = None,
+def _write_run(run_dir: Path, summary: dict[str, Any], config: Any = None,
                metrics: list[dict[str, Any]] | None = None, progress: list[dict[str, Any]] | None = None) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -137,6 +137,7 @@ def test_comparison_without_config_still_compares_the_summaries(tmp_path: Path,
     (lambda d: d.mkdir(), "has no summary.json"),
     (lambda d: (d.mkdir(), (d / "summary.json").write_text("{")), "summary.json is corrupt"),
     (lambda d: _write_run(d, {"ranks": [{"rank": 0}]}), "not a dist_mnist run file"),
+    (lambda d: _write_run(d, SUMMARY_B, config=[1]), "config.json is not a dist_mnist run file"),
 ])
 def test_comparison_with_a_missing_or_corrupt_run_is_one_line_error(setup: Any, message: str, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
