@@ -8,6 +8,7 @@ DDP all-reduces per step and the bandwidth of a 2-rank gloo all-reduce over loop
 # No `from __future__ import annotations`: DDP checks a comm hook's annotations as objects, not strings.
 
 import argparse
+import datetime
 import math
 import os
 import statistics
@@ -187,7 +188,9 @@ def _median_s(fn: Callable[[], object], repeats: int) -> float:
 def _measure_rank(rank: int, world: int, store_path: str, repeats: int, queue: SimpleQueue[GlooMeasurement]) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: what two ranks on one host use
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    # A peer that died must not leave this rank waiting for gloo's default 30 minutes.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         model = nn.parallel.DistributedDataParallel(MnistCNN())
         buckets: list[int] = []
