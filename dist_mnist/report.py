@@ -1,4 +1,5 @@
-"""Re-read a finished run and print its summary table: `python -m dist_mnist.report profiles/<run-name>`."""
+"""Re-read finished runs: `python -m dist_mnist.report RUN_DIR` prints a run's summary table and writes a picture
+of it into the run folder; `python -m dist_mnist.report RUN_A RUN_B` prints two runs side by side."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dist_mnist.compare import compare_summaries, config_changes, format_comparison
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import format_eval
+from dist_mnist.plots import write_run_picture
 from dist_mnist.profiling import format_summary
+
+METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.jsonl"
+PICTURE_FILE = "report.png"
+# The fields the picture reads from each record.
+METRICS_FIELDS = ("step", "train_loss", "test_loss", "test_accuracy")
+PROGRESS_FIELDS = ("step", "train_loss", "step_time_ms")
 
 
 def _read_json(path: Path, text: str) -> Any:
@@ -29,34 +39,101 @@ def _format_or_fail(path: Path, formatter: Callable[[Any], str], record: Any) ->
         raise UserError(f"{path} is not a dist_mnist run file (missing or bad field {exc})") from None
 
 
-def report(run_dir: Path) -> str:
-    """The last evaluation line (when metrics.jsonl has one) and the summary table, as the run printed them."""
+def _read_text(path: Path, missing: str | None = None) -> str | None:
+    """The file's text; when it does not exist, None, or a UserError saying `missing` where that is given."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        if missing is not None:
+            raise UserError(missing) from None
+        return None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json of a finished run, checked to be one (the terminal table can be made from it)."""
     if not run_dir.is_dir():
         raise UserError(f"no run folder {run_dir}; pass a folder inside --output-dir, e.g. profiles/<run-name>")
-    summary_path = run_dir / "summary.json"
-    try:
-        summary_text = summary_path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} has no summary.json: rank 0 writes it when a run ends, so this run is still "
-                        "going, crashed, or stopped before its first step") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {summary_path}: {exc.strerror or exc}") from None
-    lines = []
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.is_file():
-        records = metrics_path.read_text().strip().splitlines()
-        if records:
-            lines.append(_format_or_fail(metrics_path, format_eval, _read_json(metrics_path, records[-1])))
-    lines.append(_format_or_fail(summary_path, format_summary, _read_json(summary_path, summary_text)))
+    path = run_dir / "summary.json"
+    text = _read_text(path, f"{run_dir} has no summary.json: rank 0 writes it when a run ends, so this run is still "
+                            "going, crashed, or stopped before its first step")
+    summary = _read_json(path, text or "")
+    _format_or_fail(path, format_summary, summary)
+    return summary
+
+
+def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (none when it does not exist), each checked to have `fields`."""
+    text = _read_text(path)
+    records = [_read_json(path, line) for line in (text or "").splitlines() if line.strip()]
+    for number, record in enumerate(records, 1):
+        missing = [f for f in fields if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise UserError(f"{path} is not a dist_mnist run file (record {number} lacks {', '.join(missing)})")
+    return records
+
+
+def report(run_dir: Path) -> str:
+    """The last evaluation line (when metrics.jsonl has one) and the summary table, as the run printed them."""
+    summary = read_summary(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    records = read_records(metrics_path, ())
+    lines = [_format_or_fail(metrics_path, format_eval, records[-1])] if records else []
+    lines.append(format_summary(summary))
     return "\n".join(lines)
+
+
+def picture(run_dir: Path) -> Path:
+    """Write the run's picture (`report.png` in the run folder, replaced on every call); returns its path."""
+    summary = read_summary(run_dir)
+    progress = read_records(run_dir / PROGRESS_FILE, PROGRESS_FIELDS)
+    metrics = read_records(run_dir / METRICS_FILE, METRICS_FIELDS)
+    path = run_dir / PICTURE_FILE
+    try:
+        write_run_picture(path, run_dir.name, summary, progress, metrics)
+    except ImportError as exc:
+        raise UserError(f"cannot draw the picture: {exc} (pip install -e . installs matplotlib); pass --no-picture "
+                        "to skip it") from None
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; pass --no-picture to skip it") from None
+    return path
+
+
+def _read_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "config.json"
+    text = _read_text(path)
+    if text is None:
+        return None
+    config = _read_json(path, text)
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a dist_mnist run file (not a JSON object)")
+    return config
+
+
+def compare(run_a: Path, run_b: Path) -> str:
+    """Two runs side by side: which settings differ, and every figure of their summaries with its B/A ratio."""
+    rows = compare_summaries(read_summary(run_a), read_summary(run_b))
+    config_a, config_b = _read_config(run_a), _read_config(run_b)
+    changes = config_changes(config_a, config_b) if config_a is not None and config_b is not None else None
+    return format_comparison(str(run_a), str(run_b), rows, changes)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.report", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a run folder, e.g. profiles/<run-name>")
+    parser.add_argument("run_b", type=Path, nargs="?",
+                        help="a second run folder: print the two side by side, with B/A ratios")
+    parser.add_argument("--no-picture", action="store_true",
+                        help=f"one run: do not write the picture RUN_DIR/{PICTURE_FILE}")
     args = parser.parse_args(argv)
     try:
-        print(report(args.run_dir))
+        if args.run_b is not None:
+            print(compare(args.run_dir, args.run_b))
+            return 0
+        print(report(args.run_dir), flush=True)
+        if not args.no_picture:
+            print(f"picture: {picture(args.run_dir)}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -248,7 +248,7 @@ def test_unwritable_output_dir_is_one_line_error_before_training(tmp_path: Path)
 @pytest.mark.timeout(300)
 def test_report_prints_the_table_the_run_printed(profiled_run: tuple[Path, Result]) -> None:
     run_dir, train_result = profiled_run
-    result = run([sys.executable, "-m", "dist_mnist.report", str(run_dir)], timeout=60)
+    result = run([sys.executable, "-m", "dist_mnist.report", str(run_dir), "--no-picture"], timeout=60)
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     last_record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])

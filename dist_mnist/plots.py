@@ -1,0 +1,114 @@
+"""A picture of one run (a PNG a person can open anywhere): per-rank phase bars, step time, loss and accuracy curves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dist_mnist.compare import phase_ms, phase_names
+
+if TYPE_CHECKING:  # matplotlib is imported only when a picture is drawn: training never pays for it
+    from matplotlib.axes import Axes
+
+
+def _by_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step, in step order: the first one written for it.
+
+    A resumed run repeats the steps after its checkpoint, and a run whose last step is also an `--eval-every`
+    step evaluates it twice, the second time with no training since (train loss and samples/s 0).
+    """
+    first: dict[int, dict[str, Any]] = {}
+    for record in records:
+        first.setdefault(record["step"], record)
+    return sorted(first.values(), key=lambda r: r["step"])
+
+
+def _no_data(ax: Axes, why: str) -> None:
+    ax.text(0.5, 0.5, f"no data\n({why})", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _phase_bars(ax: Axes, summary: dict[str, Any]) -> None:
+    ranks = summary["ranks"]
+    phases = phase_names(ranks)
+    ax.set_title("where a step's time goes, per rank")
+    if not ranks or not phases:
+        _no_data(ax, "summary.json has no per-rank phase shares")
+        return
+    labels = [str(r["rank"]) for r in ranks]
+    bottoms = [0.0] * len(ranks)
+    times = [phase_ms(r, phases) for r in ranks]
+    for phase in phases:
+        heights = [t[phase] or 0.0 for t in times]
+        ax.bar(labels, heights, bottom=bottoms, label=phase)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    ax.set_xlabel("rank")
+    ax.set_ylabel("ms per step (mean)")
+    handles, names = ax.get_legend_handles_labels()
+    # Listed top to bottom, as the segments are stacked.
+    ax.legend(handles[::-1], names[::-1], fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+
+
+def _step_times(ax: Axes, progress: list[dict[str, Any]]) -> None:
+    ax.set_title("step time (rank 0, mean per log interval)")
+    if not progress:
+        _no_data(ax, "no progress.jsonl")
+        return
+    ax.plot([r["step"] for r in progress], [r["step_time_ms"] for r in progress], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ms")
+    ax.set_ylim(bottom=0)
+
+
+def _losses(ax: Axes, progress: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> None:
+    ax.set_title("loss")
+    if not progress and not metrics:
+        _no_data(ax, "no progress.jsonl or metrics.jsonl")
+        return
+    if progress:
+        ax.plot([r["step"] for r in progress], [r["train_loss"] for r in progress],
+                label="train (mean per log interval)")
+    if metrics:
+        steps = [r["step"] for r in metrics]
+        ax.plot(steps, [r["train_loss"] for r in metrics], marker="o", label="train (mean between evaluations)")
+        ax.plot(steps, [r["test_loss"] for r in metrics], marker="o", label="test")
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small")
+
+
+def _accuracy(ax: Axes, metrics: list[dict[str, Any]]) -> None:
+    ax.set_title("test accuracy")
+    if not metrics:
+        _no_data(ax, "no evaluation in metrics.jsonl")
+        return
+    steps = [r["step"] for r in metrics]
+    accuracy = [100 * r["test_accuracy"] for r in metrics]
+    ax.plot(steps, accuracy, marker="o")
+    ax.annotate(f"{accuracy[-1]:.2f}%", (steps[-1], accuracy[-1]), textcoords="offset points", xytext=(-10, -14),
+                ha="right")
+    ax.set_xlabel("step")
+    ax.set_ylabel("%")
+
+
+def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress: list[dict[str, Any]],
+                      metrics: list[dict[str, Any]]) -> None:
+    """Draw the four panels into a PNG at `path` (written to a temporary name first, so a failure keeps the old)."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot state, no display needed
+
+    fig = Figure(figsize=(11, 7.5), dpi=90, layout="constrained")
+    axes = fig.subplots(2, 2)
+    _phase_bars(axes[0, 0], summary)
+    _step_times(axes[0, 1], _by_step(progress))
+    _losses(axes[1, 0], _by_step(progress), _by_step(metrics))
+    _accuracy(axes[1, 1], _by_step(metrics))
+    fig.suptitle(f"{title}: {len(summary['ranks'])} ranks, {summary['samples_per_sec']:,.0f} samples/s")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

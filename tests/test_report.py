@@ -1,0 +1,199 @@
+"""`python -m dist_mnist.report`: two runs side by side and the picture of one run, from run folders tests write."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run
+
+from dist_mnist import report
+from dist_mnist.compare import compare_summaries
+from dist_mnist.metrics import PHASES
+from dist_mnist.profiling import format_summary
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rank(rank: int, p50_s: float, samples_per_sec: float, shares: dict[str, float],
+          **extra: Any) -> dict[str, Any]:
+    """A per-rank summary entry with every field a run writes; the timed mean step is 0.9 × 20 ms = 18 ms."""
+    return {"rank": rank, "steps": 100, "step_time_p50_s": p50_s, "step_time_p90_s": 2 * p50_s,
+            "samples_per_sec": samples_per_sec, **{f"{p}_share": shares[p] for p in PHASES},
+            "own_time_p50_s": p50_s / 4, "measured_step_time_s": 0.020, "explained_fraction": 0.9,
+            "peak_rss_bytes": 1000 * 2**20, "cuda_peak_allocated_bytes": None, "params_digest": "abc",
+            "straggler": False, **extra}
+
+
+def _summary(ranks: list[dict[str, Any]], samples_per_sec: float, mfu: float) -> dict[str, Any]:
+    return {"world_size": len(ranks), "ranks_in_sync": True, "samples_per_sec": samples_per_sec,
+            "epoch_time_s": 60_000 / samples_per_sec, "flops_per_sample": 7.2e7, "achieved_tflops": 0.1,
+            "peak_tflops_per_process": 1.0, "peak_source": "given", "mfu": mfu, "ranks": ranks, "startup_s": 4.0,
+            "first_step_unix": 1.8e9}
+
+
+SHARES_A = {"data": 0.1, "to_device": 0.0, "forward": 0.3, "backward": 0.5, "optimizer": 0.1}
+SHARES_B = {"data": 0.05, "to_device": 0.05, "forward": 0.3, "backward": 0.4, "optimizer": 0.2}
+# A: one rank; B: two ranks, with comm fields A's summary lacks and one both have with other values.
+SUMMARY_A = _summary([_rank(0, 0.010, 1600.0, SHARES_A, comm_bytes_per_step=4_800_000)], 1600.0, 0.2)
+SUMMARY_B = _summary([_rank(0, 0.015, 2400.0, SHARES_B, comm_bytes_per_step=2_400_000, comm_time_s=0.004,
+                            exposed_comm_share=0.1),
+                      _rank(1, 0.016, 2300.0, SHARES_B)], 4000.0, 0.1)
+CONFIG_A = {"batch_size": 16, "amp": "auto", "resolved": {"world_size": 1, "backend": "gloo"}}
+CONFIG_B = {"batch_size": 16, "amp": "auto", "ddp_comm_hook": "bf16", "resolved": {"world_size": 2,
+                                                                                    "backend": "gloo"}}
+
+
+def _write_run(run_dir: Path, summary: dict[str, Any], config: Any = None,
+               metrics: list[dict[str, Any]] | None = None, progress: list[dict[str, Any]] | None = None) -> Path:
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    for name, content in (("config.json", config), ("metrics.jsonl", metrics), ("progress.jsonl", progress)):
+        if content is not None:
+            text = json.dumps(content) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in content)
+            (run_dir / name).write_text(text)
+    return run_dir
+
+
+def _metrics(steps: list[int]) -> list[dict[str, Any]]:
+    """metrics.jsonl records as a run writes them (one per evaluation)."""
+    return [{"epoch": 1, "step": s, "train_loss": 1.0 / s, "test_loss": 0.5 / s, "test_accuracy": 1 - 0.1 / s,
+             "test_samples": 10000, "samples_per_sec": 1500.0, "elapsed_s": s / 100} for s in steps]
+
+
+def _progress(steps: list[int]) -> list[dict[str, Any]]:
+    """progress.jsonl records as rank 0 writes them (one per --log-every progress line)."""
+    return [{"epoch": 1, "step": s, "elapsed_s": s / 100, "train_loss": 2.0 / s, "lr": 1e-3,
+             "samples_per_sec": 1500.0, "step_time_ms": 10.0 + s % 3, "data_wait_share": 0.01} for s in steps]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RUN_A RUN_B
+
+
+def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
+    rows = {(r.section, r.label): r for r in compare_summaries(SUMMARY_A, SUMMARY_B)}
+    expected = {
+        ("global", "samples/s"): 2.5,
+        ("global", "MFU"): 0.5,
+        ("global", "epoch s"): 0.4,
+        ("global", "startup s"): 1.0,
+        ("global", "ranks"): 2.0,
+        ("rank 0", "step p50 ms"): 1.5,
+        ("rank 0", "samples/s"): 1.5,
+        ("rank 0", "data share"): 0.5,
+        ("rank 0", "optimizer share"): 2.0,
+        ("rank 0", "backward share"): 0.8,
+        ("rank 0", "backward ms"): 0.8,  # both timed mean steps are 18 ms
+        ("rank 0", "comm_bytes_per_step"): 0.5,  # a field both have, under its own name
+    }
+    for key, ratio in expected.items():
+        assert rows[key].ratio == pytest.approx(ratio), key
+    assert rows[("rank 0", "backward ms")].a == pytest.approx(0.5 * 0.9 * 20)
+    assert rows[("rank 0", "to_device ms")].ratio is None  # A spent 0 ms there: no ratio
+    # A field only B has, and a rank only B has: shown as '-' on the other side, no ratio.
+    for key in [("rank 0", "comm_time_s"), ("rank 1", "samples/s")]:
+        assert rows[key].ratio is None and rows[key].shown_a == "-" and rows[key].shown_b != "-"
+    assert ("global", "first_step_unix") not in rows  # a timestamp, not a figure
+    # A share that is not a step phase (it may overlap one) is a plain number, not a phase with ms.
+    assert rows[("rank 0", "exposed_comm_share")].shown_b == "0.1"
+    assert ("rank 0", "exposed_comm ms") not in rows
+
+
+def test_report_prints_two_runs_side_by_side_with_the_config_diff(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run_a = _write_run(tmp_path / "a", SUMMARY_A, CONFIG_A)
+    run_b = _write_run(tmp_path / "b", SUMMARY_B, CONFIG_B)
+    assert report.main([str(run_a), str(run_b)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:5] == [f"A: {run_a}", f"B: {run_b}", "config (A -> B):", "  resolved.world_size: 1 -> 2",
+                       "  ddp_comm_hook: (absent) -> 'bf16'"]
+
+    def row(label: str) -> list[str]:
+        """The A, B and B/A columns of the first row with this label."""
+        return next(line for line in out if line.startswith(f"  {label}  ")).split()[-3:]
+
+    assert row("samples/s") == ["1,600", "4,000", "2.50x"]  # the first samples/s row is the global one
+    assert row("step p50 ms") == ["10.00", "15.00", "1.50x"]
+    assert row("backward ms") == ["9.00", "7.20", "0.80x"]
+    assert row("comm_time_s") == ["-", "0.004", "-"]
+    assert not (tmp_path / "a" / report.PICTURE_FILE).exists()  # comparing draws nothing into the runs
+
+
+def test_comparison_without_config_still_compares_the_summaries(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run_a = _write_run(tmp_path / "a", SUMMARY_A)
+    run_b = _write_run(tmp_path / "b", SUMMARY_A, CONFIG_A)
+    assert report.main([str(run_a), str(run_b)]) == 0
+    out = capsys.readouterr().out
+    assert "config: not compared (a run has no config.json)" in out and "1.00x" in out
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda d: None, "no run folder"),
+    (lambda d: d.mkdir(), "has no summary.json"),
+    (lambda d: (d.mkdir(), (d / "summary.json").write_text("{")), "summary.json is corrupt"),
+    (lambda d: _write_run(d, {"ranks": [{"rank": 0}]}), "not a dist_mnist run file"),
+    (lambda d: _write_run(d, SUMMARY_B, config=[1]), "config.json is not a dist_mnist run file"),
+])
+def test_comparison_with_a_missing_or_corrupt_run_is_one_line_error(setup: Any, message: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run_a = _write_run(tmp_path / "a", SUMMARY_A, CONFIG_A)
+    setup(tmp_path / "b")
+    assert report.main([str(run_a), str(tmp_path / "b")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The picture of one run
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+@pytest.mark.parametrize("with_progress", [True, False], ids=["progress", "older-run-without-progress"])
+def test_report_writes_a_png_picture_into_the_run_folder(with_progress: bool, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B, _metrics([50, 100, 150, 150]),
+                         _progress(list(range(10, 160, 10))) if with_progress else None)
+    assert report.main([str(run_dir)]) == 0
+    picture = run_dir / "report.png"
+    assert capsys.readouterr().out.splitlines()[-1] == f"picture: {picture}"
+    _assert_png(picture)
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_no_picture_prints_the_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B, _metrics([50]))
+    assert report.main([str(run_dir), "--no-picture"]) == 0
+    assert capsys.readouterr().out == report.report(run_dir) + "\n"
+    assert report.report(run_dir).endswith(format_summary(SUMMARY_B))
+    assert not (run_dir / "report.png").exists()
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda d: (d / "progress.jsonl").write_text('{"step": 1,\n'), "progress.jsonl is corrupt"),
+    (lambda d: (d / "progress.jsonl").write_text('{"step": 1}\n'), "record 1 lacks train_loss, step_time_ms"),
+    (lambda d: (d / "report.png").mkdir(), "cannot write"),
+])
+def test_picture_of_a_bad_run_is_one_line_error(setup: Any, message: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B, _metrics([50]))
+    setup(run_dir)
+    assert report.main([str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_training_does_not_import_matplotlib() -> None:
+    code = "import sys, dist_mnist.train, dist_mnist.report; print('matplotlib' in sys.modules)"
+    result = run([sys.executable, "-c", code], timeout=100)
+    assert result.stdout.strip() == "False", result.stderr
