@@ -165,7 +165,6 @@ class DataPipeline:
     train_batches: ResumableBatchSampler
     test_loader: DataLoader
     train_size: int
-    test_size: int
 
     @property
     def steps_per_epoch(self) -> int:
@@ -196,4 +195,4 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split
     test_batches = BatchSampler(ShardSampler(len(test), ctx.rank, ctx.world_size), cfg.eval_batch_size,
                                 drop_last=False)
     test_loader = DataLoader(BatchIndexDataset(test, dataset_device), sampler=test_batches, **common)
-    return DataPipeline(train_loader, train_batches, test_loader, len(train), len(test))
+    return DataPipeline(train_loader, train_batches, test_loader, len(train))

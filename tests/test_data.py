@@ -37,7 +37,7 @@ CPU = torch.device("cpu")
 
 def cpu_ctx(rank: int = 0, world_size: int = 1) -> DistContext:
     """Rank `rank` of a world that needs no process group: the code under test makes no collective call."""
-    return DistContext(rank=rank, local_rank=rank, world_size=world_size, device=CPU, backend="gloo",
+    return DistContext(rank=rank, world_size=world_size, device=CPU, backend="gloo",
                        control_group=None)
 
 
