@@ -25,7 +25,7 @@ from torch.profiler import record_function
 
 from dist_mnist import checkpoint
 from dist_mnist.config import TrainConfig, parse_args
-from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
+from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
@@ -175,7 +175,7 @@ def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, ti
     """One optimizer step on one batch; returns the detached loss (no host sync)."""
     with timer.phase("to_device"):
         x = normalize(images, parts.device, parts.settings.channels_last)
-        y = labels.to(parts.device, non_blocking=True)
+        y = to_device(labels, parts.device)
     with timer.phase("forward"):
         with torch.autocast(parts.device.type, dtype=parts.settings.amp_dtype,
                             enabled=parts.settings.amp_dtype is not None):
@@ -202,7 +202,7 @@ def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
             parts.device.type, dtype=parts.settings.amp_dtype, enabled=parts.settings.amp_dtype is not None):
         for images, labels in loader:
             x = normalize(images, parts.device, parts.settings.channels_last)
-            y = labels.to(parts.device, non_blocking=True)
+            y = to_device(labels, parts.device)
             logits = module(x).float()
             totals[0] += F.cross_entropy(logits, y, reduction="sum")
             totals[1] += (logits.argmax(dim=1) == y).sum()
