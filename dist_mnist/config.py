@@ -29,8 +29,8 @@ class TrainConfig:
     num_workers: int = _opt(0, "DataLoader worker processes per rank (spawned once per run; the dataset reaches "
                                "them through /dev/shm); batches are sliced from decoded tensors, so 0 is fastest "
                                "on CPU (measured, see docs/benchmarks.md)")
-    data_on_device: str = _opt("auto", "keep the whole decoded dataset (47 MB) on the GPU and slice batches there; "
-                                       "auto: on with CUDA", choices=["auto", "on", "off"])
+    data_on_device: str = _opt("auto", "keep the whole decoded dataset, training and test splits (55 MB), on the GPU "
+                                       "and slice batches there; auto: on with CUDA", choices=["auto", "on", "off"])
 
     # Model and recipe
     epochs: int = _opt(2, "passes over the training set")
@@ -52,8 +52,9 @@ class TrainConfig:
     amp: str = _opt("auto", "mixed precision. auto: bf16 where the hardware runs it natively (CPUs with AVX512-BF16/"
                             "AMX, CUDA GPUs from Ampere on), fp16 with a GradScaler on older GPUs, off elsewhere",
                     choices=["auto", "off", "bf16", "fp16"])
-    channels_last: str = _opt("auto", "NHWC memory format for the convolutions; auto: on (measured faster on CPU "
-                                      "with bf16 and on CUDA)", choices=["auto", "on", "off"])
+    channels_last: str = _opt("auto", "NHWC memory format for the convolutions; auto: on, on every device (on CPU it "
+                                      "was faster in fp32 and in bf16: docs/benchmarks.md)",
+                              choices=["auto", "on", "off"])
     compile: bool = _opt(False, "torch.compile the model. Pays on CUDA for long runs; on a 2-core CPU the classic "
                                 "CNN ran slower than eager and compiling took 10-20 s (docs/benchmarks.md)")
     compile_mode: str = _opt("default", "torch.compile mode",
