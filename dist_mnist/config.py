@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from dist_mnist.errors import UserError
+
+# --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
+# should wait, and far from where such a duration overflows.
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -97,6 +102,10 @@ class TrainConfig:
                                "or a path to a checkpoint file")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            # nan passes every comparison below, and inf overflows the timedelta of --timeout-s.
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"--{_flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
         positive = ["epochs", "batch_size", "eval_batch_size", "log_every", "synthetic_train_size",
                     "synthetic_test_size", "keep_checkpoints", "profile_active"]
         non_negative = ["max_steps", "num_workers", "eval_every", "checkpoint_every", "threads", "profile_wait",
@@ -113,8 +122,8 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.warmup_frac < 1:
             raise UserError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
-        if not self.timeout_s > 0:
-            raise UserError(f"--timeout-s must be positive, got {self.timeout_s}")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise UserError(f"--timeout-s must be positive and at most {MAX_TIMEOUT_S} (a week), got {self.timeout_s}")
         if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):
             raise UserError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         if self.data_on_device == "on" and self.num_workers > 0:

@@ -182,6 +182,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], dict[str, str], tuple[s
                   ("t10k-images-idx3-ubyte is not a valid MNIST IDX file",)),
     "zero-batch-size": (lambda p: [*SMOKE_FLAGS, "--batch-size", "0"], {}, ("--batch-size must be positive",)),
     "negative-epochs": (lambda p: [*SMOKE_FLAGS, "--epochs=-1"], {}, ("--epochs must be positive",)),
+    "infinite-timeout": (lambda p: [*SMOKE_FLAGS, "--timeout-s", "inf"], {}, ("--timeout-s must be a finite number",)),
     "nccl-without-cuda": (lambda p: [*SMOKE_FLAGS, "--backend", "nccl"], {}, ("--backend nccl", "CUDA")),
     "fp16-on-cpu": (lambda p: [*SMOKE_FLAGS, "--amp", "fp16"], {}, ("--amp fp16 runs on CUDA only",)),
     "unwritable-output-dir": (lambda p: [*SMOKE_FLAGS, "--output-dir", _unwritable_output(p)], {},
