@@ -122,15 +122,31 @@ def test_same_seed_and_world_size_give_the_same_parameters(torchrun_two: Run, ou
         assert torch.equal(first[name], second[name]), name
 
 
+def file_snapshot(folder: Path) -> dict[Path, tuple[int, bytes]]:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.mark.timeout(150)
 def test_existing_run_folder_is_never_overwritten(single_process: Run) -> None:
     assert_ok(single_process)
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in single_process.run_dir.rglob("*") if p.is_file()}
+    before = file_snapshot(single_process.run_dir)
     again = train(*smoke_flags(single_process.run_dir.parent, single_process.run_dir.name, "--resume", "never"),
                   timeout=120)
     assert_one_line_error(again, "already exists")
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in single_process.run_dir.rglob("*") if p.is_file()}
-    assert after == before
+    assert file_snapshot(single_process.run_dir) == before
+
+
+@pytest.mark.timeout(150)
+def test_resume_never_is_refused_under_torchrun_restarts(single_process: Run) -> None:
+    # What a worker restarted by `torchrun --max-restarts=1` sees: it used to accept the folder, start again at
+    # step 0 and rewrite metrics.jsonl.
+    assert_ok(single_process)
+    before = file_snapshot(single_process.run_dir)
+    restarted = cpu_env(TORCHELASTIC_MAX_RESTARTS="1", TORCHELASTIC_RESTART_COUNT="1")
+    again = train(*smoke_flags(single_process.run_dir.parent, single_process.run_dir.name, "--resume", "never"),
+                  timeout=120, env=restarted)
+    assert_one_line_error(again, "--resume never cannot be combined with torchrun --max-restarts")
+    assert file_snapshot(single_process.run_dir) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------
