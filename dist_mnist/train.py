@@ -564,7 +564,8 @@ class Trainer:
             self.writer.write_json("summary.json", summary)
             print(format_summary(summary), flush=True)
         if ctx.is_main and stopped_by:
-            # A default run name is a fresh timestamp on every launch, so only --run-name finds this run again.
+            # A default name is found again only through torchrun's run id, which --standalone makes afresh on every
+            # launch (a fixed --rdzv-id keeps it); --run-name finds the run in every case, so suggest it.
             again = "the same command" if self.cfg.run_name else f"the same command with --run-name {self.run_dir.name}"
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
                   f"Run {again} to resume.", flush=True)
