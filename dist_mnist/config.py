@@ -76,7 +76,8 @@ class TrainConfig:
 
     # Evaluation, logging and run output
     eval_every: int = _opt(0, "also evaluate every N optimizer steps (0: only at the end of each epoch)")
-    log_every: int = _opt(50, "print progress every N optimizer steps (rank 0 only)")
+    log_every: int = _opt(50, "print progress (percent, elapsed, ETA, samples/s) every N optimizer steps, rank 0 "
+                              "only: one line each when stdout is not a terminal, updated in place on one")
     output_dir: str = _opt("profiles", "root folder for run output")
     run_name: str = _opt("", "run folder name inside --output-dir (default: a timestamp; under torchrun, stable "
                              "across restarts of the same job)")

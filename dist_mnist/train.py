@@ -40,6 +40,7 @@ from dist_mnist.profiling import (
     parameter_digest,
     rank_stats,
 )
+from dist_mnist.progress import Progress
 from dist_mnist.rundir import checkpoint_dir, open_run_dir
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,6 +227,13 @@ class TrainState:
     elapsed_s: float = 0.0  # training wall time before this process started (from resumed checkpoints)
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
+    def epoch_number(self) -> int:
+        """The epoch of the last step done, counted from 1 as people do: what every message and file shows.
+
+        Right after an epoch's last step `epoch` has already moved on, so that step's epoch is `epoch` itself.
+        """
+        return self.epoch if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch + 1
+
 
 class Trainer:
     """Holds a run's parts; `fit` is the loop."""
@@ -256,13 +264,14 @@ class Trainer:
         self.first_step_unix = 0.0
         self.loss_window: list[tuple[int, torch.Tensor]] = []
         self.train_loss_sum, self.train_loss_count = 0.0, 0
-        self.last_log = (0, 0.0)  # (step, training seconds) at the last progress line
+        self.progress = Progress(self.run_dir, ctx.is_main, self.step_limit(), self.global_batch)
         self.last_record = (0, 0.0)  # the same at the last metrics record
 
     # -- output --------------------------------------------------------------------------------------------
 
     def log(self, message: str) -> None:
         if self.ctx.is_main:
+            self.progress.end_line()
             print(message, flush=True)
 
     def training_seconds(self) -> float:
@@ -323,8 +332,9 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"][ctx.rank])
         else:
             self.adapt_to_world_size(state["world_size"])
-        self.log(f"resumed from step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})"
-                 f" of {source}")
+        where = (f"epoch {self.state.epoch_number()}, batch {self.state.batch_in_epoch}" if self.state.batch_in_epoch
+                 else f"end of epoch {self.state.epoch_number()}")
+        self.log(f"resumed from step {self.state.step} ({where}) of {source}")
 
     def adapt_to_world_size(self, old_world_size: int) -> None:
         """Continue a checkpoint written by another number of processes (an elastic restart with new membership).
@@ -350,7 +360,7 @@ class Trainer:
             group["lr"] = base_lr * factor(scheduler.last_epoch)
         torch.manual_seed(self.cfg.seed + 1 + self.ctx.rank + 1000 * (state.step + 1))
         self.log(f"warning: the checkpoint was written by {old_world_size} processes, this run has "
-                 f"{self.ctx.world_size}: continuing epoch {state.epoch} at sample "
+                 f"{self.ctx.world_size}: continuing epoch {state.epoch + 1} at sample "
                  f"{state.batch_in_epoch * self.global_batch} of its order (it had reached {samples_done}), "
                  f"learning-rate schedule at {progress:.1%}")
 
@@ -400,8 +410,10 @@ class Trainer:
             kept = f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
             raise UserError(f"training loss became non-finite at step {first_bad}; stopped ({kept}). Lower --lr, "
                             "or use --grad-clip")
-        self.train_loss_sum += float(values.sum())
+        total = float(values.sum())
+        self.train_loss_sum += total
         self.train_loss_count += len(values)
+        self.progress.add_losses(total, len(values))
 
     def log_progress(self) -> None:
         with self.paused():
@@ -409,25 +421,18 @@ class Trainer:
 
     def _log_progress(self) -> None:
         self.flush_losses()
-        seconds = self.training_seconds()
-        prev_step, prev_seconds = self.last_log
-        samples_per_sec = (self.state.step - prev_step) * self.global_batch / max(seconds - prev_seconds, 1e-9)
-        self.last_log = (self.state.step, seconds)
-        recent = self.timer.drain()
+        record = self.progress.report(self.state.epoch_number(), self.state.step, self.elapsed_s(),
+                                      self.training_seconds(), self.parts.scheduler.get_last_lr()[0],
+                                      self.timer.drain())
         rss = self.memory.sample()
         if self.ctx.is_main:
-            step_time = sum(sum(s.values()) for s in recent) / max(len(recent), 1)
-            data_share = sum(s["data"] for s in recent) / max(step_time * len(recent), 1e-12)
-            loss = self.train_loss_sum / max(self.train_loss_count, 1)
-            lr = self.parts.scheduler.get_last_lr()[0]
-            print(f"epoch {self.state.epoch} step {self.state.step}/{self.step_limit()} loss {loss:.4f} "
-                  f"lr {lr:.2e} {samples_per_sec:,.0f} samples/s", flush=True)
             memory = {"rss_mb": rss / 2**20}
             if self.ctx.device.type == "cuda":
                 memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**20
-            self.writer.scalars("train", {"loss": loss, "lr": lr, "samples_per_sec": samples_per_sec,
-                                          "step_time_ms": step_time * 1e3, "data_wait_share": data_share,
-                                          **memory}, self.state.step)
+            self.writer.scalars("train", {"loss": record.train_loss, "lr": record.lr,
+                                          "samples_per_sec": record.samples_per_sec,
+                                          "step_time_ms": record.step_time_ms,
+                                          "data_wait_share": record.data_wait_share, **memory}, self.state.step)
 
     def step_limit(self) -> int:
         return min(self.cfg.max_steps, self.total_steps) if self.cfg.max_steps else self.total_steps
@@ -444,7 +449,7 @@ class Trainer:
         prev_step, prev_seconds = self.last_record
         self.last_record = (self.state.step, seconds)
         record = {
-            "epoch": self.state.epoch, "step": self.state.step,
+            "epoch": self.state.epoch_number(), "step": self.state.step,
             "train_loss": loss[0].item() / max(loss[1].item(), 1),
             **result,
             "samples_per_sec": (self.state.step - prev_step) * self.global_batch / max(seconds - prev_seconds, 1e-9),
@@ -467,6 +472,7 @@ class Trainer:
             "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
             **self.settings.describe()}})
         self.writer.reset_metrics(state.metrics)
+        self.progress.start(state.step, state.elapsed_s)
         if state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps):
             self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
             return
@@ -535,6 +541,7 @@ class Trainer:
     def finish(self, stopped_by: str | None) -> None:
         """Report: progress tail, where the time went (summary.json), and why we stopped."""
         ctx = self.ctx
+        self.progress.end_line()
         if self.cfg.cuda_memory_snapshot:
             torch.cuda.memory._dump_snapshot(str(self.run_dir / f"rank{ctx.rank}.memory_snapshot.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
