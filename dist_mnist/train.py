@@ -265,7 +265,7 @@ class Trainer:
         self.loss_window: list[tuple[int, torch.Tensor]] = []
         self.train_loss_sum, self.train_loss_count = 0.0, 0
         self.progress = Progress(self.run_dir, ctx.is_main, self.step_limit(), self.global_batch)
-        self.last_record = (0, 0.0)  # the same at the last metrics record
+        self.last_record = (0, 0.0)  # (step, training seconds) at the last metrics record
 
     # -- output --------------------------------------------------------------------------------------------
 
