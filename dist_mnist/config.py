@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from dist_mnist.errors import UserError
+
+# --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
+# should wait, and far from where such a duration overflows.
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -29,8 +34,8 @@ class TrainConfig:
     num_workers: int = _opt(0, "DataLoader worker processes per rank (spawned once per run; the dataset reaches "
                                "them through /dev/shm); batches are sliced from decoded tensors, so 0 is fastest "
                                "on CPU (measured, see docs/benchmarks.md)")
-    data_on_device: str = _opt("auto", "keep the whole decoded dataset (47 MB) on the GPU and slice batches there; "
-                                       "auto: on with CUDA", choices=["auto", "on", "off"])
+    data_on_device: str = _opt("auto", "keep the whole decoded dataset, training and test splits (55 MB), on the GPU "
+                                       "and slice batches there; auto: on with CUDA", choices=["auto", "on", "off"])
 
     # Model and recipe
     epochs: int = _opt(2, "passes over the training set")
@@ -52,8 +57,9 @@ class TrainConfig:
     amp: str = _opt("auto", "mixed precision. auto: bf16 where the hardware runs it natively (CPUs with AVX512-BF16/"
                             "AMX, CUDA GPUs from Ampere on), fp16 with a GradScaler on older GPUs, off elsewhere",
                     choices=["auto", "off", "bf16", "fp16"])
-    channels_last: str = _opt("auto", "NHWC memory format for the convolutions; auto: on (measured faster on CPU "
-                                      "with bf16 and on CUDA)", choices=["auto", "on", "off"])
+    channels_last: str = _opt("auto", "NHWC memory format for the convolutions; auto: on, on every device (on CPU it "
+                                      "was faster in fp32 and in bf16: docs/benchmarks.md)",
+                              choices=["auto", "on", "off"])
     compile: bool = _opt(False, "torch.compile the model. Pays on CUDA for long runs; on a 2-core CPU the classic "
                                 "CNN ran slower than eager and compiling took 10-20 s (docs/benchmarks.md)")
     compile_mode: str = _opt("default", "torch.compile mode",
@@ -70,7 +76,8 @@ class TrainConfig:
 
     # Evaluation, logging and run output
     eval_every: int = _opt(0, "also evaluate every N optimizer steps (0: only at the end of each epoch)")
-    log_every: int = _opt(50, "print progress every N optimizer steps (rank 0 only)")
+    log_every: int = _opt(50, "print progress (percent, elapsed, ETA, samples/s) every N optimizer steps, rank 0 "
+                              "only: one line each when stdout is not a terminal, updated in place on one")
     output_dir: str = _opt("profiles", "root folder for run output")
     run_name: str = _opt("", "run folder name inside --output-dir (default: a timestamp; under torchrun, stable "
                              "across restarts of the same job)")
@@ -96,6 +103,10 @@ class TrainConfig:
                                "or a path to a checkpoint file")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            # nan passes every comparison below, and inf overflows the timedelta of --timeout-s.
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"--{_flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
         positive = ["epochs", "batch_size", "eval_batch_size", "log_every", "synthetic_train_size",
                     "synthetic_test_size", "keep_checkpoints", "profile_active"]
         non_negative = ["max_steps", "num_workers", "eval_every", "checkpoint_every", "threads", "profile_wait",
@@ -112,8 +123,8 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.warmup_frac < 1:
             raise UserError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
-        if not self.timeout_s > 0:
-            raise UserError(f"--timeout-s must be positive, got {self.timeout_s}")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise UserError(f"--timeout-s must be positive and at most {MAX_TIMEOUT_S} (a week), got {self.timeout_s}")
         if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):
             raise UserError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         if self.data_on_device == "on" and self.num_workers > 0:

@@ -152,9 +152,18 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a batch to `device`, asynchronously only on CUDA.
+
+    There the batch is pinned (the loaders' pin_memory) or already on the GPU (--data-on-device), the two cases in
+    which non_blocking means something; on CPU the copy is a no-op.
+    """
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
 def normalize(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 [B, 28, 28] -> normalised float32 [B, 1, 28, 28] on `device`, done once per batch."""
-    x = images.to(device, non_blocking=True).unsqueeze(1).float()
+    x = to_device(images, device).unsqueeze(1).float()
     x = x.sub_(MNIST_MEAN * 255).mul_(1.0 / (MNIST_STD * 255))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -165,7 +174,6 @@ class DataPipeline:
     train_batches: ResumableBatchSampler
     test_loader: DataLoader
     train_size: int
-    test_size: int
 
     @property
     def steps_per_epoch(self) -> int:
@@ -196,4 +204,4 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split
     test_batches = BatchSampler(ShardSampler(len(test), ctx.rank, ctx.world_size), cfg.eval_batch_size,
                                 drop_last=False)
     test_loader = DataLoader(BatchIndexDataset(test, dataset_device), sampler=test_batches, **common)
-    return DataPipeline(train_loader, train_batches, test_loader, len(train), len(test))
+    return DataPipeline(train_loader, train_batches, test_loader, len(train))

@@ -19,7 +19,6 @@ from dist_mnist.errors import UserError
 @dataclass(frozen=True)
 class DistContext:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
     backend: str
@@ -42,14 +41,6 @@ class DistContext:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.control_group)
         return out
-
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on at least one."""
-        if self.world_size == 1:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(t.item())
 
     def barrier(self) -> None:
         dist.barrier(group=self.control_group)
@@ -120,7 +111,7 @@ def distributed_session(cfg: TrainConfig) -> Iterator[DistContext]:
         dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **init_kwargs)
     try:
         control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
-        yield DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+        yield DistContext(rank=rank, world_size=world_size, device=device,
                           backend=backend, control_group=control_group)
     finally:
         dist.destroy_process_group()

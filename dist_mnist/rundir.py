@@ -42,7 +42,16 @@ def _default_name(output_dir: Path) -> str:
     return stamp
 
 
+def _refuse_fresh_starts_on_restarts(cfg: TrainConfig) -> None:
+    """--resume never under torchrun --max-restarts: each restart would begin at step 0 and rewrite the run's files."""
+    if cfg.resume == "never" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+        raise UserError("--resume never cannot be combined with torchrun --max-restarts above 0: every restart would "
+                        "start again from step 0 and rewrite the run's files; use --resume auto (the default), which "
+                        "continues from the last checkpoint")
+
+
 def _choose_run_dir(cfg: TrainConfig) -> Path:
+    _refuse_fresh_starts_on_restarts(cfg)
     output_dir = Path(cfg.output_dir)
     _ensure_writable(output_dir, "--output-dir")
     run_dir = output_dir / (cfg.run_name or _default_name(output_dir))

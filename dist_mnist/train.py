@@ -25,7 +25,7 @@ from torch.profiler import record_function
 
 from dist_mnist import checkpoint
 from dist_mnist.config import TrainConfig, parse_args
-from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
+from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
@@ -40,6 +40,7 @@ from dist_mnist.profiling import (
     parameter_digest,
     rank_stats,
 )
+from dist_mnist.progress import Progress
 from dist_mnist.rundir import checkpoint_dir, open_run_dir
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, ti
     """One optimizer step on one batch; returns the detached loss (no host sync)."""
     with timer.phase("to_device"):
         x = normalize(images, parts.device, parts.settings.channels_last)
-        y = labels.to(parts.device, non_blocking=True)
+        y = to_device(labels, parts.device)
     with timer.phase("forward"):
         with torch.autocast(parts.device.type, dtype=parts.settings.amp_dtype,
                             enabled=parts.settings.amp_dtype is not None):
@@ -202,7 +203,7 @@ def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
             parts.device.type, dtype=parts.settings.amp_dtype, enabled=parts.settings.amp_dtype is not None):
         for images, labels in loader:
             x = normalize(images, parts.device, parts.settings.channels_last)
-            y = labels.to(parts.device, non_blocking=True)
+            y = to_device(labels, parts.device)
             logits = module(x).float()
             totals[0] += F.cross_entropy(logits, y, reduction="sum")
             totals[1] += (logits.argmax(dim=1) == y).sum()
@@ -232,6 +233,13 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.metrics = list(state["metrics"])
+
+    def epoch_number(self) -> int:
+        """The epoch of the last step done, counted from 1 as people do: what every message and file shows.
+
+        Right after an epoch's last step `epoch` has already moved on, so that step's epoch is `epoch` itself.
+        """
+        return self.epoch if self.batch_in_epoch == 0 and self.epoch > 0 else self.epoch + 1
 
 
 class RunClock:
@@ -300,13 +308,14 @@ class Trainer:
         self.last_checkpoint: tuple[Path, int, float] | None = None  # path, bytes, seconds to write
         self.loss_window: list[tuple[int, torch.Tensor]] = []
         self.train_loss_sum, self.train_loss_count = 0.0, 0
-        self.last_log = (0, 0.0)  # (step, training seconds) at the last progress line
-        self.last_record = (0, 0.0)  # the same at the last metrics record
+        self.progress = Progress(self.run_dir, ctx.is_main, self.step_limit(), self.global_batch)
+        self.last_record = (0, 0.0)  # (step, training seconds) at the last metrics record
 
     # -- output --------------------------------------------------------------------------------------------
 
     def log(self, message: str) -> None:
         if self.ctx.is_main:
+            self.progress.end_line()
             print(message, flush=True)
 
     def training_seconds(self) -> float:
@@ -360,8 +369,9 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"][ctx.rank])
         else:
             self.adapt_to_world_size(state["world_size"])
-        self.log(f"resumed from step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})"
-                 f" of {source}")
+        where = (f"epoch {self.state.epoch_number()}, batch {self.state.batch_in_epoch}" if self.state.batch_in_epoch
+                 else f"end of epoch {self.state.epoch_number()}")
+        self.log(f"resumed from step {self.state.step} ({where}) of {source}")
 
     def adapt_to_world_size(self, old_world_size: int) -> None:
         """Continue a checkpoint written by another number of processes (an elastic restart with new membership).
@@ -387,7 +397,7 @@ class Trainer:
             group["lr"] = base_lr * factor(scheduler.last_epoch)
         torch.manual_seed(self.cfg.seed + 1 + self.ctx.rank + 1000 * (state.step + 1))
         self.log(f"warning: the checkpoint was written by {old_world_size} processes, this run has "
-                 f"{self.ctx.world_size}: continuing epoch {state.epoch} at sample "
+                 f"{self.ctx.world_size}: continuing epoch {state.epoch + 1} at sample "
                  f"{state.batch_in_epoch * self.global_batch} of its order (it had reached {samples_done}), "
                  f"learning-rate schedule at {progress:.1%}")
 
@@ -429,8 +439,10 @@ class Trainer:
             kept = f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
             raise UserError(f"training loss became non-finite at step {first_bad}; stopped ({kept}). Lower --lr, "
                             "or use --grad-clip")
-        self.train_loss_sum += float(values.sum())
+        total = float(values.sum())
+        self.train_loss_sum += total
         self.train_loss_count += len(values)
+        self.progress.add_losses(total, len(values))
 
     def log_progress(self) -> None:
         with self.paused():
@@ -438,25 +450,18 @@ class Trainer:
 
     def _log_progress(self) -> None:
         self.flush_losses()
-        seconds = self.training_seconds()
-        prev_step, prev_seconds = self.last_log
-        samples_per_sec = (self.state.step - prev_step) * self.global_batch / max(seconds - prev_seconds, 1e-9)
-        self.last_log = (self.state.step, seconds)
-        recent = self.timer.drain()
+        record = self.progress.report(self.state.epoch_number(), self.state.step, self.elapsed_s(),
+                                      self.training_seconds(), self.parts.scheduler.get_last_lr()[0],
+                                      self.timer.drain())
         rss = self.memory.sample()
         if self.ctx.is_main:
-            step_time = sum(sum(s.values()) for s in recent) / max(len(recent), 1)
-            data_share = sum(s["data"] for s in recent) / max(step_time * len(recent), 1e-12)
-            loss = self.train_loss_sum / max(self.train_loss_count, 1)
-            lr = self.parts.scheduler.get_last_lr()[0]
-            print(f"epoch {self.state.epoch} step {self.state.step}/{self.step_limit()} loss {loss:.4f} "
-                  f"lr {lr:.2e} {samples_per_sec:,.0f} samples/s", flush=True)
             memory = {"rss_mb": rss / 2**20}
             if self.ctx.device.type == "cuda":
                 memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**20
-            self.writer.scalars("train", {"loss": loss, "lr": lr, "samples_per_sec": samples_per_sec,
-                                          "step_time_ms": step_time * 1e3, "data_wait_share": data_share,
-                                          **memory}, self.state.step)
+            self.writer.scalars("train", {"loss": record.train_loss, "lr": record.lr,
+                                          "samples_per_sec": record.samples_per_sec,
+                                          "step_time_ms": record.step_time_ms,
+                                          "data_wait_share": record.data_wait_share, **memory}, self.state.step)
 
     def step_limit(self) -> int:
         return min(self.cfg.max_steps, self.total_steps) if self.cfg.max_steps else self.total_steps
@@ -473,7 +478,7 @@ class Trainer:
         prev_step, prev_seconds = self.last_record
         self.last_record = (self.state.step, seconds)
         record = {
-            "epoch": self.state.epoch, "step": self.state.step,
+            "epoch": self.state.epoch_number(), "step": self.state.step,
             "train_loss": loss[0].item() / max(loss[1].item(), 1),
             **result,
             "samples_per_sec": (self.state.step - prev_step) * self.global_batch / max(seconds - prev_seconds, 1e-9),
@@ -496,6 +501,7 @@ class Trainer:
             "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
             **self.settings.describe()}})
         self.writer.reset_metrics(state.metrics)
+        self.progress.start(state.step, self.elapsed_s())
         if state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps):
             self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
             return
@@ -561,6 +567,7 @@ class Trainer:
     def finish(self, stopped_by: str | None) -> None:
         """Report: progress tail, where the time went (summary.json), and why we stopped."""
         ctx = self.ctx
+        self.progress.end_line()
         if self.cfg.cuda_memory_snapshot:
             torch.cuda.memory._dump_snapshot(str(self.run_dir / f"rank{ctx.rank}.memory_snapshot.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
@@ -590,7 +597,8 @@ class Trainer:
             self.writer.write_json("summary.json", summary)
             print(format_summary(summary), flush=True)
         if ctx.is_main and stopped_by:
-            # A default run name is a fresh timestamp on every launch, so only --run-name finds this run again.
+            # A default name is found again only through torchrun's run id, which --standalone makes afresh on every
+            # launch (a fixed --rdzv-id keeps it); --run-name finds the run in every case, so suggest it.
             again = "the same command" if self.cfg.run_name else f"the same command with --run-name {self.run_dir.name}"
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
                   f"Run {again} to resume.", flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from dist_mnist.config import TrainConfig, build_parser, parse_args
@@ -16,11 +18,27 @@ from dist_mnist.errors import UserError
     ("--threads", "-2"), ("--grad-clip", "-0.5"), ("--weight-decay", "-0.01"),
     ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"),
     ("--warmup-frac", "-0.1"), ("--warmup-frac", "1"), ("--warmup-frac", "1.5"),
-    ("--timeout-s", "0"), ("--timeout-s", "-10"),
+    ("--timeout-s", "0"), ("--timeout-s", "-10"), ("--timeout-s", "1e9"), ("--label-smoothing", "-0.1"),
+    ("--label-smoothing", "1"), ("--peak-tflops", "-1"),
 ])
 def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must"):
         parse_args([f"{flag}={value}"])  # the = form, so argparse takes "-1e-3" as a value
+
+
+FLOAT_FLAGS = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig) if f.type == "float"]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+def test_every_float_flag_must_be_finite(flag: str, value: str) -> None:
+    with pytest.raises(UserError, match=f"^{flag} must be a finite number, got {value}$"):
+        parse_args([f"{flag}={value}"])
+
+
+def test_float_flags_are_found() -> None:
+    assert {"--lr", "--weight-decay", "--warmup-frac", "--label-smoothing", "--grad-clip", "--timeout-s",
+            "--peak-tflops"} <= set(FLOAT_FLAGS)
 
 
 @pytest.mark.parametrize("run_name", ["a/b", "/abs", "..", "."])

@@ -27,6 +27,7 @@ from dist_mnist.data import (
     mnist_raw_dir,
     normalize,
     synthetic_splits,
+    to_device,
 )
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
@@ -37,7 +38,7 @@ CPU = torch.device("cpu")
 
 def cpu_ctx(rank: int = 0, world_size: int = 1) -> DistContext:
     """Rank `rank` of a world that needs no process group: the code under test makes no collective call."""
-    return DistContext(rank=rank, local_rank=rank, world_size=world_size, device=CPU, backend="gloo",
+    return DistContext(rank=rank, world_size=world_size, device=CPU, backend="gloo",
                        control_group=None)
 
 
@@ -213,6 +214,26 @@ def test_batch_larger_than_the_shard_is_a_user_error() -> None:
     train, test = synthetic_splits(64, 20)
     with pytest.raises(UserError, match="--batch-size 40 is larger than this rank's share"):
         build_pipeline(TrainConfig(batch_size=40), cpu_ctx(1, 2), train, test, on_device=False)
+
+
+class CopyRecorder:
+    """Stands in for a tensor: records how it was asked to move."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.device, bool]] = []
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> CopyRecorder:
+        self.calls.append((device, non_blocking))
+        return self
+
+
+@pytest.mark.parametrize(("device", "non_blocking"), [(torch.device("cpu"), False),
+                                                      (torch.device("cuda", 0), True)])
+def test_copies_are_asynchronous_on_cuda_only(device: torch.device, non_blocking: bool) -> None:
+    # On CUDA the loaders pin their batches or keep them on the GPU, so an asynchronous copy is safe and useful.
+    tensor = CopyRecorder()
+    to_device(tensor, device)  # type: ignore[arg-type]
+    assert tensor.calls == [(device, non_blocking)]
 
 
 def reference_mnist(data_dir: Path, train: bool) -> datasets.MNIST:

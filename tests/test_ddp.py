@@ -37,7 +37,7 @@ def _rank_main(rank: int, world_size: int, store: str, out_dir: str, scenario: S
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
-        ctx = DistContext(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"),
+        ctx = DistContext(rank=rank, world_size=world_size, device=torch.device("cpu"),
                           backend="gloo", control_group=dist.group.WORLD)
         torch.save(scenario(ctx, batch_size), Path(out_dir) / f"rank{rank}.pt")
     finally:

@@ -4,6 +4,7 @@ talks, runs are reproducible, every bad input is one error line, and (with real 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SMOKE_FLAGS, Result, cpu_env, make_mnist_dir, real_mnist_dir, torchrun, train
+from conftest import REPO, SMOKE_FLAGS, Result, cpu_env, make_mnist_dir, real_mnist_dir, torchrun, train
 
 from dist_mnist.data import MNIST_FILES, mnist_raw_dir
 
@@ -56,7 +57,8 @@ def assert_run_files(run: Run, world_size: int) -> None:
     assert config["resolved"]["world_size"] == world_size and config["max_steps"] == MAX_STEPS
     last = run.metrics()[-1]
     assert RECORD_KEYS <= last.keys()
-    assert last["step"] == MAX_STEPS and last["epoch"] == MAX_STEPS // config["resolved"]["steps_per_epoch"]
+    # Epochs count from 1: the epoch of the last step done.
+    assert last["step"] == MAX_STEPS and last["epoch"] == (MAX_STEPS - 1) // config["resolved"]["steps_per_epoch"] + 1
     assert last["test_samples"] == SMOKE_TEST_SIZE
     assert 0 <= last["test_accuracy"] <= 1 and last["samples_per_sec"] > 0 and last["elapsed_s"] > 0
     summary = run.json("summary.json")
@@ -107,6 +109,74 @@ def test_single_process_mode_writes_the_run_files(single_process: Run) -> None:
     assert single_process.json("config.json")["resolved"]["backend"] == "gloo"
 
 
+# 128 samples at batch 16: 8 steps per epoch, 16 in all; progress every 4 steps, evaluations at steps 8 (end of
+# epoch 1), 12 (--eval-every, inside epoch 2) and 16.
+@pytest.fixture(scope="module")
+def two_epochs(out_dir: Path) -> Run:
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "128", "--epochs", "2", "--eval-every", "12", "--tensorboard",
+             "--output-dir", str(out_dir), "--run-name", "two-epochs", "--timeout-s", "60"]
+    return Run(train(*flags, timeout=120), out_dir / "two-epochs")
+
+
+PROGRESS_LINE = re.compile(r"^epoch (\d+) step (\d+)/16 \((\d+\.\d)%\) loss \S+ lr \S+ [\d,]+ samples/s, "
+                           r"elapsed \d+:\d\d:\d\d, ETA (\d+:\d\d:\d\d)$", re.MULTILINE)
+EVAL_LINE = re.compile(r"^eval  epoch (\d+) step (\d+): ", re.MULTILINE)
+
+
+@pytest.mark.timeout(150)
+def test_epochs_count_from_1_in_every_output(two_epochs: Run) -> None:
+    assert_ok(two_epochs)
+    progress = [(int(e), int(s)) for e, s, _, _ in PROGRESS_LINE.findall(two_epochs.result.stdout)]
+    evals = [(int(e), int(s)) for e, s in EVAL_LINE.findall(two_epochs.result.stdout)]
+    records = [(r["epoch"], r["step"]) for r in two_epochs.metrics()]
+    progress_records = [(r["epoch"], r["step"]) for r in read_jsonl(two_epochs.run_dir / "progress.jsonl")]
+    assert progress == progress_records == [(1, 4), (1, 8), (2, 12), (2, 16)]
+    assert evals == records == [(1, 8), (2, 12), (2, 16)]
+
+
+@pytest.mark.timeout(150)
+def test_progress_line_has_percent_and_eta(two_epochs: Run) -> None:
+    assert_ok(two_epochs)
+    lines = PROGRESS_LINE.findall(two_epochs.result.stdout)
+    assert [percent for _, _, percent, _ in lines] == ["25.0", "50.0", "75.0", "100.0"]
+    assert lines[-1][3] == "0:00:00"  # nothing left at the last step
+
+
+@pytest.mark.timeout(150)
+def test_progress_jsonl_has_the_documented_keys(two_epochs: Run) -> None:
+    assert_ok(two_epochs)
+    for record in read_jsonl(two_epochs.run_dir / "progress.jsonl"):
+        assert list(record) == ["epoch", "step", "elapsed_s", "train_loss", "lr", "samples_per_sec", "step_time_ms",
+                                "data_wait_share"]
+        assert record["samples_per_sec"] > 0 and record["step_time_ms"] > 0 and 0 <= record["data_wait_share"] < 1
+
+
+@pytest.mark.timeout(150)
+def test_readme_lists_the_tensorboard_scalars_written(two_epochs: Run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # slow import: here only
+
+    assert_ok(two_epochs)
+    (events,) = two_epochs.run_dir.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    written = set(accumulator.Tags()["scalars"])
+    documented = readme_tensorboard_scalars()
+    cuda_only = {"train/cuda_max_allocated_mb"}
+    assert cuda_only <= documented
+    assert written == documented - cuda_only
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def readme_tensorboard_scalars() -> set[str]:
+    """The scalar names in the README's **TensorBoard.** paragraph."""
+    text = (REPO / "README.md").read_text()
+    paragraph = text.split("**TensorBoard.**", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"`((?:train|eval)/\w+)`", paragraph))
+
+
 @pytest.mark.timeout(200)
 def test_three_processes_count_the_odd_test_set_once(tmp_path: Path) -> None:
     assert_run_files(torchrun_smoke(3, tmp_path, "three"), world_size=3)
@@ -122,15 +192,31 @@ def test_same_seed_and_world_size_give_the_same_parameters(torchrun_two: Run, ou
         assert torch.equal(first[name], second[name]), name
 
 
+def file_snapshot(folder: Path) -> dict[Path, tuple[int, bytes]]:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.mark.timeout(150)
 def test_existing_run_folder_is_never_overwritten(single_process: Run) -> None:
     assert_ok(single_process)
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in single_process.run_dir.rglob("*") if p.is_file()}
+    before = file_snapshot(single_process.run_dir)
     again = train(*smoke_flags(single_process.run_dir.parent, single_process.run_dir.name, "--resume", "never"),
                   timeout=120)
     assert_one_line_error(again, "already exists")
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in single_process.run_dir.rglob("*") if p.is_file()}
-    assert after == before
+    assert file_snapshot(single_process.run_dir) == before
+
+
+@pytest.mark.timeout(150)
+def test_resume_never_is_refused_under_torchrun_restarts(single_process: Run) -> None:
+    # What a worker restarted by `torchrun --max-restarts=1` sees: it used to accept the folder, start again at
+    # step 0 and rewrite metrics.jsonl.
+    assert_ok(single_process)
+    before = file_snapshot(single_process.run_dir)
+    restarted = cpu_env(TORCHELASTIC_MAX_RESTARTS="1", TORCHELASTIC_RESTART_COUNT="1")
+    again = train(*smoke_flags(single_process.run_dir.parent, single_process.run_dir.name, "--resume", "never"),
+                  timeout=120, env=restarted)
+    assert_one_line_error(again, "--resume never cannot be combined with torchrun --max-restarts")
+    assert file_snapshot(single_process.run_dir) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,6 +268,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], dict[str, str], tuple[s
                   ("t10k-images-idx3-ubyte is not a valid MNIST IDX file",)),
     "zero-batch-size": (lambda p: [*SMOKE_FLAGS, "--batch-size", "0"], {}, ("--batch-size must be positive",)),
     "negative-epochs": (lambda p: [*SMOKE_FLAGS, "--epochs=-1"], {}, ("--epochs must be positive",)),
+    "infinite-timeout": (lambda p: [*SMOKE_FLAGS, "--timeout-s", "inf"], {}, ("--timeout-s must be a finite number",)),
     "nccl-without-cuda": (lambda p: [*SMOKE_FLAGS, "--backend", "nccl"], {}, ("--backend nccl", "CUDA")),
     "fp16-on-cpu": (lambda p: [*SMOKE_FLAGS, "--amp", "fp16"], {}, ("--amp fp16 runs on CUDA only",)),
     "unwritable-output-dir": (lambda p: [*SMOKE_FLAGS, "--output-dir", _unwritable_output(p)], {},

@@ -169,8 +169,12 @@ def test_run_stopped_by_max_steps_resumes_to_identical_parameters(tmp_path: Path
     assert main([*flags, "--run-name", "resumed", "--max-steps", "11"]) == 0
     capsys.readouterr()
     assert main([*flags, "--run-name", "resumed"]) == 0
-    assert "resumed from step 11 (epoch 0, batch 11)" in capsys.readouterr().out
+    assert "resumed from step 11 (epoch 1, batch 11)" in capsys.readouterr().out
     assert_resumed_equals_straight(tmp_path, 32)
+    # progress.jsonl keeps the first part's records up to the resumed step and repeats none.
+    progress_steps = {name: [json.loads(line)["step"] for line in (tmp_path / name / "progress.jsonl").open()]
+                      for name in ("straight", "resumed")}
+    assert progress_steps["resumed"] == progress_steps["straight"] == list(range(4, 33, 4))
 
 
 @pytest.mark.timeout(400)

@@ -1,0 +1,120 @@
+"""Progress: rank 0's periodic training line (position, time left, throughput) and its progress.jsonl record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+PROGRESS_FILE = "progress.jsonl"
+
+
+@dataclass(frozen=True)
+class ProgressRecord:
+    """One progress line; its fields, in this order, are one line of progress.jsonl (a documented schema)."""
+    epoch: int  # 1-based: the epoch of the last step done
+    step: int
+    elapsed_s: float  # since the run's first training step, evaluation and earlier attempts included
+    train_loss: float  # mean over the steps since the previous line, this rank's
+    lr: float
+    samples_per_sec: float  # global, over the training time since the previous line
+    step_time_ms: float  # mean of the timed phases over the interval
+    data_wait_share: float  # share of that time spent waiting for data
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, as people read a clock."""
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+class Progress:
+    """Log-interval bookkeeping: the training loss and throughput since the last line, percent done and time left.
+
+    Off a terminal (CI, files, SLURM logs) each report is its own line; on a terminal the line is rewritten in place
+    and `end_line` closes it before anything else is printed. Only the enabled instance (global rank 0) prints and
+    writes progress.jsonl.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, step_limit: int, global_batch: int,
+                 stream: TextIO | None = None) -> None:
+        self.path = run_dir / PROGRESS_FILE
+        self.enabled = enabled
+        self.step_limit = step_limit
+        self.global_batch = global_batch
+        self._stream = stream  # None: whatever sys.stdout is when printing
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._last_step, self._last_training_s = 0, 0.0  # at the previous line
+        self._start_step, self._start_elapsed_s = 0, 0.0  # where this process took over the run
+        self._line_open = False
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
+
+    def start(self, step: int, elapsed_s: float) -> None:
+        """Training (re)starts at `step`: keep the records up to it, so a resumed run never repeats a line."""
+        self._last_step, self._last_training_s = step, 0.0
+        self._start_step, self._start_elapsed_s = step, elapsed_s
+        if not self.enabled:
+            return
+        kept = []
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def add_losses(self, total: float, count: int) -> None:
+        self._loss_sum += total
+        self._loss_count += count
+
+    def report(self, epoch: int, step: int, elapsed_s: float, training_s: float, lr: float,
+               steps: list[dict[str, float]]) -> ProgressRecord:
+        """The record for the interval since the previous report (`steps`: its timed phases, in seconds)."""
+        step_s = sum(sum(s.values()) for s in steps) / max(len(steps), 1)
+        record = ProgressRecord(
+            epoch=epoch, step=step, elapsed_s=elapsed_s,
+            train_loss=self._loss_sum / max(self._loss_count, 1), lr=lr,
+            samples_per_sec=(step - self._last_step) * self.global_batch / max(training_s - self._last_training_s,
+                                                                                1e-9),
+            step_time_ms=step_s * 1e3,
+            data_wait_share=sum(s["data"] for s in steps) / max(step_s * len(steps), 1e-12))
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._last_step, self._last_training_s = step, training_s
+        if self.enabled:
+            self._print(self.format(record))
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+        return record
+
+    def eta_s(self, step: int, elapsed_s: float) -> float:
+        """Time left at the rate this process has kept so far, evaluation and checkpoints included."""
+        done = step - self._start_step
+        return (self.step_limit - step) * (elapsed_s - self._start_elapsed_s) / done if done > 0 else 0.0
+
+    def format(self, record: ProgressRecord) -> str:
+        return (f"epoch {record.epoch} step {record.step}/{self.step_limit} ({record.step / self.step_limit:.1%}) "
+                f"loss {record.train_loss:.4f} lr {record.lr:.2e} {record.samples_per_sec:,.0f} samples/s, "
+                f"elapsed {format_duration(record.elapsed_s)}, "
+                f"ETA {format_duration(self.eta_s(record.step, record.elapsed_s))}")
+
+    def _print(self, line: str) -> None:
+        stream = self.stream
+        if stream.isatty():
+            stream.write(f"\r{line}\x1b[K")  # back to the line start, rewrite, clear what a longer line left
+            self._line_open = True
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+
+    def end_line(self) -> None:
+        """Finish a line rewritten in place, so the next message starts on its own line."""
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False

@@ -1,0 +1,65 @@
+"""What the README says about flags is what the code does: every default it states, in tables and in prose."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+from conftest import REPO
+
+from dist_mnist.config import build_parser
+
+README = (REPO / "README.md").read_text()
+ACTIONS = build_parser()._option_string_actions
+# Defaults the README gives as a word: the value that stands for it.
+WORDS = {("--peak-tflops", "measured"): 0.0}  # 0: measure a matmul peak
+
+
+def table_defaults() -> list[tuple[str, str]]:
+    """(flag, default) from every README table with a `flag` and a `default` column; `a` / `b` cells pair up."""
+    pairs = []
+    for table in re.findall(r"^\| flag \| default \|.*\n\|[-| ]+\|\n((?:\|.*\|\n)+)", README, re.MULTILINE):
+        for row in table.splitlines():
+            flags_cell, default_cell = (cell.strip() for cell in row.strip("|").split("|")[:2])
+            flags, defaults = re.findall(r"`(--[\w-]+)`", flags_cell), default_cell.split(" / ")
+            if len(defaults) == 1:  # one default for all the row's flags
+                defaults *= len(flags)
+            assert len(flags) == len(defaults), row
+            pairs += zip(flags, defaults)
+    return pairs
+
+
+def prose_defaults() -> list[tuple[str, str]]:
+    """`--flag` (default X), `--flag` steps (default X), bullets that open with `--flag value`, `--flag` is off,
+    `... --flag value` (the default)."""
+    pairs = re.findall(r"`(--[\w-]+)`(?: \w+)? \(default ([^),]+?)\)", README)
+    pairs += re.findall(r"^- `(--[\w-]+) ([^`\s]+)`", README, re.MULTILINE)
+    pairs += re.findall(r"`(--[\w-]+)` is (on|off)\b", README)
+    pairs += re.findall(r"`[^`]*(--[\w-]+) ([^`\s]+)` \(the default\)", README)
+    return [(flag, value) for flag, value in pairs if flag in ACTIONS]  # torchrun's own flags are not ours
+
+
+def assert_default(flag: str, text: str) -> None:
+    default = ACTIONS[flag].default
+    if (flag, text) in WORDS:
+        assert default == WORDS[flag, text]
+    elif isinstance(ACTIONS[flag], argparse.BooleanOptionalAction) or isinstance(default, bool):
+        assert text == ("on" if default else "off"), (flag, text, default)
+    elif isinstance(default, (int, float)):
+        assert float(text) == default, (flag, text, default)
+    else:
+        assert text == default, (flag, text, default)
+
+
+def test_the_readme_states_defaults_where_expected() -> None:
+    tables, prose = dict(table_defaults()), dict(prose_defaults())
+    assert {"--profile", "--profile-wait", "--profile-repeat", "--peak-tflops"} <= tables.keys()
+    assert {"--checkpoint-every", "--keep-checkpoints", "--timeout-s", "--num-workers", "--compile",
+            "--epochs"} <= prose.keys()
+
+
+@pytest.mark.parametrize(("flag", "text"), table_defaults() + prose_defaults())
+def test_readme_default_is_the_code_default(flag: str, text: str) -> None:
+    assert flag in ACTIONS, f"the README documents {flag}, which launch/train.py does not have"
+    assert_default(flag, text)

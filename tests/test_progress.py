@@ -1,0 +1,95 @@
+"""Progress bookkeeping: percent, elapsed and ETA in the line, in-place updates on a terminal only, and the
+progress.jsonl schema another tool reads."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from dist_mnist.progress import PROGRESS_FILE, Progress, format_duration
+
+# The documented schema of a progress.jsonl line, in order (README, "Run output").
+SCHEMA = {"epoch": int, "step": int, "elapsed_s": float, "train_loss": float, "lr": float, "samples_per_sec": float,
+          "step_time_ms": float, "data_wait_share": float}
+PHASES = {"data": 0.01, "to_device": 0.0, "forward": 0.02, "backward": 0.06, "optimizer": 0.01}  # 0.1 s a step
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def progress(tmp_path: Path, stream: io.StringIO, step_limit: int = 100) -> Progress:
+    p = Progress(tmp_path, enabled=True, step_limit=step_limit, global_batch=32, stream=stream)
+    p.start(0, 0.0)
+    return p
+
+
+def report(p: Progress, step: int, elapsed_s: float, training_s: float) -> None:
+    p.add_losses(2.0 * 4, 4)
+    p.report(epoch=1, step=step, elapsed_s=elapsed_s, training_s=training_s, lr=1e-3, steps=[PHASES] * 4)
+
+
+def test_line_shows_percent_elapsed_eta_and_throughput(tmp_path: Path) -> None:
+    out = io.StringIO()
+    p = progress(tmp_path, out)
+    report(p, 25, elapsed_s=10.0, training_s=8.0)
+    report(p, 50, elapsed_s=24.0, training_s=16.0)
+    # 25 steps of 32 samples in 8 s of training; 50 steps in 24 s leave 50 steps: 24 s more.
+    assert out.getvalue().splitlines() == [
+        "epoch 1 step 25/100 (25.0%) loss 2.0000 lr 1.00e-03 100 samples/s, elapsed 0:00:10, ETA 0:00:30",
+        "epoch 1 step 50/100 (50.0%) loss 2.0000 lr 1.00e-03 100 samples/s, elapsed 0:00:24, ETA 0:00:24",
+    ]
+
+
+def test_eta_uses_the_rate_since_this_process_resumed(tmp_path: Path) -> None:
+    p = progress(tmp_path, io.StringIO())
+    p.start(40, 1000.0)  # 1000 s spent by earlier attempts on 40 steps
+    assert p.eta_s(50, 1010.0) == pytest.approx(50.0)  # 10 steps in 10 s, 50 to go
+
+
+def test_terminal_line_is_rewritten_in_place_and_closed_before_other_output(tmp_path: Path) -> None:
+    out = Terminal()
+    p = progress(tmp_path, out)
+    report(p, 10, 1.0, 1.0)
+    report(p, 20, 2.0, 2.0)
+    assert "\n" not in out.getvalue() and out.getvalue().count("\r") == 2
+    p.end_line()
+    p.end_line()  # a second call adds nothing
+    assert out.getvalue().endswith("ETA 0:00:08\x1b[K\n") and out.getvalue().count("\n") == 1
+
+
+def test_progress_jsonl_has_the_documented_schema(tmp_path: Path) -> None:
+    p = progress(tmp_path, io.StringIO())
+    report(p, 25, 10.0, 8.0)
+    (line,) = (tmp_path / PROGRESS_FILE).read_text().splitlines()
+    record = json.loads(line)
+    assert list(record) == list(SCHEMA)
+    assert all(type(record[key]) is kind for key, kind in SCHEMA.items()), record
+    assert (record["step_time_ms"], record["data_wait_share"]) == (pytest.approx(100.0), pytest.approx(0.1))
+
+
+def test_restart_keeps_records_up_to_the_resumed_step(tmp_path: Path) -> None:
+    p = progress(tmp_path, io.StringIO())
+    for step in (10, 20, 30):
+        report(p, step, step, step)
+    p.start(20, 20.0)  # resumed from a checkpoint at step 20: the line for 30 is gone, the next one follows
+    report(p, 30, 31.0, 11.0)
+    assert [json.loads(line)["step"] for line in (tmp_path / PROGRESS_FILE).open()] == [10, 20, 30]
+
+
+def test_other_ranks_write_nothing(tmp_path: Path) -> None:
+    out = io.StringIO()
+    p = Progress(tmp_path, enabled=False, step_limit=10, global_batch=32, stream=out)
+    p.start(0, 0.0)
+    report(p, 5, 1.0, 1.0)
+    assert out.getvalue() == "" and not (tmp_path / PROGRESS_FILE).exists()
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"),
+                                               (-3, "0:00:00")])
+def test_durations_read_like_a_clock(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
