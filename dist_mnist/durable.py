@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,3 +35,21 @@ def write_durably(path: Path, data: bytes | memoryview) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise write_failed(path, len(data), exc) from None
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append `data` entirely or not at all: a write the disk cut short is truncated away, so readers of a
+    line-per-record file only ever see whole records."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):  # the kernel may take part of it, then refuse the rest
+                written += os.write(fd, data[written:])
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise write_failed(path, len(data), exc) from None
+    finally:
+        os.close(fd)

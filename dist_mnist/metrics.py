@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import psutil
 import torch
 from torch.profiler import record_function
 
-from dist_mnist.durable import write_durably, write_failed
+from dist_mnist.durable import append_whole, write_durably
 
 # The phases of one training step, in order. Their trace labels are "train/<phase>".
 PHASES = ("data", "to_device", "forward", "backward", "optimizer")
@@ -146,18 +145,7 @@ class RunWriter:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            path = self.run_dir / "metrics.jsonl"
-            line = (json.dumps(record) + "\n").encode()
-            with open(path, "ab") as f:
-                end = f.tell()
-                try:
-                    f.write(line)
-                    f.flush()
-                except OSError as exc:
-                    # Cut a partly written line off: readers of the file must see whole records only.
-                    with contextlib.suppress(OSError):
-                        f.truncate(end)
-                    raise write_failed(path, len(line), exc) from None
+            append_whole(self.run_dir / "metrics.jsonl", (json.dumps(record) + "\n").encode())
             self.scalars("eval", record, record["step"])
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:

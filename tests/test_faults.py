@@ -260,3 +260,30 @@ def test_hung_peer_ends_the_other_rank_with_one_line_within_the_training_timeout
     assert_no_traceback_from_us(result.stderr, result.stdout)
     assert seconds < 60, "the start-up timeout applied, not the training timeout"
     assert json.loads((tmp_path / "hung" / "config.json").read_text())["train_timeout_s"] == train_timeout
+
+
+# A file-size limit makes the kernel write part of the line and then fail, as a disk that fills mid-write does.
+PARTIAL_APPEND = """
+import resource, signal, sys
+from pathlib import Path
+from dist_mnist.errors import UserError
+from dist_mnist.metrics import RunWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of dying of the signal
+writer = RunWriter(Path(sys.argv[1]), enabled=True, tensorboard=False)
+writer.reset_metrics([{"step": 4}])
+size = (Path(sys.argv[1]) / "metrics.jsonl").stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
+try:
+    writer.append_metrics({"step": 8, "note": "x" * 100})
+except UserError as exc:
+    print(exc)
+"""
+
+
+def test_failed_metrics_append_leaves_whole_records_only(tmp_path: Path) -> None:
+    result = run([sys.executable, "-c", PARTIAL_APPEND, str(tmp_path)], timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = json.dumps({"step": 8, "note": "x" * 100}) + "\n"
+    assert result.stdout.startswith(f"could not write metrics.jsonl to {tmp_path}: File too large (it needed "
+                                    f"{len(line)} bytes there)")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 4}\n'
