@@ -169,7 +169,9 @@ def test_second_job_in_a_held_folder_is_refused_naming_the_holder(tmp_path: Path
         _choose_run_dir(cfg)
     assert held.lock_fd is not None
     os.close(held.lock_fd)  # what the kernel does when the holder dies, however it dies
-    os.close(_choose_run_dir(cfg).lock_fd or -1)
+    again = _choose_run_dir(cfg)
+    assert again.lock_fd is not None
+    os.close(again.lock_fd)
 
 
 @pytest.mark.timeout(240)
