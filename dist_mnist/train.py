@@ -8,7 +8,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from shutil import which
@@ -326,7 +326,7 @@ class Trainer:
     def elapsed_s(self) -> float:
         return self.clock.elapsed_s()
 
-    def phase(self, name: str) -> Any:
+    def phase(self, name: str) -> AbstractContextManager[None]:
         """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint."""
         last = self.last_checkpoint[0] if self.last_checkpoint else None
         return collectives.phase(name, self.state.step, self.timeout.seconds, last)
@@ -492,7 +492,8 @@ class Trainer:
             "elapsed_s": self.elapsed_s(),
         }
         self.state.metrics.append(record)
-        self.ctx.on_main(lambda: self.writer.append_metrics(record))
+        with self.phase("evaluation"):
+            self.ctx.on_main(lambda: self.writer.append_metrics(record))
         self.log(format_eval(record))
         return record
 
@@ -599,7 +600,8 @@ class Trainer:
             path, size, seconds = self.last_checkpoint
             print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)
         self.writer.close()
-        ctx.barrier()
+        with self.phase("the final summary"):
+            ctx.barrier()
         check_replicas_in_sync([r["params_digest"] for r in all_stats])
 
     def write_summary(self, all_stats: list[dict[str, Any]]) -> None:
