@@ -27,8 +27,10 @@ if TYPE_CHECKING:  # distributed.py imports this module to set up the flight rec
 # Entries per process group the NCCL flight recorder keeps (torch's docs suggest 2000); each is a few hundred bytes.
 FLIGHT_RECORDER_ENTRIES = "2000"
 FLIGHT_RECORDER_FOLDER = "flight_recorder"
-# gloo prefixes its messages with the C++ source location, "[/path/to/pair.cc:534] Connection closed by peer".
+# gloo prefixes most messages with the C++ source location, "[/path/to/pair.cc:534] Connection closed by peer".
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s*")
+# gloo raises plain RuntimeErrors: its source path, or, for a pair an earlier timeout closed, only the message.
+_GLOO_FAILURE = re.compile(r"gloo|pair closure|closed by peer|Timed out waiting|Connection reset|Broken pipe")
 
 
 @dataclass
@@ -51,7 +53,7 @@ class CollectiveTimeout:
 
 def is_collective_failure(exc: BaseException) -> bool:
     """torch.distributed's own errors (nccl raises DistBackendError) and gloo's, which are plain RuntimeErrors."""
-    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_GLOO_FAILURE.search(str(exc))))
 
 
 @contextmanager
