@@ -16,7 +16,7 @@ from dist_mnist.errors import UserError
     ("--threads", "-2"), ("--grad-clip", "-0.5"), ("--weight-decay", "-0.01"),
     ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"),
     ("--warmup-frac", "-0.1"), ("--warmup-frac", "1"), ("--warmup-frac", "1.5"),
-    ("--timeout-s", "0"), ("--timeout-s", "-10"),
+    ("--timeout-s", "0"), ("--timeout-s", "-10"), ("--train-timeout-s", "0"), ("--train-timeout-s", "nan"),
 ])
 def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must"):

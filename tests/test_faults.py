@@ -71,7 +71,13 @@ def test_recipe_view_leaves_out_per_node_settings_and_holds_the_versions() -> No
     view = agreement.recipe_view(here)
     assert view["--lr"] == 2e-3 and view["--batch-size"] == 16 and view["--train-timeout-s"] == 100.0
     assert view["the torch version"] == torch.__version__
-    assert not {f"--{name.replace('_', '-')}" for name in agreement.PER_NODE_FIELDS} & view.keys()
+    per_node = {f"--{name.replace('_', '-')}" for name in agreement.PER_NODE_FIELDS}
+    assert not per_node & view.keys()
+    # The README lists exactly these as the flags nodes may differ in.
+    readme = (REPO / "README.md").read_text()
+    paragraph = readme[readme.index("**Ranks that disagree.**"):readme.index("**A full disk.**")]
+    listed = paragraph[:paragraph.index("a digest of the dist_mnist source")]
+    assert set(re.findall(r"`(--[a-z-]+)`", listed)) == per_node
 
 
 def test_replicas_that_diverged_are_an_error() -> None:
