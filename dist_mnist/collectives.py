@@ -84,20 +84,20 @@ def flight_recorder_dir(cfg: TrainConfig, environ: Mapping[str, str]) -> Path:
 
 def flight_recorder_env(dump_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:
     """The variables to set before an nccl process group opens so a timeout leaves each rank's last collectives in
-    `dump_dir`; values the user set already are kept."""
-    wanted = {"TORCH_NCCL_TRACE_BUFFER_SIZE": FLIGHT_RECORDER_ENTRIES, "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-              # NCCL appends the rank: nccl_trace_rank_0, nccl_trace_rank_1, ...
-              "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{dump_dir}/nccl_trace_rank_"}
-    if "TORCH_FR_BUFFER_SIZE" in environ:  # the newer name of the buffer size
-        del wanted["TORCH_NCCL_TRACE_BUFFER_SIZE"]
-    return {name: value for name, value in wanted.items() if name not in environ}
+    `dump_dir`. torch 2.14 reads the TORCH_FR_ names first and the older TORCH_NCCL_ ones after; a value the user
+    set under either name is kept."""
+    settings = [(("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"), FLIGHT_RECORDER_ENTRIES),
+                (("TORCH_NCCL_DUMP_ON_TIMEOUT",), "1"),
+                # The rank is appended: nccl_trace_rank_0, nccl_trace_rank_1, ...
+                (("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"), f"{dump_dir}/nccl_trace_rank_")]
+    return {names[0]: value for names, value in settings if not any(name in environ for name in names)}
 
 
 def enable_flight_recorder(cfg: TrainConfig) -> None:
     """Before init_process_group with nccl."""
     dump_dir = flight_recorder_dir(cfg, os.environ)
     env = flight_recorder_env(dump_dir, os.environ)
-    if "TORCH_NCCL_DEBUG_INFO_TEMP_FILE" in env:
+    if "TORCH_FR_DUMP_TEMP_FILE" in env:
         try:
             dump_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

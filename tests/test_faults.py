@@ -239,10 +239,14 @@ def test_flight_recorder_dumps_into_the_run_folder_and_respects_the_users_settin
     dump_dir = collectives.flight_recorder_dir(named, {})
     assert dump_dir == tmp_path / "run" / "flight_recorder"
     assert collectives.flight_recorder_env(dump_dir, {}) == {
-        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{dump_dir}/nccl_trace_rank_"}
-    assert collectives.flight_recorder_env(dump_dir, {"TORCH_FR_BUFFER_SIZE": "50", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
-                                           ) == {"TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{dump_dir}/nccl_trace_rank_"}
+        "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": f"{dump_dir}/nccl_trace_rank_"}
+    # The user's values, under the current or the older names, stay.
+    assert collectives.flight_recorder_env(dump_dir, {"TORCH_NCCL_TRACE_BUFFER_SIZE": "50",
+                                                      "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+                                           ) == {"TORCH_FR_DUMP_TEMP_FILE": f"{dump_dir}/nccl_trace_rank_"}
+    assert "TORCH_FR_DUMP_TEMP_FILE" not in collectives.flight_recorder_env(
+        dump_dir, {"TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/scratch/fr_"})
     # Without --run-name the folder is named only after the process group opens: a folder per torchrun job.
     unnamed = TrainConfig(output_dir=str(tmp_path))
     assert collectives.flight_recorder_dir(unnamed, {"TORCHELASTIC_RUN_ID": "job7"}) == (
