@@ -57,8 +57,9 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 
 @contextmanager
-def phase(name: str, step: int, timeout_s: float, last_checkpoint: Path | None) -> Iterator[None]:
-    """Turn a failed collective inside this block into one line naming the phase, the step and what to resume."""
+def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None) -> Iterator[None]:
+    """Turn a failed collective inside this block into one line naming the phase, the step (None: before the
+    first) and what to resume."""
     try:
         yield
     except RuntimeError as exc:
@@ -68,7 +69,8 @@ def phase(name: str, step: int, timeout_s: float, last_checkpoint: Path | None) 
         reason = _SOURCE_LOCATION.sub("", lines[0])
         kept = (f"the last checkpoint is {last_checkpoint}" if last_checkpoint
                 else "this process wrote no checkpoint yet")
-        raise UserError(f"a collective in {name} failed after step {step}: a peer did not answer within the "
+        when = "before the first step" if step is None else f"after step {step}"
+        raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "
                         f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. Look for the stuck or lost "
                         "rank in the other nodes' output, then rerun the same command to resume") from None
 

@@ -633,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         cfg = parse_args(argv)
-        with distributed_session(cfg) as ctx:
+        # Collectives after the first step are named by their own phase; any failing before it is start-up's.
+        with distributed_session(cfg) as ctx, collectives.phase("start-up", None, cfg.timeout_s, None):
             agree_on_recipe(cfg, ctx)  # before anything that would hang on ranks with other flags
             with open_run_dir(cfg, ctx) as run_dir:
                 Trainer(cfg, ctx, run_dir).fit()

@@ -230,6 +230,12 @@ def test_collective_failure_inside_a_phase_becomes_one_line(tmp_path: Path) -> N
                                         r"caused pair closure\); this process wrote no checkpoint yet\."):
         with collectives.phase("the stop vote", 3, 100, None):
             raise RuntimeError("Application timeout caused pair closure")
+    with pytest.raises(UserError, match=r"^a collective in start-up failed before the first step: a peer did not "
+                                        r"answer within the 300 s timeout or left the job \(Connection closed by "
+                                        r"peer \[127.0.0.1\]:5\)"):
+        with collectives.phase("start-up", None, 300, None):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                               "[127.0.0.1]:5")
     with pytest.raises(RuntimeError, match="shape mismatch"), collectives.phase("evaluation", 1, 5, None):
         raise RuntimeError("shape mismatch")  # a bug is not a lost peer: it keeps its traceback
 
