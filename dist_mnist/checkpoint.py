@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dist_mnist.durable import write_durably
 from dist_mnist.errors import UserError
 
 FORMAT_VERSION = 2  # 2: one entry per stateful part (model, optimizer, ..., train_state, clock)
@@ -45,25 +47,20 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> tuple[Path, int]:
     """Write atomically (temp file, fsync, os.replace), then keep it and the `keep - 1` highest-step others;
-    returns path, bytes."""
+    returns path, bytes. A failed write (a full disk) removes the temp file, leaves the older checkpoints as they
+    were and raises a UserError naming the folder and the size."""
     path = checkpoint_path(folder, step)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # The rename is durable only once the directory entry itself is on disk.
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # Serialized in memory first, so a failed write can say how much space it needed (torch.save copies GPU tensors
+    # to host memory anyway; the extra host copy is the checkpoint's size, a few MB here).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    write_durably(path, data)
     # Never the file just written, even when older-timeline files with higher steps exist (a run resumed from an
     # earlier checkpoint by path): deleting it would leave nothing of this run to resume.
     for old in [p for p in list_checkpoints(folder) if p != path][keep - 1:]:
         old.unlink(missing_ok=True)
-    return path, path.stat().st_size
+    return path, data.nbytes
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

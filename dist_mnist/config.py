@@ -72,7 +72,10 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU",
                         choices=["auto", "nccl", "gloo"])
     device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=["auto", "cpu", "cuda"])
-    timeout_s: float = _opt(300.0, "seconds a rendezvous or collective may wait before the job fails")
+    timeout_s: float = _opt(300.0, "seconds the start-up may wait for the other ranks (rendezvous, the download, "
+                                   "torch.compile and everything else up to the end of the first step)")
+    train_timeout_s: float = _opt(100.0, "seconds a collective may wait for the other ranks after the first step; "
+                                         "a hung or lost peer ends the job this long after it stopped")
 
     # Evaluation, logging and run output
     eval_every: int = _opt(0, "also evaluate every N optimizer steps (0: only at the end of each epoch)")
@@ -123,8 +126,10 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.warmup_frac < 1:
             raise UserError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
-        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
-            raise UserError(f"--timeout-s must be positive and at most {MAX_TIMEOUT_S} (a week), got {self.timeout_s}")
+        for name in ("timeout_s", "train_timeout_s"):
+            if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
+                raise UserError(f"--{_flag(name)} must be positive and at most {MAX_TIMEOUT_S} (a week), "
+                                f"got {getattr(self, name)}")
         if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):
             raise UserError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         if self.data_on_device == "on" and self.num_workers > 0:

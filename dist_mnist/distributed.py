@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from dist_mnist.collectives import enable_flight_recorder
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,21 @@ class DistContext:
 
     def barrier(self) -> None:
         dist.barrier(group=self.control_group)
+
+    def on_main(self, work: Callable[[], T]) -> T:
+        """Run `work` on rank 0; every rank returns its result, or raises its UserError (a full disk, a taken run
+        folder). A barrier as well: nobody moves on before rank 0 is done, and its failure ends every rank at once
+        instead of leaving the others waiting for it in the next collective."""
+        result, error = None, ""
+        if self.is_main:
+            try:
+                result = work()
+            except UserError as exc:
+                error = str(exc)
+        result, error = self.broadcast_object((result, error))
+        if error:
+            raise UserError(error)
+        return result
 
 
 def _env_int(name: str) -> int | None:
@@ -89,6 +107,8 @@ def distributed_session(cfg: TrainConfig) -> Iterator[DistContext]:
     if device.type == "cuda":
         # Before init_process_group, so NCCL binds this process to its own GPU and not to GPU 0.
         torch.cuda.set_device(device)
+    if backend == "nccl":
+        enable_flight_recorder(cfg)  # NCCL reads these variables when the process group opens
 
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     init_kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}

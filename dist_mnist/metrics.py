@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,8 @@ from typing import Any
 import psutil
 import torch
 from torch.profiler import record_function
+
+from dist_mnist.durable import append_whole, write_durably
 
 # The phases of one training step, in order. Their trace labels are "train/<phase>".
 PHASES = ("data", "to_device", "forward", "backward", "optimizer")
@@ -135,17 +136,16 @@ class RunWriter:
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.enabled:
-            _write_atomic(self.run_dir / name, json.dumps(obj, indent=2) + "\n")
+            write_durably(self.run_dir / name, (json.dumps(obj, indent=2) + "\n").encode())
 
     def reset_metrics(self, records: list[dict[str, Any]]) -> None:
         """Start metrics.jsonl over with `records` (those of the checkpoint a run resumes from)."""
         if self.enabled:
-            _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            write_durably(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_whole(self.run_dir / "metrics.jsonl", (json.dumps(record) + "\n").encode())
             self.scalars("eval", record, record["step"])
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
@@ -157,9 +157,3 @@ class RunWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from dist_mnist.durable import append_whole, write_durably
+
 PROGRESS_FILE = "progress.jsonl"
 
 
@@ -65,9 +67,7 @@ class Progress:
         if self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_durably(self.path, "".join(line + "\n" for line in kept).encode())
 
     def add_losses(self, total: float, count: int) -> None:
         self._loss_sum += total
@@ -88,8 +88,7 @@ class Progress:
         self._last_step, self._last_training_s = step, training_s
         if self.enabled:
             self._print(self.format(record))
-            with open(self.path, "a") as f:
-                f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+            append_whole(self.path, (json.dumps(dataclasses.asdict(record)) + "\n").encode())
         return record
 
     def eta_s(self, step: int, elapsed_s: float) -> float:

@@ -1,15 +1,25 @@
-"""Run folder: a name every rank agrees on (stable across torchrun restarts), writability, no silent overwrite."""
+"""Run folder: a name every rank agrees on (stable across torchrun restarts), writability, no silent overwrite,
+one job at a time (an OS lock held for the run's life)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from dist_mnist.checkpoint import list_checkpoints
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
+
+# In the run folder; it holds who has the folder ("PID 1234 on host node7 (job 99) since ..."), for the refusal.
+LOCK_FILE = ".lock"
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -50,13 +60,42 @@ def _refuse_fresh_starts_on_restarts(cfg: TrainConfig) -> None:
                         "continues from the last checkpoint")
 
 
-def _choose_run_dir(cfg: TrainConfig) -> Path:
-    _refuse_fresh_starts_on_restarts(cfg)
-    output_dir = Path(cfg.output_dir)
-    _ensure_writable(output_dir, "--output-dir")
-    run_dir = output_dir / (cfg.run_name or _default_name(output_dir))
+def _lock_run_dir(run_dir: Path) -> int | None:
+    """Hold the run folder for this process's life: an flock on its lock file, which the kernel releases when the
+    process dies however it dies, so a crash never leaves a stale lock and a torchrun restart or a SLURM requeue
+    (whose earlier workers are dead) gets in. Returns the descriptor that holds it; None where the filesystem
+    has no locks."""
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot write to the run folder {run_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"run folder {run_dir} is in use by {holder}: another job is training there. Wait for it to "
+                        "end or stop it, or pick another --run-name (nothing was changed)") from None
+    except OSError as exc:  # ENOLCK, EOPNOTSUPP: NFS without a lock manager, some parallel filesystems
+        os.close(fd)
+        print(f"warning: cannot lock the run folder {run_dir} ({exc.strerror or exc}); a second job started in it "
+              "would not be refused", file=sys.stderr, flush=True)
+        return None
+    return fd
+
+
+def _sign_lock(fd: int) -> None:
+    """Say who holds the folder, for the refusal a second job prints."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"PID {os.getpid()} on host {socket.gethostname()}" + (f" (job {job})" if job else "") +
+                   f" since {time.strftime('%Y-%m-%d %H:%M:%S')}").encode(), 0)
+
+
+def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     # A folder without files is what a run that failed during start-up (say, on missing data) leaves: reuse it.
-    if run_dir.exists() and any(p.is_file() for p in run_dir.rglob("*")):
+    if any(p.is_file() and p.name != LOCK_FILE for p in run_dir.rglob("*")):
         # A torchrun restart, or a SLURM requeue of a job whose first attempt died before its first checkpoint.
         restarted = any(int(os.environ.get(var, "0") or 0) > 0
                         for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
@@ -65,20 +104,47 @@ def _choose_run_dir(cfg: TrainConfig) -> Path:
         if not (restarted or resumable):
             raise UserError(f"run folder {run_dir} already exists and holds no checkpoint to resume; "
                             "pick another --run-name (nothing was overwritten)")
-    _ensure_writable(run_dir, "the run folder")
     _ensure_writable(checkpoint_dir(cfg, run_dir), "--checkpoint-dir")
-    return run_dir
 
 
-def open_run_dir(cfg: TrainConfig, ctx: DistContext) -> Path:
-    """Rank 0 picks and checks the folder; every rank gets the same path or the same error."""
-    run_dir, error = None, ""
-    if ctx.is_main:
-        try:
-            run_dir = _choose_run_dir(cfg)
-        except UserError as exc:
-            error = str(exc)
-    run_dir, error = ctx.broadcast_object((run_dir, error))
-    if error:
-        raise UserError(error)
-    return run_dir
+@dataclass
+class HeldRunDir:
+    path: Path
+    lock_fd: int | None
+
+
+def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
+    _refuse_fresh_starts_on_restarts(cfg)
+    output_dir = Path(cfg.output_dir)
+    _ensure_writable(output_dir, "--output-dir")
+    run_dir = output_dir / (cfg.run_name or _default_name(output_dir))
+    _ensure_writable(run_dir, "the run folder")
+    # Locked before anything in it is read, so a second job never sees a half-written file of the first.
+    lock_fd = _lock_run_dir(run_dir)
+    try:
+        _check_run_dir(cfg, run_dir)
+    except UserError:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    if lock_fd is not None:
+        _sign_lock(lock_fd)  # only now: a refused run leaves the folder as it found it
+    return HeldRunDir(run_dir, lock_fd)
+
+
+@contextmanager
+def open_run_dir(cfg: TrainConfig, ctx: DistContext) -> Iterator[Path]:
+    """Rank 0 picks, checks and locks the folder for the run's life; every rank gets the same path or the same
+    error."""
+    held: HeldRunDir | None = None
+
+    def choose() -> Path:
+        nonlocal held
+        held = _choose_run_dir(cfg)
+        return held.path
+
+    try:
+        yield ctx.on_main(choose)
+    finally:
+        if held is not None and held.lock_fd is not None:
+            os.close(held.lock_fd)  # releases the lock

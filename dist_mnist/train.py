@@ -8,7 +8,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from shutil import which
@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
-from dist_mnist import checkpoint
+from dist_mnist import checkpoint, collectives
+from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync
 from dist_mnist.config import TrainConfig, parse_args
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
 from dist_mnist.distributed import DistContext, distributed_session
@@ -285,14 +286,15 @@ class RunClock:
 class Trainer:
     """Holds a run's parts; `fit` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> None:
         self.cfg, self.ctx = cfg, ctx
-        self.run_dir = open_run_dir(cfg, ctx)
+        self.run_dir = run_dir
         self.checkpoint_dir = checkpoint_dir(cfg, self.run_dir)
         self.settings = resolve_speed_settings(cfg, ctx.device)
         seed_everything(cfg.seed, cfg.deterministic)
         train_split, test_split = load_splits(cfg, ctx)
         self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
+        agree_on_data(ctx, self.data.train_size, self.data.test_size)
         self.total_steps = cfg.epochs * self.data.steps_per_epoch
         self.global_batch = cfg.batch_size * ctx.world_size
         self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
@@ -303,6 +305,7 @@ class Trainer:
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
         self.clock = RunClock()
+        self.timeout = collectives.CollectiveTimeout(cfg.timeout_s, cfg.train_timeout_s)
         self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
         self.measured_step_s: list[float] = []
         self.last_checkpoint: tuple[Path, int, float] | None = None  # path, bytes, seconds to write
@@ -331,6 +334,11 @@ class Trainer:
 
     def elapsed_s(self) -> float:
         return self.clock.elapsed_s()
+
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint."""
+        last = self.last_checkpoint[0] if self.last_checkpoint else None
+        return collectives.phase(name, self.state.step, self.timeout.seconds, last)
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
@@ -402,14 +410,15 @@ class Trainer:
                  f"learning-rate schedule at {progress:.1%}")
 
     def save_checkpoint(self) -> None:
-        with self.paused():
+        with self.paused(), self.phase("the checkpoint"):
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
         started = time.perf_counter()
         self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
         rng_states = self.ctx.gather_objects(checkpoint.rng_state())
-        if self.ctx.is_main:
+
+        def write() -> tuple[Path, int, float]:
             state = {
                 "format_version": checkpoint.FORMAT_VERSION,
                 "model_class": type(self.parts.module).__name__,
@@ -420,8 +429,10 @@ class Trainer:
             }
             path, size = checkpoint.save_checkpoint(state, self.checkpoint_dir, self.state.step,
                                                     self.cfg.keep_checkpoints)
-            self.last_checkpoint = (path, size, time.perf_counter() - started)
-        self.ctx.barrier()  # nobody moves on (or exits) before the file is in place
+            return path, size, time.perf_counter() - started
+
+        # Nobody moves on (or exits) before the file is in place; a failed write (a full disk) ends every rank.
+        self.last_checkpoint = self.ctx.on_main(write)
 
     # -- losses and progress --------------------------------------------------------------------------------
 
@@ -445,7 +456,7 @@ class Trainer:
         self.progress.add_losses(total, len(values))
 
     def log_progress(self) -> None:
-        with self.paused():
+        with self.paused(), self.phase("the loss flush of the progress report"):
             self._log_progress()
 
     def _log_progress(self) -> None:
@@ -467,7 +478,8 @@ class Trainer:
         return min(self.cfg.max_steps, self.total_steps) if self.cfg.max_steps else self.total_steps
 
     def evaluate_and_record(self) -> dict[str, Any]:
-        with self.paused():  # the loss gather in flush_losses waits for the slowest rank: not a step's time
+        # The loss gather in flush_losses waits for the slowest rank: not a step's time.
+        with self.paused(), self.phase("evaluation"):
             self.flush_losses()
             result = evaluate(self.parts, self.data.test_loader)
             # The mean training loss since the last record, over all ranks.
@@ -485,7 +497,8 @@ class Trainer:
             "elapsed_s": self.elapsed_s(),
         }
         self.state.metrics.append(record)
-        self.writer.append_metrics(record)
+        with self.phase("evaluation"):
+            self.ctx.on_main(lambda: self.writer.append_metrics(record))
         self.log(format_eval(record))
         return record
 
@@ -495,12 +508,13 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         self.resume()
         state = self.state
-        self.writer.write_json("config.json", {**cfg.to_json(), "resolved": {
+        resolved = {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
             "global_batch_size": self.global_batch, "steps_per_epoch": self.data.steps_per_epoch,
             "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
-            **self.settings.describe()}})
-        self.writer.reset_metrics(state.metrics)
+            **self.settings.describe()}
+        ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
+                             self.writer.reset_metrics(state.metrics)))
         self.progress.start(state.step, self.elapsed_s())
         if state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps):
             self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
@@ -524,7 +538,9 @@ class Trainer:
                         self.timer.cancel_step()
                         self.prev_step_start = None
                         break
-                    loss = train_step(self.parts, *batch, self.timer)
+                    with self.phase("the training step (the gradient all-reduce in backward)"):
+                        loss = train_step(self.parts, *batch, self.timer)
+                    self.timeout.switch_to_training(ctx)
                     self.timer.end_step()
                     with self.paused():
                         profiler.step()  # writes a trace when a window closes
@@ -534,7 +550,8 @@ class Trainer:
 
                     if state.step % cfg.log_every == 0:
                         self.log_progress()
-                    stop_now = self.vote.poll(self.stop.requested)
+                    with self.phase("the stop vote"):
+                        stop_now = self.vote.poll(self.stop.requested)
                     at_limit = bool(cfg.max_steps) and state.step >= cfg.max_steps
                     end_of_epoch = state.batch_in_epoch == self.data.steps_per_epoch
                     if cfg.eval_every and state.step % cfg.eval_every == 0 and not end_of_epoch:
@@ -553,7 +570,8 @@ class Trainer:
                 self.save_checkpoint()
                 if cfg.max_steps and state.step >= cfg.max_steps:
                     break
-            self.vote.finish()
+            with self.phase("the stop vote"):
+                self.vote.finish()
         self.finish(stopped_by)
 
     def begin_step(self) -> None:
@@ -576,26 +594,10 @@ class Trainer:
         cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
         stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size, self.measured_step_s,
                            self.memory.peak_rss_bytes, cuda_peak, parameter_digest(self.parts.module))
-        all_stats = ctx.gather_objects(stats)
-        if ctx.is_main and self.timer.steps:
-            peak_source = "--peak-tflops"
-            peak = self.cfg.peak_tflops * 1e12
-            if not peak:
-                dtype = self.settings.amp_dtype or torch.float32
-                peak = measure_matmul_peak(ctx.device, dtype)
-                peak_source = f"measured {dtype_name(dtype)} matmul"
-            mean_step = sum(r["measured_step_time_s"] for r in all_stats) / len(all_stats)
-            summary = build_summary(
-                all_stats,
-                global_samples_per_sec=self.global_batch / mean_step if mean_step else 0.0,
-                epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
-                flops=flops_per_sample(self.parts.module, ctx.device),
-                peak_flops_per_process=peak, peak_source=peak_source)
-            # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
-            summary["startup_s"] = self.clock.first_step_unix - psutil.Process().create_time()
-            summary["first_step_unix"] = self.clock.first_step_unix
-            self.writer.write_json("summary.json", summary)
-            print(format_summary(summary), flush=True)
+        with self.phase("the final summary"):
+            all_stats = ctx.gather_objects(stats)
+            # A failed summary.json write (a full disk) ends every rank, not only rank 0.
+            ctx.on_main(lambda: self.write_summary(all_stats))
         if ctx.is_main and stopped_by:
             # A default name is found again only through torchrun's run id, which --standalone makes afresh on every
             # launch (a fixed --rdzv-id keeps it); --run-name finds the run in every case, so suggest it.
@@ -606,7 +608,32 @@ class Trainer:
             path, size, seconds = self.last_checkpoint
             print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)
         self.writer.close()
-        ctx.barrier()
+        with self.phase("the final summary"):
+            ctx.barrier()
+        check_replicas_in_sync([r["params_digest"] for r in all_stats])
+
+    def write_summary(self, all_stats: list[dict[str, Any]]) -> None:
+        """Rank 0: summary.json and the table."""
+        if not self.timer.steps:
+            return
+        peak_source = "--peak-tflops"
+        peak = self.cfg.peak_tflops * 1e12
+        if not peak:
+            dtype = self.settings.amp_dtype or torch.float32
+            peak = measure_matmul_peak(self.ctx.device, dtype)
+            peak_source = f"measured {dtype_name(dtype)} matmul"
+        mean_step = sum(r["measured_step_time_s"] for r in all_stats) / len(all_stats)
+        summary = build_summary(
+            all_stats,
+            global_samples_per_sec=self.global_batch / mean_step if mean_step else 0.0,
+            epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
+            flops=flops_per_sample(self.parts.module, self.ctx.device),
+            peak_flops_per_process=peak, peak_source=peak_source)
+        # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
+        summary["startup_s"] = self.clock.first_step_unix - psutil.Process().create_time()
+        summary["first_step_unix"] = self.clock.first_step_unix
+        self.writer.write_json("summary.json", summary)
+        print(format_summary(summary), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -614,8 +641,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         cfg = parse_args(argv)
-        with distributed_session(cfg) as ctx:
-            Trainer(cfg, ctx).fit()
+        # Collectives after the first step are named by their own phase; any failing before it is start-up's.
+        with distributed_session(cfg) as ctx, collectives.phase("start-up", None, cfg.timeout_s, None):
+            agree_on_recipe(cfg, ctx)  # before anything that would hang on ranks with other flags
+            with open_run_dir(cfg, ctx) as run_dir:
+                Trainer(cfg, ctx, run_dir).fit()
     except UserError as exc:
         prefix = "error" if rank == "0" else f"[rank {rank}] error"
         print(f"{prefix}: {exc}", file=sys.stderr, flush=True)

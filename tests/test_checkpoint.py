@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 import shlex
@@ -88,19 +90,24 @@ def test_save_rotates_and_leaves_no_temp_files(tmp_path: Path) -> None:
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step00000005.pt"]
 
 
-def test_crash_during_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    good, _ = checkpoint.save_checkpoint({"step": 1}, tmp_path, 1, keep=2)
+def test_full_disk_during_write_is_one_error_and_keeps_previous_checkpoint(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    good, _ = checkpoint.save_checkpoint({"step": 1}, tmp_path, 1, keep=1)
     before = good.read_bytes()
+    state = {"step": 2, "w": torch.zeros(1000)}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
 
-    def crash_halfway(obj: object, f: object) -> None:
-        f.write(b"PK\x03\x04 half a zip")  # type: ignore[attr-defined]
-        raise OSError("disk full")
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", crash_halfway)
-    with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_checkpoint({"step": 2}, tmp_path, 2, keep=2)
-    # The partial file never took a checkpoint's name; the previous checkpoint is untouched and still the newest.
-    assert checkpoint.list_checkpoints(tmp_path) == [good]
+    monkeypatch.setattr(os, "fsync", disk_full)  # the data reached the page cache; the disk refused it
+    with pytest.raises(UserError) as failure:
+        checkpoint.save_checkpoint(state, tmp_path, 2, keep=1)
+    assert str(failure.value).startswith(f"could not write step00000002.pt to {tmp_path}: No space left on device "
+                                         f"(it needed {len(buffer.getvalue()):,} bytes there)")
+    # No temp file left, the partial file never took a checkpoint's name, and keep=1 rotated nothing away.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
     assert good.read_bytes() == before
 
 

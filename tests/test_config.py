@@ -19,7 +19,8 @@ from dist_mnist.errors import UserError
     ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"),
     ("--warmup-frac", "-0.1"), ("--warmup-frac", "1"), ("--warmup-frac", "1.5"),
     ("--timeout-s", "0"), ("--timeout-s", "-10"), ("--timeout-s", "1e9"), ("--label-smoothing", "-0.1"),
-    ("--label-smoothing", "1"), ("--peak-tflops", "-1"),
+    ("--label-smoothing", "1"), ("--peak-tflops", "-1"), ("--train-timeout-s", "0"), ("--train-timeout-s", "nan"),
+    ("--train-timeout-s", "1e9"),
 ])
 def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must"):

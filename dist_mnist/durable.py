@@ -1,0 +1,55 @@
+"""Durable writes: a file is either its old or its new content after a crash, and a full disk is one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from dist_mnist.errors import UserError
+
+
+def write_failed(path: Path, needed_bytes: int, exc: OSError) -> UserError:
+    """A file that could not be written (a full disk, a quota, a lost mount): the folder, the size, the reason."""
+    return UserError(f"could not write {path.name} to {path.parent}: {exc.strerror or exc} (it needed "
+                     f"{needed_bytes:,} bytes there); the files written before are intact. Free space there, then "
+                     "rerun the same command to resume")
+
+
+def write_durably(path: Path, data: bytes | memoryview) -> None:
+    """Temp file, fsync, rename over `path`, fsync of the folder: after a crash either the old or the new file is
+    there, complete. On any OSError the temp file is removed and the error says what it needed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        # The rename is durable only once the directory entry itself is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, len(data), exc) from None
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append `data` entirely or not at all: a write the disk cut short is truncated away, so readers of a
+    line-per-record file only ever see whole records."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):  # the kernel may take part of it, then refuse the rest
+                written += os.write(fd, data[written:])
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise write_failed(path, len(data), exc) from None
+    finally:
+        os.close(fd)

@@ -1,0 +1,306 @@
+"""Faults a cluster produces: ranks that disagree, a full disk, two jobs in one folder, a hung peer.
+
+Each ends in one `error: ...` line on every surviving rank, exit 1, no traceback from our code, nothing lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, cpu_env, free_port, run, train
+from test_cluster import Agents, agent_command
+from test_fault_tolerance import TORCHRUN, LiveRun, metrics_steps, worker_pid
+
+from dist_mnist import agreement, collectives
+from dist_mnist.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from dist_mnist.config import TrainConfig
+from dist_mnist.errors import UserError
+from dist_mnist.metrics import RunWriter
+from dist_mnist.rundir import LOCK_FILE, _choose_run_dir
+
+# Our code's frames in a traceback; torchrun's own failure report (frames in torch/distributed) is allowed.
+OUR_FRAME = re.compile(r'File "[^"]*(dist_mnist/|launch/train\.py)')
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `error: ...` lines our ranks printed (rank 0's unprefixed, the others' as `[rank N] error: ...`), as
+    their messages."""
+    return [m.group(1) for m in re.finditer(r"^(?:\[rank \d+\] )?error: (.*)$", stderr, re.MULTILINE)]
+
+
+def seconds_until_errors(logs: Path, agents: int, started: float, limit: float) -> float:
+    """Seconds from `started` until each agent's stderr file holds an error line (at most `limit`)."""
+    while time.monotonic() - started < limit and not all(
+            error_lines((logs / f"{index}.err").read_text()) for index in range(agents)):
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def assert_no_traceback_from_us(*outputs: str) -> None:
+    for output in outputs:
+        assert not OUR_FRAME.search(output), output[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranks that disagree
+
+
+def test_disagreement_names_every_differing_item_its_values_and_ranks() -> None:
+    views = [{"--lr": 0.002, "--seed": 0, "--amp": "off"}, {"--lr": 0.004, "--seed": 0, "--amp": "off"},
+             {"--lr": 0.002, "--seed": 1, "--amp": "off"}]
+    assert agreement.disagreement(views, "fix it") == (
+        "ranks disagree on --lr (0.002 on ranks 0, 2, 0.004 on rank 1) and --seed (0 on ranks 0, 1, 1 on rank 2); "
+        "fix it")
+    assert agreement.disagreement([views[0], views[0]], "fix it") is None
+
+
+def test_recipe_view_leaves_out_per_node_settings_and_holds_the_versions() -> None:
+    here, there = TrainConfig(data_dir="/node-a/data", num_workers=0), TrainConfig(data_dir="/b", num_workers=4)
+    assert agreement.recipe_view(here) == agreement.recipe_view(there)
+    view = agreement.recipe_view(here)
+    assert view["--lr"] == 2e-3 and view["--batch-size"] == 16 and view["--train-timeout-s"] == 100.0
+    assert view["the torch version"] == torch.__version__
+    per_node = {f"--{name.replace('_', '-')}" for name in agreement.PER_NODE_FIELDS}
+    assert not per_node & view.keys()
+    # The README lists exactly these as the flags nodes may differ in.
+    readme = (REPO / "README.md").read_text()
+    paragraph = readme[readme.index("**Ranks that disagree.**"):readme.index("**A full disk.**")]
+    listed = paragraph[:paragraph.index("a digest of the dist_mnist source")]
+    assert set(re.findall(r"`(--[a-z-]+)`", listed)) == per_node
+
+
+def test_replicas_that_diverged_are_an_error() -> None:
+    agreement.check_replicas_in_sync(["ab12", "ab12"])
+    with pytest.raises(UserError, match=r"^ranks disagree on the final parameters \(digest\) \('ab12' on rank 0, "
+                                        r"'cd34' on rank 1\); the replicas diverged"):
+        agreement.check_replicas_in_sync(["ab12", "cd34"])
+
+
+@pytest.mark.timeout(120)
+def test_ranks_started_with_different_flags_stop_at_once_with_one_line(tmp_path: Path) -> None:
+    # Without the check, another --batch-size means a wrong global batch and a hang in the first collective that
+    # no longer matches; another --lr means two different models and exit 0.
+    differing = {"--batch-size": ("16", "32"), "--lr": ("0.002", "0.004")}
+    endpoint = f"127.0.0.1:{free_port()}"
+    rdzv_id = f"disagree-{uuid.uuid4().hex[:8]}"
+    # --timeout-s 60: an error from a hang would come only after a minute; the check answers in seconds.
+    flags = [*SMOKE_FLAGS, "--epochs", "1", "--timeout-s", "60", "--output-dir", str(tmp_path / "out"),
+             "--run-name", "disagree"]
+    started = time.monotonic()
+    with Agents(tmp_path / "logs", timeout=100) as agents:
+        for node in (0, 1):
+            own = [arg for flag, values in differing.items() for arg in (flag, values[node])]
+            agents.start(agent_command(endpoint, *flags, *own, rdzv_id=rdzv_id), cpu_env())
+        elapsed = seconds_until_errors(tmp_path / "logs", 2, started, limit=90)
+        results = agents.results()
+    print(f"\ndisagreement: both error lines {elapsed:.1f} s after the agents started, the agents ended "
+          f"{time.monotonic() - started:.1f} s after it")
+    messages = [error_lines(r.stderr) for r in results]
+    assert all(len(m) == 1 for m in messages), agents.tails()
+    assert messages[0] == messages[1], "the ranks reported different errors"
+    # Which agent's worker became rank 0 is the rendezvous's choice.
+    expected = [" and ".join(f"{flag} ({values[first]} on rank 0, {values[1 - first]} on rank 1)"
+                             for flag, values in differing.items()) for first in (0, 1)]
+    assert messages[0][0] in [f"ranks disagree on {e}; start every node with the same flags and the same "
+                              "dist_mnist and torch" for e in expected], messages[0][0]
+    assert all(r.returncode != 0 for r in results)
+    assert_no_traceback_from_us(*(r.stderr for r in results))
+    assert not list((tmp_path / "out").glob("*/metrics.jsonl")), "a rank trained"
+    assert elapsed < 60, "the error came from the timeout, not from the agreement"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk
+
+# Makes this process's fsync of a file whose name holds $DIST_MNIST_TEST_ENOSPC fail as a full disk does (on NFS
+# and with delayed allocation, fsync is where ENOSPC shows up). A test-only hook: the package carries nothing.
+ENOSPC_HOOK = """
+import errno, os
+_target, _fsync = os.environ.get("DIST_MNIST_TEST_ENOSPC"), os.fsync
+def _fsync_or_full(fd):
+    if _target and _target in os.readlink(f"/proc/self/fd/{fd}"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _fsync(fd)
+os.fsync = _fsync_or_full
+"""
+
+
+@pytest.mark.timeout(180)
+def test_full_disk_at_a_checkpoint_ends_every_rank_with_one_line(tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(ENOSPC_HOOK)
+    env = cpu_env(PYTHONPATH=f"{hook}{os.pathsep}{REPO}", DIST_MNIST_TEST_ENOSPC="step00000008.pt")
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run([*TORCHRUN, TRAIN_SCRIPT, *SMOKE_FLAGS, "--epochs", "1", "--checkpoint-every", "4",
+                  "--timeout-s", "60", "--output-dir", str(out), "--run-name", "full"], env=env, timeout=150)
+    print(f"\nfull disk: the job ended {time.monotonic() - started:.1f} s after start")
+    checkpoints = out / "full" / "checkpoints"
+    first = checkpoint_path(checkpoints, 4)
+    messages = error_lines(result.stderr)
+    assert len(messages) == 2 and messages[0] == messages[1], result.stderr[-3000:]  # rank 0 and rank 1
+    size = re.fullmatch(rf"could not write step00000008\.pt to {re.escape(str(checkpoints))}: No space left on "
+                        r"device \(it needed ([\d,]+) bytes there\); the files written before are intact\. Free "
+                        "space there, then rerun the same command to resume", messages[0])
+    assert size, messages[0]
+    assert int(size.group(1).replace(",", "")) > first.stat().st_size // 2  # the checkpoint's size, not a guess
+    assert result.returncode != 0
+    assert_no_traceback_from_us(result.stderr, result.stdout)
+    # The temp file is gone, the earlier checkpoint is intact and loads.
+    assert sorted(p.name for p in checkpoints.iterdir()) == [first.name]
+    assert load_checkpoint(first)["train_state"]["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two jobs in one run folder
+
+
+def test_second_job_in_a_held_folder_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    cfg = TrainConfig(output_dir=str(tmp_path), run_name="run")
+    held = _choose_run_dir(cfg)
+    assert (held.path / LOCK_FILE).read_text().startswith(f"PID {os.getpid()} on host {socket.gethostname()} ")
+    # flock locks belong to an open file, so a second open in this process is refused as another job's would be.
+    with pytest.raises(UserError, match=rf"^run folder {re.escape(str(held.path))} is in use by PID {os.getpid()} "
+                                        rf"on host {re.escape(socket.gethostname())}"):
+        _choose_run_dir(cfg)
+    assert held.lock_fd is not None
+    os.close(held.lock_fd)  # what the kernel does when the holder dies, however it dies
+    again = _choose_run_dir(cfg)
+    assert again.lock_fd is not None
+    os.close(again.lock_fd)
+
+
+@pytest.mark.timeout(240)
+def test_second_launch_into_a_running_jobs_folder_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    flags = [*SMOKE_FLAGS, "--epochs", "1000", "--checkpoint-every", "4", "--eval-every", "4", "--log-every", "1",
+             "--output-dir", str(tmp_path), "--run-name", "shared"]
+    run_dir = tmp_path / "shared"
+    first = LiveRun([sys.executable, TRAIN_SCRIPT, *flags])
+    try:
+        first.wait_until(lambda: bool(list_checkpoints(run_dir / "checkpoints")), "the first checkpoint")
+        metrics_before = (run_dir / "metrics.jsonl").read_text()
+        started = time.monotonic()
+        second = train(*flags, timeout=120)
+        print(f"\nrun lock: the second launch was refused {time.monotonic() - started:.1f} s after start")
+        assert second.returncode == 1
+        assert second.stderr.strip() == (
+            f"error: run folder {run_dir} is in use by PID {first.proc.pid} on host {socket.gethostname()} since "
+            f"{(run_dir / LOCK_FILE).read_text().split(' since ')[1]}: another job is training there. Wait for it "
+            "to end or stop it, or pick another --run-name (nothing was changed)")
+        assert second.stdout == ""
+    finally:
+        if first.proc.poll() is None:
+            first.proc.send_signal(signal.SIGTERM)  # stops at a step boundary with a checkpoint
+    done = first.result(timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The first job's records only: what it had written, then its own later evaluations, each step once.
+    assert (run_dir / "metrics.jsonl").read_text().startswith(metrics_before)
+    steps = metrics_steps(run_dir)
+    assert steps == list(range(4, steps[-1] + 1, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A hung peer
+
+
+def test_collective_failure_inside_a_phase_becomes_one_line(tmp_path: Path) -> None:
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                        "5000ms for recv operation to complete")
+    with pytest.raises(UserError) as failure, collectives.phase("evaluation", 12, 5, tmp_path / "step00000008.pt"):
+        raise gloo
+    assert str(failure.value) == (
+        "a collective in evaluation failed after step 12: a peer did not answer within the 5 s timeout or left the "
+        "job (Timed out waiting 5000ms for recv operation to complete); the last checkpoint is "
+        f"{tmp_path / 'step00000008.pt'}. Look for the stuck or lost rank in the other nodes' output, then rerun "
+        "the same command to resume")
+    # What gloo raises in the collectives after the one that timed out closed the connection: no source path.
+    with pytest.raises(UserError, match=r"^a collective in the stop vote failed after step 3: .*\(Application timeout "
+                                        r"caused pair closure\); this process wrote no checkpoint yet\."):
+        with collectives.phase("the stop vote", 3, 100, None):
+            raise RuntimeError("Application timeout caused pair closure")
+    with pytest.raises(UserError, match=r"^a collective in start-up failed before the first step: a peer did not "
+                                        r"answer within the 300 s timeout or left the job \(Connection closed by "
+                                        r"peer \[127.0.0.1\]:5\)"):
+        with collectives.phase("start-up", None, 300, None):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                               "[127.0.0.1]:5")
+    with pytest.raises(RuntimeError, match="shape mismatch"), collectives.phase("evaluation", 1, 5, None):
+        raise RuntimeError("shape mismatch")  # a bug is not a lost peer: it keeps its traceback
+
+
+def test_flight_recorder_dumps_into_the_run_folder_and_respects_the_users_settings(tmp_path: Path) -> None:
+    named = TrainConfig(output_dir=str(tmp_path), run_name="run")
+    dump_dir = collectives.flight_recorder_dir(named, {})
+    assert dump_dir == tmp_path / "run" / "flight_recorder"
+    assert collectives.flight_recorder_env(dump_dir, {}) == {
+        "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": f"{dump_dir}/nccl_trace_rank_"}
+    # The user's values, under the current or the older names, stay.
+    assert collectives.flight_recorder_env(dump_dir, {"TORCH_NCCL_TRACE_BUFFER_SIZE": "50",
+                                                      "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+                                           ) == {"TORCH_FR_DUMP_TEMP_FILE": f"{dump_dir}/nccl_trace_rank_"}
+    assert "TORCH_FR_DUMP_TEMP_FILE" not in collectives.flight_recorder_env(
+        dump_dir, {"TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/scratch/fr_"})
+    # Without --run-name the folder is named only after the process group opens: a folder per torchrun job.
+    unnamed = TrainConfig(output_dir=str(tmp_path))
+    assert collectives.flight_recorder_dir(unnamed, {"TORCHELASTIC_RUN_ID": "job7"}) == (
+        tmp_path / "flight_recorder" / "job7")
+
+
+@pytest.mark.timeout(180)
+def test_hung_peer_ends_the_other_rank_with_one_line_within_the_training_timeout(tmp_path: Path) -> None:
+    train_timeout = 5
+    flags = [*SMOKE_FLAGS, "--epochs", "1000", "--checkpoint-every", "4", "--log-every", "1", "--timeout-s", "60",
+             "--train-timeout-s", str(train_timeout), "--output-dir", str(tmp_path), "--run-name", "hung"]
+    with Agents(tmp_path / "logs", timeout=150) as agents:  # kills the job, the stopped rank too, at the end
+        agents.start([*TORCHRUN, TRAIN_SCRIPT, *flags], cpu_env())
+        agents.wait_for_any_output(r"^epoch \d+ step ([6-9]|\d\d+)/")  # past the first checkpoint
+        victim = worker_pid(agents.procs[0].pid, rank=1)
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)  # a stuck NFS read or a frozen GPU: alive, holding its sockets, silent
+        stopped = time.monotonic()
+        seconds = seconds_until_errors(tmp_path / "logs", 1, stopped, limit=60)
+        print(f"\nhung peer: rank 0's error line {seconds:.1f} s after SIGSTOP (--train-timeout-s {train_timeout})")
+        agents.kill(0)
+        result = agents.results()[0]
+    messages = error_lines(result.stderr)
+    assert len(messages) == 1, result.stderr[-3000:]
+    assert re.fullmatch(rf"a collective in .+ failed after step \d+: a peer did not answer within the "
+                        rf"{train_timeout} s timeout or left the job \(.+\); the last checkpoint is "
+                        rf"{re.escape(str(tmp_path / 'hung' / 'checkpoints'))}/step\d{{8}}\.pt\. Look for the stuck "
+                        "or lost rank in the other nodes' output, then rerun the same command to resume",
+                        messages[0]), messages[0]
+    assert_no_traceback_from_us(result.stderr, result.stdout)
+    assert seconds < 60, "the start-up timeout applied, not the training timeout"
+    assert json.loads((tmp_path / "hung" / "config.json").read_text())["train_timeout_s"] == train_timeout
+
+
+def test_failed_metrics_append_leaves_whole_records_only(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.reset_metrics([{"step": 4}])
+    record = {"step": 8, "note": "x" * 100}
+    # A file-size limit makes the kernel take part of the line and refuse the rest, as a disk filling mid-write does.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    on_excess = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of dying of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, ((tmp_path / "metrics.jsonl").stat().st_size + 10, limits[1]))
+    try:
+        with pytest.raises(UserError) as failure:
+            writer.append_metrics(record)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, on_excess)
+    assert str(failure.value).startswith(f"could not write metrics.jsonl to {tmp_path}: File too large (it needed "
+                                         f"{len(json.dumps(record)) + 1} bytes there)")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 4}\n'
