@@ -294,7 +294,7 @@ class Trainer:
         seed_everything(cfg.seed, cfg.deterministic)
         train_split, test_split = load_splits(cfg, ctx)
         self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
-        agree_on_data(ctx, self.data.train_size, self.data.test_size)
+        agree_on_data(ctx, len(train_split), len(test_split))
         self.total_steps = cfg.epochs * self.data.steps_per_epoch
         self.global_batch = cfg.batch_size * ctx.world_size
         self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)

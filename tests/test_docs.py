@@ -33,7 +33,7 @@ def table_defaults() -> list[tuple[str, str]]:
 def prose_defaults() -> list[tuple[str, str]]:
     """`--flag` (default X), `--flag` steps (default X), bullets that open with `--flag value`, `--flag` is off,
     `... --flag value` (the default)."""
-    pairs = re.findall(r"`(--[\w-]+)`(?: \w+)? \(default ([^),]+?)\)", README)
+    pairs = re.findall(r"`(--[\w-]+)`(?: \w+)? \(default ([^),;]+?)[),;]", README)
     pairs += re.findall(r"^- `(--[\w-]+) ([^`\s]+)`", README, re.MULTILINE)
     pairs += re.findall(r"`(--[\w-]+)` is (on|off)\b", README)
     pairs += re.findall(r"`[^`]*(--[\w-]+) ([^`\s]+)` \(the default\)", README)
@@ -47,7 +47,7 @@ def assert_default(flag: str, text: str) -> None:
     elif isinstance(ACTIONS[flag], argparse.BooleanOptionalAction) or isinstance(default, bool):
         assert text == ("on" if default else "off"), (flag, text, default)
     elif isinstance(default, (int, float)):
-        assert float(text) == default, (flag, text, default)
+        assert float(text.removesuffix(" s")) == default, (flag, text, default)  # "300 s": seconds
     else:
         assert text == default, (flag, text, default)
 
@@ -55,8 +55,8 @@ def assert_default(flag: str, text: str) -> None:
 def test_the_readme_states_defaults_where_expected() -> None:
     tables, prose = dict(table_defaults()), dict(prose_defaults())
     assert {"--profile", "--profile-wait", "--profile-repeat", "--peak-tflops"} <= tables.keys()
-    assert {"--checkpoint-every", "--keep-checkpoints", "--timeout-s", "--num-workers", "--compile",
-            "--epochs"} <= prose.keys()
+    assert {"--checkpoint-every", "--keep-checkpoints", "--timeout-s", "--train-timeout-s", "--num-workers",
+            "--compile", "--epochs"} <= prose.keys()
 
 
 @pytest.mark.parametrize(("flag", "text"), table_defaults() + prose_defaults())
