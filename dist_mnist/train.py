@@ -7,15 +7,15 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from shutil import which
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -24,10 +24,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
 from dist_mnist import checkpoint
-from dist_mnist.config import TrainConfig, parse_args
+from dist_mnist.config import TrainConfig, apply_recipe, parse_args
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
+from dist_mnist.graphs import GraphedStep, graph_decision
 from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
@@ -41,6 +42,7 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.rundir import checkpoint_dir, open_run_dir
+from dist_mnist.startup import StartupTimer
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings that depend on the device
@@ -72,12 +74,18 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def cuda_has_native_bf16() -> bool:
+    """Ampere or newer. torch.cuda.is_bf16_supported() alone also counts bf16 emulated in fp32 on older GPUs, which
+    runs slower than fp16 there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSettings:
     cuda = device.type == "cuda"
     if cfg.amp == "fp16" and not cuda:
         raise UserError("--amp fp16 runs on CUDA only (it needs a GradScaler and fp16 kernels); "
                         "use --amp bf16 or --amp off on CPU")
-    if cfg.amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if cfg.amp == "bf16" and cuda and not cuda_has_native_bf16():
         raise UserError("--amp bf16 needs a GPU with bf16 support (Ampere or newer); use --amp fp16")
     if cfg.compile and not cuda and cfg.compile_backend == "inductor" and not _has_cxx_compiler():
         raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) for inductor; install one, "
@@ -86,7 +94,7 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
         raise UserError("--cuda-memory-snapshot needs CUDA; it records the CUDA caching allocator")
     if cfg.amp == "auto":
         if cuda:
-            amp_dtype: torch.dtype | None = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            amp_dtype: torch.dtype | None = torch.bfloat16 if cuda_has_native_bf16() else torch.float16
         else:
             amp_dtype = torch.bfloat16 if cpu_has_native_bf16() else None
     else:
@@ -277,19 +285,34 @@ class RunClock:
 class Trainer:
     """Holds a run's parts; `fit` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, startup: StartupTimer | None = None) -> None:
+        self.startup = startup or StartupTimer()
+        # The recipe needs the device, which only the distributed session knows: applied here, before anything
+        # reads a recipe value.
+        resolution = apply_recipe(cfg, ctx.device.type)
+        self.cfg, self.recipe, self.ctx = resolution.config, resolution.recipe, ctx
+        cfg = self.cfg
         self.run_dir = open_run_dir(cfg, ctx)
         self.checkpoint_dir = checkpoint_dir(cfg, self.run_dir)
         self.settings = resolve_speed_settings(cfg, ctx.device)
         seed_everything(cfg.seed, cfg.deterministic)
-        train_split, test_split = load_splits(cfg, ctx)
-        self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
+        with self.startup.phase("data"):
+            train_split, test_split = load_splits(cfg, ctx)
+            self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
         self.total_steps = cfg.epochs * self.data.steps_per_epoch
         self.global_batch = cfg.batch_size * ctx.world_size
-        self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
+        self.startup.join_background_imports()
+        with self.startup.phase("model"):
+            self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
+        with self.startup.phase("tensorboard"):
+            self.writer = RunWriter(self.run_dir, ctx.is_main, cfg.tensorboard)
+        # --grad-accum-steps (another branch) passes its value as accumulation_steps here.
+        self.graphs = graph_decision(cfg.cuda_graphs, ctx.device.type, ctx.world_size, self.settings.amp_dtype,
+                                     cfg.compile)
+        self.step_fn: Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor] = partial(train_step,
+                                                                                              self.parts)
+        self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
-        self.writer = RunWriter(self.run_dir, ctx.is_main, cfg.tensorboard)
         self.timer = StepTimer(ctx.device)
         self.memory = MemoryTracker()
         self.stop = StopRequest()
@@ -344,7 +367,7 @@ class Trainer:
                     found = Path(cfg.resume), checkpoint.load_checkpoint(Path(cfg.resume))
                 if found is not None:
                     source, state = str(found[0]), found[1]
-                    checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source)
+                    checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source, self.recipe.name)
             except UserError as exc:
                 state, error = None, str(exc)  # every rank fails: no need to send them the refused state
         state, source, error = ctx.broadcast_object((state, source, error))
@@ -406,6 +429,7 @@ class Trainer:
                 "world_size": self.ctx.world_size,
                 "rng": rng_states,
                 "config": self.cfg.to_json(),
+                "recipe": self.recipe.name,
                 **{name: part.state_dict() for name, part in self.stateful().items()},
             }
             path, size = checkpoint.save_checkpoint(state, self.checkpoint_dir, self.state.step,
@@ -448,7 +472,7 @@ class Trainer:
             step_time = sum(sum(s.values()) for s in recent) / max(len(recent), 1)
             data_share = sum(s["data"] for s in recent) / max(step_time * len(recent), 1e-12)
             loss = self.train_loss_sum / max(self.train_loss_count, 1)
-            lr = self.parts.scheduler.get_last_lr()[0]
+            lr = float(self.parts.scheduler.get_last_lr()[0])  # a tensor under CUDA graphs
             print(f"epoch {self.state.epoch} step {self.state.step}/{self.step_limit()} loss {loss:.4f} "
                   f"lr {lr:.2e} {samples_per_sec:,.0f} samples/s", flush=True)
             memory = {"rss_mb": rss / 2**20}
@@ -482,26 +506,39 @@ class Trainer:
         self.state.metrics.append(record)
         self.writer.append_metrics(record)
         self.log(format_eval(record))
+        if self.target_reached is None and self.meets_target(record):
+            self.target_reached = record
         return record
+
+    def meets_target(self, record: dict[str, Any]) -> bool:
+        return bool(self.cfg.stop_at_accuracy) and record["test_accuracy"] >= self.cfg.stop_at_accuracy
 
     # -- the loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self.resume()
+        with self.startup.phase("resume"):
+            self.resume()
         state = self.state
         self.writer.write_json("config.json", {**cfg.to_json(), "resolved": {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
             "global_batch_size": self.global_batch, "steps_per_epoch": self.data.steps_per_epoch,
             "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
-            **self.settings.describe()}})
+            **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}})
         self.writer.reset_metrics(state.metrics)
-        if state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps):
+        if (state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps)
+                or any(self.meets_target(m) for m in state.metrics)):
             self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
             return
-        self.log(f"run {self.run_dir}: {ctx.world_size} x {ctx.device.type} ({ctx.backend}), "
-                 f"{self.data.train_size} training images, global batch {self.global_batch}, "
-                 f"{self.data.steps_per_epoch} steps/epoch, {self.settings.describe()}")
+        self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "
+                 f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
+                 f"{self.data.steps_per_epoch} steps/epoch, {self.settings.describe()}, "
+                 f"cuda_graphs={self.graphs.enabled}")
+        if self.graphs.note:
+            self.log(self.graphs.note)
+        if self.graphs.enabled:
+            with self.startup.phase("graph_capture"):  # after resume: the graph replays from the restored state
+                self.step_fn = GraphedStep(self.parts, cfg.batch_size)
         if cfg.cuda_memory_snapshot:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
 
@@ -518,7 +555,7 @@ class Trainer:
                         self.timer.cancel_step()
                         self.prev_step_start = None
                         break
-                    loss = train_step(self.parts, *batch, self.timer)
+                    loss = self.step_fn(*batch, self.timer)
                     self.timer.end_step()
                     with self.paused():
                         profiler.step()  # writes a trace when a window closes
@@ -535,17 +572,17 @@ class Trainer:
                         self.evaluate_and_record()
                     if stop_now:
                         stopped_by = self.stop.signal_name or "a signal on another rank"
-                    if stop_now or at_limit:
+                    if stop_now or at_limit or self.target_reached:
                         break
                     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         self.save_checkpoint()
                 if state.batch_in_epoch >= self.data.steps_per_epoch:
                     state.epoch += 1
                     state.batch_in_epoch = 0
-                if stopped_by is None:
+                if stopped_by is None and self.target_reached is None:
                     self.evaluate_and_record()
                 self.save_checkpoint()
-                if cfg.max_steps and state.step >= cfg.max_steps:
+                if (cfg.max_steps and state.step >= cfg.max_steps) or self.target_reached:
                     break
             self.vote.finish()
         self.finish(stopped_by)
@@ -585,10 +622,20 @@ class Trainer:
                 flops=flops_per_sample(self.parts.module, ctx.device),
                 peak_flops_per_process=peak, peak_source=peak_source)
             # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
-            summary["startup_s"] = self.clock.first_step_unix - psutil.Process().create_time()
+            summary.update(self.startup.report(self.clock.first_step_unix))
             summary["first_step_unix"] = self.clock.first_step_unix
+            if self.target_reached:
+                summary["stop_at_accuracy"] = {"target": self.cfg.stop_at_accuracy,
+                                               **{k: self.target_reached[k] for k in ("step", "epoch",
+                                                                                      "test_accuracy",
+                                                                                      "elapsed_s")}}
             self.writer.write_json("summary.json", summary)
             print(format_summary(summary), flush=True)
+        if ctx.is_main and self.target_reached:
+            hit = self.target_reached
+            print(f"reached test accuracy {hit['test_accuracy']:.2%} (--stop-at-accuracy "
+                  f"{self.cfg.stop_at_accuracy:.2%}) at step {hit['step']}, {hit['elapsed_s']:.2f} s after the first "
+                  f"step; stopped, checkpoint saved in {self.checkpoint_dir}", flush=True)
         if ctx.is_main and stopped_by:
             # A default run name is a fresh timestamp on every launch, so only --run-name finds this run again.
             again = "the same command" if self.cfg.run_name else f"the same command with --run-name {self.run_dir.name}"
@@ -605,9 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1."""
     rank = os.environ.get("RANK", "0")
     try:
+        startup = StartupTimer()
         cfg = parse_args(argv)
-        with distributed_session(cfg) as ctx:
-            Trainer(cfg, ctx).fit()
+        # The first optimizer imports torch._dynamo (torch.optim's dynamo guards), RunWriter TensorBoard.
+        startup.import_in_background("torch._dynamo", *(["torch.utils.tensorboard"] if cfg.tensorboard else []))
+        with distributed_session(cfg, startup) as ctx:
+            Trainer(cfg, ctx, startup).fit()
     except UserError as exc:
         prefix = "error" if rank == "0" else f"[rank {rank}] error"
         print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
