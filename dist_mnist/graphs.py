@@ -106,14 +106,18 @@ def _plain_learning_rates(optimizer: torch.optim.Optimizer, state: dict[str, Any
 
 
 class TrainingSnapshot:
-    """Weights, optimizer state and RNG as they were, to undo the warm-up steps that capture needs."""
+    """Weights and optimizer state as they were, to undo the warm-up steps that capture needs.
+
+    The CPU RNG is restored too, so the eager stand-in replays exactly the eager run. The CUDA generator is left as
+    the warm-up left it: from capture on, the graph advances its offsets itself at every replay, and resetting the
+    state under it is not worth the risk; dropout masks then differ from an eager run's, and runs stay reproducible.
+    """
 
     def __init__(self, parts: TrainParts) -> None:
-        self.cuda = parts.device.type == "cuda"
         self.model = {k: v.detach().clone() for k, v in parts.module.state_dict().items()}
         self.optimizer = {id(p): {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
                           for p, s in parts.optimizer.state.items()}
-        self.rng = torch.cuda.get_rng_state(parts.device) if self.cuda else torch.get_rng_state()
+        self.cpu_rng = torch.get_rng_state()
 
     def restore(self, parts: TrainParts) -> None:
         """Copy back into the same tensors (the graph holds their addresses); state the warm-up created is zeroed,
@@ -124,12 +128,11 @@ class TrainingSnapshot:
             for p, state in parts.optimizer.state.items():
                 saved = self.optimizer.get(id(p), {})
                 for key, value in state.items():
-                    if isinstance(value, torch.Tensor):
-                        value.copy_(saved[key]) if key in saved else value.zero_()
-        if self.cuda:
-            torch.cuda.set_rng_state(self.rng, parts.device)
-        else:
-            torch.set_rng_state(self.rng)
+                    if isinstance(value, torch.Tensor) and key in saved:
+                        value.copy_(saved[key])
+                    elif isinstance(value, torch.Tensor):
+                        value.zero_()
+        torch.set_rng_state(self.cpu_rng)
 
 
 class GraphedStep:
