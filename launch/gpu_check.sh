@@ -80,8 +80,8 @@ candidates=(
     "b512_e2 --batch-size 512 --lr 8e-3 --epochs 2 --eval-every 20"
     "b512_e3 --batch-size 512 --lr 8e-3 --epochs 3 --eval-every 20"
     "b512_e4 --batch-size 512 --lr 8e-3 --epochs 4 --eval-every 20"
-    "b512_e3_ev10 --batch-size 512 --lr 8e-3 --epochs 3 --eval-every 10"
-    "b512_e3_ev40 --batch-size 512 --lr 8e-3 --epochs 3 --eval-every 40"
+    "b512_e4_ev10 --batch-size 512 --lr 8e-3 --epochs 4 --eval-every 10"
+    "b512_e4_ev40 --batch-size 512 --lr 8e-3 --epochs 4 --eval-every 40"
     "b1024_e3 --batch-size 1024 --lr 1.13e-2 --epochs 3 --eval-every 10"
     "b1024_e4 --batch-size 1024 --lr 1.13e-2 --epochs 4 --eval-every 10"
 )

@@ -195,7 +195,7 @@ def test_checkpoint_of_another_named_recipe_is_refused(capsys: pytest.CaptureFix
     # The smoke flags give --batch-size explicitly, so the cuda recipe changes --epochs first (and --lr).
     code, _, err = train_in_process(capsys, run_copy, "--recipe", "cuda")
     assert code == 1
-    assert "--epochs 2 (recipe cpu), this run has 3 (recipe cuda)" in single_error_line(err)
+    assert "--epochs 2 (recipe cpu), this run has 4 (recipe cuda)" in single_error_line(err)
 
 
 def test_compatibility_check_names_the_mismatch() -> None:
