@@ -656,8 +656,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         # The first optimizer imports torch._dynamo (torch.optim's dynamo guards), RunWriter TensorBoard.
         startup.import_in_background("torch._dynamo", *(["torch.utils.tensorboard"] if cfg.tensorboard else []))
-        with distributed_session(cfg, startup) as ctx:
-            Trainer(cfg, ctx, startup).fit()
+        try:
+            with distributed_session(cfg, startup) as ctx:
+                Trainer(cfg, ctx, startup).fit()
+        finally:
+            startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash
     except UserError as exc:
         prefix = "error" if rank == "0" else f"[rank {rank}] error"
         print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
