@@ -145,14 +145,13 @@ class GraphedStep:
         self.loss = torch.zeros((), dtype=torch.float32, device=parts.device)
         use_tensor_learning_rates(parts.optimizer)
         snapshot = TrainingSnapshot(parts)  # after any resume: the graph replays from the restored state
-        parts.optimizer.zero_grad(set_to_none=True)
         self.replay = capture(self._body)
         snapshot.restore(parts)
 
     def _body(self) -> None:
         parts, settings = self.parts, self.parts.settings
-        # A no-op at capture (grads are None, so backward allocates them in the graph's pool and every replay
-        # rewrites them); an eager stand-in needs it to avoid accumulating.
+        # In place: the warm-up created the gradients, so the graph captures a memset of these same persistent
+        # tensors and backward accumulating into them, and every replay starts from zero again.
         parts.optimizer.zero_grad(set_to_none=False)
         x = normalize(self.images, parts.device, settings.channels_last)
         # cache_enabled=False: autocast's weight-cast cache would hold tensors from outside the graph's pool.
