@@ -1,22 +1,33 @@
 """GPU-only decisions through their CPU seams: the amp choice with the CUDA queries faked, CUDA-graph eligibility,
 the graphed step (replayed eagerly on CPU) against the eager one, the tensor learning rate against warmup_cosine,
-and the device-side batch order against the DataLoader's."""
+and the device-side batch order against the DataLoader's, and a whole graphed run through a checkpoint and resume."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMOKE_FLAGS
 
+import dist_mnist.train as train_module
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import build_pipeline, synthetic_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
-from dist_mnist.graphs import GraphedStep, capture_eagerly, graph_decision, use_tensor_learning_rates
+from dist_mnist.graphs import GraphDecision, GraphedStep, capture_eagerly, graph_decision, use_tensor_learning_rates
 from dist_mnist.metrics import StepTimer
-from dist_mnist.train import SpeedSettings, build_train_parts, resolve_speed_settings, train_step, warmup_cosine
+from dist_mnist.train import (
+    SpeedSettings,
+    build_train_parts,
+    main,
+    resolve_speed_settings,
+    train_step,
+    warmup_cosine,
+)
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only ever passed to pure functions here
@@ -160,3 +171,29 @@ def test_device_batches_are_the_dataloader_batches(world_size: int) -> None:
                 assert torch.equal(xe, xg) and torch.equal(ye, yg)
         for (xe, ye), (xg, yg) in itertools.zip_longest(host.test_loader, device.test_loader):
             assert torch.equal(xe, xg) and torch.equal(ye, yg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole run with the graphed step (replayed eagerly): checkpoints and resume
+
+
+@pytest.mark.timeout(180)
+def test_graphed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Capture happens after the resume, from the restored weights, optimizer state and schedule; checkpoints hold
+    plain float learning rates; 4 + 4 steps end where 8 uninterrupted steps do."""
+    monkeypatch.setattr(train_module, "graph_decision", lambda *args, **kwargs: GraphDecision(True, ""))
+    monkeypatch.setattr(train_module, "GraphedStep", partial(GraphedStep, capture=capture_eagerly))
+    flags = [*SMOKE_FLAGS, "--amp", "off", "--channels-last", "off", "--deterministic", "--checkpoint-every", "4",
+             "--output-dir", str(tmp_path), "--timeout-s", "60"]
+    assert main([*flags, "--run-name", "whole", "--max-steps", "8"]) == 0
+    assert "cuda_graphs=True" in capsys.readouterr().out
+    assert main([*flags, "--run-name", "split", "--max-steps", "4"]) == 0
+    assert main([*flags, "--run-name", "split", "--max-steps", "8"]) == 0
+    assert "resumed from step 4" in capsys.readouterr().out
+    whole, split = (torch.load(tmp_path / name / "checkpoints" / "step00000008.pt", weights_only=True)
+                    for name in ("whole", "split"))
+    assert all(torch.equal(whole["model"][k], split["model"][k]) for k in whole["model"])
+    group = split["optimizer"]["param_groups"][0]
+    assert isinstance(group["lr"], float) and group["capturable"] is False
+    assert group["lr"] == whole["optimizer"]["param_groups"][0]["lr"]
