@@ -183,7 +183,12 @@ class DeviceBatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = self.batches.batches if isinstance(self.batches, ResumableBatchSampler) else self.batches
         skip = self.batches.skip_batches if isinstance(self.batches, ResumableBatchSampler) else 0
-        order = torch.as_tensor(list(sampler.sampler), dtype=torch.long).to(self.dataset.labels.device)
+        device = self.dataset.labels.device
+        order = torch.as_tensor(list(sampler.sampler), dtype=torch.long)
+        if device.type == "cuda":
+            # From pinned memory the upload is queued behind the running steps instead of waiting for them.
+            order = order.pin_memory()
+        order = order.to(device, non_blocking=True)
         size = sampler.batch_size
         for i in range(skip, len(sampler)):
             index = order[i * size:(i + 1) * size]
