@@ -66,6 +66,14 @@ def graph_decision(mode: str, device_type: str, world_size: int, amp_dtype: torc
     return GraphDecision(False, f"note: CUDA graphs off, eager steps ({reasons})")
 
 
+def capture_failure_note(exc: RuntimeError, mode: str) -> str:
+    """The run's note when capturing failed under `auto` (eager steps take over); under `on` a UserError."""
+    reason = " ".join(str(exc).split())[:200]
+    if mode == "on":
+        raise UserError(f"--cuda-graphs on: capturing the training step failed ({reason}); use --cuda-graphs off")
+    return f"note: CUDA graph capture failed ({reason}); eager steps"
+
+
 def capture_cuda_graph(body: Callable[[], None]) -> Callable[[], None]:
     """Warm `body` up on a side stream, capture it in one CUDA graph and return the graph's replay."""
     stream = torch.cuda.Stream()
@@ -145,8 +153,10 @@ class GraphedStep:
         self.loss = torch.zeros((), dtype=torch.float32, device=parts.device)
         use_tensor_learning_rates(parts.optimizer)
         snapshot = TrainingSnapshot(parts)  # after any resume: the graph replays from the restored state
-        self.replay = capture(self._body)
-        snapshot.restore(parts)
+        try:
+            self.replay = capture(self._body)
+        finally:
+            snapshot.restore(parts)  # also after a failed capture, so eager steps can take over from here
 
     def _body(self) -> None:
         parts, settings = self.parts, self.parts.settings

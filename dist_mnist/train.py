@@ -28,7 +28,7 @@ from dist_mnist.config import TrainConfig, apply_recipe, parse_args
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
-from dist_mnist.graphs import GraphedStep, graph_decision
+from dist_mnist.graphs import GraphedStep, capture_failure_note, graph_decision
 from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
@@ -538,7 +538,10 @@ class Trainer:
             self.log(self.graphs.note)
         if self.graphs.enabled:
             with self.startup.phase("graph_capture"):  # after resume: the graph replays from the restored state
-                self.step_fn = GraphedStep(self.parts, cfg.batch_size)
+                try:
+                    self.step_fn = GraphedStep(self.parts, cfg.batch_size)
+                except RuntimeError as exc:  # weights and optimizer state are back as they were
+                    self.log(capture_failure_note(exc, cfg.cuda_graphs))
         if cfg.cuda_memory_snapshot:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
 

@@ -5,7 +5,7 @@ and the device-side batch order against the DataLoader's, and a whole graphed ru
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +18,14 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.data import build_pipeline, synthetic_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
-from dist_mnist.graphs import GraphDecision, GraphedStep, capture_eagerly, graph_decision, use_tensor_learning_rates
+from dist_mnist.graphs import (
+    GraphDecision,
+    GraphedStep,
+    capture_eagerly,
+    capture_failure_note,
+    graph_decision,
+    use_tensor_learning_rates,
+)
 from dist_mnist.metrics import StepTimer
 from dist_mnist.train import (
     SpeedSettings,
@@ -197,3 +204,20 @@ def test_graphed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeyp
     group = split["optimizer"]["param_groups"][0]
     assert isinstance(group["lr"], float) and group["capturable"] is False
     assert group["lr"] == whole["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_a_failed_capture_leaves_the_weights_as_they_were(world_of_one: DistContext) -> None:
+    """Eager steps take over under `auto` after a failed capture, from the state before the warm-up."""
+    parts = build_train_parts(TrainConfig(), world_of_one, SpeedSettings(None, False, False), total_steps=8)
+    before = {k: v.clone() for k, v in parts.module.state_dict().items()}
+
+    def failing_capture(body: Callable[[], None]) -> Callable[[], None]:
+        body()  # a warm-up step changed the weights, then capture failed
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError) as excinfo:
+        GraphedStep(parts, batch_size=16, capture=failing_capture)
+    assert all(torch.equal(before[k], v) for k, v in parts.module.state_dict().items())
+    assert capture_failure_note(excinfo.value, "auto").startswith("note: CUDA graph capture failed (operation not")
+    with pytest.raises(UserError, match="^--cuda-graphs on: capturing the training step failed"):
+        capture_failure_note(excinfo.value, "on")
