@@ -101,8 +101,9 @@ def test_graph_decision_on_refuses_what_it_cannot_capture(kwargs: dict, message:
 # The graphed step, replayed eagerly on CPU
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def world_of_one() -> Iterator[DistContext]:
+    """Function-scoped: the whole-run test below opens its own default process group."""
     with distributed_session(TrainConfig(device="cpu")) as ctx:
         yield ctx
 
