@@ -39,8 +39,9 @@ def mnist_raw_dir(data_dir: str) -> Path:
 def read_idx_uint8(path: Path, ndim: int) -> torch.Tensor:
     """An IDX file of unsigned bytes (MNIST's format: 0x00 0x00 0x08 ndim, big-endian uint32 sizes, the bytes).
 
-    Read here rather than with torchvision's reader: importing torchvision costs about 1.7 s of every run's
-    start-up (it pulls in torch._dynamo), and only the download still needs it.
+    Read here rather than with torchvision's reader: importing torchvision took about 1.7 s, most of it
+    torch._dynamo, which the first optimizer needs too but which main() imports in a thread (StartupTimer); a
+    torchvision import on the main thread would wait for it. Only the download still uses torchvision.
     """
     data = path.read_bytes()
     header = 4 + 4 * ndim
