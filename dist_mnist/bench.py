@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,15 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
+from dist_mnist.graphs import GraphedStep
 from dist_mnist.metrics import StepTimer
 from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
+from dist_mnist.recipes import RECIPES
 from dist_mnist.train import SpeedSettings, build_train_parts, dtype_name, resolve_speed_settings, train_step
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("throughput", "time-to-accuracy", "scaling", "profiler")
+SECTIONS = ("throughput", "time-to-accuracy", "scaling", "profiler", "graphs")
+StepFn = Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor]
 
 
 def _sync(device: torch.device) -> None:
@@ -42,8 +47,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_steps(parts: Any, batches: Any, ctx: DistContext, seconds: float, warmup: int = 5) -> float:
-    """Global training samples/s of `train_step` over `seconds` after `warmup` steps; batches cycle forever."""
+def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, warmup: int = 5) -> float:
+    """Global training samples/s of `step` (train_step or a GraphedStep) over `seconds` after `warmup` steps;
+    batches cycle forever."""
     timer = StepTimer(ctx.device)
     samples, start = 0, 0.0
     for i, (images, labels) in enumerate(batches):
@@ -51,7 +57,7 @@ def _timed_steps(parts: Any, batches: Any, ctx: DistContext, seconds: float, war
             _sync(ctx.device)
             start = time.perf_counter()
         timer.begin_step()
-        train_step(parts, images, labels, timer)
+        step(images, labels, timer)
         timer.end_step()
         if i >= warmup:
             samples += len(labels)
@@ -108,7 +114,7 @@ def measure_throughput(cfg: TrainConfig, ctx: DistContext, seconds: float) -> di
         else:
             pipeline = build_pipeline(run_cfg, ctx, train, test, settings.data_on_device)
             batches = _forever(pipeline.train_loader, pipeline.train_batches)
-        results[name] = {"samples_per_sec": _timed_steps(parts, iter(batches), ctx, seconds),
+        results[name] = {"samples_per_sec": _timed_steps(partial(train_step, parts), iter(batches), ctx, seconds),
                          "batch_size": batch_size, **settings.describe()}
     results["speedup"] = results["fast"]["samples_per_sec"] / results["classic"]["samples_per_sec"]
     dtype = fast.amp_dtype or torch.float32
@@ -117,6 +123,42 @@ def measure_throughput(cfg: TrainConfig, ctx: DistContext, seconds: float) -> di
     results["mfu"] = {"flops_per_sample": flops, "peak_tflops_per_process": peak / 1e12,
                       "dtype": dtype_name(dtype),
                       "mfu": results["fast"]["samples_per_sec"] * flops / (peak * ctx.world_size)}
+    return results
+
+
+def _timed_replays(step: GraphedStep, device: torch.device, seconds: float, warmup: int = 10) -> float:
+    """Samples/s of the captured step alone: replays of one fixed batch, no loop, copies or scheduler around it."""
+    for _ in range(warmup):
+        step.replay()
+    _sync(device)
+    start, replays = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for _ in range(50):
+            step.replay()
+        replays += 50
+        _sync(device)
+    return replays * len(step.labels) / (time.perf_counter() - start)
+
+
+def measure_graphs(cfg: TrainConfig, ctx: DistContext, seconds: float, batch_sizes: list[int]) -> dict[str, Any]:
+    """Per batch size, side by side: the eager loop, the loop with the step captured in a CUDA graph (both with
+    the on-device batches and the step timer of a run), and the bare captured step replayed on a fixed batch."""
+    if ctx.device.type != "cuda" or ctx.world_size > 1:
+        return {"skipped": "CUDA graphs are measured on one CUDA process only"}
+    settings = resolve_speed_settings(cfg, ctx.device)
+    train, test = load_splits(cfg, ctx)
+    results: dict[str, Any] = {"amp": dtype_name(settings.amp_dtype)}
+    for batch_size in batch_sizes:
+        run_cfg = dataclasses.replace(cfg, batch_size=batch_size)
+        pipeline = build_pipeline(run_cfg, ctx, train, test, settings.data_on_device)
+        eager = build_train_parts(run_cfg, ctx, settings, total_steps=10**6)
+        graphed = GraphedStep(build_train_parts(run_cfg, ctx, settings, total_steps=10**6), batch_size)
+        row = {name: _timed_steps(step, iter(_forever(pipeline.train_loader, pipeline.train_batches)), ctx, seconds)
+               for name, step in (("eager_loop", partial(train_step, eager)), ("graphed_loop", graphed))}
+        row["bare_captured_step"] = _timed_replays(graphed, ctx.device, seconds)
+        row["graphed_over_eager"] = row["graphed_loop"] / row["eager_loop"]
+        row["graphed_loop_over_bare"] = row["graphed_loop"] / row["bare_captured_step"]
+        results[str(batch_size)] = row
     return results
 
 
@@ -141,10 +183,11 @@ def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name:
 
 def measure_time_to_accuracy(data_flags: list[str], nproc: int, threads: int, per_process_batch: int,
                              out_dir: Path, target: float = 0.99) -> dict[str, Any]:
-    """The default recipe, evaluated 10 times per epoch: wall time to `target` from the first step and launch."""
-    eval_every = max(1, 60_000 // (per_process_batch * nproc) // 10)
-    summary, metrics, launched = _launch(nproc, [*data_flags, "--eval-every", str(eval_every)], threads, out_dir,
-                                         "tta")
+    """The default recipe, evaluated 10 times per epoch (on CUDA: at the recipe's own cadence): wall time to
+    `target` from the first step and launch."""
+    cadence = [] if torch.cuda.is_available() else [
+        "--eval-every", str(max(1, 60_000 // (per_process_batch * nproc) // 10))]
+    summary, metrics, launched = _launch(nproc, [*data_flags, *cadence], threads, out_dir, "tta")
     hit = next((m for m in metrics if m["test_accuracy"] >= target), None)
     startup = summary["first_step_unix"] - launched
     return {
@@ -245,6 +288,16 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"{pr['median_step_ratio']:.3f} |",
                   f"| the same, mean over the whole run (the 5 profiled steps included) | "
                   f"{pr['mean_throughput_ratio']:.3f} |"]
+    gr = results.get("graphs")
+    if gr and "skipped" not in gr:
+        for batch, row in gr.items():
+            if batch == "amp":
+                continue
+            lines += [f"| batch {batch} ({gr['amp']}): eager loop / loop with the step in a CUDA graph / bare captured "
+                      f"step | {row['eager_loop']:,.0f} / {row['graphed_loop']:,.0f} / "
+                      f"{row['bare_captured_step']:,.0f} samples/s |",
+                      f"| **batch {batch}: graphed loop / eager loop; graphed loop / bare captured step** | "
+                      f"**{row['graphed_over_eager']:.2f}x; {row['graphed_loop_over_bare']:.0%}** |"]
     return "\n".join(line for line in lines if line) + "\n"
 
 
@@ -258,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
                         help="per-process batch of the default configuration (the classic one always uses 64)")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per throughput configuration")
+    parser.add_argument("--graph-batches", default=f"16,{RECIPES['cuda'].batch_size}",
+                        help="per-process batch sizes of the graphs section (CUDA only)")
     parser.add_argument("--scaling", default="1,2", help="process counts for the scaling section")
     parser.add_argument("--scaling-steps", type=int, default=300, help="training steps per scaling run")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
@@ -274,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             results["machine"] = machine_description(ctx.device)
             if "throughput" in sections:
                 results["throughput"] = measure_throughput(cfg, ctx, args.seconds)
+            if "graphs" in sections:
+                results["graphs"] = measure_graphs(cfg, ctx, args.seconds,
+                                                   [int(b) for b in args.graph_batches.split(",")])
         if launched_by_torchrun and int(os.environ["RANK"]) != 0:
             return 0
         data_flags = ["--data-dir", args.data_dir, "--no-download"]

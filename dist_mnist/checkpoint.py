@@ -99,8 +99,13 @@ def find_resume_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict[str, Any], source: str) -> None:
-    """Refuse a checkpoint from another model or recipe with an error naming the mismatch."""
+def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict[str, Any], source: str,
+                     recipe: str) -> None:
+    """Refuse a checkpoint from another model or recipe with an error naming the mismatch.
+
+    `config` holds the values this run resolved (its recipe's, or the flags that override them), so a recipe
+    change that alters any of RECIPE_FIELDS is refused, and the error names both recipes.
+    """
     if state.get("model_class") != type(model).__name__:
         raise UserError(f"checkpoint {source} holds a {state.get('model_class')}, not a {type(model).__name__}")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -111,7 +116,8 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
     for name in RECIPE_FIELDS:
         if state["config"].get(name) != config.get(name):
             raise UserError(f"checkpoint {source} was trained with --{name.replace('_', '-')} "
-                            f"{state['config'].get(name)}, this run has {config.get(name)}; use the same value or "
+                            f"{state['config'].get(name)} (recipe {state.get('recipe', 'unknown')}), this run has "
+                            f"{config.get(name)} (recipe {recipe}); use the same value or recipe, or "
                             "--resume never with a new --run-name")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dist_mnist.errors import UserError
+from dist_mnist.recipes import DEFAULT_RECIPE, RECIPES, AppliedRecipe, recipe_name, recipe_values
 
 # --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
 # should wait, and far from where such a duration overflows.
@@ -38,20 +39,28 @@ class TrainConfig:
                                        "and slice batches there; auto: on with CUDA", choices=["auto", "on", "off"])
 
     # Model and recipe
-    epochs: int = _opt(2, "passes over the training set")
+    recipe: str = _opt("auto", "named settings for --batch-size, --lr, --epochs, --warmup-frac, --eval-every and "
+                               "--eval-batch-size (README, 'Recipe'); flags given explicitly win. auto: the recipe "
+                               "of the device the run resolves to. The defaults shown are the cpu recipe's",
+                       choices=["auto", *RECIPES])
+    epochs: int = _opt(DEFAULT_RECIPE.epochs, "passes over the training set")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); for smoke runs")
-    batch_size: int = _opt(16, "training batch size PER PROCESS; the global batch is this times the world size. "
-                               "Small global batches reach 98.8%% in one epoch and 99%% in two; larger ones run "
-                               "faster per sample but need more epochs (README, 'Recipe')")
-    eval_batch_size: int = _opt(1000, "evaluation batch size per process")
-    lr: float = _opt(2e-3, "peak learning rate of the warm-up + cosine schedule (AdamW)")
+    batch_size: int = _opt(DEFAULT_RECIPE.batch_size,
+                           "training batch size PER PROCESS; the global batch is this times the world size. Small "
+                           "global batches reach 98.8%% in one epoch and 99%% in two; larger ones run faster per "
+                           "sample but need more epochs (README, 'Recipe')")
+    eval_batch_size: int = _opt(DEFAULT_RECIPE.eval_batch_size, "evaluation batch size per process")
+    lr: float = _opt(DEFAULT_RECIPE.lr, "peak learning rate of the warm-up + cosine schedule (AdamW)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
-    warmup_frac: float = _opt(0.1, "share of all steps spent warming the learning rate up to --lr")
+    warmup_frac: float = _opt(DEFAULT_RECIPE.warmup_frac,
+                              "share of all steps spent warming the learning rate up to --lr")
     label_smoothing: float = _opt(0.1, "label smoothing of the training loss (evaluation loss is plain)")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off); with fp16 the gradients "
                                  "are unscaled first")
     seed: int = _opt(0, "seed for weights, dropout and the data order")
     deterministic: bool = _opt(False, "use only deterministic kernels (torch.use_deterministic_algorithms)")
+    stop_at_accuracy: float = _opt(0.0, "stop, save a checkpoint and report once an evaluation's test accuracy "
+                                        "reaches this fraction, e.g. 0.99 (0: off)")
 
     # Speed
     amp: str = _opt("auto", "mixed precision. auto: bf16 where the hardware runs it natively (CPUs with AVX512-BF16/"
@@ -66,6 +75,10 @@ class TrainConfig:
                              choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     compile_backend: str = _opt("inductor", "torch.compile backend; eager and aot_eager only check the wiring",
                                 choices=["inductor", "aot_eager", "eager"])
+    cuda_graphs: str = _opt("auto", "capture the whole training step (forward, backward, AdamW, learning rate) in "
+                                    "one CUDA graph and replay it. auto: on with CUDA where it applies (one "
+                                    "process, no fp16 GradScaler, no --compile), else eager with a note",
+                            choices=["auto", "on", "off"])
     threads: int = _opt(0, "intra-op CPU threads per process (0: torch's default; torchrun sets OMP_NUM_THREADS=1)")
 
     # Distributed
@@ -78,7 +91,8 @@ class TrainConfig:
                                          "a hung or lost peer ends the job this long after it stopped")
 
     # Evaluation, logging and run output
-    eval_every: int = _opt(0, "also evaluate every N optimizer steps (0: only at the end of each epoch)")
+    eval_every: int = _opt(DEFAULT_RECIPE.eval_every,
+                           "also evaluate every N optimizer steps (0: only at the end of each epoch)")
     log_every: int = _opt(50, "print progress (percent, elapsed, ETA, samples/s) every N optimizer steps, rank 0 "
                               "only: one line each when stdout is not a terminal, updated in place on one")
     output_dir: str = _opt("profiles", "root folder for run output")
@@ -105,6 +119,10 @@ class TrainConfig:
     resume: str = _opt("auto", "auto: continue from the run's newest valid checkpoint if any; never: start fresh; "
                                "or a path to a checkpoint file")
 
+    # Not a flag: the fields the command line set explicitly (None: built in code, where every value that differs
+    # from the default counts as explicit), so a recipe never overrides what the user asked for.
+    explicit_flags: tuple[str, ...] | None = field(default=None, metadata={"cli": False})
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             # nan passes every comparison below, and inf overflows the timedelta of --timeout-s.
@@ -130,20 +148,41 @@ class TrainConfig:
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise UserError(f"--{_flag(name)} must be positive and at most {MAX_TIMEOUT_S} (a week), "
                                 f"got {getattr(self, name)}")
+        if not 0 <= self.stop_at_accuracy <= 1:
+            raise UserError(f"--stop-at-accuracy must be in (0, 1] (0: off), got {self.stop_at_accuracy}")
         if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):
             raise UserError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         if self.data_on_device == "on" and self.num_workers > 0:
             raise UserError("--data-on-device on slices batches on the GPU; it cannot use --num-workers > 0")
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "explicit_flags"}
+
+    def explicit(self) -> frozenset[str]:
+        if self.explicit_flags is not None:
+            return frozenset(self.explicit_flags)
+        return frozenset(f.name for f in dataclasses.fields(self)
+                         if f.metadata.get("cli", True) and getattr(self, f.name) != f.default)
+
+
+@dataclass(frozen=True)
+class RecipeResolution:
+    config: TrainConfig  # with the recipe's values filled in
+    recipe: AppliedRecipe
+
+
+def apply_recipe(cfg: TrainConfig, device_type: str) -> RecipeResolution:
+    """Fill in the recipe of `cfg.recipe` (auto: of `device_type`) for every recipe flag not given explicitly."""
+    applied = recipe_values(cfg, recipe_name(cfg.recipe, device_type), cfg.explicit())
+    return RecipeResolution(dataclasses.replace(cfg, **applied.set), applied)
 
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The command line; with `suppress_defaults` a flag left out is absent from the result (explicit-flag check)."""
     parser = argparse.ArgumentParser(
         prog="launch/train.py",
         description="Train the MNIST CNN with DistributedDataParallel. Run as `torchrun --nproc_per_node=N "
@@ -151,16 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
-        kwargs = {k: v for k, v in f.metadata.items()}
+        if not f.metadata.get("cli", True):
+            continue
+        kwargs = {k: v for k, v in f.metadata.items() if k != "cli"}
         if f.type == "bool":
             # --no-download is itself a negation; the other switches get a --no-X form.
             kwargs["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
-        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=f.default, **kwargs)
+        default = argparse.SUPPRESS if suppress_defaults else f.default
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=default, **kwargs)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a validated config; bad values raise UserError."""
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    return TrainConfig(**vars(build_parser().parse_args(argv)), explicit_flags=tuple(sorted(explicit)))

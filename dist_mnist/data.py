@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.datasets import MNIST
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
@@ -36,13 +36,30 @@ def mnist_raw_dir(data_dir: str) -> Path:
     return Path(data_dir) / "MNIST" / "raw"
 
 
+def read_idx_uint8(path: Path, ndim: int) -> torch.Tensor:
+    """An IDX file of unsigned bytes (MNIST's format: 0x00 0x00 0x08 ndim, big-endian uint32 sizes, the bytes).
+
+    Read here rather than with torchvision's reader: importing torchvision took about 1.7 s, most of it
+    torch._dynamo, which the first optimizer needs too but which main() imports in a thread (StartupTimer); a
+    torchvision import on the main thread would wait for it. Only the download still uses torchvision.
+    """
+    data = path.read_bytes()
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:4] != bytes([0, 0, 0x08, ndim]):
+        raise ValueError(f"expected the magic number 0x0000080{ndim} and {ndim} sizes")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    if len(data) - header != math.prod(shape):
+        raise ValueError(f"{len(data) - header} data bytes for a shape of {shape}")
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy())
+
+
 def _read_idx_pair(raw: Path, prefix: str) -> Split:
     images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     tensors = []
-    for path, reader in ((images_path, read_image_file), (labels_path, read_label_file)):
+    for path, ndim in ((images_path, 3), (labels_path, 1)):
         try:
-            tensors.append(reader(str(path)))
-        except (AssertionError, ValueError, TypeError, KeyError, RuntimeError, IndexError) as exc:
+            tensors.append(read_idx_uint8(path, ndim))
+        except ValueError as exc:
             detail = f": {exc}" if str(exc) else ""
             raise UserError(f"{path} is not a valid MNIST IDX file (wrong magic number, dimensions or size"
                             f"{detail}); replace it with the original file") from None
@@ -62,6 +79,8 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
     if missing and not cfg.no_download:
         error = ""
         if ctx.is_main:
+            from torchvision.datasets import MNIST  # only for downloading: see read_idx_uint8
+
             try:
                 MNIST(cfg.data_dir, train=True, download=True)
             except (RuntimeError, OSError) as exc:
@@ -161,6 +180,34 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=device.type == "cuda")
 
 
+class DeviceBatchLoader:
+    """The batches of a batch sampler, gathered from tensors already on the device: each pass builds the sampler's
+    index order once and uploads it once, and every batch is a slice of it, so a step does no host-side index work
+    and no host-to-device copy. The order is the sampler's own (for training: the DistributedSampler epoch with
+    ResumableBatchSampler's skip), so resume and elastic world-size changes see the batches they always did."""
+
+    def __init__(self, dataset: BatchIndexDataset, batches: BatchSampler | ResumableBatchSampler) -> None:
+        self.dataset = dataset
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = self.batches.batches if isinstance(self.batches, ResumableBatchSampler) else self.batches
+        skip = self.batches.skip_batches if isinstance(self.batches, ResumableBatchSampler) else 0
+        device = self.dataset.labels.device
+        order = torch.as_tensor(list(sampler.sampler), dtype=torch.long)
+        if device.type == "cuda":
+            # From pinned memory the upload is queued behind the running steps instead of waiting for them.
+            order = order.pin_memory()
+        order = order.to(device, non_blocking=True)
+        size = sampler.batch_size
+        for i in range(skip, len(sampler)):
+            index = order[i * size:(i + 1) * size]
+            yield self.dataset.images[index], self.dataset.labels[index]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def normalize(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 [B, 28, 28] -> normalised float32 [B, 1, 28, 28] on `device`, done once per batch."""
     x = to_device(images, device).unsqueeze(1).float()
@@ -170,9 +217,9 @@ def normalize(images: torch.Tensor, device: torch.device, channels_last: bool) -
 
 @dataclass
 class DataPipeline:
-    train_loader: DataLoader
+    train_loader: DataLoader | DeviceBatchLoader
     train_batches: ResumableBatchSampler
-    test_loader: DataLoader
+    test_loader: DataLoader | DeviceBatchLoader
     train_size: int
 
     @property
@@ -200,8 +247,12 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split
         # inherits every lock another thread held at that instant; a CI run hung waiting on a forked worker. The
         # decoded tensors reach the workers through shared memory (/dev/shm); persistent workers start once a run.
         common |= {"multiprocessing_context": DataWorkerContext(), "worker_init_fn": leave_stop_signals_to_the_rank}
-    train_loader = DataLoader(BatchIndexDataset(train, dataset_device), sampler=train_batches, **common)
     test_batches = BatchSampler(ShardSampler(len(test), ctx.rank, ctx.world_size), cfg.eval_batch_size,
                                 drop_last=False)
+    if on_device:
+        return DataPipeline(DeviceBatchLoader(BatchIndexDataset(train, dataset_device), train_batches), train_batches,
+                            DeviceBatchLoader(BatchIndexDataset(test, dataset_device), test_batches),
+                            len(train))
+    train_loader = DataLoader(BatchIndexDataset(train, dataset_device), sampler=train_batches, **common)
     test_loader = DataLoader(BatchIndexDataset(test, dataset_device), sampler=test_batches, **common)
     return DataPipeline(train_loader, train_batches, test_loader, len(train))

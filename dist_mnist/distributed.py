@@ -15,6 +15,7 @@ import torch.distributed as dist
 from dist_mnist.collectives import enable_flight_recorder
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError
+from dist_mnist.startup import StartupTimer
 
 T = TypeVar("T")
 
@@ -91,8 +92,9 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 @contextmanager
-def distributed_session(cfg: TrainConfig) -> Iterator[DistContext]:
+def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -> Iterator[DistContext]:
     """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""
+    timer = startup or StartupTimer()
     rank, local_rank, world_size = _env_int("RANK"), _env_int("LOCAL_RANK"), _env_int("WORLD_SIZE")
     launched = rank is not None
     if launched and world_size is None:
@@ -105,8 +107,11 @@ def distributed_session(cfg: TrainConfig) -> Iterator[DistContext]:
     device = resolve_device(cfg, local_rank)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        # Before init_process_group, so NCCL binds this process to its own GPU and not to GPU 0.
-        torch.cuda.set_device(device)
+        # Before init_process_group, so NCCL binds this process to its own GPU and not to GPU 0. The first
+        # allocation creates the CUDA context here, so the start-up breakdown shows it apart from NCCL's set-up.
+        with timer.phase("cuda_context"):
+            torch.cuda.set_device(device)
+            torch.zeros(1, device=device)
     if backend == "nccl":
         enable_flight_recorder(cfg)  # NCCL reads these variables when the process group opens
 
@@ -114,23 +119,25 @@ def distributed_session(cfg: TrainConfig) -> Iterator[DistContext]:
     init_kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
     if backend == "nccl":
         init_kwargs["device_id"] = device
-    if launched:
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # The workers meet in the agent's own store, which lives as long as the agent: restarted workers
-            # would find the addresses their dead predecessors published and gloo would connect to those
-            # (refused, or a hang), so key each restart apart. Without store sharing
-            # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, needed for nodes that join or replace others) every
-            # rendezvous round starts a fresh store, and a replacement node's restart count differs from the
-            # others', so no prefix there.
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            store = dist.PrefixStore(f"dist_mnist/attempt_{attempt}", store)
-        dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
-    else:
-        # A world of one needs no rendezvous: an in-process store, so no port is opened.
-        dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **init_kwargs)
+    with timer.phase("process_group"):  # added up with the control group's creation below
+        if launched:
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # The workers meet in the agent's own store, which lives as long as the agent: restarted workers
+                # would find the addresses their dead predecessors published and gloo would connect to those
+                # (refused, or a hang), so key each restart apart. Without store sharing
+                # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, needed for nodes that join or replace others) every
+                # rendezvous round starts a fresh store, and a replacement node's restart count differs from the
+                # others', so no prefix there.
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                store = dist.PrefixStore(f"dist_mnist/attempt_{attempt}", store)
+            dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
+        else:
+            # A world of one needs no rendezvous: an in-process store, so no port is opened.
+            dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **init_kwargs)
     try:
-        control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+        with timer.phase("process_group"):
+            control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         yield DistContext(rank=rank, world_size=world_size, device=device,
                           backend=backend, control_group=control_group)
     finally:

@@ -7,15 +7,15 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from shutil import which
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -25,10 +25,11 @@ from torch.profiler import record_function
 
 from dist_mnist import checkpoint, collectives
 from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync
-from dist_mnist.config import TrainConfig, parse_args
+from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
+from dist_mnist.graphs import GraphedStep, capture_failure_note, graph_decision
 from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
@@ -43,6 +44,7 @@ from dist_mnist.profiling import (
 )
 from dist_mnist.progress import Progress
 from dist_mnist.rundir import checkpoint_dir, open_run_dir
+from dist_mnist.startup import StartupTimer
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings that depend on the device
@@ -74,12 +76,18 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def cuda_has_native_bf16() -> bool:
+    """Ampere or newer. torch.cuda.is_bf16_supported() alone also counts bf16 emulated in fp32 on older GPUs, which
+    runs slower than fp16 there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSettings:
     cuda = device.type == "cuda"
     if cfg.amp == "fp16" and not cuda:
         raise UserError("--amp fp16 runs on CUDA only (it needs a GradScaler and fp16 kernels); "
                         "use --amp bf16 or --amp off on CPU")
-    if cfg.amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if cfg.amp == "bf16" and cuda and not cuda_has_native_bf16():
         raise UserError("--amp bf16 needs a GPU with bf16 support (Ampere or newer); use --amp fp16")
     if cfg.compile and not cuda and cfg.compile_backend == "inductor" and not _has_cxx_compiler():
         raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) for inductor; install one, "
@@ -88,7 +96,7 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
         raise UserError("--cuda-memory-snapshot needs CUDA; it records the CUDA caching allocator")
     if cfg.amp == "auto":
         if cuda:
-            amp_dtype: torch.dtype | None = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            amp_dtype: torch.dtype | None = torch.bfloat16 if cuda_has_native_bf16() else torch.float16
         else:
             amp_dtype = torch.bfloat16 if cpu_has_native_bf16() else None
     else:
@@ -286,20 +294,33 @@ class RunClock:
 class Trainer:
     """Holds a run's parts; `fit` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> None:
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, resolution: RecipeResolution, ctx: DistContext, run_dir: Path,
+                 startup: StartupTimer | None = None) -> None:
+        self.startup = startup or StartupTimer()
+        self.cfg, self.recipe, self.ctx = resolution.config, resolution.recipe, ctx
+        cfg = self.cfg
         self.run_dir = run_dir
         self.checkpoint_dir = checkpoint_dir(cfg, self.run_dir)
         self.settings = resolve_speed_settings(cfg, ctx.device)
         seed_everything(cfg.seed, cfg.deterministic)
-        train_split, test_split = load_splits(cfg, ctx)
-        self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
+        with self.startup.phase("data"):
+            train_split, test_split = load_splits(cfg, ctx)
+            self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
         agree_on_data(ctx, len(train_split), len(test_split))
         self.total_steps = cfg.epochs * self.data.steps_per_epoch
         self.global_batch = cfg.batch_size * ctx.world_size
-        self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
+        self.startup.join_background_imports()
+        with self.startup.phase("model"):
+            self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
+        with self.startup.phase("tensorboard"):
+            self.writer = RunWriter(self.run_dir, ctx.is_main, cfg.tensorboard)
+        # --grad-accum-steps (another branch) passes its value as accumulation_steps here.
+        self.graphs = graph_decision(cfg.cuda_graphs, ctx.device.type, ctx.world_size, self.settings.amp_dtype,
+                                     cfg.compile)
+        self.step_fn: Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor] = partial(train_step,
+                                                                                              self.parts)
+        self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
-        self.writer = RunWriter(self.run_dir, ctx.is_main, cfg.tensorboard)
         self.timer = StepTimer(ctx.device)
         self.memory = MemoryTracker()
         self.stop = StopRequest()
@@ -361,7 +382,7 @@ class Trainer:
                     found = Path(cfg.resume), checkpoint.load_checkpoint(Path(cfg.resume))
                 if found is not None:
                     source, state = str(found[0]), found[1]
-                    checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source)
+                    checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source, self.recipe.name)
             except UserError as exc:
                 state, error = None, str(exc)  # every rank fails: no need to send them the refused state
         state, source, error = ctx.broadcast_object((state, source, error))
@@ -425,6 +446,7 @@ class Trainer:
                 "world_size": self.ctx.world_size,
                 "rng": rng_states,
                 "config": self.cfg.to_json(),
+                "recipe": self.recipe.name,
                 **{name: part.state_dict() for name, part in self.stateful().items()},
             }
             path, size = checkpoint.save_checkpoint(state, self.checkpoint_dir, self.state.step,
@@ -500,28 +522,44 @@ class Trainer:
         with self.phase("evaluation"):
             self.ctx.on_main(lambda: self.writer.append_metrics(record))
         self.log(format_eval(record))
+        if self.target_reached is None and self.meets_target(record):
+            self.target_reached = record
         return record
+
+    def meets_target(self, record: dict[str, Any]) -> bool:
+        return bool(self.cfg.stop_at_accuracy) and record["test_accuracy"] >= self.cfg.stop_at_accuracy
 
     # -- the loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self.resume()
+        with self.startup.phase("resume"):
+            self.resume()
         state = self.state
         resolved = {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
             "global_batch_size": self.global_batch, "steps_per_epoch": self.data.steps_per_epoch,
             "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
-            **self.settings.describe()}
+            **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}
         ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
                              self.writer.reset_metrics(state.metrics)))
         self.progress.start(state.step, self.elapsed_s())
-        if state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps):
+        if (state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps)
+                or any(self.meets_target(m) for m in state.metrics)):
             self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
             return
-        self.log(f"run {self.run_dir}: {ctx.world_size} x {ctx.device.type} ({ctx.backend}), "
-                 f"{self.data.train_size} training images, global batch {self.global_batch}, "
-                 f"{self.data.steps_per_epoch} steps/epoch, {self.settings.describe()}")
+        self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "
+                 f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
+                 f"{self.data.steps_per_epoch} steps/epoch, {self.settings.describe()}, "
+                 f"cuda_graphs={self.graphs.enabled}")
+        if self.graphs.note:
+            self.log(self.graphs.note)
+        if self.graphs.enabled:
+            with self.startup.phase("graph_capture"):  # after resume: the graph replays from the restored state
+                try:
+                    self.step_fn = GraphedStep(self.parts, cfg.batch_size)
+                except RuntimeError as exc:  # weights and optimizer state are back as they were
+                    self.log(capture_failure_note(exc, cfg.cuda_graphs))
         if cfg.cuda_memory_snapshot:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
 
@@ -539,7 +577,7 @@ class Trainer:
                         self.prev_step_start = None
                         break
                     with self.phase("the training step (the gradient all-reduce in backward)"):
-                        loss = train_step(self.parts, *batch, self.timer)
+                        loss = self.step_fn(*batch, self.timer)
                     self.timeout.switch_to_training(ctx)
                     self.timer.end_step()
                     with self.paused():
@@ -558,17 +596,17 @@ class Trainer:
                         self.evaluate_and_record()
                     if stop_now:
                         stopped_by = self.stop.signal_name or "a signal on another rank"
-                    if stop_now or at_limit:
+                    if stop_now or at_limit or self.target_reached:
                         break
                     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         self.save_checkpoint()
                 if state.batch_in_epoch >= self.data.steps_per_epoch:
                     state.epoch += 1
                     state.batch_in_epoch = 0
-                if stopped_by is None:
+                if stopped_by is None and self.target_reached is None:
                     self.evaluate_and_record()
                 self.save_checkpoint()
-                if cfg.max_steps and state.step >= cfg.max_steps:
+                if (cfg.max_steps and state.step >= cfg.max_steps) or self.target_reached:
                     break
             with self.phase("the stop vote"):
                 self.vote.finish()
@@ -598,6 +636,11 @@ class Trainer:
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.
             ctx.on_main(lambda: self.write_summary(all_stats))
+        if ctx.is_main and self.target_reached:
+            hit = self.target_reached
+            print(f"reached test accuracy {hit['test_accuracy']:.2%} (--stop-at-accuracy "
+                  f"{self.cfg.stop_at_accuracy:.2%}) at step {hit['step']}, {hit['elapsed_s']:.2f} s after the first "
+                  f"step; stopped, checkpoint saved in {self.checkpoint_dir}", flush=True)
         if ctx.is_main and stopped_by:
             # A default name is found again only through torchrun's run id, which --standalone makes afresh on every
             # launch (a fixed --rdzv-id keeps it); --run-name finds the run in every case, so suggest it.
@@ -630,8 +673,12 @@ class Trainer:
             flops=flops_per_sample(self.parts.module, self.ctx.device),
             peak_flops_per_process=peak, peak_source=peak_source)
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
-        summary["startup_s"] = self.clock.first_step_unix - psutil.Process().create_time()
+        summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix
+        if self.target_reached:
+            summary["stop_at_accuracy"] = {"target": self.cfg.stop_at_accuracy,
+                                           **{k: self.target_reached[k] for k in ("step", "epoch", "test_accuracy",
+                                                                                  "elapsed_s")}}
         self.writer.write_json("summary.json", summary)
         print(format_summary(summary), flush=True)
 
@@ -640,12 +687,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1."""
     rank = os.environ.get("RANK", "0")
     try:
+        startup = StartupTimer()
         cfg = parse_args(argv)
-        # Collectives after the first step are named by their own phase; any failing before it is start-up's.
-        with distributed_session(cfg) as ctx, collectives.phase("start-up", None, cfg.timeout_s, None):
-            agree_on_recipe(cfg, ctx)  # before anything that would hang on ranks with other flags
-            with open_run_dir(cfg, ctx) as run_dir:
-                Trainer(cfg, ctx, run_dir).fit()
+        # The first optimizer imports torch._dynamo (torch.optim's dynamo guards), RunWriter TensorBoard.
+        startup.import_in_background("torch._dynamo", *(["torch.utils.tensorboard"] if cfg.tensorboard else []))
+        try:
+            # Collectives after the first step are named by their own phase; any failing before it is start-up's.
+            with distributed_session(cfg, startup) as ctx, collectives.phase("start-up", None, cfg.timeout_s, None):
+                # The recipe needs the device, which only the distributed session knows; the ranks then compare
+                # the values they will train with, before anything that would hang on ranks with other flags.
+                resolution = apply_recipe(cfg, ctx.device.type)
+                agree_on_recipe(resolution.config, ctx)
+                with open_run_dir(resolution.config, ctx) as run_dir:
+                    Trainer(resolution, ctx, run_dir, startup).fit()
+        finally:
+            startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash
     except UserError as exc:
         prefix = "error" if rank == "0" else f"[rank {rank}] error"
         print(f"{prefix}: {exc}", file=sys.stderr, flush=True)

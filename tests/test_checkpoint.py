@@ -194,8 +194,15 @@ def test_checkpoint_of_another_recipe_is_refused(capsys: pytest.CaptureFixture[s
     code, _, err = train_in_process(capsys, run_copy, "--batch-size", "32")
     assert code == 1
     line = single_error_line(err)
-    assert "--batch-size 16, this run has 32" in line
+    assert "--batch-size 16 (recipe cpu), this run has 32 (recipe cpu)" in line
     assert sorted(p.name for p in checkpoints_of(run_copy).iterdir()) == before
+
+
+def test_checkpoint_of_another_named_recipe_is_refused(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
+    # The smoke flags give --batch-size explicitly, so the cuda recipe changes --epochs first (and --lr).
+    code, _, err = train_in_process(capsys, run_copy, "--recipe", "cuda")
+    assert code == 1
+    assert "--epochs 2 (recipe cpu), this run has 4 (recipe cuda)" in single_error_line(err)
 
 
 def test_compatibility_check_names_the_mismatch() -> None:
@@ -203,9 +210,9 @@ def test_compatibility_check_names_the_mismatch() -> None:
     state = {"model_class": "MnistCNN", "model": {**model.state_dict(), "extra.weight": torch.zeros(1)},
              "config": {"batch_size": 16}}
     with pytest.raises(UserError, match="extra.weight"):
-        checkpoint.check_compatible(state, model, {"batch_size": 16}, "x.pt")
+        checkpoint.check_compatible(state, model, {"batch_size": 16}, "x.pt", "cpu")
     with pytest.raises(UserError, match="holds a ResNet, not a MnistCNN"):
-        checkpoint.check_compatible({**state, "model_class": "ResNet"}, model, {}, "x.pt")
+        checkpoint.check_compatible({**state, "model_class": "ResNet"}, model, {}, "x.pt", "cpu")
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,64 @@
+"""Start-up timing: where the seconds from process start to the first training step go, phase by phase."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psutil
+
+
+class StartupTimer:
+    """Created as `main` starts, so its first phase is the interpreter and the imports; the loop's first step ends
+    it. What no phase covers (run folder, config.json, ...) is reported as `other`, so the phases add up to
+    `startup_s`."""
+
+    def __init__(self) -> None:
+        self.process_start = psutil.Process().create_time()
+        self.phases: dict[str, float] = {"imports": time.time() - self.process_start}
+        self._importer: threading.Thread | None = None
+        self._import_error: BaseException | None = None
+
+    def import_in_background(self, *modules: str) -> None:
+        """Import `modules` in a thread, overlapping the CUDA context, the process group and data loading.
+
+        torch.optim imports torch._dynamo when the first optimizer is built (1.5-3 s), and TensorBoard takes about
+        a second; the main thread imports little in between, so the two rarely wait on the same module lock.
+        """
+        self._importer = threading.Thread(target=self._import, args=(modules,), name="imports", daemon=True)
+        self._importer.start()
+
+    def _import(self, modules: tuple[str, ...]) -> None:
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        except BaseException as exc:  # raised in the main thread by join_background_imports
+            self._import_error = exc
+
+    def join_background_imports(self) -> None:
+        """Wait for the background imports (timed as their own phase); their failure is raised here."""
+        if self._importer is None:
+            return
+        with self.phase("background_imports"):
+            self._importer.join()
+        self._importer = None
+        if self._import_error is not None:
+            raise self._import_error
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+    def report(self, first_step_unix: float) -> dict[str, Any]:
+        """`startup_s` and its breakdown in seconds (the summary.json fields)."""
+        startup_s = first_step_unix - self.process_start
+        return {"startup_s": startup_s,
+                "startup": {**self.phases, "other": max(0.0, startup_s - sum(self.phases.values()))}}

@@ -1,0 +1,224 @@
+"""GPU-only decisions through their CPU seams: the amp choice with the CUDA queries faked, CUDA-graph eligibility,
+the graphed step (replayed eagerly on CPU) against the eager one, the tensor learning rate against warmup_cosine,
+and the device-side batch order against the DataLoader's, and a whole graphed run through a checkpoint and resume."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMOKE_FLAGS
+
+import dist_mnist.train as train_module
+from dist_mnist.config import TrainConfig
+from dist_mnist.data import build_pipeline, synthetic_splits
+from dist_mnist.distributed import DistContext, distributed_session
+from dist_mnist.errors import UserError
+from dist_mnist.graphs import (
+    GraphDecision,
+    GraphedStep,
+    capture_eagerly,
+    capture_failure_note,
+    graph_decision,
+    use_tensor_learning_rates,
+)
+from dist_mnist.metrics import StepTimer
+from dist_mnist.train import (
+    SpeedSettings,
+    build_train_parts,
+    main,
+    resolve_speed_settings,
+    train_step,
+    warmup_cosine,
+)
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)  # only ever passed to pure functions here
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --amp on GPUs with and without native bf16
+
+
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    """torch.cuda.is_bf16_supported as on a real GPU: emulated bf16 counts unless including_emulation=False."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+@pytest.mark.parametrize(("native_bf16", "expected"), [(False, torch.float16), (True, torch.bfloat16)],
+                         ids=["pre-ampere", "ampere"])
+def test_amp_auto_on_cuda_uses_native_bf16_only(monkeypatch: pytest.MonkeyPatch, native_bf16: bool,
+                                                expected: torch.dtype) -> None:
+    fake_gpu(monkeypatch, native_bf16)
+    assert resolve_speed_settings(TrainConfig(amp="auto"), CUDA).amp_dtype == expected
+
+
+def test_amp_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu(monkeypatch, native_bf16=False)
+    with pytest.raises(UserError, match="--amp bf16 needs a GPU with bf16 support"):
+        resolve_speed_settings(TrainConfig(amp="bf16"), CUDA)
+    fake_gpu(monkeypatch, native_bf16=True)
+    assert resolve_speed_settings(TrainConfig(amp="bf16"), CUDA).amp_dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graph eligibility
+
+
+@pytest.mark.parametrize(("kwargs", "enabled", "note"), [
+    ({}, True, ""),
+    ({"device_type": "cpu"}, False, ""),
+    ({"mode": "off"}, False, ""),
+    ({"world_size": 2}, False, "DDP across 2 processes"),
+    ({"amp_dtype": torch.float16}, False, "fp16's GradScaler"),
+    ({"compile": True}, False, "--compile"),
+    ({"accumulation_steps": 4}, False, "gradient accumulation"),
+])
+def test_graph_decision_auto(kwargs: dict, enabled: bool, note: str) -> None:
+    args = {"mode": "auto", "device_type": "cuda", "world_size": 1, "amp_dtype": torch.bfloat16, "compile": False,
+            **kwargs}
+    decision = graph_decision(**args)
+    assert decision.enabled is enabled
+    assert note in decision.note and (decision.note.startswith("note: CUDA graphs off") or not note)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"device_type": "cpu"}, "--cuda-graphs on needs CUDA"),
+    ({"world_size": 2}, "--cuda-graphs on cannot capture this run's step \\(DDP across 2 processes\\)"),
+])
+def test_graph_decision_on_refuses_what_it_cannot_capture(kwargs: dict, message: str) -> None:
+    args = {"mode": "on", "device_type": "cuda", "world_size": 1, "amp_dtype": None, "compile": False, **kwargs}
+    with pytest.raises(UserError, match=message):
+        graph_decision(**args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The graphed step, replayed eagerly on CPU
+
+
+@pytest.fixture
+def world_of_one() -> Iterator[DistContext]:
+    """Function-scoped: the whole-run test below opens its own default process group."""
+    with distributed_session(TrainConfig(device="cpu")) as ctx:
+        yield ctx
+
+
+def batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    train, _ = synthetic_splits(n * size, 1)
+    return [(train.images[i * size:(i + 1) * size], train.labels[i * size:(i + 1) * size]) for i in range(n)]
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05], ids=["no-clip", "clip"])
+def test_graphed_step_trains_like_the_eager_step(world_of_one: DistContext, grad_clip: float) -> None:
+    """Same weights, optimizer state and learning rate after 4 steps; the warm-up before capture left no trace."""
+    cfg = TrainConfig(grad_clip=grad_clip, warmup_frac=0.3)
+    settings = SpeedSettings(amp_dtype=None, channels_last=False, data_on_device=False)
+    eager = build_train_parts(cfg, world_of_one, settings, total_steps=8)
+    eager_losses = [train_step(eager, x, y, StepTimer(CPU)) for x, y in batches(4)]
+    graphed = build_train_parts(cfg, world_of_one, settings, total_steps=8)
+    step = GraphedStep(graphed, batch_size=16, capture=capture_eagerly)
+    graphed_losses = [step(x, y, StepTimer(CPU)) for x, y in batches(4)]
+    torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(eager_losses), rtol=1e-4, atol=1e-5)
+    for a, b in zip(graphed.module.parameters(), eager.module.parameters()):
+        # The lr is a float32 tensor here, a double in the eager step: a few parameters differ by ~1e-6; a warm-up
+        # left un-undone would move them by ~lr (1e-4 and more).
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert float(graphed.optimizer.state[graphed.module.fc2.bias]["step"]) == 4
+    assert float(graphed.optimizer.param_groups[0]["lr"]) == pytest.approx(eager.optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no training here
+def test_tensor_learning_rate_follows_warmup_cosine_and_checkpoints_as_a_float() -> None:
+    total, peak = 50, 4e-3
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 0.1))
+    use_tensor_learning_rates(optimizer)
+    lr = optimizer.param_groups[0]["lr"]
+    factor = warmup_cosine(total, 0.1)
+    for step in range(total):
+        assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor) and optimizer.param_groups[0]["lr"] is lr
+        assert float(lr) == pytest.approx(peak * factor(step), rel=1e-6, abs=1e-12)
+        scheduler.step()
+    saved = optimizer.state_dict()["param_groups"][0]
+    assert isinstance(saved["lr"], float) and saved["capturable"] is False
+    assert optimizer.param_groups[0]["lr"] is lr  # saving did not replace the tensor the graph reads
+    eager = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=peak, fused=True)
+    eager.load_state_dict(optimizer.state_dict())
+    assert eager.param_groups[0]["lr"] == pytest.approx(peak * factor(total))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches sliced on the device: the DataLoader's order exactly
+
+
+def ctx_of(rank: int, world_size: int) -> DistContext:
+    return DistContext(rank=rank, local_rank=rank, world_size=world_size, device=CPU, backend="gloo",
+                       control_group=None)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_device_batches_are_the_dataloader_batches(world_size: int) -> None:
+    train, test = synthetic_splits(203, 37)
+    cfg = TrainConfig(batch_size=8, eval_batch_size=10, seed=3)
+    for rank in range(world_size):
+        host = build_pipeline(cfg, ctx_of(rank, world_size), train, test, on_device=False)
+        device = build_pipeline(cfg, ctx_of(rank, world_size), train, test, on_device=True)
+        assert type(device.train_loader).__name__ == "DeviceBatchLoader"
+        for epoch, skip in itertools.product(range(3), (0, 2, host.steps_per_epoch)):
+            for pipeline in (host, device):
+                pipeline.train_batches.set_epoch(epoch, skip_batches=skip)
+            expected, got = list(host.train_loader), list(device.train_loader)
+            assert len(got) == len(expected) == host.steps_per_epoch - skip == len(device.train_loader)
+            for (xe, ye), (xg, yg) in zip(expected, got):
+                assert torch.equal(xe, xg) and torch.equal(ye, yg)
+        for (xe, ye), (xg, yg) in itertools.zip_longest(host.test_loader, device.test_loader):
+            assert torch.equal(xe, xg) and torch.equal(ye, yg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole run with the graphed step (replayed eagerly): checkpoints and resume
+
+
+@pytest.mark.timeout(180)
+def test_graphed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Capture happens after the resume, from the restored weights, optimizer state and schedule; checkpoints hold
+    plain float learning rates; 4 + 4 steps end where 8 uninterrupted steps do."""
+    monkeypatch.setattr(train_module, "graph_decision", lambda *args, **kwargs: GraphDecision(True, ""))
+    monkeypatch.setattr(train_module, "GraphedStep", partial(GraphedStep, capture=capture_eagerly))
+    flags = [*SMOKE_FLAGS, "--amp", "off", "--channels-last", "off", "--deterministic", "--checkpoint-every", "4",
+             "--output-dir", str(tmp_path), "--timeout-s", "60"]
+    assert main([*flags, "--run-name", "whole", "--max-steps", "8"]) == 0
+    assert "cuda_graphs=True" in capsys.readouterr().out
+    assert main([*flags, "--run-name", "split", "--max-steps", "4"]) == 0
+    assert main([*flags, "--run-name", "split", "--max-steps", "8"]) == 0
+    assert "resumed from step 4" in capsys.readouterr().out
+    whole, split = (torch.load(tmp_path / name / "checkpoints" / "step00000008.pt", weights_only=True)
+                    for name in ("whole", "split"))
+    assert all(torch.equal(whole["model"][k], split["model"][k]) for k in whole["model"])
+    group = split["optimizer"]["param_groups"][0]
+    assert isinstance(group["lr"], float) and group["capturable"] is False
+    assert group["lr"] == whole["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_a_failed_capture_leaves_the_weights_as_they_were(world_of_one: DistContext) -> None:
+    """Eager steps take over under `auto` after a failed capture, from the state before the warm-up."""
+    parts = build_train_parts(TrainConfig(), world_of_one, SpeedSettings(None, False, False), total_steps=8)
+    before = {k: v.clone() for k, v in parts.module.state_dict().items()}
+
+    def failing_capture(body: Callable[[], None]) -> Callable[[], None]:
+        body()  # a warm-up step changed the weights, then capture failed
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError) as excinfo:
+        GraphedStep(parts, batch_size=16, capture=failing_capture)
+    assert all(torch.equal(before[k], v) for k, v in parts.module.state_dict().items())
+    assert capture_failure_note(excinfo.value, "auto").startswith("note: CUDA graph capture failed (operation not")
+    with pytest.raises(UserError, match="^--cuda-graphs on: capturing the training step failed"):
+        capture_failure_note(excinfo.value, "on")

@@ -1,0 +1,122 @@
+"""Recipes: the README's table is the code's, `auto` follows the device, explicit flags win, and the choice is
+recorded; `--stop-at-accuracy` stops, saves and reports; the start-up breakdown adds up."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SMOKE_FLAGS
+
+from dist_mnist.config import TrainConfig, apply_recipe, build_parser, parse_args
+from dist_mnist.errors import UserError
+from dist_mnist.recipes import RECIPE_FIELDS, RECIPES, Recipe
+from dist_mnist.train import main
+
+# README column -> Recipe field, in table order after the name.
+README_COLUMNS = {"per-process batch": "batch_size", "peak lr": "lr", "epochs": "epochs", "warm-up": "warmup_frac",
+                  "eval every": "eval_every", "eval batch": "eval_batch_size"}
+
+
+def readme_recipes() -> dict[str, Recipe]:
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| recipe | per-process batch |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+        values = {field: (int if types[field] == "int" else float)(cells[column].replace(",", ""))
+                  for column, field in README_COLUMNS.items()}
+        table[cells["recipe"]] = Recipe(**values)
+    return table
+
+
+def test_readme_recipe_table_is_the_code_table() -> None:
+    assert set(README_COLUMNS.values()) == set(RECIPE_FIELDS)
+    assert readme_recipes() == RECIPES
+
+
+def test_plain_defaults_are_the_cpu_recipe() -> None:
+    assert {k: getattr(TrainConfig(), k) for k in RECIPE_FIELDS} == dataclasses.asdict(RECIPES["cpu"])
+    assert "--recipe" in build_parser().format_help()
+
+
+@pytest.mark.parametrize(("requested", "device", "expected"), [
+    ("auto", "cuda", "cuda"), ("auto", "cpu", "cpu"), ("cpu", "cuda", "cpu"), ("cuda", "cpu", "cuda")])
+def test_auto_follows_the_device_and_a_named_recipe_any_device(requested: str, device: str, expected: str) -> None:
+    resolved = apply_recipe(parse_args(["--recipe", requested]), device)
+    assert resolved.recipe.name == expected
+    assert {k: getattr(resolved.config, k) for k in RECIPE_FIELDS} == dataclasses.asdict(RECIPES[expected])
+
+
+def test_explicit_flags_win_even_when_they_equal_the_plain_default() -> None:
+    # 16 is also the plain default: only the command line can tell it was asked for.
+    resolved = apply_recipe(parse_args(["--batch-size", "16", "--lr=1e-3"]), "cuda")
+    assert (resolved.config.batch_size, resolved.config.lr) == (16, 1e-3)
+    assert resolved.config.epochs == RECIPES["cuda"].epochs
+    assert resolved.recipe.overridden == {"batch_size": 16, "lr": 1e-3}
+    assert "batch_size" not in resolved.recipe.set
+    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.1, --eval-every 20, "
+                                              "--eval-batch-size 10000; flags kept: --batch-size 16, --lr 0.001)")
+
+
+def test_a_config_built_in_code_keeps_the_values_it_changed() -> None:
+    resolved = apply_recipe(TrainConfig(batch_size=64), "cuda")
+    assert (resolved.config.batch_size, resolved.config.lr) == (64, RECIPES["cuda"].lr)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
+def test_stop_at_accuracy_must_be_a_fraction(value: str) -> None:
+    with pytest.raises(UserError, match="^--stop-at-accuracy must be in"):
+        parse_args([f"--stop-at-accuracy={value}"])
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smoke run evaluated every 2 steps that stops at the first evaluation reaching 30% (step 2 or 4 at most:
+    the synthetic classes separate within a few steps); 40 steps would be allowed."""
+    output_dir = tmp_path_factory.mktemp("stop")
+    code = main([*SMOKE_FLAGS, "--output-dir", str(output_dir), "--run-name", "run", "--timeout-s", "60",
+                 "--max-steps", "40", "--eval-every", "2", "--stop-at-accuracy", "0.3"])
+    assert code == 0
+    return output_dir / "run"
+
+
+@pytest.mark.timeout(120)
+def test_stop_at_accuracy_stops_saves_and_reports(stopped_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metrics = [json.loads(line) for line in (stopped_run / "metrics.jsonl").read_text().splitlines()]
+    hits = [m for m in metrics if m["test_accuracy"] >= 0.3]
+    assert hits == metrics[-1:]  # evaluated until the first hit, not after
+    step = metrics[-1]["step"]
+    assert step < 40
+    assert (stopped_run / "checkpoints" / f"step{step:08d}.pt").is_file()
+    summary = json.loads((stopped_run / "summary.json").read_text())
+    assert summary["stop_at_accuracy"] == {"target": 0.3, "step": step, "epoch": metrics[-1]["epoch"],
+                                           "test_accuracy": metrics[-1]["test_accuracy"],
+                                           "elapsed_s": metrics[-1]["elapsed_s"]}
+    # Launched again, the run is complete rather than training on.
+    assert main([*SMOKE_FLAGS, "--output-dir", str(stopped_run.parent), "--run-name", "run", "--timeout-s", "60",
+                 "--max-steps", "40", "--eval-every", "2", "--stop-at-accuracy", "0.3"]) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_run_records_its_recipe(stopped_run: Path) -> None:
+    resolved = json.loads((stopped_run / "config.json").read_text())["resolved"]
+    assert resolved["recipe"] == "cpu"
+    assert resolved["recipe_overridden_by_flags"] == {"batch_size": 16, "eval_batch_size": 50, "eval_every": 2}
+    assert resolved["recipe_values"] == {"lr": 2e-3, "epochs": 2, "warmup_frac": 0.1}
+    assert resolved["cuda_graphs"] is False
+
+
+def test_startup_breakdown_adds_up_to_startup_s(stopped_run: Path) -> None:
+    summary = json.loads((stopped_run / "summary.json").read_text())
+    phases = summary["startup"]
+    assert {"imports", "process_group", "data", "background_imports", "model", "tensorboard", "resume",
+            "other"} <= set(phases)
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= summary["startup_s"] + 1e-9
