@@ -484,7 +484,8 @@ class Trainer:
     def _log_progress(self) -> None:
         self.flush_losses()
         record = self.progress.report(self.state.epoch_number(), self.state.step, self.elapsed_s(),
-                                      self.training_seconds(), self.parts.scheduler.get_last_lr()[0],
+                                      # a device tensor under CUDA graphs: read once per log interval
+                                      self.training_seconds(), float(self.parts.scheduler.get_last_lr()[0]),
                                       self.timer.drain())
         rss = self.memory.sample()
         if self.ctx.is_main:

@@ -158,7 +158,7 @@ def test_tensor_learning_rate_follows_warmup_cosine_and_checkpoints_as_a_float()
 
 
 def ctx_of(rank: int, world_size: int) -> DistContext:
-    return DistContext(rank=rank, local_rank=rank, world_size=world_size, device=CPU, backend="gloo",
+    return DistContext(rank=rank, world_size=world_size, device=CPU, backend="gloo",
                        control_group=None)
 
 
