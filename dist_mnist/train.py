@@ -28,11 +28,12 @@ from dist_mnist.config import TrainConfig, parse_args
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
-from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
+from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval, resolve_phase_timers
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
 from dist_mnist.profiling import (
     build_summary,
+    cuda_memory_snapshot,
     flops_per_sample,
     format_summary,
     make_profiler,
@@ -243,7 +244,7 @@ class Trainer:
         self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
         self.state = TrainState()
         self.writer = RunWriter(self.run_dir, ctx.is_main, cfg.tensorboard)
-        self.timer = StepTimer(ctx.device)
+        self.timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
         self.memory = MemoryTracker()
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
@@ -422,11 +423,11 @@ class Trainer:
             lr = self.parts.scheduler.get_last_lr()[0]
             print(f"epoch {self.state.epoch} step {self.state.step}/{self.step_limit()} loss {loss:.4f} "
                   f"lr {lr:.2e} {samples_per_sec:,.0f} samples/s", flush=True)
+            phases = {"step_time_ms": step_time * 1e3, "data_wait_share": data_share} if recent else {}
             memory = {"rss_mb": rss / 2**20}
             if self.ctx.device.type == "cuda":
                 memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**20
-            self.writer.scalars("train", {"loss": loss, "lr": lr, "samples_per_sec": samples_per_sec,
-                                          "step_time_ms": step_time * 1e3, "data_wait_share": data_share,
+            self.writer.scalars("train", {"loss": loss, "lr": lr, "samples_per_sec": samples_per_sec, **phases,
                                           **memory}, self.state.step)
 
     def step_limit(self) -> int:
@@ -473,11 +474,11 @@ class Trainer:
         self.log(f"run {self.run_dir}: {ctx.world_size} x {ctx.device.type} ({ctx.backend}), "
                  f"{self.data.train_size} training images, global batch {self.global_batch}, "
                  f"{self.data.steps_per_epoch} steps/epoch, {self.settings.describe()}")
-        if cfg.cuda_memory_snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
 
         stopped_by: str | None = None
-        with self.stop, make_profiler(cfg, ctx, self.run_dir, self.step_limit() - state.step) as profiler:
+        snapshot = self.run_dir / f"rank{ctx.rank}.memory_snapshot.pickle"
+        with self.stop, cuda_memory_snapshot(cfg.cuda_memory_snapshot, snapshot), \
+                make_profiler(cfg, ctx, self.run_dir, state.step, self.step_limit()) as profiler:
             while state.epoch < cfg.epochs and stopped_by is None:
                 self.data.train_batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
                 batches = iter(self.data.train_loader)
@@ -535,16 +536,13 @@ class Trainer:
     def finish(self, stopped_by: str | None) -> None:
         """Report: progress tail, where the time went (summary.json), and why we stopped."""
         ctx = self.ctx
-        if self.cfg.cuda_memory_snapshot:
-            torch.cuda.memory._dump_snapshot(str(self.run_dir / f"rank{ctx.rank}.memory_snapshot.pickle"))
-            torch.cuda.memory._record_memory_history(enabled=None)
         self.timer.drain()
         self.memory.sample()
         cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
         stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size, self.measured_step_s,
                            self.memory.peak_rss_bytes, cuda_peak, parameter_digest(self.parts.module))
         all_stats = ctx.gather_objects(stats)
-        if ctx.is_main and self.timer.steps:
+        if ctx.is_main and (self.timer.steps or self.measured_step_s):
             peak_source = "--peak-tflops"
             peak = self.cfg.peak_tflops * 1e12
             if not peak:
@@ -561,6 +559,7 @@ class Trainer:
             # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
             summary["startup_s"] = self.first_step_unix - psutil.Process().create_time()
             summary["first_step_unix"] = self.first_step_unix
+            summary["phase_timing"] = self.timer.describe()
             self.writer.write_json("summary.json", summary)
             print(format_summary(summary), flush=True)
         if ctx.is_main and stopped_by:
