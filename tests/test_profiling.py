@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dist_mnist import report
 from dist_mnist.config import TrainConfig
 from dist_mnist.metrics import PHASES, StepTimer, format_eval, process_rss_bytes
+from dist_mnist.profiler_bench import ARRANGEMENTS, measure_profiler_overhead, render_profiler_overhead, render_verdicts
 from dist_mnist.profiling import (
     TRACES_DIR,
     build_summary,
@@ -401,3 +402,21 @@ def test_report_rejects_missing_or_corrupt_runs(setup: Any, message: str, tmp_pa
     assert report.main([str(run_dir)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m dist_mnist.bench --only profiler: the step-by-step arrangements
+
+
+@pytest.mark.timeout(120)
+def test_profiler_bench_times_steps_before_inside_and_after_the_window() -> None:
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+    chosen = tuple(a for a in ARRANGEMENTS if a.name in {"plain", "timers_off", "per_window"})
+    results = measure_profiler_overhead(TrainConfig(amp="off"), ctx, [4], before=3, after=2,  # type: ignore[arg-type]
+                                        rounds=1, arrangements=chosen)
+    assert list(results["batch_4"]) == ["plain", "timers_off", "per_window"]
+    for name, times in results["batch_4"].items():
+        assert min(times["before_ms"], times["inside_ms"], times["after_ms"]) > 0, name
+    rows = render_profiler_overhead(results) + render_verdicts(results, {16: {"mean_throughput_ratio": 0.99}})
+    assert len(rows) == 1 + 3 + 3
+    assert rows[-1].endswith("0.990 PASS |")
