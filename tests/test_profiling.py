@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dist_mnist import report
 from dist_mnist.config import TrainConfig
-from dist_mnist.metrics import PHASES, StepTimer, format_eval, process_rss_bytes
+from dist_mnist.metrics import PHASES, StepTimer, format_eval, process_rss_bytes, resolve_phase_timers
 from dist_mnist.profiler_bench import ARRANGEMENTS, measure_profiler_overhead, render_profiler_overhead, render_verdicts
 from dist_mnist.profiling import (
     TRACES_DIR,
     build_summary,
+    configure_kineto,
     cuda_memory_snapshot,
     format_summary,
     make_profiler,
@@ -174,6 +175,32 @@ def test_profile_window_beyond_the_run_warns_and_records_nothing(tmp_path: Path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: --profile records nothing: 2 steps are left" in result.stderr
     assert _traces(tmp_path / "short") == []
+
+
+@pytest.mark.parametrize(("device", "cuda_version", "driver", "preset", "expected"), [
+    ("cuda", "12.8", True, None, {"TEARDOWN_CUPTI": "1"}),  # CUPTI torn down when a window closes
+    ("cuda", "13.0", True, "0", {"TEARDOWN_CUPTI": "0"}),  # the user's own setting wins
+    ("cuda", "12.4", True, None, {}),  # before 12.6 teardown crashes on re-init after CUDA graphs
+    ("cpu", "13.0", False, None, {"KINETO_LOG_LEVEL": "5"}),  # a CUDA build without a driver: no ERROR lines
+    ("cpu", "13.0", True, None, {}),  # a GPU machine running on CPU: kineto's errors are real ones
+    ("cpu", None, False, None, {}),  # a CPU-only build never asks for GPUs
+])
+def test_kineto_settings(device: str, cuda_version: str | None, driver: bool, preset: str | None,
+                         expected: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TEARDOWN_CUPTI", "KINETO_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    if preset is not None:
+        monkeypatch.setenv("TEARDOWN_CUPTI", preset)
+    monkeypatch.setattr(torch.version, "cuda", cuda_version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: driver)
+    configure_kineto(torch.device(device))
+    assert {k: os.environ[k] for k in ("TEARDOWN_CUPTI", "KINETO_LOG_LEVEL") if k in os.environ} == expected
+
+
+@pytest.mark.parametrize(("setting", "device", "mode"), [("auto", "cpu", "every"), ("auto", "cuda", "sample"),
+                                                         ("off", "cuda", "off"), ("every", "cuda", "every")])
+def test_phase_timers_auto_samples_on_cuda_only(setting: str, device: str, mode: str) -> None:
+    assert resolve_phase_timers(setting, torch.device(device)) == mode
 
 
 @pytest.mark.parametrize("fail", [False, True])
