@@ -238,6 +238,10 @@ def render_verdicts(steps: dict[str, Any], whole_runs: dict[Any, Any]) -> list[s
         window = arrangements["per_window"]
         outside = max(window["before_ms"] / base["before_ms"], window["after_ms"] / base["after_ms"])
         timers = statistics.fmean([base[s] / arrangements["timers_off"][s] for s in ("before_ms", "after_ms")])
+        if "plain_again" in arrangements:  # the same code measured twice: how far apart noise alone puts them
+            again = arrangements["plain_again"]
+            noise = max(abs(again[s] / base[s] - 1) for s in ("before_ms", "after_ms"))
+            lines.append(f"| batch {batch}: noise floor, `plain_again` against `plain` | ±{noise:.1%} |")
         lines += [f"| batch {batch}: --profile, steps outside the window / unprofiled, the worse of before and after "
                   f"(bar: ≤ 1.03) | {outside:.3f} {'PASS' if outside <= 1.03 else 'FAIL'} |",
                   f"| batch {batch}: phase timers on every step / off (bar: ≤ 1.02) | {timers:.3f} "
