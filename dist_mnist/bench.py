@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="profiler section: steps before and after the window, per arrangement and round")
     parser.add_argument("--profiler-rounds", type=int, default=5,
                         help="profiler section: turns each arrangement takes (they alternate, against drift)")
+    parser.add_argument("--profiler-pairs", type=int, default=2,
+                        help="profiler section: alternating pairs of whole runs with and without --profile per batch "
+                             "size (0: none)")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
                         help="markdown file the result table is appended to ('' to skip)")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
@@ -315,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         counts = [n for n in counts if n <= torch.cuda.device_count()]
                     results["scaling"] = measure_scaling(data_flags, counts, args.scaling_steps, cfg.batch_size,
                                                          Path(tmp))
-                if "profiler" in sections:
+                if "profiler" in sections and args.profiler_pairs:
                     results["profiler"] = measure_profiler_cost(data_flags, args.scaling_steps, profiler_batches,
-                                                                Path(tmp))
+                                                                Path(tmp), args.profiler_pairs)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
