@@ -33,6 +33,7 @@ from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.graphs import GraphedStep
 from dist_mnist.metrics import StepTimer
+from dist_mnist.profiler_bench import measure_profiler_overhead, render_profiler_overhead, render_verdicts
 from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
 from dist_mnist.recipes import RECIPES
 from dist_mnist.train import SpeedSettings, build_train_parts, dtype_name, resolve_speed_settings, train_step
@@ -221,13 +222,23 @@ def measure_scaling(data_flags: list[str], process_counts: list[int], steps: int
     return runs
 
 
-def measure_profiler_cost(data_flags: list[str], steps: int, out_dir: Path) -> dict[str, Any]:
-    """--profile vs no profiling: the median step (the few steps of the profiling window hardly move it) and the
-    mean step, window included."""
-    plain, _, _ = _launch(1, [*data_flags, "--max-steps", str(steps)], 0, out_dir, "noprof")
-    profiled, _, _ = _launch(1, [*data_flags, "--max-steps", str(steps), "--profile"], 0, out_dir, "prof")
-    return {"median_step_ratio": plain["ranks"][0]["step_time_p50_s"] / profiled["ranks"][0]["step_time_p50_s"],
-            "mean_throughput_ratio": profiled["samples_per_sec"] / plain["samples_per_sec"]}
+def measure_profiler_cost(data_flags: list[str], steps: int, batch_sizes: list[int], out_dir: Path,
+                          pairs: int = 2) -> dict[str, Any]:
+    """Whole runs, --profile vs no profiling, per batch size, mean over `pairs` alternating pairs of runs: the
+    median step (the few steps of the profiling window hardly move it) and the mean step, window included (trace
+    writing is left out of step times)."""
+    results = {}
+    for batch in batch_sizes:
+        flags = [*data_flags, "--max-steps", str(steps), "--batch-size", str(batch)]
+        ratios: dict[str, list[float]] = {"median_step_ratio": [], "mean_throughput_ratio": []}
+        for pair in range(pairs):  # alternating, so drift in the machine's load hits both alike
+            plain, _, _ = _launch(1, flags, 0, out_dir, f"noprof{batch}-{pair}")
+            profiled, _, _ = _launch(1, [*flags, "--profile"], 0, out_dir, f"prof{batch}-{pair}")
+            ratios["median_step_ratio"].append(plain["ranks"][0]["step_time_p50_s"] /
+                                               profiled["ranks"][0]["step_time_p50_s"])
+            ratios["mean_throughput_ratio"].append(profiled["samples_per_sec"] / plain["samples_per_sec"])
+        results[batch] = {key: sum(values) / pairs for key, values in ratios.items()}
+    return results
 
 
 def machine_description(device: torch.device) -> str:
@@ -282,11 +293,10 @@ def render_markdown(results: dict[str, Any]) -> str:
                          f"{run['samples_per_sec']:,.0f} samples/s{eff} |")
         if "ddp_ratio" in sc:
             lines.append(f"| **DDP ratio: N ranks x 1 thread / 1 process x N threads** | **{sc['ddp_ratio']:.2f}** |")
-    pr = results.get("profiler")
-    if pr:
-        lines += [f"| speed with --profile / without, median step (outside the profiling window) | "
+    for batch, pr in results.get("profiler", {}).items():
+        lines += [f"| batch {batch}: whole runs, speed with --profile / without, median step (outside the window) | "
                   f"{pr['median_step_ratio']:.3f} |",
-                  f"| the same, mean over the whole run (the 5 profiled steps included) | "
+                  f"| batch {batch}: the same, mean over the whole run (the 5 profiled steps included) | "
                   f"{pr['mean_throughput_ratio']:.3f} |"]
     gr = results.get("graphs")
     if gr and "skipped" not in gr:
@@ -298,6 +308,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                       f"{row['bare_captured_step']:,.0f} samples/s |",
                       f"| **batch {batch}: graphed loop / eager loop; graphed loop / bare captured step** | "
                       f"**{row['graphed_over_eager']:.2f}x; {row['graphed_loop_over_bare']:.0%}** |"]
+    if "profiler_steps" in results:
+        lines += render_profiler_overhead(results["profiler_steps"])
+        lines += render_verdicts(results["profiler_steps"], results.get("profiler", {}))
     return "\n".join(line for line in lines if line) + "\n"
 
 
@@ -314,12 +327,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph-batches", default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the graphs section (CUDA only)")
     parser.add_argument("--scaling", default="1,2", help="process counts for the scaling section")
-    parser.add_argument("--scaling-steps", type=int, default=300, help="training steps per scaling run")
+    parser.add_argument("--scaling-steps", type=int, default=300,
+                        help="training steps per scaling run and per whole run of the profiler section")
+    parser.add_argument("--profiler-batch-sizes", default="16,512",
+                        help="per-process batch sizes of the profiler section (512: the CUDA recipe's)")
+    parser.add_argument("--profiler-steps", type=int, default=20,
+                        help="profiler section: steps before and after the window, per arrangement and round")
+    parser.add_argument("--profiler-rounds", type=int, default=5,
+                        help="profiler section: turns each arrangement takes (they alternate, against drift)")
+    parser.add_argument("--profiler-pairs", type=int, default=2,
+                        help="profiler section: alternating pairs of whole runs with and without --profile per batch "
+                             "size (0: none)")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
                         help="markdown file the result table is appended to ('' to skip)")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
     sections = args.only or list(SECTIONS)
+    profiler_batches = [int(b) for b in args.profiler_batch_sizes.split(",")]
     cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False, batch_size=args.batch_size)
     launched_by_torchrun = "RANK" in os.environ
     try:
@@ -332,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             if "graphs" in sections:
                 results["graphs"] = measure_graphs(cfg, ctx, args.seconds,
                                                    [int(b) for b in args.graph_batches.split(",")])
+            if "profiler" in sections:
+                results["profiler_steps"] = measure_profiler_overhead(cfg, ctx, profiler_batches, args.profiler_steps,
+                                                                      args.profiler_steps, args.profiler_rounds)
         if launched_by_torchrun and int(os.environ["RANK"]) != 0:
             return 0
         data_flags = ["--data-dir", args.data_dir, "--no-download"]
@@ -349,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                         counts = [n for n in counts if n <= torch.cuda.device_count()]
                     results["scaling"] = measure_scaling(data_flags, counts, args.scaling_steps, cfg.batch_size,
                                                          Path(tmp))
-                if "profiler" in sections:
-                    results["profiler"] = measure_profiler_cost(data_flags, args.scaling_steps, Path(tmp))
+                if "profiler" in sections and args.profiler_pairs:
+                    results["profiler"] = measure_profiler_cost(data_flags, args.scaling_steps, profiler_batches,
+                                                                Path(tmp), args.profiler_pairs)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -111,6 +111,10 @@ class TrainConfig:
     profile_stack: bool = _opt(False, "record Python stacks in the traces (much bigger traces)")
     cuda_memory_snapshot: bool = _opt(False, "CUDA only: dump a memory snapshot (view at pytorch.org/memory_viz)")
     peak_tflops: float = _opt(0.0, "peak TFLOP/s per process for the MFU figure (0: measure a matmul peak)")
+    phase_timers: str = _opt("auto", "per-phase step timers behind summary.json's phase shares: every step, every "
+                                     "Nth step (--phase-timer-every), or off; auto: every step on CPU, sampled on "
+                                     "CUDA (6 CUDA events per timed step)", choices=["auto", "every", "sample", "off"])
+    phase_timer_every: int = _opt(10, "with sampled phase timers: time every Nth step")
 
     # Checkpoints and fault tolerance
     checkpoint_every: int = _opt(200, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
@@ -129,7 +133,7 @@ class TrainConfig:
             if f.type == "float" and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"--{_flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
         positive = ["epochs", "batch_size", "eval_batch_size", "log_every", "synthetic_train_size",
-                    "synthetic_test_size", "keep_checkpoints", "profile_active"]
+                    "synthetic_test_size", "keep_checkpoints", "profile_active", "phase_timer_every"]
         non_negative = ["max_steps", "num_workers", "eval_every", "checkpoint_every", "threads", "profile_wait",
                         "profile_warmup", "profile_repeat", "grad_clip", "weight_decay", "peak_tflops"]
         for name in positive:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,21 +17,33 @@ from dist_mnist.durable import append_whole, write_durably
 
 # The phases of one training step, in order. Their trace labels are "train/<phase>".
 PHASES = ("data", "to_device", "forward", "backward", "optimizer")
+# --phase-timers after "auto" is resolved: time every step, every Nth step, or no step.
+PHASE_TIMER_MODES = ("every", "sample", "off")
 
 
 class StepTimer:
-    """Always-on timing of each step's phases, also labelled with record_function for the profiler.
+    """Timing of each step's phases (all steps, every Nth step, or none), labelled for the profiler while it records.
 
     On CPU the marks are perf_counter readings. On CUDA they are events on the compute stream, read only when
     `drain` is called: no synchronize per step, and the durations are those of the GPU timeline, so a phase the
     GPU overlapped with other work costs nothing and a starved GPU shows up as data wait.
+
+    The `train/<phase>` labels (record_function) are opened only while `label()` says a profiler records: a
+    record_function costs an operator call even when nobody listens, and outside a window nobody does.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, mode: str = "every", every_n: int = 1,
+                 label: Callable[[], bool] = torch.autograd._profiler_enabled) -> None:
+        if mode not in PHASE_TIMER_MODES:
+            raise ValueError(f"unknown phase timer mode {mode!r}")
         self.cuda = device.type == "cuda"
+        self.mode = mode
+        self.every_n = every_n if mode == "sample" else 1
+        self._label = label
+        self._finished = 0  # steps ended, timed or not: which step is next decides whether it is timed
         self._marks: list[Any] = []
         self._pending: list[list[Any]] = []
-        self.steps: list[dict[str, float]] = []  # seconds per phase, one dict per finished step
+        self.steps: list[dict[str, float]] = []  # seconds per phase, one dict per timed step
 
     def _now(self) -> Any:
         if self.cuda:
@@ -41,23 +53,30 @@ class StepTimer:
         return time.perf_counter()
 
     def begin_step(self) -> None:
-        self._marks = [self._now()]
+        timed = self.mode == "every" or (self.mode == "sample" and self._finished % self.every_n == 0)
+        self._marks = [self._now()] if timed else []
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        with record_function(f"train/{name}"):
+        if self._label():
+            with record_function(f"train/{name}"):
+                yield
+        else:
             yield
-        self._marks.append(self._now())
+        if self._marks:
+            self._marks.append(self._now())
 
     def cancel_step(self) -> None:
         self._marks = []
 
     def end_step(self) -> None:
-        self._pending.append(self._marks)
+        if self._marks:
+            self._pending.append(self._marks)
         self._marks = []
+        self._finished += 1
 
     def drain(self) -> list[dict[str, float]]:
-        """Resolve the steps finished since the last call; returns them (also kept in `steps`)."""
+        """Resolve the timed steps finished since the last call; returns them (also kept in `steps`)."""
         if not self._pending:
             return []
         if self.cuda:
@@ -69,6 +88,19 @@ class StepTimer:
         self._pending = []
         self.steps.extend(new)
         return new
+
+    def describe(self) -> dict[str, Any]:
+        """summary.json's `phase_timing`: how the phase figures were obtained."""
+        return {"mode": self.mode, "every_n_steps": self.every_n if self.mode != "off" else None,
+                "steps_timed": len(self.steps)}
+
+
+def resolve_phase_timers(setting: str, device: torch.device) -> str:
+    """--phase-timers auto: every step on CPU, where a mark is a clock reading; every Nth step on CUDA, where a
+    timed step records six CUDA events from Python (tens of microseconds of host work on a step of a few ms)."""
+    if setting != "auto":
+        return setting
+    return "sample" if device.type == "cuda" else "every"
 
 
 def process_rss_bytes() -> int:

@@ -56,7 +56,11 @@ def _step_times(ax: Axes, progress: list[dict[str, Any]]) -> None:
     if not progress:
         _no_data(ax, "no progress.jsonl")
         return
-    ax.plot([r["step"] for r in progress], [r["step_time_ms"] for r in progress], marker=".")
+    timed = [r for r in progress if r["step_time_ms"] is not None]  # None: no step of that interval was timed
+    if not timed:
+        _no_data(ax, "no timed steps (--phase-timers off)")
+        return
+    ax.plot([r["step"] for r in timed], [r["step_time_ms"] for r in timed], marker=".")
     ax.set_xlabel("step")
     ax.set_ylabel("ms")
     ax.set_ylim(bottom=0)

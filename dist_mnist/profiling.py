@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+from torch.profiler import ProfilerAction, ProfilerActivity, profile, schedule, tensorboard_trace_handler
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_mnist.config import TrainConfig
@@ -27,6 +29,102 @@ STRAGGLER_RATIO = 1.25
 STRAGGLER_MIN_STEP_SHARE = 0.05
 
 
+# Traces go into a folder of their own inside the run folder: HTA's TraceAnalysis(trace_dir=...) takes every
+# JSON file it finds there for a trace (summary.json included), and TensorBoard's profiler plugin lists it as a run.
+TRACES_DIR = "traces"
+
+
+def configure_kineto(device: torch.device) -> None:
+    """Environment settings kineto reads when the profiler starts and stops; call before the first window.
+
+    Set with setdefault, so a user's own value wins.
+    - TEARDOWN_CUPTI=1 on CUDA: without it kineto never calls cuptiFinalize, so CUPTI stays subscribed to every
+      CUDA API call after the profiler has stopped and training stays 10-20% slower for the rest of the process
+      (pytorch/pytorch#144455, fixed by opting in: pytorch/pytorch#146604; kineto reads the variable at every
+      stop, and makes teardown its default only from pytorch/kineto#1264 on). Only from CUDA 12.6: on older
+      CUDA, re-initialising CUPTI after a teardown crashes once CUDA graphs were captured (torch's own profiler
+      sets TEARDOWN_CUPTI=0 there for inductor's CUDA graphs, see torch/profiler/profiler.py).
+    - KINETO_LOG_LEVEL=5 where torch is built with CUDA but no driver answers (a CPU-only machine): kineto asks
+      for the GPUs' properties while writing every trace, CPU-only or not, and logs the expected failure as
+      `ERROR: ... gpuGetDeviceCount failed with code 35` (kineto's DeviceProperties.cpp). Level 5 keeps kineto's
+      USDT start/stop lines and drops its ERROR lines; with a working driver nothing changes.
+    """
+    if device.type == "cuda":
+        if _cuda_version() >= (12, 6):
+            os.environ.setdefault("TEARDOWN_CUPTI", "1")
+    elif torch.version.cuda and not torch.cuda.is_available():
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+
+
+def _cuda_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in (torch.version.cuda or "0.0").split(".")[:2])
+
+
+class WindowedProfiler:
+    """--profile: a fresh torch.profiler.profile for each window, open only while its window runs.
+
+    Each window is --profile-warmup steps recorded and discarded, then --profile-active steps recorded, and its
+    trace is written when its last active step ends (or when training ends inside it): exactly torch.profiler's
+    schedule(wait, warmup, active, repeat), counted from this process's first step, whose non-NONE stretches
+    decide when a window opens. Between windows and after the last one no profiler object exists: no
+    ProfilerStep# range, no kineto session, and with TEARDOWN_CUPTI (configure_kineto) no CUPTI subscription,
+    so those steps run as without --profile. The traces' ProfilerStep#N are the job's global step numbers, so a
+    resumed run continues them. Call `step()` after every training step.
+    """
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, trace_dir: Path, first_step: int) -> None:
+        self.cfg = cfg
+        configure_kineto(ctx.device)
+        self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+        self.trace_handler = tensorboard_trace_handler(str(trace_dir), worker_name=f"rank{ctx.rank}", use_gzip=True)
+        self.cycle = schedule(wait=cfg.profile_wait, warmup=cfg.profile_warmup, active=cfg.profile_active,
+                              repeat=cfg.profile_repeat)
+        self.window_schedule = schedule(wait=0, warmup=cfg.profile_warmup, active=cfg.profile_active, repeat=1)
+        self.first_step = first_step  # the job's step number of this process's first step
+        self.steps_done = 0  # by this process
+        self.window: profile | None = None
+        self.window_steps = 0
+
+    def __enter__(self) -> WindowedProfiler:
+        self._open_if_due()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._close(*exc_info)  # training ended inside a window: its trace is written now
+
+    def step(self) -> None:
+        if self.window is not None:
+            self.window.step()  # writes the trace after the window's last active step
+            self.window_steps += 1
+            if self.window_steps == self.cfg.profile_warmup + self.cfg.profile_active:
+                self._close(None, None, None)
+        self.steps_done += 1
+        self._open_if_due()
+
+    def _close(self, *exc_info: Any) -> None:
+        if self.window is not None:
+            window, self.window = self.window, None
+            window.__exit__(*exc_info)
+
+    def _open_if_due(self) -> None:
+        if self.window is not None or self.cycle(self.steps_done) == ProfilerAction.NONE:
+            return
+        start = self.first_step + self.steps_done
+        # profile evaluates its schedule at step 0 when built, before step_num moves to the window's first
+        # step: steps before the window count as its first.
+        window = profile(
+            activities=self.activities,
+            schedule=lambda step: self.window_schedule(max(step - start, 0)),
+            on_trace_ready=self.trace_handler,
+            record_shapes=self.cfg.profile_shapes,
+            profile_memory=self.cfg.profile_memory,
+            with_stack=self.cfg.profile_stack,
+        )
+        window.step_num = start  # ProfilerStep#<the job's step>, as torchtitan does
+        window.__enter__()
+        self.window, self.window_steps = window, 0
+
+
 class _NoProfiler(nullcontext):
     def __enter__(self) -> _NoProfiler:
         return self
@@ -35,29 +133,35 @@ class _NoProfiler(nullcontext):
         pass
 
 
-def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, steps_left: int) -> profile | _NoProfiler:
-    """A torch.profiler writing one gzipped trace per rank and window into the run folder, or a no-op.
-
-    Call its `step()` after every training step; a window's trace is written when its last active step ends
-    (or when training ends inside a window).
-    """
+def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, first_step: int,
+                  step_limit: int) -> WindowedProfiler | _NoProfiler:
+    """The --profile windows (traces in <run folder>/traces/), or a no-op; call its `step()` after every step."""
     if not cfg.profile:
         return _NoProfiler()
+    steps_left = step_limit - first_step
     if ctx.is_main and steps_left <= cfg.profile_wait + cfg.profile_warmup:
         # A warning, not an error: a resumed run may legitimately have only a few steps left.
         print(f"warning: --profile records nothing: {steps_left} steps are left, and the first window only starts "
               f"recording after --profile-wait {cfg.profile_wait} + --profile-warmup {cfg.profile_warmup} steps",
               file=sys.stderr, flush=True)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
-    return profile(
-        activities=activities,
-        schedule=schedule(wait=cfg.profile_wait, warmup=cfg.profile_warmup, active=cfg.profile_active,
-                          repeat=cfg.profile_repeat),
-        on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name=f"rank{ctx.rank}", use_gzip=True),
-        record_shapes=cfg.profile_shapes,
-        profile_memory=cfg.profile_memory,
-        with_stack=cfg.profile_stack,
-    )
+    return WindowedProfiler(cfg, ctx, run_dir / TRACES_DIR, first_step)
+
+
+@contextmanager
+def cuda_memory_snapshot(enabled: bool, path: Path) -> Iterator[None]:
+    """--cuda-memory-snapshot: record the CUDA caching allocator's history and dump it on any exit, an exception or
+    torch.cuda.OutOfMemoryError included (where it matters most), as torchtitan's profiler does."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.memory._record_memory_history(max_entries=100_000)
+    try:
+        yield
+    finally:
+        try:
+            torch.cuda.memory._dump_snapshot(str(path))
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def flops_per_sample(model: nn.Module, device: torch.device) -> float:
@@ -108,25 +212,32 @@ def parameter_digest(model: nn.Module) -> str:
 
 def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, measured_step_s: list[float],
                peak_rss_bytes: int, cuda_peak_bytes: int | None, params_digest: str) -> dict[str, Any]:
-    """This rank's figures for summary.json. The first steps (warm-up, lazy init) are left out."""
+    """This rank's figures for summary.json from its timed steps (`steps`: all, a sample, or none with
+    --phase-timers off, where the step times come from the wall clock and the phase figures are None).
+    The first steps (warm-up, lazy init) are left out."""
     timed = steps[min(len(steps) // 5, 5):] or steps
-    step_times = [sum(s.values()) for s in timed]
-    total = sum(step_times) or 1e-12
-    shares = {f"{phase}_share": sum(s[phase] for s in timed) / total for phase in PHASES}
     wall = measured_step_s[min(len(measured_step_s) // 5, 5):] or measured_step_s
     measured = statistics.fmean(wall) if wall else 0.0
+    step_times = [sum(s.values()) for s in timed] or wall
+    total = sum(step_times) or 1e-12
+    phases: dict[str, Any] = {f"{phase}_share": None for phase in PHASES}
+    own_p50 = explained = None
+    if timed:
+        phases = {f"{phase}_share": sum(s[phase] for s in timed) / total for phase in PHASES}
+        # Own work per step: what a slow rank makes the others wait for inside backward's all-reduce.
+        own_p50 = percentile([t - s["backward"] for t, s in zip(step_times, timed)], 0.5)
+        # The share of the wall time between step starts (eval and checkpoints left out) the phases explain.
+        explained = statistics.fmean(step_times) / measured if measured else 0.0
     return {
         "rank": rank,
         "steps": len(steps),
         "step_time_p50_s": percentile(step_times, 0.5) if step_times else 0.0,
         "step_time_p90_s": percentile(step_times, 0.9) if step_times else 0.0,
-        "samples_per_sec": samples_per_step * len(timed) / total,
-        **shares,
-        # Own work per step: what a slow rank makes the others wait for inside backward's all-reduce.
-        "own_time_p50_s": percentile([t - s["backward"] for t, s in zip(step_times, timed)], 0.5) if timed else 0.0,
-        # Wall time between step starts (eval and checkpoints left out), and the share of it the phases explain.
+        "samples_per_sec": samples_per_step * len(step_times) / total,
+        **phases,
+        "own_time_p50_s": own_p50,
         "measured_step_time_s": measured,
-        "explained_fraction": statistics.fmean(step_times) / measured if measured and step_times else 0.0,
+        "explained_fraction": explained,
         "peak_rss_bytes": peak_rss_bytes,
         "cuda_peak_allocated_bytes": cuda_peak_bytes,
         "params_digest": params_digest,
@@ -135,9 +246,13 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
 
 def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
                   flops: float, peak_flops_per_process: float, peak_source: str) -> dict[str, Any]:
-    median_own = statistics.median(r["own_time_p50_s"] for r in ranks)
     median_step = statistics.median(r["step_time_p50_s"] for r in ranks)
+    own_times = [r["own_time_p50_s"] for r in ranks]
+    median_own = statistics.median(own_times) if None not in own_times else None
     for r in ranks:
+        if median_own is None:  # --phase-timers off: no own time to compare
+            r["straggler"] = None
+            continue
         excess = r["own_time_p50_s"] - median_own
         r["straggler"] = (len(ranks) > 1 and r["own_time_p50_s"] > STRAGGLER_RATIO * median_own
                           and excess > STRAGGLER_MIN_STEP_SHARE * median_step)
@@ -156,16 +271,26 @@ def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, ep
     }
 
 
+def _percent(value: float | None) -> str:
+    return f"{'n/a':>9}" if value is None else f"{value:>9.1%}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as a table for the terminal (also used by `python -m dist_mnist.report`)."""
     head = (f"{'rank':>4} {'p50 ms':>8} {'p90 ms':>8} {'samples/s':>10} " +
             " ".join(f"{p[:9]:>9}" for p in PHASES) + f" {'explained':>9} {'peak RSS':>9} {'straggler':>9}")
     lines = [head]
     for r in summary["ranks"]:
+        straggler = "n/a" if r["straggler"] is None else "YES" if r["straggler"] else "no"
         lines.append(f"{r['rank']:>4} {r['step_time_p50_s'] * 1e3:>8.2f} {r['step_time_p90_s'] * 1e3:>8.2f} "
-                     f"{r['samples_per_sec']:>10.0f} " + " ".join(f"{r[p + '_share']:>9.1%}" for p in PHASES) +
-                     f" {r['explained_fraction']:>9.1%} {r['peak_rss_bytes'] / 2**20:>7.0f}MB"
-                     f" {'YES' if r['straggler'] else 'no':>9}")
+                     f"{r['samples_per_sec']:>10.0f} " + " ".join(_percent(r[p + "_share"]) for p in PHASES) +
+                     f" {_percent(r['explained_fraction'])} {r['peak_rss_bytes'] / 2**20:>7.0f}MB {straggler:>9}")
+    timing = summary.get("phase_timing")  # absent in summaries written before --phase-timers existed
+    if timing and timing["mode"] == "off":
+        lines.append("phase timers off (--phase-timers off): no phase shares; step times are wall-clock")
+    elif timing and timing["mode"] == "sample":
+        lines.append(f"phase shares from every {timing['every_n_steps']}th step ({timing['steps_timed']} steps "
+                     f"timed on rank 0)")
     mfu = f"{summary['mfu']:.1%}" if summary["mfu"] is not None else "n/a"
     epoch = f"{summary['epoch_time_s']:.1f} s" if summary["epoch_time_s"] else "n/a"
     lines.append(f"global: {summary['samples_per_sec']:.0f} samples/s, epoch {epoch}, "

@@ -23,8 +23,10 @@ class ProgressRecord:
     train_loss: float  # mean over the steps since the previous line, this rank's
     lr: float
     samples_per_sec: float  # global, over the training time since the previous line
-    step_time_ms: float  # mean of the timed phases over the interval
-    data_wait_share: float  # share of that time spent waiting for data
+    # Mean of the timed phases over the interval and the share of it spent waiting for data; None when no step of
+    # the interval was timed (--phase-timers sample with a long period, or off).
+    step_time_ms: float | None
+    data_wait_share: float | None
 
 
 def format_duration(seconds: float) -> str:
@@ -76,14 +78,14 @@ class Progress:
     def report(self, epoch: int, step: int, elapsed_s: float, training_s: float, lr: float,
                steps: list[dict[str, float]]) -> ProgressRecord:
         """The record for the interval since the previous report (`steps`: its timed phases, in seconds)."""
-        step_s = sum(sum(s.values()) for s in steps) / max(len(steps), 1)
+        step_s = sum(sum(s.values()) for s in steps) / len(steps) if steps else None
         record = ProgressRecord(
             epoch=epoch, step=step, elapsed_s=elapsed_s,
             train_loss=self._loss_sum / max(self._loss_count, 1), lr=lr,
             samples_per_sec=(step - self._last_step) * self.global_batch / max(training_s - self._last_training_s,
                                                                                 1e-9),
-            step_time_ms=step_s * 1e3,
-            data_wait_share=sum(s["data"] for s in steps) / max(step_s * len(steps), 1e-12))
+            step_time_ms=None if step_s is None else step_s * 1e3,
+            data_wait_share=None if step_s is None else sum(s["data"] for s in steps) / max(step_s * len(steps), 1e-12))
         self._loss_sum, self._loss_count = 0.0, 0
         self._last_step, self._last_training_s = step, training_s
         if self.enabled:

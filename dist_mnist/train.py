@@ -30,11 +30,12 @@ from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.graphs import GraphedStep, capture_failure_note, graph_decision
-from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval
+from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval, resolve_phase_timers
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
 from dist_mnist.profiling import (
     build_summary,
+    cuda_memory_snapshot,
     flops_per_sample,
     format_summary,
     make_profiler,
@@ -321,7 +322,7 @@ class Trainer:
                                                                                               self.parts)
         self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
-        self.timer = StepTimer(ctx.device)
+        self.timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
         self.memory = MemoryTracker()
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
@@ -492,6 +493,8 @@ class Trainer:
             memory = {"rss_mb": rss / 2**20}
             if self.ctx.device.type == "cuda":
                 memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**20
+            # Phase figures are None for an interval in which no step was timed (--phase-timers sample/off):
+            # scalars() writes numbers only.
             self.writer.scalars("train", {"loss": record.train_loss, "lr": record.lr,
                                           "samples_per_sec": record.samples_per_sec,
                                           "step_time_ms": record.step_time_ms,
@@ -561,11 +564,11 @@ class Trainer:
                     self.step_fn = GraphedStep(self.parts, cfg.batch_size)
                 except RuntimeError as exc:  # weights and optimizer state are back as they were
                     self.log(capture_failure_note(exc, cfg.cuda_graphs))
-        if cfg.cuda_memory_snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
 
         stopped_by: str | None = None
-        with self.stop, make_profiler(cfg, ctx, self.run_dir, self.step_limit() - state.step) as profiler:
+        snapshot = self.run_dir / f"rank{ctx.rank}.memory_snapshot.pickle"
+        with self.stop, cuda_memory_snapshot(cfg.cuda_memory_snapshot, snapshot), \
+                make_profiler(cfg, ctx, self.run_dir, state.step, self.step_limit()) as profiler:
             while state.epoch < cfg.epochs and stopped_by is None:
                 self.data.train_batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
                 batches = iter(self.data.train_loader)
@@ -625,9 +628,6 @@ class Trainer:
         """Report: progress tail, where the time went (summary.json), and why we stopped."""
         ctx = self.ctx
         self.progress.end_line()
-        if self.cfg.cuda_memory_snapshot:
-            torch.cuda.memory._dump_snapshot(str(self.run_dir / f"rank{ctx.rank}.memory_snapshot.pickle"))
-            torch.cuda.memory._record_memory_history(enabled=None)
         self.timer.drain()
         self.memory.sample()
         cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
@@ -658,7 +658,7 @@ class Trainer:
 
     def write_summary(self, all_stats: list[dict[str, Any]]) -> None:
         """Rank 0: summary.json and the table."""
-        if not self.timer.steps:
+        if not (self.timer.steps or self.measured_step_s):
             return
         peak_source = "--peak-tflops"
         peak = self.cfg.peak_tflops * 1e12
@@ -676,6 +676,7 @@ class Trainer:
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix
+        summary["phase_timing"] = self.timer.describe()
         if self.target_reached:
             summary["stop_at_accuracy"] = {"target": self.cfg.stop_at_accuracy,
                                            **{k: self.target_reached[k] for k in ("step", "epoch", "test_accuracy",

@@ -224,4 +224,27 @@ for block in (default_command, default_eager, one_epoch, graphs, sweep):
 print("\n| done-when figure | target | measured | met |\n|---|---|---|---|")
 print("\n".join(rows))
 PY
+
+# ---- profiler overhead (issue 10) ----------------------------------------------------------------------------------
+# Steps before / inside / after a --profile window under each profiler arrangement (one process, arrangements taking
+# turns), the phase timers every step vs sampled vs off, whole runs with vs without --profile, at batch 512 (the CUDA
+# recipe) and 16, then PASS/FAIL rows against issue 10's bars. And whether the profiled smoke run's trace holds the
+# GPU's kernels (with CUDA graphs too: a graph replay's kernels must show up inside the window).
+echo "== profiler overhead (issue 10)"
+"$python" -m dist_mnist.bench --data-dir "$data_dir" --only profiler --profiler-batch-sizes 512,16 \
+    --output "$out/profiler_overhead.md" --json "$out/profiler_overhead.json" || status=1
+"$python" - "$out/runs/profile/traces" <<'PY' || status=1
+import gzip, json, sys
+from pathlib import Path
+traces = sorted(Path(sys.argv[1]).glob("*.pt.trace.json.gz"))
+counts = []
+for path in traces:
+    events = json.load(gzip.open(path, "rt"))["traceEvents"]
+    counts.append(sum(e.get("cat") == "kernel" for e in events))
+    steps = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+    print(f"{path.name}: {counts[-1]} kernel events, {steps}")
+print("PASS trace kernels" if counts and min(counts) > 0 else "FAIL trace kernels: no trace, or one without kernels")
+sys.exit(0 if counts and min(counts) > 0 else 1)
+PY
+# ---- end of profiler overhead (issue 10) ---------------------------------------------------------------------------
 exit $status

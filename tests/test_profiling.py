@@ -12,7 +12,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -22,8 +24,17 @@ from conftest import SMOKE_FLAGS, Result, cpu_env, free_port, run, torchrun, tra
 from torch.utils.data import DataLoader, TensorDataset
 
 from dist_mnist import report
-from dist_mnist.metrics import PHASES, format_eval, process_rss_bytes
-from dist_mnist.profiling import build_summary, format_summary
+from dist_mnist.config import TrainConfig
+from dist_mnist.metrics import PHASES, StepTimer, format_eval, process_rss_bytes, resolve_phase_timers
+from dist_mnist.profiler_bench import ARRANGEMENTS, measure_profiler_overhead, render_profiler_overhead, render_verdicts
+from dist_mnist.profiling import (
+    TRACES_DIR,
+    build_summary,
+    configure_kineto,
+    cuda_memory_snapshot,
+    format_summary,
+    make_profiler,
+)
 from dist_mnist.train import main as train_main
 
 # A short window (steps 3 and 4 recorded) with an evaluation inside it (--eval-every 3), so traces stay small.
@@ -53,7 +64,17 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
 
 
 def _traces(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("*.pt.trace.json.gz"))
+    return sorted((run_dir / TRACES_DIR).glob("*.pt.trace.json.gz"))
+
+
+def _load_trace(path: Path) -> dict[str, Any]:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def _profiler_steps(trace: dict[str, Any]) -> list[int]:
+    return sorted({int(e["name"].split("#")[1]) for e in trace["traceEvents"]
+                   if e.get("name", "").startswith("ProfilerStep#")})
 
 
 def _annotations(trace: dict[str, Any]) -> set[str]:
@@ -69,14 +90,68 @@ def test_profile_writes_one_gzipped_trace_per_rank_with_phase_labels(profiled_ru
     run_dir, _ = profiled_run
     traces = _traces(run_dir)
     assert [p.name.split(".")[0] for p in traces] == ["rank0", "rank1"]
+    # Nothing else in the traces folder (HTA reads every JSON file there), no trace outside it.
+    assert sorted((run_dir / TRACES_DIR).iterdir()) == traces
+    assert list(run_dir.glob("*.pt.trace.json*")) == []
     for rank, path in enumerate(traces):
-        with gzip.open(path, "rt") as f:
-            trace = json.load(f)
+        trace = _load_trace(path)
         assert trace["distributedInfo"]["rank"] == rank
         assert trace["distributedInfo"]["world_size"] == 2
         labels = _annotations(trace)
         assert {f"train/{phase}" for phase in PHASES} <= labels
         assert "eval" in labels  # --eval-every 3 puts an evaluation inside the recorded steps
+        assert _profiler_steps(trace) == [2, 3]  # 1 step waited, 1 warmed up, 2 recorded
+
+
+@pytest.mark.timeout(300)
+def test_profiled_cpu_run_prints_no_error_lines(profiled_run: tuple[Path, Result]) -> None:
+    _, result = profiled_run
+    assert "ERROR:" not in result.stdout + result.stderr  # kineto's gpuGetDeviceCount on a machine without GPU
+
+
+@pytest.mark.timeout(300)
+def test_hta_reads_both_ranks_and_the_phase_labels(profiled_run: tuple[Path, Result]) -> None:
+    trace_analysis = pytest.importorskip("hta.trace_analysis", reason="HolisticTraceAnalysis is a test extra")
+    run_dir, _ = profiled_run
+    analysis = trace_analysis.TraceAnalysis(trace_dir=str(run_dir / TRACES_DIR))
+    assert sorted(analysis.t.traces) == [0, 1]
+    for events in analysis.t.traces.values():
+        names = {analysis.t.symbol_table.sym_table[i] for i in events["name"].unique()}
+        assert {f"train/{phase}" for phase in PHASES} <= names
+
+
+@pytest.mark.timeout(120)
+def test_resumed_run_continues_the_trace_step_numbers(tmp_path: Path) -> None:
+    window = ["--profile", "--profile-wait", "1", "--profile-warmup", "1", "--profile-active", "2"]
+    for max_steps in ("6", "12"):  # the second run resumes from the first one's step-6 checkpoint
+        result = train(*RUN_FLAGS, "--max-steps", max_steps, "--output-dir", str(tmp_path), "--run-name", "job",
+                       *window)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 6" in result.stdout
+    traces = _traces(tmp_path / "job")
+    assert len(traces) == 2  # distinct names: the second run's trace did not replace the first one's
+    assert sorted(_profiler_steps(_load_trace(path)) for path in traces) == [[2, 3], [8, 9]]
+
+
+@pytest.mark.timeout(60)
+def test_profiler_exists_only_inside_windows_and_labels_only_while_recording(tmp_path: Path) -> None:
+    cfg = TrainConfig(profile=True, profile_wait=2, profile_warmup=1, profile_active=2, profile_repeat=2)
+    ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
+    timer = StepTimer(torch.device("cpu"))
+    seen = []
+    with make_profiler(cfg, ctx, tmp_path, first_step=40, step_limit=100) as profiler:  # type: ignore[arg-type]
+        for _ in range(12):
+            timer.begin_step()
+            with timer.phase("forward"):
+                torch.ones(4).sum()
+                seen.append((profiler.window is not None, torch.autograd._profiler_enabled()))
+            timer.end_step()
+            profiler.step()
+        assert profiler.window is None
+    idle, warmup, record = (False, False), (True, False), (True, True)  # (profiler open, profiler recording)
+    assert seen == [idle, idle, warmup, record, record] * 2 + [idle, idle]
+    traces = _traces(tmp_path)
+    assert sorted(_profiler_steps(_load_trace(p)) for p in traces) == [[43, 44], [48, 49]]
 
 
 @pytest.mark.timeout(120)
@@ -100,6 +175,50 @@ def test_profile_window_beyond_the_run_warns_and_records_nothing(tmp_path: Path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: --profile records nothing: 2 steps are left" in result.stderr
     assert _traces(tmp_path / "short") == []
+
+
+@pytest.mark.parametrize(("device", "cuda_version", "driver", "preset", "expected"), [
+    ("cuda", "12.8", True, None, {"TEARDOWN_CUPTI": "1"}),  # CUPTI torn down when a window closes
+    ("cuda", "13.0", True, "0", {"TEARDOWN_CUPTI": "0"}),  # the user's own setting wins
+    ("cuda", "12.4", True, None, {}),  # before 12.6 teardown crashes on re-init after CUDA graphs
+    ("cpu", "13.0", False, None, {"KINETO_LOG_LEVEL": "5"}),  # a CUDA build without a driver: no ERROR lines
+    ("cpu", "13.0", True, None, {}),  # a GPU machine running on CPU: kineto's errors are real ones
+    ("cpu", None, False, None, {}),  # a CPU-only build never asks for GPUs
+])
+def test_kineto_settings(device: str, cuda_version: str | None, driver: bool, preset: str | None,
+                         expected: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TEARDOWN_CUPTI", "KINETO_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    if preset is not None:
+        monkeypatch.setenv("TEARDOWN_CUPTI", preset)
+    monkeypatch.setattr(torch.version, "cuda", cuda_version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: driver)
+    configure_kineto(torch.device(device))
+    assert {k: os.environ[k] for k in ("TEARDOWN_CUPTI", "KINETO_LOG_LEVEL") if k in os.environ} == expected
+
+
+@pytest.mark.parametrize(("setting", "device", "mode"), [("auto", "cpu", "every"), ("auto", "cuda", "sample"),
+                                                         ("off", "cuda", "off"), ("every", "cuda", "every")])
+def test_phase_timers_auto_samples_on_cuda_only(setting: str, device: str, mode: str) -> None:
+    assert resolve_phase_timers(setting, torch.device(device)) == mode
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_cuda_memory_snapshot_is_dumped_on_any_exit(fail: bool, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **kwargs: calls.append(("record", enabled)))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
+                        lambda path: (calls.append(("dump", path)), Path(path).write_bytes(b"snapshot")))
+    path = tmp_path / "rank0.memory_snapshot.pickle"
+    with pytest.raises(torch.cuda.OutOfMemoryError) if fail else nullcontext():
+        with cuda_memory_snapshot(True, path):
+            calls.append(("train", None))
+            if fail:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert calls == [("record", "all"), ("train", None), ("dump", str(path)), ("record", None)]
+    assert path.read_bytes() == b"snapshot"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,8 +253,10 @@ def test_tensorboard_profiler_plugin_lists_the_run_and_both_workers(profiled_run
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}/data/plugin/pytorch_profiler"
-        _wait_for_run(base, run_dir.name, deadline_s=120)
-        query = urllib.parse.urlencode({"run": run_dir.name})
+        # The plugin names a run after the folder holding its traces, relative to --logdir.
+        run_name = f"{run_dir.name}/{TRACES_DIR}"
+        _wait_for_run(base, run_name, deadline_s=120)
+        query = urllib.parse.urlencode({"run": run_name})
         views = _get_json(f"{base}/views?{query}")
         assert {"Overview", "Operator", "Trace", "Distributed"} <= set(views)
         assert _get_json(f"{base}/workers?{query}&view=Overview") == ["rank0", "rank1"]
@@ -179,6 +300,45 @@ def test_summary_explains_the_step_time_of_every_rank(which: str, request: pytes
         assert r["straggler"] in (True, False)
     assert summary["samples_per_sec"] > 0 and summary["flops_per_sample"] > 0 and summary["mfu"] > 0
     assert summary["epoch_time_s"] > 0
+
+
+@pytest.mark.parametrize(("mode", "every_n", "timed"), [("every", 3, 8), ("sample", 3, 3), ("off", 3, 0)])
+def test_step_timer_times_every_step_a_sample_or_none(mode: str, every_n: int, timed: int) -> None:
+    timer = StepTimer(torch.device("cpu"), mode, every_n)
+    for step in range(8):
+        timer.begin_step()
+        for phase in PHASES:
+            with timer.phase(phase):
+                pass
+        timer.end_step()
+        if step == 4:  # an epoch's last fetch: not a step, and it does not shift the sample
+            timer.begin_step()
+            timer.cancel_step()
+    assert len(timer.drain()) == timed  # sample: steps 0, 3 and 6
+    assert timer.describe() == {"mode": mode, "every_n_steps": None if mode == "off" else every_n if mode == "sample"
+                                else 1, "steps_timed": timed}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["sample", "off"])
+def test_summary_and_report_say_how_phases_were_timed(mode: str, tmp_path: Path) -> None:
+    result = train(*RUN_FLAGS, "--max-steps", "24", "--output-dir", str(tmp_path), "--run-name", mode,
+                   "--phase-timers", mode, "--phase-timer-every", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / mode / "summary.json").read_text())
+    (rank,) = summary["ranks"]
+    shares = [rank[f"{phase}_share"] for phase in PHASES]
+    if mode == "sample":
+        assert summary["phase_timing"] == {"mode": "sample", "every_n_steps": 4, "steps_timed": 6}
+        assert sum(shares) == pytest.approx(1.0)
+        assert 0.8 <= rank["explained_fraction"] <= 1.2  # a sample of steps against the mean of all
+    else:
+        assert summary["phase_timing"] == {"mode": "off", "every_n_steps": None, "steps_timed": 0}
+        assert shares == [None] * len(PHASES) and rank["explained_fraction"] is None
+        assert rank["step_time_p50_s"] > 0 and rank["samples_per_sec"] > 0  # from the wall clock
+    table = report.report(tmp_path / mode)
+    assert format_summary(summary) in table and format_summary(summary) in result.stdout
+    assert ("phase timers off" in table) == (mode == "off")
 
 
 @pytest.mark.timeout(120)
@@ -269,3 +429,21 @@ def test_report_rejects_missing_or_corrupt_runs(setup: Any, message: str, tmp_pa
     assert report.main([str(run_dir)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m dist_mnist.bench --only profiler: the step-by-step arrangements
+
+
+@pytest.mark.timeout(120)
+def test_profiler_bench_times_steps_before_inside_and_after_the_window() -> None:
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+    chosen = tuple(a for a in ARRANGEMENTS if a.name in {"plain", "timers_off", "per_window"})
+    results = measure_profiler_overhead(TrainConfig(amp="off"), ctx, [4], before=3, after=2,  # type: ignore[arg-type]
+                                        rounds=1, arrangements=chosen)
+    assert list(results["batch_4"]) == ["plain", "timers_off", "per_window"]
+    for name, times in results["batch_4"].items():
+        assert min(times["before_ms"], times["inside_ms"], times["after_ms"]) > 0, name
+    rows = render_profiler_overhead(results) + render_verdicts(results, {16: {"mean_throughput_ratio": 0.99}})
+    assert len(rows) == 1 + 3 + 3
+    assert rows[-1].endswith("0.990 PASS |")

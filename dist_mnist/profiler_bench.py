@@ -1,0 +1,253 @@
+"""What --profile and the phase timers cost, step by step: `python -m dist_mnist.bench --only profiler`.
+
+One process trains the real model on a fixed set of random batches under one arrangement after another (no
+profiler, labels always on, timers off or sampled, a profiler per window, one long-lived profiler, CUPTI kept
+subscribed), each for the same steps before, inside and after a profiling window, and reports the median step of each
+stretch. Every arrangement differs from the baseline in one suspect, so each ratio rules one in or out. On CUDA a
+step is wall time up to a synchronize, so it includes its GPU work; on CPU it is the process's CPU time
+(time.process_time), which other processes on a loaded machine do not inflate as they do wall time. The profiler's
+own calls between steps (opening a window, closing it and writing the trace) are timed apart, as the training loop
+leaves them out of step times.
+
+CUPTI is per process: once a profiler stopped without tearing it down, it stays subscribed for the rest of the
+process. So the arrangements run in this order, and the baseline runs again after the ones that tear CUPTI down
+(`plain_again`) and last, after the one that does not (`plain_last`): what a profiler leaves behind shows there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+from dist_mnist.config import TrainConfig
+from dist_mnist.distributed import DistContext
+from dist_mnist.metrics import StepTimer
+from dist_mnist.profiling import TRACES_DIR, WindowedProfiler, make_profiler
+from dist_mnist.train import build_train_parts, resolve_speed_settings, train_step
+
+WARMUP, ACTIVE = 2, 3  # the window: --profile-warmup and --profile-active as in the default schedule
+SAMPLE_EVERY = 10  # --phase-timer-every's default
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    name: str
+    suspect: str  # what it differs in from the baseline
+    profiler: str = "none"  # none | per_window (what --profile does) | long_lived (--profile before issue 10)
+    labels_always: bool = False  # record_function phase labels on every step, not only while a profiler records
+    timers: str = "every"  # --phase-timers
+    teardown_cupti: bool = True  # TEARDOWN_CUPTI=1 when a window closes (CUDA)
+    write_trace: bool = True
+
+
+ARRANGEMENTS = (
+    Arrangement("plain", "baseline: no profiler, phase timers on every step"),
+    Arrangement("labels_always", "record_function phase labels on every step, no profiler", labels_always=True),
+    Arrangement("timers_off", "no phase timers (on CUDA: no events)", timers="off"),
+    Arrangement("timers_sample", f"phase timers on every {SAMPLE_EVERY}th step", timers="sample"),
+    Arrangement("per_window", "--profile now: a profiler per window, labels only while recording",
+                profiler="per_window"),
+    Arrangement("per_window_no_trace", "the same, the trace not written", profiler="per_window", write_trace=False),
+    Arrangement("long_lived", "one profiler open from the first step to the last, labels on every step",
+                profiler="long_lived", labels_always=True),
+    Arrangement("plain_again", "baseline again, after profilers that tore CUPTI down"),
+    Arrangement("per_window_no_teardown", "a profiler per window with TEARDOWN_CUPTI=0 (CUPTI stays subscribed)",
+                profiler="per_window", teardown_cupti=False),
+    Arrangement("plain_last", "baseline last, after a profiler that left CUPTI subscribed"),
+)
+
+
+def step_clock(device: torch.device) -> Callable[[], float]:
+    """Wall time on CUDA (the GPU's work is what a step costs); the process's CPU time on CPU."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
+@dataclass
+class Stretches:
+    """Step times (s) before, inside and after the window, and the profiler's own calls, over one or more rounds."""
+    before: list[float] = dataclasses.field(default_factory=list)
+    inside: list[float] = dataclasses.field(default_factory=list)
+    after: list[float] = dataclasses.field(default_factory=list)
+    profiler_calls: list[float] = dataclasses.field(default_factory=list)  # per round: open, step, close, write
+
+    def medians_ms(self) -> dict[str, float]:
+        return {"before_ms": statistics.median(self.before) * 1e3, "inside_ms": statistics.median(self.inside) * 1e3,
+                "after_ms": statistics.median(self.after) * 1e3,
+                "profiler_calls_ms": statistics.fmean(self.profiler_calls) * 1e3}
+
+
+def _batches(batch_size: int, device: torch.device, count: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """MNIST-shaped uint8 batches, made once (on the device when there is one, as --data-on-device does)."""
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 256, (batch_size, 28, 28), dtype=torch.uint8, generator=generator).to(device),
+             torch.randint(0, 10, (batch_size,), generator=generator).to(device)) for _ in range(count)]
+    while True:
+        yield from data
+
+
+@contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set (or, with None, leave alone) an environment variable for the duration."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+class _LongLivedProfiler(AbstractContextManager):
+    """--profile before issue 10: one torch.profiler.profile driven by its schedule, open for the whole loop."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, trace_dir: Path, write_trace: bool) -> None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+        self.profiler = profile(
+            activities=activities,
+            schedule=schedule(wait=cfg.profile_wait, warmup=cfg.profile_warmup, active=cfg.profile_active, repeat=1),
+            on_trace_ready=(tensorboard_trace_handler(str(trace_dir), worker_name=f"rank{ctx.rank}", use_gzip=True)
+                            if write_trace else None))
+
+    def __enter__(self) -> Any:
+        return self.profiler.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.profiler.__exit__(*exc_info)
+
+
+def _profiler(arrangement: Arrangement, cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> Any:
+    if arrangement.profiler == "long_lived":
+        return _LongLivedProfiler(cfg, ctx, run_dir / TRACES_DIR, arrangement.write_trace)
+    profiler = make_profiler(cfg, ctx, run_dir, first_step=0, step_limit=10**9)
+    if isinstance(profiler, WindowedProfiler) and not arrangement.write_trace:
+        profiler.trace_handler = None
+    return profiler
+
+
+def measure_arrangement(arrangement: Arrangement, cfg: TrainConfig, ctx: DistContext, parts: Any,
+                        batches: Iterator[tuple[torch.Tensor, torch.Tensor]], before: int, after: int,
+                        run_dir: Path, into: Stretches) -> None:
+    """Train before + window + after steps under `arrangement`; adds their step times to `into`."""
+    cfg = dataclasses.replace(cfg, profile=arrangement.profiler != "none", profile_wait=before,
+                              profile_warmup=WARMUP, profile_active=ACTIVE, profile_repeat=1)
+    label: Callable[[], bool] = (lambda: True) if arrangement.labels_always else torch.autograd._profiler_enabled
+    timer = StepTimer(ctx.device, arrangement.timers, SAMPLE_EVERY, label=label)
+    cuda = ctx.device.type == "cuda"
+    clock = step_clock(ctx.device)
+    step_s: list[float] = []
+    profiler_s = 0.0
+    with _env("TEARDOWN_CUPTI", ("1" if arrangement.teardown_cupti else "0") if cuda else None):
+        started = clock()
+        with _profiler(arrangement, cfg, ctx, run_dir) as profiler:
+            profiler_s += clock() - started
+            for i in range(before + WARMUP + ACTIVE + after):
+                images, labels = next(batches)
+                start = clock()
+                timer.begin_step()
+                with timer.phase("data"):
+                    pass  # the batches are ready: the data phase is only its labels and marks
+                train_step(parts, images, labels, timer)
+                timer.end_step()
+                if cuda:
+                    torch.cuda.synchronize(ctx.device)
+                step_s.append(clock() - start)
+                start = clock()
+                profiler.step()
+                if i % 10 == 9:
+                    timer.drain()  # as often as the training loop's progress lines
+                profiler_s += clock() - start
+            started = clock()
+        profiler_s += clock() - started
+    window_end = before + WARMUP + ACTIVE
+    # The first steps of each arrangement are left out: the switch itself (allocator, caches) may show there.
+    into.before += step_s[min(3, before // 2):before]
+    into.inside += step_s[before:window_end]
+    into.after += step_s[window_end:]
+    into.profiler_calls.append(profiler_s)
+
+
+def measure_profiler_overhead(cfg: TrainConfig, ctx: DistContext, batch_sizes: list[int], before: int,
+                              after: int, rounds: int,
+                              arrangements: tuple[Arrangement, ...] = ARRANGEMENTS) -> dict[str, Any]:
+    """Every arrangement at every batch size: {"batch_<B>": {arrangement: median step ms per stretch}}.
+
+    The arrangements take turns, `rounds` times, so a change in the machine's load hits them all alike; those that
+    leave CUPTI subscribed (and the baseline that checks what they leave) take their turns after all others.
+    """
+    settings = resolve_speed_settings(cfg, ctx.device)
+    results: dict[str, Any] = {"before_steps": before, "window_steps": WARMUP + ACTIVE, "after_steps": after,
+                               "rounds": rounds, "clock": "wall" if ctx.device.type == "cuda" else "process CPU",
+                               "arrangements": {a.name: a.suspect for a in arrangements}}
+    last = next((i for i, a in enumerate(arrangements) if not a.teardown_cupti), len(arrangements))
+    with tempfile.TemporaryDirectory(prefix="dist_mnist_profiler_bench_") as tmp:
+        for batch_size in batch_sizes:
+            parts = build_train_parts(dataclasses.replace(cfg, batch_size=batch_size), ctx, settings,
+                                      total_steps=10**6)
+            batches = _batches(batch_size, ctx.device)
+            stretches = {a.name: Stretches() for a in arrangements}
+            for group in (arrangements[:last], arrangements[last:]):
+                for turn in range(rounds):
+                    for a in group:
+                        measure_arrangement(a, cfg, ctx, parts, batches, before, after,
+                                            Path(tmp) / f"{batch_size}-{a.name}-{turn}", stretches[a.name])
+            results[f"batch_{batch_size}"] = {name: t.medians_ms() for name, t in stretches.items()}
+    return results
+
+
+def render_profiler_overhead(results: dict[str, Any]) -> list[str]:
+    """Markdown rows: per batch size, each arrangement's median steps and their ratios to the baseline's."""
+    lines = [f"| profiler overhead, step by step: median step ms before ({results['before_steps']} steps) / inside "
+             f"({results['window_steps']}) / after ({results['after_steps']}) the window, {results['rounds']} rounds, "
+             f"{results['clock']} time; × = ratio to `plain` (>1: slower) | |"]
+    for key, arrangements in results.items():
+        if not key.startswith("batch_"):
+            continue
+        base = arrangements["plain"]
+        for name, t in arrangements.items():
+            lines.append(
+                f"| batch {key.removeprefix('batch_')}, `{name}` ({results['arrangements'][name]}) | "
+                f"{t['before_ms']:.2f} / {t['inside_ms']:.2f} / {t['after_ms']:.2f} ms; before "
+                f"{t['before_ms'] / base['before_ms']:.3f}×, after {t['after_ms'] / base['after_ms']:.3f}×; "
+                f"profiler calls {t['profiler_calls_ms']:.0f} ms |")
+    return lines
+
+
+def render_verdicts(steps: dict[str, Any], whole_runs: dict[Any, Any]) -> list[str]:
+    """Markdown rows: issue 10's bars, met or not: steps outside the window within 3% of unprofiled ones, whole
+    profiled runs within 5%, phase timers within 2% of none."""
+    lines = []
+    for key, arrangements in steps.items():
+        if not key.startswith("batch_"):
+            continue
+        batch, base = key.removeprefix("batch_"), arrangements["plain"]
+        window = arrangements["per_window"]
+        outside = max(window["before_ms"] / base["before_ms"], window["after_ms"] / base["after_ms"])
+        timers = statistics.fmean([base[s] / arrangements["timers_off"][s] for s in ("before_ms", "after_ms")])
+        if "plain_again" in arrangements:  # the same code measured twice: how far apart noise alone puts them
+            again = arrangements["plain_again"]
+            noise = max(abs(again[s] / base[s] - 1) for s in ("before_ms", "after_ms"))
+            lines.append(f"| batch {batch}: noise floor, `plain_again` against `plain` | ±{noise:.1%} |")
+        lines += [f"| batch {batch}: --profile, steps outside the window / unprofiled, the worse of before and after "
+                  f"(bar: ≤ 1.03) | {outside:.3f} {'PASS' if outside <= 1.03 else 'FAIL'} |",
+                  f"| batch {batch}: phase timers on every step / off (bar: ≤ 1.02) | {timers:.3f} "
+                  f"{'PASS' if timers <= 1.02 else 'FAIL'} |"]
+    for batch, run in whole_runs.items():
+        ratio = run["mean_throughput_ratio"]
+        lines.append(f"| batch {batch}: whole run with --profile / without, throughput (bar: ≥ 0.95) | {ratio:.3f} "
+                     f"{'PASS' if ratio >= 0.95 else 'FAIL'} |")
+    return lines
