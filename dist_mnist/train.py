@@ -607,7 +607,9 @@ class Trainer:
                 if state.batch_in_epoch >= self.data.steps_per_epoch:
                     state.epoch += 1
                     state.batch_in_epoch = 0
-                if stopped_by is None and self.target_reached is None:
+                # Not twice for one step: a run whose --max-steps falls on an --eval-every step has just evaluated.
+                evaluated = bool(state.metrics) and state.metrics[-1]["step"] == state.step
+                if stopped_by is None and self.target_reached is None and not evaluated:
                     self.evaluate_and_record()
                 self.save_checkpoint()
                 if (cfg.max_steps and state.step >= cfg.max_steps) or self.target_reached:

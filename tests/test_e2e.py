@@ -118,6 +118,17 @@ def two_epochs(out_dir: Path) -> Run:
     return Run(train(*flags, timeout=120), out_dir / "two-epochs")
 
 
+@pytest.mark.timeout(150)
+def test_a_step_is_evaluated_once_when_max_steps_falls_on_eval_every(tmp_path: Path) -> None:
+    """--max-steps 8 --eval-every 4: evaluations at steps 4 and 8, each once (the run's final evaluation is the one
+    --eval-every just made)."""
+    # The later --max-steps overrides smoke_flags' own.
+    run = Run(train(*smoke_flags(tmp_path, "at-limit", "--eval-every", "4", "--max-steps", "8"), timeout=120),
+              tmp_path / "at-limit")
+    assert_ok(run)
+    assert [r["step"] for r in run.metrics()] == [4, 8]
+
+
 PROGRESS_LINE = re.compile(r"^epoch (\d+) step (\d+)/16 \((\d+\.\d)%\) loss \S+ lr \S+ [\d,]+ samples/s, "
                            r"elapsed \d+:\d\d:\d\d, ETA (\d+:\d\d:\d\d)$", re.MULTILINE)
 EVAL_LINE = re.compile(r"^eval  epoch (\d+) step (\d+): ", re.MULTILINE)
