@@ -21,7 +21,9 @@ _NAME = re.compile(r"^step(\d{8})\.pt$")
 # Config fields a checkpoint must share with the run that resumes it: they fix the model, the data order and
 # the learning-rate schedule, so continuing with another value would silently train something else.
 RECIPE_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
-                 "label_smoothing", "seed")
+                 "label_smoothing", "seed", "grad_accum_steps")
+# Recipe fields added after checkpoints existed: what a checkpoint without them was trained with.
+RECIPE_DEFAULTS = {"grad_accum_steps": 1}
 
 
 class Stateful(Protocol):
@@ -112,9 +114,10 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
         diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
         raise UserError(f"checkpoint {source} does not fit the model: parameters differ at {diff}")
     for name in RECIPE_FIELDS:
-        if state["config"].get(name) != config.get(name):
+        saved = state["config"].get(name, RECIPE_DEFAULTS.get(name))
+        if saved != config.get(name):
             raise UserError(f"checkpoint {source} was trained with --{name.replace('_', '-')} "
-                            f"{state['config'].get(name)}, this run has {config.get(name)}; use the same value or "
+                            f"{saved}, this run has {config.get(name)}; use the same value or "
                             "--resume never with a new --run-name")
 
 

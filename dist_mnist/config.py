@@ -45,6 +45,9 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the training loss (evaluation loss is plain)")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off); with fp16 the gradients "
                                  "are unscaled first")
+    grad_accum_steps: int = _opt(1, "micro-batches of --batch-size per optimizer step (gradient accumulation): the "
+                                    "global batch is batch x world size x this; DDP all-reduces only on the last "
+                                    "micro-batch (no_sync), and the LR schedule counts optimizer steps")
     seed: int = _opt(0, "seed for weights, dropout and the data order")
     deterministic: bool = _opt(False, "use only deterministic kernels (torch.use_deterministic_algorithms)")
 
@@ -66,6 +69,13 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU",
                         choices=["auto", "nccl", "gloo"])
     device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=["auto", "cpu", "cuda"])
+    ddp_comm_hook: str = _opt("none", "DDP communication hook (torch.distributed.algorithms.ddp_comm_hooks): none "
+                                      "(fp32 all-reduce), bf16 or fp16 (gradients sent in half precision), powersgd "
+                                      "(low-rank compression after the LR warm-up; state saved in checkpoints; on "
+                                      "gloo all gradients go into one bucket)",
+                              choices=["none", "bf16", "fp16", "powersgd"])
+    bucket_cap_mb: float = _opt(0.0, "DDP gradient bucket size in MiB (0: torch's default, 25 MiB with a 1 MiB "
+                                     "first bucket); given, it also caps the first bucket")
     timeout_s: float = _opt(300.0, "seconds a rendezvous or collective may wait before the job fails")
 
     # Evaluation, logging and run output
@@ -97,9 +107,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ["epochs", "batch_size", "eval_batch_size", "log_every", "synthetic_train_size",
-                    "synthetic_test_size", "keep_checkpoints", "profile_active"]
+                    "synthetic_test_size", "keep_checkpoints", "profile_active", "grad_accum_steps"]
         non_negative = ["max_steps", "num_workers", "eval_every", "checkpoint_every", "threads", "profile_wait",
-                        "profile_warmup", "profile_repeat", "grad_clip", "weight_decay", "peak_tflops"]
+                        "profile_warmup", "profile_repeat", "grad_clip", "weight_decay", "peak_tflops",
+                        "bucket_cap_mb"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")

@@ -18,35 +18,45 @@ from torch.profiler import record_function
 PHASES = ("data", "to_device", "forward", "backward", "optimizer")
 
 
+def timestamp(cuda: bool) -> Any:
+    """A point in time: a perf_counter reading, or on CUDA an event recorded on the current stream (no sync)."""
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_between(start: Any, end: Any) -> float:
+    """Seconds from one `timestamp` to another; for CUDA events the end event must have completed."""
+    if isinstance(start, float):
+        return end - start
+    return start.elapsed_time(end) / 1e3
+
+
 class StepTimer:
     """Always-on timing of each step's phases, also labelled with record_function for the profiler.
 
     On CPU the marks are perf_counter readings. On CUDA they are events on the compute stream, read only when
     `drain` is called: no synchronize per step, and the durations are those of the GPU timeline, so a phase the
-    GPU overlapped with other work costs nothing and a starved GPU shows up as data wait.
+    GPU overlapped with other work costs nothing and a starved GPU shows up as data wait. A phase may run several
+    times in one step (forward and backward once per micro-batch with gradient accumulation): its times add up.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self._marks: list[Any] = []
-        self._pending: list[list[Any]] = []
+        self._marks: list[tuple[str, Any]] = []
+        self._pending: list[list[tuple[str, Any]]] = []
         self.steps: list[dict[str, float]] = []  # seconds per phase, one dict per finished step
 
-    def _now(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def begin_step(self) -> None:
-        self._marks = [self._now()]
+        self._marks = [("", timestamp(self.cuda))]
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         with record_function(f"train/{name}"):
             yield
-        self._marks.append(self._now())
+        self._marks.append((name, timestamp(self.cuda)))
 
     def cancel_step(self) -> None:
         self._marks = []
@@ -60,11 +70,13 @@ class StepTimer:
         if not self._pending:
             return []
         if self.cuda:
-            self._pending[-1][-1].synchronize()
-            durations = [[a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in self._pending]
-        else:
-            durations = [[b - a for a, b in zip(m, m[1:])] for m in self._pending]
-        new = [dict(zip(PHASES, d)) for d in durations]
+            self._pending[-1][-1][1].synchronize()
+        new = []
+        for marks in self._pending:
+            step = dict.fromkeys(PHASES, 0.0)
+            for (_, start), (name, end) in zip(marks, marks[1:]):
+                step[name] += seconds_between(start, end)
+            new.append(step)
         self._pending = []
         self.steps.extend(new)
         return new
