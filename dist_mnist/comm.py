@@ -70,20 +70,57 @@ def resolve_step(records: list[BucketRecord]) -> CommStep:
                     nbytes=sum(r.nbytes for r in records), buckets=len(records))
 
 
-class PowerSGDCheckpointState:
-    """PowerSGD's state as a checkpoint part: weights_only-loadable (tensors, ints, floats, dicts).
+class PowerSGDHookState:
+    """PowerSGD's state, kept in the layout of DDP's current buckets, and saved in checkpoints.
 
-    The error-feedback residuals differ per rank (each holds what compression dropped from its own gradients), so
-    `state_dict()` gathers every rank's: it is a collective and must be called on every rank.
+    PowerSGD keeps per bucket a flat error-feedback residual and flat P and Q factors, laid out in the order of the
+    bucket's parameters. DDP builds its buckets in one order and rebuilds them after the first step in the order
+    gradients became ready, so a process that resumes starts with another layout: `align` moves the state into the
+    layout of the bucket at hand whenever the order changed. The residuals differ per rank (each holds what
+    compression dropped from its own gradients), so `state_dict()` gathers every rank's: it is a collective and
+    must be called on every rank. Checkpointed as tensors, ints, floats and dicts: weights_only-loadable.
     """
 
-    def __init__(self, state: powerSGD_hook.PowerSGDState, ctx: DistContext) -> None:
-        self.state, self.ctx = state, ctx
+    def __init__(self, module: nn.Module, ctx: DistContext, start_iter: int) -> None:
+        self.state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=POWERSGD_RANK,
+            start_powerSGD_iter=max(POWERSGD_MIN_START, start_iter), random_seed=0)
+        self.ctx = ctx
+        self.params = list(module.parameters())
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.orders: dict[int, list[int]] = {}  # bucket index -> its parameters' indices, in layout order
+
+    def _pieces(self, order: list[int]) -> list[tuple[int, int, int]]:
+        """(residual, P, Q) elements of each parameter of a bucket, as the hook lays them out."""
+        pieces = []
+        for i in order:
+            numel, n = self.params[i].numel(), self.params[i].shape[0]
+            m = numel // n
+            rank = min(n, m, self.state.matrix_approximation_rank)
+            compressed = powerSGD_hook._should_compress(n, m, rank, self.state.min_compression_rate)[0]
+            pieces.append((numel, n * rank if compressed else 0, m * rank if compressed else 0))
+        return pieces
+
+    def align(self, bucket: dist.GradBucket) -> None:
+        """Move the bucket's residual and factors into its current parameter order."""
+        index = bucket.index()
+        order = [self._index[id(p)] for p in bucket.parameters()]
+        old = self.orders.get(index)
+        self.orders[index] = order
+        if old is None or old == order:
+            return
+        old_pieces = dict(zip(old, self._pieces(old)))
+        s = self.state
+        for which, store in enumerate((s.error_dict, s.p_memory_dict, s.q_memory_dict)):
+            if index in store:
+                parts = dict(zip(old, store[index].split([old_pieces[i][which] for i in old])))
+                store[index] = torch.cat([parts[i] for i in order])
 
     def _local(self) -> dict[str, Any]:
         s = self.state
         _, keys, pos, has_gauss, cached = s.rng.get_state()
-        return {"iter": s.iter, "error": dict(s.error_dict), "p": dict(s.p_memory_dict), "q": dict(s.q_memory_dict),
+        return {"iter": s.iter, "orders": dict(self.orders), "error": dict(s.error_dict),
+                "p": dict(s.p_memory_dict), "q": dict(s.q_memory_dict),
                 "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                         "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
                 "numel_before": s.total_numel_before_compression, "numel_after": s.total_numel_after_compression,
@@ -100,6 +137,7 @@ class PowerSGDCheckpointState:
         mine = ranks[self.ctx.rank] if same_world else ranks[0]
         s = self.state
         s.iter = mine["iter"]
+        self.orders = dict(mine["orders"])
         s.error_dict = dict(mine["error"]) if same_world else {}
         s.p_memory_dict, s.q_memory_dict = dict(mine["p"]), dict(mine["q"])
         rng = mine["rng"]
@@ -122,16 +160,9 @@ class CommRecorder:
         self._current: list[BucketRecord] = []
         self._pending: list[list[BucketRecord]] = []
         self.steps: list[CommStep] = []
-        self.powersgd: powerSGD_hook.PowerSGDState | None = None
-        if hook_name == "powersgd":
-            self.powersgd = powerSGD_hook.PowerSGDState(
-                process_group=None, matrix_approximation_rank=POWERSGD_RANK,
-                start_powerSGD_iter=max(POWERSGD_MIN_START, powersgd_start), random_seed=0)
-        ddp.register_comm_hook(self.powersgd, self._hook)
-
-    def checkpoint_part(self, ctx: DistContext) -> PowerSGDCheckpointState | None:
-        """The hook's state to checkpoint: PowerSGD's; the other hooks have none."""
-        return PowerSGDCheckpointState(self.powersgd, ctx) if self.powersgd else None
+        # The hook's state, a checkpoint part: PowerSGD's; the other hooks have none.
+        self.powersgd = PowerSGDHookState(ddp.module, ctx, powersgd_start) if hook_name == "powersgd" else None
+        ddp.register_comm_hook(None, self._hook)
 
     def _run_hook(self, bucket: dist.GradBucket) -> tuple[torch.futures.Future[torch.Tensor], int]:
         """The chosen hook's future and the bytes it sends for `bucket`."""
@@ -141,8 +172,9 @@ class CommRecorder:
         if self.hook_name in ("bf16", "fp16"):
             hook = default_hooks.bf16_compress_hook if self.hook_name == "bf16" else default_hooks.fp16_compress_hook
             return hook(None, bucket), buffer.numel() * 2
-        state = self.powersgd
-        assert state is not None
+        assert self.powersgd is not None
+        self.powersgd.align(bucket)
+        state = self.powersgd.state
         compressing = state.iter >= state.start_powerSGD_iter
         numel_before = state.total_numel_after_compression
         future = powerSGD_hook.powerSGD_hook(state, bucket)

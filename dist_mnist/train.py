@@ -364,7 +364,7 @@ class Trainer:
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
-        comm_state = self.parts.comm and self.parts.comm.checkpoint_part(self.ctx)
+        comm_state = self.parts.comm and self.parts.comm.powersgd
         return {"model": self.parts.module, "optimizer": self.parts.optimizer, "scheduler": self.parts.scheduler,
                 "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock,
                 **({"comm_hook": comm_state} if comm_state else {})}
