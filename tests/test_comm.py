@@ -127,7 +127,7 @@ EXACT = dict(dataset="synthetic", synthetic_train_size=512, synthetic_test_size=
 RESUME_CASES = [
     ("bf16", dict(ddp_comm_hook="bf16", epochs=1), 16, 7),
     ("powersgd", dict(ddp_comm_hook="powersgd", epochs=1), 16, 7),
-    ("accum4", dict(grad_accum_steps=4, epochs=2), 8, 3),
+    ("accum4", dict(grad_accum_steps=4, ddp_comm_hook="none", epochs=2), 8, 3),
 ]
 
 
