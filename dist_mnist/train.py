@@ -162,8 +162,9 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
     ddp = None if ctx.world_size == 1 else DDP(
         module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True,
         **ddp_bucket_kwargs(cfg.ddp_comm_hook, cfg.bucket_cap_mb, ctx, module))
-    comm = ddp and CommRecorder(ddp, cfg.ddp_comm_hook, ctx, powersgd_start=int(total_steps * cfg.warmup_frac))
-    wrapped = ddp or module
+    comm = (CommRecorder(ddp, cfg.ddp_comm_hook, ctx, powersgd_start=int(total_steps * cfg.warmup_frac)) if ddp
+            else None)
+    wrapped: nn.Module = ddp if ddp else module
     # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries so all-reduce still overlaps);
     # checkpoints come from `module`, so no `_orig_mod.`/`module.` prefixes ever reach them.
     train_model = (torch.compile(wrapped, mode=cfg.compile_mode, backend=cfg.compile_backend) if cfg.compile
@@ -364,7 +365,7 @@ class Trainer:
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
-        comm_state = self.parts.comm and self.parts.comm.powersgd
+        comm_state = self.parts.comm.powersgd if self.parts.comm else None
         return {"model": self.parts.module, "optimizer": self.parts.optimizer, "scheduler": self.parts.scheduler,
                 "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock,
                 **({"comm_hook": comm_state} if comm_state else {})}
