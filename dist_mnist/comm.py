@@ -208,17 +208,18 @@ class CommRecorder:
         return new
 
 
-
 # DDP checks a hook's annotations against the real classes; `from __future__ import annotations` made them strings.
 CommRecorder._hook.__annotations__.update(bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]})
+
+
 def ddp_bucket_kwargs(hook_name: str, bucket_cap_mb: float, ctx: DistContext, module: nn.Module) -> dict[str, Any]:
     """DDP's bucket size: torch's default (25 MiB, a 1 MiB first bucket) unless --bucket-cap-mb is given.
 
     PowerSGD on gloo needs all gradients in one bucket: the hook issues its P and Q all-reduces from `.then()`
     callbacks, which gloo runs on its own worker thread when the previous collective completes, so with two buckets
     they race the next bucket's all-reduce from the autograd thread, the ranks issue collectives in different
-    orders, and gloo aborts ("Received data size doesn't match expected size"). NCCL runs such callbacks inline,
-    in issue order.
+    orders, and gloo aborts ("Received data size doesn't match expected size"). NCCL completes a future when its
+    collective is enqueued on the GPU stream, so the callbacks run at once on the issuing thread, in order.
     """
     if hook_name != "powersgd" or ctx.backend != "gloo":
         return {"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}
