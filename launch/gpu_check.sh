@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 smoke() {  # name, then flags for launch/train.py under torchrun (nccl)
     local name=$1; shift
     local start=$SECONDS
-    if "$python" -m torch.distributed.run --standalone --nproc-per-node=1 launch/train.py --data-dir "$data_dir" \
+    if "$python" -m torch.distributed.run --standalone --nproc-per-node="${NPROC:-1}" launch/train.py --data-dir "$data_dir" \
         --no-download --output-dir "$out/runs" --run-name "$name" --no-tensorboard "$@" >"$out/$name.log" 2>&1; then
         echo "PASS $name ($((SECONDS - start)) s): $(grep -E '^eval' "$out/$name.log" | tail -1)"
     else
@@ -31,6 +31,15 @@ smoke compile --compile --max-steps 120
 smoke profile --profile --cuda-memory-snapshot --max-steps 30
 smoke default_1epoch --epochs 1
 smoke default_2epochs --epochs 2 --eval-every 20
+# DDP comm hooks over nccl, PowerSGD with torch's default buckets (gloo needs one bucket): 2 GPUs or more.
+if [ "$("$python" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    for hook in none bf16 powersgd; do
+        NPROC=2 smoke "hook_$hook" --ddp-comm-hook "$hook" --max-steps 60 --warmup-frac 0.05
+        "$python" -m dist_mnist.report "$out/runs/hook_$hook" | tail -4
+    done
+else
+    echo "SKIP comm hooks over nccl: they need 2 GPUs"
+fi
 # Other batch sizes, to keep the CUDA defaults honest: how fast each reaches 99%.
 smoke b128 --batch-size 128 --lr 4e-3 --epochs 3 --eval-every 50
 smoke b1024 --batch-size 1024 --lr 1.2e-2 --epochs 4 --eval-every 10
