@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import seconds_between, timestamp
@@ -231,9 +232,11 @@ def ddp_bucket_kwargs(hook_name: str, bucket_cap_mb: float, ctx: DistContext, mo
     return {"bucket_cap_mb": bucket_cap_mb or max(grad_mib, 25.0)}
 
 
-def note_ignored_comm_flags(hook_name: str, bucket_cap_mb: float, ctx: DistContext) -> str | None:
-    """A world of one has no DDP and nothing to all-reduce: the comm flags are ignored, with this note."""
-    if ctx.world_size == 1 and (hook_name != "none" or bucket_cap_mb):
+def note_ignored_comm_flags(cfg: TrainConfig, ctx: DistContext) -> str | None:
+    """A world of one has no DDP and nothing to all-reduce: comm flags set away from their defaults are ignored,
+    with this note."""
+    changed = (cfg.ddp_comm_hook != TrainConfig.ddp_comm_hook or cfg.bucket_cap_mb != TrainConfig.bucket_cap_mb)
+    if ctx.world_size == 1 and changed:
         return ("note: --ddp-comm-hook and --bucket-cap-mb have no effect in a world of one process (no DDP, "
                 "nothing is all-reduced)")
     return None

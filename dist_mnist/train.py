@@ -325,7 +325,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
         self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
-        note = note_ignored_comm_flags(cfg.ddp_comm_hook, cfg.bucket_cap_mb, ctx)
+        note = note_ignored_comm_flags(cfg, ctx)
         if note:
             self.log(note)
         self.state = TrainState()

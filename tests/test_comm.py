@@ -105,7 +105,7 @@ def test_a_rank_slow_in_one_phase_is_named_with_that_phase(phase: str, words: st
 
 @pytest.mark.timeout(120)
 def test_slow_data_on_every_rank_is_diagnosed_input_bound_and_a_world_of_one_reports_no_comm(tmp_path: Path) -> None:
-    result = train(*RUN_FLAGS, "--max-steps", "8", "--ddp-comm-hook", "bf16", "--output-dir", str(tmp_path),
+    result = train(*RUN_FLAGS, "--max-steps", "8", "--ddp-comm-hook", "powersgd", "--output-dir", str(tmp_path),
                    "--run-name", "input", env=_inject_env(f"all:data:{DELAY_S}"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "note: --ddp-comm-hook and --bucket-cap-mb have no effect in a world of one process" in result.stdout
