@@ -23,7 +23,7 @@ _NAME = re.compile(r"^step(\d{8})\.pt$")
 # Config fields a checkpoint must share with the run that resumes it: they fix the model, the data order and
 # the learning-rate schedule, so continuing with another value would silently train something else.
 RECIPE_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
-                 "label_smoothing", "seed")
+                 "label_smoothing", "seed", "grad_accum_steps")
 
 
 class Stateful(Protocol):
@@ -114,9 +114,10 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
         diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
         raise UserError(f"checkpoint {source} does not fit the model: parameters differ at {diff}")
     for name in RECIPE_FIELDS:
-        if state["config"].get(name) != config.get(name):
+        saved = state["config"].get(name)
+        if saved != config.get(name):
             raise UserError(f"checkpoint {source} was trained with --{name.replace('_', '-')} "
-                            f"{state['config'].get(name)} (recipe {state.get('recipe', 'unknown')}), this run has "
+                            f"{saved} (recipe {state.get('recipe', 'unknown')}), this run has "
                             f"{config.get(name)} (recipe {recipe}); use the same value or recipe, or "
                             "--resume never with a new --run-name")
 

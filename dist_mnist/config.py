@@ -22,6 +22,9 @@ def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
+COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
+
+
 @dataclass
 class TrainConfig:
     # Data
@@ -39,16 +42,17 @@ class TrainConfig:
                                        "and slice batches there; auto: on with CUDA", choices=["auto", "on", "off"])
 
     # Model and recipe
-    recipe: str = _opt("auto", "named settings for --batch-size, --lr, --epochs, --warmup-frac, --eval-every and "
-                               "--eval-batch-size (README, 'Recipe'); flags given explicitly win. auto: the recipe "
-                               "of the device the run resolves to. The defaults shown are the cpu recipe's",
+    recipe: str = _opt("auto", "named settings for --batch-size, --lr, --epochs, --warmup-frac, --eval-every, "
+                               "--eval-batch-size, --ddp-comm-hook and --bucket-cap-mb (README, 'Recipe'); flags "
+                               "given explicitly win. auto: the recipe of the device the run resolves to. The "
+                               "defaults shown are the cpu recipe's",
                        choices=["auto", *RECIPES])
     epochs: int = _opt(DEFAULT_RECIPE.epochs, "passes over the training set")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); for smoke runs")
     batch_size: int = _opt(DEFAULT_RECIPE.batch_size,
-                           "training batch size PER PROCESS; the global batch is this times the world size. Small "
-                           "global batches reach 98.8%% in one epoch and 99%% in two; larger ones run faster per "
-                           "sample but need more epochs (README, 'Recipe')")
+                           "training batch size PER PROCESS; the global batch is this times the world size (and "
+                           "--grad-accum-steps). Small global batches reach 98.8%% in one epoch and 99%% in two; "
+                           "larger ones run faster per sample but need more epochs (README, 'Recipe')")
     eval_batch_size: int = _opt(DEFAULT_RECIPE.eval_batch_size, "evaluation batch size per process")
     lr: float = _opt(DEFAULT_RECIPE.lr, "peak learning rate of the warm-up + cosine schedule (AdamW)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
@@ -57,6 +61,9 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the training loss (evaluation loss is plain)")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off); with fp16 the gradients "
                                  "are unscaled first")
+    grad_accum_steps: int = _opt(1, "micro-batches of --batch-size per optimizer step (gradient accumulation): the "
+                                    "global batch is batch x world size x this; DDP all-reduces only on the last "
+                                    "micro-batch (no_sync), and the LR schedule counts optimizer steps")
     seed: int = _opt(0, "seed for weights, dropout and the data order")
     deterministic: bool = _opt(False, "use only deterministic kernels (torch.use_deterministic_algorithms)")
     stop_at_accuracy: float = _opt(0.0, "stop, save a checkpoint and report once an evaluation's test accuracy "
@@ -85,6 +92,14 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU",
                         choices=["auto", "nccl", "gloo"])
     device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=["auto", "cpu", "cuda"])
+    ddp_comm_hook: str = _opt(
+        DEFAULT_RECIPE.ddp_comm_hook, "DDP communication hook (torch.distributed.algorithms.ddp_comm_hooks): none "
+        "(fp32 all-reduce), bf16 or fp16 (gradients sent in half precision), powersgd (low-rank compression after "
+        "the LR warm-up; state saved in checkpoints; on gloo all gradients go into one bucket)",
+        choices=list(COMM_HOOKS))
+    bucket_cap_mb: float = _opt(DEFAULT_RECIPE.bucket_cap_mb, "DDP gradient bucket size in MiB (0: torch's default, "
+                                                             "25 MiB with a 1 MiB first bucket); given, it also caps "
+                                                             "the first bucket")
     timeout_s: float = _opt(300.0, "seconds the start-up may wait for the other ranks (rendezvous, the download, "
                                    "torch.compile and everything else up to the end of the first step)")
     train_timeout_s: float = _opt(100.0, "seconds a collective may wait for the other ranks after the first step; "
@@ -133,9 +148,11 @@ class TrainConfig:
             if f.type == "float" and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"--{_flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
         positive = ["epochs", "batch_size", "eval_batch_size", "log_every", "synthetic_train_size",
-                    "synthetic_test_size", "keep_checkpoints", "profile_active", "phase_timer_every"]
+                    "synthetic_test_size", "keep_checkpoints", "profile_active", "phase_timer_every",
+                    "grad_accum_steps"]
         non_negative = ["max_steps", "num_workers", "eval_every", "checkpoint_every", "threads", "profile_wait",
-                        "profile_warmup", "profile_repeat", "grad_clip", "weight_decay", "peak_tflops"]
+                        "profile_warmup", "profile_repeat", "grad_clip", "weight_decay", "peak_tflops",
+                        "bucket_cap_mb"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")

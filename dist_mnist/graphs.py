@@ -9,7 +9,7 @@ step (torch's schedulers write into tensor learning rates), so the schedule is t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +174,12 @@ class GraphedStep:
             nn.utils.clip_grad_norm_(parts.module.parameters(), parts.grad_clip)
         parts.optimizer.step()
         self.loss.copy_(loss.detach())
+
+    def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], timer: StepTimer) -> torch.Tensor:
+        """The loop's entry, as `accumulation_step`'s: graphs run only without gradient accumulation
+        (graph_decision), so there is one micro-batch."""
+        ((images, labels),) = micro_batches
+        return self(images, labels, timer)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, timer: StepTimer) -> torch.Tensor:
         """One optimizer step on one batch; returns the loss (a copy: the static one is overwritten next step)."""

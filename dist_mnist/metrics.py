@@ -21,12 +21,29 @@ PHASES = ("data", "to_device", "forward", "backward", "optimizer")
 PHASE_TIMER_MODES = ("every", "sample", "off")
 
 
+def timestamp(cuda: bool) -> Any:
+    """A point in time: a perf_counter reading, or on CUDA an event recorded on the current stream (no sync)."""
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_between(start: Any, end: Any) -> float:
+    """Seconds from one `timestamp` to another; for CUDA events the end event must have completed."""
+    if isinstance(start, float):
+        return end - start
+    return start.elapsed_time(end) / 1e3
+
+
 class StepTimer:
     """Timing of each step's phases (all steps, every Nth step, or none), labelled for the profiler while it records.
 
     On CPU the marks are perf_counter readings. On CUDA they are events on the compute stream, read only when
     `drain` is called: no synchronize per step, and the durations are those of the GPU timeline, so a phase the
-    GPU overlapped with other work costs nothing and a starved GPU shows up as data wait.
+    GPU overlapped with other work costs nothing and a starved GPU shows up as data wait. A phase may run several
+    times in one step (forward and backward once per micro-batch with gradient accumulation): its times add up.
 
     The `train/<phase>` labels (record_function) are opened only while `label()` says a profiler records: a
     record_function costs an operator call even when nobody listens, and outside a window nobody does.
@@ -41,20 +58,13 @@ class StepTimer:
         self.every_n = every_n if mode == "sample" else 1
         self._label = label
         self._finished = 0  # steps ended, timed or not: which step is next decides whether it is timed
-        self._marks: list[Any] = []
-        self._pending: list[list[Any]] = []
+        self._marks: list[tuple[str, Any]] = []
+        self._pending: list[list[tuple[str, Any]]] = []
         self.steps: list[dict[str, float]] = []  # seconds per phase, one dict per timed step
-
-    def _now(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
 
     def begin_step(self) -> None:
         timed = self.mode == "every" or (self.mode == "sample" and self._finished % self.every_n == 0)
-        self._marks = [self._now()] if timed else []
+        self._marks = [("", timestamp(self.cuda))] if timed else []
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -64,7 +74,12 @@ class StepTimer:
         else:
             yield
         if self._marks:
-            self._marks.append(self._now())
+            self._marks.append((name, timestamp(self.cuda)))
+
+    @property
+    def timing(self) -> bool:
+        """Whether the step in progress is timed (the comm recorder keeps only those steps' all-reduces)."""
+        return bool(self._marks)
 
     def cancel_step(self) -> None:
         self._marks = []
@@ -80,11 +95,13 @@ class StepTimer:
         if not self._pending:
             return []
         if self.cuda:
-            self._pending[-1][-1].synchronize()
-            durations = [[a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])] for m in self._pending]
-        else:
-            durations = [[b - a for a, b in zip(m, m[1:])] for m in self._pending]
-        new = [dict(zip(PHASES, d)) for d in durations]
+            self._pending[-1][-1][1].synchronize()
+        new = []
+        for marks in self._pending:
+            step = dict.fromkeys(PHASES, 0.0)
+            for (_, start), (name, end) in zip(marks, marks[1:]):
+                step[name] += seconds_between(start, end)
+            new.append(step)
         self._pending = []
         self.steps.extend(new)
         return new

@@ -18,15 +18,22 @@ from torch import nn
 from torch.profiler import ProfilerAction, ProfilerActivity, profile, schedule, tensorboard_trace_handler
 from torch.utils.flop_counter import FlopCounterMode
 
+from dist_mnist.comm import CommStep
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.metrics import PHASES
 
-# A rank is a straggler when its own work per step (everything but backward, where the gradient all-reduce
-# makes fast ranks wait for slow ones) is this much above the median rank's, and the excess, which every other
-# rank spends waiting, is a noticeable share of a step (so sub-millisecond jitter on fast steps is no straggler).
+# A rank is a straggler when its own work per step (the step less the time it waited for the gradient
+# all-reduce after its backward compute: a slow rank waits least, the others wait for it) is this much above the
+# median rank's, and the excess, which every other rank spends waiting, is a noticeable share of a step (so
+# sub-millisecond jitter on fast steps is no straggler).
 STRAGGLER_RATIO = 1.25
 STRAGGLER_MIN_STEP_SHARE = 0.05
+# The phases a rank's own work splits into: backward compute is the backward phase less the exposed all-reduce.
+OWN_PHASES = ("data", "to_device", "forward", "backward_compute", "optimizer")
+# The diagnosis calls a run bound by waiting for data, host-to-device copies or communication when that share of
+# a step (averaged over ranks) is at least this; otherwise it is compute-bound.
+BOUND_SHARE = 0.25
 
 
 # Traces go into a folder of their own inside the run folder: HTA's TraceAnalysis(trace_dir=...) takes every
@@ -210,52 +217,144 @@ def parameter_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def comm_stats(timed: list[dict[str, float]], comm: list[CommStep] | None) -> dict[str, Any]:
+    """Per-rank all-reduce figures (None in a world of one) and the exposed comm per step, capped by backward."""
+    if not comm:
+        return {"comm_exposed_share": None, "allreduce_time_per_step_s": None,
+                "allreduce_exposed_per_step_s": None, "allreduce_overlapped_per_step_s": None,
+                "allreduce_bytes_per_step": None, "allreduce_buckets": None, "allreduce_bandwidth_bytes_per_s": None}
+    exposed = [min(c.exposed_s, s["backward"]) for c, s in zip(comm, timed)]
+    busy = sum(c.seconds for c in comm)
+    nbytes = sum(c.nbytes for c in comm)
+    n = len(comm)
+    return {
+        "comm_exposed_share": sum(exposed) / (sum(sum(s.values()) for s in timed) or 1e-12),
+        "allreduce_time_per_step_s": busy / n,
+        "allreduce_exposed_per_step_s": sum(exposed) / n,
+        "allreduce_overlapped_per_step_s": (busy - sum(exposed)) / n,
+        "allreduce_bytes_per_step": round(nbytes / n),
+        "allreduce_buckets": max(c.buckets for c in comm),
+        "allreduce_bandwidth_bytes_per_s": nbytes / busy if busy else None,
+    }
+
+
 def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, measured_step_s: list[float],
-               peak_rss_bytes: int, cuda_peak_bytes: int | None, params_digest: str) -> dict[str, Any]:
+               peak_rss_bytes: int, cuda_peak_bytes: int | None, params_digest: str,
+               comm: list[CommStep] | None = None) -> dict[str, Any]:
     """This rank's figures for summary.json from its timed steps (`steps`: all, a sample, or none with
-    --phase-timers off, where the step times come from the wall clock and the phase figures are None).
-    The first steps (warm-up, lazy init) are left out."""
-    timed = steps[min(len(steps) // 5, 5):] or steps
+    --phase-timers off, where the step times come from the wall clock and the phase and comm figures are None).
+    `comm` holds the gradient all-reduce of each step of `steps`, or None. The first steps (warm-up, lazy init) are
+    left out."""
+    skip = min(len(steps) // 5, 5)
+    timed = steps[skip:] or steps
+    timed_comm = (comm[skip:] or comm) if comm else None
     wall = measured_step_s[min(len(measured_step_s) // 5, 5):] or measured_step_s
     measured = statistics.fmean(wall) if wall else 0.0
     step_times = [sum(s.values()) for s in timed] or wall
     total = sum(step_times) or 1e-12
-    phases: dict[str, Any] = {f"{phase}_share": None for phase in PHASES}
-    own_p50 = explained = None
+    figures: dict[str, Any] = {**{f"{phase}_share": None for phase in PHASES}, "backward_compute_share": None,
+                               **comm_stats(timed, None), "phase_time_per_step_s": None, "own_time_p50_s": None,
+                               "explained_fraction": None}
     if timed:
-        phases = {f"{phase}_share": sum(s[phase] for s in timed) / total for phase in PHASES}
-        # Own work per step: what a slow rank makes the others wait for inside backward's all-reduce.
-        own_p50 = percentile([t - s["backward"] for t, s in zip(step_times, timed)], 0.5)
-        # The share of the wall time between step starts (eval and checkpoints left out) the phases explain.
-        explained = statistics.fmean(step_times) / measured if measured else 0.0
+        shares = {f"{phase}_share": sum(s[phase] for s in timed) / total for phase in PHASES}
+        comm_figures = comm_stats(timed, timed_comm)
+        exposed = ([min(c.exposed_s, s["backward"]) for c, s in zip(timed_comm, timed)] if timed_comm
+                   else [0.0] * len(timed))
+        backward_compute_share = shares["backward_share"] - (comm_figures["comm_exposed_share"] or 0.0)
+        mean_step = total / len(timed)
+        phase_time = {phase: shares[f"{phase}_share"] * mean_step for phase in OWN_PHASES
+                      if phase != "backward_compute"}
+        phase_time["backward_compute"] = backward_compute_share * mean_step
+        figures = {
+            **shares,
+            # backward_share split in two: backward compute, and the all-reduce the step waited for after it.
+            "backward_compute_share": backward_compute_share,
+            **comm_figures,
+            # Mean seconds per step of each part of the rank's own work; where a straggler's excess lies.
+            "phase_time_per_step_s": {phase: phase_time[phase] for phase in OWN_PHASES},
+            # Own work per step: what a slow rank makes the others wait for in the all-reduce.
+            "own_time_p50_s": percentile([t - e for t, e in zip(step_times, exposed)], 0.5),
+            # The share of the wall time between step starts (eval and checkpoints left out) the phases explain.
+            "explained_fraction": statistics.fmean(step_times) / measured if measured else 0.0,
+        }
     return {
         "rank": rank,
         "steps": len(steps),
         "step_time_p50_s": percentile(step_times, 0.5) if step_times else 0.0,
         "step_time_p90_s": percentile(step_times, 0.9) if step_times else 0.0,
         "samples_per_sec": samples_per_step * len(step_times) / total,
-        **phases,
-        "own_time_p50_s": own_p50,
+        **figures,
         "measured_step_time_s": measured,
-        "explained_fraction": explained,
         "peak_rss_bytes": peak_rss_bytes,
         "cuda_peak_allocated_bytes": cuda_peak_bytes,
         "params_digest": params_digest,
     }
 
 
-def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
-                  flops: float, peak_flops_per_process: float, peak_source: str) -> dict[str, Any]:
+def flag_stragglers(ranks: list[dict[str, Any]]) -> None:
+    """Set `straggler`, `straggler_phase` (the part of its own work where its excess lies) and
+    `straggler_cost_share` (the share of the median step every other rank spends waiting for it) on each rank;
+    None everywhere with --phase-timers off, which leaves no own time to compare."""
+    if any(r["own_time_p50_s"] is None for r in ranks):
+        for r in ranks:
+            r["straggler"] = r["straggler_phase"] = r["straggler_cost_share"] = None
+        return
+    median_own = statistics.median(r["own_time_p50_s"] for r in ranks)
     median_step = statistics.median(r["step_time_p50_s"] for r in ranks)
-    own_times = [r["own_time_p50_s"] for r in ranks]
-    median_own = statistics.median(own_times) if None not in own_times else None
     for r in ranks:
-        if median_own is None:  # --phase-timers off: no own time to compare
-            r["straggler"] = None
-            continue
         excess = r["own_time_p50_s"] - median_own
         r["straggler"] = (len(ranks) > 1 and r["own_time_p50_s"] > STRAGGLER_RATIO * median_own
                           and excess > STRAGGLER_MIN_STEP_SHARE * median_step)
+        r["straggler_phase"] = None
+        r["straggler_cost_share"] = excess / median_step if r["straggler"] and median_step else None
+        if r["straggler"]:
+            def phase_excess(phase: str, rank: dict[str, Any] = r) -> float:
+                return rank["phase_time_per_step_s"][phase] - statistics.median(
+                    other["phase_time_per_step_s"][phase] for other in ranks)
+            r["straggler_phase"] = max(OWN_PHASES, key=phase_excess)
+
+
+PHASE_WORDS = {"data": "data loading", "to_device": "host-to-device copies", "forward": "forward compute",
+               "backward_compute": "backward compute", "optimizer": "the optimizer step"}
+
+
+def diagnose(ranks: list[dict[str, Any]]) -> str:
+    """One sentence a person can act on, from the summary's figures."""
+    if any(r["data_share"] is None for r in ranks):
+        return "no diagnosis: the phase timers were off (--phase-timers off), so nothing says where a step's time went"
+    stragglers = [r for r in ranks if r["straggler"]]
+    if stragglers:
+        r = max(stragglers, key=lambda rank: rank["straggler_cost_share"])
+        return (f"straggler: rank {r['rank']} is slow in {PHASE_WORDS[r['straggler_phase']]}, and every other rank "
+                f"waits for it in the gradient all-reduce, {r['straggler_cost_share']:.0%} of its step; find out "
+                f"why rank {r['rank']}'s {PHASE_WORDS[r['straggler_phase']]} is slower (its host, its data, its "
+                "device)")
+
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] or 0.0 for r in ranks)
+
+    bounds = {"input": mean("data_share"), "host-to-device": mean("to_device_share"),
+              "communication": mean("comm_exposed_share")}
+    kind, share = max(bounds.items(), key=lambda item: item[1])
+    if share < BOUND_SHARE:
+        compute = mean("forward_share") + mean("backward_compute_share") + mean("optimizer_share")
+        return (f"compute-bound: forward, backward and optimizer compute take {compute:.0%} of a step; mixed "
+                "precision, a larger batch per device or faster devices are what make it faster")
+    if kind == "input":
+        return (f"input-bound: the ranks wait for data {share:.0%} of each step; load batches in parallel "
+                "(--num-workers), or make the data source faster")
+    if kind == "host-to-device":
+        return (f"host-to-device-bound: copying batches to the device takes {share:.0%} of each step; keep the "
+                "dataset on the device (--data-on-device on)")
+    mb = statistics.fmean(r["allreduce_bytes_per_step"] for r in ranks) / 1e6
+    return (f"communication-bound: {share:.0%} of each step waits for the gradient all-reduce ({mb:.1f} MB per "
+            "step); send fewer bytes (--ddp-comm-hook bf16 or powersgd), all-reduce less often (--grad-accum-steps) "
+            "or raise --batch-size")
+
+
+def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
+                  flops: float, peak_flops_per_process: float, peak_source: str) -> dict[str, Any]:
+    flag_stragglers(ranks)
     achieved = global_samples_per_sec * flops
     return {
         "world_size": len(ranks),
@@ -268,7 +367,12 @@ def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, ep
         "peak_source": peak_source,
         "mfu": achieved / (peak_flops_per_process * len(ranks)) if peak_flops_per_process else None,
         "ranks": ranks,
+        "diagnosis": diagnose(ranks),
     }
+
+
+TABLE_SHARES = (("data", "data"), ("to_device", "to_device"), ("forward", "forward"),
+                ("backward_compute", "bwd comp"), ("comm_exposed", "comm wait"), ("optimizer", "optimizer"))
 
 
 def _percent(value: float | None) -> str:
@@ -276,15 +380,34 @@ def _percent(value: float | None) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a table for the terminal (also used by `python -m dist_mnist.report`)."""
+    """The summary as a table for the terminal (also used by `python -m dist_mnist.report`).
+
+    The six share columns add up to 100%: backward is split into its compute and the all-reduce it waited for.
+    """
     head = (f"{'rank':>4} {'p50 ms':>8} {'p90 ms':>8} {'samples/s':>10} " +
-            " ".join(f"{p[:9]:>9}" for p in PHASES) + f" {'explained':>9} {'peak RSS':>9} {'straggler':>9}")
+            " ".join(f"{title:>9}" for _, title in TABLE_SHARES) +
+            f" {'comm ms':>8} {'overlap':>7} {'MB/step':>8} {'MB/s':>7}"
+            f" {'explained':>9} {'peak RSS':>9} {'straggler':>9}")
     lines = [head]
     for r in summary["ranks"]:
-        straggler = "n/a" if r["straggler"] is None else "YES" if r["straggler"] else "no"
+        # Summaries written before the all-reduce was measured lack the comm fields: shown as "-".
+        timed = r["backward_share"] is not None
+        shares = {"backward_compute": r.get("backward_compute_share", r["backward_share"]),
+                  "comm_exposed": (r.get("comm_exposed_share") or 0.0) if timed else None,
+                  **{p: r[f"{p}_share"] for p in ("data", "to_device", "forward", "optimizer")}}
+        comm_s = r.get("allreduce_time_per_step_s")
+        if comm_s is None:
+            comm = f" {'-':>8} {'-':>7} {'-':>8} {'-':>7}"
+        else:
+            overlap = r["allreduce_overlapped_per_step_s"] / comm_s if comm_s else 0.0
+            bandwidth = r["allreduce_bandwidth_bytes_per_s"] or 0.0
+            comm = (f" {comm_s * 1e3:>8.2f} {overlap:>7.0%} {r['allreduce_bytes_per_step'] / 1e6:>8.2f}"
+                    f" {bandwidth / 1e6:>7.0f}")
+        straggler = "n/a" if r["straggler"] is None else (r.get("straggler_phase") or "YES") if r["straggler"] else "no"
         lines.append(f"{r['rank']:>4} {r['step_time_p50_s'] * 1e3:>8.2f} {r['step_time_p90_s'] * 1e3:>8.2f} "
-                     f"{r['samples_per_sec']:>10.0f} " + " ".join(_percent(r[p + "_share"]) for p in PHASES) +
-                     f" {_percent(r['explained_fraction'])} {r['peak_rss_bytes'] / 2**20:>7.0f}MB {straggler:>9}")
+                     f"{r['samples_per_sec']:>10.0f} " + " ".join(_percent(shares[p]) for p, _ in TABLE_SHARES) +
+                     comm + f" {_percent(r['explained_fraction'])} {r['peak_rss_bytes'] / 2**20:>7.0f}MB"
+                     f" {straggler:>9}")
     timing = summary.get("phase_timing")  # absent in summaries written before --phase-timers existed
     if timing and timing["mode"] == "off":
         lines.append("phase timers off (--phase-timers off): no phase shares; step times are wall-clock")
@@ -298,4 +421,6 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"achieved, MFU {mfu} of {summary['peak_tflops_per_process']:.3f} TFLOP/s per process "
                  f"({summary['peak_source']}); parameters identical on all ranks: "
                  f"{'yes' if summary['ranks_in_sync'] else 'NO'}")
+    if summary.get("diagnosis"):
+        lines.append(f"diagnosis: {summary['diagnosis']}")
     return "\n".join(lines)

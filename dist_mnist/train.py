@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.profiler import record_function
 
 from dist_mnist import checkpoint, collectives
 from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync
+from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
 from dist_mnist.distributed import DistContext, distributed_session
@@ -153,6 +155,8 @@ class TrainParts:
     device: torch.device
     grad_clip: float
     label_smoothing: float
+    ddp: DDP | None = None  # the DDP wrapper (world > 1): its no_sync() skips the all-reduce of a micro-batch
+    comm: CommRecorder | None = None  # times and counts DDP's gradient all-reduce (world > 1)
 
 
 def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
@@ -166,8 +170,12 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
         module.conv1.weight.data = module.conv1.weight.data.clone(memory_format=torch.contiguous_format)
     # A world of one has nothing to all-reduce: DDP there would only copy every gradient into its buckets and
     # back (without it the one-process run was 5-15% faster on the 2-core CPU: docs/benchmarks.md).
-    wrapped = module if ctx.world_size == 1 else DDP(
-        module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    ddp = None if ctx.world_size == 1 else DDP(
+        module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True,
+        **ddp_bucket_kwargs(cfg.ddp_comm_hook, cfg.bucket_cap_mb, ctx, module))
+    comm = (CommRecorder(ddp, cfg.ddp_comm_hook, ctx, powersgd_start=int(total_steps * cfg.warmup_frac)) if ddp
+            else None)
+    wrapped: nn.Module = ddp if ddp else module
     # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries so all-reduce still overlaps);
     # checkpoints come from `module`, so no `_orig_mod.`/`module.` prefixes ever reach them.
     train_model = (torch.compile(wrapped, mode=cfg.compile_mode, backend=cfg.compile_backend) if cfg.compile
@@ -179,20 +187,41 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
     # Dropout masks differ per rank (as they would across one big batch) but are reproducible.
     torch.manual_seed(cfg.seed + 1 + ctx.rank)
     return TrainParts(module, train_model, optimizer, scheduler, scaler, settings, ctx.device, cfg.grad_clip,
-                      cfg.label_smoothing)
+                      cfg.label_smoothing, ddp, comm)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images, labels
 
 
 def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, timer: StepTimer) -> torch.Tensor:
     """One optimizer step on one batch; returns the detached loss (no host sync)."""
-    with timer.phase("to_device"):
-        x = normalize(images, parts.device, parts.settings.channels_last)
-        y = to_device(labels, parts.device)
-    with timer.phase("forward"):
-        with torch.autocast(parts.device.type, dtype=parts.settings.amp_dtype,
-                            enabled=parts.settings.amp_dtype is not None):
-            loss = F.cross_entropy(parts.train_model(x), y, label_smoothing=parts.label_smoothing)
-    with timer.phase("backward"):  # includes DDP's gradient all-reduce
-        parts.scaler.scale(loss).backward()
+    return accumulation_step(parts, [(images, labels)], timer)
+
+
+def accumulation_step(parts: TrainParts, micro_batches: Sequence[Batch], timer: StepTimer) -> torch.Tensor:
+    """One optimizer step on the mean gradient of `micro_batches`; returns their mean loss, detached.
+
+    DDP all-reduces only in the last micro-batch's backward (no_sync before it, as nanoGPT does), so gradients
+    cross the network once per optimizer step.
+    """
+    total: torch.Tensor | None = None
+    for i, (images, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync: AbstractContextManager[Any] = nullcontext() if last or parts.ddp is None else parts.ddp.no_sync()
+        with timer.phase("to_device"):
+            x = normalize(images, parts.device, parts.settings.channels_last)
+            y = to_device(labels, parts.device)
+        with sync:  # the forward pass decides whether this backward all-reduces
+            with timer.phase("forward"):
+                with torch.autocast(parts.device.type, dtype=parts.settings.amp_dtype,
+                                    enabled=parts.settings.amp_dtype is not None):
+                    loss = F.cross_entropy(parts.train_model(x), y, label_smoothing=parts.label_smoothing)
+                if len(micro_batches) > 1:
+                    loss = loss / len(micro_batches)  # gradients add up to those of the mean over all micro-batches
+            with timer.phase("backward"):  # includes DDP's gradient all-reduce on the last micro-batch
+                parts.scaler.scale(loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    assert total is not None
     with timer.phase("optimizer"):
         if parts.grad_clip:
             parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -201,7 +230,9 @@ def train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, ti
         parts.scaler.update()
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scheduler.step()
-    return loss.detach()
+    if parts.comm:
+        parts.comm.end_step(keep=timer.timing)  # only the timed steps' all-reduces: they pair up with the phases
+    return total
 
 
 def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
@@ -308,18 +339,23 @@ class Trainer:
             train_split, test_split = load_splits(cfg, ctx)
             self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
         agree_on_data(ctx, len(train_split), len(test_split))
-        self.total_steps = cfg.epochs * self.data.steps_per_epoch
-        self.global_batch = cfg.batch_size * ctx.world_size
+        # Optimizer steps; an epoch's batches beyond a whole number of accumulation rounds are left out.
+        self.steps_per_epoch = self.data.steps_per_epoch // cfg.grad_accum_steps
+        if self.steps_per_epoch == 0:
+            raise UserError(f"--grad-accum-steps {cfg.grad_accum_steps} is more than the {self.data.steps_per_epoch} "
+                            "batches of an epoch on each rank; lower it or --batch-size")
+        self.batches_per_epoch = self.steps_per_epoch * cfg.grad_accum_steps
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
         self.startup.join_background_imports()
         with self.startup.phase("model"):
             self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
         with self.startup.phase("tensorboard"):
             self.writer = RunWriter(self.run_dir, ctx.is_main, cfg.tensorboard)
-        # --grad-accum-steps (another branch) passes its value as accumulation_steps here.
+        self.comm_note = note_ignored_comm_flags(cfg, ctx)
         self.graphs = graph_decision(cfg.cuda_graphs, ctx.device.type, ctx.world_size, self.settings.amp_dtype,
-                                     cfg.compile)
-        self.step_fn: Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor] = partial(train_step,
-                                                                                              self.parts)
+                                     cfg.compile, cfg.grad_accum_steps)
+        self.step_fn: Callable[[Sequence[Batch], StepTimer], torch.Tensor] = partial(accumulation_step, self.parts)
         self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
         self.timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
@@ -364,8 +400,10 @@ class Trainer:
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
+        comm_state = self.parts.comm.powersgd if self.parts.comm else None
         return {"model": self.parts.module, "optimizer": self.parts.optimizer, "scheduler": self.parts.scheduler,
-                "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock}
+                "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock,
+                **({"comm_hook": comm_state} if comm_state else {})}
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -392,8 +430,9 @@ class Trainer:
         if state is None:
             return
         for name, part in self.stateful().items():
-            # An empty state is what a disabled GradScaler (no fp16) saves: the part stays as built.
-            if state[name]:
+            # An empty state is what a disabled GradScaler (no fp16) saves, and a checkpoint of a run without
+            # PowerSGD has no comm_hook part: the part stays as built.
+            if state.get(name):
                 part.load_state_dict(state[name])
         if state["world_size"] == ctx.world_size:
             checkpoint.set_rng_state(state["rng"][ctx.rank])
@@ -412,13 +451,13 @@ class Trainer:
         schedule moves to the same fraction of training. Dropout streams restart from the seed: the run stays
         correct but is no longer bit-identical to an uninterrupted one.
         """
-        state, spe = self.state, self.data.steps_per_epoch
+        state, accum = self.state, self.cfg.grad_accum_steps
         # DistributedSampler pads each rank's share up to ceil(N / W); the batch sampler drops the last partial batch.
-        old_spe = math.ceil(self.data.train_size / old_world_size) // self.cfg.batch_size
+        old_spe = math.ceil(self.data.train_size / old_world_size) // self.cfg.batch_size // accum
         samples_done = state.batch_in_epoch * self.cfg.batch_size * old_world_size
-        progress = (state.epoch * old_spe + state.batch_in_epoch) / (self.cfg.epochs * old_spe)
-        state.batch_in_epoch = samples_done // self.global_batch
-        if state.batch_in_epoch >= spe:
+        progress = (state.epoch * old_spe + state.batch_in_epoch // accum) / (self.cfg.epochs * old_spe)
+        state.batch_in_epoch = samples_done // self.global_batch * accum  # whole optimizer steps only
+        if state.batch_in_epoch >= self.batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         scheduler = self.parts.scheduler
         scheduler.last_epoch = round(progress * self.total_steps)
@@ -439,6 +478,8 @@ class Trainer:
         started = time.perf_counter()
         self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
         rng_states = self.ctx.gather_objects(checkpoint.rng_state())
+        # On every rank: a part may gather per-rank state (PowerSGD's residuals).
+        parts = {name: part.state_dict() for name, part in self.stateful().items()}
 
         def write() -> tuple[Path, int, float]:
             state = {
@@ -448,7 +489,7 @@ class Trainer:
                 "rng": rng_states,
                 "config": self.cfg.to_json(),
                 "recipe": self.recipe.name,
-                **{name: part.state_dict() for name, part in self.stateful().items()},
+                **parts,
             }
             path, size = checkpoint.save_checkpoint(state, self.checkpoint_dir, self.state.step,
                                                     self.cfg.keep_checkpoints)
@@ -488,6 +529,8 @@ class Trainer:
                                       # a device tensor under CUDA graphs: read once per log interval
                                       self.training_seconds(), float(self.parts.scheduler.get_last_lr()[0]),
                                       self.timer.drain())
+        if self.parts.comm:
+            self.parts.comm.drain()  # resolves its marks while they are few (CUDA events)
         rss = self.memory.sample()
         if self.ctx.is_main:
             memory = {"rss_mb": rss / 2**20}
@@ -542,7 +585,7 @@ class Trainer:
         state = self.state
         resolved = {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
-            "global_batch_size": self.global_batch, "steps_per_epoch": self.data.steps_per_epoch,
+            "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
             "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
             **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}
         ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
@@ -554,14 +597,16 @@ class Trainer:
             return
         self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "
                  f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
-                 f"{self.data.steps_per_epoch} steps/epoch, {self.settings.describe()}, "
+                 f"{self.steps_per_epoch} steps/epoch, {self.settings.describe()}, "
                  f"cuda_graphs={self.graphs.enabled}")
+        if self.comm_note:
+            self.log(self.comm_note)
         if self.graphs.note:
             self.log(self.graphs.note)
         if self.graphs.enabled:
             with self.startup.phase("graph_capture"):  # after resume: the graph replays from the restored state
                 try:
-                    self.step_fn = GraphedStep(self.parts, cfg.batch_size)
+                    self.step_fn = GraphedStep(self.parts, cfg.batch_size).step
                 except RuntimeError as exc:  # weights and optimizer state are back as they were
                     self.log(capture_failure_note(exc, cfg.cuda_graphs))
 
@@ -575,19 +620,19 @@ class Trainer:
                 while True:
                     self.begin_step()
                     with self.timer.phase("data"):
-                        batch = next(batches, None)
-                    if batch is None:  # the fetch that ended the epoch is not a step
+                        micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
+                    if len(micro_batches) < cfg.grad_accum_steps:  # the fetch that ended the epoch is not a step
                         self.timer.cancel_step()
                         self.prev_step_start = None
                         break
                     with self.phase("the training step (the gradient all-reduce in backward)"):
-                        loss = self.step_fn(*batch, self.timer)
+                        loss = self.step_fn(micro_batches, self.timer)
                     self.timeout.switch_to_training(ctx)
                     self.timer.end_step()
                     with self.paused():
                         profiler.step()  # writes a trace when a window closes
                     state.step += 1
-                    state.batch_in_epoch += 1
+                    state.batch_in_epoch += cfg.grad_accum_steps
                     self.loss_window.append((state.step, loss))
 
                     if state.step % cfg.log_every == 0:
@@ -595,7 +640,7 @@ class Trainer:
                     with self.phase("the stop vote"):
                         stop_now = self.vote.poll(self.stop.requested)
                     at_limit = bool(cfg.max_steps) and state.step >= cfg.max_steps
-                    end_of_epoch = state.batch_in_epoch == self.data.steps_per_epoch
+                    end_of_epoch = state.batch_in_epoch == self.batches_per_epoch
                     if cfg.eval_every and state.step % cfg.eval_every == 0 and not end_of_epoch:
                         self.evaluate_and_record()
                     if stop_now:
@@ -604,7 +649,7 @@ class Trainer:
                         break
                     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         self.save_checkpoint()
-                if state.batch_in_epoch >= self.data.steps_per_epoch:
+                if state.batch_in_epoch >= self.batches_per_epoch:
                     state.epoch += 1
                     state.batch_in_epoch = 0
                 # Not twice for one step: a run whose --max-steps falls on an --eval-every step has just evaluated.
@@ -631,10 +676,13 @@ class Trainer:
         ctx = self.ctx
         self.progress.end_line()
         self.timer.drain()
+        if self.parts.comm:
+            self.parts.comm.drain()
         self.memory.sample()
         cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
-        stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size, self.measured_step_s,
-                           self.memory.peak_rss_bytes, cuda_peak, parameter_digest(self.parts.module))
+        stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size * self.cfg.grad_accum_steps,
+                           self.measured_step_s, self.memory.peak_rss_bytes, cuda_peak,
+                           parameter_digest(self.parts.module), self.parts.comm and self.parts.comm.steps)
         with self.phase("the final summary"):
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.

@@ -38,7 +38,7 @@ timed() {
 # name, time limit, then flags for launch/train.py under torchrun (nccl), into $out/runs/NAME.
 smoke() {
     local name=$1 limit=$2; shift 2
-    timed "$name" "$limit" "$python" -m torch.distributed.run --standalone --nproc-per-node=1 launch/train.py \
+    timed "$name" "$limit" "$python" -m torch.distributed.run --standalone --nproc-per-node="${NPROC:-1}" launch/train.py \
         --data-dir "$data_dir" --no-download --output-dir "$out/runs" --run-name "$name" "$@"
 }
 
@@ -58,6 +58,15 @@ grep -q "resumed from step 60" "$out/graphs_resume.log" || { echo "FAIL graphs_r
 smoke compile 180 --compile --compile-mode reduce-overhead --max-steps 240 --no-tensorboard
 smoke profile 90 --profile --cuda-memory-snapshot --max-steps 30 --no-tensorboard
 find "$out/runs/profile" -maxdepth 1 | sort | head -20
+# --- issue 12: DDP comm hooks over nccl, PowerSGD with torch's default buckets (gloo needs one bucket); 2+ GPUs ---
+if [ "$("$python" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    for hook in none bf16 powersgd; do
+        NPROC=2 smoke "hook_$hook" 120 --ddp-comm-hook "$hook" --max-steps 60 --warmup-frac 0.05 --no-tensorboard
+        "$python" -m dist_mnist.report --no-picture "$out/runs/hook_$hook" | tail -4
+    done
+else
+    echo "SKIP comm hooks over nccl: they need 2 GPUs"
+fi
 
 # --- issue 9: the default command, and the same with eager steps ---
 smoke default 120

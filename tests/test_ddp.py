@@ -65,8 +65,10 @@ def spawn_world(world_size: int, scenario: Scenario, out_dir: Path, batch_size: 
 
 
 def _cfg(batch_size: int) -> TrainConfig:
+    # fp32 all-reduce (not the default bf16 hook): W ranks must equal one process up to float rounding.
     return TrainConfig(dataset="synthetic", synthetic_train_size=256, synthetic_test_size=TEST_SIZE,
-                       batch_size=batch_size, eval_batch_size=50, amp="off", channels_last="off", seed=0)
+                       batch_size=batch_size, eval_batch_size=50, amp="off", channels_last="off", seed=0,
+                       ddp_comm_hook="none")
 
 
 def _build(ctx: DistContext, batch_size: int) -> tuple[DataPipeline, TrainParts]:

@@ -1,0 +1,245 @@
+"""DDP gradient communication: the comm hook chosen by --ddp-comm-hook, wrapped so that every bucket's all-reduce
+is timed and its bytes counted, and the hook's own state (PowerSGD's) saved in checkpoints.
+
+Timing per step, from marks taken by the wrapper (perf_counter on CPU; on CUDA, events on the current stream, read
+only when the step timer drains, so there is no host sync per step):
+- a bucket's all-reduce starts when DDP hands the bucket to the hook (its gradients are ready) and completes when
+  the hook's future completes (marked in a `.then()` callback);
+- `seconds`: the time at least one bucket was in flight (the union of the buckets' intervals);
+- `exposed_s`: from the start of the last bucket to start (when backward compute has produced the last gradient)
+  to the completion of the last bucket to complete: the time the step waited for communication after its own
+  compute was done. A rank that is late makes the others wait here;
+- overlapped = seconds - exposed_s: communication hidden behind backward compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dist_mnist.config import TrainConfig
+from dist_mnist.distributed import DistContext
+from dist_mnist.errors import UserError
+from dist_mnist.metrics import seconds_between, timestamp
+
+# PowerSGD: rank-2 factors, error feedback and warm start (torch's recommended settings); compression starts after
+# the learning-rate warm-up, when gradients have settled (torch's advice for start_powerSGD_iter).
+POWERSGD_RANK = 2
+POWERSGD_MIN_START = 2  # torch's minimum with error feedback and warm start
+
+
+@dataclass
+class BucketRecord:
+    """One bucket's all-reduce in one step."""
+    start: Any  # timestamp when DDP handed the bucket to the hook
+    nbytes: int  # bytes this rank sent into the collective(s) for the bucket
+    end: Any = None  # timestamp when its future completed
+
+
+@dataclass
+class CommStep:
+    """The gradient communication of one optimizer step on this rank."""
+    seconds: float  # time at least one bucket was in flight
+    exposed_s: float  # time the step waited for communication after backward compute ended
+    nbytes: int  # bytes all-reduced
+    buckets: int
+
+    @property
+    def overlapped_s(self) -> float:
+        return self.seconds - self.exposed_s
+
+
+def resolve_step(records: list[BucketRecord]) -> CommStep:
+    """A step's figures from its bucket records (see the module docstring)."""
+    if not records:
+        return CommStep(0.0, 0.0, 0, 0)
+    origin = records[0].start
+    spans = sorted((seconds_between(origin, r.start), seconds_between(origin, r.end)) for r in records)
+    busy, covered_to = 0.0, float("-inf")
+    for start, end in spans:
+        busy += max(0.0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    last_start = max(start for start, _ in spans)
+    return CommStep(seconds=busy, exposed_s=max(0.0, covered_to - last_start),
+                    nbytes=sum(r.nbytes for r in records), buckets=len(records))
+
+
+class PowerSGDHookState:
+    """PowerSGD's state, kept in the layout of DDP's current buckets, and saved in checkpoints.
+
+    PowerSGD keeps per bucket a flat error-feedback residual and flat P and Q factors, laid out in the order of the
+    bucket's parameters. DDP builds its buckets in one order and rebuilds them after the first step in the order
+    gradients became ready, so a process that resumes starts with another layout: `align` moves the state into the
+    layout of the bucket at hand whenever the order changed. The residuals differ per rank (each holds what
+    compression dropped from its own gradients), so `state_dict()` gathers every rank's: it is a collective and
+    must be called on every rank. Checkpointed as tensors, ints, floats and dicts: weights_only-loadable.
+    """
+
+    def __init__(self, module: nn.Module, ctx: DistContext, start_iter: int) -> None:
+        self.state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=POWERSGD_RANK,
+            start_powerSGD_iter=max(POWERSGD_MIN_START, start_iter), random_seed=0)
+        self.ctx = ctx
+        self.params = list(module.parameters())
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.orders: dict[int, list[int]] = {}  # bucket index -> its parameters' indices, in layout order
+
+    def _pieces(self, order: list[int]) -> list[tuple[int, int, int]]:
+        """(residual, P, Q) elements of each parameter of a bucket, as the hook lays them out."""
+        pieces = []
+        for i in order:
+            numel, n = self.params[i].numel(), self.params[i].shape[0]
+            m = numel // n
+            rank = min(n, m, self.state.matrix_approximation_rank)
+            compressed = powerSGD_hook._should_compress(n, m, rank, self.state.min_compression_rate)[0]
+            pieces.append((numel, n * rank if compressed else 0, m * rank if compressed else 0))
+        return pieces
+
+    def align(self, bucket: dist.GradBucket) -> None:
+        """Move the bucket's residual and factors into its current parameter order."""
+        index = bucket.index()
+        order = [self._index[id(p)] for p in bucket.parameters()]
+        old = self.orders.get(index)
+        self.orders[index] = order
+        if old is None or old == order:
+            return
+        old_pieces = dict(zip(old, self._pieces(old)))
+        s = self.state
+        for which, store in enumerate((s.error_dict, s.p_memory_dict, s.q_memory_dict)):
+            if index in store:
+                parts = dict(zip(old, store[index].split([old_pieces[i][which] for i in old])))
+                store[index] = torch.cat([parts[i] for i in order])
+
+    def _local(self) -> dict[str, Any]:
+        s = self.state
+        _, keys, pos, has_gauss, cached = s.rng.get_state()
+        return {"iter": s.iter, "orders": dict(self.orders), "error": dict(s.error_dict),
+                "p": dict(s.p_memory_dict), "q": dict(s.q_memory_dict),
+                "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "numel_before": s.total_numel_before_compression, "numel_after": s.total_numel_after_compression,
+                "next_stats_report": s.next_stats_report}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": self.ctx.gather_objects(self._local())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state["ranks"]
+        # Another world size (an elastic restart): the factors and counters are the same on every rank, the
+        # residuals are per rank and start from zero again (the run stays correct, not bit-identical).
+        same_world = len(ranks) == self.ctx.world_size
+        mine = ranks[self.ctx.rank] if same_world else ranks[0]
+        s = self.state
+        s.iter = mine["iter"]
+        self.orders = dict(mine["orders"])
+        s.error_dict = dict(mine["error"]) if same_world else {}
+        s.p_memory_dict, s.q_memory_dict = dict(mine["p"]), dict(mine["q"])
+        rng = mine["rng"]
+        s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
+                         rng["cached_gaussian"]))
+        s.total_numel_before_compression, s.total_numel_after_compression = mine["numel_before"], mine["numel_after"]
+        s.next_stats_report = mine["next_stats_report"]
+
+
+class CommRecorder:
+    """Wraps a DDP comm hook: marks each bucket's start and completion and counts the bytes it sends.
+
+    `end_step()` closes the records of one optimizer step (micro-batches under `no_sync()` send nothing);
+    `drain()` resolves them, after the step timer has waited for the device.
+    """
+
+    def __init__(self, ddp: DDP, hook_name: str, ctx: DistContext, powersgd_start: int) -> None:
+        self.cuda = ctx.device.type == "cuda"
+        self.hook_name = hook_name
+        self._current: list[BucketRecord] = []
+        self._pending: list[list[BucketRecord]] = []
+        self.steps: list[CommStep] = []
+        # The hook's state, a checkpoint part: PowerSGD's; the other hooks have none.
+        self.powersgd = PowerSGDHookState(ddp.module, ctx, powersgd_start) if hook_name == "powersgd" else None
+        ddp.register_comm_hook(None, self._hook)
+
+    def _run_hook(self, bucket: dist.GradBucket) -> tuple[torch.futures.Future[torch.Tensor], int]:
+        """The chosen hook's future and the bytes it sends for `bucket`."""
+        buffer = bucket.buffer()
+        if self.hook_name == "none":
+            return default_hooks.allreduce_hook(None, bucket), buffer.numel() * buffer.element_size()
+        if self.hook_name in ("bf16", "fp16"):
+            hook = default_hooks.bf16_compress_hook if self.hook_name == "bf16" else default_hooks.fp16_compress_hook
+            return hook(None, bucket), buffer.numel() * 2
+        assert self.powersgd is not None
+        self.powersgd.align(bucket)
+        state = self.powersgd.state
+        compressing = state.iter >= state.start_powerSGD_iter
+        numel_before = state.total_numel_after_compression
+        future = powerSGD_hook.powerSGD_hook(state, bucket)
+        # Compressed: the uncompressed tensors, then the P and Q factors; the hook counts their elements.
+        numel = state.total_numel_after_compression - numel_before if compressing else buffer.numel()
+        return future, numel * buffer.element_size()
+
+    def _hook(self, _state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        record = BucketRecord(start=timestamp(self.cuda), nbytes=0)
+        future, record.nbytes = self._run_hook(bucket)
+        self._current.append(record)
+
+        def completed(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            # On CUDA the callback runs on a stream that waits for the collective: the event marks its end.
+            record.end = timestamp(self.cuda)
+            return fut.value()
+
+        return future.then(completed)
+
+    def end_step(self, keep: bool = True) -> None:
+        """Close one optimizer step's records; `keep` False drops them (a step the phase timers did not time, so
+        the summary pairs each kept step with its phases)."""
+        if keep:
+            self._pending.append(self._current)
+        self._current = []
+
+    def drain(self) -> list[CommStep]:
+        """Resolve the steps ended since the last call (on CUDA, after the step timer synchronized)."""
+        if self.cuda and self._pending and self._pending[-1]:
+            self._pending[-1][-1].end.synchronize()
+        new = [resolve_step(records) for records in self._pending]
+        self._pending = []
+        self.steps.extend(new)
+        return new
+
+
+# DDP checks a hook's annotations against the real classes; `from __future__ import annotations` made them strings.
+CommRecorder._hook.__annotations__.update(bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]})
+
+
+def ddp_bucket_kwargs(hook_name: str, bucket_cap_mb: float, ctx: DistContext, module: nn.Module) -> dict[str, Any]:
+    """DDP's bucket size: torch's default (25 MiB, a 1 MiB first bucket) unless --bucket-cap-mb is given.
+
+    PowerSGD on gloo needs all gradients in one bucket: the hook issues its P and Q all-reduces from `.then()`
+    callbacks, which gloo runs on its own worker thread when the previous collective completes, so with two buckets
+    they race the next bucket's all-reduce from the autograd thread, the ranks issue collectives in different
+    orders, and gloo aborts ("Received data size doesn't match expected size"). NCCL completes a future when its
+    collective is enqueued on the GPU stream, so the callbacks run at once on the issuing thread, in order.
+    """
+    if hook_name != "powersgd" or ctx.backend != "gloo":
+        return {"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}
+    grad_mib = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad) / 2**20
+    if bucket_cap_mb and bucket_cap_mb < grad_mib:
+        raise UserError(f"--ddp-comm-hook powersgd on gloo needs all gradients in one bucket: --bucket-cap-mb "
+                        f"{bucket_cap_mb:g} is below the gradient size ({grad_mib:.2f} MiB); drop the flag or raise it")
+    # Given explicitly, the cap also applies to DDP's first bucket, so this makes exactly one bucket.
+    return {"bucket_cap_mb": bucket_cap_mb or max(grad_mib, 25.0)}
+
+
+def note_ignored_comm_flags(cfg: TrainConfig, ctx: DistContext) -> str | None:
+    """A world of one has no DDP and nothing to all-reduce: comm flags set away from their defaults are ignored,
+    with this note."""
+    changed = (cfg.ddp_comm_hook != TrainConfig.ddp_comm_hook or cfg.bucket_cap_mb != TrainConfig.bucket_cap_mb)
+    if ctx.world_size == 1 and changed:
+        return ("note: --ddp-comm-hook and --bucket-cap-mb have no effect in a world of one process (no DDP, "
+                "nothing is all-reduced)")
+    return None

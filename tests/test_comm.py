@@ -1,0 +1,228 @@
+"""DDP communication: per-bucket timing, bytes per hook, stragglers found in any phase (delays injected by the
+test-only tests/inject/sitecustomize.py), the diagnosis line, comm hooks and gradient accumulation that resume
+exactly, and accumulation equal to one larger batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO, SMOKE_FLAGS, cpu_env, torchrun, train
+from test_ddp import spawn_world
+from test_fault_tolerance import assert_resumed_equals_straight
+from test_profiling import GRADIENT_BYTES
+
+from dist_mnist.comm import BucketRecord, ddp_bucket_kwargs, resolve_step
+from dist_mnist.config import TrainConfig
+from dist_mnist.data import build_pipeline, load_splits
+from dist_mnist.distributed import DistContext
+from dist_mnist.errors import UserError
+from dist_mnist.metrics import StepTimer
+from dist_mnist.model import MnistCNN
+from dist_mnist.profiling import diagnose, flag_stragglers
+from dist_mnist.train import Trainer, accumulation_step, build_train_parts, resolve_speed_settings
+from dist_mnist.train import main as train_main
+
+RUN_FLAGS = [*SMOKE_FLAGS, "--epochs", "1", "--timeout-s", "60"]
+# Far above the step-to-step noise of a loaded 2-core machine (a step here takes 20-100 ms).
+DELAY_S = 0.15
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unit: one step's figures from its bucket records, and the diagnosis wording
+
+
+def test_comm_step_unions_bucket_intervals_and_exposes_what_follows_the_last_start() -> None:
+    # Bucket 1 runs 0-4, bucket 0 is handed over at 3 (backward compute done) and completes at 7.
+    step = resolve_step([BucketRecord(0.0, 100, 4.0), BucketRecord(3.0, 50, 7.0)])
+    assert step.seconds == pytest.approx(7.0) and step.exposed_s == pytest.approx(4.0)
+    assert step.overlapped_s == pytest.approx(3.0) and step.nbytes == 150 and step.buckets == 2
+    # A gap between buckets is not communication time.
+    gap = resolve_step([BucketRecord(0.0, 1, 1.0), BucketRecord(2.0, 1, 2.5)])
+    assert gap.seconds == pytest.approx(1.5) and gap.exposed_s == pytest.approx(0.5)
+    assert resolve_step([]).nbytes == 0
+
+
+def _stats(rank: int, data: float = 0.01, to_device: float = 0.0, forward: float = 0.02, backward: float = 0.04,
+           exposed: float = 0.0, optimizer: float = 0.005) -> dict[str, Any]:
+    """Rank figures as rank_stats makes them, from seconds per step."""
+    step = data + to_device + forward + backward + exposed + optimizer
+    return {"rank": rank, "step_time_p50_s": step, "own_time_p50_s": step - exposed, "data_share": data / step,
+            "to_device_share": to_device / step, "forward_share": forward / step,
+            "backward_compute_share": backward / step, "comm_exposed_share": exposed / step,
+            "optimizer_share": optimizer / step, "allreduce_bytes_per_step": GRADIENT_BYTES,
+            "phase_time_per_step_s": {"data": data, "to_device": to_device, "forward": forward,
+                                      "backward_compute": backward, "optimizer": optimizer}}
+
+
+@pytest.mark.parametrize(("ranks", "starts", "contains"), [
+    ([_stats(0, data=0.06), _stats(1, data=0.06)], "input-bound:", "--num-workers"),
+    ([_stats(0, to_device=0.05)], "host-to-device-bound:", "--data-on-device"),
+    ([_stats(0, exposed=0.05), _stats(1, exposed=0.05)], "communication-bound: 40% of each step", "4.8 MB per step"),
+    ([_stats(0), _stats(1)], "compute-bound:", "mixed precision"),
+    # Rank 1 computes its backward 60 ms longer; rank 0 waits for it in the all-reduce.
+    ([_stats(0, exposed=0.06), _stats(1, backward=0.1)], "straggler: rank 1 is slow in backward compute",
+     "every other rank waits"),
+    ([_stats(0, exposed=0.06), _stats(1, data=0.07)], "straggler: rank 1 is slow in data loading", "rank 1's"),
+])
+def test_diagnosis_names_what_bounds_the_run(ranks: list[dict[str, Any]], starts: str, contains: str) -> None:
+    flag_stragglers(ranks)
+    sentence = diagnose(ranks)
+    assert sentence.startswith(starts) and contains in sentence
+    assert "\n" not in sentence
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Delays injected on one rank: the summary names the rank and the phase
+
+
+def _inject_env(spec: str) -> dict[str, str]:
+    return cpu_env(PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "inject"), str(REPO)]),
+                   DIST_MNIST_TEST_DELAY=spec)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("phase", "words"), [("data", "data loading"), ("backward", "backward compute")])
+def test_a_rank_slow_in_one_phase_is_named_with_that_phase(phase: str, words: str, tmp_path: Path) -> None:
+    result = torchrun(2, *RUN_FLAGS, "--output-dir", str(tmp_path), "--run-name", "slow",
+                      env=_inject_env(f"1:{phase}:{DELAY_S}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "slow" / "summary.json").read_text())
+    fast, slow = summary["ranks"]
+    expected_phase = "backward_compute" if phase == "backward" else phase
+    assert (fast["straggler"], slow["straggler"]) == (False, True)
+    assert slow["straggler_phase"] == expected_phase and fast["straggler_phase"] is None
+    # The slow rank waits least in the all-reduce; the other waits about the delay.
+    assert fast["allreduce_exposed_per_step_s"] > slow["allreduce_exposed_per_step_s"] + DELAY_S / 2
+    assert summary["diagnosis"].startswith(f"straggler: rank 1 is slow in {words}")
+    assert f"diagnosis: {summary['diagnosis']}" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_slow_data_on_every_rank_is_diagnosed_input_bound_and_a_world_of_one_reports_no_comm(tmp_path: Path) -> None:
+    result = train(*RUN_FLAGS, "--max-steps", "8", "--ddp-comm-hook", "powersgd", "--output-dir", str(tmp_path),
+                   "--run-name", "input", env=_inject_env(f"all:data:{DELAY_S}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: --ddp-comm-hook and --bucket-cap-mb have no effect in a world of one process" in result.stdout
+    summary = json.loads((tmp_path / "input" / "summary.json").read_text())
+    assert summary["diagnosis"].startswith("input-bound: the ranks wait for data")
+    (rank,) = summary["ranks"]
+    assert rank["allreduce_bytes_per_step"] is None and rank["allreduce_time_per_step_s"] is None
+    assert rank["comm_exposed_share"] is None and rank["straggler"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comm hooks and gradient accumulation: resumed runs equal uninterrupted ones; accumulation equals a larger batch
+
+EXACT = dict(dataset="synthetic", synthetic_train_size=512, synthetic_test_size=203, batch_size=16,
+             eval_batch_size=50, log_every=4, peak_tflops=1.0, tensorboard=False, amp="off", deterministic=True,
+             checkpoint_every=0, timeout_s=60.0, ddp_comm_hook="none")
+# (name, config, total optimizer steps, where the first part stops): each stop is mid-epoch, and PowerSGD's
+# compression has started by then (after the 10% warm-up, at least 2 steps). 256 samples on 2 ranks at batch 16:
+# 8 steps per epoch; 512 with 4 micro-batches per step: 4 optimizer steps per epoch.
+RESUME_CASES = [
+    ("bf16", dict(ddp_comm_hook="bf16", epochs=1, synthetic_train_size=256), 8, 5),
+    ("powersgd", dict(ddp_comm_hook="powersgd", epochs=1, synthetic_train_size=256), 8, 5),
+    ("accum4", dict(grad_accum_steps=4, epochs=2), 8, 3),
+]
+
+
+def _accumulated_equals_large_batch(ctx: DistContext) -> float:
+    """Largest parameter difference: one step on a batch of 64 vs the same samples as 4 accumulated micro-batches
+    of 16 (under DDP, no_sync on the first three), without dropout. fp32 sums in another order differ by rounding
+    (about 1e-6 after AdamW's step at lr 2e-3); a lost or doubled micro-batch moves parameters by about the lr."""
+    cfg = TrainConfig(**{**EXACT, "batch_size": 64})
+    data = build_pipeline(cfg, ctx, *load_splits(cfg, ctx), on_device=False)
+    data.train_batches.set_epoch(0)
+    images, labels = next(iter(data.train_loader))
+    params = []
+    for micro_batches in ([(images, labels)], list(zip(images.split(16), labels.split(16)))):
+        parts = build_train_parts(cfg, ctx, resolve_speed_settings(cfg, ctx.device), total_steps=100)
+        parts.module.eval()  # no dropout: the step is the same function of the samples however they are split
+        accumulation_step(parts, micro_batches, StepTimer(ctx.device))
+        params.append(torch.cat([p.detach().flatten() for p in parts.module.parameters()]))
+    return float((params[0] - params[1]).abs().max())
+
+
+def _resume_scenario(ctx: DistContext, _batch_size: int) -> dict[str, Any]:
+    out = Path(os.environ["DIST_MNIST_TEST_OUT"])
+    for name, overrides, _, stop in RESUME_CASES:
+        cfg = TrainConfig(**{**EXACT, **overrides, "output_dir": str(out / name)})
+        Trainer(TrainConfig(**{**cfg.to_json(), "run_name": "straight"}), ctx).fit()
+        Trainer(TrainConfig(**{**cfg.to_json(), "run_name": "resumed", "max_steps": stop}), ctx).fit()
+        Trainer(TrainConfig(**{**cfg.to_json(), "run_name": "resumed"}), ctx).fit()
+    return {"accumulation_vs_large_batch": _accumulated_equals_large_batch(ctx)}
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("resume")
+    os.environ["DIST_MNIST_TEST_OUT"] = str(out)  # spawned ranks inherit it
+    try:
+        results = spawn_world(2, _resume_scenario, out / "world")
+    finally:
+        del os.environ["DIST_MNIST_TEST_OUT"]
+    return out, results
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("name", "total"), [(name, total) for name, _, total, _ in RESUME_CASES])
+def test_comm_hooks_and_accumulation_resume_to_identical_parameters(
+        name: str, total: int, resumed_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    out, _ = resumed_runs
+    assert_resumed_equals_straight(out / name, total)
+    summary = json.loads((out / name / "straight" / "summary.json").read_text())
+    assert summary["ranks_in_sync"]
+    sent = {r["allreduce_bytes_per_step"] for r in summary["ranks"]}
+    if name == "bf16":
+        assert sent == {GRADIENT_BYTES // 2}
+    elif name == "powersgd":
+        (mean,) = sent  # the warm-up steps send everything, the compressed ones far less
+        assert mean < GRADIENT_BYTES / 2
+    else:
+        assert sent == {GRADIENT_BYTES}  # once per optimizer step of 4 micro-batches
+
+
+@pytest.mark.timeout(300)
+def test_accumulation_over_micro_batches_equals_one_larger_batch(
+        resumed_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    _, results = resumed_runs
+    for rank in results:  # DDP, 2 ranks: no_sync on the first three micro-batches
+        assert rank["accumulation_vs_large_batch"] < 1e-5
+
+
+@pytest.mark.timeout(60)
+def test_accumulation_in_a_world_of_one_equals_one_larger_batch() -> None:
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
+                      control_group=None)
+    assert _accumulated_equals_large_batch(ctx) < 1e-5
+
+
+def test_powersgd_on_gloo_puts_all_gradients_in_one_bucket_or_refuses() -> None:
+    ctx = DistContext(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), backend="gloo",
+                      control_group=None)
+    module = MnistCNN()
+    assert ddp_bucket_kwargs("powersgd", 0.0, ctx, module) == {"bucket_cap_mb": 25.0}  # 4.6 MiB of gradients
+    assert ddp_bucket_kwargs("none", 0.0, ctx, module) == {}  # torch's default buckets
+    assert ddp_bucket_kwargs("bf16", 8.0, ctx, module) == {"bucket_cap_mb": 8.0}
+    with pytest.raises(UserError, match="powersgd on gloo needs all gradients in one bucket: --bucket-cap-mb 1 "):
+        ddp_bucket_kwargs("powersgd", 1.0, ctx, module)
+    nccl = dataclasses.replace(ctx, backend="nccl")
+    assert ddp_bucket_kwargs("powersgd", 1.0, nccl, module) == {"bucket_cap_mb": 1.0}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--grad-accum-steps", "0"], "error: --grad-accum-steps must be positive, got 0"),
+    (["--bucket-cap-mb", "-1"], "error: --bucket-cap-mb must not be negative, got -1.0"),
+    (["--grad-accum-steps", "17", "--max-steps", "1"], "error: --grad-accum-steps 17 is more than the 16 batches"),
+])
+def test_bad_comm_flags_are_one_line_errors(flags: list[str], message: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main([*RUN_FLAGS, "--synthetic-train-size", "256", "--output-dir", str(tmp_path), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1
