@@ -735,6 +735,16 @@ class Trainer:
         print(format_summary(summary), flush=True)
 
 
+def run_training(cfg: TrainConfig, ctx: DistContext, startup: StartupTimer | None = None) -> None:
+    """One run in an open distributed session: the recipe, the ranks' agreement, the locked run folder, the loop."""
+    # The recipe needs the device, which only the distributed session knows; the ranks then compare the values
+    # they will train with, before anything that would hang on ranks with other flags.
+    resolution = apply_recipe(cfg, ctx.device.type)
+    agree_on_recipe(resolution.config, ctx)
+    with open_run_dir(resolution.config, ctx) as run_dir:
+        Trainer(resolution, ctx, run_dir, startup).fit()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1."""
     rank = os.environ.get("RANK", "0")
@@ -746,12 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # Collectives after the first step are named by their own phase; any failing before it is start-up's.
             with distributed_session(cfg, startup) as ctx, collectives.phase("start-up", None, cfg.timeout_s, None):
-                # The recipe needs the device, which only the distributed session knows; the ranks then compare
-                # the values they will train with, before anything that would hang on ranks with other flags.
-                resolution = apply_recipe(cfg, ctx.device.type)
-                agree_on_recipe(resolution.config, ctx)
-                with open_run_dir(resolution.config, ctx) as run_dir:
-                    Trainer(resolution, ctx, run_dir, startup).fit()
+                run_training(cfg, ctx, startup)
         finally:
             startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash
     except UserError as exc:

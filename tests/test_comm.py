@@ -25,7 +25,7 @@ from dist_mnist.errors import UserError
 from dist_mnist.metrics import StepTimer
 from dist_mnist.model import MnistCNN
 from dist_mnist.profiling import diagnose, flag_stragglers
-from dist_mnist.train import Trainer, accumulation_step, build_train_parts, resolve_speed_settings
+from dist_mnist.train import accumulation_step, build_train_parts, resolve_speed_settings, run_training
 from dist_mnist.train import main as train_main
 
 RUN_FLAGS = [*SMOKE_FLAGS, "--epochs", "1", "--timeout-s", "60"]
@@ -153,9 +153,9 @@ def _resume_scenario(ctx: DistContext, _batch_size: int) -> dict[str, Any]:
     out = Path(os.environ["DIST_MNIST_TEST_OUT"])
     for name, overrides, _, stop in RESUME_CASES:
         cfg = TrainConfig(**{**EXACT, **overrides, "output_dir": str(out / name)})
-        Trainer(TrainConfig(**{**cfg.to_json(), "run_name": "straight"}), ctx).fit()
-        Trainer(TrainConfig(**{**cfg.to_json(), "run_name": "resumed", "max_steps": stop}), ctx).fit()
-        Trainer(TrainConfig(**{**cfg.to_json(), "run_name": "resumed"}), ctx).fit()
+        run_training(TrainConfig(**{**cfg.to_json(), "run_name": "straight"}), ctx)
+        run_training(TrainConfig(**{**cfg.to_json(), "run_name": "resumed", "max_steps": stop}), ctx)
+        run_training(TrainConfig(**{**cfg.to_json(), "run_name": "resumed"}), ctx)
     return {"accumulation_vs_large_batch": _accumulated_equals_large_batch(ctx)}
 
 
@@ -198,13 +198,13 @@ def test_accumulation_over_micro_batches_equals_one_larger_batch(
 
 @pytest.mark.timeout(60)
 def test_accumulation_in_a_world_of_one_equals_one_larger_batch() -> None:
-    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
+    ctx = DistContext(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
                       control_group=None)
     assert _accumulated_equals_large_batch(ctx) < 1e-5
 
 
 def test_powersgd_on_gloo_puts_all_gradients_in_one_bucket_or_refuses() -> None:
-    ctx = DistContext(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), backend="gloo",
+    ctx = DistContext(rank=0, world_size=2, device=torch.device("cpu"), backend="gloo",
                       control_group=None)
     module = MnistCNN()
     assert ddp_bucket_kwargs("powersgd", 0.0, ctx, module) == {"bucket_cap_mb": 25.0}  # 4.6 MiB of gradients
