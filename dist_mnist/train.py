@@ -761,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
             startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash
     except UserError as exc:
         prefix = "error" if rank == "0" else f"[rank {rank}] error"
-        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
+        # One write, newline included: print() writes the text and the newline apart, and the lines of ranks that
+        # fail at the same moment would run together on a shared terminal.
+        sys.stderr.write(f"{prefix}: {exc}\n")
+        sys.stderr.flush()
         return 1
     return 0

@@ -360,7 +360,9 @@ def test_peak_memory_counts_dataloader_workers() -> None:
     loader = DataLoader(TensorDataset(torch.zeros(64, 1, 28, 28)), batch_size=16, num_workers=2,
                         persistent_workers=True, multiprocessing_context="spawn")  # as the pipeline's workers
     batches = iter(loader)
-    next(batches)
+    # Batches come round-robin from the workers: after two, both have started their loop (and named themselves),
+    # not only the first to finish importing torch.
+    next(batches), next(batches)
     # spawn also starts multiprocessing's resource tracker; the workers are the ones torch names.
     workers = [child for child in me.children(recursive=True)
                if child.pid not in before and child.name() == "pt_data_worker"]
