@@ -58,10 +58,15 @@ class SpeedSettings:
     amp_dtype: torch.dtype | None
     channels_last: bool
     data_on_device: bool
+    # CPU: denormal floats flushed to zero. Late in training AdamW's second moments (squares of small gradients)
+    # fall below float32's normal range, where x86 arithmetic is many times slower: without it the optimizer step
+    # of a 2-epoch CPU run grew from 9% to 26% of a step (docs/benchmarks.md). No float32 result this model can
+    # tell apart changes.
+    flush_denormal: bool = False
 
     def describe(self) -> dict[str, Any]:
-        return {"amp": dtype_name(self.amp_dtype),
-                "channels_last": self.channels_last, "data_on_device": self.data_on_device}
+        return {"amp": dtype_name(self.amp_dtype), "channels_last": self.channels_last,
+                "data_on_device": self.data_on_device, "flush_denormal": self.flush_denormal}
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
@@ -108,6 +113,7 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
         amp_dtype=amp_dtype,
         channels_last=cfg.channels_last != "off",
         data_on_device=cuda and cfg.data_on_device != "off",
+        flush_denormal=not cuda,
     )
 
 
@@ -160,6 +166,7 @@ class TrainParts:
 
 
 def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
+    torch.set_flush_denormal(settings.flush_denormal)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     # On the device before the optimizer is built, so the optimizer holds the device's parameters.

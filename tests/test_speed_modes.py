@@ -269,3 +269,17 @@ def test_channels_last_step_matches_contiguous(world_of_one: DistContext) -> Non
     torch.testing.assert_close(cl_loss, loss, rtol=1e-5, atol=1e-6)
     for cl_grad, grad in zip(cl_grads, grads):
         torch.testing.assert_close(cl_grad, grad, rtol=1e-3, atol=1e-5)
+
+
+def test_cpu_runs_flush_denormals_to_zero(world_of_one: DistContext) -> None:
+    """AdamW's second moments fall into float32's denormal range late in a CPU run, where x86 arithmetic slows down
+    many times over (the optimizer step tripled over 2 epochs): CPU settings flush them, CUDA ones leave them."""
+    settings = resolve_speed_settings(TrainConfig(), torch.device("cpu"))
+    assert settings.flush_denormal and settings.describe()["flush_denormal"] is True
+    try:
+        build_train_parts(TrainConfig(), world_of_one, settings, total_steps=8)
+        assert torch.tensor([1e-39]).mul(1.0).item() == 0.0  # 1e-39 is a denormal float32
+        build_train_parts(TrainConfig(), world_of_one, dataclasses.replace(settings, flush_denormal=False), 8)
+        assert torch.tensor([1e-39]).mul(1.0).item() != 0.0
+    finally:
+        torch.set_flush_denormal(False)  # the process default, for the tests that follow
