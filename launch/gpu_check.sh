@@ -3,6 +3,9 @@
 # CUDA graphs with checkpoints, resume and the profiler, torch.compile, memory snapshot), a sweep of CUDA recipe
 # candidates, and every figure of issue 9's done-when list, printed at the end as one table. About 6 minutes on one
 # H100 (each step has its own time limit; the whole script stays under 8 minutes).
+# Issue 10's profiler-overhead block follows (about 3 minutes), so the whole may pass one 600 s device call:
+# GPU_CHECK_PARTS picks the parts, e.g. GPU_CHECK_PARTS=issue9 in one call and GPU_CHECK_PARTS=issue10 in the next,
+# with the same OUT_DIR.
 # Usage: bash launch/gpu_check.sh DATA_DIR OUT_DIR [CLASSIC_MAIN_PY]
 #   DATA_DIR holds MNIST/raw/; CLASSIC_MAIN_PY is pytorch/examples' mnist/main.py for the "classic example" row
 #   (skipped with a note when not given or absent). Set PYTHON to choose the interpreter.
@@ -16,6 +19,8 @@ cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 status=0
+parts=${GPU_CHECK_PARTS:-issue9 issue10}
+want() { [[ " $parts " == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
@@ -42,6 +47,7 @@ smoke() {
         --data-dir "$data_dir" --no-download --output-dir "$out/runs" --run-name "$name" "$@"
 }
 
+if want issue9; then
 # --- issue 9: a bare `import torch` on this machine (the first one may be cold; the table takes the faster) ---
 for i in 1 2; do
     start=$(now); "$python" -c 'import torch'; since "$start" > "$out/import_torch_$i.s"
@@ -234,12 +240,17 @@ print("\n| done-when figure | target | measured | met |\n|---|---|---|---|")
 print("\n".join(rows))
 PY
 
+fi
+
+if want issue10; then
 # ---- profiler overhead (issue 10) ----------------------------------------------------------------------------------
 # Steps before / inside / after a --profile window under each profiler arrangement (one process, arrangements taking
 # turns), the phase timers every step vs sampled vs off, whole runs with vs without --profile, at batch 512 (the CUDA
 # recipe) and 16, then PASS/FAIL rows against issue 10's bars. And whether the profiled smoke run's trace holds the
 # GPU's kernels (with CUDA graphs too: a graph replay's kernels must show up inside the window).
 echo "== profiler overhead (issue 10)"
+# The profiled smoke run whose traces are checked below (issue 9's part makes it; run alone, this part does).
+[ -d "$out/runs/profile/traces" ] || smoke profile 90 --profile --cuda-memory-snapshot --max-steps 30 --no-tensorboard
 "$python" -m dist_mnist.bench --data-dir "$data_dir" --only profiler --profiler-batch-sizes 512,16 \
     --output "$out/profiler_overhead.md" --json "$out/profiler_overhead.json" || status=1
 "$python" - "$out/runs/profile/traces" <<'PY' || status=1
@@ -255,5 +266,6 @@ for path in traces:
 print("PASS trace kernels" if counts and min(counts) > 0 else "FAIL trace kernels: no trace, or one without kernels")
 sys.exit(0 if counts and min(counts) > 0 else 1)
 PY
+fi
 # ---- end of profiler overhead (issue 10) ---------------------------------------------------------------------------
 exit $status
