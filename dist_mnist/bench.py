@@ -32,7 +32,7 @@ from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.graphs import GraphedStep
-from dist_mnist.metrics import StepTimer
+from dist_mnist.metrics import METRICS_FILE, StepTimer
 from dist_mnist.profiler_bench import measure_profiler_overhead, render_profiler_overhead, render_verdicts
 from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
 from dist_mnist.recipes import RECIPES
@@ -178,7 +178,7 @@ def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     run_dir = out_dir / run_name
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     return summary, metrics, launched
 
 

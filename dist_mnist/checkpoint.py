@@ -22,7 +22,7 @@ FORMAT_VERSION = 2  # 2: one entry per stateful part (model, optimizer, ..., tra
 _NAME = re.compile(r"^step(\d{8})\.pt$")
 # Config fields a checkpoint must share with the run that resumes it: they fix the model, the data order and
 # the learning-rate schedule, so continuing with another value would silently train something else.
-RECIPE_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
+RESUME_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
                  "label_smoothing", "seed", "grad_accum_steps")
 
 
@@ -104,7 +104,7 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
     """Refuse a checkpoint from another model or recipe with an error naming the mismatch.
 
     `config` holds the values this run resolved (its recipe's, or the flags that override them), so a recipe
-    change that alters any of RECIPE_FIELDS is refused, and the error names both recipes.
+    change that alters any of RESUME_FIELDS is refused, and the error names both recipes.
     """
     if state.get("model_class") != type(model).__name__:
         raise UserError(f"checkpoint {source} holds a {state.get('model_class')}, not a {type(model).__name__}")
@@ -113,7 +113,7 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
         raise UserError(f"checkpoint {source} does not fit the model: parameters differ at {diff}")
-    for name in RECIPE_FIELDS:
+    for name in RESUME_FIELDS:
         saved = state["config"].get(name)
         if saved != config.get(name):
             raise UserError(f"checkpoint {source} was trained with --{name.replace('_', '-')} "

@@ -15,6 +15,8 @@ from torch.profiler import record_function
 
 from dist_mnist.durable import append_whole, write_durably
 
+# The run file with one record per evaluation (also read by `python -m dist_mnist.report` and the bench).
+METRICS_FILE = "metrics.jsonl"
 # The phases of one training step, in order. Their trace labels are "train/<phase>".
 PHASES = ("data", "to_device", "forward", "backward", "optimizer")
 # --phase-timers after "auto" is resolved: time every step, every Nth step, or no step.
@@ -190,11 +192,11 @@ class RunWriter:
     def reset_metrics(self, records: list[dict[str, Any]]) -> None:
         """Start metrics.jsonl over with `records` (those of the checkpoint a run resumes from)."""
         if self.enabled:
-            write_durably(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+            write_durably(self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            append_whole(self.run_dir / "metrics.jsonl", (json.dumps(record) + "\n").encode())
+            append_whole(self.run_dir / METRICS_FILE, (json.dumps(record) + "\n").encode())
             self.scalars("eval", record, record["step"])
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:

@@ -12,12 +12,11 @@ from typing import Any
 
 from dist_mnist.compare import compare_summaries, config_changes, format_comparison
 from dist_mnist.errors import UserError
-from dist_mnist.metrics import format_eval
+from dist_mnist.metrics import METRICS_FILE, format_eval
 from dist_mnist.plots import write_run_picture
 from dist_mnist.profiling import format_summary
 from dist_mnist.progress import PROGRESS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 PICTURE_FILE = "report.png"
 # The fields the picture reads from each record.
 METRICS_FIELDS = ("step", "train_loss", "test_loss", "test_accuracy")
