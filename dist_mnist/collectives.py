@@ -47,8 +47,10 @@ class CollectiveTimeout:
         if ctx.world_size == 1:
             return
         timeout = datetime.timedelta(seconds=self.training_seconds)
-        for group in {None, ctx.control_group}:  # None: the default group (nccl on GPUs, else the same gloo group)
-            dist.set_timeout(timeout, group)
+        # The default group (nccl on GPUs, else the control group itself) and the gloo control group. The method of
+        # the group, not dist.set_timeout: torch 2.11 (what our GPU machines run) does not have that yet.
+        for group in {dist.group.WORLD, ctx.control_group}:
+            group.set_timeout(timeout)
 
 
 def is_collective_failure(exc: BaseException) -> bool:
