@@ -1,10 +1,15 @@
 """Entry point: `torchrun --nproc_per_node=N launch/train.py [flags]`, or `python launch/train.py` for one process."""
 
 import sys
+from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import record
+# The checkout's own dist_mnist, installed or not: GPU nodes often come with torch in the image and no package index
+# to `pip install -e .` from, and Python puts only this script's folder (launch/) on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_mnist.train import main
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from dist_mnist.train import main  # noqa: E402
 
 if __name__ == "__main__":
     # @record writes a crashing worker's traceback to torchrun's error file, so the agent can report it.

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +110,21 @@ def test_only_rank_0_prints_progress(torchrun_two: Run) -> None:
 def test_single_process_mode_writes_the_run_files(single_process: Run) -> None:
     assert_run_files(single_process, world_size=1)
     assert single_process.json("config.json")["resolved"]["backend"] == "gloo"
+
+
+@pytest.mark.timeout(60)
+def test_the_launcher_imports_the_checkout_it_sits_in(tmp_path: Path) -> None:
+    """GPU images bring torch but often no package index to install us from: launch/train.py must run the
+    dist_mnist beside it, installed or not (here the test environment's editable install points elsewhere)."""
+    tree = tmp_path / "checkout"
+    for folder in ("dist_mnist", "launch"):
+        shutil.copytree(REPO / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='probe'); import dist_mnist; "
+             "print(dist_mnist.__file__)")
+    result = subprocess.run([sys.executable, "-c", probe, str(tree / "launch" / "train.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=50, env=cpu_env())
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == tree / "dist_mnist" / "__init__.py"
 
 
 # 128 samples at batch 16: 8 steps per epoch, 16 in all; progress every 4 steps, evaluations at steps 8 (end of
