@@ -84,7 +84,8 @@ class TrainConfig:
                                 choices=["inductor", "aot_eager", "eager"])
     cuda_graphs: str = _opt("auto", "capture the whole training step (forward, backward, AdamW, learning rate) in "
                                     "one CUDA graph and replay it. auto: on with CUDA where it applies (one "
-                                    "process, no fp16 GradScaler, no --compile), else eager with a note",
+                                    "process, no fp16 GradScaler, no --compile, no gradient accumulation), else "
+                                    "eager with a note",
                             choices=["auto", "on", "off"])
     threads: int = _opt(0, "intra-op CPU threads per process (0: torch's default; torchrun sets OMP_NUM_THREADS=1)")
 

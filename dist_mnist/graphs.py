@@ -52,7 +52,7 @@ def graph_decision(mode: str, device_type: str, world_size: int, amp_dtype: torc
         # DDP's all-reduce is launched from autograd hooks and waited on by the host: not capturable as it stands.
         blockers.append(f"DDP across {world_size} processes")
     if amp_dtype == torch.float16:
-        blockers.append("fp16's GradScaler (it checks for inf/nan gradients on the host every step)")
+        blockers.append("fp16's GradScaler (its unscale, inf check and scale update are not in the captured step)")
     if compile:
         blockers.append("--compile (its mode reduce-overhead makes CUDA graphs of its own)")
     if accumulation_steps > 1:
@@ -81,10 +81,19 @@ def capture_cuda_graph(body: Callable[[], None]) -> Callable[[], None]:
     with torch.cuda.stream(stream):
         for _ in range(WARMUP_STEPS):
             body()
-    torch.cuda.current_stream().wait_stream(stream)
+    caller = torch.cuda.current_stream()
+    caller.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    try:
+        with torch.cuda.graph(graph):
+            body()
+    except RuntimeError as exc:
+        # torch.cuda.graph's exit ends the capture before it switches streams back, so a failed capture would
+        # leave the capture stream current for the eager steps; and its "operation failed due to a previous error
+        # during capture" hides the operation that broke the capture, which is the error it was raised during.
+        torch.cuda.set_stream(caller)
+        cause = exc.__context__ if isinstance(exc.__context__, RuntimeError) else exc
+        raise RuntimeError(str(cause)) from exc
     return graph.replay
 
 
@@ -114,11 +123,12 @@ def _plain_learning_rates(optimizer: torch.optim.Optimizer, state: dict[str, Any
 
 
 class TrainingSnapshot:
-    """Weights and optimizer state as they were, to undo the warm-up steps that capture needs.
+    """Weights, optimizer state and random generators as they were, to undo the warm-up steps that capture needs.
 
-    The CPU RNG is restored too, so the eager stand-in replays exactly the eager run. The CUDA generator is left as
-    the warm-up left it: from capture on, the graph advances its offsets itself at every replay, and resetting the
-    state under it is not worth the risk; dropout masks then differ from an eager run's, and runs stay reproducible.
+    The generators matter for resume: a run resumed from a checkpoint restores the generator state of the step it
+    stopped at, and its first replayed step must draw the dropout masks the uninterrupted run drew there, not those
+    three warm-up steps later. A captured graph reads the CUDA generator's seed and offset at each replay (torch's
+    graph-safe RNG), so setting the state after capture is what the replays continue from.
     """
 
     def __init__(self, parts: TrainParts) -> None:
@@ -126,6 +136,8 @@ class TrainingSnapshot:
         self.optimizer = {id(p): {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
                           for p, s in parts.optimizer.state.items()}
         self.cpu_rng = torch.get_rng_state()
+        self.device = parts.device
+        self.cuda_rng = torch.cuda.get_rng_state(parts.device) if parts.device.type == "cuda" else None
 
     def restore(self, parts: TrainParts) -> None:
         """Copy back into the same tensors (the graph holds their addresses); state the warm-up created is zeroed,
@@ -141,6 +153,8 @@ class TrainingSnapshot:
                     elif isinstance(value, torch.Tensor):
                         value.zero_()
         torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
 
 
 class GraphedStep:
@@ -155,6 +169,11 @@ class GraphedStep:
         snapshot = TrainingSnapshot(parts)  # after any resume: the graph replays from the restored state
         try:
             self.replay = capture(self._body)
+        except BaseException:
+            # Eager steps take over, and they add their gradients to whatever .grad holds: not the warm-up's. (After
+            # a capture the gradients stay: the graph writes into those very tensors.)
+            parts.optimizer.zero_grad(set_to_none=True)
+            raise
         finally:
             snapshot.restore(parts)  # also after a failed capture, so eager steps can take over from here
 
