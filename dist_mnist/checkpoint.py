@@ -122,21 +122,22 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
                             "--resume never with a new --run-name")
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's random generators, in types that weights_only loading accepts."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators, in types that weights_only loading accepts. On CUDA the generator of this
+    process's own GPU only: a resume may see fewer GPUs per process (one per task under SLURM, say)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])

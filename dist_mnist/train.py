@@ -442,7 +442,7 @@ class Trainer:
             if state.get(name):
                 part.load_state_dict(state[name])
         if state["world_size"] == ctx.world_size:
-            checkpoint.set_rng_state(state["rng"][ctx.rank])
+            checkpoint.set_rng_state(state["rng"][ctx.rank], ctx.device)
         else:
             self.adapt_to_world_size(state["world_size"])
         where = (f"epoch {self.state.epoch_number()}, batch {self.state.batch_in_epoch}" if self.state.batch_in_epoch
@@ -484,7 +484,7 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         started = time.perf_counter()
         self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
-        rng_states = self.ctx.gather_objects(checkpoint.rng_state())
+        rng_states = self.ctx.gather_objects(checkpoint.rng_state(self.ctx.device))
         # On every rank: a part may gather per-rank state (PowerSGD's residuals).
         parts = {name: part.state_dict() for name, part in self.stateful().items()}
 
@@ -586,6 +586,13 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> None:
+        # The allocator's history from before the resume and the graph capture on, so an out-of-memory error in
+        # either is in the snapshot too.
+        snapshot = self.run_dir / f"rank{self.ctx.rank}.memory_snapshot.pickle"
+        with cuda_memory_snapshot(self.cfg.cuda_memory_snapshot, snapshot):
+            self.resume_and_train()
+
+    def resume_and_train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         with self.startup.phase("resume"):
             self.resume()
@@ -618,9 +625,7 @@ class Trainer:
                     self.log(capture_failure_note(exc, cfg.cuda_graphs))
 
         stopped_by: str | None = None
-        snapshot = self.run_dir / f"rank{ctx.rank}.memory_snapshot.pickle"
-        with self.stop, cuda_memory_snapshot(cfg.cuda_memory_snapshot, snapshot), \
-                make_profiler(cfg, ctx, self.run_dir, state.step, self.step_limit()) as profiler:
+        with self.stop, make_profiler(cfg, ctx, self.run_dir, state.step, self.step_limit()) as profiler:
             while state.epoch < cfg.epochs and stopped_by is None:
                 self.data.train_batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
                 batches = iter(self.data.train_loader)

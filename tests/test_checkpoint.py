@@ -114,9 +114,9 @@ def test_full_disk_during_write_is_one_error_and_keeps_previous_checkpoint(tmp_p
 def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in numpy's state, which must round-trip too
-    torch.save({"rng": checkpoint.rng_state()}, tmp_path / "rng.pt")
+    torch.save({"rng": checkpoint.rng_state(torch.device("cpu"))}, tmp_path / "rng.pt")
     expected = (torch.rand(3), np.random.standard_normal(3), random.random())
-    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"], torch.device("cpu"))
     again = (torch.rand(3), np.random.standard_normal(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
