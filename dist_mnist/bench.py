@@ -32,7 +32,7 @@ from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.graphs import GraphedStep
-from dist_mnist.metrics import METRICS_FILE, StepTimer
+from dist_mnist.metrics import METRICS_FILE, StepTimer, resolve_phase_timers
 from dist_mnist.profiler_bench import measure_profiler_overhead, render_profiler_overhead, render_verdicts
 from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
 from dist_mnist.recipes import RECIPES
@@ -41,6 +41,7 @@ from dist_mnist.train import SpeedSettings, build_train_parts, dtype_name, resol
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("throughput", "time-to-accuracy", "scaling", "profiler", "graphs")
 StepFn = Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor]
+CLOCK_EVERY = TrainConfig.log_every  # steps between the synchronising clock checks of a timed loop
 
 
 def _sync(device: torch.device) -> None:
@@ -50,8 +51,10 @@ def _sync(device: torch.device) -> None:
 
 def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, warmup: int = 5) -> float:
     """Global training samples/s of `step` (train_step or a GraphedStep) over `seconds` after `warmup` steps;
-    batches cycle forever."""
-    timer = StepTimer(ctx.device)
+    batches cycle forever. The phase timers run as in a run with the default flags (sampled on CUDA), and the
+    clock is checked every `CLOCK_EVERY` steps, as often as a run's progress report (--log-every) syncs."""
+    cfg = TrainConfig()
+    timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
     samples, start = 0, 0.0
     for i, (images, labels) in enumerate(batches):
         if i == warmup:
@@ -63,7 +66,7 @@ def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, w
         if i >= warmup:
             samples += len(labels)
         # Every rank must stop at the same step, so rank 0's clock decides.
-        if i >= warmup and i % 10 == 0:
+        if i >= warmup and i % CLOCK_EVERY == 0:
             _sync(ctx.device)
             timer.drain()
             done = torch.tensor([int(time.perf_counter() - start >= seconds)])
