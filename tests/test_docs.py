@@ -64,3 +64,11 @@ def test_the_readme_states_defaults_where_expected() -> None:
 def test_readme_default_is_the_code_default(flag: str, text: str) -> None:
     assert flag in ACTIONS, f"the README documents {flag}, which launch/train.py does not have"
     assert_default(flag, text)
+
+
+def test_readme_names_the_torch_ci_runs_the_gpu_seams_under() -> None:
+    """.ci/run's second environment pins the GPU machines' torch; the README says which."""
+    ci = (REPO / ".ci" / "run").read_text()
+    pins = re.search(r"\.venv-gpu-torch/bin/python -m pip install --quiet torch==(\S+) torchvision==(\S+)", ci)
+    assert pins, "no torch pin in .ci/run's .venv-gpu-torch install"
+    assert f"with the torch our GPU machines run ({pins.group(1)}," in README

@@ -5,15 +5,20 @@ and the device-side batch order against the DataLoader's, and a whole graphed ru
 from __future__ import annotations
 
 import itertools
+import re
+import subprocess
+import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE_FLAGS
+from conftest import REPO, SMOKE_FLAGS, cpu_env
 
 import dist_mnist.train as train_module
+from dist_mnist import checkpoint
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import build_pipeline, synthetic_splits
 from dist_mnist.distributed import DistContext, distributed_session
@@ -208,8 +213,11 @@ def test_graphed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeyp
 
 
 def test_a_failed_capture_leaves_the_weights_as_they_were(world_of_one: DistContext) -> None:
-    """Eager steps take over under `auto` after a failed capture, from the state before the warm-up."""
-    parts = build_train_parts(TrainConfig(), world_of_one, SpeedSettings(None, False, False), total_steps=8)
+    """Eager steps take over under `auto` after a failed capture, from the state before the warm-up: the first
+    one trains exactly like that of a run that never tried (no warm-up gradients left in .grad)."""
+    settings = SpeedSettings(None, False, False)
+    clean = build_train_parts(TrainConfig(), world_of_one, settings, total_steps=8)
+    parts = build_train_parts(TrainConfig(), world_of_one, settings, total_steps=8)
     before = {k: v.clone() for k, v in parts.module.state_dict().items()}
 
     def failing_capture(body: Callable[[], None]) -> Callable[[], None]:
@@ -220,5 +228,50 @@ def test_a_failed_capture_leaves_the_weights_as_they_were(world_of_one: DistCont
         GraphedStep(parts, batch_size=16, capture=failing_capture)
     assert all(torch.equal(before[k], v) for k, v in parts.module.state_dict().items())
     assert capture_failure_note(excinfo.value, "auto").startswith("note: CUDA graph capture failed (operation not")
+    ((images, labels),) = batches(1)
+    rng = torch.get_rng_state()  # the same dropout masks for both first steps
+    train_step(parts, images, labels, StepTimer(CPU))
+    torch.set_rng_state(rng)
+    train_step(clean, images, labels, StepTimer(CPU))
+    for after_failure, never_tried in zip(parts.module.parameters(), clean.module.parameters()):
+        torch.testing.assert_close(after_failure, never_tried, rtol=0, atol=1e-7)
     with pytest.raises(UserError, match="^--cuda-graphs on: capturing the training step failed"):
         capture_failure_note(excinfo.value, "on")
+
+
+def test_checkpoints_keep_the_generator_of_this_process_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank on GPU 3 saves GPU 3's generator, and a resume where the process sees one GPU restores it there."""
+    restored: dict[str, object] = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device="cuda": torch.tensor([torch.device(device).index], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": restored.update(state=state, device=device))
+    state = checkpoint.rng_state(torch.device("cuda", 3))
+    assert len(state["cuda"]) == 1
+    checkpoint.set_rng_state(state, torch.device("cuda", 0))
+    assert restored["device"] == torch.device("cuda", 0) and restored["state"].tolist() == [3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch/gpu_check.sh: its plumbing on CPU (the runs themselves need a GPU)
+
+
+@pytest.mark.timeout(120)
+def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_prints_the_table_and_bundle(tmp_path: Path) -> None:
+    """A device call has a hard limit: with too little budget left the script starts no run, says SKIP for each,
+    and still prints the table and writes the one-file bundle the device machine can send back."""
+    out, bundle = tmp_path / "out", tmp_path / "result.tar.gz"
+    env = {**cpu_env(), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "20", "GPU_CHECK_BUNDLE": str(bundle)}
+    result = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(tmp_path), str(out)], env=env,
+                            capture_output=True, text=True, timeout=100)
+    skipped = set(re.findall(r"^SKIP (\w+): \d+ s of the GPU_CHECK_BUDGET_S budget left", result.stdout, re.M))
+    script = (REPO / "launch" / "gpu_check.sh").read_text()
+    launched = set(re.findall(r"^\s*(?:\[ .* \] \|\| )?(?:smoke|timed) (\w+) \d+\b", script, re.M))
+    assert {"default", "ours_1epoch", "bench", "compile", "profile", "profiler_bench"} <= launched
+    sweep = {name for name in skipped if name.startswith("sweep_")}
+    assert sweep and skipped - sweep == launched - {"classic_1epoch"}  # no main.py given: skipped for that reason
+    assert not (out / "runs").exists()
+    assert "| done-when figure | target | measured | met |" in result.stdout
+    assert result.returncode == 1  # nothing was measured: not a pass
+    with tarfile.open(bundle) as tar:
+        assert {"./import_torch_1.s", "./import_torch_2.s"} <= set(tar.getnames())
