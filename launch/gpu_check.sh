@@ -45,13 +45,17 @@ timed() {
     if (( left * 3 < limit )); then
         echo "SKIP $name: ${left} s of the GPU_CHECK_BUDGET_S budget left, its limit is $limit s"; return
     fi
-    (( left < limit )) && limit=$left
-    local start; start=$(now)
-    if timeout "$limit" "$@" >"$out/$name.log" 2>&1; then
+    local cut=0
+    (( left < limit )) && limit=$left && cut=1
+    local start rc; start=$(now)
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1; rc=$?
+    if (( rc == 0 )); then
         since "$start" > "$out/$name.wall"
         echo "PASS $name ($(cat "$out/$name.wall") s): $(grep -E '^eval' "$out/$name.log" | tail -1)"
+    elif (( rc == 124 && cut )); then
+        echo "CUT $name: stopped when the budget ran out, after $limit s (its own limit was longer)"; status=1
     else
-        echo "FAIL $name (exit $?, limit $limit s)"; tail -20 "$out/$name.log"; status=1
+        echo "FAIL $name (exit $rc, limit $limit s)"; tail -20 "$out/$name.log"; status=1
     fi
 }
 
