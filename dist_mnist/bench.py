@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", default="1,2", help="process counts for the scaling section")
     parser.add_argument("--scaling-steps", type=int, default=300,
                         help="training steps per scaling run and per whole run of the profiler section")
-    parser.add_argument("--profiler-batch-sizes", default="16,512",
-                        help="per-process batch sizes of the profiler section (512: the CUDA recipe's)")
+    parser.add_argument("--profiler-batch-sizes", default=f"16,{RECIPES['cuda'].batch_size}",
+                        help="per-process batch sizes of the profiler section (16 and the cuda recipe's)")
     parser.add_argument("--profiler-steps", type=int, default=20,
                         help="profiler section: steps before and after the window, per arrangement and round")
     parser.add_argument("--profiler-rounds", type=int, default=5,
