@@ -20,6 +20,7 @@ from conftest import SMOKE_FLAGS, train
 from dist_mnist import checkpoint
 from dist_mnist.errors import UserError
 from dist_mnist.model import MnistCNN
+from dist_mnist.recipes import RECIPES
 from dist_mnist.train import main
 
 # A short single-process run with a checkpoint every 4 steps: most tests below resume from a copy of it.
@@ -202,7 +203,8 @@ def test_checkpoint_of_another_named_recipe_is_refused(capsys: pytest.CaptureFix
     # The smoke flags give --batch-size explicitly, so the cuda recipe changes --epochs first (and --lr).
     code, _, err = train_in_process(capsys, run_copy, "--recipe", "cuda")
     assert code == 1
-    assert "--epochs 2 (recipe cpu), this run has 4 (recipe cuda)" in single_error_line(err)
+    cpu, cuda = RECIPES["cpu"].epochs, RECIPES["cuda"].epochs
+    assert cpu != cuda and f"--epochs {cpu} (recipe cpu), this run has {cuda} (recipe cuda)" in single_error_line(err)
 
 
 def test_compatibility_check_names_the_mismatch() -> None:
