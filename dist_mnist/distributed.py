@@ -117,7 +117,9 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
 
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     init_kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
-    if backend == "nccl":
+    if backend == "nccl" and world_size > 1:
+        # Sets NCCL's communicator up here, at start-up, not in the first collective. A world of one runs no nccl
+        # collective at all (nothing to all-reduce), so its communicator is never made: no NCCL set-up to pay.
         init_kwargs["device_id"] = device
     with timer.phase("process_group"):  # added up with the control group's creation below
         if launched:

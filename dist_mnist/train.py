@@ -257,7 +257,8 @@ def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
             totals[1] += (logits.argmax(dim=1) == y).sum()
             totals[2] += y.numel()
     module.train()
-    dist.all_reduce(totals)
+    if dist.get_world_size() > 1:  # a world of one has nothing to add up (and on CUDA no NCCL communicator to make)
+        dist.all_reduce(totals)
     loss_sum, correct, samples = totals.tolist()
     return {"test_loss": loss_sum / samples, "test_accuracy": correct / samples, "test_samples": int(samples)}
 

@@ -212,6 +212,25 @@ def test_graphed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeyp
     assert group["lr"] == whole["optimizer"]["param_groups"][0]["lr"]
 
 
+@pytest.mark.timeout(120)
+def test_a_world_of_one_runs_no_collective_on_the_default_group(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the default group is nccl, and its communicator is made by its first collective: a world of one that
+    all-reduced its evaluation totals would set NCCL up for nothing, inside the time to accuracy (issue 9). The
+    control-group collectives (gloo) are what a run of one may use."""
+    groups: list[object] = []
+    real = torch.distributed.all_reduce
+
+    def spy(tensor: torch.Tensor, *args: object, group: object = None, **kwargs: object) -> object:
+        groups.append(group)
+        return real(tensor, *args, group=group, **kwargs)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", spy)
+    flags = [*SMOKE_FLAGS, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(tmp_path), "--run-name", "one"]
+    assert main(flags) == 0
+    assert groups and None not in groups  # the loss flushes went through the spy, named group and all
+
+
 def test_a_failed_capture_leaves_the_weights_as_they_were(world_of_one: DistContext) -> None:
     """Eager steps take over under `auto` after a failed capture, from the state before the warm-up: the first
     one trains exactly like that of a run that never tried (no warm-up gradients left in .grad)."""
