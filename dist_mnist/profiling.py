@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerAction, ProfilerActivity, profile, schedule, tensorboard_trace_handler
-from torch.utils.flop_counter import FlopCounterMode
 
 from dist_mnist.comm import CommStep
 from dist_mnist.config import TrainConfig
@@ -173,6 +172,9 @@ def cuda_memory_snapshot(enabled: bool, path: Path) -> Iterator[None]:
 
 def flops_per_sample(model: nn.Module, device: torch.device) -> float:
     """Forward + backward FLOPs of one training sample, counted by torch.utils.flop_counter."""
+    # Imported here, at the end of a run: it imports triton, 80 ms of start-up on our CPU machines for nothing.
+    from torch.utils.flop_counter import FlopCounterMode
+
     batch = 4
     x = torch.zeros(batch, 1, 28, 28, device=device)
     counter = FlopCounterMode(display=False)
