@@ -53,8 +53,8 @@ def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, w
     """Global training samples/s of `step` (train_step or a GraphedStep) over `seconds` after `warmup` steps;
     batches cycle forever. The phase timers run as in a run with the default flags (sampled on CUDA), and the
     clock is checked every `CLOCK_EVERY` steps, as often as a run's progress report (--log-every) syncs."""
-    cfg = TrainConfig()
-    timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
+    timer = StepTimer(ctx.device, resolve_phase_timers(TrainConfig.phase_timers, ctx.device),
+                      TrainConfig.phase_timer_every)
     samples, start = 0, 0.0
     for i, (images, labels) in enumerate(batches):
         if i == warmup:

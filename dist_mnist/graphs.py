@@ -136,7 +136,6 @@ class TrainingSnapshot:
         self.optimizer = {id(p): {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
                           for p, s in parts.optimizer.state.items()}
         self.cpu_rng = torch.get_rng_state()
-        self.device = parts.device
         self.cuda_rng = torch.cuda.get_rng_state(parts.device) if parts.device.type == "cuda" else None
 
     def restore(self, parts: TrainParts) -> None:
@@ -154,7 +153,7 @@ class TrainingSnapshot:
                         value.zero_()
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
-            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            torch.cuda.set_rng_state(self.cuda_rng, parts.device)
 
 
 class GraphedStep:

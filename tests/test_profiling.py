@@ -434,21 +434,6 @@ def test_report_prints_the_table_the_run_printed(profiled_run: tuple[Path, Resul
     assert format_summary(summary) in train_result.stdout
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    (lambda d: None, "no run folder"),
-    (lambda d: d.mkdir(), "has no summary.json"),
-    (lambda d: (d.mkdir(), (d / "summary.json").write_text('{"ranks": [')), "summary.json is corrupt"),
-    (lambda d: (d.mkdir(), (d / "summary.json").write_text('{"ranks": []}')), "not a dist_mnist run file"),
-])
-def test_report_rejects_missing_or_corrupt_runs(setup: Any, message: str, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    run_dir = tmp_path / "run"
-    setup(run_dir)
-    assert report.main([str(run_dir)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # python -m dist_mnist.bench --only profiler: the step-by-step arrangements
 

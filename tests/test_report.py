@@ -187,6 +187,23 @@ def test_picture_of_a_bad_run_is_one_line_error(setup: Any, message: str, tmp_pa
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B, _metrics([50]))
     setup(run_dir)
+    assert_report_fails_in_one_line(run_dir, message, capsys)
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda d: None, "no run folder"),
+    (lambda d: d.mkdir(), "has no summary.json"),
+    (lambda d: (d.mkdir(), (d / "summary.json").write_text('{"ranks": [')), "summary.json is corrupt"),
+    (lambda d: (d.mkdir(), (d / "summary.json").write_text('{"ranks": []}')), "not a dist_mnist run file"),
+])
+def test_report_rejects_missing_or_corrupt_runs(setup: Any, message: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    setup(run_dir)
+    assert_report_fails_in_one_line(run_dir, message, capsys)
+
+
+def assert_report_fails_in_one_line(run_dir: Path, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert report.main([str(run_dir)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
