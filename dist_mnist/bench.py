@@ -31,6 +31,7 @@ from dist_mnist.config import COMM_HOOKS, TrainConfig
 from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
+from dist_mnist.gpucheck import GraphsRow
 from dist_mnist.graphs import GraphedStep
 from dist_mnist.metrics import METRICS_FILE, StepTimer, resolve_phase_timers
 from dist_mnist.profiler_bench import measure_profiler_overhead, render_profiler_overhead, render_verdicts
@@ -157,12 +158,11 @@ def measure_graphs(cfg: TrainConfig, ctx: DistContext, seconds: float, batch_siz
         pipeline = build_pipeline(run_cfg, ctx, train, test, settings.data_on_device)
         eager = build_train_parts(run_cfg, ctx, settings, total_steps=10**6)
         graphed = GraphedStep(build_train_parts(run_cfg, ctx, settings, total_steps=10**6), batch_size)
-        row = {name: _timed_steps(step, iter(_forever(pipeline.train_loader, pipeline.train_batches)), ctx, seconds)
-               for name, step in (("eager_loop", partial(train_step, eager)), ("graphed_loop", graphed))}
-        row["bare_captured_step"] = _timed_replays(graphed, ctx.device, seconds)
-        row["graphed_over_eager"] = row["graphed_loop"] / row["eager_loop"]
-        row["graphed_loop_over_bare"] = row["graphed_loop"] / row["bare_captured_step"]
-        results[str(batch_size)] = row
+        loops = {name: _timed_steps(step, iter(_forever(pipeline.train_loader, pipeline.train_batches)), ctx,
+                                    seconds)
+                 for name, step in (("eager_loop", partial(train_step, eager)), ("graphed_loop", graphed))}
+        row = GraphsRow(**loops, bare_captured_step=_timed_replays(graphed, ctx.device, seconds))
+        results[str(batch_size)] = dataclasses.asdict(row)
     return results
 
 
@@ -323,14 +323,15 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"{pr['mean_throughput_ratio']:.3f} |"]
     gr = results.get("graphs")
     if gr and "skipped" not in gr:
-        for batch, row in gr.items():
+        for batch, measured in gr.items():
             if batch == "amp":
                 continue
+            row = GraphsRow(**measured)
             lines += [f"| batch {batch} ({gr['amp']}): eager loop / loop with the step in a CUDA graph / bare captured "
-                      f"step | {row['eager_loop']:,.0f} / {row['graphed_loop']:,.0f} / "
-                      f"{row['bare_captured_step']:,.0f} samples/s |",
+                      f"step | {row.eager_loop:,.0f} / {row.graphed_loop:,.0f} / "
+                      f"{row.bare_captured_step:,.0f} samples/s |",
                       f"| **batch {batch}: graphed loop / eager loop; graphed loop / bare captured step** | "
-                      f"**{row['graphed_over_eager']:.2f}x; {row['graphed_loop_over_bare']:.0%}** |"]
+                      f"**{row.graphed_over_eager:.2f}x; {row.graphed_loop_over_bare:.0%}** |"]
     if "profiler_steps" in results:
         lines += render_profiler_overhead(results["profiler_steps"])
         lines += render_verdicts(results["profiler_steps"], results.get("profiler", {}))

@@ -21,6 +21,7 @@ out=$(cd "$2" && pwd)
 classic_main=${3:-}
 [ -n "$classic_main" ] && [ -f "$classic_main" ] && classic_main=$(cd "$(dirname "$classic_main")" && pwd)/$(basename "$classic_main")
 cd "$(dirname "$0")/.." || exit 1
+repo=$(pwd)
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 status=0
@@ -79,7 +80,9 @@ timed ours_1epoch 120 "$python" launch/train.py --data-dir "$data_dir" --no-down
 if [ -n "$classic_main" ] && [ -f "$classic_main" ]; then
     # main.py reads ../data relative to its working directory (and downloads only what is missing there).
     mkdir -p "$out/classic/work" && ln -sfn "$data_dir" "$out/classic/data"
-    (cd "$out/classic/work" && timed classic_1epoch 150 "$python" "$classic_main" --epochs 1)
+    # Not in a subshell: a failure must reach $status.
+    cd "$out/classic/work" && timed classic_1epoch 150 "$python" "$classic_main" --epochs 1
+    cd "$repo" || exit 1
 else
     echo "SKIP classic_1epoch: pytorch/examples mnist/main.py not given (third argument) or not found"
 fi
@@ -105,21 +108,8 @@ smoke graphs_ckpt 60 "${exact[@]}" --max-steps 60
 smoke graphs_resume 60 "${exact[@]}" --run-name graphs_ckpt  # continues graphs_ckpt from step 60 (the later name wins)
 expect graphs_resume "resumed from step 60"
 smoke graphs_straight 60 "${exact[@]}"
-"$python" - "$out/runs" <<'PY' || status=1
-import json, sys
-from pathlib import Path
-digests = {}
-for name in ("graphs_ckpt", "graphs_straight"):  # graphs_resume wrote into graphs_ckpt's folder
-    try:
-        summary = json.loads((Path(sys.argv[1]) / name / "summary.json").read_text())
-        digests[name] = (summary["ranks"][0]["params_digest"], summary["ranks"][0]["steps"])
-    except (OSError, ValueError, KeyError) as exc:
-        sys.exit(f"FAIL graphs resume = straight: {name} has no summary ({exc})")
-same = digests["graphs_ckpt"][0] == digests["graphs_straight"][0]
-print(f"{'PASS' if same else 'FAIL'} graphs resume = straight: parameters after 60 + 30 steps "
-      f"{'equal' if same else 'differ from'} those after 90 straight ({digests})")
-sys.exit(0 if same else 1)
-PY
+# graphs_resume wrote into graphs_ckpt's folder.
+"$python" -m dist_mnist.gpucheck same-params "$out/runs" graphs_ckpt graphs_straight || status=1
 fi
 
 if want issue10; then
@@ -129,30 +119,18 @@ if want issue10; then
 # batch and 16 (the bench's default --profiler-batch-sizes), then PASS/FAIL rows against issue 10's bars. And whether the profiled smoke run's trace holds the
 # GPU's kernels (with CUDA graphs too: a graph replay's kernels must show up inside the window).
 echo "== profiler overhead (issue 10)"
-# The profiled smoke run whose traces are checked below (issue 9's part makes it; run alone, this part does).
+# The profiled smoke run whose traces are checked below (when this part is left out, issue 9's makes it).
 [ -d "$out/runs/profile/traces" ] || smoke profile 90 --profile --cuda-memory-snapshot --max-steps 30 --no-tensorboard
 timed profiler_bench 300 "$python" -m dist_mnist.bench --data-dir "$data_dir" --only profiler \
     --output "$out/profiler_overhead.md" --json "$out/profiler_overhead.json"
 cat "$out/profiler_overhead.md" 2>/dev/null
-"$python" - "$out/runs/profile/traces" <<'PY' || status=1
-import gzip, json, sys
-from pathlib import Path
-traces = sorted(Path(sys.argv[1]).glob("*.pt.trace.json.gz"))
-counts = []
-for path in traces:
-    events = json.load(gzip.open(path, "rt"))["traceEvents"]
-    counts.append(sum(e.get("cat") == "kernel" for e in events))
-    steps = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
-    print(f"{path.name}: {counts[-1]} kernel events, {steps}")
-print("PASS trace kernels" if counts and min(counts) > 0 else "FAIL trace kernels: no trace, or one without kernels")
-sys.exit(0 if counts and min(counts) > 0 else 1)
-PY
+"$python" -m dist_mnist.gpucheck trace-kernels "$out/runs/profile/traces" || status=1
 fi
 # ---- end of profiler overhead (issue 10) ---------------------------------------------------------------------------
 
 if want issue9; then
-# Issue 9's further runs, after issue 10's part: the recipe sweep and --compile.
-# (issue 10's part made it already when it ran)
+# Issue 9's further runs, after issue 10's part: the profiled smoke run (issue 10's part made it, when it ran), the
+# recipe sweep and --compile.
 [ -d "$out/runs/profile/traces" ] || smoke profile 90 --profile --cuda-memory-snapshot --max-steps 30 --no-tensorboard
 find "$out/runs/profile" -maxdepth 2 2>/dev/null | sort | head -20
 # --- issue 12: DDP comm hooks over nccl, PowerSGD with torch's default buckets (gloo needs one bucket); 2+ GPUs ---
@@ -183,133 +161,8 @@ done
 smoke compile 180 --compile --compile-mode reduce-overhead --max-steps 240 --no-tensorboard
 
 # --- issue 9: the done-when table ---
-"$python" - "$out" "$classic_main" <<'PY' || status=1
-import json, re, sys
-from pathlib import Path
-
-out, classic_given = Path(sys.argv[1]), bool(sys.argv[2])
-
-
-def run(name):
-    folder = out / "runs" / name
-    try:
-        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        return metrics, json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None, None
-
-
-def wall(name):
-    path = out / f"{name}.wall"
-    return float(path.read_text()) if path.exists() else None
-
-
-def first_99(metrics):
-    hit = next((m for m in metrics if m["test_accuracy"] >= 0.99), None)
-    return hit["elapsed_s"] if hit else None
-
-
-rows = []
-
-
-def row(what, target, value, ok):
-    rows.append(f"| {what} | {target} | {value} | {'yes' if ok else 'NO' if ok is not None else 'n/a'} |")
-
-
-def seconds(value):
-    return "failed" if value is None else f"{value:.1f} s"
-
-
-def default_command():
-    metrics, summary = run("default")
-    if not metrics:
-        return row("default command", "runs", "FAILED or skipped (default.log, SKIP lines)", False)
-    t = first_99(metrics)
-    row("default command: final test accuracy", ">= 99.0%", f"{metrics[-1]['test_accuracy']:.2%}",
-        metrics[-1]["test_accuracy"] >= 0.99)
-    row("default command: 99.0% first reached after the first step", "<= 0.5 s",
-        f"{t:.2f} s (step {next(m['step'] for m in metrics if m['test_accuracy'] >= 0.99)})" if t else "never",
-        t is not None and t <= 0.5)
-    imports = min(float((out / f"import_torch_{i}.s").read_text()) for i in (1, 2))
-    own = summary["startup_s"] - imports
-    row("own start-up: startup_s - bare `import torch`", "<= 2 s",
-        f"{own:.2f} s ({summary['startup_s']:.2f} - {imports:.2f}); "
-        + ", ".join(f"{k} {v:.2f}" for k, v in summary["startup"].items()), own <= 2)
-    row("default command: samples/s; whole-process wall", "-",
-        f"{summary['samples_per_sec']:,.0f}; {seconds(wall('default'))}", None)
-    _, compiled = run("compile")
-    if compiled:
-        # Median steps: the mean of the compiled run holds the compilation.
-        ratio = summary["ranks"][0]["step_time_p50_s"] / compiled["ranks"][0]["step_time_p50_s"]
-        row("`--compile --compile-mode reduce-overhead` (our graphs off) / default (our graphs), median step speed",
-            "< 1 keeps ours", f"{ratio:.2f}", None)
-
-
-def default_eager():
-    metrics, summary = run("default_eager")
-    if metrics:
-        t = first_99(metrics)
-        row("default command with --cuda-graphs off: final accuracy; 99.0% first at; samples/s", "-",
-            f"{metrics[-1]['test_accuracy']:.2%}; {seconds(t) if t else 'never'}; {summary['samples_per_sec']:,.0f}",
-            None)
-
-
-def one_epoch():
-    ours, _ = run("ours_1epoch")
-    classic_log = out / "classic_1epoch.log"
-    accuracy = re.findall(r"Accuracy: (\d+)/(\d+)", classic_log.read_text()) if classic_log.exists() else []
-    ours_wall, classic_wall = wall("ours_1epoch"), wall("classic_1epoch")
-    if ours and ours_wall and accuracy and classic_wall:
-        classic_acc = int(accuracy[-1][0]) / int(accuracy[-1][1])
-        ours_acc = ours[-1]["test_accuracy"]
-        row("`--epochs 1` vs pytorch/examples `main.py --epochs 1`: whole-process wall speed-up", ">= 3x",
-            f"{classic_wall / ours_wall:.2f}x ({ours_wall:.1f} s vs {classic_wall:.1f} s)",
-            classic_wall / ours_wall >= 3)
-        row("... at >= its accuracy", ">= classic", f"{ours_acc:.2%} vs {classic_acc:.2%}", ours_acc >= classic_acc)
-    else:
-        why = "failed or not run" if classic_given else "not run: no main.py given"
-        row(f"`--epochs 1` (classic example {why})", ">= 3x",
-            f"ours {ours[-1]['test_accuracy']:.2%} in {seconds(ours_wall)}" if ours else "ours FAILED", None)
-
-
-def graphs():
-    results = json.loads((out / "bench.json").read_text())["graphs"]
-    for batch, r in results.items():
-        if batch == "skipped":
-            row("bench graphs section", "runs", f"skipped: {r}", False)
-        if not isinstance(r, dict):
-            continue
-        need = 5 if batch == "16" else 1.5
-        row(f"batch {batch}: loop with graphs / eager loop", f">= {need}x",
-            f"{r['graphed_over_eager']:.2f}x ({r['graphed_loop']:,.0f} vs {r['eager_loop']:,.0f} samples/s)",
-            r["graphed_over_eager"] >= need)
-        row(f"batch {batch}: loop with graphs / bare captured step", ">= 85%",
-            f"{r['graphed_loop_over_bare']:.0%} (bare {r['bare_captured_step']:,.0f} samples/s)",
-            r["graphed_loop_over_bare"] >= 0.85)
-
-
-def sweep():
-    for folder in sorted((out / "runs").glob("sweep_*")):
-        m, s = run(folder.name)
-        name = folder.name.removeprefix("sweep_")
-        if not m:
-            row(f"candidate {name}", "runs", "FAILED", False)
-            continue
-        t, step = first_99(m), m[-1]["step"]
-        reached = f"{t:.2f} s, step {step}" if t else f"never (final {m[-1]['test_accuracy']:.2%})"
-        row(f"candidate {name}: 99.0% first at (stopped there); samples/s", "lowest wins",
-            f"{reached}; {s['samples_per_sec']:,.0f}", None)
-
-
-for block in (default_command, default_eager, one_epoch, graphs, sweep):
-    try:
-        block()
-    except Exception as exc:  # one broken figure must not hide the others
-        row(f"{block.__name__}", "computable", f"error: {type(exc).__name__}: {exc}", False)
-
-print("\n| done-when figure | target | measured | met |\n|---|---|---|---|")
-print("\n".join(rows))
-PY
+echo
+"$python" -m dist_mnist.gpucheck table "$out" ${classic_main:+--classic-given} || status=1
 
 fi
 

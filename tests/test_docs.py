@@ -72,3 +72,10 @@ def test_readme_names_the_torch_ci_runs_the_gpu_seams_under() -> None:
     pins = re.search(r"\.venv-gpu-torch/bin/python -m pip install --quiet torch==(\S+) torchvision==(\S+)", ci)
     assert pins, "no torch pin in .ci/run's .venv-gpu-torch install"
     assert f"with the torch our GPU machines run ({pins.group(1)}," in README
+
+
+def test_the_readme_module_map_lists_every_module_and_no_other() -> None:
+    """The README's Development section maps each file of the package to its concern: none missing, none stale."""
+    listed = set(re.findall(r"^(dist_mnist/\w+\.py) ", README, re.MULTILINE))
+    on_disk = {f"dist_mnist/{path.name}" for path in (REPO / "dist_mnist").glob("*.py") if path.name != "__init__.py"}
+    assert listed == on_disk, {"not in the README": on_disk - listed, "not in the package": listed - on_disk}

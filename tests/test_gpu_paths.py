@@ -294,3 +294,8 @@ def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_prints_the_table_a
     assert result.returncode == 1  # nothing was measured: not a pass
     with tarfile.open(bundle) as tar:
         assert {"./import_torch_1.s", "./import_torch_2.s"} <= set(tar.getnames())
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    # The table made again from the unpacked bundle, off the GPU machine, is the one the script printed.
+    again = subprocess.run([sys.executable, "-m", "dist_mnist.gpucheck", "table", str(tmp_path / "unpacked")],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert again.stdout.strip() and again.stdout.strip() in result.stdout
