@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE_FLAGS, Result, run, train
+from conftest import REPO, SMOKE_FLAGS, Result, run, train
 
 from dist_mnist import gpucheck
 from dist_mnist.gpucheck import GraphsRow
@@ -170,3 +171,18 @@ def test_the_bench_renders_its_graphs_section_from_the_rows_the_table_reads() ->
     assert "| batch 16 (bf16): eager loop / loop with the step in a CUDA graph / bare captured step | " \
            "1,000 / 6,000 / 6,500 samples/s |" in markdown
     assert "**6.00x; 92%**" in markdown
+
+
+def test_every_flag_gpu_check_passes_exists() -> None:
+    """A misspelt flag would fail its run only on the GPU machine: each `--flag` in the script is one of ours or of
+    the few outside tools it calls."""
+    from dist_mnist.config import build_parser
+
+    script = (REPO / "launch" / "gpu_check.sh").read_text()
+    used = set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", script))
+    known = set(build_parser()._option_string_actions)
+    for module in ("dist_mnist.bench", "dist_mnist.report", "dist_mnist.gpucheck table"):
+        usage = run([sys.executable, "-m", *module.split(), "--help"], timeout=60).stdout
+        known |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", usage))
+    outside = {"--query-gpu", "--format", "--exclude", "--standalone", "--nproc-per-node"}  # nvidia-smi, tar, torchrun
+    assert used - known - outside == set()
