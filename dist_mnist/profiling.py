@@ -98,6 +98,15 @@ class WindowedProfiler:
     def __exit__(self, *exc_info: Any) -> None:
         self._close(*exc_info)  # training ended inside a window: its trace is written now
 
+    @property
+    def window_edge_next(self) -> bool:
+        """Whether the next `step()` opens or closes a window. Closing waits for the GPU (the profiler's exit
+        synchronizes) and writes the trace; opening starts kineto. The caller books both as a pause, and on CUDA
+        waits for the queued steps before it, so their GPU time counts as theirs (RunClock)."""
+        if self.window is not None:
+            return self.window_steps + 1 == self.cfg.profile_warmup + self.cfg.profile_active
+        return self.cycle(self.steps_done + 1) != ProfilerAction.NONE
+
     def step(self) -> None:
         if self.window is not None:
             self.window.step()  # writes the trace after the window's last active step
@@ -132,6 +141,8 @@ class WindowedProfiler:
 
 
 class _NoProfiler(nullcontext):
+    window_edge_next = False
+
     def __enter__(self) -> _NoProfiler:
         return self
 

@@ -293,13 +293,19 @@ class TrainState:
 
 class RunClock:
     """Training wall time: evaluation, checkpoint and reporting pauses are measured apart, and the time of the
-    processes a run was resumed from carries over through checkpoints."""
+    processes a run was resumed from carries over through checkpoints.
 
-    def __init__(self) -> None:
+    On CUDA the host runs ahead of the GPU (a replayed graph returns at once: dozens of steps can be queued when a
+    pause begins), and a pause's first read of a result waits for all of them. `sync` (the device's synchronize)
+    runs before a pause's clock starts, so the queued steps count as training time, not as evaluation or logging.
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.start: float | None = None  # perf_counter at the first training step of this process
         self.first_step_unix = 0.0
         self.paused_s = 0.0
         self.resumed_s = 0.0  # seconds since the first step, as of the checkpoint this process resumed from
+        self._sync = sync
 
     def begin(self) -> float:
         """Called at every step start; starts the clock at the first one. Returns the perf_counter reading."""
@@ -317,7 +323,11 @@ class RunClock:
         return self.resumed_s + (0.0 if self.start is None else time.perf_counter() - self.start)
 
     @contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self, sync: bool = True) -> Iterator[None]:
+        """Time in here is left out of training time. `sync=False` for a pause that waits for no GPU result (the
+        profiler's step between windows): synchronizing there would stall every step's queue."""
+        if sync and self._sync is not None:
+            self._sync()
         start = time.perf_counter()
         try:
             yield
@@ -370,7 +380,7 @@ class Trainer:
         self.memory = MemoryTracker()
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
-        self.clock = RunClock()
+        self.clock = RunClock(partial(torch.cuda.synchronize, ctx.device) if ctx.device.type == "cuda" else None)
         self.timeout = collectives.CollectiveTimeout(cfg.timeout_s, cfg.train_timeout_s)
         self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
         self.measured_step_s: list[float] = []
@@ -390,13 +400,13 @@ class Trainer:
     def training_seconds(self) -> float:
         return self.clock.training_seconds()
 
-    def paused(self) -> Any:
+    def paused(self, sync: bool = True) -> Any:
         """Time spent in here (evaluation, checkpoints, progress reports, trace writing) is not training time.
 
         Leaving it out keeps samples/s and the measured step time honest, and the latter is what the phase
-        timers must explain.
+        timers must explain. On CUDA the steps still queued when it begins are waited for first (RunClock).
         """
-        return self.clock.paused()
+        return self.clock.paused(sync)
 
     def elapsed_s(self) -> float:
         return self.clock.elapsed_s()
@@ -642,8 +652,11 @@ class Trainer:
                         loss = self.step_fn(micro_batches, self.timer)
                     self.timeout.switch_to_training(ctx)
                     self.timer.end_step()
-                    with self.paused():
-                        profiler.step()  # writes a trace when a window closes
+                    # Opens or closes a profiling window (a closing one waits for the GPU and writes its trace) at a
+                    # window's edge only: there the queued steps are waited for first; at every other step the host
+                    # must not wait here.
+                    with self.paused(sync=profiler.window_edge_next):
+                        profiler.step()
                     state.step += 1
                     state.batch_in_epoch += cfg.grad_accum_steps
                     self.loss_window.append((state.step, loss))

@@ -35,6 +35,7 @@ from dist_mnist.profiling import (
     format_summary,
     make_profiler,
 )
+from dist_mnist.train import RunClock
 from dist_mnist.train import main as train_main
 
 # A short window (steps 3 and 4 recorded) with an evaluation inside it (--eval-every 3), so traces stay small.
@@ -156,6 +157,40 @@ def test_profiler_exists_only_inside_windows_and_labels_only_while_recording(tmp
     assert seen == [idle, idle, warmup, record, record] * 2 + [idle, idle]
     traces = _traces(tmp_path)
     assert sorted(_profiler_steps(_load_trace(p)) for p in traces) == [[43, 44], [48, 49]]
+
+
+@pytest.mark.timeout(60)
+def test_window_edge_next_names_exactly_the_steps_that_open_or_close_a_window(tmp_path: Path) -> None:
+    """The loop waits for the GPU before those steps only (RunClock): a wait at any other step would stall the
+    queue every step, and a missed edge would book the queued steps' GPU time to the trace writing."""
+    cfg = TrainConfig(profile=True, profile_wait=2, profile_warmup=1, profile_active=2, profile_repeat=2)
+    ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
+    edges, predicted = [], []
+    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=100) as profiler:  # type: ignore[arg-type]
+        for _ in range(14):
+            torch.ones(4).sum()
+            predicted.append(profiler.window_edge_next)
+            before, traces = profiler.window, len(_traces(tmp_path))
+            profiler.step()
+            edges.append(profiler.window is not before or len(_traces(tmp_path)) != traces)
+    assert predicted == edges
+    # Opened after steps 1 and 6 (0-based; the first window opens at step 2), closed after steps 4 and 9.
+    assert [i for i, edge in enumerate(edges) if edge] == [1, 4, 6, 9]
+
+
+def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> None:
+    """RunClock's `sync` stands for torch.cuda.synchronize: its wait is training time, the pause's own work is not;
+    `sync=False` (the profiler step between windows) does not wait."""
+    waits = []
+    clock = RunClock(sync=lambda: (waits.append(1), time.sleep(0.2)))
+    clock.begin()
+    with clock.paused():
+        time.sleep(0.1)
+    assert len(waits) == 1 and 0.1 <= clock.paused_s < 0.2
+    assert clock.training_seconds() >= 0.2  # the queued steps' time
+    with clock.paused(sync=False):
+        pass
+    assert len(waits) == 1
 
 
 @pytest.mark.timeout(120)
@@ -450,3 +485,25 @@ def test_profiler_bench_times_steps_before_inside_and_after_the_window() -> None
     rows = render_profiler_overhead(results) + render_verdicts(results, {16: {"mean_throughput_ratio": 0.99}})
     assert len(rows) == 1 + 3 + 3
     assert rows[-1].endswith("0.990 PASS |")
+
+
+@pytest.mark.timeout(120)
+def test_the_loop_waits_for_the_device_before_every_pause_but_the_profiler_steps_between_edges(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation, progress reports and checkpoints read results (they would wait for the GPU inside the pause);
+    the profiler's step waits only at a window's edge."""
+    calls: list[bool] = []
+    real = RunClock.paused
+
+    def spy(self: RunClock, sync: bool = True) -> Any:
+        calls.append(sync)
+        return real(self, sync)
+
+    monkeypatch.setattr(RunClock, "paused", spy)
+    flags = [*RUN_FLAGS, "--max-steps", "12", "--checkpoint-every", "0", "--output-dir", str(tmp_path),
+             "--run-name", "pauses", *PROFILE_FLAGS]
+    assert train_main(flags) == 0
+    # 12 profiler steps, 2 of them window edges; progress reports at steps 4, 8, 12 (--log-every 4); the final
+    # evaluation and checkpoint.
+    assert calls.count(False) == 12 - 2
+    assert calls.count(True) == 2 + 3 + 2
