@@ -257,17 +257,19 @@ def comm_stats(timed: list[dict[str, float]], comm: list[CommStep] | None) -> di
 
 def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, measured_step_s: list[float],
                peak_rss_bytes: int, cuda_peak_bytes: int | None, params_digest: str,
-               comm: list[CommStep] | None = None) -> dict[str, Any]:
+               comm: list[CommStep] | None = None, wall_per_step: bool = True) -> dict[str, Any]:
     """This rank's figures for summary.json from its timed steps (`steps`: all, a sample, or none with
     --phase-timers off, where the step times come from the wall clock and the phase and comm figures are None).
     `comm` holds the gradient all-reduce of each step of `steps`, or None. The first steps (warm-up, lazy init) are
-    left out."""
+    left out. `wall_per_step=False` (CUDA): a wall interval between step starts is not that step's time, since the
+    host runs ahead of the GPU and the steps it queued are waited for by whichever step or pause reads a result
+    first; only their mean is a step time, so with the timers off the percentiles are that mean."""
     skip = min(len(steps) // 5, 5)
     timed = steps[skip:] or steps
     timed_comm = (comm[skip:] or comm) if comm else None
     wall = measured_step_s[min(len(measured_step_s) // 5, 5):] or measured_step_s
     measured = statistics.fmean(wall) if wall else 0.0
-    step_times = [sum(s.values()) for s in timed] or wall
+    step_times = [sum(s.values()) for s in timed] or (wall if wall_per_step else [measured] * len(wall))
     total = sum(step_times) or 1e-12
     figures: dict[str, Any] = {**{f"{phase}_share": None for phase in PHASES}, "backward_compute_share": None,
                                **comm_stats(timed, None), "phase_time_per_step_s": None, "own_time_p50_s": None,
@@ -427,7 +429,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f" {straggler:>9}")
     timing = summary.get("phase_timing")  # absent in summaries written before --phase-timers existed
     if timing and timing["mode"] == "off":
-        lines.append("phase timers off (--phase-timers off): no phase shares; step times are wall-clock")
+        per_step = "" if timing.get("wall_per_step", True) else (
+            " (p50 and p90 are the mean step: on CUDA a single step is not timed without waiting for the GPU)")
+        lines.append(f"phase timers off (--phase-timers off): no phase shares; step times are wall-clock{per_step}")
     elif timing and timing["mode"] == "sample":
         lines.append(f"phase shares from every {timing['every_n_steps']}th step ({timing['steps_timed']} steps "
                      f"timed on rank 0)")

@@ -708,7 +708,8 @@ class Trainer:
         cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
         stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size * self.cfg.grad_accum_steps,
                            self.measured_step_s, self.memory.peak_rss_bytes, cuda_peak,
-                           parameter_digest(self.parts.module), self.parts.comm and self.parts.comm.steps)
+                           parameter_digest(self.parts.module), self.parts.comm and self.parts.comm.steps,
+                           wall_per_step=ctx.device.type != "cuda")
         with self.phase("the final summary"):
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.
@@ -752,7 +753,7 @@ class Trainer:
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix
-        summary["phase_timing"] = self.timer.describe()
+        summary["phase_timing"] = {**self.timer.describe(), "wall_per_step": self.ctx.device.type != "cuda"}
         if self.target_reached:
             summary["stop_at_accuracy"] = {"target": self.cfg.stop_at_accuracy,
                                            **{k: self.target_reached[k] for k in ("step", "epoch", "test_accuracy",

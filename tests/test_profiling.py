@@ -34,6 +34,7 @@ from dist_mnist.profiling import (
     cuda_memory_snapshot,
     format_summary,
     make_profiler,
+    rank_stats,
 )
 from dist_mnist.train import RunClock
 from dist_mnist.train import main as train_main
@@ -376,16 +377,34 @@ def test_summary_and_report_say_how_phases_were_timed(mode: str, tmp_path: Path)
     (rank,) = summary["ranks"]
     shares = [rank[f"{phase}_share"] for phase in PHASES]
     if mode == "sample":
-        assert summary["phase_timing"] == {"mode": "sample", "every_n_steps": 4, "steps_timed": 6}
+        assert summary["phase_timing"] == {"mode": "sample", "every_n_steps": 4, "steps_timed": 6,
+                                           "wall_per_step": True}
         assert sum(shares) == pytest.approx(1.0)
         assert 0.8 <= rank["explained_fraction"] <= 1.2  # a sample of steps against the mean of all
     else:
-        assert summary["phase_timing"] == {"mode": "off", "every_n_steps": None, "steps_timed": 0}
+        assert summary["phase_timing"] == {"mode": "off", "every_n_steps": None, "steps_timed": 0,
+                                           "wall_per_step": True}
         assert shares == [None] * len(PHASES) and rank["explained_fraction"] is None
         assert rank["step_time_p50_s"] > 0 and rank["samples_per_sec"] > 0  # from the wall clock
     table = report.report(tmp_path / mode)
     assert format_summary(summary) in table and format_summary(summary) in result.stdout
     assert ("phase timers off" in table) == (mode == "off")
+
+
+def test_with_timers_off_on_cuda_the_step_percentiles_are_the_mean_wall_step() -> None:
+    """On CUDA one wall interval is not one step (the host runs ahead; the step before a pause waits for the queue),
+    so with no timed steps p50 and p90 are the mean, and the table says why."""
+    # Two warm-up steps (left out), nine queued at host speed, then the one that waited for all ten.
+    wall = [0.001] * 9 + [0.091]
+    stats = {per_step: rank_stats(0, [], 16, [0.5, 0.5, *wall], 0, None, "digest", wall_per_step=per_step)
+             for per_step in (True, False)}
+    assert stats[True]["step_time_p50_s"] == pytest.approx(0.001)  # CPU: each interval is a step
+    assert stats[False]["step_time_p50_s"] == stats[False]["step_time_p90_s"] == pytest.approx(0.01)
+    assert [s["samples_per_sec"] for s in stats.values()] == pytest.approx([1600, 1600])
+    summary = build_summary([stats[False]], global_samples_per_sec=1600, epoch_time_s=None, flops=1e6,
+                            peak_flops_per_process=1e12, peak_source="--peak-tflops")
+    summary["phase_timing"] = {"mode": "off", "every_n_steps": None, "steps_timed": 0, "wall_per_step": False}
+    assert "p50 and p90 are the mean step" in format_summary(summary)
 
 
 @pytest.mark.timeout(120)
