@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, SMOKE_FLAGS, Result, run, train
@@ -131,25 +132,37 @@ def test_same_params_compares_the_parameter_digests_of_two_runs(out: Path) -> No
     assert missing.stdout.startswith("FAIL same parameters: graphs_straight has no summary (FileNotFoundError")
 
 
-def test_trace_kernels_fails_on_a_cpu_trace_and_passes_with_kernel_events(out: Path, tmp_path: Path) -> None:
+def test_trace_kernels_wants_the_kernels_of_each_graph_replay(out: Path, tmp_path: Path) -> None:
     traces = out / "runs" / "default" / "traces"
     cpu = run([*GPUCHECK, "trace-kernels", str(traces)], timeout=60)
     assert cpu.returncode == 1, cpu.stdout
     # 0-based step numbers (README, "Profiling"): step 0 waits, step 1 warms up, 2 and 3 are recorded.
-    assert "0 kernel events, ['ProfilerStep#2', 'ProfilerStep#3']" in cpu.stdout
+    assert "0 kernel events, 0 graph launches with 0 kernels, ['ProfilerStep#2', 'ProfilerStep#3']" in cpu.stdout
     assert cpu.stdout.splitlines()[-1].startswith("FAIL trace kernels")
-    # The same trace with one GPU kernel event added, as a CUDA run's trace has them.
     [source] = traces.glob("*.pt.trace.json.gz")
     with gzip.open(source, "rt") as f:
         trace = json.load(f)
-    trace["traceEvents"].append({"ph": "X", "cat": "kernel", "name": "ampere_sgemm", "ts": 1, "dur": 1})
-    gpu = tmp_path / "traces"
-    gpu.mkdir()
-    with gzip.open(gpu / source.name, "wt") as f:
-        json.dump(trace, f)
-    result = run([*GPUCHECK, "trace-kernels", str(gpu)], timeout=60)
-    assert result.returncode == 0 and "1 kernel events" in result.stdout
-    assert result.stdout.splitlines()[-1] == "PASS trace kernels"
+
+    def check(name: str, *events: dict[str, Any]) -> Result:
+        """The CPU trace with `events` added, as a CUDA run's trace has them."""
+        folder = tmp_path / name
+        folder.mkdir()
+        with gzip.open(folder / source.name, "wt") as f:
+            json.dump({**trace, "traceEvents": [*trace["traceEvents"], *events]}, f)
+        return run([*GPUCHECK, "trace-kernels", str(folder)], timeout=60)
+
+    launch = {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 1, "dur": 5,
+              "args": {"correlation": 7}}
+    eager = {"ph": "X", "cat": "kernel", "name": "index_elementwise_kernel", "ts": 2, "dur": 1,
+             "args": {"correlation": 3}}
+    in_graph = {**eager, "name": "sm90_xmma_fprop_implicit_gemm", "args": {"correlation": 7}}
+    eager_only = check("eager", eager)
+    assert eager_only.returncode == 0 and "1 kernel events, 0 graph launches" in eager_only.stdout
+    missing = check("replay_without_kernels", launch, eager)  # the graph's kernels went unrecorded
+    assert missing.returncode == 1 and "1 graph launches with 0 kernels" in missing.stdout
+    replay = check("replay", launch, eager, in_graph)
+    assert replay.returncode == 0 and replay.stdout.splitlines()[-1] == "PASS trace kernels"
+    assert "2 kernel events, 1 graph launches with 1 kernels" in replay.stdout
     empty = run([*GPUCHECK, "trace-kernels", str(tmp_path / "none")], timeout=60)
     assert empty.returncode == 1 and "FAIL trace kernels: no trace in" in empty.stdout
 
