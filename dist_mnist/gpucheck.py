@@ -2,7 +2,7 @@
 
     python -m dist_mnist.gpucheck table OUT_DIR [--classic-given]   # issue 9's done-when table
     python -m dist_mnist.gpucheck same-params RUNS_DIR RUN_A RUN_B   # two runs ended with equal parameters
-    python -m dist_mnist.gpucheck trace-kernels TRACE_DIR             # every rank's trace holds GPU kernels
+    python -m dist_mnist.gpucheck trace-kernels RUN_DIR               # its traces hold the GPU's kernels
 
 They live here rather than inline in the script so that CPU tests run them on real run folders: a GPU slot is
 short and rare, and a figure lost to a misspelt key would cost the next one. Each prints PASS/FAIL lines (the table:
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The run folder's files (dist_mnist.metrics.METRICS_FILE; the tests read real runs through these names).
-SUMMARY_FILE, METRICS_FILE = "summary.json", "metrics.jsonl"
+# The run folder's files (dist_mnist.metrics.METRICS_FILE, dist_mnist.profiling.TRACES_DIR; the tests read real
+# runs through these names).
+SUMMARY_FILE, METRICS_FILE, TRACES_DIR = "summary.json", "metrics.jsonl", "traces"
 TARGET = 0.99  # issue 9's accuracy bar
 TIME_TO_TARGET_S = 0.5
 OWN_STARTUP_S = 2.0
@@ -140,7 +141,10 @@ def default_command(check: CheckOutput) -> list[Row]:
     imports = check.import_torch_s()
     own = startup - imports
     phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in run.summary["startup"].items())
+    graphed = run.summary.get("cuda_graphs")
     rows = [
+        Row("default command: steps replayed from a CUDA graph", "yes",
+            "yes" if graphed else "no (default.log says why)", bool(graphed)),
         Row("default command: final test accuracy", f">= {TARGET:.1%}", f"{run.final_accuracy:.2%}",
             run.final_accuracy >= TARGET),
         Row(f"default command: {TARGET:.1%} first reached after the first step", f"<= {TIME_TO_TARGET_S} s",
@@ -217,8 +221,9 @@ def sweep(check: CheckOutput) -> list[Row]:
         hit = run.first_at(TARGET)
         reached = (f"{hit['elapsed_s']:.2f} s, step {hit['step']}" if hit
                    else f"never (final {run.final_accuracy:.2%})")
+        eager = "" if run.summary.get("cuda_graphs") else " (eager steps: its log says why)"
         rows.append(Row(f"candidate {name}: {TARGET:.1%} first at (stopped there); samples/s", "lowest wins",
-                        f"{reached}; {run.summary['samples_per_sec']:,.0f}", None))
+                        f"{reached}; {run.summary['samples_per_sec']:,.0f}{eager}", None))
     return rows
 
 
@@ -253,15 +258,22 @@ def same_params(runs: Path, name_a: str, name_b: str) -> tuple[str, bool]:
             f"{'end equal' if same else 'differ'} (digest, steps: {digests})"), same
 
 
-def trace_kernels(trace_dir: Path) -> tuple[str, bool]:
-    """Kernel events per trace file, and whether the window's CUDA graph replays show theirs.
+def trace_kernels(run_dir: Path) -> tuple[str, bool]:
+    """Kernel events per trace file of a profiled run, and, when its steps were graph replays (summary.json's
+    `cuda_graphs`), whether the window's replays show their kernels.
 
     A replay is one cudaGraphLaunch on the host; CUPTI gives each kernel of the graph that launch's correlation
     id (and kineto since 2026 a "graph id"). The loop's own eager kernels around a replay (the batch gather, the
-    learning-rate fill) are kernels too, so a count above zero alone would not show that the graph's are there.
+    learning-rate fill) are kernels too, so a count above zero alone would not show that the graph's are there;
+    and a run whose capture failed runs eager, so its traces hold no launch to look for.
     """
+    trace_dir = run_dir / TRACES_DIR
     traces = sorted(trace_dir.glob("*.pt.trace.json.gz"))
-    lines, ok = [], bool(traces)
+    try:
+        graphed = bool(json.loads((run_dir / SUMMARY_FILE).read_text())["cuda_graphs"])
+    except (OSError, ValueError, KeyError) as exc:
+        return f"FAIL trace kernels: {run_dir} has no summary ({type(exc).__name__}: {exc})", False
+    lines, ok = [f"{run_dir.name}: steps {'replayed from a CUDA graph' if graphed else 'eager'}"], bool(traces)
     for path in traces:
         with gzip.open(path, "rt") as f:
             events = json.load(f)["traceEvents"]
@@ -273,9 +285,9 @@ def trace_kernels(trace_dir: Path) -> tuple[str, bool]:
         steps = sorted({e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")})
         lines.append(f"{path.name}: {len(kernels)} kernel events, {len(launches)} graph launches with {in_graphs} "
                      f"kernels, {steps}")
-        ok = ok and bool(kernels) and (not launches or in_graphs > 0)
+        ok = ok and bool(kernels) and (not graphed or (bool(launches) and in_graphs > 0))
     lines.append("PASS trace kernels" if ok else f"FAIL trace kernels: no trace in {trace_dir}, one without kernels, "
-                                                 "or graph launches without theirs")
+                                                 "or graph replays without theirs")
     return "\n".join(lines), ok
 
 
@@ -290,15 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", type=Path)
     p.add_argument("run_a")
     p.add_argument("run_b")
-    p = commands.add_parser("trace-kernels", help="every trace in TRACE_DIR holds GPU kernel events")
-    p.add_argument("trace_dir", type=Path)
+    p = commands.add_parser("trace-kernels", help="every trace of a profiled run holds GPU kernel events (those of "
+                                                   "its graph replays when it ran graphed)")
+    p.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     if args.command == "table":
         text, ok = table(args.out, args.classic_given)
     elif args.command == "same-params":
         text, ok = same_params(args.runs, args.run_a, args.run_b)
     else:
-        text, ok = trace_kernels(args.trace_dir)
+        text, ok = trace_kernels(args.run_dir)
     print(text)
     return 0 if ok else 1
 

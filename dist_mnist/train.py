@@ -374,6 +374,7 @@ class Trainer:
         self.graphs = graph_decision(cfg.cuda_graphs, ctx.device.type, ctx.world_size, self.settings.amp_dtype,
                                      cfg.compile, cfg.grad_accum_steps)
         self.step_fn: Callable[[Sequence[Batch], StepTimer], torch.Tensor] = partial(accumulation_step, self.parts)
+        self.graphed = False  # whether the steps replay a captured CUDA graph (a failed capture leaves it False)
         self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
         self.timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
@@ -632,6 +633,7 @@ class Trainer:
             with self.startup.phase("graph_capture"):  # after resume: the graph replays from the restored state
                 try:
                     self.step_fn = GraphedStep(self.parts, cfg.batch_size).step
+                    self.graphed = True
                 except RuntimeError as exc:  # weights and optimizer state are back as they were
                     self.log(capture_failure_note(exc, cfg.cuda_graphs))
 
@@ -754,6 +756,7 @@ class Trainer:
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix
         summary["phase_timing"] = {**self.timer.describe(), "wall_per_step": self.ctx.device.type != "cuda"}
+        summary["cuda_graphs"] = self.graphed  # config.json has the decision; this is what ran
         if self.target_reached:
             summary["stop_at_accuracy"] = {"target": self.cfg.stop_at_accuracy,
                                            **{k: self.target_reached[k] for k in ("step", "epoch", "test_accuracy",

@@ -124,7 +124,7 @@ echo "== profiler overhead (issue 10)"
 timed profiler_bench 300 "$python" -m dist_mnist.bench --data-dir "$data_dir" --only profiler \
     --output "$out/profiler_overhead.md" --json "$out/profiler_overhead.json"
 cat "$out/profiler_overhead.md" 2>/dev/null
-"$python" -m dist_mnist.gpucheck trace-kernels "$out/runs/profile/traces" || status=1
+"$python" -m dist_mnist.gpucheck trace-kernels "$out/runs/profile" || status=1
 fi
 # ---- end of profiler overhead (issue 10) ---------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ and the device-side batch order against the DataLoader's, and a whole graphed ru
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import subprocess
 import sys
@@ -201,6 +202,7 @@ def test_graphed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeyp
              "--output-dir", str(tmp_path), "--timeout-s", "60"]
     assert main([*flags, "--run-name", "whole", "--max-steps", "8"]) == 0
     assert "cuda_graphs=True" in capsys.readouterr().out
+    assert json.loads((tmp_path / "whole" / "summary.json").read_text())["cuda_graphs"] is True
     assert main([*flags, "--run-name", "split", "--max-steps", "4"]) == 0
     assert main([*flags, "--run-name", "split", "--max-steps", "8"]) == 0
     assert "resumed from step 4" in capsys.readouterr().out
@@ -210,6 +212,23 @@ def test_graphed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeyp
     group = split["optimizer"]["param_groups"][0]
     assert isinstance(group["lr"], float) and group["capturable"] is False
     assert group["lr"] == whole["optimizer"]["param_groups"][0]["lr"]
+
+
+@pytest.mark.timeout(120)
+def test_a_run_whose_capture_failed_says_so_and_its_summary_says_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Under `auto` a failed capture leaves eager steps: config.json records the decision (taken before capture),
+    summary.json what ran, so a GPU figure is never read as graphed when it was not."""
+    def refuse(body: Callable[[], None]) -> Callable[[], None]:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(train_module, "graph_decision", lambda *args, **kwargs: GraphDecision(True, ""))
+    monkeypatch.setattr(train_module, "GraphedStep", partial(GraphedStep, capture=refuse))
+    assert main([*SMOKE_FLAGS, "--max-steps", "4", "--output-dir", str(tmp_path), "--run-name", "failed"]) == 0
+    assert "note: CUDA graph capture failed (operation not permitted" in capsys.readouterr().out
+    run_dir = tmp_path / "failed"
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["cuda_graphs"] is True
+    assert json.loads((run_dir / "summary.json").read_text())["cuda_graphs"] is False
 
 
 @pytest.mark.timeout(120)

@@ -70,6 +70,7 @@ def test_the_table_reads_every_figure_of_real_runs_and_judges_each_bar(out: Path
     ours = gpucheck.read_run(out / "runs" / "default")
     assert ours is not None
     assert table["default command: final test accuracy"] == (">= 99.0%", f"{ours.final_accuracy:.2%}", "NO")
+    assert table["default command: steps replayed from a CUDA graph"] == ("yes", "no (default.log says why)", "NO")
     startup = ours.summary["startup_s"]
     target, measured, met = table["own start-up: startup_s - bare `import torch`"]
     assert measured.startswith(f"{startup - 1.25:.2f} s ({startup:.2f} - 1.25); imports ")  # the faster import
@@ -96,6 +97,7 @@ def test_a_run_that_reaches_every_bar_passes(out: Path, tmp_path: Path) -> None:
     summary_path = passing / "runs" / "default" / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary["startup_s"] = 3.0
+    summary["cuda_graphs"] = True
     summary_path.write_text(json.dumps(summary))
     bench = json.loads((passing / "bench.json").read_text())
     bench["graphs"]["256"].update(eager_loop=80_000, graphed_loop=150_000 * 0.9)
@@ -133,21 +135,24 @@ def test_same_params_compares_the_parameter_digests_of_two_runs(out: Path) -> No
 
 
 def test_trace_kernels_wants_the_kernels_of_each_graph_replay(out: Path, tmp_path: Path) -> None:
-    traces = out / "runs" / "default" / "traces"
-    cpu = run([*GPUCHECK, "trace-kernels", str(traces)], timeout=60)
+    run_dir = out / "runs" / "default"
+    cpu = run([*GPUCHECK, "trace-kernels", str(run_dir)], timeout=60)
     assert cpu.returncode == 1, cpu.stdout
+    assert cpu.stdout.startswith("default: steps eager\n")
     # 0-based step numbers (README, "Profiling"): step 0 waits, step 1 warms up, 2 and 3 are recorded.
     assert "0 kernel events, 0 graph launches with 0 kernels, ['ProfilerStep#2', 'ProfilerStep#3']" in cpu.stdout
     assert cpu.stdout.splitlines()[-1].startswith("FAIL trace kernels")
-    [source] = traces.glob("*.pt.trace.json.gz")
+    [source] = (run_dir / gpucheck.TRACES_DIR).glob("*.pt.trace.json.gz")
     with gzip.open(source, "rt") as f:
         trace = json.load(f)
+    summary = json.loads((run_dir / "summary.json").read_text())
 
-    def check(name: str, *events: dict[str, Any]) -> Result:
-        """The CPU trace with `events` added, as a CUDA run's trace has them."""
+    def check(name: str, graphed: bool, *events: dict[str, Any]) -> Result:
+        """The CPU run with `events` added to its trace, as a CUDA run's trace has them."""
         folder = tmp_path / name
-        folder.mkdir()
-        with gzip.open(folder / source.name, "wt") as f:
+        (folder / gpucheck.TRACES_DIR).mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({**summary, "cuda_graphs": graphed}))
+        with gzip.open(folder / gpucheck.TRACES_DIR / source.name, "wt") as f:
             json.dump({**trace, "traceEvents": [*trace["traceEvents"], *events]}, f)
         return run([*GPUCHECK, "trace-kernels", str(folder)], timeout=60)
 
@@ -156,15 +161,19 @@ def test_trace_kernels_wants_the_kernels_of_each_graph_replay(out: Path, tmp_pat
     eager = {"ph": "X", "cat": "kernel", "name": "index_elementwise_kernel", "ts": 2, "dur": 1,
              "args": {"correlation": 3}}
     in_graph = {**eager, "name": "sm90_xmma_fprop_implicit_gemm", "args": {"correlation": 7}}
-    eager_only = check("eager", eager)
-    assert eager_only.returncode == 0 and "1 kernel events, 0 graph launches" in eager_only.stdout
-    missing = check("replay_without_kernels", launch, eager)  # the graph's kernels went unrecorded
+    by_graph_id = {**eager, "name": "sm90_xmma_dgrad", "args": {"correlation": 9, "graph id": 2}}
+    eager_run = check("eager_run", False, eager)
+    assert eager_run.returncode == 0 and "1 kernel events, 0 graph launches" in eager_run.stdout
+    no_replays = check("graphed_without_launches", True, eager)  # eager kernels only: the replays went unseen
+    assert no_replays.returncode == 1
+    missing = check("replays_without_kernels", True, launch, eager)  # the graph's kernels went unrecorded
     assert missing.returncode == 1 and "1 graph launches with 0 kernels" in missing.stdout
-    replay = check("replay", launch, eager, in_graph)
+    replay = check("replays", True, launch, eager, in_graph, by_graph_id)
     assert replay.returncode == 0 and replay.stdout.splitlines()[-1] == "PASS trace kernels"
-    assert "2 kernel events, 1 graph launches with 1 kernels" in replay.stdout
-    empty = run([*GPUCHECK, "trace-kernels", str(tmp_path / "none")], timeout=60)
-    assert empty.returncode == 1 and "FAIL trace kernels: no trace in" in empty.stdout
+    assert "3 kernel events, 1 graph launches with 2 kernels" in replay.stdout
+    assert replay.stdout.startswith("replays: steps replayed from a CUDA graph\n")
+    nothing = run([*GPUCHECK, "trace-kernels", str(tmp_path / "none")], timeout=60)
+    assert nothing.returncode == 1 and "FAIL trace kernels:" in nothing.stdout and "has no summary" in nothing.stdout
 
 
 def test_gpucheck_imports_no_torch() -> None:
