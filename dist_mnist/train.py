@@ -305,6 +305,7 @@ class RunClock:
         self.first_step_unix = 0.0
         self.paused_s = 0.0
         self.resumed_s = 0.0  # seconds since the first step, as of the checkpoint this process resumed from
+        self.resumed_paused_s = 0.0  # of those, the seconds spent in pauses
         self._sync = sync
 
     def begin(self) -> float:
@@ -334,11 +335,17 @@ class RunClock:
         finally:
             self.paused_s += time.perf_counter() - start
 
+    def paused_total_s(self) -> float:
+        """Seconds since the run's first step spent in pauses, those of the processes it was resumed from included:
+        `elapsed_s() - paused_total_s()` is the run's training time."""
+        return self.resumed_paused_s + self.paused_s
+
     def state_dict(self) -> dict[str, Any]:
-        return {"elapsed_s": self.elapsed_s()}
+        return {"elapsed_s": self.elapsed_s(), "paused_s": self.paused_total_s()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resumed_s = state["elapsed_s"]
+        self.resumed_paused_s = state.get("paused_s", 0.0)  # checkpoints before 2026-11-27 kept elapsed time only
 
 
 class Trainer:
@@ -569,7 +576,9 @@ class Trainer:
         # The loss gather in flush_losses waits for the slowest rank: not a step's time.
         with self.paused(), self.phase("evaluation"):
             self.flush_losses()
-            result = evaluate(self.parts, self.data.test_loader)
+            start = time.perf_counter()
+            result = evaluate(self.parts, self.data.test_loader)  # ends reading its totals: the GPU is done
+            eval_s = time.perf_counter() - start
             # The mean training loss since the last record, over all ranks.
             loss = torch.tensor([self.train_loss_sum, float(self.train_loss_count)], dtype=torch.float64)
             dist.all_reduce(loss, group=self.ctx.control_group)
@@ -583,6 +592,9 @@ class Trainer:
             **result,
             "samples_per_sec": (self.state.step - prev_step) * self.global_batch / max(seconds - prev_seconds, 1e-9),
             "elapsed_s": self.elapsed_s(),
+            # Where elapsed_s went: this evaluation's own seconds, and all pauses so far (evaluations, checkpoints,
+            # progress reports, trace writing); the rest is training.
+            "eval_s": eval_s, "paused_s": self.clock.paused_total_s(),
         }
         self.state.metrics.append(record)
         with self.phase("evaluation"):

@@ -23,7 +23,12 @@ SMOKE_TEST_SIZE = 203  # what SMOKE_FLAGS make: odd, so neither 2 nor 3 ranks di
 MAX_STEPS = 12
 LOG_EVERY = 4  # SMOKE_FLAGS' --log-every
 RECORD_KEYS = {"epoch", "step", "train_loss", "test_loss", "test_accuracy", "test_samples", "samples_per_sec",
-               "elapsed_s"}
+               "elapsed_s", "eval_s", "paused_s"}
+
+
+def test_the_readme_names_exactly_the_keys_of_a_metrics_record() -> None:
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `metrics.jsonl` |"))
+    assert set(re.findall(r"`(\w+)`", row)) == RECORD_KEYS
 
 
 @dataclass
@@ -59,7 +64,8 @@ def assert_run_files(run: Run, world_size: int) -> None:
     config = run.json("config.json")
     assert config["resolved"]["world_size"] == world_size and config["max_steps"] == MAX_STEPS
     last = run.metrics()[-1]
-    assert RECORD_KEYS <= last.keys()
+    assert last.keys() == RECORD_KEYS
+    assert 0 < last["eval_s"] <= last["paused_s"] < last["elapsed_s"]
     # Epochs count from 1: the epoch of the last step done.
     assert last["step"] == MAX_STEPS and last["epoch"] == (MAX_STEPS - 1) // config["resolved"]["steps_per_epoch"] + 1
     assert last["test_samples"] == SMOKE_TEST_SIZE

@@ -91,7 +91,7 @@ def test_a_run_that_reaches_every_bar_passes(out: Path, tmp_path: Path) -> None:
     passing = tmp_path / "out"
     shutil.copytree(out, passing)
     metrics_path = passing / "runs" / "default" / METRICS_FILE
-    records = [{**json.loads(line), "test_accuracy": 0.995, "elapsed_s": 0.3 + i}
+    records = [{**json.loads(line), "test_accuracy": 0.995, "elapsed_s": 0.3 + i, "eval_s": 0.01, "paused_s": 0.05}
                for i, line in enumerate(metrics_path.read_text().splitlines())]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     summary_path = passing / "runs" / "default" / "summary.json"
@@ -106,8 +106,9 @@ def test_a_run_that_reaches_every_bar_passes(out: Path, tmp_path: Path) -> None:
     (passing / "runs" / "ours_1epoch" / METRICS_FILE).write_text(metrics_path.read_text())
     result = run([*GPUCHECK, "table", str(passing), "--classic-given"], timeout=60)
     table = rows(result)
-    assert table["default command: 99.0% first reached after the first step"] == ("<= 0.5 s", f"0.30 s (step "
-                                                                                 f"{records[0]['step']})", "yes")
+    assert table["default command: 99.0% first reached after the first step"] == (
+        "<= 0.5 s", f"0.30 s (step {records[0]['step']}: training 0.25 s, 1 evaluations 0.01 s, other pauses 0.04 s)",
+        "yes")
     assert {met for _, _, met in table.values()} == {"yes", "n/a"}, result.stdout
     assert result.returncode == 0
 

@@ -192,6 +192,13 @@ def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> N
     with clock.paused(sync=False):
         pass
     assert len(waits) == 1
+    # The pauses carry over a resume, as elapsed time does (a checkpoint from before paused_s existed has none).
+    resumed = RunClock()
+    resumed.load_state_dict(clock.state_dict())
+    assert resumed.paused_total_s() == pytest.approx(clock.paused_s) and resumed.elapsed_s() >= 0.3
+    older = RunClock()
+    older.load_state_dict({"elapsed_s": 5.0})
+    assert (older.elapsed_s(), older.paused_total_s()) == (5.0, 0.0)
 
 
 @pytest.mark.timeout(120)
