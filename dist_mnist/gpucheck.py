@@ -1,7 +1,7 @@
 """The checks and the done-when table of launch/gpu_check.sh, read from the folder the script fills.
 
     python -m dist_mnist.gpucheck table OUT_DIR [--classic-given]   # issue 9's done-when table
-    python -m dist_mnist.gpucheck same-params RUNS_DIR RUN_A RUN_B   # two runs ended with equal parameters
+    python -m dist_mnist.gpucheck same-params RUNS_DIR A B [--graphed]  # two runs ended with equal parameters
     python -m dist_mnist.gpucheck trace-kernels RUN_DIR               # its traces hold the GPU's kernels
 
 They live here rather than inline in the script so that CPU tests run them on real run folders: a GPU slot is
@@ -259,18 +259,23 @@ def table(out: Path, classic_given: bool) -> tuple[str, bool]:
     return "\n".join(lines), all(r.met is not False for r in rows)
 
 
-def same_params(runs: Path, name_a: str, name_b: str) -> tuple[str, bool]:
-    """Whether two runs ended with the same parameters (rank 0's digest in summary.json)."""
-    digests = {}
+def same_params(runs: Path, name_a: str, name_b: str, graphed: bool = False) -> tuple[str, bool]:
+    """Whether two runs ended with the same parameters (rank 0's digest in summary.json); with `graphed`, also
+    whether both ran their steps as graph replays. (A replay runs the kernels eager steps run, so equal parameters
+    alone cannot tell a graphed run from one whose capture failed and fell back to eager steps.)"""
+    digests, eager = {}, []
     for name in (name_a, name_b):
         try:
-            rank0 = json.loads((runs / name / SUMMARY_FILE).read_text())["ranks"][0]
-            digests[name] = (rank0["params_digest"], rank0["steps"])
+            summary = json.loads((runs / name / SUMMARY_FILE).read_text())
+            digests[name] = (summary["ranks"][0]["params_digest"], summary["ranks"][0]["steps"])
         except (OSError, ValueError, KeyError, IndexError) as exc:
             return f"FAIL same parameters: {name} has no summary ({type(exc).__name__}: {exc})", False
+        if graphed and not summary.get("cuda_graphs"):
+            eager.append(name)
     same = digests[name_a][0] == digests[name_b][0]
-    return (f"{'PASS' if same else 'FAIL'} same parameters: {name_a} and {name_b} "
-            f"{'end equal' if same else 'differ'} (digest, steps: {digests})"), same
+    ok = same and not eager
+    return (f"{'PASS' if ok else 'FAIL'} same parameters: {name_a} and {name_b} {'end equal' if same else 'differ'} "
+            f"(digest, steps: {digests})" + (f"; but eager steps in {', '.join(eager)}" if eager else "")), ok
 
 
 def trace_kernels(run_dir: Path) -> tuple[str, bool]:
@@ -317,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", type=Path)
     p.add_argument("run_a")
     p.add_argument("run_b")
+    p.add_argument("--graphed", action="store_true", help="both must have run their steps as CUDA graph replays")
     p = commands.add_parser("trace-kernels", help="every trace of a profiled run holds GPU kernel events (those of "
                                                    "its graph replays when it ran graphed)")
     p.add_argument("run_dir", type=Path)
@@ -324,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "table":
         text, ok = table(args.out, args.classic_given)
     elif args.command == "same-params":
-        text, ok = same_params(args.runs, args.run_a, args.run_b)
+        text, ok = same_params(args.runs, args.run_a, args.run_b, args.graphed)
     else:
         text, ok = trace_kernels(args.run_dir)
     print(text)

@@ -132,6 +132,10 @@ def test_same_params_compares_the_parameter_digests_of_two_runs(out: Path) -> No
     assert same.returncode == 0 and same.stdout.startswith("PASS same parameters: default and compile end equal")
     other = run([*GPUCHECK, "same-params", str(runs), "default", "seed1"], timeout=60)
     assert other.returncode == 1 and other.stdout.startswith("FAIL same parameters: default and seed1 differ")
+    # Both runs here are CPU runs, whose steps are eager: --graphed fails them even though they end equal.
+    eager = run([*GPUCHECK, "same-params", "--graphed", str(runs), "default", "compile"], timeout=60)
+    assert eager.returncode == 1 and eager.stdout.startswith("FAIL same parameters: default and compile end equal")
+    assert eager.stdout.rstrip().endswith("; but eager steps in default, compile")
     missing = run([*GPUCHECK, "same-params", str(runs), "default", "graphs_straight"], timeout=60)
     assert missing.returncode == 1
     assert missing.stdout.startswith("FAIL same parameters: graphs_straight has no summary (FileNotFoundError")
@@ -206,7 +210,8 @@ def test_every_flag_gpu_check_passes_exists() -> None:
     script = (REPO / "launch" / "gpu_check.sh").read_text()
     used = set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", script))
     known = set(build_parser()._option_string_actions)
-    for module in ("dist_mnist.bench", "dist_mnist.report", "dist_mnist.gpucheck table"):
+    for module in ("dist_mnist.bench", "dist_mnist.report", "dist_mnist.gpucheck table",
+                   "dist_mnist.gpucheck same-params"):
         usage = run([sys.executable, "-m", *module.split(), "--help"], timeout=60).stdout
         known |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", usage))
     outside = {"--query-gpu", "--format", "--exclude", "--standalone", "--nproc-per-node"}  # nvidia-smi, tar, torchrun
