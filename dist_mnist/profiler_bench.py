@@ -1,13 +1,14 @@
 """What --profile and the phase timers cost, step by step: `python -m dist_mnist.bench --only profiler`.
 
-One process trains the real model on a fixed set of random batches under one arrangement after another (no
-profiler, labels always on, timers off or sampled, a profiler per window, one long-lived profiler, CUPTI kept
-subscribed), each for the same steps before, inside and after a profiling window, and reports the median step of each
-stretch. Every arrangement differs from the baseline in one suspect, so each ratio rules one in or out. On CUDA a
-step is wall time up to a synchronize, so it includes its GPU work; on CPU it is the process's CPU time
-(time.process_time), which other processes on a loaded machine do not inflate as they do wall time. The profiler's
-own calls between steps (opening a window, closing it and writing the trace) are timed apart, as the training loop
-leaves them out of step times.
+One process trains the real model on a fixed set of random batches under one arrangement after another (no profiler,
+labels always on, timers off or sampled, a profiler per window, one long-lived profiler, CUPTI kept subscribed),
+each for the same steps before, inside and after a profiling window, and reports the median step of each stretch.
+The step is the one a run with the same flags takes: on one CUDA process the whole step replayed from a CUDA graph
+(the default there), elsewhere the eager step. Every arrangement differs from the baseline in one suspect, so each
+ratio rules one in or out. On CUDA a step is wall time up to a synchronize, so it includes its GPU work; on CPU it
+is the process's CPU time (time.process_time), which other processes on a loaded machine do not inflate as they do
+wall time. The profiler's own calls between steps (opening a window, closing it and writing the trace) are timed
+apart, as the training loop leaves them out of step times.
 
 CUPTI is per process: once a profiler stopped without tearing it down, it stays subscribed for the rest of the
 process. So the arrangements run in this order, and the baseline runs again after the ones that tear CUPTI down
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,10 @@ from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trac
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
+from dist_mnist.graphs import GraphedStep, graph_decision
 from dist_mnist.metrics import StepTimer
 from dist_mnist.profiling import TRACES_DIR, WindowedProfiler, make_profiler
-from dist_mnist.train import build_train_parts, resolve_speed_settings, train_step
+from dist_mnist.train import TrainParts, build_train_parts, resolve_speed_settings, train_step
 
 WARMUP, ACTIVE = 2, 3  # the window: --profile-warmup and --profile-active as in the default schedule
 SAMPLE_EVERY = 10  # --phase-timer-every's default
@@ -66,6 +69,19 @@ ARRANGEMENTS = (
                 profiler="per_window", teardown_cupti=False),
     Arrangement("plain_last", "baseline last, after a profiler that left CUPTI subscribed"),
 )
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor]
+
+
+def run_step(cfg: TrainConfig, ctx: DistContext, parts: TrainParts) -> tuple[StepFn, bool]:
+    """The training step a run with `cfg` takes here, and whether it is a CUDA graph replay: the bars of issue 10
+    are about the default run, whose steps on one CUDA process are graph replays."""
+    decision = graph_decision(cfg.cuda_graphs, ctx.device.type, ctx.world_size, parts.settings.amp_dtype,
+                              cfg.compile, cfg.grad_accum_steps)
+    if decision.enabled:
+        return GraphedStep(parts, cfg.batch_size), True
+    return partial(train_step, parts), False
 
 
 def step_clock(device: torch.device) -> Callable[[], float]:
@@ -139,7 +155,7 @@ def _profiler(arrangement: Arrangement, cfg: TrainConfig, ctx: DistContext, run_
     return profiler
 
 
-def measure_arrangement(arrangement: Arrangement, cfg: TrainConfig, ctx: DistContext, parts: Any,
+def measure_arrangement(arrangement: Arrangement, cfg: TrainConfig, ctx: DistContext, step: StepFn,
                         batches: Iterator[tuple[torch.Tensor, torch.Tensor]], before: int, after: int,
                         run_dir: Path, into: Stretches) -> None:
     """Train before + window + after steps under `arrangement`; adds their step times to `into`."""
@@ -161,7 +177,7 @@ def measure_arrangement(arrangement: Arrangement, cfg: TrainConfig, ctx: DistCon
                 timer.begin_step()
                 with timer.phase("data"):
                     pass  # the batches are ready: the data phase is only its labels and marks
-                train_step(parts, images, labels, timer)
+                step(images, labels, timer)
                 timer.end_step()
                 if cuda:
                     torch.cuda.synchronize(ctx.device)
@@ -196,14 +212,15 @@ def measure_profiler_overhead(cfg: TrainConfig, ctx: DistContext, batch_sizes: l
     last = next((i for i, a in enumerate(arrangements) if not a.teardown_cupti), len(arrangements))
     with tempfile.TemporaryDirectory(prefix="dist_mnist_profiler_bench_") as tmp:
         for batch_size in batch_sizes:
-            parts = build_train_parts(dataclasses.replace(cfg, batch_size=batch_size), ctx, settings,
-                                      total_steps=10**6)
+            batch_cfg = dataclasses.replace(cfg, batch_size=batch_size)
+            step, graphed = run_step(batch_cfg, ctx, build_train_parts(batch_cfg, ctx, settings, total_steps=10**6))
+            results.setdefault("graphed", {})[f"batch_{batch_size}"] = graphed
             batches = _batches(batch_size, ctx.device)
             stretches = {a.name: Stretches() for a in arrangements}
             for group in (arrangements[:last], arrangements[last:]):
                 for turn in range(rounds):
                     for a in group:
-                        measure_arrangement(a, cfg, ctx, parts, batches, before, after,
+                        measure_arrangement(a, cfg, ctx, step, batches, before, after,
                                             Path(tmp) / f"{batch_size}-{a.name}-{turn}", stretches[a.name])
             results[f"batch_{batch_size}"] = {name: t.medians_ms() for name, t in stretches.items()}
     return results
@@ -218,9 +235,10 @@ def render_profiler_overhead(results: dict[str, Any]) -> list[str]:
         if not key.startswith("batch_"):
             continue
         base = arrangements["plain"]
+        steps = "graph replays" if results.get("graphed", {}).get(key) else "eager steps"
         for name, t in arrangements.items():
             lines.append(
-                f"| batch {key.removeprefix('batch_')}, `{name}` ({results['arrangements'][name]}) | "
+                f"| batch {key.removeprefix('batch_')} ({steps}), `{name}` ({results['arrangements'][name]}) | "
                 f"{t['before_ms']:.2f} / {t['inside_ms']:.2f} / {t['after_ms']:.2f} ms; before "
                 f"{t['before_ms'] / base['before_ms']:.3f}×, after {t['after_ms'] / base['after_ms']:.3f}×; "
                 f"profiler calls {t['profiler_calls_ms']:.0f} ms |")

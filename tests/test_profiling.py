@@ -13,6 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,8 +24,9 @@ import torch
 from conftest import SMOKE_FLAGS, Result, cpu_env, free_port, run, torchrun, train
 from torch.utils.data import DataLoader, TensorDataset
 
-from dist_mnist import report
+from dist_mnist import profiler_bench, report
 from dist_mnist.config import TrainConfig
+from dist_mnist.graphs import GraphDecision, GraphedStep, capture_eagerly
 from dist_mnist.metrics import PHASES, StepTimer, format_eval, process_rss_bytes, resolve_phase_timers
 from dist_mnist.profiler_bench import ARRANGEMENTS, measure_profiler_overhead, render_profiler_overhead, render_verdicts
 from dist_mnist.profiling import (
@@ -511,6 +513,21 @@ def test_profiler_bench_times_steps_before_inside_and_after_the_window() -> None
     rows = render_profiler_overhead(results) + render_verdicts(results, {16: {"mean_throughput_ratio": 0.99}})
     assert len(rows) == 1 + 3 + 3
     assert rows[-1].endswith("0.990 PASS |")
+    assert results["graphed"] == {"batch_4": False} and rows[1].startswith("| batch 4 (eager steps), `plain`")
+
+
+@pytest.mark.timeout(120)
+def test_profiler_bench_times_the_graph_replays_a_cuda_run_would_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On one CUDA process a run replays its steps from a CUDA graph, so the bench does too (replayed eagerly
+    here, as the CPU stand-in for capture)."""
+    monkeypatch.setattr(profiler_bench, "graph_decision", lambda *args, **kwargs: GraphDecision(True, ""))
+    monkeypatch.setattr(profiler_bench, "GraphedStep", partial(GraphedStep, capture=capture_eagerly))
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+    chosen = tuple(a for a in ARRANGEMENTS if a.name in {"plain", "per_window"})
+    results = measure_profiler_overhead(TrainConfig(amp="off"), ctx, [4], before=3, after=2,  # type: ignore[arg-type]
+                                        rounds=1, arrangements=chosen)
+    assert results["graphed"] == {"batch_4": True}
+    assert render_profiler_overhead(results)[1].startswith("| batch 4 (graph replays), `plain`")
 
 
 @pytest.mark.timeout(120)
