@@ -74,14 +74,19 @@ ARRANGEMENTS = (
 StepFn = Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor]
 
 
-def run_step(cfg: TrainConfig, ctx: DistContext, parts: TrainParts) -> tuple[StepFn, bool]:
-    """The training step a run with `cfg` takes here, and whether it is a CUDA graph replay: the bars of issue 10
-    are about the default run, whose steps on one CUDA process are graph replays."""
-    decision = graph_decision(cfg.cuda_graphs, ctx.device.type, ctx.world_size, parts.settings.amp_dtype,
-                              cfg.compile, cfg.grad_accum_steps)
-    if decision.enabled:
-        return GraphedStep(parts, cfg.batch_size), True
-    return partial(train_step, parts), False
+def steps_to_time(cfg: TrainConfig, ctx: DistContext, settings: Any) -> list[tuple[str, str, StepFn]]:
+    """(key suffix, label, step) for each kind of step to time: the one a run with `cfg` takes here first (the bars
+    of issue 10 are the default run's, whose steps on one CUDA process are graph replays), then, where that is a
+    graph replay, the eager step too (what DDP runs across GPUs take). Each has parts of its own: eager steps set
+    the gradients to None, which a graph must keep."""
+    def parts() -> TrainParts:
+        return build_train_parts(cfg, ctx, settings, total_steps=10**6)
+
+    eager: tuple[str, str, StepFn] = ("", "eager steps", partial(train_step, parts()))
+    if not graph_decision(cfg.cuda_graphs, ctx.device.type, ctx.world_size, settings.amp_dtype, cfg.compile,
+                          cfg.grad_accum_steps).enabled:
+        return [eager]
+    return [("", "graph replays", GraphedStep(parts(), cfg.batch_size)), ("_eager", *eager[1:])]
 
 
 def step_clock(device: torch.device) -> Callable[[], float]:
@@ -200,7 +205,8 @@ def measure_arrangement(arrangement: Arrangement, cfg: TrainConfig, ctx: DistCon
 def measure_profiler_overhead(cfg: TrainConfig, ctx: DistContext, batch_sizes: list[int], before: int,
                               after: int, rounds: int,
                               arrangements: tuple[Arrangement, ...] = ARRANGEMENTS) -> dict[str, Any]:
-    """Every arrangement at every batch size: {"batch_<B>": {arrangement: median step ms per stretch}}.
+    """Every arrangement at every batch size and kind of step: {"batch_<B>[_eager]": {arrangement: median step ms
+    per stretch}}, named in "sets" ("batch 16 (graph replays)").
 
     The arrangements take turns, `rounds` times, so a change in the machine's load hits them all alike; those that
     leave CUPTI subscribed (and the baseline that checks what they leave) take their turns after all others.
@@ -208,21 +214,21 @@ def measure_profiler_overhead(cfg: TrainConfig, ctx: DistContext, batch_sizes: l
     settings = resolve_speed_settings(cfg, ctx.device)
     results: dict[str, Any] = {"before_steps": before, "window_steps": WARMUP + ACTIVE, "after_steps": after,
                                "rounds": rounds, "clock": "wall" if ctx.device.type == "cuda" else "process CPU",
-                               "arrangements": {a.name: a.suspect for a in arrangements}}
+                               "arrangements": {a.name: a.suspect for a in arrangements}, "sets": {}}
     last = next((i for i, a in enumerate(arrangements) if not a.teardown_cupti), len(arrangements))
     with tempfile.TemporaryDirectory(prefix="dist_mnist_profiler_bench_") as tmp:
         for batch_size in batch_sizes:
-            batch_cfg = dataclasses.replace(cfg, batch_size=batch_size)
-            step, graphed = run_step(batch_cfg, ctx, build_train_parts(batch_cfg, ctx, settings, total_steps=10**6))
-            results.setdefault("graphed", {})[f"batch_{batch_size}"] = graphed
             batches = _batches(batch_size, ctx.device)
-            stretches = {a.name: Stretches() for a in arrangements}
-            for group in (arrangements[:last], arrangements[last:]):
-                for turn in range(rounds):
-                    for a in group:
-                        measure_arrangement(a, cfg, ctx, step, batches, before, after,
-                                            Path(tmp) / f"{batch_size}-{a.name}-{turn}", stretches[a.name])
-            results[f"batch_{batch_size}"] = {name: t.medians_ms() for name, t in stretches.items()}
+            for suffix, label, step in steps_to_time(dataclasses.replace(cfg, batch_size=batch_size), ctx, settings):
+                key = f"batch_{batch_size}{suffix}"
+                stretches = {a.name: Stretches() for a in arrangements}
+                for group in (arrangements[:last], arrangements[last:]):
+                    for turn in range(rounds):
+                        for a in group:
+                            measure_arrangement(a, cfg, ctx, step, batches, before, after,
+                                                Path(tmp) / f"{key}-{a.name}-{turn}", stretches[a.name])
+                results[key] = {name: t.medians_ms() for name, t in stretches.items()}
+                results["sets"][key] = f"batch {batch_size} ({label})"
     return results
 
 
@@ -231,14 +237,12 @@ def render_profiler_overhead(results: dict[str, Any]) -> list[str]:
     lines = [f"| profiler overhead, step by step: median step ms before ({results['before_steps']} steps) / inside "
              f"({results['window_steps']}) / after ({results['after_steps']}) the window, {results['rounds']} rounds, "
              f"{results['clock']} time; × = ratio to `plain` (>1: slower) | |"]
-    for key, arrangements in results.items():
-        if not key.startswith("batch_"):
-            continue
+    for key, label in results["sets"].items():
+        arrangements = results[key]
         base = arrangements["plain"]
-        steps = "graph replays" if results.get("graphed", {}).get(key) else "eager steps"
         for name, t in arrangements.items():
             lines.append(
-                f"| batch {key.removeprefix('batch_')} ({steps}), `{name}` ({results['arrangements'][name]}) | "
+                f"| {label}, `{name}` ({results['arrangements'][name]}) | "
                 f"{t['before_ms']:.2f} / {t['inside_ms']:.2f} / {t['after_ms']:.2f} ms; before "
                 f"{t['before_ms'] / base['before_ms']:.3f}×, after {t['after_ms'] / base['after_ms']:.3f}×; "
                 f"profiler calls {t['profiler_calls_ms']:.0f} ms |")
@@ -247,22 +251,22 @@ def render_profiler_overhead(results: dict[str, Any]) -> list[str]:
 
 def render_verdicts(steps: dict[str, Any], whole_runs: dict[Any, Any]) -> list[str]:
     """Markdown rows: issue 10's bars, met or not: steps outside the window within 3% of unprofiled ones, whole
-    profiled runs within 5%, phase timers within 2% of none."""
+    profiled runs within 5%, phase timers within 2% of none. For each kind of step timed (a set named "batch 16
+    (graph replays)"); the bars are the default run's, and its kind of step is each batch size's first set."""
     lines = []
-    for key, arrangements in steps.items():
-        if not key.startswith("batch_"):
-            continue
-        batch, base = key.removeprefix("batch_"), arrangements["plain"]
+    for key, label in steps["sets"].items():
+        arrangements = steps[key]
+        base = arrangements["plain"]
         window = arrangements["per_window"]
         outside = max(window["before_ms"] / base["before_ms"], window["after_ms"] / base["after_ms"])
         timers = statistics.fmean([base[s] / arrangements["timers_off"][s] for s in ("before_ms", "after_ms")])
         if "plain_again" in arrangements:  # the same code measured twice: how far apart noise alone puts them
             again = arrangements["plain_again"]
             noise = max(abs(again[s] / base[s] - 1) for s in ("before_ms", "after_ms"))
-            lines.append(f"| batch {batch}: noise floor, `plain_again` against `plain` | ±{noise:.1%} |")
-        lines += [f"| batch {batch}: --profile, steps outside the window / unprofiled, the worse of before and after "
+            lines.append(f"| {label}: noise floor, `plain_again` against `plain` | ±{noise:.1%} |")
+        lines += [f"| {label}: --profile, steps outside the window / unprofiled, the worse of before and after "
                   f"(bar: ≤ 1.03) | {outside:.3f} {'PASS' if outside <= 1.03 else 'FAIL'} |",
-                  f"| batch {batch}: phase timers on every step / off (bar: ≤ 1.02) | {timers:.3f} "
+                  f"| {label}: phase timers on every step / off (bar: ≤ 1.02) | {timers:.3f} "
                   f"{'PASS' if timers <= 1.02 else 'FAIL'} |"]
     for batch, run in whole_runs.items():
         ratio = run["mean_throughput_ratio"]

@@ -513,7 +513,9 @@ def test_profiler_bench_times_steps_before_inside_and_after_the_window() -> None
     rows = render_profiler_overhead(results) + render_verdicts(results, {16: {"mean_throughput_ratio": 0.99}})
     assert len(rows) == 1 + 3 + 3
     assert rows[-1].endswith("0.990 PASS |")
-    assert results["graphed"] == {"batch_4": False} and rows[1].startswith("| batch 4 (eager steps), `plain`")
+    assert results["sets"] == {"batch_4": "batch 4 (eager steps)"}
+    assert rows[1].startswith("| batch 4 (eager steps), `plain`")
+    assert rows[-3].startswith("| batch 4 (eager steps): --profile, steps outside the window")
 
 
 @pytest.mark.timeout(120)
@@ -523,11 +525,16 @@ def test_profiler_bench_times_the_graph_replays_a_cuda_run_would_take(monkeypatc
     monkeypatch.setattr(profiler_bench, "graph_decision", lambda *args, **kwargs: GraphDecision(True, ""))
     monkeypatch.setattr(profiler_bench, "GraphedStep", partial(GraphedStep, capture=capture_eagerly))
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
-    chosen = tuple(a for a in ARRANGEMENTS if a.name in {"plain", "per_window"})
+    chosen = tuple(a for a in ARRANGEMENTS if a.name in {"plain", "timers_off", "per_window"})
     results = measure_profiler_overhead(TrainConfig(amp="off"), ctx, [4], before=3, after=2,  # type: ignore[arg-type]
                                         rounds=1, arrangements=chosen)
-    assert results["graphed"] == {"batch_4": True}
-    assert render_profiler_overhead(results)[1].startswith("| batch 4 (graph replays), `plain`")
+    # The run's kind of step first (the bars are its), then the eager step that DDP runs across GPUs take.
+    assert results["sets"] == {"batch_4": "batch 4 (graph replays)", "batch_4_eager": "batch 4 (eager steps)"}
+    rows = render_profiler_overhead(results)
+    assert rows[1].startswith("| batch 4 (graph replays), `plain`") and rows[4].startswith("| batch 4 (eager steps)")
+    verdicts = render_verdicts(results, {})
+    labels = [row.split(":")[0] for row in verdicts]
+    assert labels == ["| batch 4 (graph replays)"] * 2 + ["| batch 4 (eager steps)"] * 2
 
 
 @pytest.mark.timeout(120)
