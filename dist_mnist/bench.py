@@ -50,13 +50,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, warmup: int = 5) -> float:
-    """Global training samples/s of `step` (train_step or a GraphedStep) over `seconds` after `warmup` steps;
-    batches cycle forever. The phase timers run as in a run with the default flags (sampled on CUDA), and the
-    clock is checked every `CLOCK_EVERY` steps, as often as a run's progress report (--log-every) syncs."""
+@dataclasses.dataclass(frozen=True)
+class LoopTiming:
+    samples_per_sec: float  # global
+    host_s_per_step: float  # the host's own time per step: wall time less the waits for the device
+
+
+def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, warmup: int = 5) -> LoopTiming:
+    """Global training samples/s of `step` (train_step or a GraphedStep) over `seconds` after `warmup` steps, and
+    the host's time per step; batches cycle forever. The phase timers run as in a run with the default flags
+    (sampled on CUDA), and the clock is checked every `CLOCK_EVERY` steps, as often as a run's progress report
+    (--log-every) syncs. A host time per step below the device's means the loop keeps the GPU busy."""
     timer = StepTimer(ctx.device, resolve_phase_timers(TrainConfig.phase_timers, ctx.device),
                       TrainConfig.phase_timer_every)
-    samples, start = 0, 0.0
+    samples, steps, start, waited = 0, 0, 0.0, 0.0
+
+    def wait() -> None:
+        nonlocal waited
+        begin = time.perf_counter()
+        _sync(ctx.device)
+        waited += time.perf_counter() - begin
+
     for i, (images, labels) in enumerate(batches):
         if i == warmup:
             _sync(ctx.device)
@@ -66,16 +80,18 @@ def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, w
         timer.end_step()
         if i >= warmup:
             samples += len(labels)
+            steps += 1
         # Every rank must stop at the same step, so rank 0's clock decides.
         if i >= warmup and i % CLOCK_EVERY == 0:
-            _sync(ctx.device)
+            wait()
             timer.drain()
             done = torch.tensor([int(time.perf_counter() - start >= seconds)])
             dist.broadcast(done, src=0, group=ctx.control_group)
             if done.item():
                 break
-    _sync(ctx.device)
-    return samples * ctx.world_size / (time.perf_counter() - start)
+    wait()
+    elapsed = time.perf_counter() - start
+    return LoopTiming(samples * ctx.world_size / elapsed, (elapsed - waited) / max(steps, 1))
 
 
 def _forever(loader: DataLoader, sampler: Any) -> Any:
@@ -119,7 +135,8 @@ def measure_throughput(cfg: TrainConfig, ctx: DistContext, seconds: float) -> di
         else:
             pipeline = build_pipeline(run_cfg, ctx, train, test, settings.data_on_device)
             batches = _forever(pipeline.train_loader, pipeline.train_batches)
-        results[name] = {"samples_per_sec": _timed_steps(partial(train_step, parts), iter(batches), ctx, seconds),
+        results[name] = {"samples_per_sec": _timed_steps(partial(train_step, parts), iter(batches), ctx,
+                                                         seconds).samples_per_sec,
                          "batch_size": batch_size, **settings.describe()}
     results["speedup"] = results["fast"]["samples_per_sec"] / results["classic"]["samples_per_sec"]
     dtype = fast.amp_dtype or torch.float32
@@ -161,7 +178,10 @@ def measure_graphs(cfg: TrainConfig, ctx: DistContext, seconds: float, batch_siz
         loops = {name: _timed_steps(step, iter(_forever(pipeline.train_loader, pipeline.train_batches)), ctx,
                                     seconds)
                  for name, step in (("eager_loop", partial(train_step, eager)), ("graphed_loop", graphed))}
-        row = GraphsRow(**loops, bare_captured_step=_timed_replays(graphed, ctx.device, seconds))
+        row = GraphsRow(eager_loop=loops["eager_loop"].samples_per_sec,
+                        graphed_loop=loops["graphed_loop"].samples_per_sec,
+                        bare_captured_step=_timed_replays(graphed, ctx.device, seconds),
+                        graphed_loop_host_us=loops["graphed_loop"].host_s_per_step * 1e6)
         results[str(batch_size)] = dataclasses.asdict(row)
     return results
 
@@ -331,7 +351,10 @@ def render_markdown(results: dict[str, Any]) -> str:
                       f"step | {row.eager_loop:,.0f} / {row.graphed_loop:,.0f} / "
                       f"{row.bare_captured_step:,.0f} samples/s |",
                       f"| **batch {batch}: graphed loop / eager loop; graphed loop / bare captured step** | "
-                      f"**{row.graphed_over_eager:.2f}x; {row.graphed_loop_over_bare:.0%}** |"]
+                      f"**{row.graphed_over_eager:.2f}x; {row.graphed_loop_over_bare:.0%}** |",
+                      f"| batch {batch}: the graphed loop's host time per step against the bare step's time (below "
+                      f"it, the loop keeps the GPU fed) | {row.graphed_loop_host_us:,.0f} / "
+                      f"{int(batch) / row.bare_captured_step * 1e6:,.0f} us |"]
     if "profiler_steps" in results:
         lines += render_profiler_overhead(results["profiler_steps"])
         lines += render_verdicts(results["profiler_steps"], results.get("profiler", {}))

@@ -46,9 +46,9 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (out / "classic_1epoch.log").write_text(
         f"\nTest set: Average loss: 0.0500, Accuracy: {below}/10000 ({below / 100:.0f}%)\n")
     graphs = {"amp": "bf16", "16": dataclasses.asdict(GraphsRow(eager_loop=1000, graphed_loop=6000,
-                                                                 bare_captured_step=6500)),
+                                                                 bare_captured_step=6500, graphed_loop_host_us=60)),
               "256": dataclasses.asdict(GraphsRow(eager_loop=100_000, graphed_loop=140_000,
-                                                  bare_captured_step=150_000))}
+                                                  bare_captured_step=150_000, graphed_loop_host_us=80))}
     (out / "bench.json").write_text(json.dumps({"graphs": graphs}))
     return out
 
@@ -81,9 +81,11 @@ def test_the_table_reads_every_figure_of_real_runs_and_judges_each_bar(out: Path
                                 f"end {5.0 - startup - trained:.1f} s; vs 20.0 s)", "yes")
     assert table["... at >= its accuracy"][2] == "yes"
     assert table["batch 16: loop with graphs / eager loop"] == (">= 5x", "6.00x (6,000 vs 1,000 samples/s)", "yes")
-    assert table["batch 16: loop with graphs / bare captured step"][1:] == ("92% (bare 6,500 samples/s)", "yes")
+    assert table["batch 16: loop with graphs / bare captured step"][1:] == (
+        "92% (bare 6,500 samples/s, 2462 us per step; the loop's host time 60 us per step)", "yes")
     assert table["batch 256: loop with graphs / eager loop"][0::2] == (">= 1.5x", "NO")  # 1.40x
-    assert table["batch 256: loop with graphs / bare captured step"][1:] == ("93% (bare 150,000 samples/s)", "yes")
+    assert table["batch 256: loop with graphs / bare captured step"][1:] == (
+        "93% (bare 150,000 samples/s, 1707 us per step; the loop's host time 80 us per step)", "yes")
     assert "compile" in " ".join(table) and any(f.startswith("candidate b256") for f in table)
     assert result.returncode == 1  # bars were missed
 
@@ -193,13 +195,15 @@ def test_the_bench_renders_its_graphs_section_from_the_rows_the_table_reads() ->
     """bench.json's graphs rows are GraphsRow fields; the bench's own markdown derives the same ratios from them."""
     from dist_mnist.bench import render_markdown
 
-    row = GraphsRow(eager_loop=1000, graphed_loop=6000, bare_captured_step=6500)
+    row = GraphsRow(eager_loop=1000, graphed_loop=6000, bare_captured_step=6500, graphed_loop_host_us=60)
     results = {"machine": "H100", "date": "2026-11-27", "torch": "2.11.0", "command": "python -m dist_mnist.bench",
                "graphs": json.loads(json.dumps({"amp": "bf16", "16": dataclasses.asdict(row)}))}
     markdown = render_markdown(results)
     assert "| batch 16 (bf16): eager loop / loop with the step in a CUDA graph / bare captured step | " \
            "1,000 / 6,000 / 6,500 samples/s |" in markdown
     assert "**6.00x; 92%**" in markdown
+    assert "host time per step against the bare step's time (below it, the loop keeps the GPU fed) | 60 / 2,462 us |" \
+        in markdown
 
 
 def test_every_flag_gpu_check_passes_exists() -> None:
