@@ -33,10 +33,11 @@ from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.gpucheck import GraphsRow
 from dist_mnist.graphs import GraphedStep
-from dist_mnist.metrics import METRICS_FILE, StepTimer, resolve_phase_timers
+from dist_mnist.metrics import StepTimer, resolve_phase_timers
 from dist_mnist.profiler_bench import measure_profiler_overhead, render_profiler_overhead, render_verdicts
 from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
 from dist_mnist.recipes import RECIPES
+from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE
 from dist_mnist.train import SpeedSettings, build_train_parts, dtype_name, resolve_speed_settings, train_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -200,7 +201,7 @@ def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     run_dir = out_dir / run_name
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     return summary, metrics, launched
 

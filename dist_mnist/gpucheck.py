@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The run folder's files (dist_mnist.metrics.METRICS_FILE, dist_mnist.profiling.TRACES_DIR; the tests read real
-# runs through these names).
-SUMMARY_FILE, METRICS_FILE, TRACES_DIR = "summary.json", "metrics.jsonl", "traces"
+from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACES_DIR
+
 TARGET = 0.99  # issue 9's accuracy bar
 TIME_TO_TARGET_S = 0.5
 OWN_STARTUP_S = 2.0

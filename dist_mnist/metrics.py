@@ -14,9 +14,8 @@ import torch
 from torch.profiler import record_function
 
 from dist_mnist.durable import append_whole, write_durably
+from dist_mnist.runfiles import METRICS_FILE
 
-# The run file with one record per evaluation (also read by `python -m dist_mnist.report` and the bench).
-METRICS_FILE = "metrics.jsonl"
 # The phases of one training step, in order. Their trace labels are "train/<phase>".
 PHASES = ("data", "to_device", "forward", "backward", "optimizer")
 # --phase-timers after "auto" is resolved: time every step, every Nth step, or no step.

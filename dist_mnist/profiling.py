@@ -21,6 +21,7 @@ from dist_mnist.comm import CommStep
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.metrics import PHASES
+from dist_mnist.runfiles import TRACES_DIR
 
 # A rank is a straggler when its own work per step (the step less the time it waited for the gradient
 # all-reduce after its backward compute: a slow rank waits least, the others wait for it) is this much above the
@@ -34,10 +35,9 @@ OWN_PHASES = ("data", "to_device", "forward", "backward_compute", "optimizer")
 # a step (averaged over ranks) is at least this; otherwise it is compute-bound.
 BOUND_SHARE = 0.25
 
-
-# Traces go into a folder of their own inside the run folder: HTA's TraceAnalysis(trace_dir=...) takes every
-# JSON file it finds there for a trace (summary.json included), and TensorBoard's profiler plugin lists it as a run.
-TRACES_DIR = "traces"
+# Traces go into a folder of their own inside the run folder (TRACES_DIR): HTA's TraceAnalysis(trace_dir=...) takes
+# every JSON file it finds there for a trace (summary.json included), and TensorBoard's profiler plugin lists it as a
+# run.
 
 
 def configure_kineto(device: torch.device) -> None:

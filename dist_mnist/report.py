@@ -12,10 +12,11 @@ from typing import Any
 
 from dist_mnist.compare import compare_summaries, config_changes, format_comparison
 from dist_mnist.errors import UserError
-from dist_mnist.metrics import METRICS_FILE, format_eval
+from dist_mnist.metrics import format_eval
 from dist_mnist.plots import write_run_picture
 from dist_mnist.profiling import format_summary
 from dist_mnist.progress import PROGRESS_FILE
+from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE
 
 PICTURE_FILE = "report.png"
 # The fields the picture reads from each record.
@@ -54,7 +55,7 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json of a finished run, checked to be one (the terminal table can be made from it)."""
     if not run_dir.is_dir():
         raise UserError(f"no run folder {run_dir}; pass a folder inside --output-dir, e.g. profiles/<run-name>")
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_FILE
     text = _read_text(path, f"{run_dir} has no summary.json: rank 0 writes it when a run ends, so this run is still "
                             "going, crashed, or stopped before its first step")
     summary = _read_json(path, text or "")

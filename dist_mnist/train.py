@@ -47,6 +47,7 @@ from dist_mnist.profiling import (
 )
 from dist_mnist.progress import Progress
 from dist_mnist.rundir import checkpoint_dir, open_run_dir
+from dist_mnist.runfiles import SUMMARY_FILE
 from dist_mnist.startup import StartupTimer
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,6 +335,12 @@ class RunClock:
             yield
         finally:
             self.paused_s += time.perf_counter() - start
+
+    @property
+    def wall_per_step(self) -> bool:
+        """Whether the wall time between two step starts is that step's time: not where the host runs ahead of the
+        device (CUDA), where a step's time lands in whichever later step or pause waits for it."""
+        return self._sync is None
 
     def paused_total_s(self) -> float:
         """Seconds since the run's first step spent in pauses, those of the processes it was resumed from included:
@@ -723,7 +730,7 @@ class Trainer:
         stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size * self.cfg.grad_accum_steps,
                            self.measured_step_s, self.memory.peak_rss_bytes, cuda_peak,
                            parameter_digest(self.parts.module), self.parts.comm and self.parts.comm.steps,
-                           wall_per_step=ctx.device.type != "cuda")
+                           wall_per_step=self.clock.wall_per_step)
         with self.phase("the final summary"):
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.
@@ -767,13 +774,13 @@ class Trainer:
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix
-        summary["phase_timing"] = {**self.timer.describe(), "wall_per_step": self.ctx.device.type != "cuda"}
+        summary["phase_timing"] = {**self.timer.describe(), "wall_per_step": self.clock.wall_per_step}
         summary["cuda_graphs"] = self.graphed  # config.json has the decision; this is what ran
         if self.target_reached:
             summary["stop_at_accuracy"] = {"target": self.cfg.stop_at_accuracy,
                                            **{k: self.target_reached[k] for k in ("step", "epoch", "test_accuracy",
                                                                                   "elapsed_s")}}
-        self.writer.write_json("summary.json", summary)
+        self.writer.write_json(SUMMARY_FILE, summary)
         print(format_summary(summary), flush=True)
 
 

@@ -1,0 +1,7 @@
+"""The names of a run folder's files, in a module that imports nothing: the writers (training, profiling) and the
+readers that must not pay for `import torch` (python -m dist_mnist.gpucheck, about 5 s on a GPU machine) share
+them."""
+
+SUMMARY_FILE = "summary.json"  # rank 0's end-of-run figures
+METRICS_FILE = "metrics.jsonl"  # one record per evaluation (also read by `python -m dist_mnist.report` and the bench)
+TRACES_DIR = "traces"  # the profiler's traces, one per rank and window
