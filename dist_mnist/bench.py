@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 
@@ -86,9 +85,7 @@ def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, w
         if i >= warmup and i % CLOCK_EVERY == 0:
             wait()
             timer.drain()
-            done = torch.tensor([int(time.perf_counter() - start >= seconds)])
-            dist.broadcast(done, src=0, group=ctx.control_group)
-            if done.item():
+            if ctx.broadcast_object(time.perf_counter() - start >= seconds):
                 break
     wait()
     elapsed = time.perf_counter() - start
@@ -263,19 +260,23 @@ def measure_scaling(data_flags: list[str], process_counts: list[int], steps: int
 def measure_profiler_cost(data_flags: list[str], steps: int, batch_sizes: list[int], out_dir: Path,
                           pairs: int = 2) -> dict[str, Any]:
     """Whole runs, --profile vs no profiling, per batch size, mean over `pairs` alternating pairs of runs: the
-    median step (the few steps of the profiling window hardly move it) and the mean step, window included (trace
-    writing is left out of step times)."""
+    median step (the few steps of the profiling window hardly move it), the mean step, window included (trace
+    writing is left out of step times, as every pause is), and the wall time from the first step to the last
+    evaluation, everything included. `steps` 0: each run is the recipe's whole schedule (on a GPU a few hundred
+    steps take a fraction of a second, which the window's fixed costs would dominate)."""
     results = {}
     for batch in batch_sizes:
-        flags = [*data_flags, "--max-steps", str(steps), "--batch-size", str(batch)]
-        ratios: dict[str, list[float]] = {"median_step_ratio": [], "mean_throughput_ratio": []}
+        flags = [*data_flags, *(["--max-steps", str(steps)] if steps else []), "--batch-size", str(batch)]
+        ratios: dict[str, list[float]] = {"median_step_ratio": [], "mean_throughput_ratio": [], "wall_ratio": []}
         for pair in range(pairs):  # alternating, so drift in the machine's load hits both alike
-            plain, _, _ = _launch(1, flags, 0, out_dir, f"noprof{batch}-{pair}")
-            profiled, _, _ = _launch(1, [*flags, "--profile"], 0, out_dir, f"prof{batch}-{pair}")
+            plain, plain_metrics, _ = _launch(1, flags, 0, out_dir, f"noprof{batch}-{pair}")
+            profiled, profiled_metrics, _ = _launch(1, [*flags, "--profile"], 0, out_dir, f"prof{batch}-{pair}")
             ratios["median_step_ratio"].append(plain["ranks"][0]["step_time_p50_s"] /
                                                profiled["ranks"][0]["step_time_p50_s"])
             ratios["mean_throughput_ratio"].append(profiled["samples_per_sec"] / plain["samples_per_sec"])
+            ratios["wall_ratio"].append(profiled_metrics[-1]["elapsed_s"] / plain_metrics[-1]["elapsed_s"])
         results[batch] = {key: sum(values) / pairs for key, values in ratios.items()}
+        results[batch]["steps"] = plain_metrics[-1]["step"]
     return results
 
 
@@ -338,10 +339,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| **DDP ratio: N ranks x 1 thread (--ddp-comm-hook {sc['best_hook']}) / 1 process x N "
                          f"threads** | **{sc['ddp_ratio']:.2f}** |")
     for batch, pr in results.get("profiler", {}).items():
-        lines += [f"| batch {batch}: whole runs, speed with --profile / without, median step (outside the window) | "
-                  f"{pr['median_step_ratio']:.3f} |",
+        steps = f"{pr['steps']} steps" if "steps" in pr else "whole runs"  # bench.json files before 2026-11-27
+        lines += [f"| batch {batch}: whole runs ({steps}), speed with --profile / without, median step (outside the "
+                  f"window) | {pr['median_step_ratio']:.3f} |",
                   f"| batch {batch}: the same, mean over the whole run (the 5 profiled steps included) | "
                   f"{pr['mean_throughput_ratio']:.3f} |"]
+        if "wall_ratio" in pr:
+            lines.append(f"| batch {batch}: the same, wall time from the first step to the end (evaluations, trace "
+                         f"writing and every other pause included), profiled / not | {pr['wall_ratio']:.3f} |")
     gr = results.get("graphs")
     if gr and "skipped" not in gr:
         for batch, measured in gr.items():
@@ -376,13 +381,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="per-process batch sizes of the graphs section (CUDA only)")
     parser.add_argument("--scaling", default="1,2", help="process counts for the scaling section")
     parser.add_argument("--scaling-steps", type=int, default=300,
-                        help="training steps per scaling run and per whole run of the profiler section")
+                        help="training steps per scaling run")
     parser.add_argument("--profiler-batch-sizes", default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the profiler section (16 and the cuda recipe's)")
     parser.add_argument("--profiler-steps", type=int, default=20,
                         help="profiler section: steps before and after the window, per arrangement and round")
     parser.add_argument("--profiler-rounds", type=int, default=5,
                         help="profiler section: turns each arrangement takes (they alternate, against drift)")
+    parser.add_argument("--profiler-run-steps", type=int, default=300,
+                        help="profiler section: training steps per whole run (0: the recipe's whole schedule)")
     parser.add_argument("--profiler-pairs", type=int, default=2,
                         help="profiler section: alternating pairs of whole runs with and without --profile per batch "
                              "size (0: none)")
@@ -424,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["scaling"] = measure_scaling(data_flags, counts, args.scaling_steps, cfg.batch_size,
                                                          Path(tmp))
                 if "profiler" in sections and args.profiler_pairs:
-                    results["profiler"] = measure_profiler_cost(data_flags, args.scaling_steps, profiler_batches,
+                    results["profiler"] = measure_profiler_cost(data_flags, args.profiler_run_steps, profiler_batches,
                                                                 Path(tmp), args.profiler_pairs)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

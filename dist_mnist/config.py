@@ -90,7 +90,8 @@ class TrainConfig:
     threads: int = _opt(0, "intra-op CPU threads per process (0: torch's default; torchrun sets OMP_NUM_THREADS=1)")
 
     # Distributed
-    backend: str = _opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU",
+    backend: str = _opt("auto", "process-group backend; auto: nccl on CUDA with 2+ processes, else gloo (a process "
+                                "on its own exchanges nothing; nccl's set-up took 6 s on an H200)",
                         choices=["auto", "nccl", "gloo"])
     device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=["auto", "cpu", "cuda"])
     ddp_comm_hook: str = _opt(

@@ -34,20 +34,27 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # A world of one has nobody to exchange with: these return at once, without a collective (each costs a pickle
+    # and a gloo round trip, paid at every evaluation, progress report and checkpoint).
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
+        if self.world_size == 1:
+            return obj
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         return box[0]
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.control_group)
         return out
 
     def barrier(self) -> None:
-        dist.barrier(group=self.control_group)
+        if self.world_size > 1:
+            dist.barrier(group=self.control_group)
 
     def on_main(self, work: Callable[[], T]) -> T:
         """Run `work` on rank 0; every rank returns its result, or raises its UserError (a full disk, a taken run
@@ -91,6 +98,14 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def resolve_backend(device: torch.device, world_size: int) -> str:
+    """--backend auto: nccl where CUDA processes exchange gradients, gloo everywhere else. A process on its own
+    exchanges nothing (DistContext answers at once, evaluation adds nothing up), so its process group only names
+    rank and world size; on one H200 `init_process_group` with nccl took 5.5-6.1 s of every such run's start-up
+    (docs/benchmarks.md), with no collective to show for it."""
+    return "nccl" if device.type == "cuda" and world_size > 1 else "gloo"
+
+
 @contextmanager
 def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -> Iterator[DistContext]:
     """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""
@@ -105,7 +120,7 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg, local_rank)
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    backend = cfg.backend if cfg.backend != "auto" else resolve_backend(device, world_size)
     if device.type == "cuda":
         # Before init_process_group, so NCCL binds this process to its own GPU and not to GPU 0. The first
         # allocation creates the CUDA context here, so the start-up breakdown shows it apart from NCCL's set-up.
@@ -121,8 +136,8 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
         # Sets NCCL's communicator up here, at start-up, not in the first collective. A world of one runs no nccl
         # collective at all (nothing to all-reduce), so its communicator is never made: no NCCL set-up to pay.
         init_kwargs["device_id"] = device
-    with timer.phase("process_group"):  # added up with the control group's creation below
-        if launched:
+    if launched:
+        with timer.phase("rendezvous"):
             store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
                 # The workers meet in the agent's own store, which lives as long as the agent: restarted workers
@@ -133,13 +148,15 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
                 # others', so no prefix there.
                 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
                 store = dist.PrefixStore(f"dist_mnist/attempt_{attempt}", store)
-            dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
-        else:
-            # A world of one needs no rendezvous: an in-process store, so no port is opened.
-            dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **init_kwargs)
+    else:
+        store = dist.HashStore()  # a world of one needs no rendezvous: an in-process store, so no port is opened
+    with timer.phase("process_group"):
+        dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
     try:
-        with timer.phase("process_group"):
-            control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+        # A world of one exchanges no control messages (DistContext returns at once), so it makes no gloo group.
+        with timer.phase("control_group"):
+            control_group = (dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" and world_size > 1
+                             else dist.group.WORLD)
         yield DistContext(rank=rank, world_size=world_size, device=device,
                           backend=backend, control_group=control_group)
     finally:

@@ -170,6 +170,9 @@ def default_command(check: CheckOutput) -> list[Row]:
         Row("default command: samples/s; whole-process wall", "-",
             f"{run.summary['samples_per_sec']:,.0f}; {_seconds(check.wall('default'))}", None),
     ]
+    if "pauses_s" in run.summary:  # summaries from 2026-11-27 on
+        pauses = ", ".join(f"{kind} {seconds:.3f}" for kind, seconds in run.summary["pauses_s"].items())
+        rows.append(Row("default command: pauses over the whole run, by kind (s)", "-", pauses, None))
     compiled = check.run("compile")
     if compiled:
         # Median steps: the mean of the compiled run holds the compilation.

@@ -39,16 +39,16 @@ RECIPES: dict[str, Recipe] = {
                   ddp_comm_hook="bf16", bucket_cap_mb=0.0),
     # A GPU step costs about the same for 16 or 256 samples, so larger batches reach 99% first in wall time; the
     # step count to 99.0% does not depend on the device, so a CPU study ranked the candidates (docs/benchmarks.md,
-    # "The cuda recipe's steps to 99.0%"). Batch 256 over 3 epochs reached 99.0% at step 400-480 (1.7-2.1 epochs)
-    # over three seeds and ended at 99.10-99.15%; batch 512 over 4 epochs was as fast in predicted GPU time
-    # (260-280 steps of twice the samples) but reached only 98.30-98.36% in one epoch (`--epochs 1`), against
-    # 98.55-98.61% at 256 and the 98.31% of the classic example that a one-epoch run is compared with (issue 9).
-    # Shorter schedules ended within 0.05 points of 99.0%, batch 1024 never reached it. Evaluating every 40 steps
-    # (a test pass is one batch) finds the crossing within ~30 ms of GPU steps. Not yet timed on a GPU as a
-    # whole: launch/gpu_check.sh runs it and its closest rivals.
+    # "The cuda recipe's steps to 99.0%"), and launch/gpu_check.sh timed the closest ones on one H200, each
+    # stopped at 99.0% (docs/benchmarks.md, "GPU, 2026-11-27"): batch 512 over 4 epochs, evaluating every 20
+    # steps, reached 99.0% at step 234 in 0.59 s after the first step, against 0.78 s for batch 256 over 3 epochs
+    # (step 440), 0.82 s for 256 evaluating every 20 and 0.96 s for 128 over 2. On CPU, over three seeds, batch
+    # 512 reached 99.0% at step 260-280 and ended at 99.12-99.19%; one epoch (`--epochs 1`) reached 98.30-98.36%,
+    # above the classic example's 98.22-98.31% that a one-epoch run is compared with (issue 9). Batch 1024 never
+    # reached 99.0%.
     # Gradients cross NVLink or InfiniBand, where 4.8 MB of fp32 all-reduce is tens of microseconds
     # (docs/cluster.md): no compression, exact fp32 gradients.
-    "cuda": Recipe(batch_size=256, lr=5.6e-3, epochs=3, warmup_frac=0.1, eval_every=40, eval_batch_size=10_000,
+    "cuda": Recipe(batch_size=512, lr=8e-3, epochs=4, warmup_frac=0.1, eval_every=20, eval_batch_size=10_000,
                    ddp_comm_hook="none", bucket_cap_mb=0.0),
 }
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))

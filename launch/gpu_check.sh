@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One script for a short slot on one CUDA GPU: every figure issue 9 and issue 10 ask for, and smoke tests of every
-# GPU-only path (nccl, fp16 + GradScaler, bf16, CUDA graphs with checkpoints, resume and the profiler, torch.compile,
-# memory snapshot). Order: issue 9's done-when runs, issue 10's part (its table), issue 9's further runs (smoke
-# tests, recipe sweep, --compile), then issue 9's table.
+# GPU-only path (nccl where there are 2+ GPUs, fp16 + GradScaler, bf16, CUDA graphs with checkpoints, resume and the profiler, torch.compile,
+# memory snapshot). Order: issue 9's done-when runs, the smoke tests, issue 10's part (its table), the recipe sweep
+# and --compile, then issue 9's table.
 # Usage: bash launch/gpu_check.sh DATA_DIR OUT_DIR [CLASSIC_MAIN_PY]
 #   DATA_DIR holds MNIST/raw/; CLASSIC_MAIN_PY is pytorch/examples' mnist/main.py for the "classic example" row
 #   (skipped with a note when not given or absent). Set PYTHON to choose the interpreter.
-# GPU_CHECK_PARTS picks the parts ("issue9 issue10" by default). GPU_CHECK_BUDGET_S (default 560) caps the whole
+# GPU_CHECK_PARTS picks the parts ("issue9 smoke issue10 sweep" by default; issue 9's table needs issue9). GPU_CHECK_BUDGET_S (default 560) caps the whole
 # script below one 600 s device call: every run's time limit is cut to what is left of it, a run that no longer
 # fits is skipped with a SKIP line, and the table is printed either way. The runs go in order of importance (the
 # done-when figures first, the recipe sweep and --compile last), so a short budget loses the least.
@@ -25,7 +25,7 @@ repo=$(pwd)
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 status=0
-parts=${GPU_CHECK_PARTS:-issue9 issue10}
+parts=${GPU_CHECK_PARTS:-issue9 smoke issue10 sweep}
 want() { [[ " $parts " == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -68,6 +68,12 @@ smoke() {
 }
 
 if want issue9; then
+# How long this host's name takes to resolve: gloo resolves it to find its address, unless GLOO_SOCKET_IFNAME names
+# an interface (train.py sets lo where every rank is on this host).
+"$python" -c 'import socket, time; t = time.perf_counter(); name = socket.gethostname()
+try: found = socket.getaddrinfo(name, None)[0][4][0]
+except OSError as exc: found = f"not resolved ({exc})"
+print(f"hostname {name!r} -> {found} in {time.perf_counter() - t:.2f} s")'
 # --- issue 9: a bare `import torch` on this machine (the first one may be cold; the table takes the faster) ---
 for i in 1 2; do
     start=$(now); "$python" -c 'import torch'; since "$start" > "$out/import_torch_$i.s"
@@ -91,7 +97,9 @@ fi
 timed bench 150 "$python" -m dist_mnist.bench --data-dir "$data_dir" --only graphs --only throughput --seconds 3 \
     --output "$out/benchmarks.md" --json "$out/bench.json"
 cat "$out/benchmarks.md" 2>/dev/null
+fi
 
+if want smoke; then
 # --- issue 9: the default command with eager steps ---
 smoke default_eager 150 --cuda-graphs off
 
@@ -120,23 +128,21 @@ if want issue10; then
 # ---- profiler overhead (issue 10) ----------------------------------------------------------------------------------
 # Steps before / inside / after a --profile window under each profiler arrangement (one process, arrangements taking
 # turns), the phase timers every step vs sampled vs off, whole runs with vs without --profile, at the cuda recipe's
-# batch and 16 (the bench's default --profiler-batch-sizes), then PASS/FAIL rows against issue 10's bars. And whether the profiled smoke run's trace holds the
-# GPU's kernels (with CUDA graphs too: a graph replay's kernels must show up inside the window).
+# batch and 16 (the bench's default --profiler-batch-sizes), then PASS/FAIL rows against issue 10's bars. And
+# whether the profiled smoke run's trace holds the GPU's kernels (with CUDA graphs too: a graph replay's kernels
+# must show up inside the window).
 echo "== profiler overhead (issue 10)"
-# The profiled smoke run whose traces are checked below (when this part is left out, issue 9's makes it).
-[ -d "$out/runs/profile/traces" ] || smoke profile 90 --profile --cuda-memory-snapshot --max-steps 30 --no-tensorboard
-timed profiler_bench 300 "$python" -m dist_mnist.bench --data-dir "$data_dir" --only profiler \
+# The profiled smoke run whose traces are checked below.
+smoke profile 90 --profile --cuda-memory-snapshot --max-steps 30 --no-tensorboard
+# Whole runs of 3750 steps: one epoch at batch 16, the recipe's whole schedule at its own batch (fewer steps).
+timed profiler_bench 300 "$python" -m dist_mnist.bench --data-dir "$data_dir" --only profiler --profiler-run-steps 3750 \
     --output "$out/profiler_overhead.md" --json "$out/profiler_overhead.json"
 cat "$out/profiler_overhead.md" 2>/dev/null
 "$python" -m dist_mnist.gpucheck trace-kernels "$out/runs/profile" || status=1
 fi
 # ---- end of profiler overhead (issue 10) ---------------------------------------------------------------------------
 
-if want issue9; then
-# Issue 9's further runs, after issue 10's part: the profiled smoke run (issue 10's part made it, when it ran), the
-# recipe sweep and --compile.
-[ -d "$out/runs/profile/traces" ] || smoke profile 90 --profile --cuda-memory-snapshot --max-steps 30 --no-tensorboard
-find "$out/runs/profile" -maxdepth 2 2>/dev/null | sort | head -20
+if want sweep; then
 # --- issue 12: DDP comm hooks over nccl, PowerSGD with torch's default buckets (gloo needs one bucket); 2+ GPUs ---
 if [ "$("$python" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     for hook in none bf16 powersgd; do
@@ -148,12 +154,11 @@ else
 fi
 
 # --- issue 9: CUDA recipe candidates, each stopped at 99.0% (time to 99% from the first step, evaluations in) ---
-# What the CPU study of steps to 99.0% left beside the recipe itself, which the default run measures
-# (docs/benchmarks.md, "The cuda recipe's steps to 99.0%, studied on CPU").
+# The recipe's rivals (the default run measures the recipe itself): the previous recipe, batch 256, and the
+# recipe evaluating half as often (docs/benchmarks.md, "The cuda recipe's steps to 99.0%").
 candidates=(
-    "b256_e3_ev20 --batch-size 256 --lr 5.6e-3 --epochs 3 --eval-every 20"
-    "b512_e4 --batch-size 512 --lr 8e-3 --epochs 4 --eval-every 20"
-    "b128_e2 --batch-size 128 --lr 4e-3 --epochs 2 --eval-every 80"
+    "b256_e3 --batch-size 256 --lr 5.6e-3 --epochs 3 --eval-every 40"
+    "b512_e4_ev40 --eval-every 40"
 )
 for candidate in "${candidates[@]}"; do
     read -r -a words <<<"$candidate"
@@ -163,7 +168,9 @@ done
 # torch.compile's own CUDA graphs, the alternative to ours: compared in the table at the cuda recipe's batch.
 # Last: its compilation is the longest run here.
 smoke compile 180 --compile --compile-mode reduce-overhead --max-steps 240 --no-tensorboard
+fi
 
+if want issue9; then
 # --- issue 9: the done-when table ---
 echo
 "$python" -m dist_mnist.gpucheck table "$out" ${classic_main:+--classic-given} || status=1

@@ -22,7 +22,7 @@ import dist_mnist.train as train_module
 from dist_mnist import checkpoint
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import build_pipeline, synthetic_splits
-from dist_mnist.distributed import DistContext, distributed_session
+from dist_mnist.distributed import DistContext, distributed_session, resolve_backend
 from dist_mnist.errors import UserError
 from dist_mnist.graphs import (
     GraphDecision,
@@ -232,22 +232,31 @@ def test_a_run_whose_capture_failed_says_so_and_its_summary_says_eager(tmp_path:
 
 
 @pytest.mark.timeout(120)
-def test_a_world_of_one_runs_no_collective_on_the_default_group(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA the default group is nccl, and its communicator is made by its first collective: a world of one that
-    all-reduced its evaluation totals would set NCCL up for nothing, inside the time to accuracy (issue 9). The
-    control-group collectives (gloo) are what a run of one may use."""
-    groups: list[object] = []
-    real = torch.distributed.all_reduce
+def test_a_world_of_one_runs_no_collective(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A world of one adds nothing up and exchanges no control messages (DistContext returns at once): each was a
+    pickle and a gloo round trip at every evaluation, progress report and checkpoint, and on CUDA with `--backend
+    nccl` an all-reduce would set NCCL up for nothing, inside the time to accuracy (issue 9)."""
+    calls: list[str] = []
+    def spy(name: str) -> Callable[..., object]:
+        real = getattr(torch.distributed, name)
 
-    def spy(tensor: torch.Tensor, *args: object, group: object = None, **kwargs: object) -> object:
-        groups.append(group)
-        return real(tensor, *args, group=group, **kwargs)
+        def call(*args: object, **kwargs: object) -> object:
+            calls.append(name)
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(torch.distributed, "all_reduce", spy)
-    flags = [*SMOKE_FLAGS, "--max-steps", "4", "--eval-every", "2", "--output-dir", str(tmp_path), "--run-name", "one"]
+    for name in ("all_reduce", "broadcast", "broadcast_object_list", "all_gather_object", "barrier", "new_group"):
+        monkeypatch.setattr(torch.distributed, name, spy(name))
+    flags = [*SMOKE_FLAGS, "--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "2", "--output-dir",
+             str(tmp_path), "--run-name", "one"]
     assert main(flags) == 0
-    assert groups and None not in groups  # the loss flushes went through the spy, named group and all
+    assert calls == []
+
+
+def test_backend_auto_is_nccl_only_where_cuda_processes_exchange_gradients() -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [resolve_backend(cuda, 1), resolve_backend(cuda, 2), resolve_backend(cpu, 1), resolve_backend(cpu, 2)] == [
+        "gloo", "nccl", "gloo", "gloo"]
 
 
 def test_a_failed_capture_leaves_the_weights_as_they_were(world_of_one: DistContext) -> None:

@@ -75,6 +75,9 @@ def test_the_table_reads_every_figure_of_real_runs_and_judges_each_bar(out: Path
     target, measured, met = table["own start-up: startup_s - bare `import torch`"]
     assert measured.startswith(f"{startup - 1.25:.2f} s ({startup:.2f} - 1.25); imports ")  # the faster import
     assert met == ("yes" if startup - 1.25 <= 2 else "NO")
+    pauses = table["default command: pauses over the whole run, by kind (s)"][1]
+    assert [kind.rsplit(" ", 1)[0] for kind in pauses.split(", ")] == list(ours.summary["pauses_s"])
+    assert {"evaluation", "checkpoint", "profiler"} <= set(ours.summary["pauses_s"])
     speedup = table["`--epochs 1` vs pytorch/examples `main.py --epochs 1`: whole-process wall speed-up"]
     trained = ours.metrics[-1]["elapsed_s"]
     assert speedup == (">= 3x", f"4.00x (5.0 s: start-up {startup:.1f} s, training and evaluations {trained:.1f} s, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -187,13 +188,14 @@ def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> N
     waits = []
     clock = RunClock(sync=lambda: (waits.append(1), time.sleep(0.2)))
     clock.begin()
-    with clock.paused():
+    with clock.paused("evaluation"):
         time.sleep(0.1)
     assert len(waits) == 1 and 0.1 <= clock.paused_s < 0.2
     assert clock.training_seconds() >= 0.2  # the queued steps' time
-    with clock.paused(sync=False):
+    with clock.paused("profiler", sync=False):
         pass
     assert len(waits) == 1
+    assert set(clock.pauses_s) == {"evaluation", "profiler"} and sum(clock.pauses_s.values()) == clock.paused_s
     # The pauses carry over a resume, as elapsed time does (a checkpoint from before paused_s existed has none).
     resumed = RunClock()
     resumed.load_state_dict(clock.state_dict())
@@ -504,18 +506,28 @@ def test_report_prints_the_table_the_run_printed(profiled_run: tuple[Path, Resul
 @pytest.mark.timeout(120)
 def test_profiler_bench_times_steps_before_inside_and_after_the_window() -> None:
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
-    chosen = tuple(a for a in ARRANGEMENTS if a.name in {"plain", "timers_off", "per_window"})
+    chosen = tuple(a for a in ARRANGEMENTS if a.name in {"plain", "timers_off", "timers_every", "per_window"})
     results = measure_profiler_overhead(TrainConfig(amp="off"), ctx, [4], before=3, after=2,  # type: ignore[arg-type]
                                         rounds=1, arrangements=chosen)
-    assert list(results["batch_4"]) == ["plain", "timers_off", "per_window"]
+    assert list(results["batch_4"]) == ["plain", "timers_off", "timers_every", "per_window"]
     for name, times in results["batch_4"].items():
         assert min(times["before_ms"], times["inside_ms"], times["after_ms"]) > 0, name
     rows = render_profiler_overhead(results) + render_verdicts(results, {16: {"mean_throughput_ratio": 0.99}})
-    assert len(rows) == 1 + 3 + 3
+    assert len(rows) == 1 + 4 + 4
     assert rows[-1].endswith("0.990 PASS |")
     assert results["sets"] == {"batch_4": "batch 4 (eager steps)"}
     assert rows[1].startswith("| batch 4 (eager steps), `plain`")
-    assert rows[-3].startswith("| batch 4 (eager steps): --profile, steps outside the window")
+    # The bar judges the timers a run has (`plain`: auto); every step is shown beside it.
+    assert rows[-4].startswith("| batch 4 (eager steps): --profile, steps outside the window")
+    assert rows[-3].startswith("| batch 4 (eager steps): phase timers as a run has them (`plain`) / off, mean step")
+    assert rows[-2].startswith("| batch 4 (eager steps): phase timers on every step / off (--phase-timers every)")
+
+
+def test_sampled_timers_are_judged_on_the_mean_step_which_sees_the_timed_one() -> None:
+    """One step in ten carries the events: the median never sees it, the mean outside the window does."""
+    times = profiler_bench.Stretches(before=[1e-3] * 9 + [11e-3], inside=[1e-3], after=[1e-3] * 10,
+                                     profiler_calls=[0.0]).medians_ms()
+    assert times["before_ms"] == pytest.approx(1.0) and times["outside_mean_ms"] == pytest.approx(1.5)
 
 
 @pytest.mark.timeout(120)
@@ -542,12 +554,15 @@ def test_the_loop_waits_for_the_device_before_every_pause_but_the_profiler_steps
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Evaluation, progress reports and checkpoints read results (they would wait for the GPU inside the pause);
     the profiler's step waits only at a window's edge."""
-    calls: list[bool] = []
+    calls: list[tuple[str, bool]] = []
     real = RunClock.paused
 
-    def spy(self: RunClock, sync: bool = True) -> Any:
-        calls.append(sync)
-        return real(self, sync)
+    frozen: list[bool] = []
+
+    def spy(self: RunClock, kind: str, sync: bool = True) -> Any:
+        calls.append((kind, sync))
+        frozen.append(gc.get_freeze_count() > 0)
+        return real(self, kind, sync)
 
     monkeypatch.setattr(RunClock, "paused", spy)
     flags = [*RUN_FLAGS, "--max-steps", "12", "--checkpoint-every", "0", "--output-dir", str(tmp_path),
@@ -555,5 +570,14 @@ def test_the_loop_waits_for_the_device_before_every_pause_but_the_profiler_steps
     assert train_main(flags) == 0
     # 12 profiler steps, 2 of them window edges; progress reports at steps 4, 8, 12 (--log-every 4); the final
     # evaluation and checkpoint.
-    assert calls.count(False) == 12 - 2
-    assert calls.count(True) == 2 + 3 + 2
+    assert calls.count(("profiler", False)) == 12 - 2
+    assert calls.count(("profiler", True)) == 2
+    assert calls.count(("progress report", True)) == 3
+    # The final evaluation waits; the writing of its record, right after it, has nothing left to wait for.
+    assert calls.count(("evaluation", True)) == 1 and calls.count(("evaluation", False)) == 1
+    assert calls.count(("checkpoint", True)) == 1
+    assert len(calls) == 12 + 3 + 2 + 1
+    # The loop runs with start-up's objects frozen out of garbage collection (frozen_heap), and frees them after.
+    assert all(frozen) and gc.get_freeze_count() == 0
+    summary = json.loads((tmp_path / "pauses" / "summary.json").read_text())
+    assert set(summary["pauses_s"]) == {"profiler", "progress report", "evaluation", "checkpoint"}

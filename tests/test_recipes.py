@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,7 +65,7 @@ def test_explicit_flags_win_even_when_they_equal_the_plain_default() -> None:
     assert resolved.config.epochs == RECIPES["cuda"].epochs
     assert resolved.recipe.overridden == {"batch_size": 16, "lr": 1e-3}
     assert "batch_size" not in resolved.recipe.set
-    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 3, --warmup-frac 0.1, --eval-every 40, "
+    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.1, --eval-every 20, "
                                               "--eval-batch-size 10000, --ddp-comm-hook none, --bucket-cap-mb 0.0; "
                                               "flags kept: --batch-size 16, --lr 0.001)")
 
@@ -124,3 +127,18 @@ def test_startup_breakdown_adds_up_to_startup_s(stopped_run: Path) -> None:
             "other"} <= set(phases)
     assert all(v >= 0 for v in phases.values())
     assert sum(phases.values()) <= summary["startup_s"] + 1e-9
+    # README's summary.json section names every phase and every kind of pause a run records.
+    readme = (REPO / "README.md").read_text()
+    assert [name for name in [*phases, *summary["pauses_s"]] if f"`{name}`" not in readme] == []
+
+
+def test_the_process_start_is_read_to_the_clock_tick() -> None:
+    """startup_s counts from the process's start: a child launched after `before` cannot have started earlier
+    (psutil's create_time, whole-second boot time and all, put it up to a second earlier)."""
+    before = time.time()
+    child = subprocess.run([sys.executable, "-c", "import time; from dist_mnist.startup import process_start_unix; "
+                            "print(repr(process_start_unix()), repr(time.time()))"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO, check=True)
+    after = time.time()
+    start, child_now = (float(v) for v in child.stdout.split())
+    assert before - 0.02 <= start <= child_now <= after  # one clock tick of slack
