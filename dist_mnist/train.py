@@ -421,7 +421,9 @@ class Trainer:
         self.timeout = collectives.CollectiveTimeout(cfg.timeout_s, cfg.train_timeout_s)
         self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
         self.measured_step_s: list[float] = []
-        self.last_checkpoint: tuple[Path, int, float] | None = None  # path, bytes, seconds to write
+        self.checkpoints = checkpoint.BackgroundWriter()  # rank 0 writes the files in a thread
+        # The newest checkpoint, on disk or being written (a failure lets that write finish): every rank knows it.
+        self.last_checkpoint: checkpoint.WrittenCheckpoint | None = None
         self.loss_window: list[tuple[int, torch.Tensor]] = []
         self.train_loss_sum, self.train_loss_count = 0.0, 0
         self.progress = Progress(self.run_dir, ctx.is_main, self.step_limit(), self.global_batch)
@@ -450,7 +452,7 @@ class Trainer:
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint."""
-        last = self.last_checkpoint[0] if self.last_checkpoint else None
+        last = self.last_checkpoint.path if self.last_checkpoint else None
         return collectives.phase(name, self.state.step, self.timeout.seconds, last)
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
@@ -536,7 +538,7 @@ class Trainer:
         # On every rank: a part may gather per-rank state (PowerSGD's residuals).
         parts = {name: part.state_dict() for name, part in self.stateful().items()}
 
-        def write() -> tuple[Path, int, float]:
+        def write() -> checkpoint.WrittenCheckpoint:
             state = {
                 "format_version": checkpoint.FORMAT_VERSION,
                 "model_class": type(self.parts.module).__name__,
@@ -546,12 +548,27 @@ class Trainer:
                 "recipe": self.recipe.name,
                 **parts,
             }
-            path, size = checkpoint.save_checkpoint(state, self.checkpoint_dir, self.state.step,
-                                                    self.cfg.keep_checkpoints)
-            return path, size, time.perf_counter() - started
+            return self.checkpoints.submit(checkpoint.serialize(state), self.checkpoint_dir, self.state.step,
+                                           self.cfg.keep_checkpoints, started)
 
-        # Nobody moves on (or exits) before the file is in place; a failed write (a full disk) ends every rank.
+        # Nobody moves on before rank 0 holds the snapshot; its file is written while training goes on, and a failed
+        # write (a full disk) ends every rank at the next checkpoint or at the end (wait_for_checkpoint).
         self.last_checkpoint = self.ctx.on_main(write)
+
+    def wait_for_checkpoint(self) -> None:
+        """The last checkpoint on disk before the run reports and exits; a failed write ends every rank here."""
+        with self.paused("checkpoint", sync=False), self.phase("the checkpoint"):
+            done = self.ctx.on_main(self.checkpoints.wait)
+        if done is not None:
+            self.last_checkpoint = done
+
+    def settle_checkpoint_after_failure(self) -> None:
+        """A run failing while rank 0 writes a checkpoint lets the write finish (no collective: the other ranks may
+        be gone); a write that failed as well is said in one line."""
+        try:
+            self.checkpoints.wait()
+        except UserError as exc:
+            print(f"warning: the checkpoint being written was not: {exc}", file=sys.stderr, flush=True)
 
     # -- losses and progress --------------------------------------------------------------------------------
 
@@ -645,7 +662,11 @@ class Trainer:
         # either is in the snapshot too.
         snapshot = self.run_dir / f"rank{self.ctx.rank}.memory_snapshot.pickle"
         with cuda_memory_snapshot(self.cfg.cuda_memory_snapshot, snapshot):
-            self.resume_and_train()
+            try:
+                self.resume_and_train()
+            except BaseException:
+                self.settle_checkpoint_after_failure()
+                raise
 
     def resume_and_train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -732,6 +753,7 @@ class Trainer:
                     break
             with self.phase("the stop vote"):
                 self.vote.finish()
+            self.wait_for_checkpoint()  # in here, where a stop signal during the wait is noted, not fatal
         self.finish(stopped_by)
 
     def begin_step(self) -> None:
@@ -770,8 +792,8 @@ class Trainer:
             again = "the same command" if self.cfg.run_name else f"the same command with --run-name {self.run_dir.name}"
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
                   f"Run {again} to resume.", flush=True)
-        if ctx.is_main and self.last_checkpoint:
-            path, size, seconds = self.last_checkpoint
+        if ctx.is_main and self.last_checkpoint and self.last_checkpoint.seconds is not None:
+            path, size, seconds = self.last_checkpoint.path, self.last_checkpoint.size, self.last_checkpoint.seconds
             print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)
         self.writer.close()
         with self.phase("the final summary"):

@@ -6,9 +6,12 @@ import errno
 import io
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from dist_mnist import checkpoint
 from dist_mnist.errors import UserError
 from dist_mnist.model import MnistCNN
 from dist_mnist.recipes import RECIPES
-from dist_mnist.train import main
+from dist_mnist.train import Trainer, main
 
 # A short single-process run with a checkpoint every 4 steps: most tests below resume from a copy of it.
 BASE_STEPS, BASE_INTERVAL = 8, 4
@@ -110,6 +113,78 @@ def test_full_disk_during_write_is_one_error_and_keeps_previous_checkpoint(tmp_p
     # No temp file left, the partial file never took a checkpoint's name, and keep=1 rotated nothing away.
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
     assert good.read_bytes() == before
+
+
+def test_background_writes_go_one_at_a_time_and_a_failure_surfaces_at_the_next_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = checkpoint.BackgroundWriter()
+    threads: list[str] = []
+    real = checkpoint.write_checkpoint
+    release = threading.Event()
+
+    def held_write(*args: object) -> Path:
+        threads.append(threading.current_thread().name)
+        assert release.wait(timeout=30)  # the training thread goes on meanwhile
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", held_write)
+    started = time.perf_counter()
+    pending = writer.submit(checkpoint.serialize({"step": 4}), tmp_path, 4, 2, started)
+    # submit returned while the file is still being written
+    assert pending == checkpoint.WrittenCheckpoint(tmp_path / "step00000004.pt", pending.size)
+    assert not pending.path.exists()
+    release.set()
+    writer.submit(checkpoint.serialize({"step": 8}), tmp_path, 8, 2, started)  # waits for step 4's file first
+    assert (tmp_path / "step00000004.pt").exists()
+    done = writer.wait()
+    assert done is not None and done.path == tmp_path / "step00000008.pt" and done.seconds is not None
+    assert threads == ["checkpoint-step4", "checkpoint-step8"] and writer.wait() is None
+    assert torch.load(done.path, weights_only=True) == {"step": 8}
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    writer.submit(checkpoint.serialize({"step": 12}), tmp_path, 12, 2, started)  # no error yet: it is in flight
+    with pytest.raises(UserError, match="^could not write step00000012.pt"):
+        writer.submit(checkpoint.serialize({"step": 16}), tmp_path, 16, 2, started)
+    assert writer.wait() is None  # the failed write was reported once; step 16 was never started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000004.pt", "step00000008.pt"]
+
+
+def test_a_run_writes_its_checkpoints_from_a_thread_and_ends_with_them_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    writers: list[str] = []
+    real = checkpoint.write_checkpoint
+
+    def spy(*args: object) -> Path:
+        writers.append(threading.current_thread().name)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", spy)
+    assert main([*BASE_FLAGS, "--max-steps", "12", "--output-dir", str(tmp_path)]) == 0
+    assert writers == ["checkpoint-step4", "checkpoint-step8", "checkpoint-step12"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")][0] == "step00000012.pt"
+    assert re.search(r"last checkpoint: .*step00000012\.pt \(13\.\d MiB, written in \d+ ms\)", capsys.readouterr().out)
+
+
+def test_a_run_that_fails_during_a_background_write_still_completes_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = checkpoint.write_checkpoint
+
+    def slow_write(*args: object) -> Path:
+        time.sleep(0.5)  # still writing when the run fails
+        return real(*args)  # type: ignore[arg-type]
+
+    def failing_evaluation(self: Trainer) -> None:
+        raise UserError("the evaluation broke")
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", slow_write)
+    monkeypatch.setattr(Trainer, "evaluate_and_record", failing_evaluation)
+    assert main([*BASE_FLAGS, "--eval-every", "5", "--output-dir", str(tmp_path)]) == 1
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step00000004.pt"]
+    assert checkpoint.load_checkpoint(checkpoints / "step00000004.pt")["train_state"]["step"] == 4
 
 
 def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
