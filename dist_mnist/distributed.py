@@ -133,8 +133,8 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     init_kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
     if backend == "nccl" and world_size > 1:
-        # Sets NCCL's communicator up here, at start-up, not in the first collective. A world of one runs no nccl
-        # collective at all (nothing to all-reduce), so its communicator is never made: no NCCL set-up to pay.
+        # Sets NCCL's communicator up here, at start-up, not in the first collective. A world of one (gloo unless
+        # --backend nccl asks otherwise) runs no collective at all, so it never makes a communicator.
         init_kwargs["device_id"] = device
     if launched:
         with timer.phase("rendezvous"):

@@ -568,7 +568,7 @@ class Trainer:
         try:
             self.checkpoints.wait()
         except UserError as exc:
-            print(f"warning: the checkpoint being written was not: {exc}", file=sys.stderr, flush=True)
+            print(f"warning: {exc}", file=sys.stderr, flush=True)
 
     # -- losses and progress --------------------------------------------------------------------------------
 

@@ -74,6 +74,17 @@ if want issue9; then
 try: found = socket.getaddrinfo(name, None)[0][4][0]
 except OSError as exc: found = f"not resolved ({exc})"
 print(f"hostname {name!r} -> {found} in {time.perf_counter() - t:.2f} s")'
+# What `init_process_group` with nccl costs in a process of one (5.5-6.1 s on an H200 on 2026-11-27; runs of one
+# use gloo since, 2+ GPUs still pay it): with the flight recorder's variables as train.py sets them, and without.
+for recorder in on off; do
+    "$python" -c 'import os, sys, time, torch, torch.distributed as dist
+if sys.argv[1] == "on":
+    os.environ.update(TORCH_FR_BUFFER_SIZE="2000", TORCH_NCCL_DUMP_ON_TIMEOUT="1", TORCH_FR_DUMP_TEMP_FILE="/tmp/fr_")
+torch.cuda.set_device(0); torch.zeros(1, device="cuda")
+t = time.perf_counter(); dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+print(f"init_process_group(nccl), world of one, flight recorder {sys.argv[1]}: {time.perf_counter() - t:.2f} s")
+dist.destroy_process_group()' "$recorder"
+done
 # --- issue 9: a bare `import torch` on this machine (the first one may be cold; the table takes the faster) ---
 for i in 1 2; do
     start=$(now); "$python" -c 'import torch'; since "$start" > "$out/import_torch_$i.s"
