@@ -26,6 +26,7 @@ from dist_mnist.data import (
     load_mnist,
     mnist_raw_dir,
     normalize,
+    sampler_order,
     synthetic_splits,
     to_device,
 )
@@ -100,6 +101,24 @@ def test_skip_batches_continues_the_same_order(skip: int) -> None:
     assert len(batches) == len(full) - skip
     batches.set_epoch(5)  # a new epoch starts from its first batch again
     assert len(batches) == len(full)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize(("size", "shuffle", "drop_last"), [(203, True, False), (203, False, False),
+                                                            (203, True, True), (2, True, False), (60_000, True, False)])
+def test_sampler_order_is_the_distributed_samplers_own(world_size: int, size: int, shuffle: bool,
+                                                       drop_last: bool) -> None:
+    """The device loader's tensor order equals DistributedSampler's own iteration, padding (2 samples over 7 ranks
+    repeat the set) and cut included, on every rank, epoch and seed."""
+    for rank in range(world_size):
+        sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=3,
+                                     drop_last=drop_last)
+        for epoch in (0, 1, 5):
+            sampler.set_epoch(epoch)
+            order = sampler_order(sampler)
+            assert order.dtype == torch.int64 and order.tolist() == list(sampler)
+    shard = ShardSampler(203, 1, world_size)
+    assert sampler_order(shard).tolist() == list(shard)
 
 
 # ---------------------------------------------------------------------------------------------------------------
