@@ -69,12 +69,6 @@ def write_checkpoint(data: memoryview, folder: Path, step: int, keep: int) -> Pa
     return path
 
 
-def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> tuple[Path, int]:
-    """serialize, then write_checkpoint, in this thread; returns path, bytes."""
-    data = serialize(state)
-    return write_checkpoint(data, folder, step, keep), data.nbytes
-
-
 @dataclass(frozen=True)
 class WrittenCheckpoint:
     path: Path

@@ -322,8 +322,7 @@ class RunClock:
     def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.start: float | None = None  # perf_counter at the first training step of this process
         self.first_step_unix = 0.0
-        self.paused_s = 0.0
-        self.pauses_s: dict[str, float] = {}  # paused_s by what paused (this process's): where the pauses went
+        self.pauses_s: dict[str, float] = {}  # this process's seconds in pauses, by what paused
         self.resumed_s = 0.0  # seconds since the first step, as of the checkpoint this process resumed from
         self.resumed_paused_s = 0.0  # of those, the seconds spent in pauses
         self._sync = sync
@@ -354,9 +353,12 @@ class RunClock:
         try:
             yield
         finally:
-            seconds = time.perf_counter() - start
-            self.paused_s += seconds
-            self.pauses_s[kind] = self.pauses_s.get(kind, 0.0) + seconds
+            self.pauses_s[kind] = self.pauses_s.get(kind, 0.0) + time.perf_counter() - start
+
+    @property
+    def paused_s(self) -> float:
+        """This process's seconds in pauses, of every kind."""
+        return sum(self.pauses_s.values())
 
     @property
     def wall_per_step(self) -> bool:

@@ -78,8 +78,10 @@ print(f"hostname {name!r} -> {found} in {time.perf_counter() - t:.2f} s")'
 # use gloo since, 2+ GPUs still pay it): with the flight recorder's variables as train.py sets them, and without.
 for recorder in on off; do
     "$python" -c 'import os, sys, time, torch, torch.distributed as dist
+from pathlib import Path
+from dist_mnist.collectives import flight_recorder_env
 if sys.argv[1] == "on":
-    os.environ.update(TORCH_FR_BUFFER_SIZE="2000", TORCH_NCCL_DUMP_ON_TIMEOUT="1", TORCH_FR_DUMP_TEMP_FILE="/tmp/fr_")
+    os.environ.update(flight_recorder_env(Path("/tmp/flight_recorder"), os.environ))
 torch.cuda.set_device(0); torch.zeros(1, device="cuda")
 t = time.perf_counter(); dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
 print(f"init_process_group(nccl), world of one, flight recorder {sys.argv[1]}: {time.perf_counter() - t:.2f} s")

@@ -80,9 +80,15 @@ def single_error_line(stderr: str) -> str:
 # The file layer
 
 
+def save_checkpoint(state: dict[str, object], folder: Path, step: int, keep: int) -> tuple[Path, int]:
+    """A checkpoint written in this thread, as the background writer's thread writes it; returns path, bytes."""
+    data = checkpoint.serialize(state)
+    return checkpoint.write_checkpoint(data, folder, step, keep), data.nbytes
+
+
 def test_save_rotates_and_leaves_no_temp_files(tmp_path: Path) -> None:
     for step in (3, 10, 7):  # written out of order: rotation goes by step, not by write time
-        path, size = checkpoint.save_checkpoint({"step": step, "w": torch.full((4,), float(step))}, tmp_path, step,
+        path, size = save_checkpoint({"step": step, "w": torch.full((4,), float(step))}, tmp_path, step,
                                                 keep=2)
         assert size == path.stat().st_size > 0
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step00000010.pt", "step00000007.pt"]
@@ -90,13 +96,13 @@ def test_save_rotates_and_leaves_no_temp_files(tmp_path: Path) -> None:
     loaded = torch.load(tmp_path / "step00000010.pt", weights_only=True)
     assert torch.equal(loaded["w"], torch.full((4,), 10.0))
     # Resumed from an earlier step with keep=1: the file just written survives the higher-step leftovers.
-    checkpoint.save_checkpoint({"step": 5}, tmp_path, 5, keep=1)
+    save_checkpoint({"step": 5}, tmp_path, 5, keep=1)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step00000005.pt"]
 
 
 def test_full_disk_during_write_is_one_error_and_keeps_previous_checkpoint(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    good, _ = checkpoint.save_checkpoint({"step": 1}, tmp_path, 1, keep=1)
+    good, _ = save_checkpoint({"step": 1}, tmp_path, 1, keep=1)
     before = good.read_bytes()
     state = {"step": 2, "w": torch.zeros(1000)}
     buffer = io.BytesIO()
@@ -107,7 +113,7 @@ def test_full_disk_during_write_is_one_error_and_keeps_previous_checkpoint(tmp_p
 
     monkeypatch.setattr(os, "fsync", disk_full)  # the data reached the page cache; the disk refused it
     with pytest.raises(UserError) as failure:
-        checkpoint.save_checkpoint(state, tmp_path, 2, keep=1)
+        save_checkpoint(state, tmp_path, 2, keep=1)
     assert str(failure.value).startswith(f"could not write step00000002.pt to {tmp_path}: No space left on device "
                                          f"(it needed {len(buffer.getvalue()):,} bytes there)")
     # No temp file left, the partial file never took a checkpoint's name, and keep=1 rotated nothing away.
