@@ -33,7 +33,13 @@ from dist_mnist.errors import UserError
 from dist_mnist.gpucheck import GraphsRow
 from dist_mnist.graphs import GraphedStep
 from dist_mnist.metrics import StepTimer, resolve_phase_timers
-from dist_mnist.profiler_bench import measure_profiler_overhead, render_profiler_overhead, render_verdicts
+from dist_mnist.profiler_bench import (
+    measure_phase_timers,
+    measure_profiler_overhead,
+    render_phase_timers,
+    render_profiler_overhead,
+    render_verdicts,
+)
 from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
 from dist_mnist.recipes import RECIPES
 from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE
@@ -138,7 +144,7 @@ def measure_throughput(cfg: TrainConfig, ctx: DistContext, seconds: float) -> di
                          "batch_size": batch_size, **settings.describe()}
     results["speedup"] = results["fast"]["samples_per_sec"] / results["classic"]["samples_per_sec"]
     dtype = fast.amp_dtype or torch.float32
-    flops = flops_per_sample(parts.module, ctx.device)
+    flops = flops_per_sample(parts.module)
     peak = measure_matmul_peak(ctx.device, dtype)
     results["mfu"] = {"flops_per_sample": flops, "peak_tflops_per_process": peak / 1e12,
                       "dtype": dtype_name(dtype),
@@ -364,6 +370,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     if "profiler_steps" in results:
         lines += render_profiler_overhead(results["profiler_steps"])
         lines += render_verdicts(results["profiler_steps"], results.get("profiler", {}))
+    if "phase_timers" in results:
+        lines += render_phase_timers(results["phase_timers"])
     return "\n".join(line for line in lines if line) + "\n"
 
 
@@ -388,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="profiler section: steps before and after the window, per arrangement and round")
     parser.add_argument("--profiler-rounds", type=int, default=5,
                         help="profiler section: turns each arrangement takes (they alternate, against drift)")
+    parser.add_argument("--timer-steps", type=int, default=200,
+                        help="profiler section, phase timers: steps per block (the modes take turns block by block)")
+    parser.add_argument("--timer-rounds", type=int, default=4,
+                        help="profiler section, phase timers: blocks per mode")
     parser.add_argument("--profiler-run-steps", type=int, default=300,
                         help="profiler section: training steps per whole run (0: the recipe's whole schedule)")
     parser.add_argument("--profiler-pairs", type=int, default=2,
@@ -414,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             if "profiler" in sections:
                 results["profiler_steps"] = measure_profiler_overhead(cfg, ctx, profiler_batches, args.profiler_steps,
                                                                       args.profiler_steps, args.profiler_rounds)
+                results["phase_timers"] = measure_phase_timers(cfg, ctx, profiler_batches, args.timer_steps,
+                                                               args.timer_rounds)
         if launched_by_torchrun and int(os.environ["RANK"]) != 0:
             return 0
         data_flags = ["--data-dir", args.data_dir, "--no-download"]

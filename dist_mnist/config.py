@@ -43,7 +43,8 @@ class TrainConfig:
 
     # Model and recipe
     recipe: str = _opt("auto", "named settings for --batch-size, --lr, --epochs, --warmup-frac, --eval-every, "
-                               "--eval-batch-size, --ddp-comm-hook and --bucket-cap-mb (README, 'Recipe'); flags "
+                               "--eval-batch-size, --checkpoint-every, --ddp-comm-hook and --bucket-cap-mb "
+                               "(README, 'Recipe'); flags "
                                "given explicitly win. auto: the recipe of the device the run resolves to. The "
                                "defaults shown are the cpu recipe's",
                        choices=["auto", *RECIPES])
@@ -130,11 +131,13 @@ class TrainConfig:
     peak_tflops: float = _opt(0.0, "peak TFLOP/s per process for the MFU figure (0: measure a matmul peak)")
     phase_timers: str = _opt("auto", "per-phase step timers behind summary.json's phase shares: every step, every "
                                      "Nth step (--phase-timer-every), or off; auto: every step on CPU, sampled on "
-                                     "CUDA (6 CUDA events per timed step)", choices=["auto", "every", "sample", "off"])
-    phase_timer_every: int = _opt(10, "with sampled phase timers: time every Nth step")
+                                     "CUDA (a CUDA event per phase of a timed step)",
+                             choices=["auto", "every", "sample", "off"])
+    phase_timer_every: int = _opt(20, "with sampled phase timers: time every Nth step")
 
     # Checkpoints and fault tolerance
-    checkpoint_every: int = _opt(200, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
+    checkpoint_every: int = _opt(DEFAULT_RECIPE.checkpoint_every,
+                                 "save a checkpoint every N optimizer steps (0: only at epoch ends)")
     checkpoint_dir: str = _opt("", "where checkpoints go (default: <run folder>/checkpoints)")
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
     resume: str = _opt("auto", "auto: continue from the run's newest valid checkpoint if any; never: start fresh; "

@@ -3,6 +3,7 @@
     python -m dist_mnist.gpucheck table OUT_DIR [--classic-given]   # issue 9's done-when table
     python -m dist_mnist.gpucheck same-params RUNS_DIR A B [--graphed]  # two runs ended with equal parameters
     python -m dist_mnist.gpucheck trace-kernels RUN_DIR               # its traces hold the GPU's kernels
+    python -m dist_mnist.gpucheck step-kernels RUN_DIR [--top N]      # where a profiled step's GPU time goes
 
 They live here rather than inline in the script so that CPU tests run them on real run folders: a GPU slot is
 short and rare, and a figure lost to a misspelt key would cost the next one. Each prints PASS/FAIL lines (the table:
@@ -285,6 +286,13 @@ def same_params(runs: Path, name_a: str, name_b: str, graphed: bool = False) -> 
             f"(digest, steps: {digests})" + (f"; but eager steps in {', '.join(eager)}" if eager else "")), ok
 
 
+def _in_graph(kernel: dict[str, Any], launches: set[Any]) -> bool:
+    """Whether a GPU event belongs to a graph replay: its correlation id is a cudaGraphLaunch's, or kineto gave it
+    a graph id."""
+    args = kernel.get("args", {})
+    return args.get("correlation") in launches or bool(args.get("graph id"))
+
+
 def trace_kernels(run_dir: Path) -> tuple[str, bool]:
     """Kernel events per trace file of a profiled run, and, when its steps were graph replays (summary.json's
     `cuda_graphs`), whether the window's replays show their kernels.
@@ -307,8 +315,7 @@ def trace_kernels(run_dir: Path) -> tuple[str, bool]:
         launches = {e.get("args", {}).get("correlation") for e in events
                     if e.get("cat") == "cuda_runtime" and "GraphLaunch" in str(e.get("name", ""))}
         kernels = [e for e in events if e.get("cat") == "kernel"]
-        in_graphs = sum(k.get("args", {}).get("correlation") in launches or bool(k.get("args", {}).get("graph id"))
-                        for k in kernels)
+        in_graphs = sum(_in_graph(k, launches) for k in kernels)
         steps = sorted({e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")})
         lines.append(f"{path.name}: {len(kernels)} kernel events, {len(launches)} graph launches with {in_graphs} "
                      f"kernels, {steps}")
@@ -316,6 +323,77 @@ def trace_kernels(run_dir: Path) -> tuple[str, bool]:
     lines.append("PASS trace kernels" if ok else f"FAIL trace kernels: no trace in {trace_dir}, one without kernels, "
                                                  "or graph replays without theirs")
     return "\n".join(lines), ok
+
+
+# ATen's generic kernels and the templates around the operation they run: a kernel's name is not told by these.
+_ATEN_WRAPPERS = {"elementwise_kernel", "vectorized_elementwise_kernel", "unrolled_elementwise_kernel",
+                  "gpu_kernel_impl", "gpu_kernel_impl_nocast", "reduce_kernel", "ReduceOp", "func_wrapper_t",
+                  "multi_tensor_apply_kernel", "binary_internal", "detail", "memory", "Array", "TensorIteratorBase",
+                  "BinaryFunctor", "AUnaryFunctor", "BUnaryFunctor", "CUDAFunctorOnSelf_add", "OpaqueType"}
+
+
+def _short_kernel_name(name: str) -> str:
+    """A kernel's name without its template arguments and parameters, and for ATen's generic kernels the operation
+    they run: `max_pool_backward_nhwc`, `elementwise_kernel<direct_copy_kernel_cuda>`, `reduce_kernel<sum_functor>`."""
+    name = re.sub(r"^void ", "", name).replace("(anonymous namespace)::", "")
+    depth, out = 0, []
+    for char in name:  # drop every <...> and (...) group, nested ones too
+        if char in "<(":
+            depth += 1
+        elif char in ">)":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            out.append(char)
+    base = "".join(out).strip().removeprefix("at::native::")
+    if base in _ATEN_WRAPPERS:
+        ops = [op for op in re.findall(r"at::native::(?:\w+::)*?(\w+)", name) if op not in _ATEN_WRAPPERS]
+        if ops:
+            base = f"{base}<{ops[-1]}>"
+    return base[:90]
+
+
+def step_kernels(run_dir: Path, top: int = 15) -> str:
+    """Where a profiled step's GPU time goes: per trace, the kernels (memsets and copies too) per step, summed by
+    name over the window's steps, largest first, with each one's share of the step's GPU time.
+
+    The steps are the graph launches when the run replayed a CUDA graph (the kernels of those launches, apart from
+    the loop's eager ones around them), else the active ProfilerStep ranges. This is the table that showed, on the
+    H200, which layers the batch-512 step spends its time in (docs/benchmarks.md)."""
+    lines = []
+    for path in sorted((run_dir / TRACES_DIR).glob("*.pt.trace.json.gz")):
+        with gzip.open(path, "rt") as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+        launches = {e["args"].get("correlation") for e in events
+                    if e.get("cat") == "cuda_runtime" and "GraphLaunch" in str(e.get("name", ""))}
+        gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+        steps = len({e["name"] for e in events
+                     if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("ProfilerStep#")})
+        if launches:
+            # Outside the graph: the loop's own kernels, those launched in the window (kernels still running from
+            # launches before it have no launch event in the trace).
+            launched = {e["args"].get("correlation") for e in events if e.get("cat") == "cuda_runtime"}
+            inside = [e for e in gpu if _in_graph(e, launches)]
+            outside_us = sum(e["dur"] for e in gpu
+                             if not _in_graph(e, launches) and e.get("args", {}).get("correlation") in launched)
+            gpu, steps, what = inside, len(launches), "graph replays"
+        else:
+            outside_us, what = 0.0, "eager steps"
+        if not gpu or not steps:
+            lines.append(f"{path.name}: no GPU kernels in its steps")
+            continue
+        by_name: dict[str, list[float]] = {}
+        for e in gpu:
+            entry = by_name.setdefault(_short_kernel_name(str(e["name"])), [0.0, 0.0])
+            entry[0] += 1
+            entry[1] += e["dur"]
+        total = sum(us for _, us in by_name.values())
+        lines.append(f"{path.name}: {steps} {what}, {total / steps:.0f} us of GPU time each in {len(gpu) / steps:.3g} "
+                     f"kernels" + (f" (+{outside_us / steps:.0f} us a step outside the graph)" if launches else ""))
+        lines.append("| us per step | share | kernels per step | kernel |")
+        lines.append("|---|---|---|---|")
+        for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"| {us / steps:.1f} | {us / total:.1%} | {count / steps:g} | `{name}` |")
+    return "\n".join(lines) if lines else f"no traces in {run_dir / TRACES_DIR}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,11 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("trace-kernels", help="every trace of a profiled run holds GPU kernel events (those of "
                                                    "its graph replays when it ran graphed)")
     p.add_argument("run_dir", type=Path)
+    p = commands.add_parser("step-kernels", help="a profiled run's GPU time per step, by kernel, largest first")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--top", type=int, default=15, help="kernels listed per trace")
     args = parser.parse_args(argv)
     if args.command == "table":
         text, ok = table(args.out, args.classic_given)
     elif args.command == "same-params":
         text, ok = same_params(args.runs, args.run_a, args.run_b, args.graphed)
+    elif args.command == "step-kernels":
+        text, ok = step_kernels(args.run_dir, args.top), True
     else:
         text, ok = trace_kernels(args.run_dir)
     print(text)

@@ -1,8 +1,8 @@
 """What --profile and the phase timers cost, step by step: `python -m dist_mnist.bench --only profiler`.
 
 One process trains the real model on a fixed set of random batches under one arrangement after another (no profiler,
-labels always on, timers off or sampled, a profiler per window, one long-lived profiler, CUPTI kept subscribed),
-each for the same steps before, inside and after a profiling window, and reports the median step of each stretch.
+labels always on, a profiler per window, one long-lived profiler, CUPTI kept subscribed), each for the same steps
+before, inside and after a profiling window, and reports the median step of each stretch.
 The step is the one a run with the same flags takes: on one CUDA process the whole step replayed from a CUDA graph
 (the default there), elsewhere the eager step. Every arrangement differs from the baseline in one suspect, so each
 ratio rules one in or out. On CUDA a step is wall time up to a synchronize, so it includes its GPU work; on CPU it
@@ -13,6 +13,11 @@ apart, as the training loop leaves them out of step times.
 CUPTI is per process: once a profiler stopped without tearing it down, it stays subscribed for the rest of the
 process. So the arrangements run in this order, and the baseline runs again after the ones that tear CUPTI down
 (`plain_again`) and last, after the one that does not (`plain_last`): what a profiler leaves behind shows there.
+
+The phase timers are measured apart (`measure_phase_timers`): blocks of many steps with the timers off, sampled and
+on every step, taking turns, each block timed as a run runs (the host queues steps and waits for the device only at
+progress reports). A sample's cost is one timed step in N, which a median over a few dozen steps never sees and the
+mean of a short stretch cannot tell from noise.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from dist_mnist.profiling import TRACES_DIR, WindowedProfiler, make_profiler
 from dist_mnist.train import TrainParts, build_train_parts, resolve_speed_settings, train_step
 
 WARMUP, ACTIVE = 2, 3  # the window: --profile-warmup and --profile-active as in the default schedule
-SAMPLE_EVERY = 10  # --phase-timer-every's default
+PROGRESS_EVERY = TrainConfig.log_every  # a run waits for the device and drains its timers at each progress report
+# The phase timer study's modes, in each round's order: `off_again` repeats `off`, so its ratio is the noise floor.
+TIMER_MODES = ("off", "sample", "every", "off_again")
 
 
 @dataclass(frozen=True)
@@ -49,18 +56,14 @@ class Arrangement:
     suspect: str  # what it differs in from the baseline
     profiler: str = "none"  # none | per_window (what --profile does) | long_lived (--profile before issue 10)
     labels_always: bool = False  # record_function phase labels on every step, not only while a profiler records
-    timers: str = "auto"  # --phase-timers; auto as a run has it: every step on CPU, every 10th on CUDA
     teardown_cupti: bool = True  # TEARDOWN_CUPTI=1 when a window closes (CUDA)
     write_trace: bool = True
 
 
 ARRANGEMENTS = (
     Arrangement("plain", "baseline: no profiler, phase timers as a run has them (auto: every step on CPU, every "
-                         f"{SAMPLE_EVERY}th on CUDA)"),
+                         f"{TrainConfig.phase_timer_every}th on CUDA)"),
     Arrangement("labels_always", "record_function phase labels on every step, no profiler", labels_always=True),
-    Arrangement("timers_off", "no phase timers (on CUDA: no events)", timers="off"),
-    Arrangement("timers_sample", f"phase timers on every {SAMPLE_EVERY}th step", timers="sample"),
-    Arrangement("timers_every", "phase timers on every step", timers="every"),
     Arrangement("per_window", "--profile now: a profiler per window, labels only while recording",
                 profiler="per_window"),
     Arrangement("per_window_no_trace", "the same, the trace not written", profiler="per_window", write_trace=False),
@@ -105,11 +108,9 @@ class Stretches:
     profiler_calls: list[float] = dataclasses.field(default_factory=list)  # per round: open, step, close, write
 
     def medians_ms(self) -> dict[str, float]:
-        """Median steps per stretch (robust to a slow step at an edge), and the mean of the steps outside the window:
-        sampled phase timers time one step in N, which a median never sees, so their cost is judged on the mean."""
+        """Median steps per stretch (robust to a slow step at an edge)."""
         return {"before_ms": statistics.median(self.before) * 1e3, "inside_ms": statistics.median(self.inside) * 1e3,
                 "after_ms": statistics.median(self.after) * 1e3,
-                "outside_mean_ms": statistics.fmean(self.before + self.after) * 1e3,
                 "profiler_calls_ms": statistics.fmean(self.profiler_calls) * 1e3}
 
 
@@ -172,7 +173,8 @@ def measure_arrangement(arrangement: Arrangement, cfg: TrainConfig, ctx: DistCon
     cfg = dataclasses.replace(cfg, profile=arrangement.profiler != "none", profile_wait=before,
                               profile_warmup=WARMUP, profile_active=ACTIVE, profile_repeat=1)
     label: Callable[[], bool] = (lambda: True) if arrangement.labels_always else torch.autograd._profiler_enabled
-    timer = StepTimer(ctx.device, resolve_phase_timers(arrangement.timers, ctx.device), SAMPLE_EVERY, label=label)
+    timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every,
+                      label=label)
     cuda = ctx.device.type == "cuda"
     clock = step_clock(ctx.device)
     step_s: list[float] = []
@@ -237,6 +239,77 @@ def measure_profiler_overhead(cfg: TrainConfig, ctx: DistContext, batch_sizes: l
     return results
 
 
+def measure_phase_timers(cfg: TrainConfig, ctx: DistContext, batch_sizes: list[int], block: int,
+                         rounds: int) -> dict[str, Any]:
+    """The mean step with the phase timers off, sampled (every `cfg.phase_timer_every`th step), on every step and
+    off again, in blocks of `block` steps that take turns `rounds` times (each round starting one mode later, against
+    drift): {"batch_<B>[_eager]": {mode: mean step ms}}, named in "sets" like measure_profiler_overhead's.
+
+    A block runs as a run's loop does: the host queues steps without waiting, and every PROGRESS_EVERY steps waits
+    for the device and drains the timers, in every mode alike (a run's progress report waits either way). Each mode
+    keeps one StepTimer for all its blocks, as a run keeps one.
+    """
+    settings = resolve_speed_settings(cfg, ctx.device)
+    cuda = ctx.device.type == "cuda"
+    clock = step_clock(ctx.device)
+
+    def wait() -> None:
+        if cuda:
+            torch.cuda.synchronize(ctx.device)
+
+    results: dict[str, Any] = {"block_steps": block, "rounds": rounds, "every_n": cfg.phase_timer_every,
+                               "run_mode": resolve_phase_timers(cfg.phase_timers, ctx.device),
+                               "clock": "wall" if cuda else "process CPU", "sets": {}}
+    for batch_size in batch_sizes:
+        batches = _batches(batch_size, ctx.device)
+        for suffix, label, step in steps_to_time(dataclasses.replace(cfg, batch_size=batch_size), ctx, settings):
+            key = f"batch_{batch_size}{suffix}"
+            timers = {mode: StepTimer(ctx.device, mode.removesuffix("_again"), cfg.phase_timer_every)
+                      for mode in TIMER_MODES}
+            seconds: dict[str, list[float]] = {mode: [] for mode in TIMER_MODES}
+            for turn in range(rounds):
+                for mode in TIMER_MODES[turn % len(TIMER_MODES):] + TIMER_MODES[:turn % len(TIMER_MODES)]:
+                    timer = timers[mode]
+                    wait()
+                    start = clock()
+                    for i in range(block):
+                        images, labels = next(batches)
+                        timer.begin_step()
+                        with timer.phase("data"):
+                            pass  # the batches are ready, as in measure_arrangement
+                        step(images, labels, timer)
+                        timer.end_step()
+                        if i % PROGRESS_EVERY == PROGRESS_EVERY - 1:
+                            wait()
+                            timer.drain()
+                    wait()
+                    seconds[mode].append(clock() - start)
+                    timer.drain()
+            results[key] = {mode: sum(s) / (block * rounds) * 1e3 for mode, s in seconds.items()}
+            results["sets"][key] = f"batch {batch_size} ({label})"
+    return results
+
+
+def render_phase_timers(results: dict[str, Any]) -> list[str]:
+    """Markdown rows: per kind of step, the mean steps of each mode, the cost of the timers a run has (the bar: within
+    2% of none, issue 10) with the noise floor beside it, and the cost of timing every step."""
+    lines = []
+    run_mode, every_n = results["run_mode"], results["every_n"]
+    what = "on every step" if run_mode == "every" else f"on every {every_n}th step"
+    for key, label in results["sets"].items():
+        ms = results[key]
+        ratio = ms[run_mode] / ms["off"]
+        noise = abs(ms["off_again"] / ms["off"] - 1)
+        lines += [f"| {label}: mean step ms, phase timers off / every {every_n}th step / every step / off again "
+                  f"({results['rounds']} rounds of {results['block_steps']} steps each, {results['clock']} time) | "
+                  f"{ms['off']:.4f} / {ms['sample']:.4f} / {ms['every']:.4f} / {ms['off_again']:.4f} |",
+                  f"| {label}: phase timers as a run has them ({what}) / off, mean step (bar: ≤ 1.02) | "
+                  f"{ratio:.3f} {'PASS' if ratio <= 1.02 else 'FAIL'} (noise floor ±{noise:.1%}) |",
+                  f"| {label}: phase timers on every step / off (--phase-timers every) | "
+                  f"{ms['every'] / ms['off']:.3f} |"]
+    return lines
+
+
 def render_profiler_overhead(results: dict[str, Any]) -> list[str]:
     """Markdown rows: per batch size, each arrangement's median steps and their ratios to the baseline's."""
     lines = [f"| profiler overhead, step by step: median step ms before ({results['before_steps']} steps) / inside "
@@ -255,29 +328,22 @@ def render_profiler_overhead(results: dict[str, Any]) -> list[str]:
 
 
 def render_verdicts(steps: dict[str, Any], whole_runs: dict[Any, Any]) -> list[str]:
-    """Markdown rows: issue 10's bars, met or not: steps outside the window within 3% of unprofiled ones, whole
-    profiled runs within 5%, phase timers within 2% of none. For each kind of step timed (a set named "batch 16
-    (graph replays)"); the bars are the default run's, and its kind of step is each batch size's first set."""
+    """Markdown rows: issue 10's bars for --profile, met or not: steps outside the window within 3% of unprofiled
+    ones, whole profiled runs within 5% (the phase timers' bar is render_phase_timers'). For each kind of step timed
+    (a set named "batch 16 (graph replays)"); the bars are the default run's, and its kind of step is each batch
+    size's first set."""
     lines = []
     for key, label in steps["sets"].items():
         arrangements = steps[key]
         base = arrangements["plain"]
         window = arrangements["per_window"]
         outside = max(window["before_ms"] / base["before_ms"], window["after_ms"] / base["after_ms"])
-        off = arrangements["timers_off"]
-        timers = base["outside_mean_ms"] / off["outside_mean_ms"]
         if "plain_again" in arrangements:  # the same code measured twice: how far apart noise alone puts them
             again = arrangements["plain_again"]
             noise = max(abs(again[s] / base[s] - 1) for s in ("before_ms", "after_ms"))
             lines.append(f"| {label}: noise floor, `plain_again` against `plain` | ±{noise:.1%} |")
-        lines += [f"| {label}: --profile, steps outside the window / unprofiled, the worse of before and after "
-                  f"(bar: ≤ 1.03) | {outside:.3f} {'PASS' if outside <= 1.03 else 'FAIL'} |",
-                  f"| {label}: phase timers as a run has them (`plain`) / off, mean step outside the window (bar: "
-                  f"≤ 1.02) | {timers:.3f} "
-                  f"{'PASS' if timers <= 1.02 else 'FAIL'} |"]
-        if "timers_every" in arrangements:  # what --phase-timers every costs, the reason CUDA runs sample
-            every = statistics.fmean([arrangements["timers_every"][s] / off[s] for s in ("before_ms", "after_ms")])
-            lines.append(f"| {label}: phase timers on every step / off (--phase-timers every) | {every:.3f} |")
+        lines.append(f"| {label}: --profile, steps outside the window / unprofiled, the worse of before and after "
+                     f"(bar: ≤ 1.03) | {outside:.3f} {'PASS' if outside <= 1.03 else 'FAIL'} |")
     for batch, run in whole_runs.items():
         ratio = run["mean_throughput_ratio"]
         lines.append(f"| batch {batch}: whole run with --profile / without, throughput (bar: ≥ 0.95) | {ratio:.3f} "

@@ -167,16 +167,55 @@ class TrainParts:
     comm: CommRecorder | None = None  # times and counts DDP's gradient all-reduce (world > 1)
 
 
-def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
-    torch.set_flush_denormal(settings.flush_denormal)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+def make_model(settings: SpeedSettings, device: torch.device) -> MnistCNN:
+    """The model on `device`, in the memory format the run computes in."""
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    # On the device before the optimizer is built, so the optimizer holds the device's parameters.
-    module = MnistCNN().to(ctx.device, memory_format=memory_format)
+    module = MnistCNN().to(device, memory_format=memory_format)
     if settings.channels_last:
         # conv1 has one input channel, so its weight fits both layouts; cuDNN returns its gradient with the
         # standard strides, and DDP's gradient bucket views must match the parameter's strides exactly.
         module.conv1.weight.data = module.conv1.weight.data.clone(memory_format=torch.contiguous_format)
+    return module
+
+
+def warm_up_kernels(cfg: TrainConfig, settings: SpeedSettings, device: torch.device, eval_batch: int) -> None:
+    """A training forward and backward and an evaluation forward of a throwaway model at the run's shapes, while the
+    import thread still imports torch._dynamo (which the optimizer needs before its first step).
+
+    On CUDA the first use of each kernel, cuDNN's and cuBLAS's loading and set-up and the convolution plans of each
+    shape cost the first steps of the graph capture and the first evaluation most of their time (graph_capture
+    0.7-1.2 s on the H200, the first evaluation 41 ms against 8.5 ms for the others). Done here, they overlap the
+    import: PyTorch lets go of the GIL inside an operator, and the import thread is Python. The caches they fill
+    (loaded kernels, cuDNN's plans, the handles a finished thread hands back) are the process's, so the real model
+    finds them warm. Its weights are thrown away, and build_train_parts seeds the generators it drew from again, so
+    the run is the same with or without it (tests/test_gpu_paths.py).
+    """
+    model = make_model(settings, device)
+    images = torch.zeros(cfg.batch_size, 28, 28, dtype=torch.uint8, device=device)
+    with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None):
+        logits = model(normalize(images, device, settings.channels_last))
+        loss = F.cross_entropy(logits, torch.zeros(cfg.batch_size, dtype=torch.long, device=device),
+                               label_smoothing=cfg.label_smoothing)
+    loss.backward()
+    model.eval()
+    images = torch.zeros(eval_batch, 28, 28, dtype=torch.uint8, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=settings.amp_dtype,
+                                                enabled=settings.amp_dtype is not None):
+        model(normalize(images, device, settings.channels_last)).float().argmax(dim=1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # its GPU time is the phase's, not the next one's
+
+
+def kernel_warmup_pays(device: torch.device) -> bool:
+    """Whether start-up runs warm_up_kernels: on CUDA; on CPU a first step costs little more than any other."""
+    return device.type == "cuda"
+
+
+def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
+    torch.set_flush_denormal(settings.flush_denormal)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    # On the device before the optimizer is built, so the optimizer holds the device's parameters.
+    module = make_model(settings, ctx.device)
     # A world of one has nothing to all-reduce: DDP there would only copy every gradient into its buckets and
     # back (without it the one-process run was 5-15% faster on the 2-core CPU: docs/benchmarks.md).
     ddp = None if ctx.world_size == 1 else DDP(
@@ -403,6 +442,11 @@ class Trainer:
         self.batches_per_epoch = self.steps_per_epoch * cfg.grad_accum_steps
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
+        if kernel_warmup_pays(ctx.device):
+            with self.startup.phase("kernel_warmup"):
+                # This rank's first evaluation batch: its shard of the test set, cut at --eval-batch-size.
+                eval_batch = max(1, min(cfg.eval_batch_size, len(range(ctx.rank, len(test_split), ctx.world_size))))
+                warm_up_kernels(cfg, self.settings, ctx.device, eval_batch)
         self.startup.join_background_imports()
         with self.startup.phase("model"):
             self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
@@ -817,7 +861,7 @@ class Trainer:
             all_stats,
             global_samples_per_sec=self.global_batch / mean_step if mean_step else 0.0,
             epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
-            flops=flops_per_sample(self.parts.module, self.ctx.device),
+            flops=flops_per_sample(self.parts.module),
             peak_flops_per_process=peak, peak_source=peak_source)
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))

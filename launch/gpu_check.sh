@@ -91,6 +91,13 @@ done
 for i in 1 2; do
     start=$(now); "$python" -c 'import torch'; since "$start" > "$out/import_torch_$i.s"
 done
+# Our imports beyond torch's (train.py's `imports` phase less a bare `import torch`), and torch._dynamo, which the
+# first optimizer imports (train.py imports it in a thread): how much of the start-up each is once a world of one
+# no longer waits 6 s for nccl, where the thread's import hid.
+"$python" -c 'import time; t = [time.perf_counter()]; import torch; t.append(time.perf_counter())
+import dist_mnist.train; t.append(time.perf_counter()); import torch._dynamo; t.append(time.perf_counter())
+print("import torch {:.2f} s, then dist_mnist.train {:.2f} s, then torch._dynamo {:.2f} s".format(
+    *(b - a for a, b in zip(t, t[1:]))))'
 
 # --- issue 9: the default command; one epoch, ours against pytorch/examples' mnist/main.py, whole-process wall ---
 smoke default 120
@@ -140,7 +147,7 @@ fi
 if want issue10; then
 # ---- profiler overhead (issue 10) ----------------------------------------------------------------------------------
 # Steps before / inside / after a --profile window under each profiler arrangement (one process, arrangements taking
-# turns), the phase timers every step vs sampled vs off, whole runs with vs without --profile, at the cuda recipe's
+# turns), the phase timers off vs sampled vs every step (long blocks taking turns), whole runs with vs without --profile, at the cuda recipe's
 # batch and 16 (the bench's default --profiler-batch-sizes), then PASS/FAIL rows against issue 10's bars. And
 # whether the profiled smoke run's trace holds the GPU's kernels (with CUDA graphs too: a graph replay's kernels
 # must show up inside the window).
@@ -152,6 +159,8 @@ timed profiler_bench 300 "$python" -m dist_mnist.bench --data-dir "$data_dir" --
     --output "$out/profiler_overhead.md" --json "$out/profiler_overhead.json"
 cat "$out/profiler_overhead.md" 2>/dev/null
 "$python" -m dist_mnist.gpucheck trace-kernels "$out/runs/profile" || status=1
+# Where the profiled steps' GPU time goes, kernel by kernel (what to make faster next).
+"$python" -m dist_mnist.gpucheck step-kernels "$out/runs/profile" --top 25
 fi
 # ---- end of profiler overhead (issue 10) ---------------------------------------------------------------------------
 
@@ -167,11 +176,14 @@ else
 fi
 
 # --- issue 9: CUDA recipe candidates, each stopped at 99.0% (time to 99% from the first step, evaluations in) ---
-# The recipe's rivals (the default run measures the recipe itself): the previous recipe, batch 256, and the
-# recipe evaluating half as often (docs/benchmarks.md, "The cuda recipe's steps to 99.0%").
+# The recipe's rivals (the default run measures the recipe itself): batch 256 (docs/benchmarks.md, "The cuda
+# recipe's steps to 99.0%"), the recipe as the H200 runs had it (evaluating every 20 steps, a checkpoint every 200:
+# "Evaluations and checkpoints on the GPU"), and the recipe in NCHW, which the GPU has not run since conv1 runs in
+# NHWC too ("The step's layout and order").
 candidates=(
     "b256_e3 --batch-size 256 --lr 5.6e-3 --epochs 3 --eval-every 40"
-    "b512_e4_ev40 --eval-every 40"
+    "b512_ev20_ckpt200 --eval-every 20 --checkpoint-every 200"
+    "b512_nchw --channels-last off"
 )
 for candidate in "${candidates[@]}"; do
     read -r -a words <<<"$candidate"

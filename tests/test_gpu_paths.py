@@ -327,3 +327,33 @@ def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_prints_the_table_a
     again = subprocess.run([sys.executable, "-m", "dist_mnist.gpucheck", "table", str(tmp_path / "unpacked")],
                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert again.stdout.strip() and again.stdout.strip() in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_kernel_warmup_leaves_the_run_as_it_would_have_been(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA start-up runs the model's kernels once at the run's shapes while torch._dynamo is imported; the
+    throwaway model draws from the generators, which are seeded again after it: the same run with it as without."""
+    shapes: list[tuple[int, int]] = []
+    real = train_module.warm_up_kernels
+
+    def spy(cfg: TrainConfig, settings: SpeedSettings, device: torch.device, eval_batch: int) -> None:
+        shapes.append((cfg.batch_size, eval_batch))
+        real(cfg, settings, device, eval_batch)
+
+    monkeypatch.setattr(train_module, "warm_up_kernels", spy)
+    flags = [*SMOKE_FLAGS, "--amp", "off", "--deterministic", "--max-steps", "6", "--output-dir", str(tmp_path)]
+    assert main([*flags, "--run-name", "cold"]) == 0
+    monkeypatch.setattr(train_module, "kernel_warmup_pays", lambda device: True)
+    assert main([*flags, "--run-name", "warm"]) == 0
+    # SMOKE_FLAGS: batch 16; the synthetic test set (203 images) cut at --eval-batch-size 50.
+    assert shapes == [(16, 50)]
+    summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("cold", "warm")}
+    assert "kernel_warmup" in summaries["warm"]["startup"] and "kernel_warmup" not in summaries["cold"]["startup"]
+    assert summaries["warm"]["ranks"][0]["params_digest"] == summaries["cold"]["ranks"][0]["params_digest"]
+    assert [json.loads(line)["test_loss"] for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()] \
+        == [json.loads(line)["test_loss"] for line in (tmp_path / "cold" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_kernel_warmup_runs_on_cuda_only() -> None:
+    assert train_module.kernel_warmup_pays(CUDA) and not train_module.kernel_warmup_pays(CPU)

@@ -218,8 +218,51 @@ def test_every_flag_gpu_check_passes_exists() -> None:
     used = set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", script))
     known = set(build_parser()._option_string_actions)
     for module in ("dist_mnist.bench", "dist_mnist.report", "dist_mnist.gpucheck table",
-                   "dist_mnist.gpucheck same-params"):
+                   "dist_mnist.gpucheck same-params", "dist_mnist.gpucheck step-kernels"):
         usage = run([sys.executable, "-m", *module.split(), "--help"], timeout=60).stdout
         known |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", usage))
     outside = {"--query-gpu", "--format", "--exclude", "--standalone", "--nproc-per-node"}  # nvidia-smi, tar, torchrun
     assert used - known - outside == set()
+
+
+def test_step_kernels_splits_a_steps_gpu_time_by_kernel(out: Path, tmp_path: Path) -> None:
+    """Per graph replay (or per profiled eager step), each kernel's time, largest first, named without its
+    template arguments; ATen's generic kernels by the operation they run."""
+    run_dir = out / "runs" / "default"
+    [source] = (run_dir / gpucheck.TRACES_DIR).glob("*.pt.trace.json.gz")
+    with gzip.open(source, "rt") as f:
+        trace = json.load(f)
+    copy = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+            "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(float)#1}>"
+            "(at::TensorIteratorBase&, {lambda(float)#1} const&)::{lambda(int)#1}>(int, {lambda(int)#1})")
+    pool = "void at::native::(anonymous namespace)::max_pool_backward_nhwc<c10::BFloat16, float>(c10::BFloat16 const*)"
+
+    def event(cat: str, name: str, correlation: int, dur: float, **args: Any) -> dict[str, Any]:
+        return {"ph": "X", "cat": cat, "name": name, "ts": 1, "dur": dur, "args": {"correlation": correlation, **args}}
+
+    graphed = [event("cuda_runtime", "cudaGraphLaunch", 7, 5), event("cuda_runtime", "cudaGraphLaunch", 8, 5),
+               event("cuda_runtime", "cudaLaunchKernel", 3, 2),
+               event("kernel", copy, 7, 30), event("kernel", pool, 7, 60), event("kernel", copy, 8, 10),
+               event("kernel", pool, 9, 100, **{"graph id": 1}),  # kineto's graph id stands for the launch
+               event("kernel", "index_elementwise_kernel", 3, 4),  # the loop's gather, outside the graph
+               event("kernel", "leftover_from_before_the_window", 1, 50)]  # its launch is not in the trace
+    folder = tmp_path / "graphed" / gpucheck.TRACES_DIR
+    folder.mkdir(parents=True)
+    with gzip.open(folder / source.name, "wt") as f:
+        json.dump({**trace, "traceEvents": [*trace["traceEvents"], *graphed]}, f)
+    result = run([*GPUCHECK, "step-kernels", str(tmp_path / "graphed"), "--top", "5"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{source.name}: 2 graph replays, 100 us of GPU time each in 2 kernels (+2 us a step outside " \
+                       "the graph)"
+    assert lines[3:] == ["| 80.0 | 80.0% | 1 | `max_pool_backward_nhwc` |",
+                         "| 20.0 | 20.0% | 1 | `elementwise_kernel<direct_copy_kernel_cuda>` |"]
+    # An eager run: every kernel of the window, per ProfilerStep (the CPU run recorded steps 2 and 3).
+    eager = tmp_path / "eager" / gpucheck.TRACES_DIR
+    eager.mkdir(parents=True)
+    with gzip.open(eager / source.name, "wt") as f:
+        json.dump({**trace, "traceEvents": [*trace["traceEvents"], event("kernel", pool, 3, 40)]}, f)
+    result = run([*GPUCHECK, "step-kernels", str(tmp_path / "eager")], timeout=60)
+    assert result.stdout.splitlines()[0] == f"{source.name}: 2 eager steps, 20 us of GPU time each in 0.5 kernels"
+    cpu = run([*GPUCHECK, "step-kernels", str(run_dir)], timeout=60)
+    assert cpu.returncode == 0 and cpu.stdout.strip() == f"{source.name}: no GPU kernels in its steps"

@@ -1,11 +1,15 @@
-"""The classic MNIST CNN: output shapes in both memory formats, size, and dropout only in training mode."""
+"""The classic MNIST CNN: output shapes in both memory formats, size, dropout only in training mode, the same
+function as pytorch/examples' network, and NHWC from the first convolution on."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from dist_mnist.data import normalize
 from dist_mnist.model import MnistCNN
+from dist_mnist.profiling import flops_per_sample
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -41,3 +45,62 @@ def test_dropout_only_in_training_mode() -> None:
         assert not torch.equal(model(x), model(x))
         model.eval()
         assert torch.equal(model(x), model(x))
+
+
+def _examples_forward(model: MnistCNN, x: torch.Tensor) -> torch.Tensor:
+    """pytorch/examples' forward, in its own order: conv2, its bias and ReLU, then the max-pool."""
+    x = F.relu(model.conv1(x))
+    x = F.max_pool2d(F.relu(model.conv2(x)), 2)
+    x = torch.flatten(model.dropout1(x), 1)
+    return model.fc2(model.dropout2(F.relu(model.fc1(x))))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bias_and_relu_after_the_pool_are_the_examples_network(channels_last: bool) -> None:
+    """The same logits and gradients in fp32, up to where the bias is rounded in (oneDNN fuses it into the
+    convolution's sums; NHWC here came out bit for bit equal)."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = MnistCNN().to(memory_format=memory_format).eval()  # eval: no dropout masks to match
+    x = torch.randn(16, 1, 28, 28).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (16,))
+    grads = []
+    for forward in (_examples_forward, MnistCNN.forward):
+        model.zero_grad()
+        logits = forward(model, x)
+        F.cross_entropy(logits, y).backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (expected, expected_grads), (got, got_grads) = grads
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_normalized_batches_are_nhwc_for_conv1_too() -> None:
+    """One channel makes NCHW and NHWC the same bytes; only the strides choose conv1's layout, and with
+    channels_last its input and output must be NHWC like every other activation, with the same values."""
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    nhwc, nchw = (normalize(images, torch.device("cpu"), channels_last) for channels_last in (True, False))
+    assert nhwc.stride() == (784, 1, 28, 1) and nchw.stride() == (784, 784, 28, 1)
+    assert torch.equal(nhwc, nchw)
+    model = MnistCNN().to(memory_format=torch.channels_last)
+    # As train.build_train_parts keeps it (its gradient's strides must match for DDP's buckets).
+    model.conv1.weight.data = model.conv1.weight.data.clone(memory_format=torch.contiguous_format)
+    assert model.conv1(nhwc).is_contiguous(memory_format=torch.channels_last)
+    assert model.conv1(nhwc).stride() != model.conv1(nchw).stride()  # contiguous(channels_last) left it NCHW
+
+
+def test_flops_per_sample_are_counted_on_the_meta_device_as_a_real_pass_counts_them() -> None:
+    """The same count as a real forward and backward of the model (the pytorch/examples CNN: 71.6 MFLOP a sample),
+    without running one: the model's weights and gradients are left as they were."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = MnistCNN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(torch.zeros(4, 1, 28, 28)), torch.zeros(4, dtype=torch.long)).backward()
+    real = counter.get_total_flops() / 4
+    model.zero_grad(set_to_none=True)
+    assert flops_per_sample(model) == real == 71_565_312
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -20,7 +20,8 @@ from dist_mnist.train import main
 
 # README column -> Recipe field, in table order after the name.
 README_COLUMNS = {"per-process batch": "batch_size", "peak lr": "lr", "epochs": "epochs", "warm-up": "warmup_frac",
-                  "eval every": "eval_every", "eval batch": "eval_batch_size", "comm hook": "ddp_comm_hook",
+                  "eval every": "eval_every", "eval batch": "eval_batch_size", "checkpoint every": "checkpoint_every",
+                  "comm hook": "ddp_comm_hook",
                   "bucket MiB": "bucket_cap_mb"}
 
 
@@ -65,9 +66,9 @@ def test_explicit_flags_win_even_when_they_equal_the_plain_default() -> None:
     assert resolved.config.epochs == RECIPES["cuda"].epochs
     assert resolved.recipe.overridden == {"batch_size": 16, "lr": 1e-3}
     assert "batch_size" not in resolved.recipe.set
-    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.1, --eval-every 20, "
-                                              "--eval-batch-size 10000, --ddp-comm-hook none, --bucket-cap-mb 0.0; "
-                                              "flags kept: --batch-size 16, --lr 0.001)")
+    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.1, --eval-every 40, "
+                                              "--eval-batch-size 10000, --checkpoint-every 0, --ddp-comm-hook none, "
+                                              "--bucket-cap-mb 0.0; flags kept: --batch-size 16, --lr 0.001)")
 
 
 def test_a_config_built_in_code_keeps_the_values_it_changed() -> None:
@@ -115,8 +116,8 @@ def test_run_records_its_recipe(stopped_run: Path) -> None:
     resolved = json.loads((stopped_run / "config.json").read_text())["resolved"]
     assert resolved["recipe"] == "cpu"
     assert resolved["recipe_overridden_by_flags"] == {"batch_size": 16, "eval_batch_size": 50, "eval_every": 2}
-    assert resolved["recipe_values"] == {"lr": 2e-3, "epochs": 2, "warmup_frac": 0.1, "ddp_comm_hook": "bf16",
-                                         "bucket_cap_mb": 0.0}
+    assert resolved["recipe_values"] == {"lr": 2e-3, "epochs": 2, "warmup_frac": 0.1, "checkpoint_every": 200,
+                                         "ddp_comm_hook": "bf16", "bucket_cap_mb": 0.0}
     assert resolved["cuda_graphs"] is False
 
 
