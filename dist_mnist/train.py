@@ -172,9 +172,12 @@ def make_model(settings: SpeedSettings, device: torch.device) -> MnistCNN:
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     module = MnistCNN().to(device, memory_format=memory_format)
     if settings.channels_last:
-        # conv1 has one input channel, so its weight fits both layouts; cuDNN returns its gradient with the
-        # standard strides, and DDP's gradient bucket views must match the parameter's strides exactly.
-        module.conv1.weight.data = module.conv1.weight.data.clone(memory_format=torch.contiguous_format)
+        # conv1's weight has one input channel, so `to(memory_format=...)` leaves its NCHW strides (9, 9, 3, 1)
+        # (they count as channels-last too). Its NHWC convolution (normalize gives it an NHWC input) returns the
+        # gradient as (9, 1, 3, 1), and DDP's gradient bucket views must match a parameter's strides exactly, or it
+        # warns and copies the gradient at every step: so the weight gets those strides.
+        weight = module.conv1.weight.data
+        module.conv1.weight.data = weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     return module
 
 

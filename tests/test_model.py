@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dist_mnist.data import normalize
 from dist_mnist.model import MnistCNN
 from dist_mnist.profiling import flops_per_sample
+from dist_mnist.train import SpeedSettings, make_model
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -78,16 +79,30 @@ def test_bias_and_relu_after_the_pool_are_the_examples_network(channels_last: bo
 
 def test_normalized_batches_are_nhwc_for_conv1_too() -> None:
     """One channel makes NCHW and NHWC the same bytes; only the strides choose conv1's layout, and with
-    channels_last its input and output must be NHWC like every other activation, with the same values."""
+    channels_last its input must be NHWC like every other activation (`contiguous(memory_format=channels_last)`
+    leaves NCHW's strides), with the same values."""
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
     nhwc, nchw = (normalize(images, torch.device("cpu"), channels_last) for channels_last in (True, False))
     assert nhwc.stride() == (784, 1, 28, 1) and nchw.stride() == (784, 784, 28, 1)
     assert torch.equal(nhwc, nchw)
-    model = MnistCNN().to(memory_format=torch.channels_last)
-    # As train.build_train_parts keeps it (its gradient's strides must match for DDP's buckets).
-    model.conv1.weight.data = model.conv1.weight.data.clone(memory_format=torch.contiguous_format)
-    assert model.conv1(nhwc).is_contiguous(memory_format=torch.channels_last)
-    assert model.conv1(nhwc).stride() != model.conv1(nchw).stride()  # contiguous(channels_last) left it NCHW
+    assert nchw.contiguous(memory_format=torch.channels_last).stride() == nchw.stride()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_every_weight_has_the_strides_of_its_gradient(channels_last: bool) -> None:
+    """DDP's gradient buckets are views with each parameter's strides, and a gradient with others is copied at every
+    step with a warning: conv1's weight (one input channel, so NCHW and NHWC strides are both valid for it) must
+    take the layout its convolution answers in."""
+    settings = SpeedSettings(amp_dtype=torch.bfloat16, channels_last=channels_last, data_on_device=False)
+    model = make_model(settings, torch.device("cpu"))
+    x = normalize(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), torch.device("cpu"), channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    F.cross_entropy(y, torch.zeros(4, dtype=torch.long)).backward()
+    assert model.conv1(x).is_contiguous(memory_format=torch.channels_last if channels_last
+                                        else torch.contiguous_format)
+    assert {name: p.grad.stride() for name, p in model.named_parameters()} == \
+        {name: p.stride() for name, p in model.named_parameters()}
 
 
 def test_flops_per_sample_are_counted_on_the_meta_device_as_a_real_pass_counts_them() -> None:
