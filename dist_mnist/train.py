@@ -463,7 +463,7 @@ class Trainer:
         self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
         self.timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
-        self.memory = MemoryTracker()
+        self.memory = MemoryTracker(workers=cfg.num_workers > 0 and not self.settings.data_on_device)
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
         self.clock = RunClock(partial(torch.cuda.synchronize, ctx.device) if ctx.device.type == "cuda" else None)

@@ -28,7 +28,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from dist_mnist import profiler_bench, report
 from dist_mnist.config import TrainConfig
 from dist_mnist.graphs import GraphDecision, GraphedStep, capture_eagerly
-from dist_mnist.metrics import PHASES, StepTimer, format_eval, process_rss_bytes, resolve_phase_timers
+from dist_mnist.metrics import (
+    PHASES,
+    MemoryTracker,
+    StepTimer,
+    format_eval,
+    process_rss_bytes,
+    resolve_phase_timers,
+)
 from dist_mnist.profiler_bench import (
     ARRANGEMENTS,
     TIMER_MODES,
@@ -442,7 +449,20 @@ def test_peak_memory_counts_dataloader_workers() -> None:
     assert len(workers) == 2
     own = me.memory_info().rss
     assert process_rss_bytes() >= own + sum(w.memory_info().rss for w in workers) * 0.9
+    assert MemoryTracker(workers=True).sample() >= own + sum(w.memory_info().rss for w in workers) * 0.9
     del batches, loader
+
+
+def test_without_workers_no_child_process_is_looked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psutil finds children by reading every process's /proc entry, at each progress report: not when the run has
+    no DataLoader workers (the default)."""
+    def refuse(self: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
+        raise AssertionError("children were looked for")
+
+    monkeypatch.setattr(psutil.Process, "children", refuse)
+    tracker = MemoryTracker(workers=False)
+    assert tracker.sample() > 0  # the process's own, read without the children
+    assert tracker.peak_rss_bytes >= psutil.Process().memory_info().rss * 0.9
 
 
 def _rank(rank: int, own_s: float, step_s: float = 0.1) -> dict[str, Any]:
