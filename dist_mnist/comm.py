@@ -152,12 +152,15 @@ class CommRecorder:
     """Wraps a DDP comm hook: marks each bucket's start and completion and counts the bytes it sends.
 
     `end_step()` closes the records of one optimizer step (micro-batches under `no_sync()` send nothing);
-    `drain()` resolves them, after the step timer has waited for the device.
+    `drain()` resolves them, after the step timer has waited for the device. Only the steps the phase timers time
+    are marked (`timing`, set by the step): the summary pairs each all-reduce record with its step's phases, and on
+    CUDA a mark is two events and a completion callback per bucket, which untimed steps would pay for nothing.
     """
 
     def __init__(self, ddp: DDP, hook_name: str, ctx: DistContext, powersgd_start: int) -> None:
         self.cuda = ctx.device.type == "cuda"
         self.hook_name = hook_name
+        self.timing = True  # whether the step in progress is timed (accumulation_step sets it from the StepTimer)
         self._current: list[BucketRecord] = []
         self._pending: list[list[BucketRecord]] = []
         self.steps: list[CommStep] = []
@@ -184,6 +187,8 @@ class CommRecorder:
         return future, numel * buffer.element_size()
 
     def _hook(self, _state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        if not self.timing:
+            return self._run_hook(bucket)[0]
         record = BucketRecord(start=timestamp(self.cuda), nbytes=0)
         future, record.nbytes = self._run_hook(bucket)
         self._current.append(record)
@@ -197,7 +202,7 @@ class CommRecorder:
 
     def end_step(self, keep: bool = True) -> None:
         """Close one optimizer step's records; `keep` False drops them (a step the phase timers did not time, so
-        the summary pairs each kept step with its phases)."""
+        the summary pairs each kept step with its phases; such a step made none unless `timing` said otherwise)."""
         if keep:
             self._pending.append(self._current)
         self._current = []

@@ -256,6 +256,8 @@ def accumulation_step(parts: TrainParts, micro_batches: Sequence[Batch], timer: 
     cross the network once per optimizer step.
     """
     total: torch.Tensor | None = None
+    if parts.comm:
+        parts.comm.timing = timer.timing  # all-reduces are marked on the steps the phase timers time
     for i, (images, labels) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync: AbstractContextManager[Any] = nullcontext() if last or parts.ddp is None else parts.ddp.no_sync()

@@ -226,3 +226,43 @@ def test_bad_comm_flags_are_one_line_errors(flags: list[str], message: str, tmp_
     assert train_main([*RUN_FLAGS, "--synthetic-train-size", "256", "--output-dir", str(tmp_path), *flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+def _marks_per_step(ctx: DistContext, _batch_size: int) -> dict[str, Any]:
+    """Six DDP steps with phase timers on every 3rd: how many all-reduce marks each step made."""
+    import dist_mnist.comm as comm_module  # in this spawned rank only
+
+    cfg = TrainConfig(**{**EXACT, "ddp_comm_hook": "none"})
+    data = build_pipeline(cfg, ctx, *load_splits(cfg, ctx), on_device=False)
+    data.train_batches.set_epoch(0)
+    parts = build_train_parts(cfg, ctx, resolve_speed_settings(cfg, ctx.device), total_steps=100)
+    marks: list[int] = []
+    real = comm_module.timestamp
+
+    def counting(cuda: bool) -> Any:
+        marks[-1] += 1
+        return real(cuda)
+
+    comm_module.timestamp = counting
+    timer = StepTimer(ctx.device, "sample", 3)
+    batches = iter(data.train_loader)
+    for _ in range(6):
+        marks.append(0)
+        timer.begin_step()
+        accumulation_step(parts, [next(batches)], timer)
+        timer.end_step()
+    assert parts.comm is not None
+    comm = parts.comm.drain()
+    return {"marks": torch.tensor(marks), "buckets": torch.tensor([s.buckets for s in comm]),
+            "bytes": torch.tensor([s.nbytes for s in comm]), "timed": len(timer.drain())}
+
+
+@pytest.mark.timeout(120)
+def test_all_reduces_are_marked_on_the_timed_steps_only(tmp_path: Path) -> None:
+    """A mark is two CUDA events and a completion callback per bucket on a GPU: only the steps the phase timers
+    time get them, and each of those keeps its buckets and bytes."""
+    for rank in spawn_world(2, _marks_per_step, tmp_path):
+        assert rank["timed"] == 2  # steps 0 and 3
+        buckets = rank["buckets"].tolist()
+        assert len(buckets) == 2 and buckets[0] >= 1 and rank["bytes"].tolist() == [GRADIENT_BYTES] * 2
+        assert rank["marks"].tolist() == [2 * buckets[0], 0, 0, 2 * buckets[1], 0, 0]
