@@ -261,6 +261,18 @@ class DataPipeline:
     def steps_per_epoch(self) -> int:
         return len(self.train_batches.batches)
 
+    @property
+    def workers(self) -> bool:
+        """Whether DataLoader worker processes load the batches (never with the data on the device)."""
+        return isinstance(self.train_loader, DataLoader) and self.train_loader.num_workers > 0
+
+    @property
+    def first_test_batch(self) -> int:
+        """Images in this rank's first evaluation batch: its shard of the test set, cut at --eval-batch-size."""
+        loader = self.test_loader
+        batches = loader.batches if isinstance(loader, DeviceBatchLoader) else loader.sampler
+        return min(batches.batch_size, len(batches.sampler))
+
 
 def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split, on_device: bool) -> DataPipeline:
     cuda = ctx.device.type == "cuda"

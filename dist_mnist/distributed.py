@@ -56,6 +56,11 @@ class DistContext:
         if self.world_size > 1:
             dist.barrier(group=self.control_group)
 
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum a host tensor over every rank, in place."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self.control_group)
+
     def on_main(self, work: Callable[[], T]) -> T:
         """Run `work` on rank 0; every rank returns its result, or raises its UserError (a full disk, a taken run
         folder). A barrier as well: nobody moves on before rank 0 is done, and its failure ends every rank at once

@@ -293,6 +293,12 @@ def _in_graph(kernel: dict[str, Any], launches: set[Any]) -> bool:
     return args.get("correlation") in launches or bool(args.get("graph id"))
 
 
+def _graph_launches(events: list[dict[str, Any]]) -> set[Any]:
+    """The correlation ids of a trace's cudaGraphLaunch calls: one per graph replay."""
+    return {e.get("args", {}).get("correlation") for e in events
+            if e.get("cat") == "cuda_runtime" and "GraphLaunch" in str(e.get("name", ""))}
+
+
 def trace_kernels(run_dir: Path) -> tuple[str, bool]:
     """Kernel events per trace file of a profiled run, and, when its steps were graph replays (summary.json's
     `cuda_graphs`), whether the window's replays show their kernels.
@@ -312,8 +318,7 @@ def trace_kernels(run_dir: Path) -> tuple[str, bool]:
     for path in traces:
         with gzip.open(path, "rt") as f:
             events = json.load(f)["traceEvents"]
-        launches = {e.get("args", {}).get("correlation") for e in events
-                    if e.get("cat") == "cuda_runtime" and "GraphLaunch" in str(e.get("name", ""))}
+        launches = _graph_launches(events)
         kernels = [e for e in events if e.get("cat") == "kernel"]
         in_graphs = sum(_in_graph(k, launches) for k in kernels)
         steps = sorted({e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")})
@@ -363,8 +368,7 @@ def step_kernels(run_dir: Path, top: int = 15) -> str:
     for path in sorted((run_dir / TRACES_DIR).glob("*.pt.trace.json.gz")):
         with gzip.open(path, "rt") as f:
             events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-        launches = {e["args"].get("correlation") for e in events
-                    if e.get("cat") == "cuda_runtime" and "GraphLaunch" in str(e.get("name", ""))}
+        launches = _graph_launches(events)
         gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
         steps = len({e["name"] for e in events
                      if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("ProfilerStep#")})

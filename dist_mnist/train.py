@@ -194,16 +194,16 @@ def warm_up_kernels(cfg: TrainConfig, settings: SpeedSettings, device: torch.dev
     the run is the same with or without it (tests/test_gpu_paths.py).
     """
     model = make_model(settings, device)
+    amp = partial(torch.autocast, device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None)
     images = torch.zeros(cfg.batch_size, 28, 28, dtype=torch.uint8, device=device)
-    with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None):
+    with amp():
         logits = model(normalize(images, device, settings.channels_last))
         loss = F.cross_entropy(logits, torch.zeros(cfg.batch_size, dtype=torch.long, device=device),
                                label_smoothing=cfg.label_smoothing)
     loss.backward()
     model.eval()
     images = torch.zeros(eval_batch, 28, 28, dtype=torch.uint8, device=device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=settings.amp_dtype,
-                                                enabled=settings.amp_dtype is not None):
+    with torch.inference_mode(), amp():
         model(normalize(images, device, settings.channels_last)).float().argmax(dim=1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # its GPU time is the phase's, not the next one's
@@ -449,9 +449,7 @@ class Trainer:
         self.global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
         if kernel_warmup_pays(ctx.device):
             with self.startup.phase("kernel_warmup"):
-                # This rank's first evaluation batch: its shard of the test set, cut at --eval-batch-size.
-                eval_batch = max(1, min(cfg.eval_batch_size, len(range(ctx.rank, len(test_split), ctx.world_size))))
-                warm_up_kernels(cfg, self.settings, ctx.device, eval_batch)
+                warm_up_kernels(cfg, self.settings, ctx.device, max(1, self.data.first_test_batch))
         self.startup.join_background_imports()
         with self.startup.phase("model"):
             self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
@@ -465,7 +463,7 @@ class Trainer:
         self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
         self.timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
-        self.memory = MemoryTracker(workers=cfg.num_workers > 0 and not self.settings.data_on_device)
+        self.memory = MemoryTracker(workers=self.data.workers)
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
         self.clock = RunClock(partial(torch.cuda.synchronize, ctx.device) if ctx.device.type == "cuda" else None)
@@ -678,8 +676,7 @@ class Trainer:
             eval_s = time.perf_counter() - start
             # The mean training loss since the last record, over all ranks.
             loss = torch.tensor([self.train_loss_sum, float(self.train_loss_count)], dtype=torch.float64)
-            if self.ctx.world_size > 1:
-                dist.all_reduce(loss, group=self.ctx.control_group)
+            self.ctx.all_reduce(loss)
             self.train_loss_sum, self.train_loss_count = 0.0, 0
         seconds = self.training_seconds()
         prev_step, prev_seconds = self.last_record
