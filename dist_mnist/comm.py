@@ -14,6 +14,7 @@ only when the step timer drains, so there is no host sync per step):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
-from dist_mnist.metrics import seconds_between, timestamp
+from dist_mnist.metrics import Marks, seconds_between
 
 # PowerSGD: rank-2 factors, error feedback and warm start (torch's recommended settings); compression starts after
 # the learning-rate warm-up, when gradients have settled (torch's advice for start_powerSGD_iter).
@@ -38,9 +39,9 @@ POWERSGD_MIN_START = 2  # torch's minimum with error feedback and warm start
 @dataclass
 class BucketRecord:
     """One bucket's all-reduce in one step."""
-    start: Any  # timestamp when DDP handed the bucket to the hook
+    start: Any  # mark (metrics.Marks) when DDP handed the bucket to the hook
     nbytes: int  # bytes this rank sent into the collective(s) for the bucket
-    end: Any = None  # timestamp when its future completed
+    end: Any = None  # mark when its future completed
 
 
 @dataclass
@@ -154,11 +155,13 @@ class CommRecorder:
     `end_step()` closes the records of one optimizer step (micro-batches under `no_sync()` send nothing);
     `drain()` resolves them, after the step timer has waited for the device. Only the steps the phase timers time
     are marked (`timing`, set by the step): the summary pairs each all-reduce record with its step's phases, and on
-    CUDA a mark is two events and a completion callback per bucket, which untimed steps would pay for nothing.
+    CUDA a mark is two events and a completion callback per bucket, which untimed steps would pay for nothing; the
+    events are recorded again once a drain has read them. `new_event` stands in for CUDA's event in tests.
     """
 
-    def __init__(self, ddp: DDP, hook_name: str, ctx: DistContext, powersgd_start: int) -> None:
-        self.cuda = ctx.device.type == "cuda"
+    def __init__(self, ddp: DDP, hook_name: str, ctx: DistContext, powersgd_start: int,
+                 new_event: Callable[[], Any] | None = None) -> None:
+        self.marks = Marks(ctx.device.type == "cuda", new_event)
         self.hook_name = hook_name
         self.timing = True  # whether the step in progress is timed (accumulation_step sets it from the StepTimer)
         self._current: list[BucketRecord] = []
@@ -189,13 +192,13 @@ class CommRecorder:
     def _hook(self, _state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         if not self.timing:
             return self._run_hook(bucket)[0]
-        record = BucketRecord(start=timestamp(self.cuda), nbytes=0)
+        record = BucketRecord(start=self.marks.mark(), nbytes=0)
         future, record.nbytes = self._run_hook(bucket)
         self._current.append(record)
 
         def completed(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
             # On CUDA the callback runs on a stream that waits for the collective: the event marks its end.
-            record.end = timestamp(self.cuda)
+            record.end = self.marks.mark()
             return fut.value()
 
         return future.then(completed)
@@ -205,16 +208,23 @@ class CommRecorder:
         the summary pairs each kept step with its phases; such a step made none unless `timing` said otherwise)."""
         if keep:
             self._pending.append(self._current)
+        else:
+            self._recycle(self._current)
         self._current = []
 
     def drain(self) -> list[CommStep]:
         """Resolve the steps ended since the last call (on CUDA, after the step timer synchronized)."""
-        if self.cuda and self._pending and self._pending[-1]:
+        if self.marks.events and self._pending and self._pending[-1]:
             self._pending[-1][-1].end.synchronize()
         new = [resolve_step(records) for records in self._pending]
+        for records in self._pending:
+            self._recycle(records)
         self._pending = []
         self.steps.extend(new)
         return new
+
+    def _recycle(self, records: list[BucketRecord]) -> None:
+        self.marks.recycle(mark for record in records for mark in (record.start, record.end) if mark is not None)
 
 
 # DDP checks a hook's annotations against the real classes; `from __future__ import annotations` made them strings.

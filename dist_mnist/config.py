@@ -110,7 +110,8 @@ class TrainConfig:
 
     # Evaluation, logging and run output
     eval_every: int = _opt(DEFAULT_RECIPE.eval_every,
-                           "also evaluate every N optimizer steps (0: only at the end of each epoch)")
+                           "also evaluate once N optimizer steps have passed since the last evaluation (each "
+                           "epoch's end evaluates and restarts the count; 0: only at the end of each epoch)")
     log_every: int = _opt(50, "print progress (percent, elapsed, ETA, samples/s) every N optimizer steps, rank 0 "
                               "only: one line each when stdout is not a terminal, updated in place on one")
     output_dir: str = _opt("profiles", "root folder for run output")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -23,17 +23,40 @@ PHASES = ("data", "to_device", "forward", "backward", "optimizer")
 PHASE_TIMER_MODES = ("every", "sample", "off")
 
 
-def timestamp(cuda: bool) -> Any:
-    """A point in time: a perf_counter reading, or on CUDA an event recorded on the current stream (no sync)."""
-    if cuda:
-        event = torch.cuda.Event(enable_timing=True)
+class Marks:
+    """Points in time to measure between: perf_counter readings on CPU; on CUDA, timing events recorded on the
+    current stream (no sync), read later by their owner.
+
+    Events are made once and recorded again after their readings are done with (`recycle`): a timed step then costs
+    its records, not also the making of a Python event and a CUDA one per mark and their destruction (on the H200 a
+    timed step's marks cost 75 µs of a 0.39 ms step at batch 16, docs/benchmarks.md). `new_event` stands in for
+    CUDA's event on CPU in tests.
+    """
+
+    def __init__(self, cuda: bool, new_event: Callable[[], Any] | None = None) -> None:
+        self._new_event = new_event or (partial(torch.cuda.Event, enable_timing=True) if cuda else None)
+        self._spare: list[Any] = []  # events whose readings are done, free to record again
+
+    @property
+    def events(self) -> bool:
+        """Whether marks are events, which must be waited for before they are read."""
+        return self._new_event is not None
+
+    def mark(self) -> Any:
+        if self._new_event is None:
+            return time.perf_counter()
+        event = self._spare.pop() if self._spare else self._new_event()
         event.record()
         return event
-    return time.perf_counter()
+
+    def recycle(self, marks: Iterable[Any]) -> None:
+        """Marks no longer needed: a record of an event not yet reached on the GPU just moves it."""
+        if self._new_event is not None:
+            self._spare.extend(marks)
 
 
 def seconds_between(start: Any, end: Any) -> float:
-    """Seconds from one `timestamp` to another; for CUDA events the end event must have completed."""
+    """Seconds from one mark to another (`Marks`); for CUDA events the end event must have completed."""
     if isinstance(start, float):
         return end - start
     return start.elapsed_time(end) / 1e3
@@ -50,9 +73,7 @@ class StepTimer:
     The `train/<phase>` labels (record_function) are opened only while `label()` says a profiler records: a
     record_function costs an operator call even when nobody listens, and outside a window nobody does.
 
-    CUDA events are made once and recorded again after each `drain` has read them: a timed step then costs its
-    records, not also the making of a Python event and a CUDA one per mark and their destruction (on the H200 a
-    timed step's marks cost 75 µs of a 0.39 ms step at batch 16, docs/benchmarks.md).
+    The marks' CUDA events are recorded again once a `drain` has read them (`Marks`).
     """
 
     def __init__(self, device: torch.device, mode: str = "every", every_n: int = 1,
@@ -63,25 +84,15 @@ class StepTimer:
         self.mode = mode
         self.every_n = every_n if mode == "sample" else 1
         self._label = label
-        # What a mark records on: CUDA events on CUDA (or `new_event`'s, which tests give on CPU), else the clock.
-        self._new_event = new_event or (partial(torch.cuda.Event, enable_timing=True) if device.type == "cuda"
-                                        else None)
-        self._spare_events: list[Any] = []  # read by a drain, free to record again
+        self._clock = Marks(device.type == "cuda", new_event)
         self._finished = 0  # steps ended, timed or not: which step is next decides whether it is timed
         self._marks: list[tuple[str, Any]] = []
         self._pending: list[list[tuple[str, Any]]] = []
         self.steps: list[dict[str, float]] = []  # seconds per phase, one dict per timed step
 
-    def _mark(self) -> Any:
-        if self._new_event is None:
-            return time.perf_counter()
-        event = self._spare_events.pop() if self._spare_events else self._new_event()
-        event.record()
-        return event
-
     def begin_step(self) -> None:
         timed = self.mode == "every" or (self.mode == "sample" and self._finished % self.every_n == 0)
-        self._marks = [("", self._mark())] if timed else []
+        self._marks = [("", self._clock.mark())] if timed else []
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -91,7 +102,7 @@ class StepTimer:
         else:
             yield
         if self._marks:
-            self._marks.append((name, self._mark()))
+            self._marks.append((name, self._clock.mark()))
 
     @property
     def timing(self) -> bool:
@@ -99,13 +110,8 @@ class StepTimer:
         return bool(self._marks)
 
     def cancel_step(self) -> None:
-        self._recycle(self._marks)
+        self._clock.recycle(mark for _, mark in self._marks)
         self._marks = []
-
-    def _recycle(self, marks: list[tuple[str, Any]]) -> None:
-        """Events whose readings are no longer needed: a record of one not yet reached on the GPU just moves it."""
-        if self._new_event is not None:
-            self._spare_events.extend(mark for _, mark in marks)
 
     def end_step(self) -> None:
         if self._marks:
@@ -117,7 +123,7 @@ class StepTimer:
         """Resolve the timed steps finished since the last call; returns them (also kept in `steps`)."""
         if not self._pending:
             return []
-        if self._new_event is not None:
+        if self._clock.events:
             self._pending[-1][-1][1].synchronize()
         new = []
         for marks in self._pending:
@@ -125,7 +131,7 @@ class StepTimer:
             for (_, start), (name, end) in zip(marks, marks[1:]):
                 step[name] += seconds_between(start, end)
             new.append(step)
-            self._recycle(marks)
+            self._clock.recycle(mark for _, mark in marks)
         self._pending = []
         self.steps.extend(new)
         return new

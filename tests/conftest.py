@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +104,24 @@ def real_mnist_dir() -> str | None:
             "t10k-labels-idx1-ubyte")):
         return root
     return None
+
+
+class FakeEvent:
+    """A CUDA event's interface on the CPU: record() reads a clock; made and recorded events are counted."""
+    made = 0
+
+    def __init__(self) -> None:
+        FakeEvent.made += 1
+        self.at: float | None = None
+        self.records = 0
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+        self.records += 1
+
+    def synchronize(self) -> None:
+        assert self.at is not None, "synchronize on an event never recorded"
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert self.at is not None and end.at is not None
+        return (end.at - self.at) * 1e3  # ms, as CUDA's

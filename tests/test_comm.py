@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, SMOKE_FLAGS, cpu_env, torchrun, train
+from conftest import REPO, SMOKE_FLAGS, FakeEvent, cpu_env, torchrun, train
 from test_ddp import spawn_world
 from test_fault_tolerance import assert_resumed_equals_straight
 from test_profiling import GRADIENT_BYTES
@@ -22,7 +22,7 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.data import build_pipeline, load_splits
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
-from dist_mnist.metrics import StepTimer
+from dist_mnist.metrics import Marks, StepTimer
 from dist_mnist.model import MnistCNN
 from dist_mnist.profiling import diagnose, flag_stragglers
 from dist_mnist.train import accumulation_step, build_train_parts, resolve_speed_settings, run_training
@@ -229,40 +229,47 @@ def test_bad_comm_flags_are_one_line_errors(flags: list[str], message: str, tmp_
 
 
 def _marks_per_step(ctx: DistContext, _batch_size: int) -> dict[str, Any]:
-    """Six DDP steps with phase timers on every 3rd: how many all-reduce marks each step made."""
-    import dist_mnist.comm as comm_module  # in this spawned rank only
-
+    """Six DDP steps with phase timers on every 3rd, drained after the third: how many all-reduce marks each step
+    made, and how many events they took (FakeEvent: a CUDA event's interface on the CPU)."""
     cfg = TrainConfig(**{**EXACT, "ddp_comm_hook": "none"})
     data = build_pipeline(cfg, ctx, *load_splits(cfg, ctx), on_device=False)
     data.train_batches.set_epoch(0)
     parts = build_train_parts(cfg, ctx, resolve_speed_settings(cfg, ctx.device), total_steps=100)
+    assert parts.comm is not None
     marks: list[int] = []
-    real = comm_module.timestamp
+    events = Marks(cuda=False, new_event=FakeEvent)
+    record = events.mark
 
-    def counting(cuda: bool) -> Any:
+    def counting() -> Any:
         marks[-1] += 1
-        return real(cuda)
+        return record()
 
-    comm_module.timestamp = counting
+    events.mark = counting  # type: ignore[method-assign]
+    parts.comm.marks = events
     timer = StepTimer(ctx.device, "sample", 3)
     batches = iter(data.train_loader)
-    for _ in range(6):
+    comm = []
+    for step in range(6):
         marks.append(0)
         timer.begin_step()
         accumulation_step(parts, [next(batches)], timer)
         timer.end_step()
-    assert parts.comm is not None
-    comm = parts.comm.drain()
+        if step in (2, 5):
+            comm += parts.comm.drain()
     return {"marks": torch.tensor(marks), "buckets": torch.tensor([s.buckets for s in comm]),
-            "bytes": torch.tensor([s.nbytes for s in comm]), "timed": len(timer.drain())}
+            "bytes": torch.tensor([s.nbytes for s in comm]), "timed": len(timer.drain()),
+            "events_made": FakeEvent.made}
 
 
 @pytest.mark.timeout(120)
 def test_all_reduces_are_marked_on_the_timed_steps_only(tmp_path: Path) -> None:
     """A mark is two CUDA events and a completion callback per bucket on a GPU: only the steps the phase timers
-    time get them, and each of those keeps its buckets and bytes."""
+    time get them, each of those keeps its buckets and bytes, and events read by a drain are recorded again."""
     for rank in spawn_world(2, _marks_per_step, tmp_path):
         assert rank["timed"] == 2  # steps 0 and 3
         buckets = rank["buckets"].tolist()
         assert len(buckets) == 2 and buckets[0] >= 1 and rank["bytes"].tolist() == [GRADIENT_BYTES] * 2
         assert rank["marks"].tolist() == [2 * buckets[0], 0, 0, 2 * buckets[1], 0, 0]
+        # The second timed step records the events the drain after the first one read again, and makes new ones
+        # only for the buckets it has beyond them (DDP rebuilds its buckets after the first step: 1, then 2).
+        assert rank["events_made"] == 2 * max(buckets) < 2 * sum(buckets)

@@ -136,11 +136,11 @@ def test_the_launcher_imports_the_checkout_it_sits_in(tmp_path: Path) -> None:
     assert Path(result.stdout.strip()) == tree / "dist_mnist" / "__init__.py"
 
 
-# 128 samples at batch 16: 8 steps per epoch, 16 in all; progress every 4 steps, evaluations at steps 8 (end of
-# epoch 1), 12 (--eval-every, inside epoch 2) and 16.
+# 128 samples at batch 16: 8 steps per epoch, 16 in all; progress every 4 steps, evaluations at steps 5
+# (--eval-every), 8 (end of epoch 1), 13 (--eval-every counts from the last evaluation: not 10 and 15) and 16.
 @pytest.fixture(scope="module")
 def two_epochs(out_dir: Path) -> Run:
-    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "128", "--epochs", "2", "--eval-every", "12", "--tensorboard",
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "128", "--epochs", "2", "--eval-every", "5", "--tensorboard",
              "--output-dir", str(out_dir), "--run-name", "two-epochs", "--timeout-s", "60"]
     return Run(train(*flags, timeout=120), out_dir / "two-epochs")
 
@@ -169,7 +169,7 @@ def test_epochs_count_from_1_in_every_output(two_epochs: Run) -> None:
     records = [(r["epoch"], r["step"]) for r in two_epochs.metrics()]
     progress_records = [(r["epoch"], r["step"]) for r in read_jsonl(two_epochs.run_dir / "progress.jsonl")]
     assert progress == progress_records == [(1, 4), (1, 8), (2, 12), (2, 16)]
-    assert evals == records == [(1, 8), (2, 12), (2, 16)]
+    assert evals == records == [(1, 5), (1, 8), (2, 13), (2, 16)]
 
 
 @pytest.mark.timeout(150)

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from conftest import SMOKE_FLAGS, Result, cpu_env, free_port, run, torchrun, train
+from conftest import SMOKE_FLAGS, FakeEvent, Result, cpu_env, free_port, run, torchrun, train
 from torch.utils.data import DataLoader, TensorDataset
 
 from dist_mnist import profiler_bench, report
@@ -547,27 +547,6 @@ def test_profiler_bench_times_steps_before_inside_and_after_the_window() -> None
     assert rows[1].startswith("| batch 4 (eager steps), `plain`")
     assert rows[-3].startswith("| batch 4 (eager steps): noise floor, `plain_again` against `plain`")
     assert rows[-2].startswith("| batch 4 (eager steps): --profile, steps outside the window")
-
-
-class FakeEvent:
-    """A CUDA event's interface on the CPU: record() reads a clock; made and recorded events are counted."""
-    made = 0
-
-    def __init__(self) -> None:
-        FakeEvent.made += 1
-        self.at: float | None = None
-        self.records = 0
-
-    def record(self) -> None:
-        self.at = time.perf_counter()
-        self.records += 1
-
-    def synchronize(self) -> None:
-        assert self.at is not None, "synchronize on an event never recorded"
-
-    def elapsed_time(self, end: FakeEvent) -> float:
-        assert self.at is not None and end.at is not None
-        return (end.at - self.at) * 1e3  # ms, as CUDA's
 
 
 def test_the_step_timer_records_its_events_again_once_a_drain_has_read_them() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from conftest import REPO, SMOKE_FLAGS
 from dist_mnist.config import TrainConfig, apply_recipe, build_parser, parse_args
 from dist_mnist.errors import UserError
 from dist_mnist.recipes import RECIPE_FIELDS, RECIPES, Recipe
-from dist_mnist.train import main
+from dist_mnist.train import TrainState, main
 
 # README column -> Recipe field, in table order after the name.
 README_COLUMNS = {"per-process batch": "batch_size", "peak lr": "lr", "epochs": "epochs", "warm-up": "warmup_frac",
@@ -44,6 +45,23 @@ def readme_recipes() -> dict[str, Recipe]:
 def test_readme_recipe_table_is_the_code_table() -> None:
     assert set(README_COLUMNS.values()) == set(RECIPE_FIELDS)
     assert readme_recipes() == RECIPES
+
+
+def test_readme_lists_the_cuda_recipes_evaluation_steps() -> None:
+    """The README's example of --eval-every counting from the last evaluation: the steps the loop's rule gives for
+    the cuda recipe on one GPU (60,000 images, an epoch's end evaluating too)."""
+    recipe = RECIPES["cuda"]
+    steps_per_epoch = 60_000 // recipe.batch_size
+    text = " ".join((REPO / "README.md").read_text().split())
+    stated = re.search(rf"the cuda recipe's {steps_per_epoch}-step epochs evaluate at steps ([\d, ]+), \.\.\.", text)
+    assert stated, "README: the cuda recipe's evaluation steps"
+    listed = [int(n) for n in stated.group(1).strip(", ").split(", ")]
+    state = TrainState()
+    for step in range(1, listed[-1] + 1):
+        state.step = step
+        if step % steps_per_epoch == 0 or state.evaluation_due(recipe.eval_every):
+            state.metrics.append({"step": step})
+    assert [m["step"] for m in state.metrics] == listed
 
 
 def test_plain_defaults_are_the_cpu_recipe() -> None:
