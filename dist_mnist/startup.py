@@ -43,10 +43,12 @@ class StartupTimer:
         self._import_error: BaseException | None = None
 
     def import_in_background(self, *modules: str) -> None:
-        """Import `modules` in a thread, overlapping the CUDA context, the process group and data loading.
+        """Import `modules` in a thread, overlapping the data loading and (on CUDA) the kernel warm-up.
 
-        torch.optim imports torch._dynamo when the first optimizer is built (1.5-3 s), and TensorBoard takes about
-        a second; the main thread imports little in between, so the two rarely wait on the same module lock.
+        torch.optim imports torch._dynamo when the first optimizer is built (0.8-1.0 s on the 2-core CPU), and
+        TensorBoard takes about a second. The main thread must not import a module the thread is importing in the
+        meantime, or touch one it has begun (init_process_group reaches into torch._dynamo once it is in
+        sys.modules): it would wait under the module's lock for the whole import.
         """
         self._importer = threading.Thread(target=self._import, args=(modules,), name="imports", daemon=True)
         self._importer.start()

@@ -908,11 +908,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         startup = StartupTimer()
         cfg = parse_args(argv)
-        # The first optimizer imports torch._dynamo (torch.optim's dynamo guards), RunWriter TensorBoard.
-        startup.import_in_background("torch._dynamo", *(["torch.utils.tensorboard"] if cfg.tensorboard else []))
         try:
             # Collectives after the first step are named by their own phase; any failing before it is start-up's.
             with distributed_session(cfg, startup) as ctx, collectives.phase("start-up", None, cfg.timeout_s, None):
+                # The first optimizer imports torch._dynamo (torch.optim's dynamo guards), RunWriter TensorBoard.
+                # Not before the process group opens: init_process_group touches torch._dynamo once it is in
+                # sys.modules, so it would wait for the whole import under the module's lock (0.9 s on the 2-core
+                # CPU) and nothing would overlap it. From here it overlaps the data and the kernel warm-up.
+                startup.import_in_background("torch._dynamo",
+                                             *(["torch.utils.tensorboard"] if cfg.tensorboard else []))
                 run_training(cfg, ctx, startup)
         finally:
             startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, SMOKE_FLAGS
@@ -149,6 +150,31 @@ def test_startup_breakdown_adds_up_to_startup_s(stopped_run: Path) -> None:
     # README's summary.json section names every phase and every kind of pause a run records.
     readme = (REPO / "README.md").read_text()
     assert [name for name in [*phases, *summary["pauses_s"]] if f"`{name}`" not in readme] == []
+
+
+def test_the_import_thread_starts_once_the_process_group_is_open(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """init_process_group reaches into torch._dynamo once it is in sys.modules: with the thread importing it
+    already, the main thread waited for the whole import there (0.9 s on the 2-core CPU) and overlapped nothing."""
+    import torch.distributed as dist
+
+    from dist_mnist.startup import StartupTimer
+
+    order: list[str] = []
+    real_init, real_start = dist.init_process_group, StartupTimer.import_in_background
+
+    def init(*args: Any, **kwargs: Any) -> None:
+        order.append("process_group")
+        real_init(*args, **kwargs)
+
+    def start(self: StartupTimer, *modules: str) -> None:
+        order.append("imports: " + " ".join(modules))
+        real_start(self, *modules)
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(StartupTimer, "import_in_background", start)
+    assert main([*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--max-steps", "2", "--no-tensorboard"]) == 0
+    assert order == ["process_group", "imports: torch._dynamo"]
 
 
 def test_the_process_start_is_read_to_the_clock_tick() -> None:
