@@ -3,20 +3,28 @@ talks, runs are reproducible, every bad input is one error line, and (with real 
 
 from __future__ import annotations
 
+import cProfile
 import json
+import multiprocessing
+import os
+import pstats
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
-from conftest import REPO, SMOKE_FLAGS, Result, cpu_env, make_mnist_dir, real_mnist_dir, torchrun, train
+from conftest import (
+    REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, make_mnist_dir, real_mnist_dir, run, torchrun, train)
 
+from dist_mnist import shutdown
 from dist_mnist.data import MNIST_FILES, mnist_raw_dir
 
 SMOKE_TEST_SIZE = 203  # what SMOKE_FLAGS make: odd, so neither 2 nor 3 ranks divide it
@@ -340,3 +348,61 @@ def test_one_epoch_on_real_mnist_reaches_98_5_percent(tmp_path: Path) -> None:
     assert last["test_samples"] == 10_000
     assert last["test_accuracy"] >= 0.985, last
     print(f"real MNIST, 1 epoch, 2 processes: {last}")
+
+
+# --- The process's end (dist_mnist/shutdown.py): at once after a run that ended well, the usual way otherwise ---
+
+def test_a_finished_run_ends_at_once_with_its_output_flushed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutdown, "watched", lambda: False)
+    flushed: list[str] = []
+    monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append("stdout"))
+    monkeypatch.setattr(sys.stderr, "flush", lambda: flushed.append("stderr"))
+    exits: list[int] = []
+    shutdown.end_process(0, exit_now=exits.append)
+    assert exits == [0] and flushed[-2:] == ["stdout", "stderr"]  # last, after logging's handlers
+
+
+def test_a_failed_run_or_one_with_child_processes_ends_the_usual_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure's error path may hold open files, and DataLoader workers are stopped by the interpreter's exit."""
+    monkeypatch.setattr(shutdown, "watched", lambda: False)
+    exits: list[int] = []
+    with pytest.raises(SystemExit) as failed:
+        shutdown.end_process(1, exit_now=exits.append)
+    assert failed.value.code == 1
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    child.start()
+    try:
+        with pytest.raises(SystemExit) as with_child:
+            shutdown.end_process(0, exit_now=exits.append)
+        assert with_child.value.code == 0
+    finally:
+        child.kill()
+        child.join()
+    assert exits == []
+
+
+def test_a_profiler_watching_the_process_is_seen() -> None:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        assert shutdown.watched()
+    finally:
+        profiler.disable()
+
+
+@pytest.mark.timeout(150)
+def test_cprofile_around_the_launcher_still_writes_its_profile(tmp_path: Path) -> None:
+    """Tools that report when the interpreter exits keep working: the launcher ends the usual way under them."""
+    stats = tmp_path / "train.prof"
+    result = run([sys.executable, "-m", "cProfile", "-o", str(stats), TRAIN_SCRIPT,
+                  *smoke_flags(tmp_path, "profiled", "--max-steps", "2")], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pstats.Stats(str(stats)).total_calls > 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(150)
+def test_a_run_with_dataloader_workers_leaves_none_behind(tmp_path: Path) -> None:
+    name = f"workers-{os.getpid()}-{time.monotonic_ns()}"  # in every forked worker's command line too
+    assert_ok(Run(train(*smoke_flags(tmp_path, name, "--num-workers", "2"), timeout=120), tmp_path / name))
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or [])]
+    assert left == []
