@@ -85,7 +85,7 @@ def test_explicit_flags_win_even_when_they_equal_the_plain_default() -> None:
     assert resolved.config.epochs == RECIPES["cuda"].epochs
     assert resolved.recipe.overridden == {"batch_size": 16, "lr": 1e-3}
     assert "batch_size" not in resolved.recipe.set
-    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.1, --eval-every 40, "
+    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.2, --eval-every 40, "
                                               "--eval-batch-size 10000, --checkpoint-every 0, --ddp-comm-hook none, "
                                               "--bucket-cap-mb 0.0; flags kept: --batch-size 16, --lr 0.001)")
 
