@@ -739,8 +739,9 @@ class Trainer:
             "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
             "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
             **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}
-        ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
-                             self.writer.reset_metrics(state.metrics)))
+        with self.startup.phase("run_files"):  # written durably (fsync), whose cost depends on the disk
+            ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
+                                 self.writer.reset_metrics(state.metrics)))
         self.progress.start(state.step, self.elapsed_s())
         if (state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps)
                 or any(self.meets_target(m) for m in state.metrics)):

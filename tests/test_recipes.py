@@ -144,7 +144,7 @@ def test_startup_breakdown_adds_up_to_startup_s(stopped_run: Path) -> None:
     summary = json.loads((stopped_run / "summary.json").read_text())
     phases = summary["startup"]
     assert {"imports", "process_group", "data", "background_imports", "model", "tensorboard", "resume",
-            "other"} <= set(phases)
+            "run_files", "other"} <= set(phases)
     assert all(v >= 0 for v in phases.values())
     assert sum(phases.values()) <= summary["startup_s"] + 1e-9
     # README's summary.json section names every phase and every kind of pause a run records.
