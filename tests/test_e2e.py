@@ -22,7 +22,17 @@ import psutil
 import pytest
 import torch
 from conftest import (
-    REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, make_mnist_dir, real_mnist_dir, run, torchrun, train)
+    REPO,
+    SMOKE_FLAGS,
+    TRAIN_SCRIPT,
+    Result,
+    cpu_env,
+    make_mnist_dir,
+    real_mnist_dir,
+    run,
+    torchrun,
+    train,
+)
 
 from dist_mnist import shutdown
 from dist_mnist.data import MNIST_FILES, mnist_raw_dir
