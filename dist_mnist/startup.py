@@ -48,7 +48,9 @@ class StartupTimer:
         torch.optim imports torch._dynamo when the first optimizer is built (0.8-1.0 s on the 2-core CPU), and
         TensorBoard takes about a second. The main thread must not import a module the thread is importing in the
         meantime, or touch one it has begun (init_process_group reaches into torch._dynamo once it is in
-        sys.modules): it would wait under the module's lock for the whole import.
+        sys.modules): it would wait under the module's lock for the whole import. Nor may it import torch._inductor
+        (torch.use_deterministic_algorithms does): torch._inductor and torch._dynamo import each other, and two
+        threads entering that cycle from opposite ends make one of the imports fail (tests/test_e2e.py).
         """
         self._importer = threading.Thread(target=self._import, args=(modules,), name="imports", daemon=True)
         self._importer.start()

@@ -447,6 +447,12 @@ class Trainer:
         self.run_dir = run_dir
         self.checkpoint_dir = checkpoint_dir(cfg, self.run_dir)
         self.settings = resolve_speed_settings(cfg, ctx.device)
+        if cfg.deterministic:
+            # torch.use_deterministic_algorithms imports torch._inductor, which imports torch._dynamo: beside the
+            # import thread, the two imports enter torch's circular ones from opposite ends and one of them fails
+            # (torch 2.11: "cannot import name 'IndentedBuffer' from partially initialized module
+            # 'torch._inductor.utils'"). A deterministic run waits for the thread here instead.
+            self.startup.join_background_imports()
         seed_everything(cfg.seed, cfg.deterministic)
         with self.startup.phase("data"):
             train_split, test_split = load_splits(cfg, ctx)

@@ -416,3 +416,42 @@ def test_a_run_with_dataloader_workers_leaves_none_behind(tmp_path: Path) -> Non
     assert_ok(Run(train(*smoke_flags(tmp_path, name, "--num-workers", "2"), timeout=120), tmp_path / name))
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or [])]
     assert left == []
+
+
+# A fresh interpreter (the test process has long imported both): modules of torch's compiler stack the main thread
+# loads while the start-up import thread still runs.
+COMPILER_STACK_SPY = """
+import sys, threading
+sys.path.insert(0, {repo!r})
+loaded = []
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        importing = any(thread.name == "imports" for thread in threading.enumerate())
+        if importing and threading.current_thread() is threading.main_thread() and name.startswith(
+                ("torch._dynamo", "torch._inductor")):
+            loaded.append(name)
+        return None
+
+sys.meta_path.insert(0, Spy())
+import dist_mnist.train
+if {warm_up!r}:  # the CUDA start-up's kernel warm-up, which runs beside the import thread, here on the CPU
+    dist_mnist.train.kernel_warmup_pays = lambda device: True
+code = dist_mnist.train.main({flags!r})
+print("LOADED", loaded)
+sys.exit(code)
+"""
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(("extra", "warm_up"), [([], False), (["--deterministic"], False), ([], True)])
+def test_the_main_thread_leaves_torchs_compiler_stack_to_the_import_thread(extra: list[str], warm_up: bool,
+                                                                          tmp_path: Path) -> None:
+    """torch._inductor and torch._dynamo import each other: entered from both ends at once by two threads, one of
+    the imports fails (under torch 2.11 --deterministic did: torch.use_deterministic_algorithms imports
+    torch._inductor). While the import thread imports torch._dynamo, the main thread loads none of either."""
+    flags = smoke_flags(tmp_path, "spy", "--max-steps", "2", *extra)
+    script = COMPILER_STACK_SPY.format(repo=str(REPO), flags=flags, warm_up=warm_up)
+    result = run([sys.executable, "-c", script], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOADED []" in result.stdout.splitlines()
