@@ -203,13 +203,11 @@ class CommRecorder:
 
         return future.then(completed)
 
-    def end_step(self, keep: bool = True) -> None:
-        """Close one optimizer step's records; `keep` False drops them (a step the phase timers did not time, so
-        the summary pairs each kept step with its phases; such a step made none unless `timing` said otherwise)."""
-        if keep:
+    def end_step(self) -> None:
+        """Close one optimizer step's records: a timed step's are kept, so the summary pairs each with the step's
+        phases; an untimed step made none."""
+        if self.timing:
             self._pending.append(self._current)
-        else:
-            self._recycle(self._current)
         self._current = []
 
     def drain(self) -> list[CommStep]:
@@ -217,14 +215,10 @@ class CommRecorder:
         if self.marks.events and self._pending and self._pending[-1]:
             self._pending[-1][-1].end.synchronize()
         new = [resolve_step(records) for records in self._pending]
-        for records in self._pending:
-            self._recycle(records)
+        self.marks.recycle(mark for records in self._pending for r in records for mark in (r.start, r.end))
         self._pending = []
         self.steps.extend(new)
         return new
-
-    def _recycle(self, records: list[BucketRecord]) -> None:
-        self.marks.recycle(mark for record in records for mark in (record.start, record.end) if mark is not None)
 
 
 # DDP checks a hook's annotations against the real classes; `from __future__ import annotations` made them strings.

@@ -47,8 +47,8 @@ RECIPES: dict[str, Recipe] = {
     # 512 reached 99.0% at step 260-280 and ended at 99.12-99.19%; one epoch (`--epochs 1`) reached 98.30-98.36%,
     # above the classic example's 98.22-98.31% that a one-epoch run is compared with (issue 9). Batch 1024 never
     # reached 99.0%.
-    # With conv2's bias and ReLU after the pool (model.py) and this recipe, seeds 0 and 1 on CPU: 99.0% at step
-    # 300 / 320, 99.14 / 99.13% at the end, 98.35 / 98.33% after `--epochs 1`.
+    # With conv2's bias and ReLU after the pool (model.py) and this recipe at warm-up 0.1, seeds 0 and 1 on CPU:
+    # 99.0% at step 300 / 320, 99.14 / 99.13% at the end, 98.35 / 98.33% after `--epochs 1`.
     # Evaluating every 40 steps, not 20: on the H200 an evaluation of the 10,000 test images took 8.5 ms, six
     # steps' worth, and the 13 before 99.0% took 0.14 of the 0.65 s. Every 40 evaluates 6 or 7 times fewer before
     # 99.0% at step 234 or 280 and sees it at most 20 steps (about 28 ms) later (docs/benchmarks.md, "Evaluations

@@ -284,7 +284,7 @@ def accumulation_step(parts: TrainParts, micro_batches: Sequence[Batch], timer: 
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scheduler.step()
     if parts.comm:
-        parts.comm.end_step(keep=timer.timing)  # only the timed steps' all-reduces: they pair up with the phases
+        parts.comm.end_step()  # only the timed steps' all-reduces: they pair up with the phases
     return total
 
 

@@ -96,12 +96,12 @@ done
 # no longer waits 6 s for nccl, where the thread's import hid.
 # Then the interpreter's teardown with those loaded (0.7 s on the 2-core CPU), which launch/train.py skips after a
 # run that ended well (dist_mnist/shutdown.py) and pytorch/examples' main.py pays.
-"$python" -c 'import time; t = [time.perf_counter()]; import torch; t.append(time.perf_counter())
+"$python" -c 'import sys, time; t = [time.perf_counter()]; import torch; t.append(time.perf_counter())
 import dist_mnist.train; t.append(time.perf_counter()); import torch._dynamo; t.append(time.perf_counter())
 print("import torch {:.2f} s, then dist_mnist.train {:.2f} s, then torch._dynamo {:.2f} s".format(
     *(b - a for a, b in zip(t, t[1:]))))
-print(f"{time.time():.3f}", file=open("/tmp/gpu_check_exit_at", "w"))'
-echo "interpreter teardown after those imports: $(since "$(cat /tmp/gpu_check_exit_at)") s"
+print(f"{time.time():.3f}", file=open(sys.argv[1], "w"))' "$out/import_probe.exit_at"
+echo "interpreter teardown after those imports: $(since "$(cat "$out/import_probe.exit_at")") s"
 
 # --- issue 9: the default command; one epoch, ours against pytorch/examples' mnist/main.py, whole-process wall ---
 smoke default 120
