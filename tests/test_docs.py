@@ -67,10 +67,10 @@ def test_readme_default_is_the_code_default(flag: str, text: str) -> None:
 
 
 def test_readme_names_the_torch_ci_runs_the_gpu_seams_under() -> None:
-    """.ci/run's second environment pins the GPU machines' torch; the README says which."""
+    """.ci/run's temporary environment pins the GPU machines' torch; the README says which."""
     ci = (REPO / ".ci" / "run").read_text()
-    pins = re.search(r"\.venv-gpu-torch/bin/python -m pip install --quiet torch==(\S+) torchvision==(\S+)", ci)
-    assert pins, "no torch pin in .ci/run's .venv-gpu-torch install"
+    pins = re.search(r'"\$gpu_torch_venv/bin/python" -m pip install --quiet torch==(\S+) torchvision==(\S+)', ci)
+    assert pins, "no torch pin in .ci/run's GPU-torch install"
     assert f"with the torch our GPU machines run ({pins.group(1)}," in README
 
 
