@@ -12,8 +12,9 @@
 # done-when figures first, --compile and the recipe sweep last), so a short budget loses the least.
 # GPU_CHECK_BUNDLE (default OUT_DIR/gpu_check.tar.gz) receives every log, config, metrics and summary file (not
 # checkpoints or memory snapshots), so one file carries the whole result off a machine that returns few files.
-# The device machine's command (docs/benchmarks.md, "Running gpu_check.sh on a lent GPU"), one call of 600 s:
-#   GPU_CHECK_BUNDLE=$OUT/gpu_check.tar.gz bash launch/gpu_check.sh data /tmp/gc .device/main.py 2>&1 | tee $OUT/gpu_check.out
+# The device machine's command (docs/benchmarks.md, "Running gpu_check.sh on a lent GPU"), one call of 540 s:
+#   export GPU_CHECK_BUDGET_S=480 GPU_CHECK_BUNDLE=$OUT/gpu_check.tar.gz
+#   bash launch/gpu_check.sh data /tmp/gc .device/main.py 2>&1 | tee $OUT/gpu_check.out
 set -uo pipefail
 data_dir=$(cd "${1:?usage: gpu_check.sh DATA_DIR OUT_DIR [CLASSIC_MAIN_PY]}" && pwd)
 mkdir -p "${2:?usage: gpu_check.sh DATA_DIR OUT_DIR [CLASSIC_MAIN_PY]}"
