@@ -16,7 +16,7 @@ def write_failed(path: Path, needed_bytes: int, exc: OSError) -> UserError:
                      "rerun the same command to resume")
 
 
-def write_durably(path: Path, data: bytes | memoryview) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     """Temp file, fsync, rename over `path`, fsync of the folder: after a crash either the old or the new file is
     there, complete. On any OSError the temp file is removed and the error says what it needed."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -79,3 +79,16 @@ def test_the_readme_module_map_lists_every_module_and_no_other() -> None:
     listed = set(re.findall(r"^(dist_mnist/\w+\.py) ", README, re.MULTILINE))
     on_disk = {f"dist_mnist/{path.name}" for path in (REPO / "dist_mnist").glob("*.py") if path.name != "__init__.py"}
     assert listed == on_disk, {"not in the README": on_disk - listed, "not in the package": listed - on_disk}
+
+
+PITFALLS = (REPO / "docs" / "pitfalls.md").read_text()
+
+
+@pytest.mark.parametrize("path, name", sorted(set(re.findall(r"`((?:dist_mnist|tests)/\w+\.py):+([\w.]+)`", PITFALLS))))
+def test_every_place_docs_pitfalls_names_exists(path: str, name: str) -> None:
+    """docs/pitfalls.md says where each pitfall is handled and which test guards it: `file.py:Class.method` and
+    `tests/file.py::test_name` must name a definition that file has."""
+    source = (REPO / path).read_text()
+    for part in name.split("."):  # a class, then its method, each defined in the file
+        assert re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{re.escape(part)}\b", source, re.MULTILINE), \
+            f"docs/pitfalls.md names {path}:{name}, which {path} does not define"
