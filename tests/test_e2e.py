@@ -379,7 +379,8 @@ def test_a_failed_run_or_one_with_child_processes_ends_the_usual_way(monkeypatch
     with pytest.raises(SystemExit) as failed:
         shutdown.end_process(1, exit_now=exits.append)
     assert failed.value.code == 1
-    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    # forkserver, not fork: pytest's process runs threads, whose held locks a forked child would inherit (3.12 warns).
+    child = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(60,))
     child.start()
     try:
         with pytest.raises(SystemExit) as with_child:
