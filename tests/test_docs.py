@@ -66,12 +66,15 @@ def test_readme_default_is_the_code_default(flag: str, text: str) -> None:
     assert_default(flag, text)
 
 
-def test_readme_names_the_torch_ci_runs_the_gpu_seams_under() -> None:
-    """.ci/run's temporary environment pins the GPU machines' torch; the README says which."""
+def test_readme_names_the_python_and_torch_ci_runs_the_suite_under_first() -> None:
+    """.ci/run's temporary environment has the GPU machines' Python and torch; the README says which."""
     ci = (REPO / ".ci" / "run").read_text()
     pins = re.search(r'"\$gpu_torch_venv/bin/python" -m pip install --quiet torch==(\S+) torchvision==(\S+)', ci)
     assert pins, "no torch pin in .ci/run's GPU-torch install"
-    assert f"with the torch our GPU machines run ({pins.group(1)}," in README
+    python = re.search(r"^gpu_python=python(3\.\d+)$", ci, re.MULTILINE)
+    assert python, "no Python version in .ci/run's GPU-torch environment"
+    assert (f"with the Python and torch our GPU machines run ({python.group(1)} where\nthe machine has a "
+            f"`python{python.group(1)}`, and torch {pins.group(1)},") in README
 
 
 def test_the_readme_module_map_lists_every_module_and_no_other() -> None:
