@@ -71,7 +71,7 @@ def test_readme_names_the_python_and_torch_ci_runs_the_suite_under_first() -> No
     ci = (REPO / ".ci" / "run").read_text()
     pins = re.search(r'"\$gpu_torch_venv/bin/python" -m pip install --quiet torch==(\S+) torchvision==(\S+)', ci)
     assert pins, "no torch pin in .ci/run's GPU-torch install"
-    python = re.search(r"^gpu_python=python(3\.\d+)$", ci, re.MULTILINE)
+    python = re.search(r"^for candidate in python(3\.\d+) ", ci, re.MULTILINE)
     assert python, "no Python version in .ci/run's GPU-torch environment"
     assert (f"with the Python and torch our GPU machines run ({python.group(1)} where\nthe machine has a "
             f"`python{python.group(1)}`, and torch {pins.group(1)},") in README
