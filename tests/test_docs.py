@@ -73,8 +73,8 @@ def test_readme_names_the_python_and_torch_ci_runs_the_suite_under_first() -> No
     assert pins, "no torch pin in .ci/run's GPU-torch install"
     python = re.search(r"^for candidate in python(3\.\d+) ", ci, re.MULTILINE)
     assert python, "no Python version in .ci/run's GPU-torch environment"
-    assert (f"with the Python and torch our GPU machines run ({python.group(1)} where\nthe machine has a "
-            f"`python{python.group(1)}`, and torch {pins.group(1)},") in README
+    assert (f"with the Python and torch our GPU machines run ({python.group(1)} where the machine has a "
+            f"`python{python.group(1)}`, and torch {pins.group(1)},") in " ".join(README.split())
 
 
 def test_the_readme_module_map_lists_every_module_and_no_other() -> None:
