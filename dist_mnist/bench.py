@@ -236,14 +236,16 @@ def measure_scaling(data_flags: list[str], process_counts: list[int], steps: int
     # PowerSGD compresses only after the LR warm-up: a short warm-up lets it compress within `steps`.
     flags = [*data_flags, "--max-steps", str(steps), "--warmup-frac", "0.01"]
     runs: dict[str, Any] = {}
-    base = None
+    base: tuple[int, float] | None = None  # the first count and its per-process rate, which efficiency is against
     for nproc in process_counts:
         summary, _, _ = _launch(nproc, flags, 1, out_dir, f"scale{nproc}")
         sps = summary["samples_per_sec"]
-        base = base or sps / nproc
-        runs[f"{nproc}x1"] = {"samples_per_sec": sps, "efficiency": sps / (base * nproc),
-                              "backward_share": summary["ranks"][0]["backward_share"],
+        runs[f"{nproc}x1"] = {"samples_per_sec": sps, "backward_share": summary["ranks"][0]["backward_share"],
                               "comm_exposed_share": summary["ranks"][0]["comm_exposed_share"]}
+        if base is None:
+            base = nproc, sps / nproc  # its own efficiency would be 100% by definition: none is given
+        else:
+            runs[f"{nproc}x1"].update(efficiency=sps / (base[1] * nproc), efficiency_against=base[0])
     most = max(process_counts)
     if most > 1:
         hooks = {}
@@ -335,7 +337,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         for key, run in sc.items():
             if key in ("ddp_ratio", "hooks", "best_hook"):
                 continue
-            eff = f", scaling efficiency {run['efficiency']:.0%}" if "efficiency" in run else ""
+            against = run.get("efficiency_against", 1)  # bench.json files before 2026-11-28: against the first
+            eff = (f", scaling efficiency {run['efficiency']:.0%}"
+                   f"{f' (per process, against {against} processes)' if against != 1 else ''}"
+                   if "efficiency" in run else "")
             lines.append(f"| {key.replace('x', ' process(es) x ', 1)} thread(s) | "
                          f"{run['samples_per_sec']:,.0f} samples/s{eff} |")
         for name, hook in sc.get("hooks", {}).items():

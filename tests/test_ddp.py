@@ -189,3 +189,37 @@ def test_evaluation_is_exact_and_identical_on_every_rank(
         assert_same_eval(results[0], expected)
     trained = [result["dropout"]["final_eval"] for result in two_ranks]
     assert trained[0] == trained[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m dist_mnist.bench --only scaling: what its efficiency figure is measured against
+
+
+@pytest.mark.parametrize("counts", [[1, 2, 4], [2, 4], [2]], ids=["from-1", "from-2", "one-count"])
+def test_scaling_efficiency_is_given_against_the_first_count_and_never_for_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, counts: list[int]) -> None:
+    """Per-process throughput at N against that at the first count: the first count's own figure would be 100% by
+    definition, so it has none, and a list of one count prints no efficiency at all."""
+    from dist_mnist import bench
+
+    def launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name: str) -> tuple[dict, list, float]:
+        rate = {"scale1": 1000.0, "scale2": 1800.0, "scale4": 3000.0}.get(run_name, 2000.0)
+        return {"samples_per_sec": rate, "ranks": [{"backward_share": 0.5, "comm_exposed_share": 0.1,
+                                                    "allreduce_bytes_per_step": 1e6}]}, [], 0.0
+
+    monkeypatch.setattr(bench, "_launch", launch)
+    runs = bench.measure_scaling([], counts, steps=10, per_process_batch=16, out_dir=tmp_path)
+    first, *rest = counts
+    assert "efficiency" not in runs[f"{first}x1"]
+    per_process = {1: 1000.0, 2: 900.0, 4: 750.0}
+    for n in rest:
+        assert runs[f"{n}x1"]["efficiency"] == pytest.approx(per_process[n] / per_process[first])
+        assert runs[f"{n}x1"]["efficiency_against"] == first
+    lines = bench.render_markdown({"machine": "2-core CPU", "date": "2026-11-28", "torch": torch.__version__,
+                                   "command": "python -m dist_mnist.bench", "scaling": runs}).splitlines()
+    rows = [line for line in lines if " process(es) x 1 thread(s)" in line]
+    assert len(rows) == len(counts) and "efficiency" not in rows[0]
+    if counts == [2, 4]:
+        assert rows[1].endswith("3,000 samples/s, scaling efficiency 83% (per process, against 2 processes) |")
+    if counts == [1, 2, 4]:
+        assert rows[2].endswith("3,000 samples/s, scaling efficiency 75% |")
