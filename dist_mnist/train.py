@@ -6,6 +6,7 @@ import gc
 import itertools
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -307,6 +308,15 @@ def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
         dist.all_reduce(totals)
     loss_sum, correct, samples = totals.tolist()
     return {"test_loss": loss_sum / samples, "test_accuracy": correct / samples, "test_samples": int(samples)}
+
+
+def software_and_device(device: torch.device) -> dict[str, str | None]:
+    """What two runs' speeds and numerics depend on beyond their flags, for config.json's `resolved` block (and so
+    for `python -m dist_mnist.report A B`, which lists what differs): the versions and, on CUDA, the GPU."""
+    on_cuda = device.type == "cuda"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda if on_cuda else None,
+            "gpu": torch.cuda.get_device_name(device) if on_cuda else None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -732,6 +742,7 @@ class Trainer:
             try:
                 self.resume_and_train()
             except BaseException:
+                self.progress.end_line()  # on a terminal the error line must not run on after an open progress line
                 self.settle_checkpoint_after_failure()
                 raise
 
@@ -743,7 +754,7 @@ class Trainer:
         resolved = {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
             "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-            "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
+            "threads_per_process": torch.get_num_threads(), **software_and_device(ctx.device),
             **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}
         with self.startup.phase("run_files"):  # written durably (fsync), whose cost depends on the disk
             ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),

@@ -7,6 +7,7 @@ import cProfile
 import json
 import multiprocessing
 import os
+import platform
 import pstats
 import re
 import shutil
@@ -123,6 +124,9 @@ def test_torchrun_two_processes_write_the_run_files(torchrun_two: Run) -> None:
     resolved = torchrun_two.json("config.json")["resolved"]
     assert resolved["backend"] == "gloo" and resolved["device"] == "cpu"
     assert resolved["threads_per_process"] == 1
+    # The ranks run this interpreter (conftest's torchrun is sys.executable's): what a comparison of runs needs.
+    assert (resolved["python"], resolved["torch"]) == (platform.python_version(), torch.__version__)
+    assert resolved["cuda"] is None and resolved["gpu"] is None  # a CPU run names no CUDA or GPU
 
 
 @pytest.mark.timeout(200)

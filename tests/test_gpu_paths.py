@@ -38,6 +38,7 @@ from dist_mnist.train import (
     build_train_parts,
     main,
     resolve_speed_settings,
+    software_and_device,
     train_step,
     warmup_cosine,
 )
@@ -297,6 +298,15 @@ def test_checkpoints_keep_the_generator_of_this_process_gpu_only(monkeypatch: py
     assert len(state["cuda"]) == 1
     checkpoint.set_rng_state(state, torch.device("cuda", 0))
     assert restored["device"] == torch.device("cuda", 0) and restored["state"].tolist() == [3]
+
+
+def test_a_cuda_run_records_its_gpu_and_cuda_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.json's `resolved` block names the GPU of the rank's own device and the CUDA torch was built with."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    recorded = software_and_device(torch.device("cuda", 2))
+    assert (recorded["gpu"], recorded["cuda"]) == ("GPU 2", "13.0")
+    assert software_and_device(CPU)["gpu"] is None and software_and_device(CPU)["cuda"] is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SMOKE_FLAGS
 
+import dist_mnist.train as train_module
+from dist_mnist.errors import UserError
 from dist_mnist.progress import PROGRESS_FILE, Progress, format_duration
 
 # The documented schema of a progress.jsonl line, in order (README, "Run output").
@@ -93,3 +96,23 @@ def test_other_ranks_write_nothing(tmp_path: Path) -> None:
                                                (-3, "0:00:00")])
 def test_durations_read_like_a_clock(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+@pytest.mark.timeout(120)
+def test_an_error_during_training_starts_on_a_line_of_its_own_on_a_terminal(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that fails while its progress line is open on a terminal (stdout and stderr on the same one) closes
+    that line first: the error is one line of its own, not the tail of the progress line."""
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    monkeypatch.setattr("sys.stderr", terminal)
+
+    def full_disk(self: train_module.Trainer) -> None:
+        raise UserError("could not write metrics.jsonl: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(train_module.Trainer, "evaluate_and_record", full_disk)
+    flags = [*SMOKE_FLAGS, "--max-steps", "6", "--log-every", "2", "--eval-every", "3", "--output-dir", str(tmp_path)]
+    assert train_module.main(flags) == 1
+    lines = terminal.getvalue().split("\n")
+    assert lines[-2:] == ["error: could not write metrics.jsonl: [Errno 28] No space left on device", ""]
+    assert "\r" in lines[-3] and "step 2/6" in lines[-3]  # the progress line, rewritten in place, then closed
