@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dist_mnist.compare import phase_ms, phase_names
+from dist_mnist.compare import mean_step_s, phase_ms, phase_names
 
 if TYPE_CHECKING:  # matplotlib is imported only when a picture is drawn: training never pays for it
     from matplotlib.axes import Axes
@@ -30,19 +30,44 @@ def _no_data(ax: Axes, why: str) -> None:
     ax.set_yticks([])
 
 
+EXPOSED_ALLREDUCE = "all-reduce (exposed)"
+BACKWARD_COMPUTE = "backward (compute)"
+
+
+def bar_segments(ranks: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per rank, milliseconds per step in each stacked segment: the step phases, with backward split into its
+    compute and the gradient all-reduce it waited for where the summaries time DDP's buckets (2+ ranks), as
+    summary.json's `backward_compute_share` and `comm_exposed_share` do. Segments add up to the mean timed step."""
+    phases = phase_names(ranks)
+    split = "backward" in phases and any(r.get("comm_exposed_share") is not None for r in ranks)
+    segments = []
+    for rank in ranks:
+        times = {phase: ms or 0.0 for phase, ms in phase_ms(rank, phases).items()}
+        if not split:
+            segments.append(times)
+            continue
+        step_ms = (mean_step_s(rank) or 0.0) * 1e3
+        exposed = min((rank.get("comm_exposed_share") or 0.0) * step_ms, times["backward"])
+        parts: dict[str, float] = {}
+        for phase, ms in times.items():
+            parts.update({BACKWARD_COMPUTE: ms - exposed, EXPOSED_ALLREDUCE: exposed} if phase == "backward"
+                         else {phase: ms})
+        segments.append(parts)
+    return segments
+
+
 def _phase_bars(ax: Axes, summary: dict[str, Any]) -> None:
     ranks = summary["ranks"]
-    phases = phase_names(ranks)
     ax.set_title("where a step's time goes, per rank")
-    if not ranks or not phases:
+    if not ranks or not phase_names(ranks):
         _no_data(ax, "summary.json has no per-rank phase shares")
         return
     labels = [str(r["rank"]) for r in ranks]
     bottoms = [0.0] * len(ranks)
-    times = [phase_ms(r, phases) for r in ranks]
-    for phase in phases:
-        heights = [t[phase] or 0.0 for t in times]
-        ax.bar(labels, heights, bottom=bottoms, label=phase)
+    segments = bar_segments(ranks)
+    for name in segments[0]:
+        heights = [s[name] for s in segments]
+        ax.bar(labels, heights, bottom=bottoms, label=name)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     ax.set_xlabel("rank")
     ax.set_ylabel("ms per step (mean)")

@@ -13,6 +13,7 @@ from conftest import run
 from dist_mnist import report
 from dist_mnist.compare import compare_summaries
 from dist_mnist.metrics import PHASES
+from dist_mnist.plots import BACKWARD_COMPUTE, EXPOSED_ALLREDUCE, bar_segments
 from dist_mnist.profiling import format_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -168,6 +169,21 @@ def test_report_writes_a_png_picture_into_the_run_folder(with_progress: bool, tm
     assert capsys.readouterr().out.splitlines()[-1] == f"picture: {picture}"
     _assert_png(picture)
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_the_pictures_backward_bar_splits_off_the_all_reduce_it_waited_for() -> None:
+    """With DDP's buckets timed (2+ ranks) the stacked bar shows backward compute and the exposed all-reduce apart,
+    as the table does; the segments still add up to the mean timed step (18 ms here)."""
+    shares = {"data": 0.1, "to_device": 0.0, "forward": 0.2, "backward": 0.5, "optimizer": 0.2}
+    ddp = [_rank(0, 0.015, 2400.0, shares, comm_exposed_share=0.125), _rank(1, 0.016, 2300.0, shares,
+                                                                             comm_exposed_share=None)]
+    first, second = bar_segments(ddp)
+    assert list(first) == ["data", "to_device", "forward", BACKWARD_COMPUTE, EXPOSED_ALLREDUCE, "optimizer"]
+    assert first[EXPOSED_ALLREDUCE] == pytest.approx(2.25) and first[BACKWARD_COMPUTE] == pytest.approx(6.75)
+    assert second[EXPOSED_ALLREDUCE] == 0.0 and second[BACKWARD_COMPUTE] == pytest.approx(9.0)
+    assert sum(first.values()) == pytest.approx(18.0) and sum(second.values()) == pytest.approx(18.0)
+    (alone,) = bar_segments([_rank(0, 0.015, 2400.0, shares)])  # one process: nothing to split
+    assert list(alone) == list(shares) and alone["backward"] == pytest.approx(9.0)
 
 
 def test_no_picture_prints_the_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
