@@ -48,6 +48,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), reverse=True)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a listed checkpoint's name (list_checkpoints)."""
+    match = _NAME.match(path.name)
+    assert match, path
+    return int(match.group(1))
+
+
 def serialize(state: dict[str, Any]) -> bytes:
     """The checkpoint's bytes, in memory: a snapshot that later training steps cannot change, and a size a failed
     write can name (torch.save copies GPU tensors to host memory anyway; the extra host copy is a few MB here).
@@ -145,6 +152,44 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint {path} is not a dist_mnist checkpoint (format {FORMAT_VERSION} expected)")
     return state
+
+
+@dataclass(frozen=True)
+class ResumeSource:
+    path: Path
+    state: dict[str, Any]
+    note: str  # why it is not the file --resume named ('' when it is)
+
+
+def resume_from_path(requested: Path, own_folder: Path, restarted: bool) -> ResumeSource:
+    """`--resume PATH`, in a run folder whose own checkpoints may have gone past PATH's step.
+
+    A torchrun restart or a SLURM requeue runs the job's command again, PATH included: it continues from the run's
+    newest checkpoint that loads where that is further than PATH (or PATH no longer loads: the rotation may have
+    removed it), as `--resume auto` would, or each restart would train from PATH again. A launch by hand into a
+    folder whose checkpoints go further is refused: it would train those steps again and overwrite their files and
+    records (a branch from PATH belongs in a folder of its own).
+    """
+    if restarted and (own := find_resume_checkpoint(own_folder)) is not None:
+        own_step = int(own[1]["train_state"]["step"])
+        try:
+            state = load_checkpoint(requested)
+        except UserError as exc:
+            return ResumeSource(*own, f"note: a restart continues from this run's newest checkpoint, step {own_step}, "
+                                      f"not from --resume {requested} ({exc})")
+        if own_step <= int(state["train_state"]["step"]):
+            return ResumeSource(requested, state, "")
+        return ResumeSource(*own, f"note: a restart continues from this run's newest checkpoint, step {own_step}, not "
+                                  f"from --resume {requested} (step {state['train_state']['step']})")
+    state = load_checkpoint(requested)
+    step = int(state["train_state"]["step"])
+    newer = [p for p in list_checkpoints(own_folder) if checkpoint_step(p) > step]
+    if newer and not restarted:
+        raise UserError(f"this run's checkpoints go up to step {checkpoint_step(newer[0])} ({newer[0]}); --resume "
+                        f"{requested} (step {step}) would train the steps after it again and overwrite them. Use "
+                        "--resume auto to continue from the newest, or a new --run-name to branch from that file "
+                        "(nothing was changed)")
+    return ResumeSource(requested, state, "")
 
 
 def find_resume_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:

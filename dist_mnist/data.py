@@ -73,7 +73,7 @@ def _read_idx_pair(raw: Path, prefix: str) -> Split:
 
 
 def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
-    """Decode the four IDX files with torchvision's reader; rank 0 downloads them first when allowed."""
+    """Decode the four IDX files (read_idx_uint8); rank 0 downloads them first with torchvision when allowed."""
     raw = mnist_raw_dir(cfg.data_dir)
     missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
     if missing and not cfg.no_download:

@@ -93,15 +93,19 @@ def _sign_lock(fd: int) -> None:
                    f" since {time.strftime('%Y-%m-%d %H:%M:%S')}").encode(), 0)
 
 
+def is_restart() -> bool:
+    """Whether this process runs a job's command again: a torchrun restart of the workers or a SLURM requeue."""
+    return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
 def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     # A folder without files is what a run that failed during start-up (say, on missing data) leaves: reuse it.
     if any(p.is_file() and p.name != LOCK_FILE for p in run_dir.rglob("*")):
-        # A torchrun restart, or a SLURM requeue of a job whose first attempt died before its first checkpoint.
-        restarted = any(int(os.environ.get(var, "0") or 0) > 0
-                        for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-        resumable = cfg.resume not in ("auto", "never") or (
-            cfg.resume == "auto" and list_checkpoints(checkpoint_dir(cfg, run_dir)))
-        if not (restarted or resumable):
+        # A restart may find a folder without checkpoints: its first attempt died before the first one. Otherwise
+        # only a run with checkpoints of its own is continued, from its newest (`auto`) or from a file no older than
+        # them (`--resume PATH`, checkpoint.resume_from_path): another run's records are never replaced.
+        resumable = cfg.resume != "never" and bool(list_checkpoints(checkpoint_dir(cfg, run_dir)))
+        if not (is_restart() or resumable):
             raise UserError(f"run folder {run_dir} already exists and holds no checkpoint to resume; "
                             "pick another --run-name (nothing was overwritten)")
     _ensure_writable(checkpoint_dir(cfg, run_dir), "--checkpoint-dir")
@@ -118,10 +122,15 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
     output_dir = Path(cfg.output_dir)
     _ensure_writable(output_dir, "--output-dir")
     run_dir = output_dir / (cfg.run_name or _default_name(output_dir))
-    _ensure_writable(run_dir, "the run folder")
-    # Locked before anything in it is read, so a second job never sees a half-written file of the first.
+    try:
+        run_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write to the run folder {run_dir}: {exc.strerror or exc}") from None
+    # Locked before anything in it is read or written (the write probe too), so a second job never sees a
+    # half-written file of the first, and a refused one leaves the folder as it found it.
     lock_fd = _lock_run_dir(run_dir)
     try:
+        _ensure_writable(run_dir, "the run folder")
         _check_run_dir(cfg, run_dir)
     except UserError:
         if lock_fd is not None:

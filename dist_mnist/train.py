@@ -48,7 +48,7 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.progress import Progress
-from dist_mnist.rundir import checkpoint_dir, open_run_dir
+from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
 from dist_mnist.runfiles import SUMMARY_FILE
 from dist_mnist.startup import StartupTimer
 
@@ -553,7 +553,10 @@ class Trainer:
                 if cfg.resume == "auto":
                     found = checkpoint.find_resume_checkpoint(self.checkpoint_dir)
                 else:
-                    found = Path(cfg.resume), checkpoint.load_checkpoint(Path(cfg.resume))
+                    chosen = checkpoint.resume_from_path(Path(cfg.resume), self.checkpoint_dir, is_restart())
+                    found = chosen.path, chosen.state
+                    if chosen.note:
+                        self.log(chosen.note)
                 if found is not None:
                     source, state = str(found[0]), found[1]
                     checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source, self.recipe.name)

@@ -70,7 +70,7 @@ smoke() {
 
 if want issue9; then
 # How long this host's name takes to resolve: gloo resolves it to find its address, unless GLOO_SOCKET_IFNAME names
-# an interface (train.py sets lo where every rank is on this host).
+# an interface (launch/slurm.sbatch and launch/pytorchjob.yaml show where to set it; train.py leaves it to the user).
 "$python" -c 'import socket, time; t = time.perf_counter(); name = socket.gethostname()
 try: found = socket.getaddrinfo(name, None)[0][4][0]
 except OSError as exc: found = f"not resolved ({exc})"

@@ -25,6 +25,7 @@ from dist_mnist import checkpoint
 from dist_mnist.errors import UserError
 from dist_mnist.model import MnistCNN
 from dist_mnist.recipes import RECIPES
+from dist_mnist.rundir import LOCK_FILE
 from dist_mnist.train import Trainer, main
 
 # A short single-process run with a checkpoint every 4 steps: most tests below resume from a copy of it.
@@ -348,6 +349,47 @@ def test_resume_never_on_existing_run_fails_without_touching_it(capsys: pytest.C
 
 
 @pytest.mark.timeout(120)
+def test_resume_path_behind_the_runs_own_checkpoints_is_refused_and_a_restart_takes_the_newest(
+        capsys: pytest.CaptureFixture[str], run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--resume PATH` into a run whose checkpoints went further would train those steps again over their files; a
+    torchrun restart runs the same command, PATH included, and must not go back to PATH every time."""
+    older = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_INTERVAL)
+    branch = Path(shutil.copy(older, run_copy / "branch.pt"))  # the rotation removes `older` once the run goes on
+
+    def files() -> dict[str, tuple[int, int]]:  # the lock's holder line is signed by whoever holds the folder
+        return {name: stat for name, stat in folder_snapshot(run_copy / "run").items()
+                if (run_copy / "run" / name).is_file() and name != LOCK_FILE}
+
+    before = files()
+    code, _, err = train_in_process(capsys, run_copy, "--resume", str(older), "--max-steps", str(BASE_STEPS + 4))
+    assert code == 1
+    assert single_error_line(err) == (
+        f"error: this run's checkpoints go up to step {BASE_STEPS} "
+        f"({checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)}); --resume {older} (step "
+        f"{BASE_INTERVAL}) would train the steps after it again and overwrite them. Use --resume auto to continue "
+        "from the newest, or a new --run-name to branch from that file (nothing was changed)")
+    assert files() == before
+    # The newest itself is what `auto` would take: accepted.
+    newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
+    code, out, err = train_in_process(capsys, run_copy, "--resume", str(newest), "--max-steps", str(BASE_STEPS + 2))
+    assert code == 0, err
+    assert f"resumed from step {BASE_STEPS} " in out
+    # A restart of the job's command continues from the newest, with a note that says so, also where the file
+    # --resume names is gone.
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    code, out, err = train_in_process(capsys, run_copy, "--resume", str(branch), "--max-steps", str(BASE_STEPS + 4))
+    assert code == 0, err
+    assert (f"note: a restart continues from this run's newest checkpoint, step {BASE_STEPS + 2}, not from "
+            f"--resume {branch} (step {BASE_INTERVAL})") in out.splitlines()
+    assert f"resumed from step {BASE_STEPS + 2} " in out
+    assert not older.exists()
+    code, out, err = train_in_process(capsys, run_copy, "--resume", str(older), "--max-steps", str(BASE_STEPS + 6))
+    assert code == 0, err
+    assert (f"note: a restart continues from this run's newest checkpoint, step {BASE_STEPS + 4}, not from "
+            f"--resume {older} (checkpoint {older} does not exist)") in out.splitlines()
+
+
+@pytest.mark.timeout(120)
 def test_existing_folder_without_checkpoint_is_refused_unless_restarted(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An empty folder is what a run that failed during start-up leaves behind: it is reused.
@@ -355,10 +397,12 @@ def test_existing_folder_without_checkpoint_is_refused_unless_restarted(
     elsewhere = str(tmp_path / "elsewhere")
     code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1", "--checkpoint-dir", elsewhere)
     assert code == 0, err
-    # A folder holding a run's files but no checkpoint is somebody's results: refused.
-    code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1")
-    assert code == 1
-    assert "already exists and holds no checkpoint" in single_error_line(err)
+    # A folder holding a run's files but no checkpoint is somebody's results: refused, also with a file to resume
+    # from (whose records would replace the folder's).
+    for resume in ([], ["--resume", str(checkpoint.list_checkpoints(Path(elsewhere))[0])]):
+        code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1", *resume)
+        assert code == 1
+        assert "already exists and holds no checkpoint" in single_error_line(err)
     # A worker that torchrun restarted before the first checkpoint reuses its own folder.
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1")

@@ -8,7 +8,8 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from test_ddp import spawn_world
 from test_fault_tolerance import assert_resumed_equals_straight
 from test_profiling import GRADIENT_BYTES
 
-from dist_mnist.comm import BucketRecord, ddp_bucket_kwargs, resolve_step
-from dist_mnist.config import TrainConfig
+from dist_mnist.comm import BucketRecord, ddp_bucket_kwargs, note_ignored_comm_flags, resolve_step
+from dist_mnist.config import TrainConfig, apply_recipe, parse_args
 from dist_mnist.data import build_pipeline, load_splits
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
@@ -114,6 +115,20 @@ def test_slow_data_on_every_rank_is_diagnosed_input_bound_and_a_world_of_one_rep
     (rank,) = summary["ranks"]
     assert rank["allreduce_bytes_per_step"] is None and rank["allreduce_time_per_step_s"] is None
     assert rank["comm_exposed_share"] is None and rank["straggler"] is False
+
+
+@pytest.mark.parametrize(("argv", "device_type", "noted"), [
+    ([], "cuda", False),  # the cuda recipe's hook is none, not the flag's plain default: no choice of the user's
+    ([], "cpu", False),
+    (["--ddp-comm-hook", "bf16"], "cuda", True),  # the plain default, but given: the user asked for it
+    (["--bucket-cap-mb", "4"], "cpu", True),
+])
+def test_a_world_of_one_notes_only_the_comm_flags_the_user_gave(argv: list[str], device_type: str,
+                                                                 noted: bool) -> None:
+    cfg = apply_recipe(parse_args(argv), device_type).config
+    one, two = SimpleNamespace(world_size=1), SimpleNamespace(world_size=2)
+    assert (note_ignored_comm_flags(cfg, cast(DistContext, one)) is not None) == noted
+    assert note_ignored_comm_flags(cfg, cast(DistContext, two)) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

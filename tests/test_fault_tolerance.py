@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, torchrun
 
+import dist_mnist.train as train_module
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints
 from dist_mnist.train import main
 
@@ -211,6 +212,21 @@ def test_sigterm_single_process_saves_exits_zero_and_resumes(tmp_path: Path) -> 
     stopped, _ = sigterm_then_rerun([*SINGLE, *flags], tmp_path / "preempted" / "checkpoints")
     assert stopped.returncode == 0, stopped.stderr
     assert "Run the same command to resume." in stopped.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("named", [True, False], ids=["run-name", "default-name"])
+def test_the_stop_line_says_how_to_resume_this_very_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str], named: bool) -> None:
+    """The same command finds a run again only by its name; a default name is made afresh on every --standalone
+    launch, so the line names the --run-name to add (README, "SIGTERM and SIGINT")."""
+    monkeypatch.setattr(train_module.Trainer, "log_progress", lambda self: os.kill(os.getpid(), signal.SIGTERM))
+    flags = [*SMOKE_FLAGS, "--max-steps", "20", "--log-every", "3", "--output-dir", str(tmp_path)]
+    assert main([*flags, *(["--run-name", "preempted"] if named else [])]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    again = "the same command" if named else f"the same command with --run-name {run_dir.name}"
+    assert (f"stopped by SIGTERM at step 3; checkpoint saved in {run_dir / 'checkpoints'}. Run {again} to resume."
+            in capsys.readouterr().out.splitlines())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -172,9 +172,13 @@ def test_second_job_in_a_held_folder_is_refused_naming_the_holder(tmp_path: Path
     held = _choose_run_dir(cfg)
     assert (held.path / LOCK_FILE).read_text().startswith(f"PID {os.getpid()} on host {socket.gethostname()} ")
     # flock locks belong to an open file, so a second open in this process is refused as another job's would be.
+    time.sleep(0.01)  # past the filesystem's timestamp granularity: a file made and removed would show
+    before = held.path.stat().st_mtime_ns, sorted(p.name for p in held.path.iterdir())
     with pytest.raises(UserError, match=rf"^run folder {re.escape(str(held.path))} is in use by PID {os.getpid()} "
                                         rf"on host {re.escape(socket.gethostname())}"):
         _choose_run_dir(cfg)
+    # The refused job touched nothing in the folder, not even a write probe made and removed again.
+    assert (held.path.stat().st_mtime_ns, sorted(p.name for p in held.path.iterdir())) == before
     assert held.lock_fd is not None
     os.close(held.lock_fd)  # what the kernel does when the holder dies, however it dies
     again = _choose_run_dir(cfg)
