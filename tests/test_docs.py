@@ -8,6 +8,7 @@ import re
 import pytest
 from conftest import REPO
 
+from dist_mnist.checkpoint import RESUME_FIELDS
 from dist_mnist.config import build_parser
 
 README = (REPO / "README.md").read_text()
@@ -95,3 +96,36 @@ def test_every_place_docs_pitfalls_names_exists(path: str, name: str) -> None:
     for part in name.split("."):  # a class, then its method, each defined in the file
         assert re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{re.escape(part)}\b", source, re.MULTILINE), \
             f"docs/pitfalls.md names {path}:{name}, which {path} does not define"
+
+
+def test_the_readme_names_the_checkpoint_fields_a_resume_must_share() -> None:
+    """README, "Preemption and restarts": the flags whose values a resumed checkpoint must share are RESUME_FIELDS."""
+    text = " ".join(README.split())
+    listed = re.search(r"A checkpoint from another model or another recipe \((.*?), compared as resolved", text)
+    assert listed, "the README's list of the flags a checkpoint must share is gone"
+    assert set(re.findall(r"`--([\w-]+)`", listed.group(1))) == {f.replace("_", "-") for f in RESUME_FIELDS}
+
+
+def test_the_readme_lists_every_phase_a_failed_collective_is_named_by() -> None:
+    """README, "Hung or lost peers": the phase names an error line can carry are train.py's, and no others."""
+    text = " ".join(README.split())
+    sentence = re.search(r"The phases: (.*?)\. torchrun then", text)
+    assert sentence, "the README's list of collective phases is gone"
+    source = (REPO / "dist_mnist" / "train.py").read_text()
+    names = set(re.findall(r'self\.phase\("([^"]+)"\)', source)) | set(re.findall(r'collectives\.phase\("([^"]+)"',
+                                                                                   source))
+    assert len(names) >= 7
+    listed = sentence.group(1)
+    for name in sorted(names, key=len, reverse=True):  # the longest first: one name may hold another
+        assert name in listed, name
+        listed = listed.replace(name, "", 1)
+    # What is left is the separators and the start-up phase's explanation: no name the code lacks.
+    assert re.sub(r"\([^)]*\)", "", listed).replace(",", "").split() == [], listed
+
+
+def test_the_readme_defaults_given_in_words() -> None:
+    assert ACTIONS["--output-dir"].default == "profiles" and "(default `profiles/<timestamp>/`" in README
+    resume = re.search(r"\*\*Resuming \(`--resume`\):\*\*\n- `(\w+)` \(default\)", README)
+    assert resume and resume.group(1) == ACTIONS["--resume"].default
+    assert "(`--backend auto`;" in README and ACTIONS["--backend"].default == "auto"
+    assert "`--recipe auto|cpu|cuda`" in README and ACTIONS["--recipe"].default == "auto"
