@@ -69,12 +69,20 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
             raise
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = _SOURCE_LOCATION.sub("", lines[0])
-        kept = (f"the last checkpoint is {last_checkpoint}" if last_checkpoint
-                else "this process wrote no checkpoint yet")
+        if last_checkpoint:
+            kept = f"the last checkpoint is {last_checkpoint}"
+            rerun = "rerun the same command to resume"
+        else:
+            # No checkpoint of this process's: the run may still have one from the process it resumed from, or it
+            # has none, and then the same command is refused (a run folder with files but no checkpoint is never
+            # reused). Which one this process cannot tell, so the advice covers both.
+            kept = "this process wrote no checkpoint yet"
+            rerun = ("rerun the same command to resume from the run's last checkpoint if an earlier process wrote "
+                     "one; a run without any starts again under a new --run-name (its folder is not reused)")
         when = "before the first step" if step is None else f"after step {step}"
         raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "
                         f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. Look for the stuck or lost "
-                        "rank in the other nodes' output, then rerun the same command to resume") from None
+                        f"rank in the other nodes' output, then {rerun}") from None
 
 
 def flight_recorder_dir(cfg: TrainConfig, environ: Mapping[str, str]) -> Path:

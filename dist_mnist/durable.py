@@ -10,10 +10,14 @@ from dist_mnist.errors import UserError
 
 
 def write_failed(path: Path, needed_bytes: int, exc: OSError) -> UserError:
-    """A file that could not be written (a full disk, a quota, a lost mount): the folder, the size, the reason."""
+    """A file that could not be written (a full disk, a quota, a lost mount): the folder, the size, the reason.
+
+    Any write can fail, before a run's first checkpoint too, and the same command is refused for a run folder with
+    files but no checkpoint: the advice covers both cases, which the writer does not know apart."""
     return UserError(f"could not write {path.name} to {path.parent}: {exc.strerror or exc} (it needed "
                      f"{needed_bytes:,} bytes there); the files written before are intact. Free space there, then "
-                     "rerun the same command to resume")
+                     "rerun the same command to resume from the last checkpoint; a run that wrote none yet starts "
+                     "again under a new --run-name")
 
 
 def write_durably(path: Path, data: bytes) -> None:

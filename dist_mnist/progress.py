@@ -67,8 +67,16 @@ class Progress:
             return
         kept = []
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
+            for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                    if record is not None and int(record["step"]) <= step:
+                        kept.append(line)
+                except (ValueError, TypeError, KeyError):
+                    # A line cut short (a crash or a full disk in mid-append) or edited by hand: a record of the past
+                    # that no longer reads, not a reason to stop every later resume.
+                    print(f"warning: {self.path} line {number} is damaged and was dropped: {line[:80]!r}",
+                          file=sys.stderr, flush=True)
         write_durably(self.path, "".join(line + "\n" for line in kept).encode())
 
     def add_losses(self, total: float, count: int) -> None:

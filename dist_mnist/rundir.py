@@ -16,6 +16,7 @@ from pathlib import Path
 from dist_mnist.checkpoint import list_checkpoints
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
+from dist_mnist.durable import write_durably, write_failed
 from dist_mnist.errors import UserError
 
 # In the run folder; it holds who has the folder ("PID 1234 on host node7 (job 99) since ..."), for the refusal.
@@ -45,10 +46,14 @@ def _default_name(output_dir: Path) -> str:
     # torchrun keeps its run id across restarts (--standalone makes a fresh one per launch), so a marker
     # keyed by it maps a restarted job back to the folder of its first attempt.
     marker = output_dir / ".torchelastic" / run_id
-    if marker.is_file():
-        return marker.read_text().strip()
-    marker.parent.mkdir(exist_ok=True)
-    marker.write_text(stamp)
+    if marker.is_file() and (name := marker.read_text().strip()):
+        return name
+    try:
+        marker.parent.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write to --output-dir {output_dir}: {exc.strerror or exc}") from None
+    # Whole or not at all: an empty marker left by a full disk would name --output-dir itself as the run folder.
+    write_durably(marker, stamp.encode())
     return stamp
 
 
@@ -60,37 +65,41 @@ def _refuse_fresh_starts_on_restarts(cfg: TrainConfig) -> None:
                         "continues from the last checkpoint")
 
 
-def _lock_run_dir(run_dir: Path) -> int | None:
-    """Hold the run folder for this process's life: an flock on its lock file, which the kernel releases when the
+def _lock_folder(folder: Path, what: str, choose_another: str) -> int | None:
+    """Hold `folder` for this process's life: an flock on its lock file, which the kernel releases when the
     process dies however it dies, so a crash never leaves a stale lock and a torchrun restart or a SLURM requeue
     (whose earlier workers are dead) gets in. Returns the descriptor that holds it; None where the filesystem
-    has no locks."""
-    path = run_dir / LOCK_FILE
+    has no locks. `what` names the folder in messages ("the run folder X"), `choose_another` the flag to change."""
+    path = folder / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise UserError(f"cannot write to the run folder {run_dir}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write to the {what}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise UserError(f"run folder {run_dir} is in use by {holder}: another job is training there. Wait for it to "
-                        "end or stop it, or pick another --run-name (nothing was changed)") from None
+        raise UserError(f"{what} is in use by {holder}: another job is training there. Wait for it to end or stop "
+                        f"it, or pick another {choose_another} (nothing was changed)") from None
     except OSError as exc:  # ENOLCK, EOPNOTSUPP: NFS without a lock manager, some parallel filesystems
         os.close(fd)
-        print(f"warning: cannot lock the run folder {run_dir} ({exc.strerror or exc}); a second job started in it "
-              "would not be refused", file=sys.stderr, flush=True)
+        print(f"warning: cannot lock the {what} ({exc.strerror or exc}); a second job started in it would not be "
+              "refused", file=sys.stderr, flush=True)
         return None
     return fd
 
 
-def _sign_lock(fd: int) -> None:
+def _sign_lock(fd: int, folder: Path) -> None:
     """Say who holds the folder, for the refusal a second job prints."""
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (f"PID {os.getpid()} on host {socket.gethostname()}" + (f" (job {job})" if job else "") +
-                   f" since {time.strftime('%Y-%m-%d %H:%M:%S')}").encode(), 0)
+    holder = (f"PID {os.getpid()} on host {socket.gethostname()}" + (f" (job {job})" if job else "") +
+              f" since {time.strftime('%Y-%m-%d %H:%M:%S')}").encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder, 0)
+    except OSError as exc:  # a full disk: the lock holds all the same, but the run could write nothing else there
+        raise write_failed(folder / LOCK_FILE, len(holder), exc) from None
 
 
 def is_restart() -> bool:
@@ -99,22 +108,44 @@ def is_restart() -> bool:
 
 
 def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    checkpoints = list_checkpoints(checkpoint_dir(cfg, run_dir))
     # A folder without files is what a run that failed during start-up (say, on missing data) leaves: reuse it.
     if any(p.is_file() and p.name != LOCK_FILE for p in run_dir.rglob("*")):
+        if cfg.resume == "never":
+            # A requeued job runs its command again: with `never` every attempt would start over the last one's.
+            again = (" (this is a restart of the job, which runs the same command again: --resume auto continues "
+                     "from the last checkpoint)" if is_restart() else "")
+            raise UserError(f"run folder {run_dir} already exists and --resume never would start again from step 0 "
+                            f"over it{again}; pick another --run-name (nothing was overwritten)")
         # A restart may find a folder without checkpoints: its first attempt died before the first one. Otherwise
         # only a run with checkpoints of its own is continued, from its newest (`auto`) or from a file no older than
         # them (`--resume PATH`, checkpoint.resume_from_path): another run's records are never replaced.
-        resumable = cfg.resume != "never" and bool(list_checkpoints(checkpoint_dir(cfg, run_dir)))
-        if not (is_restart() or resumable):
+        if not (is_restart() or checkpoints):
             raise UserError(f"run folder {run_dir} already exists and holds no checkpoint to resume; "
                             "pick another --run-name (nothing was overwritten)")
+    elif cfg.resume == "never" and checkpoints:  # a --checkpoint-dir outside the run folder, another run's
+        raise UserError(f"--checkpoint-dir {checkpoint_dir(cfg, run_dir)} already holds checkpoints (the newest "
+                        f"{checkpoints[0].name}) and --resume never would write over them; pick another "
+                        "--checkpoint-dir, or --resume auto to continue from them (nothing was overwritten)")
     _ensure_writable(checkpoint_dir(cfg, run_dir), "--checkpoint-dir")
 
 
 @dataclass
 class HeldRunDir:
     path: Path
-    lock_fd: int | None
+    locks: dict[Path, int]  # folder -> the descriptor whose flock holds it (none where the filesystem has no locks)
+
+    def release(self) -> None:
+        for fd in self.locks.values():
+            os.close(fd)  # releases the lock
+        self.locks = {}
+
+
+def _make_folder(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write to the {what}: {exc.strerror or exc}") from None
 
 
 def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
@@ -122,23 +153,27 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
     output_dir = Path(cfg.output_dir)
     _ensure_writable(output_dir, "--output-dir")
     run_dir = output_dir / (cfg.run_name or _default_name(output_dir))
+    held = HeldRunDir(run_dir, {})
     try:
-        run_dir.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write to the run folder {run_dir}: {exc.strerror or exc}") from None
-    # Locked before anything in it is read or written (the write probe too), so a second job never sees a
-    # half-written file of the first, and a refused one leaves the folder as it found it.
-    lock_fd = _lock_run_dir(run_dir)
-    try:
+        # Locked before anything in them is read or written (the write probe too), so a second job never sees a
+        # half-written file of the first, and a refused one leaves the folders as it found them. A --checkpoint-dir
+        # outside the run folder is held too: two runs writing one would overwrite and rotate away each other's.
+        folders = {run_dir: (f"run folder {run_dir}", "--run-name")}
+        outside = checkpoint_dir(cfg, run_dir)
+        if not outside.resolve().is_relative_to(run_dir.resolve()):
+            folders[outside] = (f"checkpoint folder {outside}", "--checkpoint-dir")
+        for folder, (what, flag) in folders.items():
+            _make_folder(folder, what)
+            if (fd := _lock_folder(folder, what, flag)) is not None:
+                held.locks[folder] = fd
         _ensure_writable(run_dir, "the run folder")
         _check_run_dir(cfg, run_dir)
+        for folder, fd in held.locks.items():
+            _sign_lock(fd, folder)  # only now: a refused run leaves the folders as it found them
     except UserError:
-        if lock_fd is not None:
-            os.close(lock_fd)
+        held.release()
         raise
-    if lock_fd is not None:
-        _sign_lock(lock_fd)  # only now: a refused run leaves the folder as it found it
-    return HeldRunDir(run_dir, lock_fd)
+    return held
 
 
 @contextmanager
@@ -155,5 +190,5 @@ def open_run_dir(cfg: TrainConfig, ctx: DistContext) -> Iterator[Path]:
     try:
         yield ctx.on_main(choose)
     finally:
-        if held is not None and held.lock_fd is not None:
-            os.close(held.lock_fd)  # releases the lock
+        if held is not None:
+            held.release()

@@ -551,7 +551,14 @@ class Trainer:
         if ctx.is_main:
             try:
                 if cfg.resume == "auto":
+                    had = len(checkpoint.list_checkpoints(self.checkpoint_dir))
                     found = checkpoint.find_resume_checkpoint(self.checkpoint_dir)
+                    if found is None and had:
+                        # Starting again from step 0 would replace the records of the steps those files held.
+                        raise UserError(f"none of the {had} checkpoint(s) in {self.checkpoint_dir} loads (each is "
+                                        "set aside as *.unreadable, see the warnings above), and starting again from "
+                                        "step 0 would write over this run's records; give --resume a checkpoint "
+                                        "that loads, or start afresh under another --run-name")
                 else:
                     chosen = checkpoint.resume_from_path(Path(cfg.resume), self.checkpoint_dir, is_restart())
                     found = chosen.path, chosen.state
@@ -754,6 +761,11 @@ class Trainer:
         with self.startup.phase("resume"):
             self.resume()
         state = self.state
+        if (state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps)
+                or any(self.meets_target(m) for m in state.metrics)):
+            # Before the run's files: config.json keeps describing the run that made them, whatever flags this had.
+            self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
+            return
         resolved = {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
             "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
@@ -763,10 +775,6 @@ class Trainer:
             ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
                                  self.writer.reset_metrics(state.metrics)))
         self.progress.start(state.step, self.elapsed_s())
-        if (state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps)
-                or any(self.meets_target(m) for m in state.metrics)):
-            self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
-            return
         self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "
                  f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
                  f"{self.steps_per_epoch} steps/epoch, {self.settings.describe()}, "

@@ -246,6 +246,37 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(capsys: pytest.Captu
 
 
 @pytest.mark.timeout(120)
+def test_a_run_none_of_whose_checkpoints_loads_is_not_started_over(capsys: pytest.CaptureFixture[str],
+                                                                   run_copy: Path) -> None:
+    """Every checkpoint unreadable (a damaged disk, a format this version does not read): starting again from step 0
+    would write over the run's records, so the run stops with one line and leaves them."""
+    for path in checkpoint.list_checkpoints(checkpoints_of(run_copy)):
+        path.write_bytes(path.read_bytes()[:1000])
+    records = {name: (run_copy / "run" / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+    code, _, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 2))
+    assert code == 1
+    assert err.count("warning: checkpoint ") == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: none of the 2 checkpoint(s) in {checkpoints_of(run_copy)} loads (each is set aside as *.unreadable, "
+        "see the warnings above), and starting again from step 0 would write over this run's records; give --resume "
+        "a checkpoint that loads, or start afresh under another --run-name")
+    assert {name: (run_copy / "run" / name).read_bytes() for name in records} == records
+
+
+def test_a_flipped_bit_in_a_checkpoints_tensors_is_found(tmp_path: Path) -> None:
+    """torch.load does not check the zip's CRC-32s: a bit flipped in the tensor data loads as a wrong weight."""
+    path = tmp_path / "step00000004.pt"
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, "model": {"w": torch.ones(1000)}}, path)
+    data = bytearray(path.read_bytes())
+    data[data.index(torch.ones(1000).numpy().tobytes()) + 100] ^= 0x40  # torch.save stores tensors uncompressed
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["model"]["w"][25] != 1.0  # what torch.load alone would train on
+    with pytest.raises(UserError, match=rf"^checkpoint {re.escape(str(path))} is damaged: its record \S+/data/0 "
+                                        r"fails its CRC-32 check"):
+        checkpoint.load_checkpoint(path)
+
+
+@pytest.mark.timeout(120)
 def test_crafted_checkpoint_given_as_path_is_refused(tmp_path: Path) -> None:
     """Through the real command line: a one-line error, no traceback, and the payload never runs."""
     evil, marker = tmp_path / "evil.pt", tmp_path / "payload-ran"
@@ -339,12 +370,21 @@ def folder_snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.timeout(120)
-def test_resume_never_on_existing_run_fails_without_touching_it(capsys: pytest.CaptureFixture[str],
-                                                                run_copy: Path) -> None:
+def test_resume_never_on_existing_run_fails_without_touching_it(capsys: pytest.CaptureFixture[str], run_copy: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     before = folder_snapshot(run_copy / "run")
     code, _, err = train_in_process(capsys, run_copy, "--resume", "never")
     assert code == 1
     assert "already exists" in single_error_line(err)
+    assert folder_snapshot(run_copy / "run") == before
+    # A SLURM requeue runs the job's command again: with `never` it would start over the first attempt's files.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    code, _, err = train_in_process(capsys, run_copy, "--resume", "never")
+    assert code == 1
+    assert single_error_line(err) == (
+        f"error: run folder {run_copy / 'run'} already exists and --resume never would start again from step 0 over "
+        "it (this is a restart of the job, which runs the same command again: --resume auto continues from the last "
+        "checkpoint); pick another --run-name (nothing was overwritten)")
     assert folder_snapshot(run_copy / "run") == before
 
 

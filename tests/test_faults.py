@@ -5,6 +5,8 @@ Each ends in one `error: ...` line on every surviving rank, exit 1, no traceback
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import re
@@ -153,7 +155,8 @@ def test_full_disk_at_a_checkpoint_ends_every_rank_with_one_line(tmp_path: Path)
     assert len(messages) == 2 and messages[0] == messages[1], result.stderr[-3000:]  # rank 0 and rank 1
     size = re.fullmatch(rf"could not write step00000008\.pt to {re.escape(str(checkpoints))}: No space left on "
                         r"device \(it needed ([\d,]+) bytes there\); the files written before are intact\. Free "
-                        "space there, then rerun the same command to resume", messages[0])
+                        "space there, then rerun the same command to resume from the last checkpoint; a run that "
+                        "wrote none yet starts again under a new --run-name", messages[0])
     assert size, messages[0]
     assert int(size.group(1).replace(",", "")) > first.stat().st_size // 2  # the checkpoint's size, not a guess
     assert result.returncode != 0
@@ -179,11 +182,61 @@ def test_second_job_in_a_held_folder_is_refused_naming_the_holder(tmp_path: Path
         _choose_run_dir(cfg)
     # The refused job touched nothing in the folder, not even a write probe made and removed again.
     assert (held.path.stat().st_mtime_ns, sorted(p.name for p in held.path.iterdir())) == before
-    assert held.lock_fd is not None
-    os.close(held.lock_fd)  # what the kernel does when the holder dies, however it dies
+    assert list(held.locks) == [held.path]
+    held.release()  # closes the descriptor: what the kernel does when the holder dies, however it dies
     again = _choose_run_dir(cfg)
-    assert again.lock_fd is not None
-    os.close(again.lock_fd)
+    assert list(again.locks) == [again.path]
+    again.release()
+
+
+def test_a_full_disk_at_the_run_folders_start_is_one_line_and_leaves_no_marker_that_breaks_the_next_launch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock's holder line and torchrun's run-id marker are the first bytes a run writes: a full disk there is
+    the usual one-line error, and the marker is whole or absent (an empty one named --output-dir as the run folder,
+    so every later launch was refused)."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    real_replace = os.replace
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"^could not write job-7 to .*\.torchelastic: No space left on device"):
+        _choose_run_dir(cfg)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert list((tmp_path / ".torchelastic").iterdir()) == []  # no marker, not an empty one
+    (tmp_path / ".torchelastic" / "job-7").write_text("")  # what the old code left behind
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(UserError, match=r"^could not write \.lock to .*: No space left on device"):
+        _choose_run_dir(cfg)
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    held = _choose_run_dir(cfg)  # an empty marker counts as none: a run folder of its own, not --output-dir
+    assert held.path.parent == tmp_path and (tmp_path / ".torchelastic" / "job-7").read_text() == held.path.name
+    held.release()
+
+
+def test_a_checkpoint_dir_outside_the_run_folder_is_held_and_never_written_over(tmp_path: Path) -> None:
+    """Two runs given one --checkpoint-dir would overwrite and rotate away each other's checkpoints: while one
+    runs the other is refused, and a fresh start (--resume never) is refused where checkpoints are already."""
+    shared = tmp_path / "shared_checkpoints"
+    first = TrainConfig(output_dir=str(tmp_path), run_name="a", checkpoint_dir=str(shared))
+    held = _choose_run_dir(first)
+    assert set(held.locks) == {held.path, shared}
+    second = TrainConfig(output_dir=str(tmp_path), run_name="b", checkpoint_dir=str(shared))
+    with pytest.raises(UserError, match=rf"^checkpoint folder {re.escape(str(shared))} is in use by PID "
+                                        rf"{os.getpid()} on host .*pick another --checkpoint-dir \(nothing was "
+                                        r"changed\)$"):
+        _choose_run_dir(second)
+    held.release()
+    (shared / "step00000010.pt").write_bytes(b"a's checkpoint")
+    with pytest.raises(UserError, match=rf"^--checkpoint-dir {re.escape(str(shared))} already holds checkpoints "
+                                        r"\(the newest step00000010.pt\) and --resume never would write over them"):
+        _choose_run_dir(dataclasses.replace(second, resume="never", run_name="c"))
+    again = _choose_run_dir(second)  # auto: continues from them (checkpoint.check_compatible judges the file)
+    again.release()
+    assert (shared / "step00000010.pt").read_bytes() == b"a's checkpoint"
 
 
 @pytest.mark.timeout(240)

@@ -116,3 +116,19 @@ def test_an_error_during_training_starts_on_a_line_of_its_own_on_a_terminal(tmp_
     lines = terminal.getvalue().split("\n")
     assert lines[-2:] == ["error: could not write metrics.jsonl: [Errno 28] No space left on device", ""]
     assert "\r" in lines[-3] and "step 2/6" in lines[-3]  # the progress line, rewritten in place, then closed
+
+
+def test_a_damaged_line_is_dropped_with_a_warning_not_a_traceback_at_every_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A crash or a full disk in mid-append leaves a line cut short; the resume keeps every record that reads."""
+    p = progress(tmp_path, io.StringIO())
+    report(p, 10, 1.0, 1.0)
+    report(p, 20, 2.0, 2.0)
+    path = tmp_path / PROGRESS_FILE
+    with path.open("a") as f:
+        f.write('{"epoch": 1, "step": 3')  # cut short
+    resumed = Progress(tmp_path, enabled=True, step_limit=100, global_batch=32, stream=io.StringIO())
+    resumed.start(20, 2.0)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
+    assert capsys.readouterr().err == (f"warning: {path} line 3 is damaged and was dropped: "
+                                       "'{\"epoch\": 1, \"step\": 3'\n")

@@ -125,10 +125,13 @@ def test_stop_at_accuracy_stops_saves_and_reports(stopped_run: Path, capsys: pyt
     assert summary["stop_at_accuracy"] == {"target": 0.3, "step": step, "epoch": metrics[-1]["epoch"],
                                            "test_accuracy": metrics[-1]["test_accuracy"],
                                            "elapsed_s": metrics[-1]["elapsed_s"]}
-    # Launched again, the run is complete rather than training on.
+    # Launched again, the run is complete rather than training on, and its files are left as they were: config.json
+    # keeps describing the run that made them, also when the new launch had other flags.
+    files = {p.name: p.read_bytes() for p in stopped_run.iterdir() if p.is_file() and p.name != ".lock"}
     assert main([*SMOKE_FLAGS, "--output-dir", str(stopped_run.parent), "--run-name", "run", "--timeout-s", "60",
-                 "--max-steps", "40", "--eval-every", "2", "--stop-at-accuracy", "0.3"]) == 0
+                 "--max-steps", "30", "--eval-every", "3", "--stop-at-accuracy", "0.3"]) == 0
     assert "already complete" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in stopped_run.iterdir() if p.is_file() and p.name != ".lock"} == files
 
 
 def test_run_records_its_recipe(stopped_run: Path) -> None:
