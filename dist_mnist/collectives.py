@@ -1,4 +1,5 @@
-"""Collective failures: a shorter timeout once training runs, phase-named one-line errors, NCCL's flight recorder.
+"""Collective failures: a shorter timeout once training runs, phase-named one-line errors, NCCL's flight recorder;
+and the one-line error for a lost DataLoader worker, which shares their advice on what to resume.
 
 A peer that hangs (a stuck NFS read, a frozen GPU) or vanishes leaves the others blocked in whatever collective
 comes next. Start-up legitimately takes long (rendezvous, the MNIST download, torch.compile on the first step), a
@@ -10,6 +11,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
+import threading
+import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +35,11 @@ FLIGHT_RECORDER_FOLDER = "flight_recorder"
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s*")
 # gloo raises plain RuntimeErrors: its source path, or, for a pair an earlier timeout closed, only the message.
 _GLOO_FAILURE = re.compile(r"gloo|pair closure|closed by peer|Timed out waiting|Connection reset|Broken pipe")
+# torch's words for a DataLoader worker process that died: its SIGCHLD handler's "DataLoader worker (pid 7) is killed
+# by signal: Killed." or "... exited unexpectedly with exit code 1", or "DataLoader worker (pid(s) 7) exited
+# unexpectedly" from a wait for a batch. An exception in the worker's own code comes back as "Caught ValueError in
+# DataLoader worker process 0" instead: no pid, a bug, not a lost process.
+_LOST_DATA_WORKER = re.compile(r"DataLoader worker \(pid[^)]*\) [^.]*")
 
 
 @dataclass
@@ -58,6 +67,60 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_GLOO_FAILURE.search(str(exc))))
 
 
+def resume_advice(last_checkpoint: Path | None, command: str = "the same command") -> tuple[str, str]:
+    """What a failed process kept and how to go on: ("the last checkpoint is X", "rerun COMMAND to resume")."""
+    if last_checkpoint:
+        return f"the last checkpoint is {last_checkpoint}", f"rerun {command} to resume"
+    # No checkpoint of this process's: the run may still have one from a process it resumed from, or it has none,
+    # and then the same command is refused (a run folder with files but no checkpoint is never reused). Which one
+    # this process cannot tell, so the advice covers both.
+    return ("this process wrote no checkpoint yet",
+            f"rerun {command} to resume from the run's last checkpoint if an earlier process wrote one; a run "
+            "without any starts again under a new --run-name (its folder is not reused)")
+
+
+def lost_data_worker(exc: BaseException) -> str | None:
+    """torch's account of a DataLoader worker process that died ("DataLoader worker (pid 7) is killed by signal:
+    Killed"), or None where `exc` is anything else.
+
+    A worker killed while it hands over a batch can also break the connection the batch's shared memory comes
+    through (multiprocessing's resource_sharer) before the loader has seen the worker die: a ConnectionError or
+    EOFError out of the DataLoader's own code (under a busy CPU, half of the kills in a test)."""
+    if isinstance(exc, RuntimeError):
+        match = _LOST_DATA_WORKER.search(str(exc))
+        return match.group(0) if match else None
+    if isinstance(exc, (ConnectionError, EOFError)) and any(
+            frame.f_globals.get("__name__") == "torch.utils.data.dataloader"
+            for frame, _ in traceback.walk_tb(exc.__traceback__)):
+        return f"its connection broke while it handed over a batch: {type(exc).__name__}: {exc}".rstrip(": ")
+    return None
+
+
+def lost_data_worker_error(reason: str, step: int | None, last_checkpoint: Path | None,
+                           run_name: str | None) -> UserError:
+    """One line for a dead DataLoader worker (`reason`, from lost_data_worker): the step (None: before the first),
+    the likely cause, the remedy and what to resume; `run_name` where the command must add --run-name for that."""
+    when = "before the first step" if step is None else f"after step {step}"
+    command = "the command with a lower --num-workers" + (f" and --run-name {run_name}" if run_name else "")
+    kept, rerun = resume_advice(last_checkpoint, command)
+    return UserError(f"a DataLoader worker of this process died {when} ({reason}), {LOST_WORKER_REMEDY}; {kept}. "
+                     f"Then {rerun}")
+
+
+LOST_WORKER_REMEDY = ("most often the out-of-memory killer's doing (dmesg says so): use fewer --num-workers (each is "
+                      "a process of its own; 0 loads the data in the training process) or give the job more memory")
+
+
+def stop_raising_for_lost_data_workers() -> None:
+    """Take back torch's SIGCHLD handler, which raises a dead DataLoader worker's error wherever the main thread is.
+
+    Once a run is failing it would interrupt the cleanup (the join of a checkpoint write in flight: a second
+    traceback, a file left unfinished) and the interpreter's exit (one more traceback). A worker's death is still
+    found where it matters, by the loader's own check when a batch does not come."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 @contextmanager
 def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None) -> Iterator[None]:
     """Turn a failed collective inside this block into one line naming the phase, the step (None: before the
@@ -69,16 +132,7 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
             raise
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = _SOURCE_LOCATION.sub("", lines[0])
-        if last_checkpoint:
-            kept = f"the last checkpoint is {last_checkpoint}"
-            rerun = "rerun the same command to resume"
-        else:
-            # No checkpoint of this process's: the run may still have one from the process it resumed from, or it
-            # has none, and then the same command is refused (a run folder with files but no checkpoint is never
-            # reused). Which one this process cannot tell, so the advice covers both.
-            kept = "this process wrote no checkpoint yet"
-            rerun = ("rerun the same command to resume from the run's last checkpoint if an earlier process wrote "
-                     "one; a run without any starts again under a new --run-name (its folder is not reused)")
+        kept, rerun = resume_advice(last_checkpoint)
         when = "before the first step" if step is None else f"after step {step}"
         raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "
                         f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. Look for the stuck or lost "

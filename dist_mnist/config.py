@@ -88,7 +88,8 @@ class TrainConfig:
                                     "process, no fp16 GradScaler, no --compile, no gradient accumulation), else "
                                     "eager with a note",
                             choices=["auto", "on", "off"])
-    threads: int = _opt(0, "intra-op CPU threads per process (0: torch's default; torchrun sets OMP_NUM_THREADS=1)")
+    threads: int = _opt(0, "intra-op CPU threads per process, at most the machine's CPU count (0: torch's default; "
+                           "torchrun sets OMP_NUM_THREADS=1)")
 
     # Distributed
     backend: str = _opt("auto", "process-group backend; auto: nccl on CUDA with 2+ processes, else gloo (a process "
@@ -179,6 +180,12 @@ class TrainConfig:
             raise UserError(f"--stop-at-accuracy must be in (0, 1] (0: off), got {self.stop_at_accuracy}")
         if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):
             raise UserError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+        cpus = os.cpu_count() or 1
+        if self.threads > cpus:
+            # More threads than CPUs only slow a step down, and past the thread limit torch crashed on the first
+            # process group (a segmentation fault after "Resource temporarily unavailable").
+            raise UserError(f"--threads must be at most this machine's {cpus} CPUs, got {self.threads} "
+                            "(0: torch's default)")
         if self.data_on_device == "on" and self.num_workers > 0:
             raise UserError("--data-on-device on slices batches on the GPU; it cannot use --num-workers > 0")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from dist_mnist.errors import UserError
 from dist_mnist.startup import StartupTimer
 
 T = TypeVar("T")
+# What rank 0's store (a TCPStore it serves on MASTER_PORT) says when the other processes did not all connect in time.
+_CLIENTS_JOINED = re.compile(r"Timed out after (\d+) seconds waiting for clients\. (\d+)/(\d+) clients joined")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,32 @@ def resolve_backend(device: torch.device, world_size: int) -> str:
     return "nccl" if device.type == "cuda" and world_size > 1 else "gloo"
 
 
+def _rendezvous_address() -> str:
+    """MASTER_ADDR:MASTER_PORT, which env:// needs: checked here, where the error can say what to do."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise UserError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {verb} not: start with torchrun, "
+                        "which sets all of them, or set MASTER_ADDR and MASTER_PORT to rank 0's host and a free port "
+                        "on it, or unset RANK for one process")
+    _env_int("MASTER_PORT")  # a port that is no number gets its own line
+    return f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+
+
+def _rendezvous_failed(exc: dist.DistError, address: str, rank: int, world_size: int, timeout_s: float) -> UserError:
+    """One line for a rendezvous that did not complete: who joined where torch says, and its own words."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    joined = _CLIENTS_JOINED.search(reason)
+    if joined:
+        seconds, arrived, expected = joined.groups()
+        return UserError(f"the rendezvous at {address} timed out after {seconds} s with {arrived} of {expected} "
+                         f"processes joined ({reason}); start all {world_size} processes within --timeout-s "
+                         f"{timeout_s:g}, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE")
+    return UserError(f"the rendezvous at {address} failed for rank {rank} of {world_size} ({reason}); MASTER_ADDR and "
+                     "MASTER_PORT must name rank 0's host and a free port there, the same in every process, and all "
+                     f"processes must start within --timeout-s {timeout_s:g}")
+
+
 @contextmanager
 def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -> Iterator[DistContext]:
     """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""
@@ -142,8 +171,12 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
         # --backend nccl asks otherwise) runs no collective at all, so it never makes a communicator.
         init_kwargs["device_id"] = device
     if launched:
+        address = _rendezvous_address()
         with timer.phase("rendezvous"):
-            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+            try:
+                store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+            except dist.DistError as exc:  # DistStoreError (rank 0 waited in vain), DistNetworkError (no connection)
+                raise _rendezvous_failed(exc, address, rank, world_size, cfg.timeout_s) from None
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
                 # The workers meet in the agent's own store, which lives as long as the agent: restarted workers
                 # would find the addresses their dead predecessors published and gloo would connect to those

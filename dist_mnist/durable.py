@@ -9,15 +9,16 @@ from pathlib import Path
 from dist_mnist.errors import UserError
 
 
-def write_failed(path: Path, needed_bytes: int, exc: OSError) -> UserError:
-    """A file that could not be written (a full disk, a quota, a lost mount): the folder, the size, the reason.
+def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> UserError:
+    """A file that could not be written (a full disk, a quota, a lost mount): the folder, the size (None: not known
+    beforehand), the reason.
 
     Any write can fail, before a run's first checkpoint too, and the same command is refused for a run folder with
     files but no checkpoint: the advice covers both cases, which the writer does not know apart."""
-    return UserError(f"could not write {path.name} to {path.parent}: {exc.strerror or exc} (it needed "
-                     f"{needed_bytes:,} bytes there); the files written before are intact. Free space there, then "
-                     "rerun the same command to resume from the last checkpoint; a run that wrote none yet starts "
-                     "again under a new --run-name")
+    needed = "" if needed_bytes is None else f" (it needed {needed_bytes:,} bytes there)"
+    return UserError(f"could not write {path.name} to {path.parent}: {exc.strerror or exc}{needed}; the files "
+                     "written before are intact. Free space there, then rerun the same command to resume from the "
+                     "last checkpoint; a run that wrote none yet starts again under a new --run-name")
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -41,19 +42,32 @@ def write_durably(path: Path, data: bytes) -> None:
         raise write_failed(path, len(data), exc) from None
 
 
+def open_for_appending(path: Path) -> int:
+    """A descriptor for append_whole_to; a failure (no space for a new file, no permission) is one line."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise write_failed(path, None, exc) from None
+
+
 def append_whole(path: Path, data: bytes) -> None:
     """Append `data` entirely or not at all: a write the disk cut short is truncated away, so readers of a
     line-per-record file only ever see whole records."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_for_appending(path)
     try:
-        end = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            written = 0
-            while written < len(data):  # the kernel may take part of it, then refuse the rest
-                written += os.write(fd, data[written:])
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, end)
-            raise write_failed(path, len(data), exc) from None
+        append_whole_to(fd, path, data)
     finally:
         os.close(fd)
+
+
+def append_whole_to(fd: int, path: Path, data: bytes) -> None:
+    """append_whole on a descriptor from open_for_appending, for a file written often; `path` names it in errors."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        written = 0
+        while written < len(data):  # the kernel may take part of it, then refuse the rest
+            written += os.write(fd, data[written:])
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, end)
+        raise write_failed(path, len(data), exc) from None

@@ -2,4 +2,9 @@
 
 
 class UserError(Exception):
-    """Bad input (flags, data files, folders, checkpoints) with a message that says how to fix it."""
+    """Bad input (flags, data files, folders, checkpoints) with a message that says how to fix it; `exit_code` is
+    the process's (1; 130 for a Ctrl-C, the shell's code for an end by SIGINT)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -14,7 +18,7 @@ import psutil
 import torch
 from torch.profiler import record_function
 
-from dist_mnist.durable import append_whole, write_durably
+from dist_mnist.durable import append_whole, append_whole_to, open_for_appending, write_durably
 from dist_mnist.runfiles import METRICS_FILE
 
 # The phases of one training step, in order. Their trace labels are "train/<phase>".
@@ -206,17 +210,56 @@ def format_eval(record: dict[str, Any]) -> str:
             f"{record['elapsed_s']:.1f} s since the first step")
 
 
+_EVENT_FILES = itertools.count()
+
+
+class TensorBoardEvents:
+    """A TensorBoard event file written in the calling thread, each call's records whole or not at all.
+
+    Not torch's SummaryWriter: it hands every record to a thread of its own (tensorboard's _AsyncWriterThread),
+    so a full disk printed that thread's traceback, reached the training loop only at a later add_scalar, as a
+    second traceback, and could leave half a record. Here a failed write is an OSError in the caller's thread at
+    the call that made it, which append_whole_to turns into one line. The calls come at progress reports and
+    evaluations, pauses already; the records are what SummaryWriter writes (its file name, version event and
+    scalar summaries), so TensorBoard reads them as before.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        # Imported lazily: they pull in TensorBoard (main imports it in the background during start-up).
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        from torch.utils.tensorboard.summary import scalar
+
+        self._event, self._record_writer, self._scalar = Event, RecordWriter, scalar
+        # SummaryWriter's name; the count keeps apart two writers of one process in one second (a resumed run).
+        self.path = run_dir / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+                               f"{next(_EVENT_FILES)}")
+        self._fd = open_for_appending(self.path)
+        self._append([Event(wall_time=time.time(), file_version="brain.Event:2")])
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        now = time.time()
+        self._append([self._event(wall_time=now, step=step, summary=self._scalar(tag, value))
+                      for tag, value in values.items()])
+
+    def _append(self, events: list[Any]) -> None:
+        records = io.BytesIO()
+        writer = self._record_writer(records)  # TensorBoard's framing: length, its CRC, the event, its CRC
+        for event in events:
+            writer.write(event.SerializeToString())
+        append_whole_to(self._fd, self.path, records.getvalue())
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class RunWriter:
     """metrics.jsonl, config.json and TensorBoard scalars of a run; only global rank 0 writes."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.run_dir = run_dir
         self.enabled = enabled
-        self._tb = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it pulls in TensorBoard
-
-            self._tb = SummaryWriter(log_dir=str(run_dir))
+        self._tb = TensorBoardEvents(run_dir) if enabled and tensorboard else None
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.enabled:
@@ -234,9 +277,8 @@ class RunWriter:
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+            self._tb.scalars({f"{prefix}/{key}": value for key, value in values.items()
+                              if isinstance(value, (int, float)) and key not in ("step", "epoch")}, step)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerAction, ProfilerActivity, profile, schedule, tensorboard_trace_handler
+from torch.profiler import ProfilerAction, ProfilerActivity, profile, schedule
 
 from dist_mnist.comm import CommStep
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
+from dist_mnist.durable import write_failed
+from dist_mnist.errors import UserError
 from dist_mnist.metrics import PHASES
 from dist_mnist.runfiles import TRACES_DIR
 
@@ -82,7 +85,10 @@ class WindowedProfiler:
         self.cfg = cfg
         configure_kineto(ctx.device)
         self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
-        self.trace_handler = tensorboard_trace_handler(str(trace_dir), worker_name=f"rank{ctx.rank}", use_gzip=True)
+        self.trace_dir = trace_dir
+        self.rank = ctx.rank
+        # None writes no trace (dist_mnist.profiler_bench times the windows without it).
+        self.trace_handler: Callable[[profile], None] | None = self._write_trace
         self.cycle = schedule(wait=cfg.profile_wait, warmup=cfg.profile_warmup, active=cfg.profile_active,
                               repeat=cfg.profile_repeat)
         self.window_schedule = schedule(wait=0, warmup=cfg.profile_warmup, active=cfg.profile_active, repeat=1)
@@ -96,7 +102,13 @@ class WindowedProfiler:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._close(*exc_info)  # training ended inside a window: its trace is written now
+        try:
+            self._close(*exc_info)  # training ended inside a window: its trace is written now
+        except UserError as exc:
+            if exc_info[0] is None:
+                raise
+            # The run is failing already: its own error is the one to report.
+            print(f"warning: {exc}", file=sys.stderr, flush=True)
 
     @property
     def window_edge_next(self) -> bool:
@@ -109,12 +121,35 @@ class WindowedProfiler:
 
     def step(self) -> None:
         if self.window is not None:
-            self.window.step()  # writes the trace after the window's last active step
+            try:
+                self.window.step()  # writes the trace after the window's last active step
+            except UserError:
+                self.window = None  # stopped, its trace failed: nothing is left to close
+                raise
             self.window_steps += 1
             if self.window_steps == self.cfg.profile_warmup + self.cfg.profile_active:
                 self._close(None, None, None)
         self.steps_done += 1
         self._open_if_due()
+
+    def _write_trace(self, window: profile) -> None:
+        """on_trace_ready: the window's trace under tensorboard_trace_handler's name, whole or not at all.
+
+        torch's handler gzips straight into the final name, so a full disk left a truncated
+        rank<N>.<ns>.pt.trace.json.gz, which TensorBoard and HTA then fail to read (they take every file so named).
+        Here the trace is written under a hidden name that ends in .gz (export_chrome_trace gzips by the suffix)
+        but not in .json.gz, which readers skip, and renamed when complete; a failed write removes it.
+        """
+        final = self.trace_dir / f"rank{self.rank}.{time.time_ns()}.pt.trace.json.gz"
+        partial = final.with_name(f".{final.name.removesuffix('.json.gz')}.partial.gz")
+        try:
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+            window.export_chrome_trace(str(partial))
+            os.replace(partial, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            raise write_failed(final, None, exc) from None
 
     def _close(self, *exc_info: Any) -> None:
         if self.window is not None:

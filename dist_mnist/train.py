@@ -751,10 +751,39 @@ class Trainer:
         with cuda_memory_snapshot(self.cfg.cuda_memory_snapshot, snapshot):
             try:
                 self.resume_and_train()
-            except BaseException:
+            except BaseException as exc:
+                collectives.stop_raising_for_lost_data_workers()  # the run is ending: no second error mid-cleanup
                 self.progress.end_line()  # on a terminal the error line must not run on after an open progress line
                 self.settle_checkpoint_after_failure()
-                raise
+                error = self.failure_line(exc)
+                if error is None:
+                    raise
+                raise error from None
+
+    def failure_line(self, exc: BaseException) -> UserError | None:
+        """A Ctrl-C outside the loop's own stop handler, or a dead DataLoader worker, as one line that says what is
+        on disk; None for anything else. Both can arrive anywhere in the run: a Python signal handler runs wherever
+        the main thread is, and torch's SIGCHLD handler raises a dead worker's error that way."""
+        step = self.state.step if self.clock.start is not None else None  # None: before the first step
+        last = self.last_checkpoint.path if self.last_checkpoint else None
+        run_name = None if self.cfg.run_name else self.run_dir.name  # a default name is not found by a new launch
+        if reason := collectives.lost_data_worker(exc):
+            return collectives.lost_data_worker_error(reason, step, last, run_name)
+        if not isinstance(exc, KeyboardInterrupt):
+            return None
+        if step is not None:
+            # The loop turns SIGINT into a stop with a checkpoint (preemption.StopRequest): a run that has stepped
+            # and still gets KeyboardInterrupt is past its loop, its last checkpoint written.
+            message = (f"interrupted (SIGINT) after step {step}, while the run was finishing (its summary may be "
+                       f"missing); {collectives.resume_advice(last)[0]}")
+        elif "run_files" in self.startup.phases:  # config.json and metrics.jsonl are in the run folder
+            kept, rerun = collectives.resume_advice(None, "the same command" + (f" with --run-name {run_name}"
+                                                                                if run_name else ""))
+            message = (f"interrupted (SIGINT) during start-up, before the first step but after writing the run's "
+                       f"config.json; {kept}: {rerun}")
+        else:
+            message = INTERRUPTED_EARLY
+        return UserError(message, exit_code=130)
 
     def resume_and_train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -931,11 +960,17 @@ def run_training(cfg: TrainConfig, ctx: DistContext, startup: StartupTimer | Non
         Trainer(resolution, ctx, run_dir, startup).fit()
 
 
+# A Ctrl-C before a run has written anything: the run folder, if made, is empty, and the same command reuses it.
+INTERRUPTED_EARLY = ("interrupted (SIGINT) during start-up, before the first step; this process wrote nothing to "
+                     "resume from: rerun the same command to start again (a run with checkpoints resumes from them)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1."""
+    """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1; a
+    Ctrl-C outside the training loop one line and exit code 130."""
     rank = os.environ.get("RANK", "0")
+    startup = StartupTimer()
     try:
-        startup = StartupTimer()
         cfg = parse_args(argv)
         try:
             # Collectives after the first step are named by their own phase; any failing before it is start-up's.
@@ -950,10 +985,22 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash
     except UserError as exc:
-        prefix = "error" if rank == "0" else f"[rank {rank}] error"
-        # One write, newline included: print() writes the text and the newline apart, and the lines of ranks that
-        # fail at the same moment would run together on a shared terminal.
-        sys.stderr.write(f"{prefix}: {exc}\n")
-        sys.stderr.flush()
-        return 1
-    return 0
+        message, code = str(exc), exc.exit_code
+    except KeyboardInterrupt:  # before the Trainer's loop (Trainer.failure_line words those after)
+        message, code = INTERRUPTED_EARLY, 130
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        # A dead DataLoader worker's error that torch's SIGCHLD handler raised in the moment before Trainer.fit's
+        # cleanup took the handler back: the step and the checkpoint are not known here.
+        if (reason := collectives.lost_data_worker(exc)) is None:
+            raise
+        message, code = (f"a DataLoader worker of this process died ({reason}), {collectives.LOST_WORKER_REMEDY}; "
+                         "then rerun the command with a lower --num-workers to resume from the run's last checkpoint "
+                         "(see its checkpoints folder)"), 1
+    else:
+        return 0
+    prefix = "error" if rank == "0" else f"[rank {rank}] error"
+    # One write, newline included: print() writes the text and the newline apart, and the lines of ranks that fail
+    # at the same moment would run together on a shared terminal.
+    sys.stderr.write(f"{prefix}: {message}\n")
+    sys.stderr.flush()
+    return code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -76,3 +77,14 @@ def test_unknown_choice_is_rejected_by_argparse(capsys: pytest.CaptureFixture[st
         parse_args(["--backend", "mpi"])
     assert excinfo.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_threads_are_at_most_the_machines_cpus() -> None:
+    """Past the thread limit torch crashed in the first process group (a segmentation fault); below it, more threads
+    than CPUs only contend for them. 0 keeps torch's own count."""
+    cpus = os.cpu_count() or 1
+    with pytest.raises(UserError, match=rf"^--threads must be at most this machine's {cpus} CPUs, got 100000 "
+                                        r"\(0: torch's default\)$"):
+        parse_args(["--threads", "100000"])
+    assert parse_args(["--threads", str(cpus)]).threads == cpus
+    assert parse_args([]).threads == 0

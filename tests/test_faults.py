@@ -16,17 +16,22 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 import torch
 from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, cpu_env, free_port, run, train
 from test_cluster import Agents, agent_command
 from test_fault_tolerance import TORCHRUN, LiveRun, metrics_steps, worker_pid
 
+import dist_mnist.train as train_module
 from dist_mnist import agreement, collectives
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from dist_mnist.config import TrainConfig
+from dist_mnist.durable import write_failed
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import RunWriter
 from dist_mnist.rundir import LOCK_FILE, _choose_run_dir
@@ -361,3 +366,229 @@ def test_failed_metrics_append_leaves_whole_records_only(tmp_path: Path) -> None
     assert str(failure.value).startswith(f"could not write metrics.jsonl to {tmp_path}: File too large (it needed "
                                          f"{len(json.dumps(record)) + 1} bytes there)")
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 4}\n'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Advice that holds with or without a checkpoint, Ctrl-C outside the loop, a lost DataLoader worker, a rendezvous
+# that cannot complete, a full disk under TensorBoard and under the profiler
+
+
+def test_the_advice_without_a_checkpoint_holds_whether_or_not_the_run_has_one(tmp_path: Path) -> None:
+    """A process that wrote no checkpoint cannot tell whether the run has one from an earlier process: the same
+    command resumes a run that has, and is refused for one that has none, where a new --run-name starts again."""
+    with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 68, 100, None):
+        raise RuntimeError("Application timeout caused pair closure")
+    assert str(failure.value).endswith(
+        "; this process wrote no checkpoint yet. Look for the stuck or lost rank in the other nodes' output, then "
+        "rerun the same command to resume from the run's last checkpoint if an earlier process wrote one; a run "
+        "without any starts again under a new --run-name (its folder is not reused)")
+    full = write_failed(tmp_path / "metrics.jsonl", 120, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert str(full).endswith("Free space there, then rerun the same command to resume from the last checkpoint; a "
+                              "run that wrote none yet starts again under a new --run-name")
+    # What the advice relies on: a run folder with files but no checkpoint is refused; a new name starts again,
+    # and a folder with a checkpoint is continued.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="holds no checkpoint to resume; pick another --run-name"):
+        _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="run"))
+    _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="run-2")).release()
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "step00000004.pt").write_bytes(b"a checkpoint")
+    _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="run")).release()
+
+
+# Sends this process SIGINT, as a Ctrl-C does, while it reads a data file whose name holds
+# $DIST_MNIST_TEST_SIGINT: a point of start-up reached every time, with no sleep to guess.
+SIGINT_HOOK = """
+import os, pathlib, signal
+_target, _read_bytes = os.environ.get("DIST_MNIST_TEST_SIGINT"), pathlib.Path.read_bytes
+def _read_bytes_interrupted(self):
+    if _target and _target in self.name:
+        os.kill(os.getpid(), signal.SIGINT)
+    return _read_bytes(self)
+pathlib.Path.read_bytes = _read_bytes_interrupted
+"""
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_during_start_up_is_one_line_exit_130_and_the_same_command_starts_again(
+        tmp_path: Path, mnist_dir: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGINT_HOOK)
+    flags = ["--data-dir", str(mnist_dir), "--no-download", "--no-tensorboard", "--batch-size", "16",
+             "--max-steps", "2", "--peak-tflops", "1", "--output-dir", str(tmp_path / "out"), "--run-name", "early"]
+    interrupted = run([sys.executable, TRAIN_SCRIPT, *flags],
+                      env=cpu_env(PYTHONPATH=f"{hook}{os.pathsep}{REPO}",
+                                  DIST_MNIST_TEST_SIGINT="train-images-idx3-ubyte"))
+    assert interrupted.returncode == 130  # the shell's code for an end by SIGINT
+    assert interrupted.stderr == (
+        "error: interrupted (SIGINT) during start-up, before the first step; this process wrote nothing to resume "
+        "from: rerun the same command to start again (a run with checkpoints resumes from them)\n")
+    assert interrupted.stdout == ""
+    assert train(*flags).returncode == 0  # as the line says
+
+
+def test_ctrl_c_after_the_run_files_or_while_finishing_says_what_is_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # what Python's SIGINT handler raises wherever the main thread is
+
+    flags = [*SMOKE_FLAGS, "--max-steps", "6", "--output-dir", str(tmp_path)]
+    # Past config.json, before the loop's stop handler is in place (make_profiler is the loop's last set-up).
+    monkeypatch.setattr(train_module, "make_profiler", interrupt)
+    assert train_module.main([*flags, "--run-name", "started"]) == 130
+    assert capsys.readouterr().err == (
+        "error: interrupted (SIGINT) during start-up, before the first step but after writing the run's "
+        "config.json; this process wrote no checkpoint yet: rerun the same command to resume from the run's last "
+        "checkpoint if an earlier process wrote one; a run without any starts again under a new --run-name (its "
+        "folder is not reused)\n")
+    monkeypatch.undo()
+    # After the loop, its last checkpoint written: finish() calls rank_stats early on.
+    monkeypatch.setattr(train_module, "rank_stats", interrupt)
+    assert train_module.main([*flags, "--run-name", "finishing"]) == 130
+    last = tmp_path / "finishing" / "checkpoints" / "step00000006.pt"
+    assert capsys.readouterr().err == (
+        "error: interrupted (SIGINT) after step 6, while the run was finishing (its summary may be missing); the "
+        f"last checkpoint is {last}\n")
+    assert load_checkpoint(last)["train_state"]["step"] == 6
+
+
+def test_only_a_dead_dataloader_worker_counts_as_one() -> None:
+    assert collectives.lost_data_worker(RuntimeError(
+        "DataLoader worker (pid 4242) is killed by signal: Killed. ")) == (
+        "DataLoader worker (pid 4242) is killed by signal: Killed")
+    assert collectives.lost_data_worker(RuntimeError("DataLoader worker (pid(s) 7, 8) exited unexpectedly")) == (
+        "DataLoader worker (pid(s) 7, 8) exited unexpectedly")
+    # An exception in the dataset code, re-raised by the loader: a bug, which keeps its traceback.
+    assert collectives.lost_data_worker(RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):")) is None
+    assert collectives.lost_data_worker(ValueError("DataLoader worker (pid 1) is killed by signal: Killed.")) is None
+    # A worker killed while it hands over a batch: the connection breaks inside the loader before it sees the death.
+    handover = compile("def next_batch():\n    raise ConnectionResetError(104, 'Connection reset by peer')\n",
+                       "dataloader.py", "exec")
+    for module, expected in (("torch.utils.data.dataloader", "its connection broke while it handed over a batch: "
+                                                             "ConnectionResetError: [Errno 104] Connection reset by "
+                                                             "peer"),
+                             ("dist_mnist.somewhere", None)):  # the same error elsewhere is not the loader's
+        namespace: dict[str, Any] = {"__name__": module}
+        exec(handover, namespace)
+        with pytest.raises(ConnectionResetError) as caught:
+            namespace["next_batch"]()
+        assert collectives.lost_data_worker(caught.value) == expected
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_dataloader_worker_is_one_line_naming_the_checkpoint_to_resume_from(tmp_path: Path) -> None:
+    flags = [*SMOKE_FLAGS, "--epochs", "1000", "--checkpoint-every", "4", "--log-every", "1",
+             "--output-dir", str(tmp_path), "--run-name", "lost"]
+    checkpoints = tmp_path / "lost" / "checkpoints"
+    live = LiveRun([sys.executable, TRAIN_SCRIPT, *flags, "--num-workers", "1"])
+    live.wait_until(lambda: bool(list_checkpoints(checkpoints)), "the first checkpoint")
+    workers = [child for child in psutil.Process(live.proc.pid).children()
+               if "spawn_main" in " ".join(child.cmdline())]
+    assert workers
+    for worker in workers:
+        worker.kill()  # SIGKILL, what the out-of-memory killer sends
+    result = live.result(timeout=120)
+    assert result.returncode == 1
+    messages = error_lines(result.stderr)
+    assert len(messages) == 1, result.stderr[-3000:]
+    pids = "|".join(str(worker.pid) for worker in workers)
+    found = re.fullmatch(
+        rf"a DataLoader worker of this process died after step \d+ \((?:DataLoader worker \(pid(?:\(s\))? "
+        rf"(?:{pids})\) "
+        r"(?:is killed by signal: Killed|exited unexpectedly)|its connection broke while it handed over a batch: "
+        r"\w+: [^)]*)\), most often the out-of-memory killer's doing \(dmesg "
+        r"says so\): use fewer --num-workers \(each is a process of its own; 0 loads the data in the training "
+        rf"process\) or give the job more memory; the last checkpoint is ({re.escape(str(checkpoints))}/step\d{{8}}"
+        r"\.pt)\. Then rerun the command with a lower --num-workers to resume", messages[0])
+    assert found, messages[0]
+    assert_no_traceback_from_us(result.stderr, result.stdout)
+    step = load_checkpoint(Path(found.group(1)))["train_state"]["step"]
+    again = train(*flags, "--num-workers", "0", "--max-steps", str(step + 8))
+    assert again.returncode == 0, again.stderr[-3000:]
+    # From that checkpoint or a newer one: a write in flight when the worker died is completed (Trainer.fit).
+    resumed = re.search(r"^resumed from step (\d+) ", again.stdout, re.MULTILINE)
+    assert resumed and int(resumed.group(1)) >= step, again.stdout
+
+
+def test_rank_and_world_size_without_the_rendezvous_address_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    flags = [*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--timeout-s", "1"]
+    assert train_module.main(flags) == 1
+    assert capsys.readouterr().err == (
+        "error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: start with torchrun, which sets "
+        "all of them, or set MASTER_ADDR and MASTER_PORT to rank 0's host and a free port on it, or unset RANK for "
+        "one process\n")
+    # Rank 0 waits for the other process, which never comes.
+    port = free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    assert train_module.main(flags) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: the rendezvous at 127\.0\.0\.1:{port} timed out after \d+ s with 1 of 2 processes "
+                        r"joined \(Timed out after \d+ seconds waiting for clients\. 1/2 clients joined\.\); start all "
+                        "2 processes within --timeout-s 1, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE\n",
+                        err), err
+    assert not list(tmp_path.iterdir())  # no run folder: nothing started
+
+
+def _enospc_after(writes: int, name_part: str, real: Callable[[int, bytes], int]) -> Callable[[int, bytes], int]:
+    """os.write that fails as a full disk does for a file whose name holds `name_part`, after `writes` writes."""
+    done = 0
+
+    def write(fd: int, data: bytes) -> int:
+        nonlocal done
+        if name_part in os.readlink(f"/proc/self/fd/{fd}"):
+            done += 1
+            if done > writes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    return write
+
+
+def test_full_disk_under_tensorboard_is_one_line_and_keeps_whole_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # slow import: here only
+
+    # The file's version record and the first progress report get written, the second report finds the disk full.
+    monkeypatch.setattr(os, "write", _enospc_after(2, "tfevents", os.write))
+    flags = [*SMOKE_FLAGS, "--tensorboard", "--max-steps", "12", "--log-every", "4", "--output-dir", str(tmp_path),
+             "--run-name", "tb"]
+    assert train_module.main(flags) == 1
+    monkeypatch.undo()
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: could not write {re.escape(events.name)} to {re.escape(str(tmp_path / 'tb'))}: No "
+                        r"space left on device \(it needed [\d,]+ bytes there\); the files written before are "
+                        r"intact\. Free space there, then rerun the same command to resume from the last checkpoint; "
+                        "a run that wrote none yet starts again under a new --run-name\n", err), err
+    # Written in the training thread: TensorBoard's own writer thread would have printed its traceback too.
+    assert "Exception in thread" not in err
+    loss = EventAccumulator(str(events)).Reload().Scalars("train/loss")
+    assert [event.step for event in loss] == [4]
+
+
+def test_full_disk_while_writing_a_trace_is_one_line_and_leaves_no_truncated_trace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def export_cut_short(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
+        Path(path).write_bytes(b"\x1f\x8b\x08\x00 the first part of a gzipped trace")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # the disk filled up mid-write
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", export_cut_short)
+    flags = [*SMOKE_FLAGS, "--profile", "--profile-wait", "1", "--profile-warmup", "1", "--profile-active", "1",
+             "--max-steps", "8", "--output-dir", str(tmp_path), "--run-name", "traced"]
+    assert train_module.main(flags) == 1
+    traces = tmp_path / "traced" / "traces"
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("USDT:")]  # kineto's own
+    assert len(err) == 1 and re.fullmatch(
+        rf"error: could not write rank0\.\d+\.pt\.trace\.json\.gz to {re.escape(str(traces))}: No space left on "
+        r"device; the files written before are intact\. Free space there, then rerun the same command to resume "
+        "from the last checkpoint; a run that wrote none yet starts again under a new --run-name", err[0]), err
+    assert list(traces.iterdir()) == []  # under no name, final or temporary
