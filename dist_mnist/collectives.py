@@ -122,9 +122,11 @@ def stop_raising_for_lost_data_workers() -> None:
 
 
 @contextmanager
-def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None) -> Iterator[None]:
+def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None,
+          run_name: str | None = None) -> Iterator[None]:
     """Turn a failed collective inside this block into one line naming the phase, the step (None: before the
-    first) and what to resume."""
+    first) and what to resume; `run_name` where the command must add --run-name to find the run again (a default
+    name is made afresh by every --standalone launch)."""
     try:
         yield
     except RuntimeError as exc:
@@ -132,7 +134,8 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
             raise
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = _SOURCE_LOCATION.sub("", lines[0])
-        kept, rerun = resume_advice(last_checkpoint)
+        kept, rerun = resume_advice(last_checkpoint, "the same command" + (f" with --run-name {run_name}"
+                                                                           if run_name else ""))
         when = "before the first step" if step is None else f"after step {step}"
         raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "
                         f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. Look for the stuck or lost "

@@ -8,3 +8,9 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# A Ctrl-C before a run has written anything (launch/train.py's imports included): the run folder, if made, is empty,
+# and the same command reuses it.
+INTERRUPTED_EARLY = ("interrupted (SIGINT) during start-up, before the first step; this process wrote nothing to "
+                     "resume from: rerun the same command to start again (a run with checkpoints resumes from them)")

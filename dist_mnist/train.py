@@ -32,7 +32,7 @@ from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_f
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
 from dist_mnist.distributed import DistContext, distributed_session
-from dist_mnist.errors import UserError
+from dist_mnist.errors import INTERRUPTED_EARLY, UserError
 from dist_mnist.graphs import GraphedStep, capture_failure_note, graph_decision
 from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval, resolve_phase_timers
 from dist_mnist.model import MnistCNN
@@ -531,7 +531,8 @@ class Trainer:
     def phase(self, name: str) -> AbstractContextManager[None]:
         """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint."""
         last = self.last_checkpoint.path if self.last_checkpoint else None
-        return collectives.phase(name, self.state.step, self.timeout.seconds, last)
+        return collectives.phase(name, self.state.step, self.timeout.seconds, last,
+                                 None if self.cfg.run_name else self.run_dir.name)
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
@@ -958,11 +959,6 @@ def run_training(cfg: TrainConfig, ctx: DistContext, startup: StartupTimer | Non
     agree_on_recipe(resolution.config, ctx)
     with open_run_dir(resolution.config, ctx) as run_dir:
         Trainer(resolution, ctx, run_dir, startup).fit()
-
-
-# A Ctrl-C before a run has written anything: the run folder, if made, is empty, and the same command reuses it.
-INTERRUPTED_EARLY = ("interrupted (SIGINT) during start-up, before the first step; this process wrote nothing to "
-                     "resume from: rerun the same command to start again (a run with checkpoints resumes from them)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,16 @@ from pathlib import Path
 # to `pip install -e .` from, and Python puts only this script's folder (launch/) on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+from dist_mnist.errors import INTERRUPTED_EARLY  # noqa: E402  (imports nothing)
 
-from dist_mnist.shutdown import end_process  # noqa: E402
-from dist_mnist.train import main  # noqa: E402
+try:  # `import torch` takes seconds: a Ctrl-C there is one line too, not the import machinery's traceback
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from dist_mnist.shutdown import end_process
+    from dist_mnist.train import main
+except KeyboardInterrupt:
+    sys.stderr.write(f"error: {INTERRUPTED_EARLY}\n")
+    sys.exit(130)
 
 if __name__ == "__main__":
     # @record writes a crashing worker's traceback to torchrun's error file, so the agent can report it. A run that

@@ -382,6 +382,13 @@ def test_the_advice_without_a_checkpoint_holds_whether_or_not_the_run_has_one(tm
         "; this process wrote no checkpoint yet. Look for the stuck or lost rank in the other nodes' output, then "
         "rerun the same command to resume from the run's last checkpoint if an earlier process wrote one; a run "
         "without any starts again under a new --run-name (its folder is not reused)")
+    # A run with a default name is found again only with --run-name (a --standalone launch makes a new name).
+    with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 68, 100, tmp_path / "step8.pt",
+                                                                 "20261128-010203"):
+        raise RuntimeError("Application timeout caused pair closure")
+    assert str(failure.value).endswith(f"the last checkpoint is {tmp_path / 'step8.pt'}. Look for the stuck or lost "
+                                       "rank in the other nodes' output, then rerun the same command with --run-name "
+                                       "20261128-010203 to resume")
     full = write_failed(tmp_path / "metrics.jsonl", 120, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     assert str(full).endswith("Free space there, then rerun the same command to resume from the last checkpoint; a "
                               "run that wrote none yet starts again under a new --run-name")
@@ -407,6 +414,13 @@ def _read_bytes_interrupted(self):
         os.kill(os.getpid(), signal.SIGINT)
     return _read_bytes(self)
 pathlib.Path.read_bytes = _read_bytes_interrupted
+import sys
+class _InterruptImport:  # a SIGINT as the module named by DIST_MNIST_TEST_SIGINT_IMPORT begins to import
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ.get("DIST_MNIST_TEST_SIGINT_IMPORT"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, _InterruptImport())
 """
 
 
@@ -427,6 +441,21 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130_and_the_same_command_starts
         "from: rerun the same command to start again (a run with checkpoints resumes from them)\n")
     assert interrupted.stdout == ""
     assert train(*flags).returncode == 0  # as the line says
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_launch_train_imports_torch_is_the_same_one_line(tmp_path: Path) -> None:
+    """The first seconds of every launch are launch/train.py's imports (torch's most of all), before main() runs."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGINT_HOOK)
+    interrupted = run([sys.executable, TRAIN_SCRIPT, *SMOKE_FLAGS, "--output-dir", str(tmp_path / "out")],
+                      env=cpu_env(PYTHONPATH=str(hook), DIST_MNIST_TEST_SIGINT_IMPORT="dist_mnist.train"))
+    assert interrupted.returncode == 130
+    assert interrupted.stderr == (
+        "error: interrupted (SIGINT) during start-up, before the first step; this process wrote nothing to resume "
+        "from: rerun the same command to start again (a run with checkpoints resumes from them)\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_after_the_run_files_or_while_finishing_says_what_is_on_disk(
