@@ -69,7 +69,7 @@ def _lock_folder(folder: Path, what: str, choose_another: str) -> int | None:
     """Hold `folder` for this process's life: an flock on its lock file, which the kernel releases when the
     process dies however it dies, so a crash never leaves a stale lock and a torchrun restart or a SLURM requeue
     (whose earlier workers are dead) gets in. Returns the descriptor that holds it; None where the filesystem
-    has no locks. `what` names the folder in messages ("the run folder X"), `choose_another` the flag to change."""
+    has no locks. `what` names the folder in messages ("run folder X"), `choose_another` the flag to change."""
     path = folder / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

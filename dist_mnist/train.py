@@ -965,8 +965,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1; a
     Ctrl-C outside the training loop one line and exit code 130."""
     rank = os.environ.get("RANK", "0")
-    startup = StartupTimer()
     try:
+        startup = StartupTimer()
         cfg = parse_args(argv)
         try:
             # Collectives after the first step are named by their own phase; any failing before it is start-up's.
