@@ -408,6 +408,9 @@ def test_the_advice_without_a_checkpoint_holds_whether_or_not_the_run_has_one(tm
 # $DIST_MNIST_TEST_SIGINT: a point of start-up reached every time, with no sleep to guess.
 SIGINT_HOOK = """
 import os, pathlib, signal
+# A test run may inherit SIGINT ignored (a background job of a non-interactive shell, as `bash .ci/run &` is), and
+# Python then leaves it ignored: give the process the handler it has on a terminal, where a user presses Ctrl-C.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 _target, _read_bytes = os.environ.get("DIST_MNIST_TEST_SIGINT"), pathlib.Path.read_bytes
 def _read_bytes_interrupted(self):
     if _target and _target in self.name:
