@@ -130,6 +130,20 @@ def test_torchrun_two_processes_write_the_run_files(torchrun_two: Run) -> None:
 
 
 @pytest.mark.timeout(200)
+def test_every_summary_field_a_run_writes_is_in_the_readme(torchrun_two: Run) -> None:
+    """README, "summary.json": each field of a 2-rank run's summary (global, per rank, start-up, phase timing and
+    pauses) is named there, so a field added to the code without a word in the README fails here."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("**summary.json.**"):readme.index("A sample (2 CPU ranks")]
+    named = set(re.findall(r"`([a-z][a-z0-9_]*)`", section))
+    summary = torchrun_two.json("summary.json")
+    written = {"global": set(summary) - {"ranks"}, "per rank": set(summary["ranks"][0]),
+               "startup": set(summary["startup"]), "phase_timing": set(summary["phase_timing"])}
+    assert len(written["per rank"]) >= 20 and len(written["global"]) >= 12
+    assert {part: sorted(fields - named) for part, fields in written.items()} == {part: [] for part in written}
+
+
+@pytest.mark.timeout(200)
 def test_only_rank_0_prints_progress(torchrun_two: Run) -> None:
     lines = torchrun_two.result.stdout.splitlines()
     assert sum(line.startswith("epoch ") for line in lines) == MAX_STEPS // LOG_EVERY
