@@ -190,17 +190,19 @@ def resume_from_path(requested: Path, own_folder: Path, restarted: bool) -> Resu
         own_step = int(own[1]["train_state"]["step"])
         try:
             state = load_checkpoint(requested)
+            if own_step <= int(state["train_state"]["step"]):
+                return ResumeSource(requested, state, "")
+            why = f"step {state['train_state']['step']}"
         except UserError as exc:
-            return ResumeSource(*own, f"note: a restart continues from this run's newest checkpoint, step {own_step}, "
-                                      f"not from --resume {requested} ({exc})")
-        if own_step <= int(state["train_state"]["step"]):
-            return ResumeSource(requested, state, "")
+            why = str(exc)
         return ResumeSource(*own, f"note: a restart continues from this run's newest checkpoint, step {own_step}, not "
-                                  f"from --resume {requested} (step {state['train_state']['step']})")
+                                  f"from --resume {requested} ({why})")
     state = load_checkpoint(requested)
     step = int(state["train_state"]["step"])
+    # (A restart gets here only where none of the run's own checkpoints loads: find_resume_checkpoint set them
+    # all aside, so none is listed.)
     newer = [p for p in list_checkpoints(own_folder) if checkpoint_step(p) > step]
-    if newer and not restarted:
+    if newer:
         raise UserError(f"this run's checkpoints go up to step {checkpoint_step(newer[0])} ({newer[0]}); --resume "
                         f"{requested} (step {step}) would train the steps after it again and overwrite them. Use "
                         "--resume auto to continue from the newest, or a new --run-name to branch from that file "

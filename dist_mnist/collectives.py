@@ -67,6 +67,12 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_GLOO_FAILURE.search(str(exc))))
 
 
+def same_command(run_name: str | None) -> str:
+    """How to launch a run again: a default run name is made afresh by every --standalone launch (a fixed
+    --rdzv-id keeps it), so a run without --run-name is found again only by adding its name."""
+    return "the same command" + (f" with --run-name {run_name}" if run_name else "")
+
+
 def resume_advice(last_checkpoint: Path | None, command: str = "the same command") -> tuple[str, str]:
     """What a failed process kept and how to go on: ("the last checkpoint is X", "rerun COMMAND to resume")."""
     if last_checkpoint:
@@ -134,8 +140,7 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
             raise
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = _SOURCE_LOCATION.sub("", lines[0])
-        kept, rerun = resume_advice(last_checkpoint, "the same command" + (f" with --run-name {run_name}"
-                                                                           if run_name else ""))
+        kept, rerun = resume_advice(last_checkpoint, same_command(run_name))
         when = "before the first step" if step is None else f"after step {step}"
         raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "
                         f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. Look for the stuck or lost "

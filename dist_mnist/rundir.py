@@ -48,10 +48,7 @@ def _default_name(output_dir: Path) -> str:
     marker = output_dir / ".torchelastic" / run_id
     if marker.is_file() and (name := marker.read_text().strip()):
         return name
-    try:
-        marker.parent.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write to --output-dir {output_dir}: {exc.strerror or exc}") from None
+    _make_folder(marker.parent, f"folder of torchrun run ids {marker.parent}")
     # Whole or not at all: an empty marker left by a full disk would name --output-dir itself as the run folder.
     write_durably(marker, stamp.encode())
     return stamp

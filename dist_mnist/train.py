@@ -455,6 +455,8 @@ class Trainer:
         self.cfg, self.recipe, self.ctx = resolution.config, resolution.recipe, ctx
         cfg = self.cfg
         self.run_dir = run_dir
+        # The name a rerun must add to find this run (collectives.same_command); None where --run-name gave it.
+        self.name_to_add = None if cfg.run_name else run_dir.name
         self.checkpoint_dir = checkpoint_dir(cfg, self.run_dir)
         self.settings = resolve_speed_settings(cfg, ctx.device)
         if cfg.deterministic:
@@ -531,8 +533,7 @@ class Trainer:
     def phase(self, name: str) -> AbstractContextManager[None]:
         """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint."""
         last = self.last_checkpoint.path if self.last_checkpoint else None
-        return collectives.phase(name, self.state.step, self.timeout.seconds, last,
-                                 None if self.cfg.run_name else self.run_dir.name)
+        return collectives.phase(name, self.state.step, self.timeout.seconds, last, self.name_to_add)
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
@@ -767,9 +768,8 @@ class Trainer:
         the main thread is, and torch's SIGCHLD handler raises a dead worker's error that way."""
         step = self.state.step if self.clock.start is not None else None  # None: before the first step
         last = self.last_checkpoint.path if self.last_checkpoint else None
-        run_name = None if self.cfg.run_name else self.run_dir.name  # a default name is not found by a new launch
         if reason := collectives.lost_data_worker(exc):
-            return collectives.lost_data_worker_error(reason, step, last, run_name)
+            return collectives.lost_data_worker_error(reason, step, last, self.name_to_add)
         if not isinstance(exc, KeyboardInterrupt):
             return None
         if step is not None:
@@ -778,8 +778,7 @@ class Trainer:
             message = (f"interrupted (SIGINT) after step {step}, while the run was finishing (its summary may be "
                        f"missing); {collectives.resume_advice(last)[0]}")
         elif "run_files" in self.startup.phases:  # config.json and metrics.jsonl are in the run folder
-            kept, rerun = collectives.resume_advice(None, "the same command" + (f" with --run-name {run_name}"
-                                                                                if run_name else ""))
+            kept, rerun = collectives.resume_advice(None, collectives.same_command(self.name_to_add))
             message = (f"interrupted (SIGINT) during start-up, before the first step but after writing the run's "
                        f"config.json; {kept}: {rerun}")
         else:
@@ -907,11 +906,8 @@ class Trainer:
                   f"{self.cfg.stop_at_accuracy:.2%}) at step {hit['step']}, {hit['elapsed_s']:.2f} s after the first "
                   f"step; stopped, checkpoint saved in {self.checkpoint_dir}", flush=True)
         if ctx.is_main and stopped_by:
-            # A default name is found again only through torchrun's run id, which --standalone makes afresh on every
-            # launch (a fixed --rdzv-id keeps it); --run-name finds the run in every case, so suggest it.
-            again = "the same command" if self.cfg.run_name else f"the same command with --run-name {self.run_dir.name}"
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
-                  f"Run {again} to resume.", flush=True)
+                  f"Run {collectives.same_command(self.name_to_add)} to resume.", flush=True)
         if ctx.is_main and self.last_checkpoint and self.last_checkpoint.seconds is not None:
             path, size, seconds = self.last_checkpoint.path, self.last_checkpoint.size, self.last_checkpoint.seconds
             print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)
