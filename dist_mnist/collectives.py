@@ -74,15 +74,15 @@ def same_command(run_name: str | None) -> str:
 
 
 def resume_advice(last_checkpoint: Path | None, command: str = "the same command") -> tuple[str, str]:
-    """What a failed process kept and how to go on: ("the last checkpoint is X", "rerun COMMAND to resume")."""
+    """What a failed process kept and how to go on: ("the last checkpoint is X", "rerun COMMAND to resume").
+
+    `last_checkpoint` is the run's newest (Trainer.newest_checkpoint: written by this process or resumed from);
+    None means the run has none, and the same command is then refused (a run folder with files but no checkpoint
+    is never reused): it starts again under another name."""
     if last_checkpoint:
         return f"the last checkpoint is {last_checkpoint}", f"rerun {command} to resume"
-    # No checkpoint of this process's: the run may still have one from a process it resumed from, or it has none,
-    # and then the same command is refused (a run folder with files but no checkpoint is never reused). Which one
-    # this process cannot tell, so the advice covers both.
-    return ("this process wrote no checkpoint yet",
-            f"rerun {command} to resume from the run's last checkpoint if an earlier process wrote one; a run "
-            "without any starts again under a new --run-name (its folder is not reused)")
+    return ("the run has no checkpoint yet",
+            "start it again under a new --run-name (a run folder without a checkpoint is not reused)")
 
 
 def lost_data_worker(exc: BaseException) -> str | None:

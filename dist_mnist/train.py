@@ -504,6 +504,7 @@ class Trainer:
         self.checkpoints = checkpoint.BackgroundWriter()  # rank 0 writes the files in a thread
         # The newest checkpoint, on disk or being written (a failure lets that write finish): every rank knows it.
         self.last_checkpoint: checkpoint.WrittenCheckpoint | None = None
+        self.resumed_from: Path | None = None  # the checkpoint this process continued from, if any
         self.loss_window: list[tuple[int, torch.Tensor]] = []
         self.train_loss_sum, self.train_loss_count = 0.0, 0
         self.progress = Progress(self.run_dir, ctx.is_main, self.step_limit(), self.global_batch)
@@ -532,8 +533,14 @@ class Trainer:
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint."""
-        last = self.last_checkpoint.path if self.last_checkpoint else None
-        return collectives.phase(name, self.state.step, self.timeout.seconds, last, self.name_to_add)
+        return collectives.phase(name, self.state.step, self.timeout.seconds, self.newest_checkpoint(),
+                                 self.name_to_add)
+
+    def newest_checkpoint(self) -> Path | None:
+        """The run's newest checkpoint as every rank knows it: the last one this process wrote (or is writing: a
+        failure lets that write finish), else the one it resumed from. None means the run has none: a process
+        that neither resumed nor wrote one started at step 0, which `--resume auto` does only where none exists."""
+        return self.last_checkpoint.path if self.last_checkpoint else self.resumed_from
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
@@ -587,6 +594,7 @@ class Trainer:
             self.adapt_to_world_size(state["world_size"])
         where = (f"epoch {self.state.epoch_number()}, batch {self.state.batch_in_epoch}" if self.state.batch_in_epoch
                  else f"end of epoch {self.state.epoch_number()}")
+        self.resumed_from = Path(source)
         self.log(f"resumed from step {self.state.step} ({where}) of {source}")
 
     def adapt_to_world_size(self, old_world_size: int) -> None:
@@ -654,9 +662,12 @@ class Trainer:
 
     def settle_checkpoint_after_failure(self) -> None:
         """A run failing while rank 0 writes a checkpoint lets the write finish (no collective: the other ranks may
-        be gone); a write that failed as well is said in one line."""
+        be gone); a write that failed as well is said in one line. The finished write is the run's newest
+        checkpoint even where the failure came before the save returned it (a signal handler's error raised mid-save),
+        so the failure line names that file, not the one before."""
         try:
-            self.checkpoints.wait()
+            if done := self.checkpoints.wait():
+                self.last_checkpoint = done
         except UserError as exc:
             print(f"warning: {exc}", file=sys.stderr, flush=True)
 
@@ -767,7 +778,7 @@ class Trainer:
         on disk; None for anything else. Both can arrive anywhere in the run: a Python signal handler runs wherever
         the main thread is, and torch's SIGCHLD handler raises a dead worker's error that way."""
         step = self.state.step if self.clock.start is not None else None  # None: before the first step
-        last = self.last_checkpoint.path if self.last_checkpoint else None
+        last = self.newest_checkpoint()
         if reason := collectives.lost_data_worker(exc):
             return collectives.lost_data_worker_error(reason, step, last, self.name_to_add)
         if not isinstance(exc, KeyboardInterrupt):
@@ -778,7 +789,7 @@ class Trainer:
             message = (f"interrupted (SIGINT) after step {step}, while the run was finishing (its summary may be "
                        f"missing); {collectives.resume_advice(last)[0]}")
         elif "run_files" in self.startup.phases:  # config.json and metrics.jsonl are in the run folder
-            kept, rerun = collectives.resume_advice(None, collectives.same_command(self.name_to_add))
+            kept, rerun = collectives.resume_advice(last, collectives.same_command(self.name_to_add))
             message = (f"interrupted (SIGINT) during start-up, before the first step but after writing the run's "
                        f"config.json; {kept}: {rerun}")
         else:

@@ -27,6 +27,7 @@ from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, cpu_env, free_port, run, t
 from test_cluster import Agents, agent_command
 from test_fault_tolerance import TORCHRUN, LiveRun, metrics_steps, worker_pid
 
+import dist_mnist.checkpoint as checkpoint_module
 import dist_mnist.train as train_module
 from dist_mnist import agreement, collectives
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
@@ -289,7 +290,7 @@ def test_collective_failure_inside_a_phase_becomes_one_line(tmp_path: Path) -> N
         "the same command to resume")
     # What gloo raises in the collectives after the one that timed out closed the connection: no source path.
     with pytest.raises(UserError, match=r"^a collective in the stop vote failed after step 3: .*\(Application timeout "
-                                        r"caused pair closure\); this process wrote no checkpoint yet\."):
+                                        r"caused pair closure\); the run has no checkpoint yet\."):
         with collectives.phase("the stop vote", 3, 100, None):
             raise RuntimeError("Application timeout caused pair closure")
     with pytest.raises(UserError, match=r"^a collective in start-up failed before the first step: a peer did not "
@@ -373,15 +374,14 @@ def test_failed_metrics_append_leaves_whole_records_only(tmp_path: Path) -> None
 # that cannot complete, a full disk under TensorBoard and under the profiler
 
 
-def test_the_advice_without_a_checkpoint_holds_whether_or_not_the_run_has_one(tmp_path: Path) -> None:
-    """A process that wrote no checkpoint cannot tell whether the run has one from an earlier process: the same
-    command resumes a run that has, and is refused for one that has none, where a new --run-name starts again."""
+def test_the_advice_without_a_checkpoint_starts_the_run_again_under_a_new_name(tmp_path: Path) -> None:
+    """A process that neither resumed nor wrote a checkpoint belongs to a run that has none (Trainer.
+    newest_checkpoint): the same command is refused for its folder, so the advice is a new --run-name."""
     with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 68, 100, None):
         raise RuntimeError("Application timeout caused pair closure")
     assert str(failure.value).endswith(
-        "; this process wrote no checkpoint yet. Look for the stuck or lost rank in the other nodes' output, then "
-        "rerun the same command to resume from the run's last checkpoint if an earlier process wrote one; a run "
-        "without any starts again under a new --run-name (its folder is not reused)")
+        "; the run has no checkpoint yet. Look for the stuck or lost rank in the other nodes' output, then start it "
+        "again under a new --run-name (a run folder without a checkpoint is not reused)")
     # A run with a default name is found again only with --run-name (a --standalone launch makes a new name).
     with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 68, 100, tmp_path / "step8.pt",
                                                                  "20261128-010203"):
@@ -472,9 +472,19 @@ def test_ctrl_c_after_the_run_files_or_while_finishing_says_what_is_on_disk(
     assert train_module.main([*flags, "--run-name", "started"]) == 130
     assert capsys.readouterr().err == (
         "error: interrupted (SIGINT) during start-up, before the first step but after writing the run's "
-        "config.json; this process wrote no checkpoint yet: rerun the same command to resume from the run's last "
-        "checkpoint if an earlier process wrote one; a run without any starts again under a new --run-name (its "
-        "folder is not reused)\n")
+        "config.json; the run has no checkpoint yet: start it again under a new --run-name (a run folder without a "
+        "checkpoint is not reused)\n")
+    monkeypatch.undo()
+    # A resumed process names the checkpoint it continued from before it writes one of its own.
+    assert train_module.main([*flags, "--run-name", "resumed"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(train_module, "make_profiler", interrupt)
+    assert train_module.main([*SMOKE_FLAGS, "--max-steps", "12", "--output-dir", str(tmp_path), "--run-name",
+                              "resumed"]) == 130
+    resumed_from = tmp_path / "resumed" / "checkpoints" / "step00000006.pt"
+    assert capsys.readouterr().err == (
+        "error: interrupted (SIGINT) during start-up, before the first step but after writing the run's "
+        f"config.json; the last checkpoint is {resumed_from}: rerun the same command to resume\n")
     monkeypatch.undo()
     # After the loop, its last checkpoint written: finish() calls rank_stats early on.
     monkeypatch.setattr(train_module, "rank_stats", interrupt)
@@ -543,6 +553,27 @@ def test_a_killed_dataloader_worker_is_one_line_naming_the_checkpoint_to_resume_
     # From that checkpoint or a newer one: a write in flight when the worker died is completed (Trainer.fit).
     resumed = re.search(r"^resumed from step (\d+) ", again.stdout, re.MULTILINE)
     assert resumed and int(resumed.group(1)) >= step, again.stdout
+
+
+def test_a_worker_lost_while_a_checkpoint_is_submitted_names_that_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's SIGCHLD handler raises a dead worker's error wherever the main thread is, also between the start of a
+    checkpoint's write and the save's return: the write completes (Trainer.fit), and the line names that file."""
+    submit = checkpoint_module.BackgroundWriter.submit
+
+    def submit_then_lose_the_worker(self: Any, data: bytes, folder: Path, step: int, *args: Any) -> Any:
+        written = submit(self, data, folder, step, *args)
+        if step == 4:
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+        return written
+
+    monkeypatch.setattr(checkpoint_module.BackgroundWriter, "submit", submit_then_lose_the_worker)
+    assert train_module.main([*SMOKE_FLAGS, "--max-steps", "8", "--checkpoint-every", "2", "--output-dir",
+                              str(tmp_path), "--run-name", "lost"]) == 1
+    written = tmp_path / "lost" / "checkpoints" / "step00000004.pt"
+    assert load_checkpoint(written)["train_state"]["step"] == 4
+    assert capsys.readouterr().err.endswith(f"; the last checkpoint is {written}. Then rerun the command with a lower "
+                                            "--num-workers to resume\n")
 
 
 def test_rank_and_world_size_without_the_rendezvous_address_is_one_line(
