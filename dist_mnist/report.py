@@ -39,26 +39,44 @@ def _format_or_fail(path: Path, formatter: Callable[[Any], str], record: Any) ->
         raise UserError(f"{path} is not a dist_mnist run file (missing or bad field {exc})") from None
 
 
-def _read_text(path: Path, missing: str | None = None) -> str | None:
-    """The file's text; when it does not exist, None, or a UserError saying `missing` where that is given."""
+def _read_text(path: Path) -> str | None:
+    """The file's text; None when it does not exist."""
     try:
         return path.read_text()
     except FileNotFoundError:
-        if missing is not None:
-            raise UserError(missing) from None
         return None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def _not_a_run_folder(path: Path) -> str:
+    """Why `path` is no run folder, and which folder to pass instead: the usual slips are a file of the run and
+    --output-dir, the folder that holds the runs (whose missing summary.json would otherwise read as a crashed run)."""
+    if path.is_file():
+        return f"{path} is a file, not a run folder; pass the run folder that holds it, {path.parent}"
+    try:
+        runs = sorted(child.name for child in path.iterdir() if (child / SUMMARY_FILE).is_file())
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if runs and not (path / "config.json").is_file():
+        shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        return (f"{path} is not a run folder but holds run folders ({shown}), as --output-dir does; pass one of "
+                f"them, e.g. {path / runs[-1]}")
+    return (f"{path} has no summary.json: rank 0 writes it when a run ends, so this run is still going, crashed, "
+            "or stopped before its first step")
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json of a finished run, checked to be one (the terminal table can be made from it)."""
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise UserError(f"no run folder {run_dir}; pass a folder inside --output-dir, e.g. profiles/<run-name>")
+    if not run_dir.is_dir():
+        raise UserError(_not_a_run_folder(run_dir))
     path = run_dir / SUMMARY_FILE
-    text = _read_text(path, f"{run_dir} has no summary.json: rank 0 writes it when a run ends, so this run is still "
-                            "going, crashed, or stopped before its first step")
-    summary = _read_json(path, text or "")
+    text = _read_text(path)
+    if text is None:
+        raise UserError(_not_a_run_folder(run_dir))
+    summary = _read_json(path, text)
     _format_or_fail(path, format_summary, summary)
     return summary
 

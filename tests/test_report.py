@@ -219,6 +219,24 @@ def test_report_rejects_missing_or_corrupt_runs(setup: Any, message: str, tmp_pa
     assert_report_fails_in_one_line(run_dir, message, capsys)
 
 
+def test_report_on_the_output_dir_or_a_file_of_a_run_names_the_folder_to_pass(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The usual slips: --output-dir itself (its missing summary.json is no sign of a crashed run) and a run's file."""
+    output_dir = tmp_path / "profiles"
+    for name in ("20261128-010000", "20261128-020000"):
+        _write_run(output_dir / name, SUMMARY_A, CONFIG_A)
+    (output_dir / ".torchelastic").mkdir()  # what torchrun runs leave there too
+    assert_report_fails_in_one_line(
+        output_dir, f"{output_dir} is not a run folder but holds run folders (20261128-010000, 20261128-020000), "
+                    f"as --output-dir does; pass one of them, e.g. {output_dir / '20261128-020000'}", capsys)
+    summary = output_dir / "20261128-020000" / "summary.json"
+    assert_report_fails_in_one_line(
+        summary, f"{summary} is a file, not a run folder; pass the run folder that holds it, {summary.parent}", capsys)
+    # Compared with another run, the same words.
+    assert report.main([str(output_dir / "20261128-010000"), str(output_dir)]) == 1
+    assert "holds run folders" in capsys.readouterr().err
+
+
 def assert_report_fails_in_one_line(run_dir: Path, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert report.main([str(run_dir)]) == 1
     err = capsys.readouterr().err
