@@ -82,13 +82,26 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (none when it does not exist), each checked to have `fields`."""
-    text = _read_text(path)
-    records = [_read_json(path, line) for line in (text or "").splitlines() if line.strip()]
-    for number, record in enumerate(records, 1):
+    """The records of a JSON-lines file (none when it does not exist), each checked to have `fields`.
+
+    Errors name the file's line: json's own position is within the one line it was given, always "line 1"."""
+    text = _read_text(path) or ""
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            # A last line without its newline is what a process killed in mid-append leaves.
+            cut = " (cut short: the run stopped while writing it)" if number == len(lines) and not text.endswith(
+                "\n") else ""
+            raise UserError(f"{path} line {number} is corrupt: {exc.msg}: column {exc.colno}{cut}") from None
         missing = [f for f in fields if not isinstance(record, dict) or f not in record]
         if missing:
-            raise UserError(f"{path} is not a dist_mnist run file (record {number} lacks {', '.join(missing)})")
+            raise UserError(f"{path} is not a dist_mnist run file (line {number} lacks {', '.join(missing)})")
+        records.append(record)
     return records
 
 

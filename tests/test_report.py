@@ -195,8 +195,8 @@ def test_no_picture_prints_the_report_only(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.parametrize(("setup", "message"), [
-    (lambda d: (d / "progress.jsonl").write_text('{"step": 1,\n'), "progress.jsonl is corrupt"),
-    (lambda d: (d / "progress.jsonl").write_text('{"step": 1}\n'), "record 1 lacks train_loss, step_time_ms"),
+    (lambda d: (d / "progress.jsonl").write_text('{"step": 1,\n'), "progress.jsonl line 1 is corrupt"),
+    (lambda d: (d / "progress.jsonl").write_text('{"step": 1}\n'), "line 1 lacks train_loss, step_time_ms"),
     (lambda d: (d / "report.png").mkdir(), "cannot write"),
 ])
 def test_picture_of_a_bad_run_is_one_line_error(setup: Any, message: str, tmp_path: Path,
@@ -204,6 +204,27 @@ def test_picture_of_a_bad_run_is_one_line_error(setup: Any, message: str, tmp_pa
     run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B, _metrics([50]))
     setup(run_dir)
     assert_report_fails_in_one_line(run_dir, message, capsys)
+
+
+def test_a_damaged_line_is_named_by_its_line_in_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """json's position is within the one line it parsed ("line 1"); the error names the file's line, and says when
+    the last line was cut short, as a process killed in mid-append leaves it."""
+    lines = [json.dumps(r) for r in _metrics([50, 100, 150])]
+    run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B)
+    metrics = run_dir / "metrics.jsonl"
+
+    def error(text: str) -> str:
+        metrics.write_text(text)
+        assert report.main([str(run_dir), "--no-picture"]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        return err.strip()
+
+    cut_short = error(lines[0] + "\n\n" + lines[1] + "\n" + lines[2][:40])  # a blank line 2, line 4 cut short
+    assert cut_short.startswith(f"error: {metrics} line 4 is corrupt: ") and "line 1" not in cut_short
+    assert cut_short.endswith("(cut short: the run stopped while writing it)")
+    inside = error(lines[0] + "\n" + lines[1][:40] + "\n" + lines[2] + "\n")  # damaged, then a good line
+    assert inside.startswith(f"error: {metrics} line 2 is corrupt: ") and "cut short" not in inside
 
 
 @pytest.mark.parametrize(("setup", "message"), [
