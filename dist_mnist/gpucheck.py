@@ -436,6 +436,19 @@ def step_kernels(run_dir: Path, top: int = 15) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def _not_an_out_dir(out: Path) -> str | None:
+    """Why `out` cannot be gpu_check.sh's output folder, or None. The script always makes it, so a missing one is a
+    mistyped path and a run folder a misplaced one: a table of "FAILED or skipped" rows would send the reader to
+    logs that do not exist."""
+    if not out.exists():
+        return "does not exist"
+    if not out.is_dir():
+        return "is not a folder"
+    if (out / SUMMARY_FILE).is_file():
+        return "is a run folder"
+    return None
+
+
 def _positive(text: str) -> int:
     """argparse type: an integer of at least 1 (a slice's end, where 0 or below would drop rows silently)."""
     try:
@@ -467,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=_positive, default=15, help="kernels listed per trace (at least 1)")
     args = parser.parse_args(argv)
     if args.command == "table":
+        if (wrong := _not_an_out_dir(args.out)) is not None:
+            print(f"error: {args.out} {wrong}; table reads gpu_check.sh's OUT_DIR (runs/NAME/, NAME.wall, "
+                  "bench.json)", file=sys.stderr)
+            return 1
         text, ok = table(args.out, args.classic_given)
     elif args.command == "same-params":
         text, ok = same_params(args.runs, args.run_a, args.run_b, args.graphed)

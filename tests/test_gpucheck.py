@@ -131,6 +131,18 @@ def test_missing_runs_are_rows_that_fail_not_a_crash(tmp_path: Path) -> None:
     assert result.returncode == 1
 
 
+@pytest.mark.parametrize(("where", "wrong"), [("nowhere", "does not exist"), ("default/summary.json",
+                                                                               "is not a folder"),
+                                             ("default", "is a run folder")])
+def test_the_table_of_a_folder_that_is_not_the_scripts_is_one_error_line(out: Path, where: str, wrong: str) -> None:
+    """Not a table of "FAILED or skipped" rows pointing at logs that were never written."""
+    folder = out / "runs" / where
+    result = run([*GPUCHECK, "table", str(folder)], timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"error: {folder} {wrong}; table reads gpu_check.sh's OUT_DIR (runs/NAME/, NAME.wall, " \
+                            "bench.json)\n"
+
+
 def test_same_params_compares_the_parameter_digests_of_two_runs(out: Path) -> None:
     runs = out / "runs"
     same = run([*GPUCHECK, "same-params", str(runs), "default", "compile"], timeout=60)  # a copy
