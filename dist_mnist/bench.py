@@ -380,6 +380,18 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
+def _counts(text: str) -> list[int]:
+    """argparse type of the comma-separated batch sizes and process counts: checked when the command is read, not
+    when their section comes, minutes into a bench, as a traceback."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 1,2, not {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"each number must be at least 1: {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -390,12 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
                         help="per-process batch of the default configuration (the classic one always uses 64)")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per throughput configuration")
-    parser.add_argument("--graph-batches", default=f"16,{RECIPES['cuda'].batch_size}",
+    parser.add_argument("--graph-batches", type=_counts, default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the graphs section (CUDA only)")
-    parser.add_argument("--scaling", default="1,2", help="process counts for the scaling section")
+    parser.add_argument("--scaling", type=_counts, default="1,2",
+                        help="process counts for the scaling section, comma-separated")
     parser.add_argument("--scaling-steps", type=int, default=300,
                         help="training steps per scaling run")
-    parser.add_argument("--profiler-batch-sizes", default=f"16,{RECIPES['cuda'].batch_size}",
+    parser.add_argument("--profiler-batch-sizes", type=_counts, default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the profiler section (16 and the cuda recipe's)")
     parser.add_argument("--profiler-steps", type=int, default=20,
                         help="profiler section: steps before and after the window, per arrangement and round")
@@ -415,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
     sections = args.only or list(SECTIONS)
-    profiler_batches = [int(b) for b in args.profiler_batch_sizes.split(",")]
+    profiler_batches = args.profiler_batch_sizes
     cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False, batch_size=args.batch_size)
     launched_by_torchrun = "RANK" in os.environ
     try:
@@ -427,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["throughput"] = measure_throughput(cfg, ctx, args.seconds)
             if "graphs" in sections:
                 results["graphs"] = measure_graphs(cfg, ctx, args.seconds,
-                                                   [int(b) for b in args.graph_batches.split(",")])
+                                                   args.graph_batches)
             if "profiler" in sections:
                 results["profiler_steps"] = measure_profiler_overhead(cfg, ctx, profiler_batches, args.profiler_steps,
                                                                       args.profiler_steps, args.profiler_rounds)
@@ -444,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["time_to_accuracy"] = measure_time_to_accuracy(
                         data_flags, nproc=1 if cuda else 2, threads=1 if not cuda else 0, out_dir=Path(tmp))
                 if "scaling" in sections:
-                    counts = [int(n) for n in args.scaling.split(",")]
+                    counts = args.scaling
                     if cuda and max(counts) > torch.cuda.device_count():
                         counts = [n for n in counts if n <= torch.cuda.device_count()]
                     results["scaling"] = measure_scaling(data_flags, counts, args.scaling_steps, cfg.batch_size,

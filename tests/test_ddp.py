@@ -223,3 +223,24 @@ def test_scaling_efficiency_is_given_against_the_first_count_and_never_for_it(
         assert rows[1].endswith("3,000 samples/s, scaling efficiency 83% (per process, against 2 processes) |")
     if counts == [1, 2, 4]:
         assert rows[2].endswith("3,000 samples/s, scaling efficiency 75% |")
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--scaling", "1,x", "argument --scaling: expected comma-separated whole numbers such as 1,2, not '1,x'"),
+    ("--graph-batches", "16,0", "argument --graph-batches: each number must be at least 1: '16,0'"),
+    ("--profiler-batch-sizes", "", "argument --profiler-batch-sizes: expected comma-separated whole numbers"),
+])
+def test_bench_refuses_a_bad_list_before_any_section_runs(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], flag: str, value: str,
+                                                          message: str) -> None:
+    """A list flag is read when the command is, not minutes later when its section comes, as a traceback."""
+    from dist_mnist import bench
+
+    def no_session(cfg: TrainConfig) -> None:
+        raise AssertionError("a section started")
+
+    monkeypatch.setattr(bench, "distributed_session", no_session)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--only", "scaling", "--output", "", f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
