@@ -427,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="markdown file the result table is appended to ('' to skip)")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
+    for flag, target in (("--output", args.output), ("--json", args.json)):
+        folder = Path(target).parent
+        if target and not (folder.is_dir() and os.access(folder, os.W_OK)):
+            # Found now, not after minutes of measuring.
+            print(f"error: cannot write {flag} {target}: {folder} is not a writable folder", file=sys.stderr)
+            return 1
     sections = args.only or list(SECTIONS)
     profiler_batches = args.profiler_batch_sizes
     cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False, batch_size=args.batch_size)
@@ -469,12 +475,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     table = render_markdown(results)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write("\n" + table)
+    print(table, flush=True)
+    try:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write("\n" + table)
+    except OSError as exc:  # a full disk, or the folder gone since the start: the table above is the result
+        print(f"error: cannot write {exc.filename}: {exc.strerror or exc}; the table above holds the results",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +245,31 @@ def test_bench_refuses_a_bad_list_before_any_section_runs(monkeypatch: pytest.Mo
         bench.main(["--only", "scaling", "--output", "", f"{flag}={value}"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_finds_an_unwritable_output_before_measuring_and_a_failed_write_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A missing folder for --output or --json is refused before any section runs; a write that fails at the end
+    (here --json names a folder) is one error line after the table, not a traceback."""
+    from types import SimpleNamespace
+
+    from dist_mnist import bench
+
+    started = []
+
+    @contextmanager
+    def session(cfg: TrainConfig) -> Any:
+        started.append(cfg)
+        yield SimpleNamespace(device=torch.device("cpu"), world_size=1)
+
+    monkeypatch.setattr(bench, "distributed_session", session)
+    for flag in ("--output", "--json"):
+        target = tmp_path / "missing" / "bench.out"
+        argv = ["--only", "graphs", "--output", "", flag, str(target)]
+        assert bench.main(argv) == 1 and not started
+        assert capsys.readouterr().err == f"error: cannot write {flag} {target}: {target.parent} is not a writable " \
+                                          "folder\n"
+    assert bench.main(["--only", "graphs", "--output", "", "--json", str(tmp_path)]) == 1 and started
+    out, err = capsys.readouterr()
+    assert out.startswith("### ") and err == f"error: cannot write {tmp_path}: Is a directory; the table above holds " \
+                                             "the results\n"
