@@ -359,7 +359,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| batch {batch}: the same, wall time from the first step to the end (evaluations, trace "
                          f"writing and every other pause included), profiled / not | {pr['wall_ratio']:.3f} |")
     gr = results.get("graphs")
-    if gr and "skipped" not in gr:
+    if gr and "skipped" in gr:  # said, or a run asked for this section alone appends a table without a figure
+        lines.append(f"| CUDA graphs section | skipped: {gr['skipped']} |")
+    elif gr:
         for batch, measured in gr.items():
             if batch == "amp":
                 continue

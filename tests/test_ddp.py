@@ -273,3 +273,14 @@ def test_bench_finds_an_unwritable_output_before_measuring_and_a_failed_write_in
     out, err = capsys.readouterr()
     assert out.startswith("### ") and err == f"error: cannot write {tmp_path}: Is a directory; the table above holds " \
                                              "the results\n"
+
+
+def test_bench_table_says_when_the_graphs_section_was_skipped() -> None:
+    """`--only graphs` off CUDA: the table says so, rather than being a header without a row."""
+    from dist_mnist import bench
+
+    results = {"machine": "2-core CPU", "date": "2026-11-28", "torch": torch.__version__,
+               "command": "python -m dist_mnist.bench --only graphs",
+               "graphs": {"skipped": "CUDA graphs are measured on one CUDA process only"}}
+    assert bench.render_markdown(results).splitlines()[-1] == \
+        "| CUDA graphs section | skipped: CUDA graphs are measured on one CUDA process only |"
