@@ -30,6 +30,8 @@ def _no_data(ax: Axes, why: str) -> None:
     ax.set_yticks([])
 
 
+# An empty progress.jsonl is what a run shorter than --log-every leaves; a missing one, a run from before the file.
+NO_PROGRESS = "no record in progress.jsonl:\nthe run ended before its first --log-every step,\nor predates the file"
 EXPOSED_ALLREDUCE = "all-reduce (exposed)"
 BACKWARD_COMPUTE = "backward (compute)"
 
@@ -79,7 +81,7 @@ def _phase_bars(ax: Axes, summary: dict[str, Any]) -> None:
 def _step_times(ax: Axes, progress: list[dict[str, Any]]) -> None:
     ax.set_title("step time (rank 0, mean per log interval)")
     if not progress:
-        _no_data(ax, "no progress.jsonl")
+        _no_data(ax, NO_PROGRESS)
         return
     timed = [r for r in progress if r["step_time_ms"] is not None]  # None: no step of that interval was timed
     if not timed:
@@ -94,7 +96,7 @@ def _step_times(ax: Axes, progress: list[dict[str, Any]]) -> None:
 def _losses(ax: Axes, progress: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> None:
     ax.set_title("loss")
     if not progress and not metrics:
-        _no_data(ax, "no progress.jsonl or metrics.jsonl")
+        _no_data(ax, "no record in progress.jsonl or metrics.jsonl")
         return
     if progress:
         ax.plot([r["step"] for r in progress], [r["train_loss"] for r in progress],

@@ -269,3 +269,17 @@ def test_training_does_not_import_matplotlib() -> None:
     code = "import sys, dist_mnist.train, dist_mnist.report; print('matplotlib' in sys.modules)"
     result = run([sys.executable, "-c", code], timeout=100)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_run_shorter_than_log_every_is_not_said_to_lack_progress_jsonl(tmp_path: Path) -> None:
+    """--max-steps below --log-every leaves an empty progress.jsonl: the step-time panel must not say the file is
+    missing, and says what its emptiness means."""
+    from matplotlib.figure import Figure
+
+    from dist_mnist.plots import NO_PROGRESS, _step_times
+
+    ax = Figure().subplots()
+    _step_times(ax, [])
+    [text] = ax.texts
+    assert text.get_text() == f"no data\n({NO_PROGRESS})"
+    assert "no progress.jsonl" not in text.get_text() and "--log-every" in text.get_text()
