@@ -202,7 +202,11 @@ def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name:
     launched = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        # The run's own error line says why (missing data, a bad flag); a crash without one, its last line.
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        why = errors[-1].removeprefix("error: ") if errors else (lines[-1] if lines else "no output")
+        raise UserError(f"the bench's training run {run_name} failed (exit {proc.returncode}): {why}")
     run_dir = out_dir / run_name
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]

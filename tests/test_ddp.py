@@ -284,3 +284,15 @@ def test_bench_table_says_when_the_graphs_section_was_skipped() -> None:
                "graphs": {"skipped": "CUDA graphs are measured on one CUDA process only"}}
     assert bench.render_markdown(results).splitlines()[-1] == \
         "| CUDA graphs section | skipped: CUDA graphs are measured on one CUDA process only |"
+
+
+def test_bench_says_why_its_training_run_failed_in_one_line(tmp_path: Path) -> None:
+    """Missing data met by a section that launches training runs: their error line, not a traceback around it."""
+    from conftest import run
+
+    result = run([sys.executable, "-m", "dist_mnist.bench", "--only", "scaling", "--scaling", "1",
+                  "--data-dir", str(tmp_path / "none"), "--output", ""], timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: the bench's training run scale1 failed (exit 1): MNIST files missing in "
+                           f"{tmp_path / 'none' / 'MNIST' / 'raw'}")
