@@ -104,9 +104,10 @@ def _number(record: dict[str, Any], key: str) -> float | None:
 def phase_names(ranks: list[dict[str, Any]]) -> list[str]:
     """The step phases (metrics.PHASES, which add up to the step) the summaries have a `<phase>_share` for.
 
-    Other `*_share` fields are not phases (they may overlap one) and are compared as plain numbers.
+    Other `*_share` fields are not phases (they may overlap one) and are compared as plain numbers. A share of None
+    (--phase-timers off writes every one so) is no share: it has no bar and no ms.
     """
-    return [p for p in PHASES if any(f"{p}_share" in r for r in ranks)]
+    return [p for p in PHASES if any(_number(r, f"{p}_share") is not None for r in ranks)]
 
 
 def mean_step_s(rank: dict[str, Any]) -> float | None:

@@ -62,7 +62,7 @@ def _phase_bars(ax: Axes, summary: dict[str, Any]) -> None:
     ranks = summary["ranks"]
     ax.set_title("where a step's time goes, per rank")
     if not ranks or not phase_names(ranks):
-        _no_data(ax, "summary.json has no per-rank phase shares")
+        _no_data(ax, "summary.json has no per-rank phase shares\n(--phase-timers off times no phase)")
         return
     labels = [str(r["rank"]) for r in ranks]
     bottoms = [0.0] * len(ranks)

@@ -283,3 +283,22 @@ def test_a_run_shorter_than_log_every_is_not_said_to_lack_progress_jsonl(tmp_pat
     [text] = ax.texts
     assert text.get_text() == f"no data\n({NO_PROGRESS})"
     assert "no progress.jsonl" not in text.get_text() and "--log-every" in text.get_text()
+
+
+def test_a_run_with_phase_timers_off_has_no_phase_bars_or_phase_rows() -> None:
+    """--phase-timers off writes every share as None: the picture says it has none (not bars of 0 ms each) and a
+    comparison of two such runs has no phase rows."""
+    from matplotlib.figure import Figure
+
+    from dist_mnist.plots import _phase_bars
+
+    untimed = _rank(0, 0.015, 2400.0, SHARES_A, explained_fraction=None, own_time_p50_s=None, straggler=None,
+                    **{f"{p}_share": None for p in PHASES})
+    summary = _summary([untimed], 2400.0, 0.1)
+    ax = Figure().subplots()
+    _phase_bars(ax, summary)
+    assert not ax.patches and [t.get_text() for t in ax.texts] == [
+        "no data\n(summary.json has no per-rank phase shares\n(--phase-timers off times no phase))"]
+    labels = {r.label for r in compare_summaries(summary, summary)}
+    assert not {label for label in labels if label.endswith((" share", " ms")) and label.split()[0] in PHASES}
+    assert "step p50 ms" in labels
