@@ -398,6 +398,32 @@ def _counts(text: str) -> list[int]:
     return values
 
 
+def _count_at_least(least: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+    return value
+
+
+# Steps, rounds and batch sizes: 0 divided by zero after a section's measuring, and 0 --scaling-steps became
+# --max-steps 0, a whole recipe run with no limit. The flags whose 0 means something take 0.
+_count = partial(_count_at_least, 1)
+_count_or_zero = partial(_count_at_least, 0)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -405,28 +431,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding MNIST/raw/ (default: $DIST_MNIST_DATA, else ./data)")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only these sections (repeatable); default: all")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+    parser.add_argument("--batch-size", type=_count, default=TrainConfig.batch_size,
                         help="per-process batch of the default configuration (the classic one always uses 64)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per throughput configuration")
+    parser.add_argument("--seconds", type=_seconds, default=8.0,
+                        help="timed seconds per throughput configuration")
     parser.add_argument("--graph-batches", type=_counts, default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the graphs section (CUDA only)")
     parser.add_argument("--scaling", type=_counts, default="1,2",
                         help="process counts for the scaling section, comma-separated")
-    parser.add_argument("--scaling-steps", type=int, default=300,
+    parser.add_argument("--scaling-steps", type=_count, default=300,
                         help="training steps per scaling run")
     parser.add_argument("--profiler-batch-sizes", type=_counts, default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the profiler section (16 and the cuda recipe's)")
-    parser.add_argument("--profiler-steps", type=int, default=20,
+    parser.add_argument("--profiler-steps", type=_count, default=20,
                         help="profiler section: steps before and after the window, per arrangement and round")
-    parser.add_argument("--profiler-rounds", type=int, default=5,
+    parser.add_argument("--profiler-rounds", type=_count, default=5,
                         help="profiler section: turns each arrangement takes (they alternate, against drift)")
-    parser.add_argument("--timer-steps", type=int, default=200,
+    parser.add_argument("--timer-steps", type=_count, default=200,
                         help="profiler section, phase timers: steps per block (the modes take turns block by block)")
-    parser.add_argument("--timer-rounds", type=int, default=4,
+    parser.add_argument("--timer-rounds", type=_count, default=4,
                         help="profiler section, phase timers: blocks per mode")
-    parser.add_argument("--profiler-run-steps", type=int, default=300,
+    parser.add_argument("--profiler-run-steps", type=_count_or_zero, default=300,
                         help="profiler section: training steps per whole run (0: the recipe's whole schedule)")
-    parser.add_argument("--profiler-pairs", type=int, default=2,
+    parser.add_argument("--profiler-pairs", type=_count_or_zero, default=2,
                         help="profiler section: alternating pairs of whole runs with and without --profile per batch "
                              "size (0: none)")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),

@@ -296,3 +296,25 @@ def test_bench_says_why_its_training_run_failed_in_one_line(tmp_path: Path) -> N
     [line] = result.stderr.splitlines()
     assert line.startswith("error: the bench's training run scale1 failed (exit 1): MNIST files missing in "
                            f"{tmp_path / 'none' / 'MNIST' / 'raw'}")
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--timer-rounds", "0", "argument --timer-rounds: must be at least 1, not 0"),  # divided by it after measuring
+    ("--scaling-steps", "0", "argument --scaling-steps: must be at least 1, not 0"),  # --max-steps 0: no limit
+    ("--batch-size", "0", "argument --batch-size: must be at least 1, not 0"),
+    ("--seconds", "nan", "argument --seconds: must be above 0, not nan"),
+    ("--profiler-pairs", "-1", "argument --profiler-pairs: must be at least 0, not -1"),
+])
+def test_bench_refuses_a_count_that_cannot_be_measured_before_any_section_runs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flag: str, value: str,
+        message: str) -> None:
+    from dist_mnist import bench
+
+    def no_session(cfg: TrainConfig) -> None:
+        raise AssertionError("a section started")
+
+    monkeypatch.setattr(bench, "distributed_session", no_session)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--output", "", f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
