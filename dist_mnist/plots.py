@@ -135,7 +135,10 @@ def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress:
     _step_times(axes[0, 1], _by_step(progress))
     _losses(axes[1, 0], _by_step(progress), _by_step(metrics))
     _accuracy(axes[1, 1], _by_step(metrics))
-    fig.suptitle(f"{title}: {len(summary['ranks'])} ranks, {summary['samples_per_sec']:,.0f} samples/s")
+    # After a resume the summary (bars, samples/s) is of the last process's steps; the curves are of the whole run.
+    since = f" (phases and samples/s: steps {summary['first_step'] + 1}-{summary['last_step']}, after a resume)" \
+        if summary.get("first_step") else ""
+    fig.suptitle(f"{title}: {len(summary['ranks'])} ranks, {summary['samples_per_sec']:,.0f} samples/s{since}")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.savefig(tmp, format="png")

@@ -302,3 +302,26 @@ def test_a_run_with_phase_timers_off_has_no_phase_bars_or_phase_rows() -> None:
     labels = {r.label for r in compare_summaries(summary, summary)}
     assert not {label for label in labels if label.endswith((" share", " ms")) and label.split()[0] in PHASES}
     assert "step p50 ms" in labels
+
+
+@pytest.mark.timeout(200)
+def test_the_report_of_a_resumed_run_says_its_figures_are_of_the_last_process_only(tmp_path: Path) -> None:
+    """summary.json is written by the process that ends the run: after a resume its figures are of the steps since
+    the checkpoint, while metrics.jsonl and progress.jsonl hold the whole run. The report must not pass them off
+    as the whole run's."""
+    from conftest import SMOKE_FLAGS, train
+
+    flags = [*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--run-name", "resumed", "--checkpoint-every", "4"]
+    first = train(*flags, "--max-steps", "8")
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert (summary["first_step"], summary["last_step"]) == (0, 8)
+    assert "resumed at step" not in first.stdout
+    again = train(*flags, "--max-steps", "12")
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert (summary["first_step"], summary["last_step"]) == (8, 12)
+    line = ("resumed at step 8: these figures are of steps 9-12, run by the process that resumed the run, not of its "
+            "earlier steps")
+    assert line in again.stdout.splitlines()
+    assert report.report(tmp_path / "resumed").splitlines()[-1] == line
