@@ -8,8 +8,16 @@ from typing import Any
 
 from dist_mnist.metrics import PHASES
 
-# Numbers that identify rather than measure: a ratio of them means nothing.
-_NOT_COMPARED = {"rank", "first_step_unix"}
+# Numbers that identify rather than measure: a ratio of them means nothing (the steps a summary covers are named
+# with the run instead, by run_label).
+_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step"}
+
+
+def run_label(name: str, summary: dict[str, Any]) -> str:
+    """A run's name for the comparison's header, with the steps its summary covers where a resume cut them short."""
+    if not summary.get("first_step"):
+        return name
+    return f"{name} (figures of steps {summary['first_step'] + 1}-{summary['last_step']} only: resumed there)"
 
 
 @dataclass(frozen=True)

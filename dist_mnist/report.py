@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dist_mnist.compare import compare_summaries, config_changes, format_comparison
+from dist_mnist.compare import compare_summaries, config_changes, format_comparison, run_label
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import format_eval
 from dist_mnist.plots import write_run_picture
@@ -144,10 +144,11 @@ def _read_config(run_dir: Path) -> dict[str, Any] | None:
 
 def compare(run_a: Path, run_b: Path) -> str:
     """Two runs side by side: which settings differ, and every figure of their summaries with its B/A ratio."""
-    rows = compare_summaries(read_summary(run_a), read_summary(run_b))
+    summary_a, summary_b = read_summary(run_a), read_summary(run_b)
+    rows = compare_summaries(summary_a, summary_b)
     config_a, config_b = _read_config(run_a), _read_config(run_b)
     changes = config_changes(config_a, config_b) if config_a is not None and config_b is not None else None
-    return format_comparison(str(run_a), str(run_b), rows, changes)
+    return format_comparison(run_label(str(run_a), summary_a), run_label(str(run_b), summary_b), rows, changes)
 
 
 def main(argv: list[str] | None = None) -> int:

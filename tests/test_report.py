@@ -325,3 +325,7 @@ def test_the_report_of_a_resumed_run_says_its_figures_are_of_the_last_process_on
             "earlier steps")
     assert line in again.stdout.splitlines()
     assert report.report(tmp_path / "resumed").splitlines()[-1] == line
+    # Compared with another run: named in the header, not a row of step numbers with a ratio.
+    compared = report.compare(tmp_path / "resumed", tmp_path / "resumed").splitlines()
+    assert compared[0] == f"A: {tmp_path / 'resumed'} (figures of steps 9-12 only: resumed there)"
+    assert not [row for row in compared if row.split()[:1] in (["first_step"], ["last_step"])]
