@@ -54,6 +54,8 @@ def _not_a_run_folder(path: Path) -> str:
     --output-dir, the folder that holds the runs (whose missing summary.json would otherwise read as a crashed run)."""
     if path.is_file():
         return f"{path} is a file, not a run folder; pass the run folder that holds it, {path.parent}"
+    if (path.parent / SUMMARY_FILE).is_file():  # traces/, checkpoints/
+        return f"{path} is a folder inside the run folder {path.parent}; pass that"
     try:
         runs = sorted(child.name for child in path.iterdir() if (child / SUMMARY_FILE).is_file())
     except OSError as exc:

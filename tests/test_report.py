@@ -253,6 +253,10 @@ def test_report_on_the_output_dir_or_a_file_of_a_run_names_the_folder_to_pass(
     summary = output_dir / "20261128-020000" / "summary.json"
     assert_report_fails_in_one_line(
         summary, f"{summary} is a file, not a run folder; pass the run folder that holds it, {summary.parent}", capsys)
+    traces = output_dir / "20261128-020000" / "traces"
+    traces.mkdir()
+    assert_report_fails_in_one_line(
+        traces, f"{traces} is a folder inside the run folder {traces.parent}; pass that", capsys)
     # Compared with another run, the same words.
     assert report.main([str(output_dir / "20261128-010000"), str(output_dir)]) == 1
     assert "holds run folders" in capsys.readouterr().err
