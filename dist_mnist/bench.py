@@ -202,7 +202,11 @@ def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name:
     launched = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        # The run's own error line says why (missing data, a bad flag); a crash without one, its last line.
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        why = errors[-1].removeprefix("error: ") if errors else (lines[-1] if lines else "no output")
+        raise UserError(f"the bench's training run {run_name} failed (exit {proc.returncode}): {why}")
     run_dir = out_dir / run_name
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
@@ -359,7 +363,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| batch {batch}: the same, wall time from the first step to the end (evaluations, trace "
                          f"writing and every other pause included), profiled / not | {pr['wall_ratio']:.3f} |")
     gr = results.get("graphs")
-    if gr and "skipped" not in gr:
+    if gr and "skipped" in gr:  # said, or a run asked for this section alone appends a table without a figure
+        lines.append(f"| CUDA graphs section | skipped: {gr['skipped']} |")
+    elif gr:
         for batch, measured in gr.items():
             if batch == "amp":
                 continue
@@ -380,6 +386,44 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
+def _counts(text: str) -> list[int]:
+    """argparse type of the comma-separated batch sizes and process counts: checked when the command is read, not
+    when their section comes, minutes into a bench, as a traceback."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 1,2, not {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"each number must be at least 1: {text!r}")
+    return values
+
+
+def _count_at_least(least: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+    return value
+
+
+# Steps, rounds and batch sizes: 0 divided by zero after a section's measuring, and 0 --scaling-steps became
+# --max-steps 0, a whole recipe run with no limit. The flags whose 0 means something take 0.
+_count = partial(_count_at_least, 1)
+_count_or_zero = partial(_count_at_least, 0)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,35 +431,43 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding MNIST/raw/ (default: $DIST_MNIST_DATA, else ./data)")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only these sections (repeatable); default: all")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+    parser.add_argument("--batch-size", type=_count, default=TrainConfig.batch_size,
                         help="per-process batch of the default configuration (the classic one always uses 64)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per throughput configuration")
-    parser.add_argument("--graph-batches", default=f"16,{RECIPES['cuda'].batch_size}",
+    parser.add_argument("--seconds", type=_seconds, default=8.0,
+                        help="timed seconds per throughput configuration")
+    parser.add_argument("--graph-batches", type=_counts, default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the graphs section (CUDA only)")
-    parser.add_argument("--scaling", default="1,2", help="process counts for the scaling section")
-    parser.add_argument("--scaling-steps", type=int, default=300,
+    parser.add_argument("--scaling", type=_counts, default="1,2",
+                        help="process counts for the scaling section, comma-separated")
+    parser.add_argument("--scaling-steps", type=_count, default=300,
                         help="training steps per scaling run")
-    parser.add_argument("--profiler-batch-sizes", default=f"16,{RECIPES['cuda'].batch_size}",
+    parser.add_argument("--profiler-batch-sizes", type=_counts, default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the profiler section (16 and the cuda recipe's)")
-    parser.add_argument("--profiler-steps", type=int, default=20,
+    parser.add_argument("--profiler-steps", type=_count, default=20,
                         help="profiler section: steps before and after the window, per arrangement and round")
-    parser.add_argument("--profiler-rounds", type=int, default=5,
+    parser.add_argument("--profiler-rounds", type=_count, default=5,
                         help="profiler section: turns each arrangement takes (they alternate, against drift)")
-    parser.add_argument("--timer-steps", type=int, default=200,
+    parser.add_argument("--timer-steps", type=_count, default=200,
                         help="profiler section, phase timers: steps per block (the modes take turns block by block)")
-    parser.add_argument("--timer-rounds", type=int, default=4,
+    parser.add_argument("--timer-rounds", type=_count, default=4,
                         help="profiler section, phase timers: blocks per mode")
-    parser.add_argument("--profiler-run-steps", type=int, default=300,
+    parser.add_argument("--profiler-run-steps", type=_count_or_zero, default=300,
                         help="profiler section: training steps per whole run (0: the recipe's whole schedule)")
-    parser.add_argument("--profiler-pairs", type=int, default=2,
+    parser.add_argument("--profiler-pairs", type=_count_or_zero, default=2,
                         help="profiler section: alternating pairs of whole runs with and without --profile per batch "
                              "size (0: none)")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
                         help="markdown file the result table is appended to ('' to skip)")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
+    for flag, target in (("--output", args.output), ("--json", args.json)):
+        folder = Path(target).parent
+        if target and not (folder.is_dir() and os.access(folder, os.W_OK)):
+            # Found now, not after minutes of measuring.
+            print(f"error: cannot write {flag} {target}: {folder} is not a writable folder", file=sys.stderr)
+            return 1
     sections = args.only or list(SECTIONS)
-    profiler_batches = [int(b) for b in args.profiler_batch_sizes.split(",")]
+    profiler_batches = args.profiler_batch_sizes
     cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False, batch_size=args.batch_size)
     launched_by_torchrun = "RANK" in os.environ
     try:
@@ -427,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["throughput"] = measure_throughput(cfg, ctx, args.seconds)
             if "graphs" in sections:
                 results["graphs"] = measure_graphs(cfg, ctx, args.seconds,
-                                                   [int(b) for b in args.graph_batches.split(",")])
+                                                   args.graph_batches)
             if "profiler" in sections:
                 results["profiler_steps"] = measure_profiler_overhead(cfg, ctx, profiler_batches, args.profiler_steps,
                                                                       args.profiler_steps, args.profiler_rounds)
@@ -444,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["time_to_accuracy"] = measure_time_to_accuracy(
                         data_flags, nproc=1 if cuda else 2, threads=1 if not cuda else 0, out_dir=Path(tmp))
                 if "scaling" in sections:
-                    counts = [int(n) for n in args.scaling.split(",")]
+                    counts = args.scaling
                     if cuda and max(counts) > torch.cuda.device_count():
                         counts = [n for n in counts if n <= torch.cuda.device_count()]
                     results["scaling"] = measure_scaling(data_flags, counts, args.scaling_steps, cfg.batch_size,
@@ -456,12 +508,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     table = render_markdown(results)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write("\n" + table)
+    print(table, flush=True)
+    try:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write("\n" + table)
+    except OSError as exc:  # a full disk, or the folder gone since the start: the table above is the result
+        print(f"error: cannot write {exc.filename}: {exc.strerror or exc}; the table above holds the results",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,8 +8,16 @@ from typing import Any
 
 from dist_mnist.metrics import PHASES
 
-# Numbers that identify rather than measure: a ratio of them means nothing.
-_NOT_COMPARED = {"rank", "first_step_unix"}
+# Numbers that identify rather than measure: a ratio of them means nothing (the steps a summary covers are named
+# with the run instead, by run_label).
+_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step"}
+
+
+def run_label(name: str, summary: dict[str, Any]) -> str:
+    """A run's name for the comparison's header, with the steps its summary covers where a resume cut them short."""
+    if not summary.get("first_step"):
+        return name
+    return f"{name} (figures of steps {summary['first_step'] + 1}-{summary['last_step']} only: resumed there)"
 
 
 @dataclass(frozen=True)
@@ -104,9 +112,10 @@ def _number(record: dict[str, Any], key: str) -> float | None:
 def phase_names(ranks: list[dict[str, Any]]) -> list[str]:
     """The step phases (metrics.PHASES, which add up to the step) the summaries have a `<phase>_share` for.
 
-    Other `*_share` fields are not phases (they may overlap one) and are compared as plain numbers.
+    Other `*_share` fields are not phases (they may overlap one) and are compared as plain numbers. A share of None
+    (--phase-timers off writes every one so) is no share: it has no bar and no ms.
     """
-    return [p for p in PHASES if any(f"{p}_share" in r for r in ranks)]
+    return [p for p in PHASES if any(_number(r, f"{p}_share") is not None for r in ranks)]
 
 
 def mean_step_s(rank: dict[str, Any]) -> float | None:

@@ -7,7 +7,8 @@
 
 They live here rather than inline in the script so that CPU tests run them on real run folders: a GPU slot is
 short and rare, and a figure lost to a misspelt key would cost the next one. Each prints PASS/FAIL lines (the table:
-its rows) and exits 1 when a check fails.
+its rows) and exits 1 when a check fails; step-kernels exits 1 when a trace does not read, and with one error line
+when the run folder is missing or holds no trace.
 
 OUT_DIR is gpu_check.sh's: runs/NAME/ (run folders), NAME.wall (whole-process seconds of each timed command),
 NAME.log, import_torch_N.s (bare `import torch` seconds) and bench.json (`python -m dist_mnist.bench --json`).
@@ -20,6 +21,7 @@ import gzip
 import json
 import re
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +288,32 @@ def same_params(runs: Path, name_a: str, name_b: str, graphed: bool = False) -> 
             f"(digest, steps: {digests})" + (f"; but eager steps in {', '.join(eager)}" if eager else "")), ok
 
 
+class UnreadableTrace(Exception):
+    """A trace file that does not read as a profiler trace (cut short by a copy or a full disk, or not one)."""
+
+
+def _trace_events(path: Path) -> list[dict[str, Any]]:
+    """A trace file's events, or UnreadableTrace naming the file and why."""
+    try:
+        with gzip.open(path, "rt") as f:
+            events = json.load(f)["traceEvents"]
+    except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
+        raise UnreadableTrace(f"{path} is not a readable profiler trace ({type(exc).__name__}: {exc})") from None
+    if not isinstance(events, list):
+        raise UnreadableTrace(f"{path} is not a readable profiler trace (traceEvents is not a list)")
+    return events
+
+
+def _trace_files(run_dir: Path) -> list[Path]:
+    """The run's trace files; UnreadableTrace when there is no run folder or it holds none."""
+    if not run_dir.is_dir():
+        raise UnreadableTrace(f"no run folder {run_dir}")
+    traces = sorted((run_dir / TRACES_DIR).glob("*.pt.trace.json.gz"))
+    if not traces:
+        raise UnreadableTrace(f"no traces in {run_dir / TRACES_DIR}: only a run with --profile writes them")
+    return traces
+
+
 def _in_graph(kernel: dict[str, Any], launches: set[Any]) -> bool:
     """Whether a GPU event belongs to a graph replay: its correlation id is a cudaGraphLaunch's, or kineto gave it
     a graph id."""
@@ -316,8 +344,11 @@ def trace_kernels(run_dir: Path) -> tuple[str, bool]:
         return f"FAIL trace kernels: {run_dir} has no summary ({type(exc).__name__}: {exc})", False
     lines, ok = [f"{run_dir.name}: steps {'replayed from a CUDA graph' if graphed else 'eager'}"], bool(traces)
     for path in traces:
-        with gzip.open(path, "rt") as f:
-            events = json.load(f)["traceEvents"]
+        try:
+            events = _trace_events(path)
+        except UnreadableTrace as exc:
+            lines.append(f"FAIL trace kernels: {exc}")
+            return "\n".join(lines), False
         launches = _graph_launches(events)
         kernels = [e for e in events if e.get("cat") == "kernel"]
         in_graphs = sum(_in_graph(k, launches) for k in kernels)
@@ -357,17 +388,22 @@ def _short_kernel_name(name: str) -> str:
     return base[:90]
 
 
-def step_kernels(run_dir: Path, top: int = 15) -> str:
+def step_kernels(run_dir: Path, top: int = 15) -> tuple[str, bool]:
     """Where a profiled step's GPU time goes: per trace, the kernels (memsets and copies too) per step, summed by
     name over the window's steps, largest first, with each one's share of the step's GPU time.
 
     The steps are the graph launches when the run replayed a CUDA graph (the kernels of those launches, apart from
     the loop's eager ones around them), else the active ProfilerStep ranges. This is the table that showed, on the
-    H200, which layers the batch-512 step spends its time in (docs/benchmarks.md)."""
-    lines = []
-    for path in sorted((run_dir / TRACES_DIR).glob("*.pt.trace.json.gz")):
-        with gzip.open(path, "rt") as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    H200, which layers the batch-512 step spends its time in (docs/benchmarks.md). Not ok when a trace does not
+    read (the others are still shown); UnreadableTrace when there is no trace at all."""
+    lines, ok = [], True
+    for path in _trace_files(run_dir):
+        try:
+            events = [e for e in _trace_events(path) if e.get("ph") == "X"]
+        except UnreadableTrace as exc:
+            lines.append(f"FAIL {exc}")
+            ok = False
+            continue
         launches = _graph_launches(events)
         gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
         steps = len({e["name"] for e in events
@@ -397,7 +433,31 @@ def step_kernels(run_dir: Path, top: int = 15) -> str:
         lines.append("|---|---|---|---|")
         for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
             lines.append(f"| {us / steps:.1f} | {us / total:.1%} | {count / steps:g} | `{name}` |")
-    return "\n".join(lines) if lines else f"no traces in {run_dir / TRACES_DIR}"
+    return "\n".join(lines), ok
+
+
+def _not_an_out_dir(out: Path) -> str | None:
+    """Why `out` cannot be gpu_check.sh's output folder, or None. The script always makes it, so a missing one is a
+    mistyped path and a run folder a misplaced one: a table of "FAILED or skipped" rows would send the reader to
+    logs that do not exist."""
+    if not out.exists():
+        return "does not exist"
+    if not out.is_dir():
+        return "is not a folder"
+    if (out / SUMMARY_FILE).is_file():
+        return "is a run folder"
+    return None
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1 (a slice's end, where 0 or below would drop rows silently)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,14 +477,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p = commands.add_parser("step-kernels", help="a profiled run's GPU time per step, by kernel, largest first")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--top", type=int, default=15, help="kernels listed per trace")
+    p.add_argument("--top", type=_positive, default=15, help="kernels listed per trace (at least 1)")
     args = parser.parse_args(argv)
     if args.command == "table":
+        if (wrong := _not_an_out_dir(args.out)) is not None:
+            print(f"error: {args.out} {wrong}; table reads gpu_check.sh's OUT_DIR (runs/NAME/, NAME.wall, "
+                  "bench.json)", file=sys.stderr)
+            return 1
         text, ok = table(args.out, args.classic_given)
     elif args.command == "same-params":
         text, ok = same_params(args.runs, args.run_a, args.run_b, args.graphed)
     elif args.command == "step-kernels":
-        text, ok = step_kernels(args.run_dir, args.top), True
+        try:
+            text, ok = step_kernels(args.run_dir, args.top)
+        except UnreadableTrace as exc:  # nothing to show: one line, as the other tools' bad input
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     else:
         text, ok = trace_kernels(args.run_dir)
     print(text)

@@ -30,6 +30,8 @@ def _no_data(ax: Axes, why: str) -> None:
     ax.set_yticks([])
 
 
+# An empty progress.jsonl is what a run shorter than --log-every leaves; a missing one, a run from before the file.
+NO_PROGRESS = "no record in progress.jsonl:\nthe run ended before its first --log-every step,\nor predates the file"
 EXPOSED_ALLREDUCE = "all-reduce (exposed)"
 BACKWARD_COMPUTE = "backward (compute)"
 
@@ -60,7 +62,7 @@ def _phase_bars(ax: Axes, summary: dict[str, Any]) -> None:
     ranks = summary["ranks"]
     ax.set_title("where a step's time goes, per rank")
     if not ranks or not phase_names(ranks):
-        _no_data(ax, "summary.json has no per-rank phase shares")
+        _no_data(ax, "summary.json has no per-rank phase shares\n(--phase-timers off times no phase)")
         return
     labels = [str(r["rank"]) for r in ranks]
     bottoms = [0.0] * len(ranks)
@@ -79,7 +81,7 @@ def _phase_bars(ax: Axes, summary: dict[str, Any]) -> None:
 def _step_times(ax: Axes, progress: list[dict[str, Any]]) -> None:
     ax.set_title("step time (rank 0, mean per log interval)")
     if not progress:
-        _no_data(ax, "no progress.jsonl")
+        _no_data(ax, NO_PROGRESS)
         return
     timed = [r for r in progress if r["step_time_ms"] is not None]  # None: no step of that interval was timed
     if not timed:
@@ -94,7 +96,7 @@ def _step_times(ax: Axes, progress: list[dict[str, Any]]) -> None:
 def _losses(ax: Axes, progress: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> None:
     ax.set_title("loss")
     if not progress and not metrics:
-        _no_data(ax, "no progress.jsonl or metrics.jsonl")
+        _no_data(ax, "no record in progress.jsonl or metrics.jsonl")
         return
     if progress:
         ax.plot([r["step"] for r in progress], [r["train_loss"] for r in progress],
@@ -133,7 +135,10 @@ def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress:
     _step_times(axes[0, 1], _by_step(progress))
     _losses(axes[1, 0], _by_step(progress), _by_step(metrics))
     _accuracy(axes[1, 1], _by_step(metrics))
-    fig.suptitle(f"{title}: {len(summary['ranks'])} ranks, {summary['samples_per_sec']:,.0f} samples/s")
+    # After a resume the summary (bars, samples/s) is of the last process's steps; the curves are of the whole run.
+    since = f" (phases and samples/s: steps {summary['first_step'] + 1}-{summary['last_step']}, after a resume)" \
+        if summary.get("first_step") else ""
+    fig.suptitle(f"{title}: {len(summary['ranks'])} ranks, {summary['samples_per_sec']:,.0f} samples/s{since}")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.savefig(tmp, format="png")

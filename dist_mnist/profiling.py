@@ -483,4 +483,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{'yes' if summary['ranks_in_sync'] else 'NO'}")
     if summary.get("diagnosis"):
         lines.append(f"diagnosis: {summary['diagnosis']}")
+    if summary.get("first_step"):  # absent in summaries written before it was recorded
+        lines.append(f"resumed at step {summary['first_step']}: these figures are of steps {summary['first_step'] + 1}"
+                     f"-{summary['last_step']}, run by the process that resumed the run, not of its earlier steps")
     return "\n".join(lines)

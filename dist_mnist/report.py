@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dist_mnist.compare import compare_summaries, config_changes, format_comparison
+from dist_mnist.compare import compare_summaries, config_changes, format_comparison, run_label
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import format_eval
 from dist_mnist.plots import write_run_picture
@@ -39,38 +39,71 @@ def _format_or_fail(path: Path, formatter: Callable[[Any], str], record: Any) ->
         raise UserError(f"{path} is not a dist_mnist run file (missing or bad field {exc})") from None
 
 
-def _read_text(path: Path, missing: str | None = None) -> str | None:
-    """The file's text; when it does not exist, None, or a UserError saying `missing` where that is given."""
+def _read_text(path: Path) -> str | None:
+    """The file's text; None when it does not exist."""
     try:
         return path.read_text()
     except FileNotFoundError:
-        if missing is not None:
-            raise UserError(missing) from None
         return None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def _not_a_run_folder(path: Path) -> str:
+    """Why `path` is no run folder, and which folder to pass instead: the usual slips are a file of the run and
+    --output-dir, the folder that holds the runs (whose missing summary.json would otherwise read as a crashed run)."""
+    if path.is_file():
+        return f"{path} is a file, not a run folder; pass the run folder that holds it, {path.parent}"
+    if (path.parent / SUMMARY_FILE).is_file():  # traces/, checkpoints/
+        return f"{path} is a folder inside the run folder {path.parent}; pass that"
+    try:
+        runs = sorted(child.name for child in path.iterdir() if (child / SUMMARY_FILE).is_file())
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if runs and not (path / "config.json").is_file():
+        shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        return (f"{path} is not a run folder but holds run folders ({shown}), as --output-dir does; pass one of "
+                f"them, e.g. {path / runs[-1]}")
+    return (f"{path} has no summary.json: rank 0 writes it when a run ends, so this run is still going, crashed, "
+            "or stopped before its first step")
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json of a finished run, checked to be one (the terminal table can be made from it)."""
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise UserError(f"no run folder {run_dir}; pass a folder inside --output-dir, e.g. profiles/<run-name>")
+    if not run_dir.is_dir():
+        raise UserError(_not_a_run_folder(run_dir))
     path = run_dir / SUMMARY_FILE
-    text = _read_text(path, f"{run_dir} has no summary.json: rank 0 writes it when a run ends, so this run is still "
-                            "going, crashed, or stopped before its first step")
-    summary = _read_json(path, text or "")
+    text = _read_text(path)
+    if text is None:
+        raise UserError(_not_a_run_folder(run_dir))
+    summary = _read_json(path, text)
     _format_or_fail(path, format_summary, summary)
     return summary
 
 
 def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (none when it does not exist), each checked to have `fields`."""
-    text = _read_text(path)
-    records = [_read_json(path, line) for line in (text or "").splitlines() if line.strip()]
-    for number, record in enumerate(records, 1):
+    """The records of a JSON-lines file (none when it does not exist), each checked to have `fields`.
+
+    Errors name the file's line: json's own position is within the one line it was given, always "line 1"."""
+    text = _read_text(path) or ""
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            # A last line without its newline is what a process killed in mid-append leaves.
+            cut = " (cut short: the run stopped while writing it)" if number == len(lines) and not text.endswith(
+                "\n") else ""
+            raise UserError(f"{path} line {number} is corrupt: {exc.msg}: column {exc.colno}{cut}") from None
         missing = [f for f in fields if not isinstance(record, dict) or f not in record]
         if missing:
-            raise UserError(f"{path} is not a dist_mnist run file (record {number} lacks {', '.join(missing)})")
+            raise UserError(f"{path} is not a dist_mnist run file (line {number} lacks {', '.join(missing)})")
+        records.append(record)
     return records
 
 
@@ -113,10 +146,11 @@ def _read_config(run_dir: Path) -> dict[str, Any] | None:
 
 def compare(run_a: Path, run_b: Path) -> str:
     """Two runs side by side: which settings differ, and every figure of their summaries with its B/A ratio."""
-    rows = compare_summaries(read_summary(run_a), read_summary(run_b))
+    summary_a, summary_b = read_summary(run_a), read_summary(run_b)
+    rows = compare_summaries(summary_a, summary_b)
     config_a, config_b = _read_config(run_a), _read_config(run_b)
     changes = config_changes(config_a, config_b) if config_a is not None and config_b is not None else None
-    return format_comparison(str(run_a), str(run_b), rows, changes)
+    return format_comparison(run_label(str(run_a), summary_a), run_label(str(run_b), summary_b), rows, changes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -509,6 +509,7 @@ class Trainer:
         self.train_loss_sum, self.train_loss_count = 0.0, 0
         self.progress = Progress(self.run_dir, ctx.is_main, self.step_limit(), self.global_batch)
         self.last_record = (0, 0.0)  # (step, training seconds) at the last metrics record
+        self.first_step = 0  # the step this process took the run over at: a resumed run's checkpoint step
 
     # -- output --------------------------------------------------------------------------------------------
 
@@ -815,6 +816,7 @@ class Trainer:
             ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
                                  self.writer.reset_metrics(state.metrics)))
         self.progress.start(state.step, self.elapsed_s())
+        self.first_step = state.step
         self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "
                  f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
                  f"{self.steps_per_epoch} steps/epoch, {self.settings.describe()}, "
@@ -947,6 +949,8 @@ class Trainer:
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix
+        # This process's steps, which every figure above is of: after a resume, not the whole run's.
+        summary["first_step"], summary["last_step"] = self.first_step, self.state.step
         summary["phase_timing"] = {**self.timer.describe(), "wall_per_step": self.clock.wall_per_step}
         summary["cuda_graphs"] = self.graphed  # config.json has the decision; this is what ran
         summary["pauses_s"] = dict(self.clock.pauses_s)  # this process's pauses, by what paused

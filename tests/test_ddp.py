@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,97 @@ def test_scaling_efficiency_is_given_against_the_first_count_and_never_for_it(
         assert rows[1].endswith("3,000 samples/s, scaling efficiency 83% (per process, against 2 processes) |")
     if counts == [1, 2, 4]:
         assert rows[2].endswith("3,000 samples/s, scaling efficiency 75% |")
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--scaling", "1,x", "argument --scaling: expected comma-separated whole numbers such as 1,2, not '1,x'"),
+    ("--graph-batches", "16,0", "argument --graph-batches: each number must be at least 1: '16,0'"),
+    ("--profiler-batch-sizes", "", "argument --profiler-batch-sizes: expected comma-separated whole numbers"),
+])
+def test_bench_refuses_a_bad_list_before_any_section_runs(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], flag: str, value: str,
+                                                          message: str) -> None:
+    """A list flag is read when the command is, not minutes later when its section comes, as a traceback."""
+    from dist_mnist import bench
+
+    def no_session(cfg: TrainConfig) -> None:
+        raise AssertionError("a section started")
+
+    monkeypatch.setattr(bench, "distributed_session", no_session)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--only", "scaling", "--output", "", f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_finds_an_unwritable_output_before_measuring_and_a_failed_write_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A missing folder for --output or --json is refused before any section runs; a write that fails at the end
+    (here --json names a folder) is one error line after the table, not a traceback."""
+    from types import SimpleNamespace
+
+    from dist_mnist import bench
+
+    started = []
+
+    @contextmanager
+    def session(cfg: TrainConfig) -> Any:
+        started.append(cfg)
+        yield SimpleNamespace(device=torch.device("cpu"), world_size=1)
+
+    monkeypatch.setattr(bench, "distributed_session", session)
+    for flag in ("--output", "--json"):
+        target = tmp_path / "missing" / "bench.out"
+        argv = ["--only", "graphs", "--output", "", flag, str(target)]
+        assert bench.main(argv) == 1 and not started
+        assert capsys.readouterr().err == f"error: cannot write {flag} {target}: {target.parent} is not a writable " \
+                                          "folder\n"
+    assert bench.main(["--only", "graphs", "--output", "", "--json", str(tmp_path)]) == 1 and started
+    out, err = capsys.readouterr()
+    assert out.startswith("### ") and err == f"error: cannot write {tmp_path}: Is a directory; the table above holds " \
+                                             "the results\n"
+
+
+def test_bench_table_says_when_the_graphs_section_was_skipped() -> None:
+    """`--only graphs` off CUDA: the table says so, rather than being a header without a row."""
+    from dist_mnist import bench
+
+    results = {"machine": "2-core CPU", "date": "2026-11-28", "torch": torch.__version__,
+               "command": "python -m dist_mnist.bench --only graphs",
+               "graphs": {"skipped": "CUDA graphs are measured on one CUDA process only"}}
+    assert bench.render_markdown(results).splitlines()[-1] == \
+        "| CUDA graphs section | skipped: CUDA graphs are measured on one CUDA process only |"
+
+
+def test_bench_says_why_its_training_run_failed_in_one_line(tmp_path: Path) -> None:
+    """Missing data met by a section that launches training runs: their error line, not a traceback around it."""
+    from conftest import run
+
+    result = run([sys.executable, "-m", "dist_mnist.bench", "--only", "scaling", "--scaling", "1",
+                  "--data-dir", str(tmp_path / "none"), "--output", ""], timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: the bench's training run scale1 failed (exit 1): MNIST files missing in "
+                           f"{tmp_path / 'none' / 'MNIST' / 'raw'}")
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--timer-rounds", "0", "argument --timer-rounds: must be at least 1, not 0"),  # divided by it after measuring
+    ("--scaling-steps", "0", "argument --scaling-steps: must be at least 1, not 0"),  # --max-steps 0: no limit
+    ("--batch-size", "0", "argument --batch-size: must be at least 1, not 0"),
+    ("--seconds", "nan", "argument --seconds: must be above 0, not nan"),
+    ("--profiler-pairs", "-1", "argument --profiler-pairs: must be at least 0, not -1"),
+])
+def test_bench_refuses_a_count_that_cannot_be_measured_before_any_section_runs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flag: str, value: str,
+        message: str) -> None:
+    from dist_mnist import bench
+
+    def no_session(cfg: TrainConfig) -> None:
+        raise AssertionError("a section started")
+
+    monkeypatch.setattr(bench, "distributed_session", no_session)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--output", "", f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -131,6 +131,18 @@ def test_missing_runs_are_rows_that_fail_not_a_crash(tmp_path: Path) -> None:
     assert result.returncode == 1
 
 
+@pytest.mark.parametrize(("where", "wrong"), [("nowhere", "does not exist"), ("default/summary.json",
+                                                                               "is not a folder"),
+                                             ("default", "is a run folder")])
+def test_the_table_of_a_folder_that_is_not_the_scripts_is_one_error_line(out: Path, where: str, wrong: str) -> None:
+    """Not a table of "FAILED or skipped" rows pointing at logs that were never written."""
+    folder = out / "runs" / where
+    result = run([*GPUCHECK, "table", str(folder)], timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"error: {folder} {wrong}; table reads gpu_check.sh's OUT_DIR (runs/NAME/, NAME.wall, " \
+                            "bench.json)\n"
+
+
 def test_same_params_compares_the_parameter_digests_of_two_runs(out: Path) -> None:
     runs = out / "runs"
     same = run([*GPUCHECK, "same-params", str(runs), "default", "compile"], timeout=60)  # a copy
@@ -266,3 +278,30 @@ def test_step_kernels_splits_a_steps_gpu_time_by_kernel(out: Path, tmp_path: Pat
     assert result.stdout.splitlines()[0] == f"{source.name}: 2 eager steps, 20 us of GPU time each in 0.5 kernels"
     cpu = run([*GPUCHECK, "step-kernels", str(run_dir)], timeout=60)
     assert cpu.returncode == 0 and cpu.stdout.strip() == f"{source.name}: no GPU kernels in its steps"
+
+
+def test_step_kernels_without_traces_or_with_a_damaged_one_fails(out: Path, tmp_path: Path) -> None:
+    """Nothing to show is an error, not an empty success; a trace cut short (a copy or a full disk) is named, and the
+    other ranks' tables still come."""
+    missing = run([*GPUCHECK, "step-kernels", str(tmp_path / "nowhere")], timeout=60)
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == f"error: no run folder {tmp_path / 'nowhere'}\n"
+    unprofiled = run([*GPUCHECK, "step-kernels", str(out / "runs" / "seed1")], timeout=60)
+    assert unprofiled.returncode == 1 and unprofiled.stdout == ""
+    assert unprofiled.stderr.startswith(f"error: no traces in {out / 'runs' / 'seed1' / gpucheck.TRACES_DIR}")
+    assert len(unprofiled.stderr.splitlines()) == 1
+    top = run([*GPUCHECK, "step-kernels", str(out / "runs" / "default"), "--top", "0"], timeout=60)
+    assert top.returncode == 2 and "--top: must be at least 1" in top.stderr
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out / "runs" / "default", damaged)
+    [good] = (damaged / gpucheck.TRACES_DIR).glob("*.pt.trace.json.gz")
+    cut = good.with_name(good.name.replace("rank0", "rank1"))
+    cut.write_bytes(good.read_bytes()[:2000])
+    result = run([*GPUCHECK, "step-kernels", str(damaged)], timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout.splitlines() == [f"{good.name}: no GPU kernels in its steps",
+                                          f"FAIL {cut} is not a readable profiler trace (EOFError: Compressed file "
+                                          "ended before the end-of-stream marker was reached)"]
+    kernels = run([*GPUCHECK, "trace-kernels", str(damaged)], timeout=60)
+    assert kernels.returncode == 1 and "Traceback" not in kernels.stderr
+    assert kernels.stdout.splitlines()[-1].startswith(f"FAIL trace kernels: {cut} is not a readable profiler trace")

@@ -195,8 +195,8 @@ def test_no_picture_prints_the_report_only(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.parametrize(("setup", "message"), [
-    (lambda d: (d / "progress.jsonl").write_text('{"step": 1,\n'), "progress.jsonl is corrupt"),
-    (lambda d: (d / "progress.jsonl").write_text('{"step": 1}\n'), "record 1 lacks train_loss, step_time_ms"),
+    (lambda d: (d / "progress.jsonl").write_text('{"step": 1,\n'), "progress.jsonl line 1 is corrupt"),
+    (lambda d: (d / "progress.jsonl").write_text('{"step": 1}\n'), "line 1 lacks train_loss, step_time_ms"),
     (lambda d: (d / "report.png").mkdir(), "cannot write"),
 ])
 def test_picture_of_a_bad_run_is_one_line_error(setup: Any, message: str, tmp_path: Path,
@@ -204,6 +204,27 @@ def test_picture_of_a_bad_run_is_one_line_error(setup: Any, message: str, tmp_pa
     run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B, _metrics([50]))
     setup(run_dir)
     assert_report_fails_in_one_line(run_dir, message, capsys)
+
+
+def test_a_damaged_line_is_named_by_its_line_in_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """json's position is within the one line it parsed ("line 1"); the error names the file's line, and says when
+    the last line was cut short, as a process killed in mid-append leaves it."""
+    lines = [json.dumps(r) for r in _metrics([50, 100, 150])]
+    run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B)
+    metrics = run_dir / "metrics.jsonl"
+
+    def error(text: str) -> str:
+        metrics.write_text(text)
+        assert report.main([str(run_dir), "--no-picture"]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        return err.strip()
+
+    cut_short = error(lines[0] + "\n\n" + lines[1] + "\n" + lines[2][:40])  # a blank line 2, line 4 cut short
+    assert cut_short.startswith(f"error: {metrics} line 4 is corrupt: ") and "line 1" not in cut_short
+    assert cut_short.endswith("(cut short: the run stopped while writing it)")
+    inside = error(lines[0] + "\n" + lines[1][:40] + "\n" + lines[2] + "\n")  # damaged, then a good line
+    assert inside.startswith(f"error: {metrics} line 2 is corrupt: ") and "cut short" not in inside
 
 
 @pytest.mark.parametrize(("setup", "message"), [
@@ -219,6 +240,28 @@ def test_report_rejects_missing_or_corrupt_runs(setup: Any, message: str, tmp_pa
     assert_report_fails_in_one_line(run_dir, message, capsys)
 
 
+def test_report_on_the_output_dir_or_a_file_of_a_run_names_the_folder_to_pass(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The usual slips: --output-dir itself (its missing summary.json is no sign of a crashed run) and a run's file."""
+    output_dir = tmp_path / "profiles"
+    for name in ("20261128-010000", "20261128-020000"):
+        _write_run(output_dir / name, SUMMARY_A, CONFIG_A)
+    (output_dir / ".torchelastic").mkdir()  # what torchrun runs leave there too
+    assert_report_fails_in_one_line(
+        output_dir, f"{output_dir} is not a run folder but holds run folders (20261128-010000, 20261128-020000), "
+                    f"as --output-dir does; pass one of them, e.g. {output_dir / '20261128-020000'}", capsys)
+    summary = output_dir / "20261128-020000" / "summary.json"
+    assert_report_fails_in_one_line(
+        summary, f"{summary} is a file, not a run folder; pass the run folder that holds it, {summary.parent}", capsys)
+    traces = output_dir / "20261128-020000" / "traces"
+    traces.mkdir()
+    assert_report_fails_in_one_line(
+        traces, f"{traces} is a folder inside the run folder {traces.parent}; pass that", capsys)
+    # Compared with another run, the same words.
+    assert report.main([str(output_dir / "20261128-010000"), str(output_dir)]) == 1
+    assert "holds run folders" in capsys.readouterr().err
+
+
 def assert_report_fails_in_one_line(run_dir: Path, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert report.main([str(run_dir)]) == 1
     err = capsys.readouterr().err
@@ -230,3 +273,63 @@ def test_training_does_not_import_matplotlib() -> None:
     code = "import sys, dist_mnist.train, dist_mnist.report; print('matplotlib' in sys.modules)"
     result = run([sys.executable, "-c", code], timeout=100)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_run_shorter_than_log_every_is_not_said_to_lack_progress_jsonl(tmp_path: Path) -> None:
+    """--max-steps below --log-every leaves an empty progress.jsonl: the step-time panel must not say the file is
+    missing, and says what its emptiness means."""
+    from matplotlib.figure import Figure
+
+    from dist_mnist.plots import NO_PROGRESS, _step_times
+
+    ax = Figure().subplots()
+    _step_times(ax, [])
+    [text] = ax.texts
+    assert text.get_text() == f"no data\n({NO_PROGRESS})"
+    assert "no progress.jsonl" not in text.get_text() and "--log-every" in text.get_text()
+
+
+def test_a_run_with_phase_timers_off_has_no_phase_bars_or_phase_rows() -> None:
+    """--phase-timers off writes every share as None: the picture says it has none (not bars of 0 ms each) and a
+    comparison of two such runs has no phase rows."""
+    from matplotlib.figure import Figure
+
+    from dist_mnist.plots import _phase_bars
+
+    untimed = _rank(0, 0.015, 2400.0, SHARES_A, explained_fraction=None, own_time_p50_s=None, straggler=None,
+                    **{f"{p}_share": None for p in PHASES})
+    summary = _summary([untimed], 2400.0, 0.1)
+    ax = Figure().subplots()
+    _phase_bars(ax, summary)
+    assert not ax.patches and [t.get_text() for t in ax.texts] == [
+        "no data\n(summary.json has no per-rank phase shares\n(--phase-timers off times no phase))"]
+    labels = {r.label for r in compare_summaries(summary, summary)}
+    assert not {label for label in labels if label.endswith((" share", " ms")) and label.split()[0] in PHASES}
+    assert "step p50 ms" in labels
+
+
+@pytest.mark.timeout(200)
+def test_the_report_of_a_resumed_run_says_its_figures_are_of_the_last_process_only(tmp_path: Path) -> None:
+    """summary.json is written by the process that ends the run: after a resume its figures are of the steps since
+    the checkpoint, while metrics.jsonl and progress.jsonl hold the whole run. The report must not pass them off
+    as the whole run's."""
+    from conftest import SMOKE_FLAGS, train
+
+    flags = [*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--run-name", "resumed", "--checkpoint-every", "4"]
+    first = train(*flags, "--max-steps", "8")
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert (summary["first_step"], summary["last_step"]) == (0, 8)
+    assert "resumed at step" not in first.stdout
+    again = train(*flags, "--max-steps", "12")
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert (summary["first_step"], summary["last_step"]) == (8, 12)
+    line = ("resumed at step 8: these figures are of steps 9-12, run by the process that resumed the run, not of its "
+            "earlier steps")
+    assert line in again.stdout.splitlines()
+    assert report.report(tmp_path / "resumed").splitlines()[-1] == line
+    # Compared with another run: named in the header, not a row of step numbers with a ratio.
+    compared = report.compare(tmp_path / "resumed", tmp_path / "resumed").splitlines()
+    assert compared[0] == f"A: {tmp_path / 'resumed'} (figures of steps 9-12 only: resumed there)"
+    assert not [row for row in compared if row.split()[:1] in (["first_step"], ["last_step"])]
