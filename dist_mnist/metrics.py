@@ -226,23 +226,34 @@ class TensorBoardEvents:
 
     def __init__(self, run_dir: Path) -> None:
         # Imported lazily: they pull in TensorBoard (main imports it in the background during start-up).
-        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.record_writer import RecordWriter
         from torch.utils.tensorboard.summary import scalar
 
-        self._event, self._record_writer, self._scalar = Event, RecordWriter, scalar
+        self._event, self._session_log, self._record_writer, self._scalar = Event, SessionLog, RecordWriter, scalar
         # SummaryWriter's name; the count keeps apart two writers of one process in one second (a resumed run).
         self.path = run_dir / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
                                f"{next(_EVENT_FILES)}")
-        self._fd = open_for_appending(self.path)
-        self._append([Event(wall_time=time.time(), file_version="brain.Event:2")])
+        # Opened at the first record: a process that writes none (a rerun of a complete run) leaves no file.
+        self._fd: int | None = None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         now = time.time()
         self._append([self._event(wall_time=now, step=step, summary=self._scalar(tag, value))
                       for tag, value in values.items()])
 
+    def resume_at(self, step: int) -> None:
+        """Hide what an earlier process of the run wrote from `step` on: it went past the checkpoint this process
+        resumed from, and this one writes those steps again. TensorBoard drops every earlier record at or after
+        the step of a SessionLog START (what SummaryWriter's purge_step writes); without it each such step showed
+        twice, the old curve doubling back under the new one."""
+        self._append([self._event(wall_time=time.time(), step=step,
+                                  session_log=self._session_log(status=self._session_log.START))])
+
     def _append(self, events: list[Any]) -> None:
+        if self._fd is None:
+            self._fd = open_for_appending(self.path)
+            events = [self._event(wall_time=time.time(), file_version="brain.Event:2"), *events]
         records = io.BytesIO()
         writer = self._record_writer(records)  # TensorBoard's framing: length, its CRC, the event, its CRC
         for event in events:
@@ -250,7 +261,8 @@ class TensorBoardEvents:
         append_whole_to(self._fd, self.path, records.getvalue())
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 class RunWriter:
@@ -274,6 +286,11 @@ class RunWriter:
         if self.enabled:
             append_whole(self.run_dir / METRICS_FILE, (json.dumps(record) + "\n").encode())
             self.scalars("eval", record, record["step"])
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run writes steps after `step` again: TensorBoard hides an earlier process's records of them."""
+        if self._tb is not None:
+            self._tb.resume_at(step + 1)
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if self._tb is not None:

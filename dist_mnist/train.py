@@ -814,7 +814,10 @@ class Trainer:
             **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}
         with self.startup.phase("run_files"):  # written durably (fsync), whose cost depends on the disk
             ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
-                                 self.writer.reset_metrics(state.metrics)))
+                                 self.writer.reset_metrics(state.metrics),
+                                 # An earlier process of the run (one that restarted from step 0 too) may have
+                                 # written TensorBoard records past this step.
+                                 self.writer.resume_at(state.step)))
         self.progress.start(state.step, self.elapsed_s())
         self.first_step = state.step
         self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "

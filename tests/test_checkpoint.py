@@ -454,3 +454,28 @@ def test_in_process_runs_leave_nothing_behind() -> None:
     """The runs above share this process with later tests: no process group or signal handler may outlive them."""
     assert not dist.is_initialized()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path: Path) -> None:
+    """The process that died went past its last checkpoint, and the resumed one writes those steps again: TensorBoard
+    must show the resumed process's records of them only, and a rerun of the complete run adds no event file."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer  # slow import
+
+    flags = [*SMOKE_FLAGS, "--tensorboard", "--max-steps", "12", "--checkpoint-every", "4", "--log-every", "2",
+             "--eval-every", "4", "--output-dir", str(tmp_path), "--run-name", "tb"]
+    assert main(flags) == 0
+    (tmp_path / "tb" / "checkpoints" / "step00000012.pt").unlink()  # died after step 12, before its checkpoint
+    first = set((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert main(flags) == 0  # resumes from step 8
+    assert main(flags) == 0  # complete: nothing to do
+    events = set((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(events - first) == 1
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    for tag, steps in (("train/loss", [2, 4, 6, 8, 10, 12]), ("eval/test_accuracy", [4, 8, 12])):
+        shown = multiplexer.Tensors("tb", tag)
+        assert [event.step for event in shown] == steps
+        # The steps after the checkpoint are the resumed process's records, newer than any of the first process's.
+        last_of_first = max(event.wall_time for event in shown if event.step <= 8)
+        assert all(event.wall_time > last_of_first for event in shown if event.step > 8)
