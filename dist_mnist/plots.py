@@ -138,7 +138,9 @@ def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress:
     # After a resume the summary (bars, samples/s) is of the last process's steps; the curves are of the whole run.
     since = f" (phases and samples/s: steps {summary['first_step'] + 1}-{summary['last_step']}, after a resume)" \
         if summary.get("first_step") else ""
-    fig.suptitle(f"{title}: {len(summary['ranks'])} ranks, {summary['samples_per_sec']:,.0f} samples/s{since}")
+    ranks = len(summary["ranks"])
+    fig.suptitle(f"{title}: {ranks} rank{'s' if ranks != 1 else ''}, {summary['samples_per_sec']:,.0f} samples/s"
+                 f"{since}")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.savefig(tmp, format="png")

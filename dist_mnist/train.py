@@ -392,6 +392,7 @@ class RunClock:
         self.pauses_s: dict[str, float] = {}  # this process's seconds in pauses, by what paused
         self.resumed_s = 0.0  # seconds since the first step, as of the checkpoint this process resumed from
         self.resumed_paused_s = 0.0  # of those, the seconds spent in pauses
+        self.syncs = 0  # pauses that waited for the device: after each the device idles until the host queues work
         self._sync = sync
 
     def begin(self) -> float:
@@ -416,6 +417,7 @@ class RunClock:
         step's queue."""
         if sync and self._sync is not None:
             self._sync()
+            self.syncs += 1
         start = time.perf_counter()
         try:
             yield
@@ -501,6 +503,7 @@ class Trainer:
         self.timeout = collectives.CollectiveTimeout(cfg.timeout_s, cfg.train_timeout_s)
         self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
         self.measured_step_s: list[float] = []
+        self.syncs_at_step = 0  # the clock's syncs when the last step began: a step after a pause's sync is told so
         self.checkpoints = checkpoint.BackgroundWriter()  # rank 0 writes the files in a thread
         # The newest checkpoint, on disk or being written (a failure lets that write finish): every rank knows it.
         self.last_checkpoint: checkpoint.WrittenCheckpoint | None = None
@@ -897,7 +900,8 @@ class Trainer:
             start, paused = self.prev_step_start
             self.measured_step_s.append(now - start - (self.clock.paused_s - paused))
         self.prev_step_start = (now, self.clock.paused_s)
-        self.timer.begin_step()
+        self.timer.begin_step(after_sync=self.clock.syncs != self.syncs_at_step)
+        self.syncs_at_step = self.clock.syncs
 
     def finish(self, stopped_by: str | None) -> None:
         """Report: progress tail, where the time went (summary.json), and why we stopped."""

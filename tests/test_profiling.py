@@ -393,6 +393,41 @@ def test_step_timer_times_every_step_a_sample_or_none(mode: str, every_n: int, t
                                 else 1, "steps_timed": timed}
 
 
+def test_a_sample_due_right_after_a_device_sync_moves_to_the_next_step() -> None:
+    """After a pause that waited for the GPU, the device idles while the host queues the next step: not the steady
+    state a sample is for (StepTimer.begin_step)."""
+    timer = StepTimer(torch.device("cpu"), "sample", 3)
+    timed = []
+    for step in range(10):
+        timer.begin_step(after_sync=step in (3, 4, 8))
+        if timer.timing:
+            timed.append(step)
+        timer.end_step()
+    assert timed == [0, 5, 9]  # 3 and 4 follow syncs; 8 does, but is not due (5 + 3 = 8 is; then 9)
+    every = StepTimer(torch.device("cpu"), "every")
+    every.begin_step(after_sync=True)
+    assert every.timing  # timing every step is for the CPU, where a sync changes nothing, and for asking for all
+
+
+def test_the_trainer_tells_the_timer_which_steps_follow_a_device_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dist_mnist.train as train_module
+
+    class SyncingClock(RunClock):  # what a CUDA run's clock does: its pauses wait for the device
+        def __init__(self, sync: Any = None) -> None:
+            super().__init__(lambda: None)
+
+    told: list[bool] = []
+    begin_step = StepTimer.begin_step
+    monkeypatch.setattr(train_module, "RunClock", SyncingClock)
+    monkeypatch.setattr(StepTimer, "begin_step", lambda self, after_sync=False: (told.append(after_sync),
+                                                                                  begin_step(self, after_sync)))
+    assert train_main([*SMOKE_FLAGS, "--max-steps", "12", "--eval-every", "4", "--log-every", "6",
+                       "--checkpoint-every", "100", "--phase-timers", "sample", "--output-dir", str(tmp_path)]) == 0
+    # Steps 1-12 (and the fetch past the last, none here): an evaluation after 4, 8; a progress report after 6.
+    assert [step for step, after in enumerate(told, start=1) if after] == [5, 7, 9]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["sample", "off"])
 def test_summary_and_report_say_how_phases_were_timed(mode: str, tmp_path: Path) -> None:
