@@ -15,6 +15,8 @@ from dist_mnist.recipes import DEFAULT_RECIPE, RECIPES, AppliedRecipe, recipe_na
 # --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
 # should wait, and far from where such a duration overflows.
 MAX_TIMEOUT_S = 7 * 24 * 3600
+# --seed also seeds numpy's global generator, whose legacy seeding takes 0 to 2**32 - 1 and raises past it.
+MAX_SEED = 2**32 - 1
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -65,7 +67,7 @@ class TrainConfig:
     grad_accum_steps: int = _opt(1, "micro-batches of --batch-size per optimizer step (gradient accumulation): the "
                                     "global batch is batch x world size x this; DDP all-reduces only on the last "
                                     "micro-batch (no_sync), and the LR schedule counts optimizer steps")
-    seed: int = _opt(0, "seed for weights, dropout and the data order")
+    seed: int = _opt(0, f"seed for weights, dropout and the data order (0 to {MAX_SEED})")
     deterministic: bool = _opt(False, "use only deterministic kernels (torch.use_deterministic_algorithms)")
     stop_at_accuracy: float = _opt(0.0, "stop, save a checkpoint and report once an evaluation's test accuracy "
                                         "reaches this fraction, e.g. 0.99 (0: off)")
@@ -176,6 +178,8 @@ class TrainConfig:
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise UserError(f"--{_flag(name)} must be positive and at most {MAX_TIMEOUT_S} (a week), "
                                 f"got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         if not 0 <= self.stop_at_accuracy <= 1:
             raise UserError(f"--stop-at-accuracy must be in (0, 1] (0: off), got {self.stop_at_accuracy}")
         if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):

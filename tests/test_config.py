@@ -21,7 +21,7 @@ from dist_mnist.errors import UserError
     ("--warmup-frac", "-0.1"), ("--warmup-frac", "1"), ("--warmup-frac", "1.5"),
     ("--timeout-s", "0"), ("--timeout-s", "-10"), ("--timeout-s", "1e9"), ("--label-smoothing", "-0.1"),
     ("--label-smoothing", "1"), ("--peak-tflops", "-1"), ("--train-timeout-s", "0"), ("--train-timeout-s", "nan"),
-    ("--train-timeout-s", "1e9"),
+    ("--train-timeout-s", "1e9"), ("--seed", "-1"), ("--seed", "4294967296"),
 ])
 def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must"):
@@ -66,6 +66,12 @@ def test_defaults_are_valid_and_flags_parse() -> None:
                                                                                              True)
     assert cfg.to_json()["backend"] == "gloo"
     assert TrainConfig().to_json() == parse_args([]).to_json()
+
+
+def test_seed_takes_numpys_whole_range() -> None:
+    """The seed reaches numpy's global generator, which took 0 to 2**32 - 1 and raised a traceback past that."""
+    assert parse_args(["--seed", "0"]).seed == 0
+    assert parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
 
 
 def test_help_says_batch_size_is_per_process() -> None:
