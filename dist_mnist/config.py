@@ -41,7 +41,8 @@ class TrainConfig:
                                "them through /dev/shm); batches are sliced from decoded tensors, so 0 is fastest "
                                "on CPU (measured, see docs/benchmarks.md)")
     data_on_device: str = _opt("auto", "keep the whole decoded dataset, training and test splits (55 MB), on the GPU "
-                                       "and slice batches there; auto: on with CUDA", choices=["auto", "on", "off"])
+                                       "and slice batches there; auto: on with CUDA; on: refused without CUDA",
+                               choices=["auto", "on", "off"])
 
     # Model and recipe
     recipe: str = _opt("auto", "named settings for --batch-size, --lr, --epochs, --warmup-frac, --eval-every, "

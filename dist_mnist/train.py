@@ -103,6 +103,10 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
     if cfg.compile and not cuda and cfg.compile_backend == "inductor" and not _has_cxx_compiler():
         raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) for inductor; install one, "
                         "or run without --compile")
+    if cfg.data_on_device == "on" and not cuda:
+        # Asked for explicitly, it must not quietly become off: a CPU has no device memory to keep the data in.
+        raise UserError("--data-on-device on needs CUDA (it keeps the dataset in GPU memory); use --data-on-device "
+                        "auto or off on CPU")
     if cfg.cuda_memory_snapshot and not cuda:
         raise UserError("--cuda-memory-snapshot needs CUDA; it records the CUDA caching allocator")
     if cfg.amp == "auto":
