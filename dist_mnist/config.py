@@ -183,6 +183,14 @@ class TrainConfig:
             raise UserError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         if not 0 <= self.stop_at_accuracy <= 1:
             raise UserError(f"--stop-at-accuracy must be in (0, 1] (0: off), got {self.stop_at_accuracy}")
+        # An empty path is no folder or file: Path("") is the current directory, so --output-dir "" wrote runs
+        # there, and --resume "" was read as a checkpoint file named ".".
+        if not self.resume:
+            raise UserError("--resume must be auto, never or the path of a checkpoint file, got ''")
+        if not self.output_dir:
+            raise UserError("--output-dir must name a folder, got ''")
+        if self.dataset == "mnist" and not self.data_dir:
+            raise UserError("--data-dir (default: $DIST_MNIST_DATA) must name a folder, got ''")
         if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):
             raise UserError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         cpus = os.cpu_count() or 1

@@ -49,6 +49,21 @@ def test_run_name_must_be_a_plain_folder_name(run_name: str) -> None:
         parse_args(["--run-name", run_name])
 
 
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--resume", "--resume must be auto, never or the path of a checkpoint file, got ''"),
+    ("--output-dir", "--output-dir must name a folder, got ''"),
+    ("--data-dir", r"--data-dir \(default: \$DIST_MNIST_DATA\) must name a folder, got ''"),
+])
+def test_an_empty_path_is_refused(flag: str, message: str) -> None:
+    """Path('') is the current directory: --output-dir '' wrote runs there, --resume '' read a checkpoint '.'."""
+    with pytest.raises(UserError, match=f"^{message}$"):
+        parse_args([flag, ""])
+
+
+def test_an_empty_data_dir_is_no_matter_for_synthetic_data() -> None:
+    assert parse_args(["--dataset", "synthetic", "--data-dir", ""]).data_dir == ""
+
+
 def test_data_on_device_excludes_workers() -> None:
     with pytest.raises(UserError, match="--data-on-device on .* --num-workers"):
         parse_args(["--data-on-device", "on", "--num-workers", "2"])
