@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,7 +251,34 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that only mean something under another flag's value: (the dependent flags, whether that value is set, what
+# to add). Given without it, each used to be ignored without a word (a --profile-wait without --profile recorded
+# nothing; --compile-mode without --compile compiled nothing).
+_DEPENDENT_FLAGS: tuple[tuple[tuple[str, ...], Callable[[TrainConfig], bool], str], ...] = (
+    (("profile_wait", "profile_warmup", "profile_active", "profile_repeat", "profile_memory", "profile_shapes",
+      "profile_stack"), lambda cfg: cfg.profile, "--profile"),
+    (("compile_mode", "compile_backend"), lambda cfg: cfg.compile, "--compile"),
+    (("phase_timer_every",), lambda cfg: cfg.phase_timers in ("sample", "auto"),
+     "--phase-timers sample (or auto, sampled on CUDA)"),
+    (("synthetic_train_size", "synthetic_test_size"), lambda cfg: cfg.dataset == "synthetic", "--dataset synthetic"),
+)
+
+
+def _refuse_flags_without_effect(cfg: TrainConfig) -> None:
+    """Command-line flags given without the flag they depend on. Only what the command line gave: code (the
+    benchmarks) builds configs with schedule values whose --profile it switches per measurement."""
+    for names, applies, needs in _DEPENDENT_FLAGS:
+        # A switch given as off (--no-profile-memory) asks for nothing, so it has nothing to lose.
+        given = [n for n in names if n in cfg.explicit() and getattr(cfg, n) is not False]
+        if given and not applies(cfg):
+            listed = " and ".join(f"--{_flag(n)}" for n in given)
+            raise UserError(f"{listed} {'has' if len(given) == 1 else 'have'} no effect without {needs}; "
+                            f"add it or drop {listed}")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a validated config; bad values raise UserError."""
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    return TrainConfig(**vars(build_parser().parse_args(argv)), explicit_flags=tuple(sorted(explicit)))
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)), explicit_flags=tuple(sorted(explicit)))
+    _refuse_flags_without_effect(cfg)
+    return cfg

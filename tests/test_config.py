@@ -64,6 +64,40 @@ def test_an_empty_data_dir_is_no_matter_for_synthetic_data() -> None:
     assert parse_args(["--dataset", "synthetic", "--data-dir", ""]).data_dir == ""
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--profile-wait", "1"], "--profile-wait has no effect without --profile; add it or drop --profile-wait"),
+    (["--profile-active", "2", "--profile-memory"],
+     "--profile-active and --profile-memory have no effect without --profile; add it or drop --profile-active and "
+     "--profile-memory"),
+    (["--compile-mode", "max-autotune"], "--compile-mode has no effect without --compile"),
+    (["--compile-backend", "eager", "--no-compile"], "--compile-backend has no effect without --compile"),
+    (["--phase-timers", "every", "--phase-timer-every", "5"],
+     r"--phase-timer-every has no effect without --phase-timers sample \(or auto, sampled on CUDA\)"),
+    (["--phase-timers", "off", "--phase-timer-every", "5"], "--phase-timer-every has no effect"),
+    (["--synthetic-train-size", "100"], "--synthetic-train-size has no effect without --dataset synthetic"),
+    (["--dataset", "mnist", "--synthetic-test-size", "100"], "--synthetic-test-size has no effect"),
+])
+def test_a_flag_without_the_flag_it_depends_on_is_refused(argv: list[str], message: str) -> None:
+    """Each of these was ignored without a word: --profile-wait without --profile recorded nothing."""
+    with pytest.raises(UserError, match=f"^{message}"):
+        parse_args(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--profile", "--profile-wait", "1", "--profile-stack"], ["--no-profile-memory"],
+    ["--compile", "--compile-mode", "max-autotune"], ["--phase-timers", "sample", "--phase-timer-every", "5"],
+    ["--phase-timer-every", "5"],  # auto: sampled on CUDA
+    ["--dataset", "synthetic", "--synthetic-train-size", "100"],
+])
+def test_a_flag_with_the_flag_it_depends_on_parses(argv: list[str]) -> None:
+    parse_args(argv)
+
+
+def test_configs_built_in_code_may_hold_any_schedule() -> None:
+    """The profiler benchmark switches --profile per measurement on a config that keeps its schedule."""
+    assert TrainConfig(profile=False, profile_wait=3).profile_wait == 3
+
+
 def test_data_on_device_excludes_workers() -> None:
     with pytest.raises(UserError, match="--data-on-device on .* --num-workers"):
         parse_args(["--data-on-device", "on", "--num-workers", "2"])
