@@ -16,6 +16,9 @@ from dist_mnist.recipes import DEFAULT_RECIPE, RECIPES, AppliedRecipe, recipe_na
 # --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
 # should wait, and far from where such a duration overflows.
 MAX_TIMEOUT_S = 7 * 24 * 3600
+# DDP turns --bucket-cap-mb into a byte count held in a C++ int64: from 2**43 MiB on its Reducer refused it with a
+# TypeError traceback. A bucket larger than the gradient is one bucket, so 1 TiB loses nothing.
+MAX_BUCKET_CAP_MB = 2**20
 # --seed also seeds numpy's global generator, whose legacy seeding takes 0 to 2**32 - 1 and raises past it.
 MAX_SEED = 2**32 - 1
 
@@ -106,8 +109,8 @@ class TrainConfig:
         "the LR warm-up; state saved in checkpoints; on gloo all gradients go into one bucket)",
         choices=list(COMM_HOOKS))
     bucket_cap_mb: float = _opt(DEFAULT_RECIPE.bucket_cap_mb, "DDP gradient bucket size in MiB (0: torch's default, "
-                                                             "25 MiB with a 1 MiB first bucket); given, it also caps "
-                                                             "the first bucket")
+                                                             "25 MiB with a 1 MiB first bucket); given, it also "
+                                                             "caps the first bucket; at most 1 TiB")
     timeout_s: float = _opt(300.0, "seconds the start-up may wait for the other ranks (rendezvous, the download, "
                                    "torch.compile and everything else up to the end of the first step)")
     train_timeout_s: float = _opt(100.0, "seconds a collective may wait for the other ranks after the first step; "
@@ -180,6 +183,9 @@ class TrainConfig:
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise UserError(f"--{_flag(name)} must be positive and at most {MAX_TIMEOUT_S} (a week), "
                                 f"got {getattr(self, name)}")
+        if self.bucket_cap_mb > MAX_BUCKET_CAP_MB:
+            raise UserError(f"--bucket-cap-mb must be at most {MAX_BUCKET_CAP_MB} (1 TiB; 0: torch's default), "
+                            f"got {self.bucket_cap_mb}")
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         if not 0 <= self.stop_at_accuracy <= 1:

@@ -22,6 +22,7 @@ from dist_mnist.errors import UserError
     ("--timeout-s", "0"), ("--timeout-s", "-10"), ("--timeout-s", "1e9"), ("--label-smoothing", "-0.1"),
     ("--label-smoothing", "1"), ("--peak-tflops", "-1"), ("--train-timeout-s", "0"), ("--train-timeout-s", "nan"),
     ("--train-timeout-s", "1e9"), ("--seed", "-1"), ("--seed", "4294967296"),
+    ("--bucket-cap-mb", "1e15"),
 ])
 def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must"):
@@ -121,6 +122,14 @@ def test_seed_takes_numpys_whole_range() -> None:
     """The seed reaches numpy's global generator, which took 0 to 2**32 - 1 and raised a traceback past that."""
     assert parse_args(["--seed", "0"]).seed == 0
     assert parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+
+
+def test_bucket_cap_reaches_1_tib() -> None:
+    """From 2**43 MiB DDP's Reducer refused the byte count (an int64) with a traceback; 1 TiB is one bucket anyway."""
+    assert parse_args(["--bucket-cap-mb", str(2**20)]).bucket_cap_mb == 2**20
+    with pytest.raises(UserError, match=r"^--bucket-cap-mb must be at most 1048576 \(1 TiB; 0: torch's default\), "
+                                        r"got 1048577.0$"):
+        parse_args(["--bucket-cap-mb", str(2**20 + 1)])
 
 
 def test_help_says_batch_size_is_per_process() -> None:
