@@ -19,6 +19,10 @@ MAX_TIMEOUT_S = 7 * 24 * 3600
 # DDP turns --bucket-cap-mb into a byte count held in a C++ int64: from 2**43 MiB on its Reducer refused it with a
 # TypeError traceback. A bucket larger than the gradient is one bucket, so 1 TiB loses nothing.
 MAX_BUCKET_CAP_MB = 2**20
+# --peak-tflops is in TFLOP/s: a GPU's dense peak is about 1e3, so 1e6 (an exaFLOP/s per process) is far beyond any
+# device, and a value above it is almost surely FLOP/s typed in (989e12 for an H100), which made the MFU read 0.0%;
+# past 1.8e296 the FLOP/s overflowed to inf, written into summary.json as Infinity.
+MAX_PEAK_TFLOPS = 1e6
 # --seed also seeds numpy's global generator, whose legacy seeding takes 0 to 2**32 - 1 and raises past it.
 MAX_SEED = 2**32 - 1
 
@@ -137,7 +141,8 @@ class TrainConfig:
     profile_shapes: bool = _opt(False, "record operator input shapes in the traces")
     profile_stack: bool = _opt(False, "record Python stacks in the traces (much bigger traces)")
     cuda_memory_snapshot: bool = _opt(False, "CUDA only: dump a memory snapshot (view at pytorch.org/memory_viz)")
-    peak_tflops: float = _opt(0.0, "peak TFLOP/s per process for the MFU figure (0: measure a matmul peak)")
+    peak_tflops: float = _opt(0.0, "peak TFLOP/s (not FLOP/s) per process for the MFU figure, at most "
+                                     f"{MAX_PEAK_TFLOPS:g} (0: measure a matmul peak)")
     phase_timers: str = _opt("auto", "per-phase step timers behind summary.json's phase shares: every step, every "
                                      "Nth step (--phase-timer-every), or off; auto: every step on CPU, sampled on "
                                      "CUDA (a CUDA event per phase of a timed step)",
@@ -186,6 +191,9 @@ class TrainConfig:
         if self.bucket_cap_mb > MAX_BUCKET_CAP_MB:
             raise UserError(f"--bucket-cap-mb must be at most {MAX_BUCKET_CAP_MB} (1 TiB; 0: torch's default), "
                             f"got {self.bucket_cap_mb}")
+        if self.peak_tflops > MAX_PEAK_TFLOPS:
+            raise UserError(f"--peak-tflops must be at most {MAX_PEAK_TFLOPS:g} (TFLOP/s per process, not FLOP/s), "
+                            f"got {self.peak_tflops:g}")
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         if not 0 <= self.stop_at_accuracy <= 1:

@@ -22,7 +22,7 @@ from dist_mnist.errors import UserError
     ("--timeout-s", "0"), ("--timeout-s", "-10"), ("--timeout-s", "1e9"), ("--label-smoothing", "-0.1"),
     ("--label-smoothing", "1"), ("--peak-tflops", "-1"), ("--train-timeout-s", "0"), ("--train-timeout-s", "nan"),
     ("--train-timeout-s", "1e9"), ("--seed", "-1"), ("--seed", "4294967296"),
-    ("--bucket-cap-mb", "1e15"),
+    ("--bucket-cap-mb", "1e15"), ("--peak-tflops", "989e12"), ("--peak-tflops", "1e300"),
 ])
 def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must"):
@@ -130,6 +130,14 @@ def test_bucket_cap_reaches_1_tib() -> None:
     with pytest.raises(UserError, match=r"^--bucket-cap-mb must be at most 1048576 \(1 TiB; 0: torch's default\), "
                                         r"got 1048577.0$"):
         parse_args(["--bucket-cap-mb", str(2**20 + 1)])
+
+
+def test_peak_tflops_is_in_tflops() -> None:
+    """989e12 (an H100's FLOP/s) made the MFU read 0.0%; 1e300 made summary.json's peak Infinity."""
+    assert parse_args(["--peak-tflops", "1e6"]).peak_tflops == 1e6
+    with pytest.raises(UserError, match=r"^--peak-tflops must be at most 1e\+06 \(TFLOP/s per process, not FLOP/s\), "
+                                        r"got 9\.89e\+14$"):
+        parse_args(["--peak-tflops", "989e12"])
 
 
 def test_help_says_batch_size_is_per_process() -> None:
