@@ -49,7 +49,8 @@ class TrainConfig:
                                "them through /dev/shm); batches are sliced from decoded tensors, so 0 is fastest "
                                "on CPU (measured, see docs/benchmarks.md)")
     data_on_device: str = _opt("auto", "keep the whole decoded dataset, training and test splits (55 MB), on the GPU "
-                                       "and slice batches there; auto: on with CUDA; on: refused without CUDA",
+                                       "and slice batches there; auto: on with CUDA unless --num-workers > 0; on: "
+                                       "refused without CUDA",
                                choices=["auto", "on", "off"])
 
     # Model and recipe

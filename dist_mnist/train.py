@@ -119,7 +119,9 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
     return SpeedSettings(
         amp_dtype=amp_dtype,
         channels_last=cfg.channels_last != "off",
-        data_on_device=cuda and cfg.data_on_device != "off",
+        # auto keeps the data on the GPU unless --num-workers asks for loader processes, which load on the host:
+        # auto used to win there and the workers asked for were silently never started.
+        data_on_device=cuda and (cfg.data_on_device == "on" or (cfg.data_on_device == "auto" and not cfg.num_workers)),
         flush_denormal=not cuda,
     )
 
