@@ -34,7 +34,14 @@ from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import INTERRUPTED_EARLY, UserError
 from dist_mnist.graphs import GraphedStep, capture_failure_note, graph_decision
-from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval, resolve_phase_timers
+from dist_mnist.metrics import (
+    MemoryTracker,
+    RunWriter,
+    StepTimer,
+    format_eval,
+    phase_timer_every_note,
+    resolve_phase_timers,
+)
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
 from dist_mnist.profiling import (
@@ -499,7 +506,9 @@ class Trainer:
         self.graphed = False  # whether the steps replay a captured CUDA graph (a failed capture leaves it False)
         self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
-        self.timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
+        timer_mode = resolve_phase_timers(cfg.phase_timers, ctx.device)
+        self.timer = StepTimer(ctx.device, timer_mode, cfg.phase_timer_every)
+        self.timer_note = phase_timer_every_note(cfg.explicit(), cfg.phase_timers, timer_mode)
         self.memory = MemoryTracker(workers=self.data.workers)
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
@@ -827,8 +836,9 @@ class Trainer:
                  f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
                  f"{self.steps_per_epoch} steps/epoch, {self.settings.describe()}, "
                  f"cuda_graphs={self.graphs.enabled}")
-        if self.comm_note:
-            self.log(self.comm_note)
+        for note in (self.comm_note, self.timer_note):
+            if note:
+                self.log(note)
         if self.graphs.note:
             self.log(self.graphs.note)
         if self.graphs.enabled:

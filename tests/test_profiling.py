@@ -33,6 +33,7 @@ from dist_mnist.metrics import (
     MemoryTracker,
     StepTimer,
     format_eval,
+    phase_timer_every_note,
     process_rss_bytes,
     resolve_phase_timers,
 )
@@ -267,6 +268,17 @@ def test_kineto_settings(device: str, cuda_version: str | None, driver: bool, pr
                                                          ("off", "cuda", "off"), ("every", "cuda", "every")])
 def test_phase_timers_auto_samples_on_cuda_only(setting: str, device: str, mode: str) -> None:
     assert resolve_phase_timers(setting, torch.device(device)) == mode
+
+
+def test_phase_timer_every_that_auto_does_not_use_is_noted(tmp_path: Path) -> None:
+    """auto times every step on CPU, where --phase-timer-every did nothing without a word."""
+    result = train(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "r",
+                   "--phase-timer-every", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("note: --phase-timer-every has no effect here: --phase-timers auto times every step on this device"
+            in result.stdout.splitlines())
+    assert phase_timer_every_note(frozenset({"phase_timer_every"}), "auto", "sample") is None  # CUDA samples
+    assert phase_timer_every_note(frozenset(), "auto", "every") is None  # the default: nothing to say
 
 
 @pytest.mark.parametrize("fail", [False, True])
