@@ -16,6 +16,10 @@ from dist_mnist.recipes import DEFAULT_RECIPE, RECIPES, AppliedRecipe, recipe_na
 # --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
 # should wait, and far from where such a duration overflows.
 MAX_TIMEOUT_S = 7 * 24 * 3600
+# The shortest wait the ranks can keep: legitimate waits between them (rank 0 measuring the matmul peak, 0.3 s on
+# CPU, or writing a checkpoint) take up to a second, and below it a healthy 2-rank run failed as a lost peer (with
+# --train-timeout-s 0.001 gloo then aborted a rank with SIGABRT after its error line).
+MIN_TIMEOUT_S = 1.0
 # DDP turns --bucket-cap-mb into a byte count held in a C++ int64: from 2**43 MiB on its Reducer refused it with a
 # TypeError traceback. A bucket larger than the gradient is one bucket, so 1 TiB loses nothing.
 MAX_BUCKET_CAP_MB = 2**20
@@ -117,9 +121,9 @@ class TrainConfig:
                                                              "25 MiB with a 1 MiB first bucket); given, it also "
                                                              "caps the first bucket; at most 1 TiB")
     timeout_s: float = _opt(300.0, "seconds the start-up may wait for the other ranks (rendezvous, the download, "
-                                   "torch.compile and everything else up to the end of the first step)")
+                                   "torch.compile and everything else up to the end of the first step); 1 s to a week")
     train_timeout_s: float = _opt(100.0, "seconds a collective may wait for the other ranks after the first step; "
-                                         "a hung or lost peer ends the job this long after it stopped")
+                                         "a hung or lost peer ends the job this long after it stopped; 1 s to a week")
 
     # Evaluation, logging and run output
     eval_every: int = _opt(DEFAULT_RECIPE.eval_every,
@@ -186,9 +190,9 @@ class TrainConfig:
         if not 0 <= self.warmup_frac < 1:
             raise UserError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
         for name in ("timeout_s", "train_timeout_s"):
-            if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
-                raise UserError(f"--{_flag(name)} must be positive and at most {MAX_TIMEOUT_S} (a week), "
-                                f"got {getattr(self, name)}")
+            if not MIN_TIMEOUT_S <= getattr(self, name) <= MAX_TIMEOUT_S:
+                raise UserError(f"--{_flag(name)} must be at least {MIN_TIMEOUT_S:g} and at most {MAX_TIMEOUT_S} "
+                                f"(a week), got {getattr(self, name)}")
         if self.bucket_cap_mb > MAX_BUCKET_CAP_MB:
             raise UserError(f"--bucket-cap-mb must be at most {MAX_BUCKET_CAP_MB} (1 TiB; 0: torch's default), "
                             f"got {self.bucket_cap_mb}")

@@ -23,6 +23,7 @@ from dist_mnist.errors import UserError
     ("--label-smoothing", "1"), ("--peak-tflops", "-1"), ("--train-timeout-s", "0"), ("--train-timeout-s", "nan"),
     ("--train-timeout-s", "1e9"), ("--seed", "-1"), ("--seed", "4294967296"),
     ("--bucket-cap-mb", "1e15"), ("--peak-tflops", "989e12"), ("--peak-tflops", "1e300"),
+    ("--timeout-s", "0.5"), ("--train-timeout-s", "0.001"),
 ])
 def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must"):
