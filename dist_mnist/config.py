@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from dist_mnist.errors import UserError
 from dist_mnist.recipes import DEFAULT_RECIPE, RECIPES, AppliedRecipe, recipe_name, recipe_values
@@ -248,9 +248,18 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose command-line errors (an unknown flag, a value of the wrong type or not among the choices) are
+    UserErrors: main prints them as every other bad input, one `error: ...` line and exit code 1, where argparse
+    printed its usage and exited with 2, a code README's exit codes do not have."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The command line; with `suppress_defaults` a flag left out is absent from the result (explicit-flag check)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="launch/train.py",
         description="Train the MNIST CNN with DistributedDataParallel. Run as `torchrun --nproc_per_node=N "
                     "launch/train.py` for N processes, or `python launch/train.py` for a world of one.",

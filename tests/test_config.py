@@ -145,11 +145,22 @@ def test_help_says_batch_size_is_per_process() -> None:
     assert "PER PROCESS" in build_parser().format_help()
 
 
-def test_unknown_choice_is_rejected_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as excinfo:
-        parse_args(["--backend", "mpi"])
-    assert excinfo.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--backend", "mpi"], "argument --backend: invalid choice: 'mpi'"),
+    (["--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
+    (["--epoch-count", "3"], "unrecognized arguments: --epoch-count 3"),
+])
+def test_a_command_line_argparse_cannot_read_is_one_error_line(argv: list[str], message: str) -> None:
+    """argparse printed its usage and exited with 2; bad flags are one error line and exit code 1 (README)."""
+    with pytest.raises(UserError, match=f"^{message}.* \\(see --help\\)$"):
+        parse_args(argv)
+
+
+def test_a_command_line_error_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_mnist.train import main
+
+    assert main(["--batch-size", "abc"]) == 1
+    assert capsys.readouterr().err == "error: argument --batch-size: invalid int value: 'abc' (see --help)\n"
 
 
 def test_threads_are_at_most_the_machines_cpus() -> None:
