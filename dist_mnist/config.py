@@ -167,6 +167,13 @@ class TrainConfig:
     explicit_flags: tuple[str, ...] | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        # A shell expands ~ in `--output-dir ~/runs` but not in `--output-dir=~/runs` (nor in a quoted path or
+        # $DIST_MNIST_DATA="~/data"), and Path does not: the run then went into a folder named "~" under the
+        # working directory. The paths are expanded here, as the shell would have.
+        for name in ("data_dir", "output_dir", "checkpoint_dir"):
+            setattr(self, name, os.path.expanduser(getattr(self, name)))
+        if self.resume not in ("auto", "never"):
+            self.resume = os.path.expanduser(self.resume)
         for f in dataclasses.fields(self):
             # nan passes every comparison below, and inf overflows the timedelta of --timeout-s.
             if f.type == "float" and not math.isfinite(getattr(self, f.name)):

@@ -100,6 +100,16 @@ def test_configs_built_in_code_may_hold_any_schedule() -> None:
     assert TrainConfig(profile=False, profile_wait=3).profile_wait == 3
 
 
+def test_a_path_with_a_tilde_means_the_home_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shell leaves ~ in --output-dir=~/runs as it is; the run went into a folder named '~'."""
+    monkeypatch.setenv("HOME", "/home/u")
+    cfg = parse_args(["--output-dir=~/runs", "--data-dir=~/data", "--checkpoint-dir=~/ck", "--resume=~/ck/a.pt"])
+    assert (cfg.output_dir, cfg.data_dir, cfg.checkpoint_dir, cfg.resume) == (
+        "/home/u/runs", "/home/u/data", "/home/u/ck", "/home/u/ck/a.pt")
+    assert parse_args(["--resume", "never"]).resume == "never"
+    assert parse_args([]).checkpoint_dir == ""  # still: inside the run folder
+
+
 def test_data_on_device_excludes_workers() -> None:
     with pytest.raises(UserError, match="--data-on-device on .* --num-workers"):
         parse_args(["--data-on-device", "on", "--num-workers", "2"])
