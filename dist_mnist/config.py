@@ -6,8 +6,9 @@ import argparse
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from dist_mnist.errors import UserError
 from dist_mnist.recipes import DEFAULT_RECIPE, RECIPES, AppliedRecipe, recipe_name, recipe_values
@@ -15,6 +16,19 @@ from dist_mnist.recipes import DEFAULT_RECIPE, RECIPES, AppliedRecipe, recipe_na
 # --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
 # should wait, and far from where such a duration overflows.
 MAX_TIMEOUT_S = 7 * 24 * 3600
+# The shortest wait the ranks can keep: legitimate waits between them (rank 0 measuring the matmul peak, 0.3 s on
+# CPU, or writing a checkpoint) take up to a second, and below it a healthy 2-rank run failed as a lost peer (with
+# --train-timeout-s 0.001 gloo then aborted a rank with SIGABRT after its error line).
+MIN_TIMEOUT_S = 1.0
+# DDP turns --bucket-cap-mb into a byte count held in a C++ int64: from 2**43 MiB on its Reducer refused it with a
+# TypeError traceback. A bucket larger than the gradient is one bucket, so 1 TiB loses nothing.
+MAX_BUCKET_CAP_MB = 2**20
+# --peak-tflops is in TFLOP/s: a GPU's dense peak is about 1e3, so 1e6 (an exaFLOP/s per process) is far beyond any
+# device, and a value above it is almost surely FLOP/s typed in (989e12 for an H100), which made the MFU read 0.0%;
+# past 1.8e296 the FLOP/s overflowed to inf, written into summary.json as Infinity.
+MAX_PEAK_TFLOPS = 1e6
+# --seed also seeds numpy's global generator, whose legacy seeding takes 0 to 2**32 - 1 and raises past it.
+MAX_SEED = 2**32 - 1
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -39,7 +53,9 @@ class TrainConfig:
                                "them through /dev/shm); batches are sliced from decoded tensors, so 0 is fastest "
                                "on CPU (measured, see docs/benchmarks.md)")
     data_on_device: str = _opt("auto", "keep the whole decoded dataset, training and test splits (55 MB), on the GPU "
-                                       "and slice batches there; auto: on with CUDA", choices=["auto", "on", "off"])
+                                       "and slice batches there; auto: on with CUDA unless --num-workers > 0; on: "
+                                       "refused without CUDA",
+                               choices=["auto", "on", "off"])
 
     # Model and recipe
     recipe: str = _opt("auto", "named settings for --batch-size, --lr, --epochs, --warmup-frac, --eval-every, "
@@ -65,7 +81,7 @@ class TrainConfig:
     grad_accum_steps: int = _opt(1, "micro-batches of --batch-size per optimizer step (gradient accumulation): the "
                                     "global batch is batch x world size x this; DDP all-reduces only on the last "
                                     "micro-batch (no_sync), and the LR schedule counts optimizer steps")
-    seed: int = _opt(0, "seed for weights, dropout and the data order")
+    seed: int = _opt(0, f"seed for weights, dropout and the data order (0 to {MAX_SEED})")
     deterministic: bool = _opt(False, "use only deterministic kernels (torch.use_deterministic_algorithms)")
     stop_at_accuracy: float = _opt(0.0, "stop, save a checkpoint and report once an evaluation's test accuracy "
                                         "reaches this fraction, e.g. 0.99 (0: off)")
@@ -102,12 +118,12 @@ class TrainConfig:
         "the LR warm-up; state saved in checkpoints; on gloo all gradients go into one bucket)",
         choices=list(COMM_HOOKS))
     bucket_cap_mb: float = _opt(DEFAULT_RECIPE.bucket_cap_mb, "DDP gradient bucket size in MiB (0: torch's default, "
-                                                             "25 MiB with a 1 MiB first bucket); given, it also caps "
-                                                             "the first bucket")
+                                                             "25 MiB with a 1 MiB first bucket); given, it also "
+                                                             "caps the first bucket; at most 1 TiB")
     timeout_s: float = _opt(300.0, "seconds the start-up may wait for the other ranks (rendezvous, the download, "
-                                   "torch.compile and everything else up to the end of the first step)")
+                                   "torch.compile and everything else up to the end of the first step); 1 s to a week")
     train_timeout_s: float = _opt(100.0, "seconds a collective may wait for the other ranks after the first step; "
-                                         "a hung or lost peer ends the job this long after it stopped")
+                                         "a hung or lost peer ends the job this long after it stopped; 1 s to a week")
 
     # Evaluation, logging and run output
     eval_every: int = _opt(DEFAULT_RECIPE.eval_every,
@@ -130,7 +146,8 @@ class TrainConfig:
     profile_shapes: bool = _opt(False, "record operator input shapes in the traces")
     profile_stack: bool = _opt(False, "record Python stacks in the traces (much bigger traces)")
     cuda_memory_snapshot: bool = _opt(False, "CUDA only: dump a memory snapshot (view at pytorch.org/memory_viz)")
-    peak_tflops: float = _opt(0.0, "peak TFLOP/s per process for the MFU figure (0: measure a matmul peak)")
+    peak_tflops: float = _opt(0.0, "peak TFLOP/s (not FLOP/s) per process for the MFU figure, at most "
+                                     f"{MAX_PEAK_TFLOPS:g} (0: measure a matmul peak)")
     phase_timers: str = _opt("auto", "per-phase step timers behind summary.json's phase shares: every step, every "
                                      "Nth step (--phase-timer-every), or off; auto: every step on CPU, sampled on "
                                      "CUDA (a CUDA event per phase of a timed step)",
@@ -151,6 +168,13 @@ class TrainConfig:
     explicit_flags: tuple[str, ...] | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        # A shell expands ~ in `--output-dir ~/runs` but not in `--output-dir=~/runs` (nor in a quoted path or
+        # $DIST_MNIST_DATA="~/data"), and Path does not: the run then went into a folder named "~" under the
+        # working directory. The paths are expanded here, as the shell would have.
+        for name in ("data_dir", "output_dir", "checkpoint_dir"):
+            setattr(self, name, os.path.expanduser(getattr(self, name)))
+        if self.resume not in ("auto", "never"):
+            self.resume = os.path.expanduser(self.resume)
         for f in dataclasses.fields(self):
             # nan passes every comparison below, and inf overflows the timedelta of --timeout-s.
             if f.type == "float" and not math.isfinite(getattr(self, f.name)):
@@ -174,11 +198,27 @@ class TrainConfig:
         if not 0 <= self.warmup_frac < 1:
             raise UserError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
         for name in ("timeout_s", "train_timeout_s"):
-            if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
-                raise UserError(f"--{_flag(name)} must be positive and at most {MAX_TIMEOUT_S} (a week), "
-                                f"got {getattr(self, name)}")
+            if not MIN_TIMEOUT_S <= getattr(self, name) <= MAX_TIMEOUT_S:
+                raise UserError(f"--{_flag(name)} must be at least {MIN_TIMEOUT_S:g} and at most {MAX_TIMEOUT_S} "
+                                f"(a week), got {getattr(self, name)}")
+        if self.bucket_cap_mb > MAX_BUCKET_CAP_MB:
+            raise UserError(f"--bucket-cap-mb must be at most {MAX_BUCKET_CAP_MB} (1 TiB; 0: torch's default), "
+                            f"got {self.bucket_cap_mb}")
+        if self.peak_tflops > MAX_PEAK_TFLOPS:
+            raise UserError(f"--peak-tflops must be at most {MAX_PEAK_TFLOPS:g} (TFLOP/s per process, not FLOP/s), "
+                            f"got {self.peak_tflops:g}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         if not 0 <= self.stop_at_accuracy <= 1:
             raise UserError(f"--stop-at-accuracy must be in (0, 1] (0: off), got {self.stop_at_accuracy}")
+        # An empty path is no folder or file: Path("") is the current directory, so --output-dir "" wrote runs
+        # there, and --resume "" was read as a checkpoint file named ".".
+        if not self.resume:
+            raise UserError("--resume must be auto, never or the path of a checkpoint file, got ''")
+        if not self.output_dir:
+            raise UserError("--output-dir must name a folder, got ''")
+        if self.dataset == "mnist" and not self.data_dir:
+            raise UserError("--data-dir (default: $DIST_MNIST_DATA) must name a folder, got ''")
         if self.run_name and (os.sep in self.run_name or self.run_name in {".", ".."}):
             raise UserError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         cpus = os.cpu_count() or 1
@@ -216,9 +256,18 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose command-line errors (an unknown flag, a value of the wrong type or not among the choices) are
+    UserErrors: main prints them as every other bad input, one `error: ...` line and exit code 1, where argparse
+    printed its usage and exited with 2, a code README's exit codes do not have."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The command line; with `suppress_defaults` a flag left out is absent from the result (explicit-flag check)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="launch/train.py",
         description="Train the MNIST CNN with DistributedDataParallel. Run as `torchrun --nproc_per_node=N "
                     "launch/train.py` for N processes, or `python launch/train.py` for a world of one.",
@@ -238,7 +287,34 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that only mean something under another flag's value: (the dependent flags, whether that value is set, what
+# to add). Given without it, each used to be ignored without a word (a --profile-wait without --profile recorded
+# nothing; --compile-mode without --compile compiled nothing).
+_DEPENDENT_FLAGS: tuple[tuple[tuple[str, ...], Callable[[TrainConfig], bool], str], ...] = (
+    (("profile_wait", "profile_warmup", "profile_active", "profile_repeat", "profile_memory", "profile_shapes",
+      "profile_stack"), lambda cfg: cfg.profile, "--profile"),
+    (("compile_mode", "compile_backend"), lambda cfg: cfg.compile, "--compile"),
+    (("phase_timer_every",), lambda cfg: cfg.phase_timers in ("sample", "auto"),
+     "--phase-timers sample (or auto, sampled on CUDA)"),
+    (("synthetic_train_size", "synthetic_test_size"), lambda cfg: cfg.dataset == "synthetic", "--dataset synthetic"),
+)
+
+
+def _refuse_flags_without_effect(cfg: TrainConfig) -> None:
+    """Command-line flags given without the flag they depend on. Only what the command line gave: code (the
+    benchmarks) builds configs with schedule values whose --profile it switches per measurement."""
+    for names, applies, needs in _DEPENDENT_FLAGS:
+        # A switch given as off (--no-profile-memory) asks for nothing, so it has nothing to lose.
+        given = [n for n in names if n in cfg.explicit() and getattr(cfg, n) is not False]
+        if given and not applies(cfg):
+            listed = " and ".join(f"--{_flag(n)}" for n in given)
+            raise UserError(f"{listed} {'has' if len(given) == 1 else 'have'} no effect without {needs}; "
+                            f"add it or drop {listed}")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a validated config; bad values raise UserError."""
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    return TrainConfig(**vars(build_parser().parse_args(argv)), explicit_flags=tuple(sorted(explicit)))
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)), explicit_flags=tuple(sorted(explicit)))
+    _refuse_flags_without_effect(cfg)
+    return cfg

@@ -103,14 +103,22 @@ def synthetic_splits(train_size: int, test_size: int) -> tuple[Split, Split]:
     """Learnable MNIST-shaped data: a fixed random template per class plus noise; the same on every call."""
     templates = torch.rand(10, 28, 28, generator=torch.Generator().manual_seed(SYNTHETIC_SEED)) * 255
 
-    def make(n: int, seed: int) -> Split:
+    def make(n: int, seed: int, flag: str) -> Split:
         gen = torch.Generator().manual_seed(seed)
-        labels = torch.randint(0, 10, (n,), generator=gen)
-        noise = torch.randn(n, 28, 28, generator=gen) * 60
+        try:
+            labels = torch.randint(0, 10, (n,), generator=gen)
+            noise = torch.randn(n, 28, 28, generator=gen) * 60
+        except RuntimeError as exc:
+            # torch's CPU allocator refuses what cannot fit at once; its error is a C++ traceback of several lines.
+            if "can't allocate memory" not in str(exc):
+                raise
+            raise UserError(f"{flag} {n}: {n:,} synthetic images (made in float32, 3 KiB each) do not fit in this "
+                            "machine's memory; lower it") from None
         images = (templates[labels] * 0.6 + noise + 40).clamp_(0, 255).to(torch.uint8)
         return Split(images, labels)
 
-    return make(train_size, SYNTHETIC_SEED + 1), make(test_size, SYNTHETIC_SEED + 2)
+    return (make(train_size, SYNTHETIC_SEED + 1, "--synthetic-train-size"),
+            make(test_size, SYNTHETIC_SEED + 2, "--synthetic-test-size"))
 
 
 def load_splits(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:

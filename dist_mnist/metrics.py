@@ -164,6 +164,15 @@ def resolve_phase_timers(setting: str, device: torch.device) -> str:
     return "sample" if device.type == "cuda" else "every"
 
 
+def phase_timer_every_note(explicit: frozenset[str], setting: str, mode: str) -> str | None:
+    """The run's note when a --phase-timer-every given on the command line meets --phase-timers auto resolved to
+    every step (on CPU): the same command samples on CUDA, so it is no error (every and off are refused when
+    parsed), but the value does nothing here and the run says so."""
+    if "phase_timer_every" in explicit and setting == "auto" and mode != "sample":
+        return f"note: --phase-timer-every has no effect here: --phase-timers auto times {mode} step on this device"
+    return None
+
+
 def process_rss_bytes(children: bool = True) -> int:
     """Resident memory of this process and, with `children`, of its child processes (the DataLoader workers)."""
     proc = psutil.Process()

@@ -34,7 +34,14 @@ from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import INTERRUPTED_EARLY, UserError
 from dist_mnist.graphs import GraphedStep, capture_failure_note, graph_decision
-from dist_mnist.metrics import MemoryTracker, RunWriter, StepTimer, format_eval, resolve_phase_timers
+from dist_mnist.metrics import (
+    MemoryTracker,
+    RunWriter,
+    StepTimer,
+    format_eval,
+    phase_timer_every_note,
+    resolve_phase_timers,
+)
 from dist_mnist.model import MnistCNN
 from dist_mnist.preemption import StopRequest, StopVote
 from dist_mnist.profiling import (
@@ -103,6 +110,10 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
     if cfg.compile and not cuda and cfg.compile_backend == "inductor" and not _has_cxx_compiler():
         raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) for inductor; install one, "
                         "or run without --compile")
+    if cfg.data_on_device == "on" and not cuda:
+        # Asked for explicitly, it must not quietly become off: a CPU has no device memory to keep the data in.
+        raise UserError("--data-on-device on needs CUDA (it keeps the dataset in GPU memory); use --data-on-device "
+                        "auto or off on CPU")
     if cfg.cuda_memory_snapshot and not cuda:
         raise UserError("--cuda-memory-snapshot needs CUDA; it records the CUDA caching allocator")
     if cfg.amp == "auto":
@@ -115,7 +126,9 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
     return SpeedSettings(
         amp_dtype=amp_dtype,
         channels_last=cfg.channels_last != "off",
-        data_on_device=cuda and cfg.data_on_device != "off",
+        # auto keeps the data on the GPU unless --num-workers asks for loader processes, which load on the host:
+        # auto used to win there and the workers asked for were silently never started.
+        data_on_device=cuda and (cfg.data_on_device == "on" or (cfg.data_on_device == "auto" and not cfg.num_workers)),
         flush_denormal=not cuda,
     )
 
@@ -495,7 +508,9 @@ class Trainer:
         self.graphed = False  # whether the steps replay a captured CUDA graph (a failed capture leaves it False)
         self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
         self.state = TrainState()
-        self.timer = StepTimer(ctx.device, resolve_phase_timers(cfg.phase_timers, ctx.device), cfg.phase_timer_every)
+        timer_mode = resolve_phase_timers(cfg.phase_timers, ctx.device)
+        self.timer = StepTimer(ctx.device, timer_mode, cfg.phase_timer_every)
+        self.timer_note = phase_timer_every_note(cfg.explicit(), cfg.phase_timers, timer_mode)
         self.memory = MemoryTracker(workers=self.data.workers)
         self.stop = StopRequest()
         self.vote = StopVote(ctx)
@@ -827,8 +842,9 @@ class Trainer:
                  f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
                  f"{self.steps_per_epoch} steps/epoch, {self.settings.describe()}, "
                  f"cuda_graphs={self.graphs.enabled}")
-        if self.comm_note:
-            self.log(self.comm_note)
+        for note in (self.comm_note, self.timer_note):
+            if note:
+                self.log(note)
         if self.graphs.note:
             self.log(self.graphs.note)
         if self.graphs.enabled:

@@ -21,7 +21,9 @@ from dist_mnist.errors import UserError
     ("--warmup-frac", "-0.1"), ("--warmup-frac", "1"), ("--warmup-frac", "1.5"),
     ("--timeout-s", "0"), ("--timeout-s", "-10"), ("--timeout-s", "1e9"), ("--label-smoothing", "-0.1"),
     ("--label-smoothing", "1"), ("--peak-tflops", "-1"), ("--train-timeout-s", "0"), ("--train-timeout-s", "nan"),
-    ("--train-timeout-s", "1e9"),
+    ("--train-timeout-s", "1e9"), ("--seed", "-1"), ("--seed", "4294967296"),
+    ("--bucket-cap-mb", "1e15"), ("--peak-tflops", "989e12"), ("--peak-tflops", "1e300"),
+    ("--timeout-s", "0.5"), ("--train-timeout-s", "0.001"),
 ])
 def test_impossible_value_names_the_flag(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must"):
@@ -49,6 +51,65 @@ def test_run_name_must_be_a_plain_folder_name(run_name: str) -> None:
         parse_args(["--run-name", run_name])
 
 
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--resume", "--resume must be auto, never or the path of a checkpoint file, got ''"),
+    ("--output-dir", "--output-dir must name a folder, got ''"),
+    ("--data-dir", r"--data-dir \(default: \$DIST_MNIST_DATA\) must name a folder, got ''"),
+])
+def test_an_empty_path_is_refused(flag: str, message: str) -> None:
+    """Path('') is the current directory: --output-dir '' wrote runs there, --resume '' read a checkpoint '.'."""
+    with pytest.raises(UserError, match=f"^{message}$"):
+        parse_args([flag, ""])
+
+
+def test_an_empty_data_dir_is_no_matter_for_synthetic_data() -> None:
+    assert parse_args(["--dataset", "synthetic", "--data-dir", ""]).data_dir == ""
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--profile-wait", "1"], "--profile-wait has no effect without --profile; add it or drop --profile-wait"),
+    (["--profile-active", "2", "--profile-memory"],
+     "--profile-active and --profile-memory have no effect without --profile; add it or drop --profile-active and "
+     "--profile-memory"),
+    (["--compile-mode", "max-autotune"], "--compile-mode has no effect without --compile"),
+    (["--compile-backend", "eager", "--no-compile"], "--compile-backend has no effect without --compile"),
+    (["--phase-timers", "every", "--phase-timer-every", "5"],
+     r"--phase-timer-every has no effect without --phase-timers sample \(or auto, sampled on CUDA\)"),
+    (["--phase-timers", "off", "--phase-timer-every", "5"], "--phase-timer-every has no effect"),
+    (["--synthetic-train-size", "100"], "--synthetic-train-size has no effect without --dataset synthetic"),
+    (["--dataset", "mnist", "--synthetic-test-size", "100"], "--synthetic-test-size has no effect"),
+])
+def test_a_flag_without_the_flag_it_depends_on_is_refused(argv: list[str], message: str) -> None:
+    """Each of these was ignored without a word: --profile-wait without --profile recorded nothing."""
+    with pytest.raises(UserError, match=f"^{message}"):
+        parse_args(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--profile", "--profile-wait", "1", "--profile-stack"], ["--no-profile-memory"],
+    ["--compile", "--compile-mode", "max-autotune"], ["--phase-timers", "sample", "--phase-timer-every", "5"],
+    ["--phase-timer-every", "5"],  # auto: sampled on CUDA
+    ["--dataset", "synthetic", "--synthetic-train-size", "100"],
+])
+def test_a_flag_with_the_flag_it_depends_on_parses(argv: list[str]) -> None:
+    parse_args(argv)
+
+
+def test_configs_built_in_code_may_hold_any_schedule() -> None:
+    """The profiler benchmark switches --profile per measurement on a config that keeps its schedule."""
+    assert TrainConfig(profile=False, profile_wait=3).profile_wait == 3
+
+
+def test_a_path_with_a_tilde_means_the_home_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shell leaves ~ in --output-dir=~/runs as it is; the run went into a folder named '~'."""
+    monkeypatch.setenv("HOME", "/home/u")
+    cfg = parse_args(["--output-dir=~/runs", "--data-dir=~/data", "--checkpoint-dir=~/ck", "--resume=~/ck/a.pt"])
+    assert (cfg.output_dir, cfg.data_dir, cfg.checkpoint_dir, cfg.resume) == (
+        "/home/u/runs", "/home/u/data", "/home/u/ck", "/home/u/ck/a.pt")
+    assert parse_args(["--resume", "never"]).resume == "never"
+    assert parse_args([]).checkpoint_dir == ""  # still: inside the run folder
+
+
 def test_data_on_device_excludes_workers() -> None:
     with pytest.raises(UserError, match="--data-on-device on .* --num-workers"):
         parse_args(["--data-on-device", "on", "--num-workers", "2"])
@@ -68,15 +129,48 @@ def test_defaults_are_valid_and_flags_parse() -> None:
     assert TrainConfig().to_json() == parse_args([]).to_json()
 
 
+def test_seed_takes_numpys_whole_range() -> None:
+    """The seed reaches numpy's global generator, which took 0 to 2**32 - 1 and raised a traceback past that."""
+    assert parse_args(["--seed", "0"]).seed == 0
+    assert parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+
+
+def test_bucket_cap_reaches_1_tib() -> None:
+    """From 2**43 MiB DDP's Reducer refused the byte count (an int64) with a traceback; 1 TiB is one bucket anyway."""
+    assert parse_args(["--bucket-cap-mb", str(2**20)]).bucket_cap_mb == 2**20
+    with pytest.raises(UserError, match=r"^--bucket-cap-mb must be at most 1048576 \(1 TiB; 0: torch's default\), "
+                                        r"got 1048577.0$"):
+        parse_args(["--bucket-cap-mb", str(2**20 + 1)])
+
+
+def test_peak_tflops_is_in_tflops() -> None:
+    """989e12 (an H100's FLOP/s) made the MFU read 0.0%; 1e300 made summary.json's peak Infinity."""
+    assert parse_args(["--peak-tflops", "1e6"]).peak_tflops == 1e6
+    with pytest.raises(UserError, match=r"^--peak-tflops must be at most 1e\+06 \(TFLOP/s per process, not FLOP/s\), "
+                                        r"got 9\.89e\+14$"):
+        parse_args(["--peak-tflops", "989e12"])
+
+
 def test_help_says_batch_size_is_per_process() -> None:
     assert "PER PROCESS" in build_parser().format_help()
 
 
-def test_unknown_choice_is_rejected_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as excinfo:
-        parse_args(["--backend", "mpi"])
-    assert excinfo.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--backend", "mpi"], "argument --backend: invalid choice: 'mpi'"),
+    (["--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
+    (["--epoch-count", "3"], "unrecognized arguments: --epoch-count 3"),
+])
+def test_a_command_line_argparse_cannot_read_is_one_error_line(argv: list[str], message: str) -> None:
+    """argparse printed its usage and exited with 2; bad flags are one error line and exit code 1 (README)."""
+    with pytest.raises(UserError, match=f"^{message}.* \\(see --help\\)$"):
+        parse_args(argv)
+
+
+def test_a_command_line_error_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_mnist.train import main
+
+    assert main(["--batch-size", "abc"]) == 1
+    assert capsys.readouterr().err == "error: argument --batch-size: invalid int value: 'abc' (see --help)\n"
 
 
 def test_threads_are_at_most_the_machines_cpus() -> None:

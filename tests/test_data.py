@@ -299,3 +299,13 @@ def test_fast_eval_pipeline_matches_torchvision(tmp_path: Path, channels_last: b
     expected_x, expected_y = map(torch.stack, zip(*((x, torch.tensor(y)) for x, y in reference_mnist(data_dir, False))))
     check_normalized(normalize(images, CPU, channels_last), expected_x, channels_last)
     assert torch.equal(labels, expected_y)
+
+
+@pytest.mark.parametrize(("sizes", "flag"), [((10**15, 10), "--synthetic-train-size"),
+                                             ((10, 10**15), "--synthetic-test-size")])
+def test_synthetic_data_that_cannot_fit_in_memory_names_its_flag(sizes: tuple[int, int], flag: str) -> None:
+    """10**15 images are beyond any address space, so the allocation fails at once (no memory is touched); it was a
+    C++ allocator traceback."""
+    with pytest.raises(UserError, match=f"^{flag} {10**15}: 1,000,000,000,000,000 synthetic images .* do not fit in "
+                                        "this machine's memory; lower it$"):
+        synthetic_splits(*sizes)

@@ -347,6 +347,14 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], dict[str, str], tuple[s
     "fp16-on-cpu": (lambda p: [*SMOKE_FLAGS, "--amp", "fp16"], {}, ("--amp fp16 runs on CUDA only",)),
     "unwritable-output-dir": (lambda p: [*SMOKE_FLAGS, "--output-dir", _unwritable_output(p)], {},
                               ("cannot write to --output-dir",)),
+    # Each of these was a traceback, argparse's usage with exit code 2, or a silent change before it was refused.
+    "unreadable-value": (lambda p: [*SMOKE_FLAGS, "--batch-size", "abc"], {},
+                         ("argument --batch-size: invalid int value: 'abc'",)),
+    "seed-beyond-numpy": (lambda p: [*SMOKE_FLAGS, "--seed=-1"], {}, ("--seed must be in [0, 4294967295]",)),
+    "data-on-device-on-cpu": (lambda p: [*SMOKE_FLAGS, "--data-on-device", "on"], {},
+                              ("--data-on-device on needs CUDA",)),
+    "schedule-without-profile": (lambda p: [*SMOKE_FLAGS, "--profile-wait", "1"], {},
+                                 ("--profile-wait has no effect without --profile",)),
 }
 
 

@@ -65,6 +65,14 @@ def test_amp_auto_on_cuda_uses_native_bf16_only(monkeypatch: pytest.MonkeyPatch,
     assert resolve_speed_settings(TrainConfig(amp="auto"), CUDA).amp_dtype == expected
 
 
+@pytest.mark.parametrize(("flag", "workers", "on_device"), [
+    ("auto", 0, True), ("auto", 2, False), ("off", 0, False), ("on", 0, True)])
+def test_data_on_device_auto_leaves_the_data_to_workers_asked_for(flag: str, workers: int, on_device: bool) -> None:
+    """auto kept the data on the GPU whatever --num-workers said, and the workers were never started."""
+    cfg = TrainConfig(amp="off", data_on_device=flag, num_workers=workers)
+    assert resolve_speed_settings(cfg, CUDA).data_on_device is on_device
+
+
 def test_amp_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_gpu(monkeypatch, native_bf16=False)
     with pytest.raises(UserError, match="--amp bf16 needs a GPU with bf16 support"):

@@ -33,6 +33,7 @@ from dist_mnist.metrics import (
     MemoryTracker,
     StepTimer,
     format_eval,
+    phase_timer_every_note,
     process_rss_bytes,
     resolve_phase_timers,
 )
@@ -269,6 +270,17 @@ def test_phase_timers_auto_samples_on_cuda_only(setting: str, device: str, mode:
     assert resolve_phase_timers(setting, torch.device(device)) == mode
 
 
+def test_phase_timer_every_that_auto_does_not_use_is_noted(tmp_path: Path) -> None:
+    """auto times every step on CPU, where --phase-timer-every did nothing without a word."""
+    result = train(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "r",
+                   "--phase-timer-every", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("note: --phase-timer-every has no effect here: --phase-timers auto times every step on this device"
+            in result.stdout.splitlines())
+    assert phase_timer_every_note(frozenset({"phase_timer_every"}), "auto", "sample") is None  # CUDA samples
+    assert phase_timer_every_note(frozenset(), "auto", "every") is None  # the default: nothing to say
+
+
 @pytest.mark.parametrize("fail", [False, True])
 def test_cuda_memory_snapshot_is_dumped_on_any_exit(fail: bool, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,7 +444,7 @@ def test_the_trainer_tells_the_timer_which_steps_follow_a_device_sync(
 @pytest.mark.parametrize("mode", ["sample", "off"])
 def test_summary_and_report_say_how_phases_were_timed(mode: str, tmp_path: Path) -> None:
     result = train(*RUN_FLAGS, "--max-steps", "24", "--output-dir", str(tmp_path), "--run-name", mode,
-                   "--phase-timers", mode, "--phase-timer-every", "4")
+                   "--phase-timers", mode, *(["--phase-timer-every", "4"] if mode == "sample" else []))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / mode / "summary.json").read_text())
     (rank,) = summary["ranks"]

@@ -24,6 +24,7 @@ import dist_mnist.train as train_module
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import normalize, synthetic_splits
 from dist_mnist.distributed import DistContext, distributed_session
+from dist_mnist.errors import UserError
 from dist_mnist.metrics import StepTimer
 from dist_mnist.model import MnistCNN
 from dist_mnist.train import SpeedSettings, TrainParts, build_train_parts, main, resolve_speed_settings, train_step
@@ -128,6 +129,17 @@ def test_amp_on_cpu_resolves_by_native_bf16(monkeypatch: pytest.MonkeyPatch, amp
     settings = resolve_speed_settings(TrainConfig(amp=amp), CPU)
     assert settings.amp_dtype == expected
     assert not settings.data_on_device  # a CPU has no device memory to keep the dataset in
+
+
+@pytest.mark.parametrize("flag", ["auto", "off"])
+def test_data_on_device_is_off_on_cpu(flag: str) -> None:
+    assert not resolve_speed_settings(TrainConfig(data_on_device=flag), CPU).data_on_device
+
+
+def test_data_on_device_on_is_refused_on_cpu() -> None:
+    """Asked for explicitly, it used to become off without a word."""
+    with pytest.raises(UserError, match=r"^--data-on-device on needs CUDA"):
+        resolve_speed_settings(TrainConfig(data_on_device="on"), CPU)
 
 
 @pytest.mark.parametrize(("flag", "expected"), [("auto", True), ("on", True), ("off", False)])
