@@ -472,7 +472,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             " (p50 and p90 are the mean step: on CUDA a single step is not timed without waiting for the GPU)")
         lines.append(f"phase timers off (--phase-timers off): no phase shares; step times are wall-clock{per_step}")
     elif timing and timing["mode"] == "sample":
-        lines.append(f"phase shares from every {timing['every_n_steps']}th step ({timing['steps_timed']} steps "
+        lines.append(f"phase shares from one step in {timing['every_n_steps']} ({timing['steps_timed']} steps "
                      f"timed on rank 0)")
     mfu = f"{summary['mfu']:.1%}" if summary["mfu"] is not None else "n/a"
     epoch = f"{summary['epoch_time_s']:.1f} s" if summary["epoch_time_s"] else "n/a"
