@@ -860,12 +860,16 @@ class Trainer:
                         break
                     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         self.save_checkpoint()
-                if state.batch_in_epoch >= self.batches_per_epoch:
+                epoch_done = state.batch_in_epoch >= self.batches_per_epoch
+                if epoch_done:
                     state.epoch += 1
                     state.batch_in_epoch = 0
                 # Not twice for one step: a run whose --max-steps falls on an --eval-every step has just evaluated.
                 evaluated = bool(state.metrics) and state.steps_since_evaluation() == 0
-                if stopped_by is None and self.target_reached is None and not evaluated:
+                # A stop signal skips the evaluation only mid-epoch, where the resumed run continues the interval. A
+                # stop on an epoch's last step still evaluates it: the resume starts the next epoch (or finds the
+                # run complete), so that epoch's record would be missing and every later --eval-every step shifted.
+                if (stopped_by is None or epoch_done) and self.target_reached is None and not evaluated:
                     self.evaluate_and_record()
                 self.save_checkpoint()
                 if (cfg.max_steps and state.step >= cfg.max_steps) or self.target_reached:

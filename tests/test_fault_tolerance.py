@@ -178,6 +178,43 @@ def test_run_stopped_by_max_steps_resumes_to_identical_parameters(tmp_path: Path
     assert progress_steps["resumed"] == progress_steps["straight"] == list(range(4, 33, 4))
 
 
+RESULT_KEYS = ("epoch", "step", "train_loss", "test_loss", "test_accuracy", "test_samples")
+
+
+def metrics_results(run_dir: Path) -> list[dict[str, object]]:
+    """metrics.jsonl without its timing figures, which no two runs share."""
+    return [{k: json.loads(line)[k] for k in RESULT_KEYS} for line in (run_dir / "metrics.jsonl").open()]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("restore_determinism")
+def test_a_stop_on_an_epochs_last_step_still_records_that_epochs_evaluation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # 16 steps per epoch, 32 in all, an evaluation every 5 steps and at each epoch's end. The SIGTERM arrives in the
+    # progress report of step 16, so the run stops at the end of epoch 1; it skipped that epoch's evaluation, and its
+    # resume started epoch 2 without it: no record at step 16, and every later --eval-every step moved.
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", "--eval-every", "5", "--log-every", "16",
+             "--output-dir", str(tmp_path)]
+    assert main([*flags, "--run-name", "straight"]) == 0
+    report = train_module.Trainer.log_progress
+    signalled: list[int] = []
+
+    def stop_once(self: train_module.Trainer) -> None:
+        if not signalled:
+            signalled.append(self.state.step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        report(self)
+
+    monkeypatch.setattr(train_module.Trainer, "log_progress", stop_once)
+    assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "stopped by SIGTERM at step 16;" in capsys.readouterr().out
+    assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "resumed from step 16 (end of epoch 1)" in capsys.readouterr().out
+    assert_resumed_equals_straight(tmp_path, 32)
+    assert metrics_steps(tmp_path / "straight") == [5, 10, 15, 16, 21, 26, 31, 32]
+    assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
+
+
 @pytest.mark.timeout(400)
 def test_sigterm_to_torchrun_stops_every_rank_and_resumed_run_matches_straight(tmp_path: Path) -> None:
     # 512 samples, 2 ranks at batch 16: 16 steps per epoch, 32 in all. torchrun forwards SIGTERM to its workers; they
