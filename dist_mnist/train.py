@@ -539,7 +539,7 @@ class Trainer:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
         comm_state = self.parts.comm.powersgd if self.parts.comm else None
         return {"model": self.parts.module, "optimizer": self.parts.optimizer, "scheduler": self.parts.scheduler,
-                "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock,
+                "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock, "progress": self.progress,
                 **({"comm_hook": comm_state} if comm_state else {})}
 
     # -- checkpoints --------------------------------------------------------------------------------------
@@ -585,9 +585,24 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"][ctx.rank], ctx.device)
         else:
             self.adapt_to_world_size(state["world_size"])
+        self.restore_train_loss(state.get("train_loss", []), state["world_size"] == ctx.world_size)
+        # samples_per_sec of the next record counts this process's steps over this process's training time.
+        self.last_record = (self.state.step, 0.0)
         where = (f"epoch {self.state.epoch_number()}, batch {self.state.batch_in_epoch}" if self.state.batch_in_epoch
                  else f"end of epoch {self.state.epoch_number()}")
         self.log(f"resumed from step {self.state.step} ({where}) of {source}")
+
+    def restore_train_loss(self, per_rank: list[list[float]], same_world: bool) -> None:
+        """The training-loss sums since the last evaluation, as the checkpoint's ranks held them; evaluation adds
+        them up over the ranks, so with another world size rank 0 takes them all. Checkpoints written before they
+        were saved hold none: the next record then averages the steps since the resume only."""
+        if same_world and per_rank:
+            self.train_loss_sum, count = per_rank[self.ctx.rank]
+        elif self.ctx.is_main and per_rank:
+            self.train_loss_sum, count = sum(s for s, _ in per_rank), sum(c for _, c in per_rank)
+        else:
+            return
+        self.train_loss_count = int(count)
 
     def adapt_to_world_size(self, old_world_size: int) -> None:
         """Continue a checkpoint written by another number of processes (an elastic restart with new membership).
@@ -624,7 +639,10 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         started = time.perf_counter()
         self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
-        rng_states = self.ctx.gather_objects(checkpoint.rng_state(self.ctx.device))
+        # Each rank's random generators and its training-loss sum since the last evaluation: the next evaluation's
+        # train_loss is the mean over that whole interval, steps before the checkpoint included.
+        per_rank = self.ctx.gather_objects((checkpoint.rng_state(self.ctx.device),
+                                            [self.train_loss_sum, self.train_loss_count]))
         # On every rank: a part may gather per-rank state (PowerSGD's residuals).
         parts = {name: part.state_dict() for name, part in self.stateful().items()}
 
@@ -633,7 +651,8 @@ class Trainer:
                 "format_version": checkpoint.FORMAT_VERSION,
                 "model_class": type(self.parts.module).__name__,
                 "world_size": self.ctx.world_size,
-                "rng": rng_states,
+                "rng": [rng for rng, _ in per_rank],
+                "train_loss": [loss for _, loss in per_rank],  # [sum, count] per rank
                 "config": self.cfg.to_json(),
                 "recipe": self.recipe.name,
                 **parts,
@@ -667,7 +686,9 @@ class Trainer:
         if not self.loss_window:
             return
         steps = [s for s, _ in self.loss_window]
-        values = torch.stack([loss for _, loss in self.loss_window]).float().cpu()
+        # float64: a window's float32 losses add up exactly, so the sums do not depend on where the flushes fell
+        # (a resumed run flushed at its checkpoint, the uninterrupted one did not) and a resume keeps them bit for bit.
+        values = torch.stack([loss for _, loss in self.loss_window]).double().cpu()
         self.loss_window = []
         bad = [s for s, v in zip(steps, values.tolist()) if not math.isfinite(v)]
         first_bad = min((b for b in self.ctx.gather_objects(bad[0] if bad else None) if b is not None), default=None)

@@ -215,6 +215,42 @@ def test_a_stop_on_an_epochs_last_step_still_records_that_epochs_evaluation(
     assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("restore_determinism")
+def test_a_resume_between_records_keeps_their_training_loss_and_throughput(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Evaluations every 5 steps, progress lines every 4; the run stops at step 7, inside both intervals. The losses
+    # of steps 5-7 were not in the checkpoint, so the records at steps 8 and 10 averaged the resumed steps only, and
+    # the record at 10 divided all 10 steps' samples by the resumed process's training time.
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", "--eval-every", "5", "--output-dir", str(tmp_path)]
+    assert main([*flags, "--run-name", "straight"]) == 0
+    begin_step = train_module.Trainer.begin_step
+
+    def stop_after_step_6(self: train_module.Trainer) -> None:
+        if self.state.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # step 7 runs, then the stop
+        begin_step(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Trainer, "begin_step", stop_after_step_6)
+        assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "stopped by SIGTERM at step 7;" in capsys.readouterr().out
+    clock = torch.load(checkpoint_path(tmp_path / "resumed" / "checkpoints", 7), weights_only=True)["clock"]
+    assert main([*flags, "--run-name", "resumed"]) == 0
+    assert_resumed_equals_straight(tmp_path, 32)
+    assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
+    progress = {name: [(r["step"], r["train_loss"], r["lr"]) for r in map(json.loads, (tmp_path / name /
+                                                                                        "progress.jsonl").open())]
+                for name in ("straight", "resumed")}
+    assert progress["resumed"] == progress["straight"]
+    # The record at step 10: the resumed process's 3 steps over its own training time (elapsed less pauses, less
+    # what the checkpoint's clock had).
+    record = json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[1])
+    assert record["step"] == 10
+    seconds = record["elapsed_s"] - record["paused_s"] - (clock["elapsed_s"] - clock["paused_s"])
+    assert record["samples_per_sec"] * seconds == pytest.approx(3 * 16, rel=0.2)
+
+
 @pytest.mark.timeout(400)
 def test_sigterm_to_torchrun_stops_every_rank_and_resumed_run_matches_straight(tmp_path: Path) -> None:
     # 512 samples, 2 ranks at batch 16: 16 steps per epoch, 32 in all. torchrun forwards SIGTERM to its workers; they
