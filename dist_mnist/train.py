@@ -215,6 +215,23 @@ def kernel_warmup_pays(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def settle_ddp_buckets(ddp: DDP, settings: SpeedSettings, device: torch.device, batch_size: int) -> None:
+    """One throwaway forward and backward, so DDP's first real step already all-reduces in its final bucket layout.
+
+    DDP all-reduces the first backward's gradients in one bucket and rebuilds its buckets, in gradient-ready order,
+    at the next forward. With three or more ranks a sum's order depends on where an element falls in its bucket
+    (gloo's ring), so a resumed process, whose first step used the first-step layout where the uninterrupted run
+    used the rebuilt one, ended a 3-rank run with other parameters in the last bits. Done here in every run, the
+    layout is the rebuilt one from step 1 on, resumed or not. Before the comm hook is registered (PowerSGD's state
+    would count this step) and before the dropout generator is seeded (build_train_parts); the gradients go.
+    """
+    images = torch.zeros(batch_size, 28, 28, dtype=torch.uint8, device=device)
+    with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None):
+        loss = ddp(normalize(images, device, settings.channels_last)).float().sum()
+    loss.backward()
+    ddp.module.zero_grad(set_to_none=True)
+
+
 def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
     torch.set_flush_denormal(settings.flush_denormal)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -225,6 +242,8 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
     ddp = None if ctx.world_size == 1 else DDP(
         module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True,
         **ddp_bucket_kwargs(cfg.ddp_comm_hook, cfg.bucket_cap_mb, ctx, module))
+    if ddp:
+        settle_ddp_buckets(ddp, settings, ctx.device, cfg.batch_size)
     comm = (CommRecorder(ddp, cfg.ddp_comm_hook, ctx, powersgd_start=int(total_steps * cfg.warmup_frac)) if ddp
             else None)
     wrapped: nn.Module = ddp if ddp else module
