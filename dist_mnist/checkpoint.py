@@ -23,10 +23,11 @@ from dist_mnist.errors import UserError
 
 FORMAT_VERSION = 2  # 2: one entry per stateful part (model, optimizer, ..., train_state, clock)
 _NAME = re.compile(r"^step(\d{8})\.pt$")
-# Config fields a checkpoint must share with the run that resumes it: they fix the model, the data order and
-# the learning-rate schedule, so continuing with another value would silently train something else.
+# Config fields a checkpoint must share with the run that resumes it: they fix the model, the data order, the
+# learning-rate schedule and the update rule (--grad-clip rescales every clipped step's gradients), so continuing
+# with another value would silently train something else.
 RESUME_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
-                 "label_smoothing", "seed", "grad_accum_steps")
+                 "label_smoothing", "grad_clip", "seed", "grad_accum_steps")
 
 
 class Stateful(Protocol):

@@ -79,6 +79,14 @@ class Progress:
                           file=sys.stderr, flush=True)
         write_durably(self.path, "".join(line + "\n" for line in kept).encode())
 
+    def state_dict(self) -> dict[str, float]:
+        """The loss since the previous line (rank 0's, as checkpoints hold it): a resumed run's next line still
+        averages over the whole interval, steps before the checkpoint included."""
+        return {"loss_sum": self._loss_sum, "loss_count": self._loss_count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._loss_sum, self._loss_count = state["loss_sum"], int(state["loss_count"])
+
     def add_losses(self, total: float, count: int) -> None:
         self._loss_sum += total
         self._loss_count += count

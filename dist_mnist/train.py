@@ -228,6 +228,23 @@ def kernel_warmup_pays(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def settle_ddp_buckets(ddp: DDP, settings: SpeedSettings, device: torch.device, batch_size: int) -> None:
+    """One throwaway forward and backward, so DDP's first real step already all-reduces in its final bucket layout.
+
+    DDP all-reduces the first backward's gradients in one bucket and rebuilds its buckets, in gradient-ready order,
+    at the next forward. With three or more ranks a sum's order depends on where an element falls in its bucket
+    (gloo's ring), so a resumed process, whose first step used the first-step layout where the uninterrupted run
+    used the rebuilt one, ended a 3-rank run with other parameters in the last bits. Done here in every run, the
+    layout is the rebuilt one from step 1 on, resumed or not. Before the comm hook is registered (PowerSGD's state
+    would count this step) and before the dropout generator is seeded (build_train_parts); the gradients go.
+    """
+    images = torch.zeros(batch_size, 28, 28, dtype=torch.uint8, device=device)
+    with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None):
+        loss = ddp(normalize(images, device, settings.channels_last)).float().sum()
+    loss.backward()
+    ddp.module.zero_grad(set_to_none=True)
+
+
 def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
     torch.set_flush_denormal(settings.flush_denormal)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -238,6 +255,8 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
     ddp = None if ctx.world_size == 1 else DDP(
         module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True,
         **ddp_bucket_kwargs(cfg.ddp_comm_hook, cfg.bucket_cap_mb, ctx, module))
+    if ddp:
+        settle_ddp_buckets(ddp, settings, ctx.device, cfg.batch_size)
     comm = (CommRecorder(ddp, cfg.ddp_comm_hook, ctx, powersgd_start=int(total_steps * cfg.warmup_frac)) if ddp
             else None)
     wrapped: nn.Module = ddp if ddp else module
@@ -565,7 +584,7 @@ class Trainer:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
         comm_state = self.parts.comm.powersgd if self.parts.comm else None
         return {"model": self.parts.module, "optimizer": self.parts.optimizer, "scheduler": self.parts.scheduler,
-                "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock,
+                "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock, "progress": self.progress,
                 **({"comm_hook": comm_state} if comm_state else {})}
 
     # -- checkpoints --------------------------------------------------------------------------------------
@@ -611,10 +630,25 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"][ctx.rank], ctx.device)
         else:
             self.adapt_to_world_size(state["world_size"])
+        self.restore_train_loss(state.get("train_loss", []), state["world_size"] == ctx.world_size)
+        # samples_per_sec of the next record counts this process's steps over this process's training time.
+        self.last_record = (self.state.step, 0.0)
         where = (f"epoch {self.state.epoch_number()}, batch {self.state.batch_in_epoch}" if self.state.batch_in_epoch
                  else f"end of epoch {self.state.epoch_number()}")
         self.resumed_from = Path(source)
         self.log(f"resumed from step {self.state.step} ({where}) of {source}")
+
+    def restore_train_loss(self, per_rank: list[list[float]], same_world: bool) -> None:
+        """The training-loss sums since the last evaluation, as the checkpoint's ranks held them; evaluation adds
+        them up over the ranks, so with another world size rank 0 takes them all. Checkpoints written before they
+        were saved hold none: the next record then averages the steps since the resume only."""
+        if same_world and per_rank:
+            self.train_loss_sum, count = per_rank[self.ctx.rank]
+        elif self.ctx.is_main and per_rank:
+            self.train_loss_sum, count = sum(s for s, _ in per_rank), sum(c for _, c in per_rank)
+        else:
+            return
+        self.train_loss_count = int(count)
 
     def adapt_to_world_size(self, old_world_size: int) -> None:
         """Continue a checkpoint written by another number of processes (an elastic restart with new membership).
@@ -651,7 +685,10 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         started = time.perf_counter()
         self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
-        rng_states = self.ctx.gather_objects(checkpoint.rng_state(self.ctx.device))
+        # Each rank's random generators and its training-loss sum since the last evaluation: the next evaluation's
+        # train_loss is the mean over that whole interval, steps before the checkpoint included.
+        per_rank = self.ctx.gather_objects((checkpoint.rng_state(self.ctx.device),
+                                            [self.train_loss_sum, self.train_loss_count]))
         # On every rank: a part may gather per-rank state (PowerSGD's residuals).
         parts = {name: part.state_dict() for name, part in self.stateful().items()}
 
@@ -660,7 +697,8 @@ class Trainer:
                 "format_version": checkpoint.FORMAT_VERSION,
                 "model_class": type(self.parts.module).__name__,
                 "world_size": self.ctx.world_size,
-                "rng": rng_states,
+                "rng": [rng for rng, _ in per_rank],
+                "train_loss": [loss for _, loss in per_rank],  # [sum, count] per rank
                 "config": self.cfg.to_json(),
                 "recipe": self.recipe.name,
                 **parts,
@@ -697,7 +735,9 @@ class Trainer:
         if not self.loss_window:
             return
         steps = [s for s, _ in self.loss_window]
-        values = torch.stack([loss for _, loss in self.loss_window]).float().cpu()
+        # float64: a window's float32 losses add up exactly, so the sums do not depend on where the flushes fell
+        # (a resumed run flushed at its checkpoint, the uninterrupted one did not) and a resume keeps them bit for bit.
+        values = torch.stack([loss for _, loss in self.loss_window]).double().cpu()
         self.loss_window = []
         bad = [s for s, v in zip(steps, values.tolist()) if not math.isfinite(v)]
         first_bad = min((b for b in self.ctx.gather_objects(bad[0] if bad else None) if b is not None), default=None)
@@ -895,12 +935,16 @@ class Trainer:
                         break
                     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         self.save_checkpoint()
-                if state.batch_in_epoch >= self.batches_per_epoch:
+                epoch_done = state.batch_in_epoch >= self.batches_per_epoch
+                if epoch_done:
                     state.epoch += 1
                     state.batch_in_epoch = 0
                 # Not twice for one step: a run whose --max-steps falls on an --eval-every step has just evaluated.
                 evaluated = bool(state.metrics) and state.steps_since_evaluation() == 0
-                if stopped_by is None and self.target_reached is None and not evaluated:
+                # A stop signal skips the evaluation only mid-epoch, where the resumed run continues the interval. A
+                # stop on an epoch's last step still evaluates it: the resume starts the next epoch (or finds the
+                # run complete), so that epoch's record would be missing and every later --eval-every step shifted.
+                if (stopped_by is None or epoch_done) and self.target_reached is None and not evaluated:
                     self.evaluate_and_record()
                 self.save_checkpoint()
                 if (cfg.max_steps and state.step >= cfg.max_steps) or self.target_reached:

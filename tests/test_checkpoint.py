@@ -322,6 +322,15 @@ def test_checkpoint_of_another_recipe_is_refused(capsys: pytest.CaptureFixture[s
     assert sorted(p.name for p in checkpoints_of(run_copy).iterdir()) == before
 
 
+def test_checkpoint_trained_without_grad_clip_is_refused_under_one(capsys: pytest.CaptureFixture[str],
+                                                                   run_copy: Path) -> None:
+    # Clipping rescales the gradients of every step whose norm exceeds it: resumed under another value the run
+    # silently trained a model neither value would give.
+    code, _, err = train_in_process(capsys, run_copy, "--grad-clip", "0.5")
+    assert code == 1
+    assert "--grad-clip 0.0 (recipe cpu), this run has 0.5 (recipe cpu)" in single_error_line(err)
+
+
 def test_checkpoint_of_another_named_recipe_is_refused(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
     # The smoke flags give --batch-size explicitly, so the cuda recipe changes --epochs first (and --lr).
     code, _, err = train_in_process(capsys, run_copy, "--recipe", "cuda")

@@ -178,6 +178,92 @@ def test_run_stopped_by_max_steps_resumes_to_identical_parameters(tmp_path: Path
     assert progress_steps["resumed"] == progress_steps["straight"] == list(range(4, 33, 4))
 
 
+RESULT_KEYS = ("epoch", "step", "train_loss", "test_loss", "test_accuracy", "test_samples")
+
+
+def metrics_results(run_dir: Path) -> list[dict[str, object]]:
+    """metrics.jsonl without its timing figures, which no two runs share."""
+    return [{k: json.loads(line)[k] for k in RESULT_KEYS} for line in (run_dir / "metrics.jsonl").open()]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("restore_determinism")
+def test_a_stop_on_an_epochs_last_step_still_records_that_epochs_evaluation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # 16 steps per epoch, 32 in all, an evaluation every 5 steps and at each epoch's end. The SIGTERM arrives in the
+    # progress report of step 16, so the run stops at the end of epoch 1; it skipped that epoch's evaluation, and its
+    # resume started epoch 2 without it: no record at step 16, and every later --eval-every step moved.
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", "--eval-every", "5", "--log-every", "16",
+             "--output-dir", str(tmp_path)]
+    assert main([*flags, "--run-name", "straight"]) == 0
+    report = train_module.Trainer.log_progress
+    signalled: list[int] = []
+
+    def stop_once(self: train_module.Trainer) -> None:
+        if not signalled:
+            signalled.append(self.state.step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        report(self)
+
+    monkeypatch.setattr(train_module.Trainer, "log_progress", stop_once)
+    assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "stopped by SIGTERM at step 16;" in capsys.readouterr().out
+    assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "resumed from step 16 (end of epoch 1)" in capsys.readouterr().out
+    assert_resumed_equals_straight(tmp_path, 32)
+    assert metrics_steps(tmp_path / "straight") == [5, 10, 15, 16, 21, 26, 31, 32]
+    assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("restore_determinism")
+def test_a_resume_between_records_keeps_their_training_loss_and_throughput(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Evaluations every 5 steps, progress lines every 4; the run stops at step 7, inside both intervals. The losses
+    # of steps 5-7 were not in the checkpoint, so the records at steps 8 and 10 averaged the resumed steps only, and
+    # the record at 10 divided all 10 steps' samples by the resumed process's training time.
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", "--eval-every", "5", "--output-dir", str(tmp_path)]
+    assert main([*flags, "--run-name", "straight"]) == 0
+    begin_step = train_module.Trainer.begin_step
+
+    def stop_after_step_6(self: train_module.Trainer) -> None:
+        if self.state.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # step 7 runs, then the stop
+        begin_step(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Trainer, "begin_step", stop_after_step_6)
+        assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "stopped by SIGTERM at step 7;" in capsys.readouterr().out
+    clock = torch.load(checkpoint_path(tmp_path / "resumed" / "checkpoints", 7), weights_only=True)["clock"]
+    assert main([*flags, "--run-name", "resumed"]) == 0
+    assert_resumed_equals_straight(tmp_path, 32)
+    assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
+    progress = {name: [(r["step"], r["train_loss"], r["lr"]) for r in map(json.loads, (tmp_path / name /
+                                                                                        "progress.jsonl").open())]
+                for name in ("straight", "resumed")}
+    assert progress["resumed"] == progress["straight"]
+    # The record at step 10: the resumed process's 3 steps over its own training time (elapsed less pauses, less
+    # what the checkpoint's clock had).
+    record = json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[1])
+    assert record["step"] == 10
+    seconds = record["elapsed_s"] - record["paused_s"] - (clock["elapsed_s"] - clock["paused_s"])
+    assert record["samples_per_sec"] * seconds == pytest.approx(3 * 16, rel=0.2)
+
+
+@pytest.mark.timeout(300)
+def test_three_ranks_resume_to_identical_parameters(tmp_path: Path) -> None:
+    # 500 samples over 3 ranks (167 each, padded) at batch 16: 10 steps in the epoch. With three ranks gloo's sums
+    # depend on the gradient bucket layout, which DDP changes after a process's first step: the resumed process's
+    # step 5 all-reduced in the first-step layout where the uninterrupted run used the rebuilt one.
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "500", "--epochs", "1", "--output-dir", str(tmp_path)]
+    for extra in (["--run-name", "straight"], ["--run-name", "resumed", "--max-steps", "4"], ["--run-name", "resumed"]):
+        result = torchrun(3, *flags, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 4 (epoch 1, batch 4)" in result.stdout
+    assert_resumed_equals_straight(tmp_path, 10)
+
+
 @pytest.mark.timeout(400)
 def test_sigterm_to_torchrun_stops_every_rank_and_resumed_run_matches_straight(tmp_path: Path) -> None:
     # 512 samples, 2 ranks at batch 16: 16 steps per epoch, 32 in all. torchrun forwards SIGTERM to its workers; they
