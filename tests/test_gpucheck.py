@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import json
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -235,6 +236,35 @@ def test_every_flag_gpu_check_passes_exists() -> None:
         known |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", usage))
     outside = {"--query-gpu", "--format", "--exclude", "--standalone", "--nproc-per-node"}  # nvidia-smi, tar, torchrun
     assert used - known - outside == set()
+
+
+def test_every_training_command_of_gpu_check_is_accepted() -> None:
+    """A flag combination the config refuses (a dependent flag without its flag, a value out of range) would fail
+    its run only on the GPU machine, in its few minutes: each `smoke` run's and sweep candidate's flags parse."""
+    from dist_mnist.config import parse_args
+
+    script = (REPO / "launch" / "gpu_check.sh").read_text()
+    arrays = {name: shlex.split(body)
+              for name, body in re.findall(r"^(\w+)=\((.*?)\)$", script, re.MULTILINE | re.DOTALL)}
+    commands = []
+    for line in script.splitlines():
+        if not line.startswith("smoke "):  # the runs named in the script (the loops' names are variables)
+            continue
+        words = shlex.split(line.split("  #")[0])
+        if not words[1].startswith("$"):
+            flags: list[str] = []
+            for word in words[3:]:
+                array = re.fullmatch(r"\$\{(\w+)\[@\]\}", word)
+                flags += arrays[array.group(1)] if array else [word]
+            commands.append((words[1], flags))
+    for candidate in arrays["candidates"]:
+        name, *flags = candidate.split()
+        commands.append((f"sweep_{name}", [*flags, "--stop-at-accuracy", "0.99", "--no-tensorboard"]))
+    assert {"default", "fp16", "graphs_resume", "profile", "compile", "sweep_b256_e3"} <= {n for n, _ in commands}
+    for name, flags in commands:
+        assert not any("$" in flag for flag in flags), (name, flags)
+        # What `smoke` adds before them (its --data-dir and --output-dir are the machine's).
+        parse_args(["--data-dir", "data", "--no-download", "--output-dir", "out", "--run-name", name, *flags])
 
 
 def test_step_kernels_splits_a_steps_gpu_time_by_kernel(out: Path, tmp_path: Path) -> None:
