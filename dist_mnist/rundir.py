@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_mnist.checkpoint import list_checkpoints
@@ -131,6 +131,22 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
 class HeldRunDir:
     path: Path
     locks: dict[Path, int]  # folder -> the descriptor whose flock holds it (none where the filesystem has no locks)
+    created: list[Path] = field(default_factory=list)  # the folders this process made (not there before it)
+
+    def remove_unused(self) -> None:
+        """Remove the folders this process made where it wrote nothing but its lock file (empty folders aside): a
+        run that fails before its first file (missing data, a refused flag) leaves no run folder to wonder about
+        later. Called while the lock is still held; anything another process put there since keeps the folder."""
+        for folder in reversed(self.created):
+            inside = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # deepest first
+            if any(not p.is_dir() and p != folder / LOCK_FILE for p in inside):
+                continue
+            try:
+                for entry in inside:
+                    entry.rmdir() if entry.is_dir() else entry.unlink()
+                folder.rmdir()
+            except OSError:  # a file that appeared meanwhile, a read-only mount: the folder stays as it is
+                pass
 
     def release(self) -> None:
         for fd in self.locks.values():
@@ -160,6 +176,8 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         if not outside.resolve().is_relative_to(run_dir.resolve()):
             folders[outside] = (f"checkpoint folder {outside}", "--checkpoint-dir")
         for folder, (what, flag) in folders.items():
+            if not folder.exists():
+                held.created.append(folder)
             _make_folder(folder, what)
             if (fd := _lock_folder(folder, what, flag)) is not None:
                 held.locks[folder] = fd
@@ -168,6 +186,7 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         for folder, fd in held.locks.items():
             _sign_lock(fd, folder)  # only now: a refused run leaves the folders as it found them
     except UserError:
+        held.remove_unused()
         held.release()
         raise
     return held
@@ -186,6 +205,10 @@ def open_run_dir(cfg: TrainConfig, ctx: DistContext) -> Iterator[Path]:
 
     try:
         yield ctx.on_main(choose)
+    except BaseException:
+        if held is not None:
+            held.remove_unused()
+        raise
     finally:
         if held is not None:
             held.release()

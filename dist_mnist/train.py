@@ -33,7 +33,7 @@ from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import INTERRUPTED_EARLY, UserError
-from dist_mnist.graphs import GraphedStep, capture_failure_note, graph_decision
+from dist_mnist.graphs import GraphDecision, GraphedStep, capture_failure_note, graph_decision
 from dist_mnist.metrics import (
     MemoryTracker,
     RunWriter,
@@ -483,8 +483,8 @@ class RunClock:
 class Trainer:
     """Holds a run's parts; `fit` is the loop."""
 
-    def __init__(self, resolution: RecipeResolution, ctx: DistContext, run_dir: Path,
-                 startup: StartupTimer | None = None) -> None:
+    def __init__(self, resolution: RecipeResolution, ctx: DistContext, run_dir: Path, settings: SpeedSettings,
+                 graphs: GraphDecision, startup: StartupTimer | None = None) -> None:
         self.startup = startup or StartupTimer()
         self.cfg, self.recipe, self.ctx = resolution.config, resolution.recipe, ctx
         cfg = self.cfg
@@ -492,7 +492,7 @@ class Trainer:
         # The name a rerun must add to find this run (collectives.same_command); None where --run-name gave it.
         self.name_to_add = None if cfg.run_name else run_dir.name
         self.checkpoint_dir = checkpoint_dir(cfg, self.run_dir)
-        self.settings = resolve_speed_settings(cfg, ctx.device)
+        self.settings = settings
         if cfg.deterministic:
             # torch.use_deterministic_algorithms imports torch._inductor, which imports torch._dynamo: beside the
             # import thread, the two imports enter torch's circular ones from opposite ends and one of them fails
@@ -521,8 +521,7 @@ class Trainer:
         with self.startup.phase("tensorboard"):
             self.writer = RunWriter(self.run_dir, ctx.is_main, cfg.tensorboard)
         self.comm_note = note_ignored_comm_flags(cfg, ctx)
-        self.graphs = graph_decision(cfg.cuda_graphs, ctx.device.type, ctx.world_size, self.settings.amp_dtype,
-                                     cfg.compile, cfg.grad_accum_steps)
+        self.graphs = graphs
         self.step_fn: Callable[[Sequence[Batch], StepTimer], torch.Tensor] = partial(accumulation_step, self.parts)
         self.graphed = False  # whether the steps replay a captured CUDA graph (a failed capture leaves it False)
         self.target_reached: dict[str, Any] | None = None  # the evaluation that met --stop-at-accuracy
@@ -1035,8 +1034,14 @@ def run_training(cfg: TrainConfig, ctx: DistContext, startup: StartupTimer | Non
     # they will train with, before anything that would hang on ranks with other flags.
     resolution = apply_recipe(cfg, ctx.device.type)
     agree_on_recipe(resolution.config, ctx)
-    with open_run_dir(resolution.config, ctx) as run_dir:
-        Trainer(resolution, ctx, run_dir, startup).fit()
+    # What this device cannot run (--amp fp16 or --cuda-graphs on on a CPU, ...) is refused before the run folder
+    # exists: a refused command leaves nothing behind.
+    run_cfg = resolution.config
+    settings = resolve_speed_settings(run_cfg, ctx.device)
+    graphs = graph_decision(run_cfg.cuda_graphs, ctx.device.type, ctx.world_size, settings.amp_dtype,
+                            run_cfg.compile, run_cfg.grad_accum_steps)
+    with open_run_dir(run_cfg, ctx) as run_dir:
+        Trainer(resolution, ctx, run_dir, settings, graphs, startup).fit()
 
 
 def main(argv: list[str] | None = None) -> int:

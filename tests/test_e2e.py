@@ -365,6 +365,9 @@ def test_bad_input_is_one_error_line(tmp_path: Path, case: str) -> None:
     # --output-dir first, so a case's own --output-dir (given later) wins.
     flags = ["--output-dir", str(tmp_path / "runs"), *make_flags(tmp_path), "--max-steps", "2"]
     assert_one_line_error(train(*flags, timeout=90, env=cpu_env(**extra_env)), *expected)
+    # Refused, it leaves nothing behind: no run folder to find later and wonder about.
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), sorted(p.relative_to(runs) for p in runs.rglob("*"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
