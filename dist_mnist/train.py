@@ -941,12 +941,14 @@ class Trainer:
                 # Not twice for one step: a run whose --max-steps falls on an --eval-every step has just evaluated.
                 evaluated = bool(state.metrics) and state.steps_since_evaluation() == 0
                 # A stop signal skips the evaluation only mid-epoch, where the resumed run continues the interval. A
-                # stop on an epoch's last step still evaluates it: the resume starts the next epoch (or finds the
-                # run complete), so that epoch's record would be missing and every later --eval-every step shifted.
-                if (stopped_by is None or epoch_done) and self.target_reached is None and not evaluated:
+                # stop on an epoch's last step or on the --max-steps step still evaluates it: the resume starts the
+                # next epoch or finds the run complete, so that record would be missing for good (and in the first
+                # case every later --eval-every step shifted).
+                run_done = bool(cfg.max_steps) and state.step >= cfg.max_steps
+                if (stopped_by is None or epoch_done or run_done) and self.target_reached is None and not evaluated:
                     self.evaluate_and_record()
                 self.save_checkpoint()
-                if (cfg.max_steps and state.step >= cfg.max_steps) or self.target_reached:
+                if run_done or self.target_reached:
                     break
             with self.phase("the stop vote"):
                 self.vote.finish()

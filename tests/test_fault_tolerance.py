@@ -217,6 +217,32 @@ def test_a_stop_on_an_epochs_last_step_still_records_that_epochs_evaluation(
 
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("restore_determinism")
+def test_a_stop_on_the_max_steps_step_still_records_the_final_evaluation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Step 10 of a 16-step epoch is the run's last: a stop there skipped the final evaluation, and the rerun found
+    # the run complete, so metrics.jsonl never got it (nor --stop-at-accuracy its check).
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", "--max-steps", "10", "--log-every", "10",
+             "--output-dir", str(tmp_path)]
+    assert main([*flags, "--run-name", "straight"]) == 0
+    report = train_module.Trainer.log_progress
+
+    def stop_at_the_report(self: train_module.Trainer) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        report(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Trainer, "log_progress", stop_at_the_report)
+        assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "stopped by SIGTERM at step 10;" in capsys.readouterr().out
+    assert main([*flags, "--run-name", "resumed"]) == 0
+    assert "already complete at step 10" in capsys.readouterr().out
+    assert_resumed_equals_straight(tmp_path, 10)
+    assert metrics_steps(tmp_path / "straight") == [10]
+    assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("restore_determinism")
 def test_a_resume_between_records_keeps_their_training_loss_and_throughput(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # Evaluations every 5 steps, progress lines every 4; the run stops at step 7, inside both intervals. The losses
