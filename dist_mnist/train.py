@@ -854,13 +854,18 @@ class Trainer:
             message = INTERRUPTED_EARLY
         return UserError(message, exit_code=130)
 
+    def complete(self) -> bool:
+        """Whether the run has nothing left to do: its epochs, its --max-steps or its --stop-at-accuracy reached."""
+        state, cfg = self.state, self.cfg
+        return (state.epoch >= cfg.epochs or bool(cfg.max_steps and state.step >= cfg.max_steps)
+                or any(self.meets_target(m) for m in state.metrics))
+
     def resume_and_train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         with self.startup.phase("resume"):
             self.resume()
         state = self.state
-        if (state.epoch >= cfg.epochs or (cfg.max_steps and state.step >= cfg.max_steps)
-                or any(self.meets_target(m) for m in state.metrics)):
+        if self.complete():
             # Before the run's files: config.json keeps describing the run that made them, whatever flags this had.
             self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
             return
@@ -987,8 +992,11 @@ class Trainer:
                   f"{self.cfg.stop_at_accuracy:.2%}) at step {hit['step']}, {hit['elapsed_s']:.2f} s after the first "
                   f"step; stopped, checkpoint saved in {self.checkpoint_dir}", flush=True)
         if ctx.is_main and stopped_by:
+            # A stop on the run's last step: its final evaluation and checkpoint are done, and a rerun does nothing.
+            then = ("The run is complete." if self.complete()
+                    else f"Run {collectives.same_command(self.name_to_add)} to resume.")
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
-                  f"Run {collectives.same_command(self.name_to_add)} to resume.", flush=True)
+                  f"{then}", flush=True)
         if ctx.is_main and self.last_checkpoint and self.last_checkpoint.seconds is not None:
             path, size, seconds = self.last_checkpoint.path, self.last_checkpoint.size, self.last_checkpoint.seconds
             print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)

@@ -233,7 +233,8 @@ def test_a_stop_on_the_max_steps_step_still_records_the_final_evaluation(
     with monkeypatch.context() as patch:
         patch.setattr(train_module.Trainer, "log_progress", stop_at_the_report)
         assert main([*flags, "--run-name", "resumed"]) == 0
-    assert "stopped by SIGTERM at step 10;" in capsys.readouterr().out
+    assert (f"stopped by SIGTERM at step 10; checkpoint saved in {tmp_path / 'resumed' / 'checkpoints'}. The run is "
+            "complete.") in capsys.readouterr().out
     assert main([*flags, "--run-name", "resumed"]) == 0
     assert "already complete at step 10" in capsys.readouterr().out
     assert_resumed_equals_straight(tmp_path, 10)
