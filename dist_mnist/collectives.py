@@ -73,14 +73,20 @@ def same_command(run_name: str | None) -> str:
     return "the same command" + (f" with --run-name {run_name}" if run_name else "")
 
 
-def resume_advice(last_checkpoint: Path | None, command: str = "the same command") -> tuple[str, str]:
+def resume_advice(last_checkpoint: Path | None, command: str = "the same command",
+                  known: bool = True) -> tuple[str, str]:
     """What a failed process kept and how to go on: ("the last checkpoint is X", "rerun COMMAND to resume").
 
     `last_checkpoint` is the run's newest (Trainer.newest_checkpoint: written by this process or resumed from);
     None means the run has none, and the same command is then refused (a run folder with files but no checkpoint
-    is never reused): it starts again under another name."""
+    is never reused): it starts again under another name. `known=False` where the caller cannot know (main's
+    start-up, before the Trainer holds the run): the advice then covers both cases."""
     if last_checkpoint:
         return f"the last checkpoint is {last_checkpoint}", f"rerun {command} to resume"
+    if not known:
+        return ("the run's checkpoints, if it has any, are in its checkpoints folder",
+                f"rerun {command} to resume from the newest if there is one; a run without any starts again under "
+                "a new --run-name (a run folder without a checkpoint is not reused)")
     return ("the run has no checkpoint yet",
             "start it again under a new --run-name (a run folder without a checkpoint is not reused)")
 
@@ -129,7 +135,7 @@ def stop_raising_for_lost_data_workers() -> None:
 
 @contextmanager
 def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None,
-          run_name: str | None = None) -> Iterator[None]:
+          run_name: str | None = None, checkpoint_known: bool = True) -> Iterator[None]:
     """Turn a failed collective inside this block into one line naming the phase, the step (None: before the
     first) and what to resume; `run_name` where the command must add --run-name to find the run again (a default
     name is made afresh by every --standalone launch)."""
@@ -140,7 +146,7 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
             raise
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = _SOURCE_LOCATION.sub("", lines[0])
-        kept, rerun = resume_advice(last_checkpoint, same_command(run_name))
+        kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
         when = "before the first step" if step is None else f"after step {step}"
         raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "
                         f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. Look for the stuck or lost "

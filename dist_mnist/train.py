@@ -1063,7 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         try:
             # Collectives after the first step are named by their own phase; any failing before it is start-up's.
-            with distributed_session(cfg, startup) as ctx, collectives.phase("start-up", None, cfg.timeout_s, None):
+            # Which checkpoint the run has is not known out here (Trainer.newest_checkpoint knows it inside).
+            with distributed_session(cfg, startup) as ctx, collectives.phase("start-up", None, cfg.timeout_s, None,
+                                                                            checkpoint_known=False):
                 # The first optimizer imports torch._dynamo (torch.optim's dynamo guards), RunWriter TensorBoard.
                 # Not before the process group opens: init_process_group touches torch._dynamo once it is in
                 # sys.modules, so it would wait for the whole import under the module's lock (0.9 s on the 2-core

@@ -293,10 +293,14 @@ def test_collective_failure_inside_a_phase_becomes_one_line(tmp_path: Path) -> N
                                         r"caused pair closure\); the run has no checkpoint yet\."):
         with collectives.phase("the stop vote", 3, 100, None):
             raise RuntimeError("Application timeout caused pair closure")
+    # main's start-up phase cannot know whether the run has a checkpoint (a restart or a resume may): both ways.
     with pytest.raises(UserError, match=r"^a collective in start-up failed before the first step: a peer did not "
                                         r"answer within the 300 s timeout or left the job \(Connection closed by "
-                                        r"peer \[127.0.0.1\]:5\)"):
-        with collectives.phase("start-up", None, 300, None):
+                                        r"peer \[127.0.0.1\]:5\); the run's checkpoints, if it has any, are in its "
+                                        r"checkpoints folder\. .* then rerun the same command to resume from the "
+                                        r"newest if there is one; a run without any starts again under a new "
+                                        r"--run-name \(a run folder without a checkpoint is not reused\)$"):
+        with collectives.phase("start-up", None, 300, None, checkpoint_known=False):
             raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                                "[127.0.0.1]:5")
     with pytest.raises(RuntimeError, match="shape mismatch"), collectives.phase("evaluation", 1, 5, None):
