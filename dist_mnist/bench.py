@@ -468,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     sections = args.only or list(SECTIONS)
     profiler_batches = args.profiler_batch_sizes
-    cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False, batch_size=args.batch_size)
+    try:
+        cfg = TrainConfig(data_dir=args.data_dir, no_download=True, tensorboard=False, batch_size=args.batch_size)
+    except UserError as exc:  # an empty --data-dir, a --batch-size the training config refuses
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     launched_by_torchrun = "RANK" in os.environ
     try:
         results: dict[str, Any] = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

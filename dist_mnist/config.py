@@ -152,8 +152,8 @@ class TrainConfig:
                                      "Nth step (--phase-timer-every), or off; auto: every step on CPU, sampled on "
                                      "CUDA (a CUDA event per phase of a timed step)",
                              choices=["auto", "every", "sample", "off"])
-    phase_timer_every: int = _opt(20, "with sampled phase timers: time every Nth step (on CUDA not one right after a "
-                                      "pause that waited for the GPU: the next)")
+    phase_timer_every: int = _opt(20, "with sampled phase timers: time every Nth step (on CUDA a step right after a "
+                                      "pause that waited for the GPU passes it on to the next)")
 
     # Checkpoints and fault tolerance
     checkpoint_every: int = _opt(DEFAULT_RECIPE.checkpoint_every,

@@ -99,12 +99,14 @@ class StepTimer:
         """`after_sync`: a pause waited for the device just before this step (an evaluation, a progress report, a
         checkpoint). The device then idles until the host has fetched and queued the batch, which its timeline
         shows as data wait; in steady state the host is steps ahead and none of that shows. A sample must be of
-        the steady state, so a due sample moves on to the next step: on the H200 the steps after evaluations were
-        half of the sampled ones, with 19% data wait, and the phases explained 129% of the measured step."""
+        the steady state, so a due sample moves on to the next step, once: on the H200 the steps after evaluations
+        were half of the sampled ones, with 19% data wait, and the phases explained 129% of the measured step. Once
+        only, because where every step follows a sync (--log-every 1) there is no other kind of step to sample."""
         if self.mode == "every":
             timed = True
         else:
-            timed = self.mode == "sample" and self._finished >= self._next_sample and not after_sync
+            due = self.mode == "sample" and self._finished >= self._next_sample
+            timed = due and (not after_sync or self._finished > self._next_sample)
         self._marks = [("", self._clock.mark())] if timed else []
 
     @contextmanager

@@ -247,6 +247,14 @@ def test_bench_refuses_a_bad_list_before_any_section_runs(monkeypatch: pytest.Mo
     assert message in capsys.readouterr().err
 
 
+def test_bench_refuses_an_empty_data_dir_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """The training config refuses an empty --data-dir; the bench builds one before its sections run."""
+    from dist_mnist import bench
+
+    assert bench.main(["--only", "throughput", "--output", "", "--data-dir", ""]) == 1
+    assert capsys.readouterr().err == "error: --data-dir (default: $DIST_MNIST_DATA) must name a folder, got ''\n"
+
+
 def test_bench_finds_an_unwritable_output_before_measuring_and_a_failed_write_in_one_line(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A missing folder for --output or --json is refused before any section runs; a write that fails at the end

@@ -411,11 +411,20 @@ def test_a_sample_due_right_after_a_device_sync_moves_to_the_next_step() -> None
     timer = StepTimer(torch.device("cpu"), "sample", 3)
     timed = []
     for step in range(10):
-        timer.begin_step(after_sync=step in (3, 4, 8))
+        timer.begin_step(after_sync=step in (3, 7))
         if timer.timing:
             timed.append(step)
         timer.end_step()
-    assert timed == [0, 5, 9]  # 3 and 4 follow syncs; 8 does, but is not due (5 + 3 = 8 is; then 9)
+    assert timed == [0, 4, 8]  # 3 and 7 are due but follow syncs
+    # Where every step follows a sync (a progress line at every step) a sample moves on once, not for ever.
+    always = StepTimer(torch.device("cpu"), "sample", 3)
+    timed = []
+    for step in range(10):
+        always.begin_step(after_sync=step > 0)
+        if always.timing:
+            timed.append(step)
+        always.end_step()
+    assert timed == [0, 4, 8]
     every = StepTimer(torch.device("cpu"), "every")
     every.begin_step(after_sync=True)
     assert every.timing  # timing every step is for the CPU, where a sync changes nothing, and for asking for all
