@@ -267,7 +267,10 @@ class TensorBoardEvents:
         """Hide what an earlier process of the run wrote from `step` on: it went past the checkpoint this process
         resumed from, and this one writes those steps again. TensorBoard drops every earlier record at or after
         the step of a SessionLog START (what SummaryWriter's purge_step writes); without it each such step showed
-        twice, the old curve doubling back under the new one."""
+        twice, the old curve doubling back under the new one. Every process writes one, a run's first too: the
+        Python loader (`--load_fast=false`) takes a run's first START as its session's start and purges only at
+        later ones, so a run begun before this change shows its resumed steps twice there (the default loader
+        shows each step once either way)."""
         self._append([self._event(wall_time=time.time(), step=step,
                                   session_log=self._session_log(status=self._session_log.START))])
 
