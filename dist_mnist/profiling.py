@@ -78,10 +78,14 @@ class WindowedProfiler:
     decide when a window opens. Between windows and after the last one no profiler object exists: no
     ProfilerStep# range, no kineto session, and with TEARDOWN_CUPTI (configure_kineto) no CUPTI subscription,
     so those steps run as without --profile. The traces' ProfilerStep#N are the job's global step numbers, so a
-    resumed run continues them. Call `step()` after every training step.
+    resumed run continues them. A window still open at the run's last step (`step_limit`: --max-steps or the end of
+    the last epoch) closes at that step, and none opens after it: torch's step() opens the next ProfilerStep#
+    range at once, so a window closed only when training ended held a step that never ran, the final evaluation
+    and checkpoint in it, and a window opened after the last step was a trace of nothing but those. Call `step()`
+    after every training step.
     """
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, trace_dir: Path, first_step: int) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, trace_dir: Path, first_step: int, step_limit: int) -> None:
         self.cfg = cfg
         configure_kineto(ctx.device)
         self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
@@ -93,6 +97,7 @@ class WindowedProfiler:
                               repeat=cfg.profile_repeat)
         self.window_schedule = schedule(wait=0, warmup=cfg.profile_warmup, active=cfg.profile_active, repeat=1)
         self.first_step = first_step  # the job's step number of this process's first step
+        self.step_limit = step_limit  # the job's step count when training ends (no step of that number runs)
         self.steps_done = 0  # by this process
         self.window: profile | None = None
         self.window_steps = 0
@@ -103,7 +108,9 @@ class WindowedProfiler:
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
-            self._close(*exc_info)  # training ended inside a window: its trace is written now
+            # Training ended early inside a window (a stop signal, --stop-at-accuracy, an exception): its trace
+            # is written now.
+            self._close(*exc_info)
         except UserError as exc:
             if exc_info[0] is None:
                 raise
@@ -116,19 +123,26 @@ class WindowedProfiler:
         synchronizes) and writes the trace; opening starts kineto. The caller books both as a pause, and on CUDA
         waits for the queued steps before it, so their GPU time counts as theirs (RunClock)."""
         if self.window is not None:
-            return self.window_steps + 1 == self.cfg.profile_warmup + self.cfg.profile_active
-        return self.cycle(self.steps_done + 1) != ProfilerAction.NONE
+            return self._window_ends_next
+        return self.cycle(self.steps_done + 1) != ProfilerAction.NONE and not self._last_step_next
+
+    @property
+    def _last_step_next(self) -> bool:
+        """Whether the step before the next `step()` call is the run's last."""
+        return self.first_step + self.steps_done + 1 >= self.step_limit
+
+    @property
+    def _window_ends_next(self) -> bool:
+        return self.window_steps + 1 == self.cfg.profile_warmup + self.cfg.profile_active or self._last_step_next
 
     def step(self) -> None:
         if self.window is not None:
-            try:
-                self.window.step()  # writes the trace after the window's last active step
-            except UserError:
-                self.window = None  # stopped, its trace failed: nothing is left to close
-                raise
-            self.window_steps += 1
-            if self.window_steps == self.cfg.profile_warmup + self.cfg.profile_active:
+            if self._window_ends_next:
+                # Closed now, ending the range of the step just taken: window.step() would open the next one.
                 self._close(None, None, None)
+            else:
+                self.window.step()
+                self.window_steps += 1
         self.steps_done += 1
         self._open_if_due()
 
@@ -157,7 +171,8 @@ class WindowedProfiler:
             window.__exit__(*exc_info)
 
     def _open_if_due(self) -> None:
-        if self.window is not None or self.cycle(self.steps_done) == ProfilerAction.NONE:
+        if (self.window is not None or self.cycle(self.steps_done) == ProfilerAction.NONE
+                or self.first_step + self.steps_done >= self.step_limit):
             return
         start = self.first_step + self.steps_done
         # profile evaluates its schedule at step 0 when built, before step_num moves to the window's first
@@ -196,7 +211,7 @@ def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, first_step:
         print(f"warning: --profile records nothing: {steps_left} steps are left, and the first window only starts "
               f"recording after --profile-wait {cfg.profile_wait} + --profile-warmup {cfg.profile_warmup} steps",
               file=sys.stderr, flush=True)
-    return WindowedProfiler(cfg, ctx, run_dir / TRACES_DIR, first_step)
+    return WindowedProfiler(cfg, ctx, run_dir / TRACES_DIR, first_step, step_limit)
 
 
 @contextmanager

@@ -198,6 +198,27 @@ def test_window_edge_next_names_exactly_the_steps_that_open_or_close_a_window(tm
     assert [i for i, edge in enumerate(edges) if edge] == [1, 4, 6, 9]
 
 
+@pytest.mark.timeout(60)
+def test_a_window_open_at_the_runs_last_step_ends_with_it_and_none_opens_after_it(tmp_path: Path) -> None:
+    """torch's step() opens the next ProfilerStep# range: a window closed only when training ended held a step that
+    never ran (the final evaluation and checkpoint), and a window due after the last step held nothing else."""
+    cfg = TrainConfig(profile=True, profile_wait=0, profile_warmup=0, profile_active=3, profile_repeat=0)
+    ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
+    predicted, edges = [], []
+    # Steps 10-14 of a run resumed at step 10: the first window records 10-12, the second 13-14, then training ends.
+    with make_profiler(cfg, ctx, tmp_path, first_step=10, step_limit=15) as profiler:  # type: ignore[arg-type]
+        for _ in range(5):
+            with torch.profiler.record_function("train/forward"):
+                torch.ones(4).sum()
+            predicted.append(profiler.window_edge_next)
+            before, traces = profiler.window, len(_traces(tmp_path))
+            profiler.step()
+            edges.append(profiler.window is not before or len(_traces(tmp_path)) != traces)
+        assert profiler.window is None  # closed by the last step, before the final evaluation and checkpoint
+    assert predicted == edges == [False, False, True, False, True]
+    assert sorted(_profiler_steps(_load_trace(p)) for p in _traces(tmp_path)) == [[10, 11, 12], [13, 14]]
+
+
 def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> None:
     """RunClock's `sync` stands for torch.cuda.synchronize: its wait is training time, the pause's own work is not;
     `sync=False` (the profiler step between windows) does not wait."""
