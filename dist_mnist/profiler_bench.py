@@ -150,8 +150,15 @@ class _LongLivedProfiler(AbstractContextManager):
             on_trace_ready=(tensorboard_trace_handler(str(trace_dir), worker_name=f"rank{ctx.rank}", use_gzip=True)
                             if write_trace else None))
 
-    def __enter__(self) -> Any:
-        return self.profiler.__enter__()
+    def __enter__(self) -> _LongLivedProfiler:
+        self.profiler.__enter__()
+        return self
+
+    def begin_step(self) -> None:
+        pass  # torch's profile.step() after each step begins the next one's range
+
+    def step(self) -> None:
+        self.profiler.step()
 
     def __exit__(self, *exc_info: Any) -> None:
         self.profiler.__exit__(*exc_info)
@@ -185,6 +192,9 @@ def measure_arrangement(arrangement: Arrangement, cfg: TrainConfig, ctx: DistCon
             profiler_s += clock() - started
             for i in range(before + WARMUP + ACTIVE + after):
                 images, labels = next(batches)
+                start = clock()
+                profiler.begin_step()
+                profiler_s += clock() - start
                 start = clock()
                 timer.begin_step()
                 with timer.phase("data"):

@@ -73,16 +73,15 @@ class WindowedProfiler:
     """--profile: a fresh torch.profiler.profile for each window, open only while its window runs.
 
     Each window is --profile-warmup steps recorded and discarded, then --profile-active steps recorded, and its
-    trace is written when its last active step ends (or when training ends inside it): exactly torch.profiler's
+    trace is written when its last active step ends (or training does): exactly torch.profiler's
     schedule(wait, warmup, active, repeat), counted from this process's first step, whose non-NONE stretches
     decide when a window opens. Between windows and after the last one no profiler object exists: no
     ProfilerStep# range, no kineto session, and with TEARDOWN_CUPTI (configure_kineto) no CUPTI subscription,
     so those steps run as without --profile. The traces' ProfilerStep#N are the job's global step numbers, so a
-    resumed run continues them. A window still open at the run's last step (`step_limit`: --max-steps or the end of
-    the last epoch) closes at that step, and none opens after it: torch's step() opens the next ProfilerStep#
-    range at once, so a window closed only when training ended held a step that never ran, the final evaluation
-    and checkpoint in it, and a window opened after the last step was a trace of nothing but those. Call `step()`
-    after every training step.
+    resumed run continues them. A step's ProfilerStep# range begins when the step does (`begin_step()`), and a
+    window still open at the run's last step closes after it (`step()` at `step_limit`, or `end()`), before the
+    final evaluation and checkpoint: no trace holds a step the run did not take. Call `begin_step()` before and
+    `step()` after every training step, and `end()` after the one training ends at.
     """
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, trace_dir: Path, first_step: int, step_limit: int) -> None:
@@ -101,15 +100,14 @@ class WindowedProfiler:
         self.steps_done = 0  # by this process
         self.window: profile | None = None
         self.window_steps = 0
+        self.step_owed = False  # window.step() for the next step, which begin_step() makes once that step begins
 
     def __enter__(self) -> WindowedProfiler:
-        self._open_if_due()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
-            # Training ended early inside a window (a stop signal, --stop-at-accuracy, an exception): its trace
-            # is written now.
+            # An exception ended training inside a window: its trace is written now.
             self._close(*exc_info)
         except UserError as exc:
             if exc_info[0] is None:
@@ -118,33 +116,49 @@ class WindowedProfiler:
             print(f"warning: {exc}", file=sys.stderr, flush=True)
 
     @property
-    def window_edge_next(self) -> bool:
-        """Whether the next `step()` opens or closes a window. Closing waits for the GPU (the profiler's exit
-        synchronizes) and writes the trace; opening starts kineto. The caller books both as a pause, and on CUDA
-        waits for the queued steps before it, so their GPU time counts as theirs (RunClock)."""
-        if self.window is not None:
-            return self._window_ends_next
-        return self.cycle(self.steps_done + 1) != ProfilerAction.NONE and not self._last_step_next
+    def window_opens_next(self) -> bool:
+        """Whether the next `begin_step()` opens a window (starts kineto). Opening and closing are pauses the caller
+        books (RunClock), and on CUDA it waits for the queued steps first, so their GPU time counts as theirs."""
+        return self.window is None and self._due()
 
     @property
-    def _last_step_next(self) -> bool:
-        """Whether the step before the next `step()` call is the run's last."""
-        return self.first_step + self.steps_done + 1 >= self.step_limit
+    def window_closes_next(self) -> bool:
+        """Whether the next `step()` closes a window: waits for the GPU (the profiler's exit synchronizes) and
+        writes the trace."""
+        return self.window is not None and (
+            self.window_steps + 1 == self.cfg.profile_warmup + self.cfg.profile_active
+            or self.first_step + self.steps_done + 1 >= self.step_limit)
 
     @property
-    def _window_ends_next(self) -> bool:
-        return self.window_steps + 1 == self.cfg.profile_warmup + self.cfg.profile_active or self._last_step_next
+    def window_open(self) -> bool:
+        """Whether `end()` closes a window."""
+        return self.window is not None
+
+    def begin_step(self) -> None:
+        """Before every training step: begins its ProfilerStep# range, opening a window where one is due.
+
+        Not at the end of the previous step, as torch's profile.step() does: a step that training ends after
+        (a stop signal, --stop-at-accuracy) would leave its trace a range, or a whole window, of a step that never
+        ran, holding the stop vote, the final evaluation and checkpoint."""
+        if self.window is None:
+            self._open_if_due()
+        elif self.step_owed:
+            self.window.step()
+            self.window_steps += 1
+            self.step_owed = False
 
     def step(self) -> None:
-        if self.window is not None:
-            if self._window_ends_next:
-                # Closed now, ending the range of the step just taken: window.step() would open the next one.
-                self._close(None, None, None)
-            else:
-                self.window.step()
-                self.window_steps += 1
+        """After every training step: closes the window at its last step, or at the run's last (`step_limit`)."""
+        if self.window_closes_next:
+            self._close(None, None, None)
+        elif self.window is not None:
+            self.step_owed = True  # the next step's range begins with that step (begin_step)
         self.steps_done += 1
-        self._open_if_due()
+
+    def end(self) -> None:
+        """After `step()` of the step training ends at: closes an open window, before the final evaluation and
+        checkpoint."""
+        self._close(None, None, None)
 
     def _write_trace(self, window: profile) -> None:
         """on_trace_ready: the window's trace under tensorboard_trace_handler's name, whole or not at all.
@@ -166,13 +180,18 @@ class WindowedProfiler:
             raise write_failed(final, None, exc) from None
 
     def _close(self, *exc_info: Any) -> None:
+        self.step_owed = False
         if self.window is not None:
             window, self.window = self.window, None
             window.__exit__(*exc_info)
 
+    def _due(self) -> bool:
+        """Whether the schedule records this process's next step, and that step runs."""
+        return (self.cycle(self.steps_done) != ProfilerAction.NONE
+                and self.first_step + self.steps_done < self.step_limit)
+
     def _open_if_due(self) -> None:
-        if (self.window is not None or self.cycle(self.steps_done) == ProfilerAction.NONE
-                or self.first_step + self.steps_done >= self.step_limit):
+        if self.window is not None or not self._due():
             return
         start = self.first_step + self.steps_done
         # profile evaluates its schedule at step 0 when built, before step_num moves to the window's first
@@ -191,18 +210,24 @@ class WindowedProfiler:
 
 
 class _NoProfiler(nullcontext):
-    window_edge_next = False
+    window_opens_next = window_closes_next = window_open = False
 
     def __enter__(self) -> _NoProfiler:
         return self
 
+    def begin_step(self) -> None:
+        pass
+
     def step(self) -> None:
+        pass
+
+    def end(self) -> None:
         pass
 
 
 def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, first_step: int,
                   step_limit: int) -> WindowedProfiler | _NoProfiler:
-    """The --profile windows (traces in <run folder>/traces/), or a no-op; call its `step()` after every step."""
+    """The --profile windows (traces in <run folder>/traces/), or a no-op: see WindowedProfiler for its calls."""
     if not cfg.profile:
         return _NoProfiler()
     steps_left = step_limit - first_step

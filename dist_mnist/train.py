@@ -907,6 +907,11 @@ class Trainer:
                 self.data.train_batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
                 batches = iter(self.data.train_loader)
                 while True:
+                    # Profiling windows open and close at their edges only (opening starts kineto; closing waits for
+                    # the GPU and writes the trace): there the queued steps are waited for first; at every other
+                    # step the host must not wait here.
+                    with self.paused("profiler", sync=profiler.window_opens_next):
+                        profiler.begin_step()
                     self.begin_step()
                     with self.timer.phase("data"):
                         micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
@@ -918,10 +923,7 @@ class Trainer:
                         loss = self.step_fn(micro_batches, self.timer)
                     self.timeout.switch_to_training(ctx)
                     self.timer.end_step()
-                    # Opens or closes a profiling window (a closing one waits for the GPU and writes its trace) at a
-                    # window's edge only: there the queued steps are waited for first; at every other step the host
-                    # must not wait here.
-                    with self.paused("profiler", sync=profiler.window_edge_next):
+                    with self.paused("profiler", sync=profiler.window_closes_next):
                         profiler.step()
                     state.step += 1
                     state.batch_in_epoch += cfg.grad_accum_steps
@@ -938,6 +940,9 @@ class Trainer:
                     if stop_now:
                         stopped_by = self.stop.signal_name or "a signal on another rank"
                     if stop_now or at_limit or self.target_reached:
+                        if profiler.window_open:  # stopped inside a window: its trace ends with this step
+                            with self.paused("profiler"):
+                                profiler.end()
                         break
                     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         self.save_checkpoint()

@@ -166,6 +166,7 @@ def test_profiler_exists_only_inside_windows_and_labels_only_while_recording(tmp
     seen = []
     with make_profiler(cfg, ctx, tmp_path, first_step=40, step_limit=100) as profiler:  # type: ignore[arg-type]
         for _ in range(12):
+            profiler.begin_step()
             timer.begin_step()
             with timer.phase("forward"):
                 torch.ones(4).sum()
@@ -179,44 +180,62 @@ def test_profiler_exists_only_inside_windows_and_labels_only_while_recording(tmp
     assert sorted(_profiler_steps(_load_trace(p)) for p in traces) == [[43, 44], [48, 49]]
 
 
+def _window_edges(profiler: Any, steps: int, trace_dir: Path) -> tuple[list[int], list[int]]:
+    """Drive `steps` steps; the steps whose begin_step() opened a window, and those whose step() closed one, each
+    checked against what window_opens_next / window_closes_next said before the call."""
+    opened, closed = [], []
+    for i in range(steps):
+        predicted, before = profiler.window_opens_next, profiler.window
+        profiler.begin_step()
+        assert predicted == (profiler.window is not before)
+        if predicted:
+            opened.append(i)
+        with torch.profiler.record_function("train/forward"):
+            torch.ones(4).sum()
+        predicted, before, traces = profiler.window_closes_next, profiler.window, len(_traces(trace_dir))
+        profiler.step()
+        assert predicted == (profiler.window is not before) == (len(_traces(trace_dir)) != traces)
+        if predicted:
+            closed.append(i)
+    return opened, closed
+
+
 @pytest.mark.timeout(60)
-def test_window_edge_next_names_exactly_the_steps_that_open_or_close_a_window(tmp_path: Path) -> None:
+def test_window_opens_and_closes_next_name_exactly_the_steps_that_open_or_close_a_window(tmp_path: Path) -> None:
     """The loop waits for the GPU before those steps only (RunClock): a wait at any other step would stall the
     queue every step, and a missed edge would book the queued steps' GPU time to the trace writing."""
     cfg = TrainConfig(profile=True, profile_wait=2, profile_warmup=1, profile_active=2, profile_repeat=2)
     ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
-    edges, predicted = [], []
     with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=100) as profiler:  # type: ignore[arg-type]
-        for _ in range(14):
-            torch.ones(4).sum()
-            predicted.append(profiler.window_edge_next)
-            before, traces = profiler.window, len(_traces(tmp_path))
-            profiler.step()
-            edges.append(profiler.window is not before or len(_traces(tmp_path)) != traces)
-    assert predicted == edges
-    # Opened after steps 1 and 6 (0-based; the first window opens at step 2), closed after steps 4 and 9.
-    assert [i for i, edge in enumerate(edges) if edge] == [1, 4, 6, 9]
+        # Opened as steps 2 and 7 begin (0-based), closed after steps 4 and 9.
+        assert _window_edges(profiler, 14, tmp_path) == ([2, 7], [4, 9])
 
 
 @pytest.mark.timeout(60)
 def test_a_window_open_at_the_runs_last_step_ends_with_it_and_none_opens_after_it(tmp_path: Path) -> None:
-    """torch's step() opens the next ProfilerStep# range: a window closed only when training ended held a step that
-    never ran (the final evaluation and checkpoint), and a window due after the last step held nothing else."""
+    """torch's step() begins the next ProfilerStep# range at once: a window closed only when training ended held a
+    step that never ran (the final evaluation and checkpoint), and a window due after the last step nothing else."""
     cfg = TrainConfig(profile=True, profile_wait=0, profile_warmup=0, profile_active=3, profile_repeat=0)
     ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
-    predicted, edges = [], []
     # Steps 10-14 of a run resumed at step 10: the first window records 10-12, the second 13-14, then training ends.
     with make_profiler(cfg, ctx, tmp_path, first_step=10, step_limit=15) as profiler:  # type: ignore[arg-type]
-        for _ in range(5):
-            with torch.profiler.record_function("train/forward"):
-                torch.ones(4).sum()
-            predicted.append(profiler.window_edge_next)
-            before, traces = profiler.window, len(_traces(tmp_path))
-            profiler.step()
-            edges.append(profiler.window is not before or len(_traces(tmp_path)) != traces)
-        assert profiler.window is None  # closed by the last step, before the final evaluation and checkpoint
-    assert predicted == edges == [False, False, True, False, True]
+        assert _window_edges(profiler, 5, tmp_path) == ([0, 3], [2, 4])
+        profiler.begin_step()  # the fetch that ends the last epoch
+        assert profiler.window is None
     assert sorted(_profiler_steps(_load_trace(p)) for p in _traces(tmp_path)) == [[10, 11, 12], [13, 14]]
+
+
+@pytest.mark.timeout(120)
+def test_a_run_stopped_inside_a_window_traces_only_the_steps_it_took(tmp_path: Path) -> None:
+    """--stop-at-accuracy ends the run at step 3 (its first evaluation), inside a window that records from step 2:
+    the trace holds step 2 only, not a ProfilerStep#3 that never ran, and no window opens after the end."""
+    result = train(*RUN_FLAGS, "--max-steps", "20", "--eval-every", "3", "--stop-at-accuracy", "0.01",
+                   "--output-dir", str(tmp_path), "--run-name", "stopped", "--profile", "--profile-wait", "1",
+                   "--profile-warmup", "1", "--profile-active", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 3" in result.stdout
+    (trace,) = _traces(tmp_path / "stopped")
+    assert _profiler_steps(_load_trace(trace)) == [2]
 
 
 def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> None:
@@ -732,16 +751,16 @@ def test_the_loop_waits_for_the_device_before_every_pause_but_the_profiler_steps
     flags = [*RUN_FLAGS, "--max-steps", "12", "--checkpoint-every", "0", "--output-dir", str(tmp_path),
              "--run-name", "pauses", *PROFILE_FLAGS]
     assert train_main(flags) == 0
-    # 12 profiler steps, 2 of them window edges; progress reports at steps 4, 8, 12 (--log-every 4); the final
-    # evaluation and checkpoint.
-    assert calls.count(("profiler", False)) == 12 - 2
+    # 12 steps, each begun and ended by the profiler, 2 of these calls window edges; progress reports at steps 4,
+    # 8, 12 (--log-every 4); the final evaluation and checkpoint.
+    assert calls.count(("profiler", False)) == 2 * 12 - 2
     assert calls.count(("profiler", True)) == 2
     assert calls.count(("progress report", True)) == 3
     # The final evaluation waits; the writing of its record, right after it, has nothing left to wait for.
     assert calls.count(("evaluation", True)) == 1 and calls.count(("evaluation", False)) == 1
     # The final checkpoint waits for the device; the wait for its file to be written (a thread's) does not.
     assert calls.count(("checkpoint", True)) == 1 and calls.count(("checkpoint", False)) == 1
-    assert len(calls) == 12 + 3 + 2 + 2
+    assert len(calls) == 2 * 12 + 3 + 2 + 2
     # The loop runs with start-up's objects frozen out of garbage collection (frozen_heap), and frees them after.
     assert all(frozen) and gc.get_freeze_count() == 0
     summary = json.loads((tmp_path / "pauses" / "summary.json").read_text())
