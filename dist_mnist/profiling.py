@@ -416,8 +416,18 @@ PHASE_WORDS = {"data": "data loading", "to_device": "host-to-device copies", "fo
                "backward_compute": "backward compute", "optimizer": "the optimizer step"}
 
 
-def diagnose(ranks: list[dict[str, Any]]) -> str:
-    """One sentence a person can act on, from the summary's figures."""
+def _fewer_bytes(comm_hook: str) -> str:
+    """The communication-bound advice on sending fewer bytes: only hooks that send fewer than `comm_hook` does (the
+    CPU recipe already runs bf16, where naming bf16 again sent the reader to the setting they had)."""
+    if comm_hook == "none":
+        return "send fewer bytes (--ddp-comm-hook bf16 or powersgd), "
+    if comm_hook in ("bf16", "fp16"):
+        return f"send fewer bytes (--ddp-comm-hook powersgd; {comm_hook} is in use), "
+    return ""  # powersgd: the strongest compression offered is in use
+
+
+def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none") -> str:
+    """One sentence a person can act on, from the summary's figures; `comm_hook` is the run's --ddp-comm-hook."""
     if any(r["data_share"] is None for r in ranks):
         return "no diagnosis: the phase timers were off (--phase-timers off), so nothing says where a step's time went"
     stragglers = [r for r in ranks if r["straggler"]]
@@ -446,12 +456,12 @@ def diagnose(ranks: list[dict[str, Any]]) -> str:
                 "dataset on the device (--data-on-device on)")
     mb = statistics.fmean(r["allreduce_bytes_per_step"] for r in ranks) / 1e6
     return (f"communication-bound: {share:.0%} of each step waits for the gradient all-reduce ({mb:.1f} MB per "
-            "step); send fewer bytes (--ddp-comm-hook bf16 or powersgd), all-reduce less often (--grad-accum-steps) "
-            "or raise --batch-size")
+            f"step); {_fewer_bytes(comm_hook)}all-reduce less often (--grad-accum-steps) or raise --batch-size")
 
 
 def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
-                  flops: float, peak_flops_per_process: float, peak_source: str) -> dict[str, Any]:
+                  flops: float, peak_flops_per_process: float, peak_source: str,
+                  comm_hook: str = "none") -> dict[str, Any]:
     flag_stragglers(ranks)
     achieved = global_samples_per_sec * flops
     return {
@@ -465,7 +475,7 @@ def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, ep
         "peak_source": peak_source,
         "mfu": achieved / (peak_flops_per_process * len(ranks)) if peak_flops_per_process else None,
         "ranks": ranks,
-        "diagnosis": diagnose(ranks),
+        "diagnosis": diagnose(ranks, comm_hook),
     }
 
 

@@ -78,6 +78,17 @@ def test_diagnosis_names_what_bounds_the_run(ranks: list[dict[str, Any]], starts
     assert "\n" not in sentence
 
 
+@pytest.mark.parametrize(("comm_hook", "advice"), [
+    ("none", "send fewer bytes (--ddp-comm-hook bf16 or powersgd), all-reduce less often"),
+    ("bf16", "send fewer bytes (--ddp-comm-hook powersgd; bf16 is in use), all-reduce less often"),
+    ("powersgd", "step); all-reduce less often"),
+])
+def test_communication_bound_advice_names_only_hooks_that_send_fewer_bytes(comm_hook: str, advice: str) -> None:
+    ranks = [_stats(0, exposed=0.05), _stats(1, exposed=0.05)]
+    flag_stragglers(ranks)
+    assert advice in diagnose(ranks, comm_hook)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Delays injected on one rank: the summary names the rank and the phase
 
