@@ -145,6 +145,23 @@ def test_hta_reads_both_ranks_and_the_phase_labels(profiled_run: tuple[Path, Res
         assert {f"train/{phase}" for phase in PHASES} <= names
 
 
+@pytest.mark.timeout(300)
+def test_hta_on_cpu_traces_is_read_as_readme_says(profiled_run: tuple[Path, Result]) -> None:
+    """README: HTA's GPU breakdowns have nothing to measure in a CPU run's traces; its CPU events give the time per
+    phase label."""
+    trace_analysis = pytest.importorskip("hta.trace_analysis", reason="HolisticTraceAnalysis is a test extra")
+    run_dir, _ = profiled_run
+    analysis = trace_analysis.TraceAnalysis(trace_dir=str(run_dir / TRACES_DIR))
+    with pytest.raises(IndexError):
+        analysis.get_temporal_breakdown(visualize=False)
+    names = analysis.t.symbol_table.get_sym_table()
+    for rank in sorted(analysis.t.traces):
+        events = analysis.t.get_trace(rank)
+        labels = events["name"].map(lambda i: names[i])
+        per_phase = events[labels.str.startswith("train/")].groupby(labels)["dur"].sum().to_dict()
+        assert set(per_phase) == {f"train/{phase}" for phase in PHASES} and min(per_phase.values()) > 0
+
+
 @pytest.mark.timeout(120)
 def test_resumed_run_continues_the_trace_step_numbers(tmp_path: Path) -> None:
     window = ["--profile", "--profile-wait", "1", "--profile-warmup", "1", "--profile-active", "2"]
