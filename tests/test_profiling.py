@@ -513,6 +513,7 @@ def test_summary_and_report_say_how_phases_were_timed(mode: str, tmp_path: Path)
                    "--phase-timers", mode, *(["--phase-timer-every", "4"] if mode == "sample" else []))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / mode / "summary.json").read_text())
+    assert "profiler" not in summary["pauses_s"]  # without --profile the loop does not even enter its pause
     (rank,) = summary["ranks"]
     shares = [rank[f"{phase}_share"] for phase in PHASES]
     if mode == "sample":
