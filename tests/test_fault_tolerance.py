@@ -186,15 +186,9 @@ def metrics_results(run_dir: Path) -> list[dict[str, object]]:
     return [{k: json.loads(line)[k] for k in RESULT_KEYS} for line in (run_dir / "metrics.jsonl").open()]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.usefixtures("restore_determinism")
-def test_a_stop_on_an_epochs_last_step_still_records_that_epochs_evaluation(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    # 16 steps per epoch, 32 in all, an evaluation every 5 steps and at each epoch's end. The SIGTERM arrives in the
-    # progress report of step 16, so the run stops at the end of epoch 1; it skipped that epoch's evaluation, and its
-    # resume started epoch 2 without it: no record at step 16, and every later --eval-every step moved.
-    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", "--eval-every", "5", "--log-every", "16",
-             "--output-dir", str(tmp_path)]
+def stop_at_the_first_report(flags: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `flags` as the `resumed` run, with a SIGTERM sent during its first progress report (the step that report
+    ends is the last the run takes), and the straight run beside it."""
     assert main([*flags, "--run-name", "straight"]) == 0
     report = train_module.Trainer.log_progress
     signalled: list[int] = []
@@ -205,40 +199,39 @@ def test_a_stop_on_an_epochs_last_step_still_records_that_epochs_evaluation(
             os.kill(os.getpid(), signal.SIGTERM)
         report(self)
 
-    monkeypatch.setattr(train_module.Trainer, "log_progress", stop_once)
-    assert main([*flags, "--run-name", "resumed"]) == 0
-    assert "stopped by SIGTERM at step 16;" in capsys.readouterr().out
-    assert main([*flags, "--run-name", "resumed"]) == 0
-    assert "resumed from step 16 (end of epoch 1)" in capsys.readouterr().out
-    assert_resumed_equals_straight(tmp_path, 32)
-    assert metrics_steps(tmp_path / "straight") == [5, 10, 15, 16, 21, 26, 31, 32]
-    assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Trainer, "log_progress", stop_once)
+        assert main([*flags, "--run-name", "resumed"]) == 0
+
+
+# 16 steps per epoch. A stop signal skipped the evaluation after the step it stopped at, where a resume does not
+# come back to it: on an epoch's last step (the resume starts the next epoch without that epoch's record, and every
+# later --eval-every step moved), and on the --max-steps step (the rerun finds the run complete, so its final record
+# was missing for good, and --stop-at-accuracy never checked it).
+STOPS_AFTER_WHICH_NO_RESUME_EVALUATES = {
+    # case: (flags, the stop line's end, what the rerun says, the steps run, the uninterrupted run's evaluations)
+    "epoch-end": (["--eval-every", "5", "--log-every", "16"], "Run the same command to resume.",
+                  "resumed from step 16 (end of epoch 1)", 32, [5, 10, 15, 16, 21, 26, 31, 32]),
+    "max-steps": (["--max-steps", "10", "--log-every", "10"], "The run is complete.",
+                  "already complete at step 10", 10, [10]),
+}
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("restore_determinism")
-def test_a_stop_on_the_max_steps_step_still_records_the_final_evaluation(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    # Step 10 of a 16-step epoch is the run's last: a stop there skipped the final evaluation, and the rerun found
-    # the run complete, so metrics.jsonl never got it (nor --stop-at-accuracy its check).
-    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", "--max-steps", "10", "--log-every", "10",
-             "--output-dir", str(tmp_path)]
-    assert main([*flags, "--run-name", "straight"]) == 0
-    report = train_module.Trainer.log_progress
-
-    def stop_at_the_report(self: train_module.Trainer) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
-        report(self)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train_module.Trainer, "log_progress", stop_at_the_report)
-        assert main([*flags, "--run-name", "resumed"]) == 0
-    assert (f"stopped by SIGTERM at step 10; checkpoint saved in {tmp_path / 'resumed' / 'checkpoints'}. The run is "
-            "complete.") in capsys.readouterr().out
+@pytest.mark.parametrize("case", STOPS_AFTER_WHICH_NO_RESUME_EVALUATES)
+def test_a_stop_that_no_resume_comes_back_to_still_evaluates_its_step(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    extra, then, rerun, steps, evaluated = STOPS_AFTER_WHICH_NO_RESUME_EVALUATES[case]
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "256", *extra, "--output-dir", str(tmp_path)]
+    stop_at_the_first_report(flags, monkeypatch)  # the first report comes at the step in question
+    stop_step = int(extra[extra.index("--log-every") + 1])
+    assert (f"stopped by SIGTERM at step {stop_step}; checkpoint saved in {tmp_path / 'resumed' / 'checkpoints'}. "
+            f"{then}") in capsys.readouterr().out
     assert main([*flags, "--run-name", "resumed"]) == 0
-    assert "already complete at step 10" in capsys.readouterr().out
-    assert_resumed_equals_straight(tmp_path, 10)
-    assert metrics_steps(tmp_path / "straight") == [10]
+    assert rerun in capsys.readouterr().out
+    assert_resumed_equals_straight(tmp_path, steps)
+    assert metrics_steps(tmp_path / "straight") == evaluated
     assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
 
 
