@@ -365,32 +365,50 @@ def _get_json(url: str) -> Any:
         return json.load(response)
 
 
-def _wait_for_run(base: str, run_name: str, deadline_s: float) -> None:
-    """Poll the plugin until it has loaded `run_name` (it parses traces in a background thread)."""
+def _wait_for_run(server: subprocess.Popen[bytes], log: Path, base: str, run_name: str, deadline_s: float) -> bool:
+    """Poll the plugin until it has loaded `run_name` (it parses traces in a background thread): True; False where
+    the server exited at start-up because its port was taken meanwhile (free_port's race with other tests)."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
             if run_name in _get_json(f"{base}/runs")["runs"]:
-                return
+                return True
         except (urllib.error.URLError, ConnectionError):
             pass  # the server is still starting
+        if server.poll() is not None:
+            if "could not bind" in log.read_text().lower() or "address already in use" in log.read_text().lower():
+                return False
+            pytest.fail(f"TensorBoard exited with code {server.returncode}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            pytest.fail(f"TensorBoard's profiler plugin did not list run {run_name!r} within {deadline_s:.0f} s")
+            pytest.fail(f"TensorBoard's profiler plugin did not list run {run_name!r} within {deadline_s:.0f} s; "
+                        f"its output:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
 
 
 @pytest.mark.timeout(300)
-def test_tensorboard_profiler_plugin_lists_the_run_and_both_workers(profiled_run: tuple[Path, Result]) -> None:
+def test_tensorboard_profiler_plugin_lists_the_run_and_both_workers(profiled_run: tuple[Path, Result],
+                                                                    tmp_path: Path) -> None:
     run_dir, _ = profiled_run
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir.parent),
-                               "--host", "127.0.0.1", "--port", str(port)], env=cpu_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    # The plugin names a run after the folder holding its traces, relative to --logdir.
+    run_name = f"{run_dir.name}/{TRACES_DIR}"
+    log = tmp_path / "tensorboard.log"
+    for _ in range(3):  # a new port where another process took the free one before the server bound it
+        port = free_port()
+        with log.open("wb") as output:
+            server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir.parent),
+                                       "--host", "127.0.0.1", "--port", str(port)], env=cpu_env(),
+                                      stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}/data/plugin/pytorch_profiler"
-        # The plugin names a run after the folder holding its traces, relative to --logdir.
-        run_name = f"{run_dir.name}/{TRACES_DIR}"
-        _wait_for_run(base, run_name, deadline_s=120)
+        try:
+            if _wait_for_run(server, log, base, run_name, deadline_s=120):
+                break
+        except BaseException:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+            raise
+    else:
+        pytest.fail(f"TensorBoard found its port taken three times:\n{log.read_text()[-3000:]}")
+    try:
         query = urllib.parse.urlencode({"run": run_name})
         views = _get_json(f"{base}/views?{query}")
         assert {"Overview", "Operator", "Trace", "Distributed"} <= set(views)
