@@ -360,8 +360,13 @@ def test_cuda_memory_snapshot_is_dumped_on_any_exit(fail: bool, tmp_path: Path,
 # TensorBoard: the profiler plugin and the scalars
 
 
+# A local server is asked directly: urlopen's global opener keeps the proxies of the environment it was first
+# built in (a test that sets http_proxy to a dead port, in this process, left every later request failing).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with _DIRECT.open(url, timeout=5) as response:
         return json.load(response)
 
 
