@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 
+from dist_mnist.argtypes import positive_seconds, whole_number_at_least, whole_numbers
 from dist_mnist.config import COMM_HOOKS, TrainConfig
 from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext, distributed_session
@@ -386,42 +387,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def _counts(text: str) -> list[int]:
-    """argparse type of the comma-separated batch sizes and process counts: checked when the command is read, not
-    when their section comes, minutes into a bench, as a traceback."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 1,2, not {text!r}") from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"each number must be at least 1: {text!r}")
-    return values
-
-
-def _count_at_least(least: int, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
-    return value
-
-
 # Steps, rounds and batch sizes: 0 divided by zero after a section's measuring, and 0 --scaling-steps became
 # --max-steps 0, a whole recipe run with no limit. The flags whose 0 means something take 0.
-_count = partial(_count_at_least, 1)
-_count_or_zero = partial(_count_at_least, 0)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
+_count = whole_number_at_least(1)
+_count_or_zero = whole_number_at_least(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,15 +402,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these sections (repeatable); default: all")
     parser.add_argument("--batch-size", type=_count, default=TrainConfig.batch_size,
                         help="per-process batch of the default configuration (the classic one always uses 64)")
-    parser.add_argument("--seconds", type=_seconds, default=8.0,
+    parser.add_argument("--seconds", type=positive_seconds, default=8.0,
                         help="timed seconds per throughput configuration")
-    parser.add_argument("--graph-batches", type=_counts, default=f"16,{RECIPES['cuda'].batch_size}",
+    parser.add_argument("--graph-batches", type=whole_numbers, default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the graphs section (CUDA only)")
-    parser.add_argument("--scaling", type=_counts, default="1,2",
+    parser.add_argument("--scaling", type=whole_numbers, default="1,2",
                         help="process counts for the scaling section, comma-separated")
     parser.add_argument("--scaling-steps", type=_count, default=300,
                         help="training steps per scaling run")
-    parser.add_argument("--profiler-batch-sizes", type=_counts, default=f"16,{RECIPES['cuda'].batch_size}",
+    parser.add_argument("--profiler-batch-sizes", type=whole_numbers, default=f"16,{RECIPES['cuda'].batch_size}",
                         help="per-process batch sizes of the profiler section (16 and the cuda recipe's)")
     parser.add_argument("--profiler-steps", type=_count, default=20,
                         help="profiler section: steps before and after the window, per arrangement and round")

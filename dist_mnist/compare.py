@@ -13,11 +13,19 @@ from dist_mnist.metrics import PHASES
 _NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step"}
 
 
+def resumed_steps(summary: dict[str, Any]) -> str | None:
+    """"steps A-B", the steps a resumed process ran and its summary's figures are of; None for a run not resumed
+    (and for summaries written before `first_step` was recorded). The run's table, the comparison's header and the
+    picture's title all say it."""
+    if not summary.get("first_step"):
+        return None
+    return f"steps {summary['first_step'] + 1}-{summary['last_step']}"
+
+
 def run_label(name: str, summary: dict[str, Any]) -> str:
     """A run's name for the comparison's header, with the steps its summary covers where a resume cut them short."""
-    if not summary.get("first_step"):
-        return name
-    return f"{name} (figures of steps {summary['first_step'] + 1}-{summary['last_step']} only: resumed there)"
+    steps = resumed_steps(summary)
+    return f"{name} (figures of {steps} only: resumed there)" if steps else name
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_mnist.argtypes import whole_number_at_least
 from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACES_DIR
 
 TARGET = 0.99  # issue 9's accuracy bar
@@ -449,17 +450,6 @@ def _not_an_out_dir(out: Path) -> str | None:
     return None
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1 (a slice's end, where 0 or below would drop rows silently)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.gpucheck", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -477,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p = commands.add_parser("step-kernels", help="a profiled run's GPU time per step, by kernel, largest first")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--top", type=_positive, default=15, help="kernels listed per trace (at least 1)")
+    p.add_argument("--top", type=whole_number_at_least(1), default=15,
+                   help="kernels listed per trace (at least 1: a slice's end, where 0 would drop every row)")
     args = parser.parse_args(argv)
     if args.command == "table":
         if (wrong := _not_an_out_dir(args.out)) is not None:

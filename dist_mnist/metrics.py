@@ -263,7 +263,7 @@ class TensorBoardEvents:
         self._append([self._event(wall_time=now, step=step, summary=self._scalar(tag, value))
                       for tag, value in values.items()])
 
-    def resume_at(self, step: int) -> None:
+    def purge_from(self, step: int) -> None:
         """Hide what an earlier process of the run wrote from `step` on: it went past the checkpoint this process
         resumed from, and this one writes those steps again. TensorBoard drops every earlier record at or after
         the step of a SessionLog START (what SummaryWriter's purge_step writes); without it each such step showed
@@ -314,7 +314,7 @@ class RunWriter:
     def resume_at(self, step: int) -> None:
         """A resumed run writes steps after `step` again: TensorBoard hides an earlier process's records of them."""
         if self._tb is not None:
-            self._tb.resume_at(step + 1)
+            self._tb.purge_from(step + 1)
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if self._tb is not None:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dist_mnist.compare import mean_step_s, phase_ms, phase_names
+from dist_mnist.compare import mean_step_s, phase_ms, phase_names, resumed_steps
 
 if TYPE_CHECKING:  # matplotlib is imported only when a picture is drawn: training never pays for it
     from matplotlib.axes import Axes
@@ -136,8 +136,7 @@ def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress:
     _losses(axes[1, 0], _by_step(progress), _by_step(metrics))
     _accuracy(axes[1, 1], _by_step(metrics))
     # After a resume the summary (bars, samples/s) is of the last process's steps; the curves are of the whole run.
-    since = f" (phases and samples/s: steps {summary['first_step'] + 1}-{summary['last_step']}, after a resume)" \
-        if summary.get("first_step") else ""
+    since = f" (phases and samples/s: {steps}, after a resume)" if (steps := resumed_steps(summary)) else ""
     ranks = len(summary["ranks"])
     fig.suptitle(f"{title}: {ranks} rank{'s' if ranks != 1 else ''}, {summary['samples_per_sec']:,.0f} samples/s"
                  f"{since}")

@@ -19,6 +19,7 @@ from torch import nn
 from torch.profiler import ProfilerAction, ProfilerActivity, profile, schedule
 
 from dist_mnist.comm import CommStep
+from dist_mnist.compare import resumed_steps
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.durable import write_failed
@@ -533,7 +534,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{'yes' if summary['ranks_in_sync'] else 'NO'}")
     if summary.get("diagnosis"):
         lines.append(f"diagnosis: {summary['diagnosis']}")
-    if summary.get("first_step"):  # absent in summaries written before it was recorded
-        lines.append(f"resumed at step {summary['first_step']}: these figures are of steps {summary['first_step'] + 1}"
-                     f"-{summary['last_step']}, run by the process that resumed the run, not of its earlier steps")
+    if steps := resumed_steps(summary):
+        lines.append(f"resumed at step {summary['first_step']}: these figures are of {steps}, run by the process "
+                     "that resumed the run, not of its earlier steps")
     return "\n".join(lines)

@@ -143,12 +143,18 @@ class HeldRunDir:
                 continue
             try:
                 for entry in inside:
-                    entry.rmdir() if entry.is_dir() else entry.unlink()
+                    if entry.is_dir():
+                        entry.rmdir()
+                    else:
+                        entry.unlink()
                 folder.rmdir()
             except OSError:  # a file that appeared meanwhile, a read-only mount: the folder stays as it is
                 pass
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """Let the folders go; after a failure, first remove those this process made and left empty."""
+        if failed:
+            self.remove_unused()
         for fd in self.locks.values():
             os.close(fd)  # releases the lock
         self.locks = {}
@@ -186,8 +192,7 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         for folder, fd in held.locks.items():
             _sign_lock(fd, folder)  # only now: a refused run leaves the folders as it found them
     except UserError:
-        held.remove_unused()
-        held.release()
+        held.release(failed=True)
         raise
     return held
 
@@ -203,12 +208,10 @@ def open_run_dir(cfg: TrainConfig, ctx: DistContext) -> Iterator[Path]:
         held = _choose_run_dir(cfg)
         return held.path
 
+    failed = True
     try:
         yield ctx.on_main(choose)
-    except BaseException:
-        if held is not None:
-            held.remove_unused()
-        raise
+        failed = False
     finally:
         if held is not None:
-            held.release()
+            held.release(failed)

@@ -424,7 +424,10 @@ class RunClock:
         self.pauses_s: dict[str, float] = {}  # this process's seconds in pauses, by what paused
         self.resumed_s = 0.0  # seconds since the first step, as of the checkpoint this process resumed from
         self.resumed_paused_s = 0.0  # of those, the seconds spent in pauses
-        self.syncs = 0  # pauses that waited for the device: after each the device idles until the host queues work
+        # Whether a pause waited for the device before the step that began last: the device then idled until the
+        # host queued work again, so that step is not the steady state (StepTimer.begin_step).
+        self.step_follows_sync = False
+        self._synced = False  # since the last step began
         self._sync = sync
 
     def begin(self) -> float:
@@ -432,6 +435,7 @@ class RunClock:
         now = time.perf_counter()
         if self.start is None:
             self.start, self.first_step_unix = now, time.time()
+        self.step_follows_sync, self._synced = self._synced, False
         return now
 
     def training_seconds(self) -> float:
@@ -449,7 +453,7 @@ class RunClock:
         step's queue."""
         if sync and self._sync is not None:
             self._sync()
-            self.syncs += 1
+            self._synced = True
         start = time.perf_counter()
         try:
             yield
@@ -536,7 +540,6 @@ class Trainer:
         self.timeout = collectives.CollectiveTimeout(cfg.timeout_s, cfg.train_timeout_s)
         self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
         self.measured_step_s: list[float] = []
-        self.syncs_at_step = 0  # the clock's syncs when the last step began: a step after a pause's sync is told so
         self.checkpoints = checkpoint.BackgroundWriter()  # rank 0 writes the files in a thread
         # The newest checkpoint, on disk or being written (a failure lets that write finish): every rank knows it.
         self.last_checkpoint: checkpoint.WrittenCheckpoint | None = None
@@ -856,11 +859,13 @@ class Trainer:
             message = INTERRUPTED_EARLY
         return UserError(message, exit_code=130)
 
+    def at_max_steps(self) -> bool:
+        return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
+
     def complete(self) -> bool:
         """Whether the run has nothing left to do: its epochs, its --max-steps or its --stop-at-accuracy reached."""
-        state, cfg = self.state, self.cfg
-        return (state.epoch >= cfg.epochs or bool(cfg.max_steps and state.step >= cfg.max_steps)
-                or any(self.meets_target(m) for m in state.metrics))
+        return (self.state.epoch >= self.cfg.epochs or self.at_max_steps()
+                or any(self.meets_target(m) for m in self.state.metrics))
 
     def resume_and_train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -936,7 +941,7 @@ class Trainer:
                         self.log_progress()
                     with self.phase("the stop vote"):
                         stop_now = self.vote.poll(self.stop.requested)
-                    at_limit = bool(cfg.max_steps) and state.step >= cfg.max_steps
+                    at_limit = self.at_max_steps()
                     end_of_epoch = state.batch_in_epoch == self.batches_per_epoch
                     if state.evaluation_due(cfg.eval_every) and not end_of_epoch:
                         self.evaluate_and_record()
@@ -959,7 +964,7 @@ class Trainer:
                 # stop on an epoch's last step or on the --max-steps step still evaluates it: the resume starts the
                 # next epoch or finds the run complete, so that record would be missing for good (and in the first
                 # case every later --eval-every step shifted).
-                run_done = bool(cfg.max_steps) and state.step >= cfg.max_steps
+                run_done = self.at_max_steps()
                 if (stopped_by is None or epoch_done or run_done) and self.target_reached is None and not evaluated:
                     self.evaluate_and_record()
                 self.save_checkpoint()
@@ -976,8 +981,7 @@ class Trainer:
             start, paused = self.prev_step_start
             self.measured_step_s.append(now - start - (self.clock.paused_s - paused))
         self.prev_step_start = (now, self.clock.paused_s)
-        self.timer.begin_step(after_sync=self.clock.syncs != self.syncs_at_step)
-        self.syncs_at_step = self.clock.syncs
+        self.timer.begin_step(after_sync=self.clock.step_follows_sync)
 
     def finish(self, stopped_by: str | None) -> None:
         """Report: progress tail, where the time went (summary.json), and why we stopped."""
