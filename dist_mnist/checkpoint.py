@@ -249,6 +249,26 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
                             "--resume never with a new --run-name")
 
 
+def numerics_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
+    """A note naming the settings a resume changes that round differently ("--amp bfloat16 -> off"), or None.
+
+    They are not refused like RESUME_FIELDS: a requeued job may land on another kind of node (no bf16, no GPU), and
+    the run is still correct. But a resumed run equals an uninterrupted one only under the same settings, and a user
+    comparing the two must be told why they differ. Checkpoints written before these were saved hold none.
+    """
+    if not saved:
+        return None
+    def shown(value: Any) -> str:
+        return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+    changed = [f"--{name.replace('_', '-')} {shown(saved[name])} -> {shown(value)}" for name, value in current.items()
+               if name in saved and saved[name] != value]
+    if not changed:
+        return None
+    return (f"note: this run continues with other settings than the checkpoint's ({', '.join(changed)}): training "
+            "goes on correctly, but its numbers will differ in the last bits from a run that was never interrupted")
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random generators, in types that weights_only loading accepts. On CUDA the generator of this
     process's own GPU only: a resume may see fewer GPUs per process (one per task under SLURM, say)."""

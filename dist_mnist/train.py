@@ -639,6 +639,15 @@ class Trainer:
                  else f"end of epoch {self.state.epoch_number()}")
         self.resumed_from = Path(source)
         self.log(f"resumed from step {self.state.step} ({where}) of {source}")
+        changes = checkpoint.numerics_changes(state.get("numerics"), self.numerics())
+        if changes:
+            self.log(changes)
+
+    def numerics(self) -> dict[str, Any]:
+        """The settings that change how a step rounds but may change on a resume (checkpoint.numerics_changes)."""
+        return {"device": self.ctx.device.type, "amp": dtype_name(self.settings.amp_dtype),
+                "channels_last": self.settings.channels_last, "ddp_comm_hook": self.cfg.ddp_comm_hook,
+                "compile": self.cfg.compile, "deterministic": self.cfg.deterministic}
 
     def restore_train_loss(self, per_rank: list[list[float]], same_world: bool) -> None:
         """The training-loss sums since the last evaluation, as the checkpoint's ranks held them; evaluation adds
@@ -703,6 +712,7 @@ class Trainer:
                 "train_loss": [loss for _, loss in per_rank],  # [sum, count] per rank
                 "config": self.cfg.to_json(),
                 "recipe": self.recipe.name,
+                "numerics": self.numerics(),
                 **parts,
             }
             return self.checkpoints.submit(checkpoint.serialize(state), self.checkpoint_dir, self.state.step,

@@ -234,6 +234,28 @@ def test_unreadable_file_is_a_user_error(tmp_path: Path, bad: bytes) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_a_resume_under_other_rounding_settings_says_so(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
+    """--amp, --channels-last and the like may change on a resume (a requeue onto another kind of node), but the
+    resumed run then no longer equals an uninterrupted one: one note says which settings changed, from what."""
+    saved = checkpoint.load_checkpoint(checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS))["numerics"]
+    assert saved["device"] == "cpu" and saved["channels_last"] is True
+    code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 1))
+    assert code == 0, err
+    assert f"resumed from step {BASE_STEPS} " in out and "note: this run continues" not in out
+    code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 2), "--channels-last", "off",
+                                      "--ddp-comm-hook", "fp16")
+    assert code == 0, err
+    assert ("note: this run continues with other settings than the checkpoint's (--channels-last on -> off, "
+            f"--ddp-comm-hook {saved['ddp_comm_hook']} -> fp16): training goes on correctly, but its numbers will "
+            "differ in the last bits from a run that was never interrupted") in out.splitlines()
+
+
+def test_rounding_settings_of_checkpoints_before_they_were_saved_draw_no_note() -> None:
+    assert checkpoint.numerics_changes(None, {"amp": "off"}) is None
+    assert checkpoint.numerics_changes({"amp": "bfloat16"}, {"amp": "bfloat16", "compile": True}) is None
+
+
+@pytest.mark.timeout(120)
 def test_truncated_newest_checkpoint_falls_back_to_previous(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
     newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
