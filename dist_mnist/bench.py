@@ -167,11 +167,18 @@ def _timed_replays(step: GraphedStep, device: torch.device, seconds: float, warm
     return replays * len(step.labels) / (time.perf_counter() - start)
 
 
+def graphs_skipped(ctx: DistContext) -> str | None:
+    """Why the graphs section cannot run here, or None (tests/test_gpucheck.py runs it on CPU, replayed eagerly)."""
+    if ctx.device.type != "cuda" or ctx.world_size > 1:
+        return "CUDA graphs are measured on one CUDA process only"
+    return None
+
+
 def measure_graphs(cfg: TrainConfig, ctx: DistContext, seconds: float, batch_sizes: list[int]) -> dict[str, Any]:
     """Per batch size, side by side: the eager loop, the loop with the step captured in a CUDA graph (both with
     the on-device batches and the step timer of a run), and the bare captured step replayed on a fixed batch."""
-    if ctx.device.type != "cuda" or ctx.world_size > 1:
-        return {"skipped": "CUDA graphs are measured on one CUDA process only"}
+    if skipped := graphs_skipped(ctx):
+        return {"skipped": skipped}
     settings = resolve_speed_settings(cfg, ctx.device)
     train, test = load_splits(cfg, ctx)
     results: dict[str, Any] = {"amp": dtype_name(settings.amp_dtype)}

@@ -121,8 +121,11 @@ class PowerSGDHookState:
     def _local(self) -> dict[str, Any]:
         s = self.state
         _, keys, pos, has_gauss, cached = s.rng.get_state()
-        return {"iter": s.iter, "orders": dict(self.orders), "error": dict(s.error_dict),
-                "p": dict(s.p_memory_dict), "q": dict(s.q_memory_dict),
+        # On the host: every rank unpickles every other rank's part of the gather, and a CUDA tensor comes back on
+        # the GPU it left (rank 0 made a context on rank 1's GPU, or failed where each process sees its own only).
+        host = torch.device("cpu")
+        return {"iter": s.iter, "orders": dict(self.orders), "error": _tensors_to(s.error_dict, host),
+                "p": _tensors_to(s.p_memory_dict, host), "q": _tensors_to(s.q_memory_dict, host),
                 "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                         "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
                 "numel_before": s.total_numel_before_compression, "numel_after": s.total_numel_after_compression,
@@ -140,13 +143,21 @@ class PowerSGDHookState:
         s = self.state
         s.iter = mine["iter"]
         self.orders = dict(mine["orders"])
-        s.error_dict = dict(mine["error"]) if same_world else {}
-        s.p_memory_dict, s.q_memory_dict = dict(mine["p"]), dict(mine["q"])
+        # Onto the gradients' device: a checkpoint is loaded onto the host, and the hook adds the residuals to the
+        # bucket and multiplies into P and Q in place (on a GPU, host tensors failed the first compressed step).
+        device = self.params[0].device
+        s.error_dict = _tensors_to(mine["error"], device) if same_world else {}
+        s.p_memory_dict, s.q_memory_dict = _tensors_to(mine["p"], device), _tensors_to(mine["q"], device)
         rng = mine["rng"]
         s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
                          rng["cached_gaussian"]))
         s.total_numel_before_compression, s.total_numel_after_compression = mine["numel_before"], mine["numel_after"]
         s.next_stats_report = mine["next_stats_report"]
+
+
+def _tensors_to(tensors: dict[int, torch.Tensor], device: torch.device) -> dict[int, torch.Tensor]:
+    """PowerSGD's per-bucket tensors (residuals, P, Q) on `device`."""
+    return {index: tensor.to(device) for index, tensor in tensors.items()}
 
 
 class CommRecorder:

@@ -18,7 +18,13 @@ from test_ddp import spawn_world
 from test_fault_tolerance import assert_resumed_equals_straight
 from test_profiling import GRADIENT_BYTES
 
-from dist_mnist.comm import BucketRecord, ddp_bucket_kwargs, note_ignored_comm_flags, resolve_step
+from dist_mnist.comm import (
+    BucketRecord,
+    PowerSGDHookState,
+    ddp_bucket_kwargs,
+    note_ignored_comm_flags,
+    resolve_step,
+)
 from dist_mnist.config import TrainConfig, apply_recipe, parse_args
 from dist_mnist.data import build_pipeline, load_splits
 from dist_mnist.distributed import DistContext
@@ -299,3 +305,44 @@ def test_all_reduces_are_marked_on_the_timed_steps_only(tmp_path: Path) -> None:
         # The second timed step records the events the drain after the first one read again, and makes new ones
         # only for the buckets it has beyond them (DDP rebuilds its buckets after the first step: 1, then 2).
         assert rank["events_made"] == 2 * max(buckets) < 2 * sum(buckets)
+
+
+def _powersgd_state(device: str) -> PowerSGDHookState:
+    ctx = DistContext(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo", control_group=None)
+    return PowerSGDHookState(MnistCNN().to(device), ctx, start_iter=2)
+
+
+def test_powersgd_state_resumes_onto_the_gradients_device() -> None:
+    """A checkpoint is loaded onto the host (map_location="cpu"), and the hook adds the residual to the bucket and
+    multiplies into the P and Q it holds: on a GPU, residuals left on the host failed the first compressed step
+    after every resume with a device mismatch. Here the meta device stands in for the GPU."""
+    saved = _powersgd_state("cpu")
+    saved.state.error_dict[0], saved.state.p_memory_dict[0], saved.state.q_memory_dict[0] = (
+        torch.ones(4), torch.ones(2), torch.ones(3))
+    resumed = _powersgd_state("meta")
+    resumed.load_state_dict(saved.state_dict())
+    s = resumed.state
+    assert {t.device.type for d in (s.error_dict, s.p_memory_dict, s.q_memory_dict) for t in d.values()} == {"meta"}
+
+
+def test_powersgd_state_is_gathered_from_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank unpickles every other rank's part of the gather, and a CUDA tensor comes back on the GPU it left:
+    rank 0 made a CUDA context on rank 1's GPU (or failed where each process sees its own GPU only). What the
+    gather gets is on the host."""
+    state = _powersgd_state("cpu")
+    state.state.error_dict[0], state.state.p_memory_dict[0], state.state.q_memory_dict[0] = (
+        torch.ones(4), torch.ones(2), torch.ones(3))
+    to_host: list[torch.Tensor] = []
+    real = torch.Tensor.to
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        moved = real(self, *args, **kwargs)
+        if moved.device.type == "cpu":  # on the CPU `to` returns the tensor itself: a copy stands for the move
+            moved = moved.clone()
+            to_host.append(moved)
+        return moved
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    (gathered,) = state.state_dict()["ranks"]
+    for part in ("error", "p", "q"):
+        assert any(gathered[part][0] is t for t in to_host), part

@@ -335,3 +335,36 @@ def test_step_kernels_without_traces_or_with_a_damaged_one_fails(out: Path, tmp_
     kernels = run([*GPUCHECK, "trace-kernels", str(damaged)], timeout=60)
     assert kernels.returncode == 1 and "Traceback" not in kernels.stderr
     assert kernels.stdout.splitlines()[-1].startswith(f"FAIL trace kernels: {cut} is not a readable profiler trace")
+
+
+@pytest.mark.timeout(120)
+def test_the_bench_graphs_section_runs_and_the_table_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's graphs section, replayed eagerly on CPU: its loops, the bare replays and its JSON, which the table
+    reads back. It runs on a GPU only (issue 9's figures), and there it failed the last time it ran (a collective in
+    a world of one), so its figures were lost for a whole device session."""
+    from dist_mnist import bench
+    from dist_mnist.config import TrainConfig
+    from dist_mnist.distributed import distributed_session
+    from dist_mnist.graphs import GraphedStep, capture_eagerly
+
+    captured: list[int] = []
+
+    def capture(body: Any) -> Any:
+        captured.append(1)
+        return capture_eagerly(body)
+
+    monkeypatch.setattr(bench, "graphs_skipped", lambda ctx: None)
+    monkeypatch.setattr(bench, "GraphedStep", lambda parts, batch_size: GraphedStep(parts, batch_size, capture=capture))
+    cfg = TrainConfig(device="cpu", dataset="synthetic", synthetic_train_size=64, synthetic_test_size=8, amp="off",
+                      tensorboard=False)
+    with distributed_session(cfg) as ctx:
+        results = bench.measure_graphs(cfg, ctx, seconds=0.01, batch_sizes=[4])
+    assert captured == [1] and results["amp"] == "off"
+    row = GraphsRow(**results["4"])
+    assert min(row.eager_loop, row.graphed_loop, row.bare_captured_step, row.graphed_loop_host_us) > 0
+    assert "| **batch 4: graphed loop / eager loop; graphed loop / bare captured step** |" in bench.render_markdown(
+        {"machine": "CPU", "date": "2026-11-28", "torch": "2.14.1", "command": "bench", "graphs": results})
+    (tmp_path / "bench.json").write_text(json.dumps({"graphs": results}))
+    table = gpucheck.graphs(gpucheck.CheckOutput(tmp_path))
+    assert [r.figure for r in table] == ["batch 4: loop with graphs / eager loop", "batch 4: loop with graphs / bare "
+                                                                                   "captured step"]
