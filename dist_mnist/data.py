@@ -232,8 +232,10 @@ class DeviceBatchLoader:
         device = self.dataset.labels.device
         order = sampler_order(sampler.sampler)
         if device.type == "cuda":
-            # From pinned memory the upload is queued behind the running steps instead of waiting for them.
-            order = order.pin_memory()
+            # From pinned memory the upload is queued behind the running steps instead of waiting for them. Made
+            # contiguous first: with 2+ ranks the order is a strided view (every W-th index), which the upload
+            # would copy into an unpinned temporary and send from there, waiting.
+            order = order.contiguous().pin_memory()
         order = order.to(device, non_blocking=True)
         size = sampler.batch_size
         for i in range(skip, len(sampler)):

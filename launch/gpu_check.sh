@@ -71,14 +71,15 @@ smoke() {
 if want issue9; then
 # How long this host's name takes to resolve: gloo resolves it to find its address, unless GLOO_SOCKET_IFNAME names
 # an interface (launch/slurm.sbatch and launch/pytorchjob.yaml show where to set it; train.py leaves it to the user).
-"$python" -c 'import socket, time; t = time.perf_counter(); name = socket.gethostname()
+timeout 30 "$python" -c 'import socket, time; t = time.perf_counter(); name = socket.gethostname()
 try: found = socket.getaddrinfo(name, None)[0][4][0]
 except OSError as exc: found = f"not resolved ({exc})"
 print(f"hostname {name!r} -> {found} in {time.perf_counter() - t:.2f} s")'
 # What `init_process_group` with nccl costs in a process of one (5.5-6.1 s on an H200 on 2026-11-27; runs of one
 # use gloo since, 2+ GPUs still pay it): with the flight recorder's variables as train.py sets them, and without.
+# Each probe under `timeout`: a hang here would cost the session its bundle.
 for recorder in on off; do
-    "$python" -c 'import os, sys, time, torch, torch.distributed as dist
+    timeout 60 "$python" -c 'import os, sys, time, torch, torch.distributed as dist
 from pathlib import Path
 from dist_mnist.collectives import flight_recorder_env
 if sys.argv[1] == "on":
@@ -86,23 +87,27 @@ if sys.argv[1] == "on":
 torch.cuda.set_device(0); torch.zeros(1, device="cuda")
 t = time.perf_counter(); dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
 print(f"init_process_group(nccl), world of one, flight recorder {sys.argv[1]}: {time.perf_counter() - t:.2f} s")
-dist.destroy_process_group()' "$recorder"
+dist.destroy_process_group()' "$recorder" || echo "init_process_group(nccl) probe, flight recorder $recorder: failed or timed out"
 done
 # --- issue 9: a bare `import torch` on this machine (the first one may be cold; the table takes the faster) ---
 for i in 1 2; do
-    start=$(now); "$python" -c 'import torch'; since "$start" > "$out/import_torch_$i.s"
+    start=$(now); timeout 60 "$python" -c 'import torch'; since "$start" > "$out/import_torch_$i.s"
 done
 # Our imports beyond torch's (train.py's `imports` phase less a bare `import torch`), and torch._dynamo, which the
 # first optimizer imports (train.py imports it in a thread): how much of the start-up each is once a world of one
 # no longer waits 6 s for nccl, where the thread's import hid.
 # Then the interpreter's teardown with those loaded (0.7 s on the 2-core CPU), which launch/train.py skips after a
 # run that ended well (dist_mnist/shutdown.py) and pytorch/examples' main.py pays.
-"$python" -c 'import sys, time; t = [time.perf_counter()]; import torch; t.append(time.perf_counter())
+timeout 60 "$python" -c 'import sys, time; t = [time.perf_counter()]; import torch; t.append(time.perf_counter())
 import dist_mnist.train; t.append(time.perf_counter()); import torch._dynamo; t.append(time.perf_counter())
 print("import torch {:.2f} s, then dist_mnist.train {:.2f} s, then torch._dynamo {:.2f} s".format(
     *(b - a for a, b in zip(t, t[1:]))))
 print(f"{time.time():.3f}", file=open(sys.argv[1], "w"))' "$out/import_probe.exit_at"
-echo "interpreter teardown after those imports: $(since "$(cat "$out/import_probe.exit_at")") s"
+if [ -s "$out/import_probe.exit_at" ]; then
+    echo "interpreter teardown after those imports: $(since "$(cat "$out/import_probe.exit_at")") s"
+else
+    echo "import probe: failed or timed out"
+fi
 
 # --- issue 9: the default command; one epoch, ours against pytorch/examples' mnist/main.py, whole-process wall ---
 smoke default 120
@@ -174,7 +179,8 @@ if want sweep; then
 if [ "$("$python" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     for hook in none bf16 powersgd; do
         NPROC=2 smoke "hook_$hook" 120 --ddp-comm-hook "$hook" --max-steps 60 --warmup-frac 0.05 --no-tensorboard
-        "$python" -m dist_mnist.report --no-picture "$out/runs/hook_$hook" | tail -4
+        # Only a run that finished has a summary to report (a skipped one would cost an import of torch for nothing).
+        [ -f "$out/hook_$hook.wall" ] && "$python" -m dist_mnist.report --no-picture "$out/runs/hook_$hook" | tail -4
     done
 else
     echo "SKIP comm hooks over nccl: they need 2 GPUs"
