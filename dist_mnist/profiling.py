@@ -427,8 +427,18 @@ def _fewer_bytes(comm_hook: str) -> str:
     return ""  # powersgd: the strongest compression offered is in use
 
 
-def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none") -> str:
-    """One sentence a person can act on, from the summary's figures; `comm_hook` is the run's --ddp-comm-hook."""
+def _compute_levers(amp: str) -> str:
+    """The compute-bound advice: mixed precision only where the run does not use it yet (`amp` as resolved:
+    'off', 'bfloat16', 'float16'); the CPU recipe's bf16 runs were told to turn on what they had."""
+    if amp == "off":
+        return ("mixed precision (--amp bf16, or fp16 on GPUs without native bf16), a larger batch per device or "
+                "faster devices")
+    return f"a larger batch per device or faster devices ({amp} mixed precision is in use)"
+
+
+def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "off") -> str:
+    """One sentence a person can act on, from the summary's figures; `comm_hook` is the run's --ddp-comm-hook,
+    `amp` its autocast dtype as resolved ('off' for none)."""
     if any(r["data_share"] is None for r in ranks):
         return "no diagnosis: the phase timers were off (--phase-timers off), so nothing says where a step's time went"
     stragglers = [r for r in ranks if r["straggler"]]
@@ -447,8 +457,8 @@ def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none") -> str:
     kind, share = max(bounds.items(), key=lambda item: item[1])
     if share < BOUND_SHARE:
         compute = mean("forward_share") + mean("backward_compute_share") + mean("optimizer_share")
-        return (f"compute-bound: forward, backward and optimizer compute take {compute:.0%} of a step; mixed "
-                "precision, a larger batch per device or faster devices are what make it faster")
+        return (f"compute-bound: forward, backward and optimizer compute take {compute:.0%} of a step; "
+                f"{_compute_levers(amp)} are what make it faster")
     if kind == "input":
         return (f"input-bound: the ranks wait for data {share:.0%} of each step; load batches in parallel "
                 "(--num-workers), or make the data source faster")
@@ -462,7 +472,7 @@ def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none") -> str:
 
 def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
                   flops: float, peak_flops_per_process: float, peak_source: str,
-                  comm_hook: str = "none") -> dict[str, Any]:
+                  comm_hook: str = "none", amp: str = "off") -> dict[str, Any]:
     flag_stragglers(ranks)
     achieved = global_samples_per_sec * flops
     return {
@@ -476,7 +486,7 @@ def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, ep
         "peak_source": peak_source,
         "mfu": achieved / (peak_flops_per_process * len(ranks)) if peak_flops_per_process else None,
         "ranks": ranks,
-        "diagnosis": diagnose(ranks, comm_hook),
+        "diagnosis": diagnose(ranks, comm_hook, amp),
     }
 
 

@@ -1045,7 +1045,8 @@ class Trainer:
             global_samples_per_sec=self.global_batch / mean_step if mean_step else 0.0,
             epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
             flops=flops_per_sample(self.parts.module),
-            peak_flops_per_process=peak, peak_source=peak_source, comm_hook=self.cfg.ddp_comm_hook)
+            peak_flops_per_process=peak, peak_source=peak_source, comm_hook=self.cfg.ddp_comm_hook,
+            amp=dtype_name(self.settings.amp_dtype))
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix

@@ -95,6 +95,18 @@ def test_communication_bound_advice_names_only_hooks_that_send_fewer_bytes(comm_
     assert advice in diagnose(ranks, comm_hook)
 
 
+@pytest.mark.parametrize(("amp", "advice"), [
+    ("off", "mixed precision (--amp bf16, or fp16 on GPUs without native bf16), a larger batch per device"),
+    ("bfloat16", "a larger batch per device or faster devices (bfloat16 mixed precision is in use) are what"),
+])
+def test_compute_bound_advice_names_mixed_precision_only_where_it_is_off(amp: str, advice: str) -> None:
+    ranks = [_stats(0), _stats(1)]
+    flag_stragglers(ranks)
+    sentence = diagnose(ranks, "bf16", amp)
+    assert sentence.startswith("compute-bound") and advice in sentence
+    assert amp != "bfloat16" or "--amp" not in sentence
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Delays injected on one rank: the summary names the rank and the phase
 
