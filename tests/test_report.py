@@ -289,6 +289,16 @@ def test_a_run_shorter_than_log_every_is_not_said_to_lack_progress_jsonl(tmp_pat
     assert "no progress.jsonl" not in text.get_text() and "--log-every" in text.get_text()
 
 
+def test_the_accuracy_panel_names_the_last_accuracy_in_its_title_not_over_the_curve() -> None:
+    from matplotlib.figure import Figure
+
+    from dist_mnist.plots import _accuracy
+
+    ax = Figure().subplots()
+    _accuracy(ax, _metrics([20, 40]))
+    assert ax.get_title() == "test accuracy (last 99.75% at step 40)" and not ax.texts
+
+
 def test_a_run_with_phase_timers_off_has_no_phase_bars_or_phase_rows() -> None:
     """--phase-timers off writes every share as None: the picture says it has none (not bars of 0 ms each) and a
     comparison of two such runs has no phase rows."""
