@@ -93,7 +93,9 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
                             "there, or point --data-dir / DIST_MNIST_DATA at a folder holding MNIST/raw/")
         missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
     if missing:
-        raise UserError(f"MNIST files missing in {raw}: {', '.join(missing)} (expected {', '.join(MNIST_FILES)}); "
+        # Naming the expected files again only where some are there: with none, the list would repeat itself.
+        expected = f" (expected {', '.join(MNIST_FILES)})" if len(missing) < len(MNIST_FILES) else ""
+        raise UserError(f"MNIST files missing in {raw}: {', '.join(missing)}{expected}; "
                         "point --data-dir or DIST_MNIST_DATA at the folder holding MNIST/raw/, or drop "
                         "--no-download to let torchvision fetch them")
     return _read_idx_pair(raw, "train"), _read_idx_pair(raw, "t10k")
