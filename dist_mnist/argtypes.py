@@ -1,7 +1,8 @@
 """argparse value types the analysis and benchmark tools share: a value no run could use is refused when the command
 is read (argparse's usage line and exit code 2), not minutes later as a traceback or a silently empty result.
 
-Imports no torch: `python -m dist_mnist.gpucheck` runs where torch is not installed.
+Imports no torch: `python -m dist_mnist.gpucheck` runs where torch is not installed. Also how a setting is shown
+back in a line (on_off), in the words the on/off flags take.
 """
 
 from __future__ import annotations
@@ -44,3 +45,8 @@ def positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
     return value
+
+
+def on_off(value: object) -> str:
+    """A setting as a person reads it in a line: True/False as on/off, anything else as it is."""
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dist_mnist.argtypes import on_off
 from dist_mnist.durable import write_durably
 from dist_mnist.errors import UserError
 
@@ -258,10 +259,7 @@ def numerics_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> s
     """
     if not saved:
         return None
-    def shown(value: Any) -> str:
-        return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
-
-    changed = [f"--{name.replace('_', '-')} {shown(saved[name])} -> {shown(value)}" for name, value in current.items()
+    changed = [f"--{name.replace('_', '-')} {on_off(saved[name])} -> {on_off(value)}" for name, value in current.items()
                if name in saved and saved[name] != value]
     if not changed:
         return None

@@ -28,8 +28,10 @@ from torch.profiler import record_function
 
 from dist_mnist import checkpoint, collectives
 from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync
+from dist_mnist.argtypes import on_off
 from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
+from dist_mnist.console import kept_stdout
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import INTERRUPTED_EARLY, UserError
@@ -901,8 +903,9 @@ class Trainer:
         self.first_step = state.step
         self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "
                  f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
-                 f"{self.steps_per_epoch} steps/epoch, {self.settings.describe()}, "
-                 f"cuda_graphs={self.graphs.enabled}")
+                 f"{self.steps_per_epoch} steps/epoch, "
+                 + ", ".join(f"{name} {on_off(value)}" for name, value in
+                             {**self.settings.describe(), "cuda_graphs": self.graphs.enabled}.items()))
         for note in (self.comm_note, self.timer_note):
             if note:
                 self.log(note)
@@ -1081,7 +1084,13 @@ def run_training(cfg: TrainConfig, ctx: DistContext, startup: StartupTimer | Non
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1; a
-    Ctrl-C outside the training loop one line and exit code 130."""
+    Ctrl-C outside the training loop one line and exit code 130. Standard output whose reader goes away (`| head`)
+    does not end the run (dist_mnist/console.py)."""
+    with kept_stdout():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         startup = StartupTimer()

@@ -4,6 +4,7 @@ talks, runs are reproducible, every bad input is one error line, and (with real 
 from __future__ import annotations
 
 import cProfile
+import io
 import json
 import multiprocessing
 import os
@@ -36,7 +37,7 @@ from conftest import (
 )
 
 import dist_mnist.train as train_module
-from dist_mnist import shutdown
+from dist_mnist import console, shutdown
 from dist_mnist.data import MNIST_FILES, mnist_raw_dir
 
 SMOKE_TEST_SIZE = 203  # what SMOKE_FLAGS make: odd, so neither 2 nor 3 ranks divide it
@@ -502,3 +503,30 @@ def test_the_main_thread_leaves_torchs_compiler_stack_to_the_import_thread(extra
     result = run([sys.executable, "-c", script], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED []" in result.stdout.splitlines()
+
+
+class _ReaderThatLeaves(io.StringIO):
+    """Standard output piped into `head -1`: the first line gets through, then every write meets a closed pipe."""
+
+    def write(self, text: str) -> int:
+        if "\n" in self.getvalue():
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_of_stdout_that_goes_away_does_not_end_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`python launch/train.py ... | head -1` ended the run with a BrokenPipeError traceback at its next print,
+    losing the steps since its last checkpoint: it now trains on, says so once on stderr and ends well."""
+    stdout = _ReaderThatLeaves()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code = train_module.main([*SMOKE_FLAGS, "--max-steps", "12", "--log-every", "1", "--eval-every", "4",
+                              "--output-dir", str(tmp_path), "--run-name", "piped"])
+    assert code == 0
+    assert sys.stdout is stdout  # put back
+    assert stdout.getvalue().startswith("run ") and stdout.getvalue().count("\n") == 1
+    assert capsys.readouterr().err.count(console.READER_GONE) == 1
+    summary = json.loads((tmp_path / "piped" / "summary.json").read_text())
+    assert summary["last_step"] == 12
+    assert [json.loads(line)["step"] for line in (tmp_path / "piped" / "progress.jsonl").open()] == list(range(1, 13))

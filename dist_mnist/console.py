@@ -1,0 +1,80 @@
+"""The process's standard output, kept writable: a reader that goes away does not end the run.
+
+`python launch/train.py ... | head`, a `tee` that was killed, a log collector that restarted: the next print of a
+progress line raised BrokenPipeError inside the training loop, and the run ended with a traceback, losing the
+steps since its last checkpoint. A C program would die of SIGPIPE at that write; Python ignores the signal and raises
+instead. Here the run goes on without its standard output (everything it prints is also in its run folder's files)
+and says so once on standard error.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+READER_GONE = ("note: standard output was closed (its reader exited); the run goes on without printing, and writes "
+               "its records to its run folder as always (metrics.jsonl, progress.jsonl, summary.json); Ctrl-C stops "
+               "it at a step with a checkpoint")
+
+
+class KeptStdout:
+    """Wraps a text stream: writes and flushes that meet a closed reader are dropped from then on, with one note."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._lose_reader()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._lose_reader()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, ...: the wrapped stream's
+        return getattr(self._stream, name)
+
+    def _lose_reader(self) -> None:
+        self.reader_gone = True
+        # The wrapped stream still holds what it could not send, and the interpreter flushes it at exit (an
+        # "Exception ignored ... BrokenPipeError" there): its file descriptor now leads to /dev/null instead.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass  # not a file (a test's stream): nothing flushes it at exit
+        try:
+            sys.stderr.write(READER_GONE + "\n")
+            sys.stderr.flush()
+        except OSError:
+            pass  # standard error closed too: nobody is left to tell
+
+
+@contextmanager
+def kept_stdout() -> Iterator[KeptStdout]:
+    """sys.stdout as a KeptStdout for the block; the stream it wrapped is put back after it."""
+    original = sys.stdout
+    kept = KeptStdout(original)
+    sys.stdout = kept  # type: ignore[assignment]  # a TextIO in all that this process uses of it
+    try:
+        yield kept
+    finally:
+        sys.stdout = original
