@@ -28,6 +28,7 @@ from torchvision import datasets, transforms
 
 from dist_mnist.argtypes import positive_seconds, whole_number_at_least, whole_numbers
 from dist_mnist.config import COMM_HOOKS, TrainConfig
+from dist_mnist.console import kept_stdout
 from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
@@ -503,4 +504,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with kept_stdout(note=None):  # `... | head` ends the output, not the tool's work
+        code = main()
+    sys.exit(code)

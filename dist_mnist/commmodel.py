@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
+from dist_mnist.console import kept_stdout
 from dist_mnist.model import MnistCNN
 
 GPUS_PER_NODE = 8
@@ -257,4 +258,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with kept_stdout(note=None):  # `... | head` ends the output, not the tool's work
+        code = main()
+    sys.exit(code)

@@ -22,10 +22,12 @@ READER_GONE = ("note: standard output was closed (its reader exited); the run go
 
 
 class KeptStdout:
-    """Wraps a text stream: writes and flushes that meet a closed reader are dropped from then on, with one note."""
+    """Wraps a text stream: writes and flushes that meet a closed reader are dropped from then on, with one note
+    (`note`, None for none) on standard error."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, note: str | None = READER_GONE) -> None:
         self._stream = stream
+        self._note = note
         self.reader_gone = False
 
     def write(self, text: str) -> int:
@@ -61,18 +63,21 @@ class KeptStdout:
                 os.close(devnull)
         except (OSError, ValueError, io.UnsupportedOperation):
             pass  # not a file (a test's stream): nothing flushes it at exit
+        if self._note is None:
+            return
         try:
-            sys.stderr.write(READER_GONE + "\n")
+            sys.stderr.write(self._note + "\n")
             sys.stderr.flush()
         except OSError:
             pass  # standard error closed too: nobody is left to tell
 
 
 @contextmanager
-def kept_stdout() -> Iterator[KeptStdout]:
-    """sys.stdout as a KeptStdout for the block; the stream it wrapped is put back after it."""
+def kept_stdout(note: str | None = READER_GONE) -> Iterator[KeptStdout]:
+    """sys.stdout as a KeptStdout for the block; the stream it wrapped is put back after it. The analysis tools
+    (`report ... | head`) pass no note: what they print is all they do besides the files they write."""
     original = sys.stdout
-    kept = KeptStdout(original)
+    kept = KeptStdout(original, note)
     sys.stdout = kept  # type: ignore[assignment]  # a TextIO in all that this process uses of it
     try:
         yield kept

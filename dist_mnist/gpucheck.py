@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_mnist.argtypes import whole_number_at_least
+from dist_mnist.console import kept_stdout
 from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACES_DIR
 
 TARGET = 0.99  # issue 9's accuracy bar
@@ -491,4 +492,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with kept_stdout(note=None):  # `... | head` ends the output, not the tool's work
+        code = main()
+    sys.exit(code)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_mnist.compare import compare_summaries, config_changes, format_comparison, run_label
+from dist_mnist.console import kept_stdout
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import format_eval
 from dist_mnist.plots import write_run_picture
@@ -175,4 +176,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with kept_stdout(note=None):  # `... | head` ends the output, not the tool's work
+        code = main()
+    sys.exit(code)

@@ -530,3 +530,11 @@ def test_a_reader_of_stdout_that_goes_away_does_not_end_the_run(tmp_path: Path, 
     summary = json.loads((tmp_path / "piped" / "summary.json").read_text())
     assert summary["last_step"] == 12
     assert [json.loads(line)["step"] for line in (tmp_path / "piped" / "progress.jsonl").open()] == list(range(1, 13))
+
+
+def test_the_analysis_tools_keep_working_silently_when_their_reader_leaves(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m dist_mnist.report RUN | head -1`: the tools wrap stdout with no note; the rest is dropped quietly."""
+    kept = console.KeptStdout(_ReaderThatLeaves(), note=None)
+    print("first line", file=kept)
+    print("second line", file=kept, flush=True)
+    assert kept.reader_gone and kept.getvalue() == "first line\n" and capsys.readouterr().err == ""
