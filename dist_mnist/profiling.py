@@ -54,16 +54,18 @@ def configure_kineto(device: torch.device) -> None:
       stop, and makes teardown its default only from pytorch/kineto#1264 on). Only from CUDA 12.6: on older
       CUDA, re-initialising CUPTI after a teardown crashes once CUDA graphs were captured (torch's own profiler
       sets TEARDOWN_CUPTI=0 there for inductor's CUDA graphs, see torch/profiler/profiler.py).
-    - KINETO_LOG_LEVEL=5 where torch is built with CUDA but no driver answers (a CPU-only machine): kineto asks
+    - KINETO_LOG_LEVEL=6 where torch is built with CUDA but no driver answers (a CPU-only machine): kineto asks
       for the GPUs' properties while writing every trace, CPU-only or not, and logs the expected failure as
-      `ERROR: ... gpuGetDeviceCount failed with code 35` (kineto's DeviceProperties.cpp). Level 5 keeps kineto's
-      USDT start/stop lines and drops its ERROR lines; with a working driver nothing changes.
+      `ERROR: ... gpuGetDeviceCount failed with code 35` (kineto's DeviceProperties.cpp); torch 2.14's kineto also
+      prints `USDT: ... profiler_start` and `profiler_stop` at every window. Kineto logs at levels 0-5 (VERBOSE to
+      USDT) and prints those at or above the variable, so 6 prints none of them; a trace that could not be written
+      is still an error of ours (the run checks its file). With a working driver nothing changes.
     """
     if device.type == "cuda":
         if _cuda_version() >= (12, 6):
             os.environ.setdefault("TEARDOWN_CUPTI", "1")
     elif torch.version.cuda and not torch.cuda.is_available():
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 def _cuda_version() -> tuple[int, ...]:
