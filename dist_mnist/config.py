@@ -45,7 +45,7 @@ class TrainConfig:
     dataset: str = _opt("mnist", "mnist: the real IDX files; synthetic: deterministic MNIST-shaped data for smoke runs",
                         choices=["mnist", "synthetic"])
     data_dir: str = _opt(os.environ.get("DIST_MNIST_DATA", "./data"),
-                         "folder holding MNIST/raw/<four IDX files> (default: $DIST_MNIST_DATA, else ./data)")
+                         "folder holding MNIST/raw/<four IDX files>; $DIST_MNIST_DATA sets the default, else ./data")
     no_download: bool = _opt(False, "never download MNIST; fail with a clear error when the files are missing")
     synthetic_train_size: int = _opt(60_000, "training samples made by --dataset synthetic")
     synthetic_test_size: int = _opt(10_000, "test samples made by --dataset synthetic")
@@ -316,7 +316,9 @@ def _refuse_flags_without_effect(cfg: TrainConfig) -> None:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a validated config; bad values raise UserError."""
+    # The parser with defaults first: it answers --help, and the one without them would show none.
+    given = vars(build_parser().parse_args(argv))
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    cfg = TrainConfig(**vars(build_parser().parse_args(argv)), explicit_flags=tuple(sorted(explicit)))
+    cfg = TrainConfig(**given, explicit_flags=tuple(sorted(explicit)))
     _refuse_flags_without_effect(cfg)
     return cfg

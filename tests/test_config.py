@@ -151,6 +151,27 @@ def test_peak_tflops_is_in_tflops() -> None:
         parse_args(["--peak-tflops", "989e12"])
 
 
+def test_help_shows_every_flag_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """README: `python launch/train.py --help` lists every flag with its default. The parser that answered --help
+    was the one built without defaults (to tell the flags given from those left out), so it showed none."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    # Each option's entry starts at a line "  --flag ..." and runs to the next one; argparse wraps its lines.
+    entries: dict[str, str] = {}
+    for line in capsys.readouterr().out.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif line.strip():
+            entries[flag] += " " + line.strip()
+    cli = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+    assert len(entries) == len(cli) + 1  # -h
+    for f in cli:
+        entry = " ".join(entries["--" + f.name.replace("_", "-")].split())
+        assert entry.endswith(f"(default: {f.default})"), entry
+
+
 def test_help_says_batch_size_is_per_process() -> None:
     assert "PER PROCESS" in build_parser().format_help()
 
