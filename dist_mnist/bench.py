@@ -409,32 +409,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only these sections (repeatable); default: all")
     parser.add_argument("--batch-size", type=_count, default=TrainConfig.batch_size,
-                        help="per-process batch of the default configuration (the classic one always uses 64)")
+                        help="per-process batch of the default configuration (the classic one always uses 64)"
+                             " (default: %(default)s)")
     parser.add_argument("--seconds", type=positive_seconds, default=8.0,
-                        help="timed seconds per throughput configuration")
+                        help="timed seconds per throughput configuration (default: %(default)s)")
     parser.add_argument("--graph-batches", type=whole_numbers, default=f"16,{RECIPES['cuda'].batch_size}",
-                        help="per-process batch sizes of the graphs section (CUDA only)")
+                        help="per-process batch sizes of the graphs section (CUDA only) (default: %(default)s)")
     parser.add_argument("--scaling", type=whole_numbers, default="1,2",
-                        help="process counts for the scaling section, comma-separated")
+                        help="process counts for the scaling section, comma-separated (default: %(default)s)")
     parser.add_argument("--scaling-steps", type=_count, default=300,
-                        help="training steps per scaling run")
+                        help="training steps per scaling run (default: %(default)s)")
     parser.add_argument("--profiler-batch-sizes", type=whole_numbers, default=f"16,{RECIPES['cuda'].batch_size}",
-                        help="per-process batch sizes of the profiler section (16 and the cuda recipe's)")
+                        help="per-process batch sizes of the profiler section (16 and the cuda recipe's)"
+                             " (default: %(default)s)")
     parser.add_argument("--profiler-steps", type=_count, default=20,
-                        help="profiler section: steps before and after the window, per arrangement and round")
+                        help="profiler section: steps before and after the window, per arrangement and round"
+                             " (default: %(default)s)")
     parser.add_argument("--profiler-rounds", type=_count, default=5,
-                        help="profiler section: turns each arrangement takes (they alternate, against drift)")
+                        help="profiler section: turns each arrangement takes (they alternate, against drift)"
+                             " (default: %(default)s)")
     parser.add_argument("--timer-steps", type=_count, default=200,
-                        help="profiler section, phase timers: steps per block (the modes take turns block by block)")
+                        help="profiler section, phase timers: steps per block (the modes take turns block by block)"
+                             " (default: %(default)s)")
     parser.add_argument("--timer-rounds", type=_count, default=4,
-                        help="profiler section, phase timers: blocks per mode")
+                        help="profiler section, phase timers: blocks per mode (default: %(default)s)")
     parser.add_argument("--profiler-run-steps", type=_count_or_zero, default=300,
-                        help="profiler section: training steps per whole run (0: the recipe's whole schedule)")
+                        help="profiler section: training steps per whole run (0: the recipe's whole schedule)"
+                             " (default: %(default)s)")
     parser.add_argument("--profiler-pairs", type=_count_or_zero, default=2,
                         help="profiler section: alternating pairs of whole runs with and without --profile per batch "
-                             "size (0: none)")
+                             "size (0: none) (default: %(default)s)")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
-                        help="markdown file the result table is appended to ('' to skip)")
+                        help="markdown file the result table is appended to ('' to skip) (default: %(default)s)")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
     for flag, target in (("--output", args.output), ("--json", args.json)):
