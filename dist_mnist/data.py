@@ -14,6 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
+from dist_mnist.durable import missing_folders, remove_empty_folders
 from dist_mnist.errors import UserError
 from dist_mnist.preemption import DataWorkerContext, leave_stop_signals_to_the_rank
 
@@ -81,11 +82,13 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
         if ctx.is_main:
             from torchvision.datasets import MNIST  # only for downloading: see read_idx_uint8
 
+            made = missing_folders(raw)
             try:
                 MNIST(cfg.data_dir, train=True, download=True)
             except (RuntimeError, OSError) as exc:
                 # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
                 error = " ".join(str(exc).split()) or type(exc).__name__
+                remove_empty_folders(made)  # the MNIST/raw/ it made for files that never came
         # Other ranks wait, so only one process downloads; all of them learn whether it worked.
         error = ctx.broadcast_object(error)
         if error:

@@ -1,4 +1,5 @@
-"""Durable writes: a file is either its old or its new content after a crash, and a full disk is one clear line."""
+"""Durable writes: a file is either its old or its new content after a crash, and a full disk is one clear line.
+And folders a failed start made: taken away again (missing_folders, remove_empty_folders)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,22 @@ def append_whole_to(fd: int, path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, end)
         raise write_failed(path, len(data), exc) from None
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet: what `mkdir(parents=True)` of it would make, so a
+    command that fails before writing anything can take them away again (remove_empty_folders)."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of `folders` that are empty, deepest first; any other stays as it is (something is in it, or
+    another process uses it)."""
+    for folder in sorted(folders, key=lambda path: len(path.absolute().parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()

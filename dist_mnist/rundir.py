@@ -16,7 +16,7 @@ from pathlib import Path
 from dist_mnist.checkpoint import list_checkpoints
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
-from dist_mnist.durable import write_durably, write_failed
+from dist_mnist.durable import missing_folders, remove_empty_folders, write_durably, write_failed
 from dist_mnist.errors import UserError
 
 # In the run folder; it holds who has the folder ("PID 1234 on host node7 (job 99) since ..."), for the refusal.
@@ -132,6 +132,8 @@ class HeldRunDir:
     path: Path
     locks: dict[Path, int]  # folder -> the descriptor whose flock holds it (none where the filesystem has no locks)
     created: list[Path] = field(default_factory=list)  # the folders this process made (not there before it)
+    # Folders above them it made too (--output-dir and its parents, a --checkpoint-dir's): removed where empty.
+    made_above: list[Path] = field(default_factory=list)
 
     def remove_unused(self) -> None:
         """Remove the folders this process made where it wrote nothing but its lock file (empty folders aside): a
@@ -155,6 +157,7 @@ class HeldRunDir:
         """Let the folders go; after a failure, first remove those this process made and left empty."""
         if failed:
             self.remove_unused()
+            remove_empty_folders(self.made_above)
         for fd in self.locks.values():
             os.close(fd)  # releases the lock
         self.locks = {}
@@ -170,9 +173,14 @@ def _make_folder(folder: Path, what: str) -> None:
 def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
     _refuse_fresh_starts_on_restarts(cfg)
     output_dir = Path(cfg.output_dir)
-    _ensure_writable(output_dir, "--output-dir")
+    made_above = missing_folders(output_dir)
+    try:
+        _ensure_writable(output_dir, "--output-dir")
+    except UserError:
+        remove_empty_folders(made_above)
+        raise
     run_dir = output_dir / (cfg.run_name or _default_name(output_dir))
-    held = HeldRunDir(run_dir, {})
+    held = HeldRunDir(run_dir, {}, made_above=made_above)
     try:
         # Locked before anything in them is read or written (the write probe too), so a second job never sees a
         # half-written file of the first, and a refused one leaves the folders as it found them. A --checkpoint-dir
@@ -184,6 +192,7 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         for folder, (what, flag) in folders.items():
             if not folder.exists():
                 held.created.append(folder)
+                held.made_above.extend(missing_folders(folder.parent))
             _make_folder(folder, what)
             if (fd := _lock_folder(folder, what, flag)) is not None:
                 held.locks[folder] = fd

@@ -373,7 +373,7 @@ def test_bad_input_is_one_error_line(tmp_path: Path, case: str, monkeypatch: pyt
                                      capfd: pytest.CaptureFixture[str]) -> None:
     make_flags, extra_env, expected = BAD_INPUTS[case]
     # --output-dir first, so a case's own --output-dir (given later) wins.
-    flags = ["--output-dir", str(tmp_path / "runs"), *make_flags(tmp_path), "--max-steps", "2"]
+    flags = ["--output-dir", str(tmp_path / "runs" / "nested"), *make_flags(tmp_path), "--max-steps", "2"]
     if case in LAUNCHED_BAD_INPUTS:
         result = train(*flags, timeout=90, env=cpu_env(**extra_env))
     else:
@@ -383,9 +383,11 @@ def test_bad_input_is_one_error_line(tmp_path: Path, case: str, monkeypatch: pyt
         out, err = capfd.readouterr()
         result = Result(code, out, err)
     assert_one_line_error(result, *expected)
-    # Refused, it leaves nothing behind: no run folder to find later and wonder about.
+    # Refused, it leaves nothing behind: no run folder to find later and wonder about, nor the --output-dir
+    # folders it made for it, nor the MNIST/raw/ a failed download made under --data-dir.
     runs = tmp_path / "runs"
-    assert not runs.exists() or not any(runs.iterdir()), sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    assert not runs.exists(), sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    assert not (tmp_path / "empty").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
