@@ -134,8 +134,8 @@ class TrainConfig:
     log_every: int = _opt(50, "print progress (percent, elapsed, ETA, samples/s) every N optimizer steps, rank 0 "
                               "only: one line each when stdout is not a terminal, updated in place on one")
     output_dir: str = _opt("profiles", "root folder for run output")
-    run_name: str = _opt("", "run folder name inside --output-dir (default: a timestamp; under torchrun, stable "
-                             "across restarts of the same job)")
+    run_name: str = _opt("", "run folder name inside --output-dir (default: the start's timestamp, with -2, -3, ... "
+                             "where that folder exists; under torchrun, stable across restarts of the same job)")
     tensorboard: bool = _opt(True, "write TensorBoard scalars next to the traces (--no-tensorboard to skip)")
 
     # Profiling
@@ -267,13 +267,22 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help says it in words ("(default: a timestamp ...)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The command line; with `suppress_defaults` a flag left out is absent from the result (explicit-flag check)."""
     parser = _Parser(
         prog="launch/train.py",
         description="Train the MNIST CNN with DistributedDataParallel. Run as `torchrun --nproc_per_node=N "
                     "launch/train.py` for N processes, or `python launch/train.py` for a world of one.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
         if not f.metadata.get("cli", True):

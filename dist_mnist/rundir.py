@@ -37,21 +37,42 @@ def _ensure_writable(folder: Path, flag: str) -> None:
         raise UserError(f"cannot write to {flag} {folder}: {exc.strerror or exc}") from None
 
 
-def _default_name(output_dir: Path) -> str:
-    """A timestamp; under torchrun the same one after every restart of the job, found through its run id."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+def _default_name(output_dir: Path) -> tuple[str, bool]:
+    """A timestamp, and whether this call made its folder; under torchrun the same name after every restart of the
+    job, found through its run id."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if not run_id:
-        return stamp
     # torchrun keeps its run id across restarts (--standalone makes a fresh one per launch), so a marker
     # keyed by it maps a restarted job back to the folder of its first attempt.
     marker = output_dir / ".torchelastic" / run_id
-    if marker.is_file() and (name := marker.read_text().strip()):
+    if run_id and marker.is_file() and (name := marker.read_text().strip()):
+        return name, False
+    name = _claim_fresh_folder(output_dir, time.strftime("%Y%m%d-%H%M%S"))
+    if run_id:
+        try:
+            _make_folder(marker.parent, f"folder of torchrun run ids {marker.parent}")
+            # Whole or not at all: an empty marker left by a full disk would name --output-dir itself as the run
+            # folder.
+            write_durably(marker, name.encode())
+        except UserError:
+            remove_empty_folders([output_dir / name])
+            raise
+    return name, True
+
+
+def _claim_fresh_folder(output_dir: Path, stamp: str) -> str:
+    """`stamp`, or `stamp-2`, `stamp-3`, ... where a folder of that name exists: two runs started in the same second
+    without --run-name (a sweep launching jobs side by side) each get a folder of their own, where the second was
+    refused as "in use". Claimed by making the folder, which only one process can do."""
+    for attempt in range(1, 1000):
+        name = stamp if attempt == 1 else f"{stamp}-{attempt}"
+        try:
+            (output_dir / name).mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot write to --output-dir {output_dir}: {exc.strerror or exc}") from None
         return name
-    _make_folder(marker.parent, f"folder of torchrun run ids {marker.parent}")
-    # Whole or not at all: an empty marker left by a full disk would name --output-dir itself as the run folder.
-    write_durably(marker, stamp.encode())
-    return stamp
+    raise UserError(f"{output_dir} already holds 999 run folders named {stamp}*; give --run-name")
 
 
 def _refuse_fresh_starts_on_restarts(cfg: TrainConfig) -> None:
@@ -179,8 +200,13 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
     except UserError:
         remove_empty_folders(made_above)
         raise
-    run_dir = output_dir / (cfg.run_name or _default_name(output_dir))
-    held = HeldRunDir(run_dir, {}, made_above=made_above)
+    try:
+        name, claimed = (cfg.run_name, False) if cfg.run_name else _default_name(output_dir)
+    except UserError:
+        remove_empty_folders(made_above)
+        raise
+    run_dir = output_dir / name
+    held = HeldRunDir(run_dir, {}, created=[run_dir] if claimed else [], made_above=made_above)
     try:
         # Locked before anything in them is read or written (the write probe too), so a second job never sees a
         # half-written file of the first, and a refused one leaves the folders as it found them. A --checkpoint-dir

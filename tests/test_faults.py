@@ -223,6 +223,30 @@ def test_a_full_disk_at_the_run_folders_start_is_one_line_and_leaves_no_marker_t
     held.release()
 
 
+def test_runs_started_in_the_same_second_without_a_run_name_get_a_folder_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep launching runs side by side: the default name is the second the run started, and the second run of
+    a second was refused as "in use". Each now claims a folder of its own; a torchrun restart still finds its
+    first attempt's folder through the marker, and a failed start takes its claimed folder away again."""
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-120000")
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    first, second = _choose_run_dir(cfg), _choose_run_dir(cfg)
+    assert (first.path.name, second.path.name) == ("20260101-120000", "20260101-120000-2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-8")
+    third = _choose_run_dir(cfg)
+    assert third.path.name == "20260101-120000-3"
+    third.release()
+    restarted = _choose_run_dir(cfg)
+    assert restarted.path == third.path
+    for held in (first, second, restarted):
+        held.release()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    failed = _choose_run_dir(cfg)
+    assert failed.path.name == "20260101-120000-4"
+    failed.release(failed=True)
+    assert not failed.path.exists()
+
+
 def test_a_checkpoint_dir_outside_the_run_folder_is_held_and_never_written_over(tmp_path: Path) -> None:
     """Two runs given one --checkpoint-dir would overwrite and rotate away each other's checkpoints: while one
     runs the other is refused, and a fresh start (--resume never) is refused where checkpoints are already."""
