@@ -137,11 +137,20 @@ class BackgroundWriter:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True: tensors and plain containers only, so a crafted pickle is refused, never run."""
+    if path.is_dir():
+        newest = list_checkpoints(path) or list_checkpoints(path / "checkpoints")  # a checkpoints or a run folder
+        hint = (f"a checkpoint file in it (the newest is {newest[0].relative_to(path)})" if newest
+                else "a checkpoint file")
+        raise UserError(f"checkpoint {path} is a folder; give {hint}, or --resume auto for this run's own newest")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as exc:
+        if not _is_pickle_or_archive(path):
+            # A config.json or a log given by mistake: torch reads its first byte as an unknown pickle operand.
+            raise UserError(f"checkpoint {path} is not a checkpoint: neither a torch.save archive nor a pickle "
+                            "(the files are <run folder>/checkpoints/step*.pt)") from None
         # torch's message starts with advice to retry with weights_only=False: the one thing never to do here.
         culprit = re.search(r"GLOBAL (\S+)", str(exc))
         needs = f"it references {culprit.group(1)}, which" if culprit else "it"
@@ -157,6 +166,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is damaged: its record {damaged} fails its CRC-32 check (the bytes "
                         "changed after the file was written: a disk, memory or copy error)")
     return state
+
+
+def _is_pickle_or_archive(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle of protocol 2 or later (its first byte is PROTO, 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True  # let the loader's own error speak
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _record_failing_its_crc(path: Path) -> str | None:

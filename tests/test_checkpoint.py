@@ -510,3 +510,19 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path: Path) -> None
         # The steps after the checkpoint are the resumed process's records, newer than any of the first process's.
         last_of_first = max(event.wall_time for event in shown if event.step <= 8)
         assert all(event.wall_time > last_of_first for event in shown if event.step > 8)
+
+
+def test_a_folder_or_a_file_of_another_kind_given_to_resume_is_named_as_such(base_run: Path, tmp_path: Path) -> None:
+    """--resume given the run or checkpoints folder, or the run's config.json: said as what it is, with the file to
+    give (a folder read as 'truncated or corrupt', a JSON file as one 'needing arbitrary unpickling')."""
+    run = base_run / "run"
+    newest_name = f"step{BASE_STEPS:08d}.pt"
+    for folder, newest in ((run, f"checkpoints/{newest_name}"), (run / "checkpoints", newest_name)):
+        with pytest.raises(UserError, match=rf"^checkpoint {re.escape(str(folder))} is a folder; give a checkpoint "
+                                            rf"file in it \(the newest is {newest}\), or --resume auto"):
+            checkpoint.load_checkpoint(folder)
+    with pytest.raises(UserError, match=r"is a folder; give a checkpoint file, or"):
+        checkpoint.load_checkpoint(tmp_path)
+    with pytest.raises(UserError, match=r"config\.json is not a checkpoint: neither a torch\.save archive nor a "
+                                        r"pickle"):
+        checkpoint.load_checkpoint(run / "config.json")
