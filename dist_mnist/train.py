@@ -792,7 +792,16 @@ class Trainer:
                                           "data_wait_share": record.data_wait_share, **memory}, self.state.step)
 
     def step_limit(self) -> int:
-        return min(self.cfg.max_steps, self.total_steps) if self.cfg.max_steps else self.total_steps
+        """The step number training ends at: the steps done plus this world's steps left.
+
+        Not simply the run's steps at this world size: a checkpoint written by another number of processes counted
+        its steps in that world's global batches (adapt_to_world_size keeps the count, so checkpoint names keep
+        growing), and the progress line read "step 20/16 (125.0%)".
+        """
+        steps_left = ((self.cfg.epochs - self.state.epoch) * self.steps_per_epoch
+                      - self.state.batch_in_epoch // self.cfg.grad_accum_steps)
+        end = self.state.step + steps_left
+        return min(self.cfg.max_steps, end) if self.cfg.max_steps else end
 
     def evaluate_and_record(self) -> dict[str, Any]:
         # The loss gather in flush_losses waits for the slowest rank: not a step's time.
@@ -899,6 +908,7 @@ class Trainer:
                                  # An earlier process of the run (one that restarted from step 0 too) may have
                                  # written TensorBoard records past this step.
                                  self.writer.resume_at(state.step)))
+        self.progress.step_limit = self.step_limit()  # made before the resume, which can move the end
         self.progress.start(state.step, self.elapsed_s())
         self.first_step = state.step
         self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "

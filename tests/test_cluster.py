@@ -365,6 +365,10 @@ def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, firs
     resumed = launch(then)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"written by {first} processes, this run has {then}" in resumed.stdout
+    # The steps before the resume were counted in the first world's batches: the progress line's total is the step
+    # this run ends at, not the new world's steps for the whole run (which read "step 20/16 (125.0%)").
+    assert re.findall(r"^epoch \d+ step (\d+/\d+ \(\S+\))", resumed.stdout, re.MULTILINE)[-1] == \
+        f"{final_step}/{final_step} (100.0%)"
     final = last_metrics(tmp_path / "elastic")
     assert (final["epoch"], final["step"], final["test_samples"]) == (1, final_step, 203)
     summary = json.loads((tmp_path / "elastic" / "summary.json").read_text())
