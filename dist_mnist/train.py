@@ -1120,19 +1120,29 @@ def _main(argv: list[str] | None) -> int:
         finally:
             startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash
     except UserError as exc:
-        message, code = str(exc), exc.exit_code
+        return report_failure(rank, str(exc), exc.exit_code)
     except KeyboardInterrupt:  # before the Trainer's loop (Trainer.failure_line words those after)
-        message, code = INTERRUPTED_EARLY, 130
+        return report_failure(rank, INTERRUPTED_EARLY, 130)
     except (RuntimeError, ConnectionError, EOFError) as exc:
         # A dead DataLoader worker's error that torch's SIGCHLD handler raised in the moment before Trainer.fit's
         # cleanup took the handler back: the step and the checkpoint are not known here.
         if (reason := collectives.lost_data_worker(exc)) is None:
             raise
-        message, code = (f"a DataLoader worker of this process died ({reason}), {collectives.LOST_WORKER_REMEDY}; "
-                         "then rerun the command with a lower --num-workers to resume from the run's last checkpoint "
-                         "(see its checkpoints folder)"), 1
-    else:
-        return 0
+        return report_failure(
+            rank, (f"a DataLoader worker of this process died ({reason}), {collectives.LOST_WORKER_REMEDY}; then "
+                   "rerun the command with a lower --num-workers to resume from the run's last checkpoint (see its "
+                   "checkpoints folder)"), 1)
+    return 0
+
+
+def report_failure(rank: str, message: str, code: int) -> int:
+    """Write a failed run's one error line; returns its exit code.
+
+    Called inside the `except` clause, while the exception still holds the failed loop's frames: leaving the clause
+    frees them, and the DataLoader iterator among them joins its worker processes (a second or so). torchrun
+    SIGTERMs every rank the moment one fails, so a surviving rank with --num-workers died in those joins without
+    having said why.
+    """
     prefix = "error" if rank == "0" else f"[rank {rank}] error"
     # One write, newline included: print() writes the text and the newline apart, and the lines of ranks that fail
     # at the same moment would run together on a shared terminal.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import json
 import os
 import re
@@ -348,6 +349,28 @@ def test_flight_recorder_dumps_into_the_run_folder_and_respects_the_users_settin
     unnamed = TrainConfig(output_dir=str(tmp_path))
     assert collectives.flight_recorder_dir(unnamed, {"TORCHELASTIC_RUN_ID": "job7"}) == (
         tmp_path / "flight_recorder" / "job7")
+
+
+def test_the_error_line_is_out_before_the_failed_runs_frames_are_let_go(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """Letting go of the exception frees the loop's frames, and with them the DataLoader's iterator, whose __del__
+    joins the worker processes (a second or so). torchrun SIGTERMs every rank the moment one dies, so a surviving
+    rank with --num-workers died in those joins without its line; the line is written first now."""
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    written_when_freed: list[str] = []
+
+    class Iterator:  # stands for the DataLoader iterator a failed loop's frame holds
+        def __del__(self) -> None:
+            written_when_freed.append(stderr.getvalue())
+
+    def fail(*args: object) -> None:
+        iterator = Iterator()  # noqa: F841 (held by this frame, so by the exception's traceback)
+        raise UserError("a collective in the training step failed after step 12: ...")
+
+    monkeypatch.setattr(train_module, "run_training", fail)
+    assert train_module.main([*SMOKE_FLAGS, "--output-dir", str(tmp_path)]) == 1
+    assert written_when_freed == ["error: a collective in the training step failed after step 12: ...\n"]
 
 
 @pytest.mark.timeout(180)
