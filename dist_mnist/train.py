@@ -686,10 +686,12 @@ class Trainer:
                                           scheduler.lr_lambdas):
             group["lr"] = base_lr * factor(scheduler.last_epoch)
         torch.manual_seed(self.cfg.seed + 1 + self.ctx.rank + 1000 * (state.step + 1))
+        # batch_in_epoch counts micro-batches: per batch, batch size x world size samples (not the global batch,
+        # which holds --grad-accum-steps once more).
+        continue_at = state.batch_in_epoch * self.cfg.batch_size * self.ctx.world_size
         self.log(f"warning: the checkpoint was written by {old_world_size} processes, this run has "
-                 f"{self.ctx.world_size}: continuing epoch {state.epoch + 1} at sample "
-                 f"{state.batch_in_epoch * self.global_batch} of its order (it had reached {samples_done}), "
-                 f"learning-rate schedule at {progress:.1%}")
+                 f"{self.ctx.world_size}: continuing epoch {state.epoch + 1} at sample {continue_at} of its order "
+                 f"(it had reached {samples_done}), learning-rate schedule at {progress:.1%}")
 
     def save_checkpoint(self) -> None:
         with self.paused("checkpoint"), self.phase("the checkpoint"):

@@ -17,11 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
 import pytest
+import torch
 from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, free_port, run
+
+from dist_mnist.config import TrainConfig
+from dist_mnist.train import Trainer, TrainState
 
 SLURM_SCRIPT = REPO / "launch" / "slurm.sbatch"
 MANIFEST = REPO / "launch" / "pytorchjob.yaml"
@@ -373,6 +378,33 @@ def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, firs
     assert (final["epoch"], final["step"], final["test_samples"]) == (1, final_step, 203)
     summary = json.loads((tmp_path / "elastic" / "summary.json").read_text())
     assert summary["world_size"] == then and summary["ranks_in_sync"]
+
+
+@pytest.mark.parametrize(("accum", "expected_batch", "expected_sample"), [
+    # 2 ranks did 10 batches each (320 samples). 3 ranks, batch 16: whole optimizer steps of 48 (accum 1) or 96
+    # (accum 2) samples: 6 batches each, 288 samples, either way.
+    (1, 6, 288),
+    (2, 6, 288),
+])
+def test_a_world_size_change_names_the_sample_it_continues_at(accum: int, expected_batch: int,
+                                                             expected_sample: int) -> None:
+    # With --grad-accum-steps 2 the line said "continuing epoch 1 at sample 576 (it had reached 320)": a skip of
+    # samples never trained, where the run repeats 32 of them (the micro-batches were multiplied by the global
+    # batch, which holds the accumulation once more).
+    lines: list[str] = []
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = SimpleNamespace(
+        state=TrainState(epoch=0, step=10 // accum, batch_in_epoch=10),
+        cfg=TrainConfig(batch_size=16, grad_accum_steps=accum, epochs=2, seed=0),
+        data=SimpleNamespace(train_size=1024), ctx=SimpleNamespace(rank=0, world_size=3),
+        global_batch=16 * 3 * accum, batches_per_epoch=1024 // 3 // 16 // accum * accum, total_steps=42,
+        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler),
+        log=lines.append)
+    Trainer.adapt_to_world_size(trainer, 2)  # type: ignore[arg-type]
+    assert trainer.state.batch_in_epoch == expected_batch
+    assert (f"continuing epoch 1 at sample {expected_sample} of its order (it had reached 320)") in lines[0]
 
 
 # torchrun 2.14 shares its rendezvous TCPStore with the workers and caches the store's address after the first
