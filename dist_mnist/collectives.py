@@ -33,6 +33,10 @@ FLIGHT_RECORDER_ENTRIES = "2000"
 FLIGHT_RECORDER_FOLDER = "flight_recorder"
 # gloo prefixes most messages with the C++ source location, "[/path/to/pair.cc:534] Connection closed by peer".
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s*")
+# DDP's comm hook futures wrap the all-reduce's error once per `.then()`, and gloo appends advice (and an emoji) to a
+# lost connection's message: the reason in the error line is gloo's own words without either.
+_CALLBACK_WRAPPERS = re.compile(r"^(?:Got the following error when running the callback: \w+: )+")
+_GLOO_ADVICE = re.compile(r"\s*This is typically caused by a remote worker.*$")
 # gloo raises plain RuntimeErrors: its source path, or, for a pair an earlier timeout closed, only the message.
 _GLOO_FAILURE = re.compile(r"gloo|pair closure|closed by peer|Timed out waiting|Connection reset|Broken pipe")
 # torch's words for a DataLoader worker process that died: its SIGCHLD handler's "DataLoader worker (pid 7) is killed
@@ -145,7 +149,7 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
         if not is_collective_failure(exc):
             raise
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        reason = _SOURCE_LOCATION.sub("", lines[0])
+        reason = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", _CALLBACK_WRAPPERS.sub("", lines[0])))
         kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
         when = "before the first step" if step is None else f"after step {step}"
         raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "

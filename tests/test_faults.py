@@ -332,6 +332,19 @@ def test_collective_failure_inside_a_phase_becomes_one_line(tmp_path: Path) -> N
         raise RuntimeError("shape mismatch")  # a bug is not a lost peer: it keeps its traceback
 
 
+def test_a_killed_peers_collective_failure_reads_as_gloos_own_words() -> None:
+    # What a rank's gradient all-reduce raised when its peer was killed (kill -9, the out-of-memory killer): DDP's
+    # comm hook futures wrap it twice, and gloo adds its advice and an emoji, 380 characters inside the one line.
+    killed = RuntimeError(
+        "Got the following error when running the callback: RuntimeError: Got the following error when running the "
+        "callback: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+        "[127.0.0.1]:48000: Connection reset by peer. This is typically caused by a remote worker hanging or bugs "
+        "in the application. Check the logs of the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f")
+    with pytest.raises(UserError) as failure, collectives.phase("the training step", 12, 100, None):
+        raise killed
+    assert "left the job (Read error [127.0.0.1]:48000: Connection reset by peer.); the run has" in str(failure.value)
+
+
 def test_flight_recorder_dumps_into_the_run_folder_and_respects_the_users_settings(tmp_path: Path) -> None:
     named = TrainConfig(output_dir=str(tmp_path), run_name="run")
     dump_dir = collectives.flight_recorder_dir(named, {})
