@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 
 from dist_mnist.argtypes import positive_seconds, whole_number_at_least, whole_numbers
-from dist_mnist.config import COMM_HOOKS, TrainConfig
+from dist_mnist.config import COMM_HOOKS, DefaultsHelpFormatter, TrainConfig
 from dist_mnist.console import kept_stdout
 from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext, distributed_session
@@ -401,46 +401,44 @@ _count = whole_number_at_least(1)
 _count_or_zero = whole_number_at_least(0)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """The module docstring's layout kept, and each option's default shown as the launcher's --help shows it."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("DIST_MNIST_DATA", "./data"),
                         help="folder holding MNIST/raw/ (default: $DIST_MNIST_DATA, else ./data)")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only these sections (repeatable); default: all")
     parser.add_argument("--batch-size", type=_count, default=TrainConfig.batch_size,
-                        help="per-process batch of the default configuration (the classic one always uses 64)"
-                             " (default: %(default)s)")
+                        help="per-process batch of the default configuration (the classic one always uses 64)")
     parser.add_argument("--seconds", type=positive_seconds, default=8.0,
-                        help="timed seconds per throughput configuration (default: %(default)s)")
+                        help="timed seconds per throughput configuration")
     parser.add_argument("--graph-batches", type=whole_numbers, default=f"16,{RECIPES['cuda'].batch_size}",
-                        help="per-process batch sizes of the graphs section (CUDA only) (default: %(default)s)")
+                        help="per-process batch sizes of the graphs section (CUDA only)")
     parser.add_argument("--scaling", type=whole_numbers, default="1,2",
-                        help="process counts for the scaling section, comma-separated (default: %(default)s)")
+                        help="process counts for the scaling section, comma-separated")
     parser.add_argument("--scaling-steps", type=_count, default=300,
-                        help="training steps per scaling run (default: %(default)s)")
+                        help="training steps per scaling run")
     parser.add_argument("--profiler-batch-sizes", type=whole_numbers, default=f"16,{RECIPES['cuda'].batch_size}",
-                        help="per-process batch sizes of the profiler section (16 and the cuda recipe's)"
-                             " (default: %(default)s)")
+                        help="per-process batch sizes of the profiler section (16 and the cuda recipe's)")
     parser.add_argument("--profiler-steps", type=_count, default=20,
-                        help="profiler section: steps before and after the window, per arrangement and round"
-                             " (default: %(default)s)")
+                        help="profiler section: steps before and after the window, per arrangement and round")
     parser.add_argument("--profiler-rounds", type=_count, default=5,
-                        help="profiler section: turns each arrangement takes (they alternate, against drift)"
-                             " (default: %(default)s)")
+                        help="profiler section: turns each arrangement takes (they alternate, against drift)")
     parser.add_argument("--timer-steps", type=_count, default=200,
-                        help="profiler section, phase timers: steps per block (the modes take turns block by block)"
-                             " (default: %(default)s)")
+                        help="profiler section, phase timers: steps per block (the modes take turns block by block)")
     parser.add_argument("--timer-rounds", type=_count, default=4,
-                        help="profiler section, phase timers: blocks per mode (default: %(default)s)")
+                        help="profiler section, phase timers: blocks per mode")
     parser.add_argument("--profiler-run-steps", type=_count_or_zero, default=300,
-                        help="profiler section: training steps per whole run (0: the recipe's whole schedule)"
-                             " (default: %(default)s)")
+                        help="profiler section: training steps per whole run (0: the recipe's whole schedule)")
     parser.add_argument("--profiler-pairs", type=_count_or_zero, default=2,
                         help="profiler section: alternating pairs of whole runs with and without --profile per batch "
-                             "size (0: none) (default: %(default)s)")
+                             "size (0: none)")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
-                        help="markdown file the result table is appended to ('' to skip) (default: %(default)s)")
+                        help="markdown file the result table is appended to ('' to skip)")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
     for flag, target in (("--output", args.output), ("--json", args.json)):

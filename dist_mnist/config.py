@@ -267,11 +267,12 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default after its help, unless the help says it in words ("(default: a timestamp ...)")."""
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help says it in words ("(default: a timestamp ...)") or there
+    is none to show (None, ''). The launcher's and the bench's."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "(default:" in (action.help or ""):
+        if "(default:" in (action.help or "") or action.default in (None, ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -282,7 +283,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         prog="launch/train.py",
         description="Train the MNIST CNN with DistributedDataParallel. Run as `torchrun --nproc_per_node=N "
                     "launch/train.py` for N processes, or `python launch/train.py` for a world of one.",
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
         if not f.metadata.get("cli", True):

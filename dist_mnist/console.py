@@ -45,10 +45,7 @@ class KeptStdout:
             except BrokenPipeError:
                 self._lose_reader()
 
-    def isatty(self) -> bool:
-        return self._stream.isatty()
-
-    def __getattr__(self, name: str) -> Any:  # encoding, fileno, ...: the wrapped stream's
+    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno, ...: the wrapped stream's
         return getattr(self._stream, name)
 
     def _lose_reader(self) -> None:
