@@ -170,7 +170,7 @@ def warmup_cosine(total_steps: int, warmup_frac: float) -> Any:
 
 @dataclass
 class TrainParts:
-    module: nn.Module  # the plain model: what checkpoints hold and evaluation runs
+    module: MnistCNN  # the plain model: what checkpoints hold and evaluation runs
     # What the training step calls: DDP around `module` (world > 1), compiled when asked. Typed by its use, a call:
     # torch.compile's annotations say it returns a plain callable, though for a module it is a module too.
     train_model: Callable[[torch.Tensor], torch.Tensor]
