@@ -17,10 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -29,7 +29,7 @@ from torchvision import datasets, transforms
 from dist_mnist.argtypes import positive_seconds, whole_number_at_least, whole_numbers
 from dist_mnist.config import COMM_HOOKS, DefaultsHelpFormatter, TrainConfig
 from dist_mnist.console import kept_stdout
-from dist_mnist.data import MNIST_MEAN, MNIST_STD, build_pipeline, load_splits
+from dist_mnist.data import MNIST_MEAN, MNIST_STD, ResumableBatchSampler, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.gpucheck import GraphsRow
@@ -100,7 +100,10 @@ def _timed_steps(step: StepFn, batches: Any, ctx: DistContext, seconds: float, w
     return LoopTiming(samples * ctx.world_size / elapsed, (elapsed - waited) / max(steps, 1))
 
 
-def _forever(loader: DataLoader, sampler: Any) -> Any:
+T = TypeVar("T")
+
+
+def _forever(loader: Iterable[T], sampler: DistributedSampler | ResumableBatchSampler) -> Iterator[T]:
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
@@ -114,12 +117,13 @@ class _ClassicBatches:
     def __init__(self, cfg: TrainConfig, ctx: DistContext, batch_size: int) -> None:
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
         dataset = datasets.MNIST(cfg.data_dir, train=True, download=False, transform=transform)
-        self.sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=cfg.seed)
+        self.sampler: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                                   seed=cfg.seed)
         cuda = ctx.device.type == "cuda"
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=1 if cuda else 0, pin_memory=cuda)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Undo ToTensor+Normalize into the uint8 form train_step expects, exactly, so both configurations
         # run the same step code; the classic per-sample work has been paid in full by then.
         for images, labels in _forever(self.loader, self.sampler):
@@ -137,7 +141,7 @@ def measure_throughput(cfg: TrainConfig, ctx: DistContext, seconds: float) -> di
         run_cfg = dataclasses.replace(cfg, batch_size=batch_size)
         parts = build_train_parts(run_cfg, ctx, settings, total_steps=10**6)
         if name == "classic":
-            batches: Any = _ClassicBatches(run_cfg, ctx, batch_size)
+            batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = _ClassicBatches(run_cfg, ctx, batch_size)
         else:
             pipeline = build_pipeline(run_cfg, ctx, train, test, settings.data_on_device)
             batches = _forever(pipeline.train_loader, pipeline.train_batches)
@@ -266,8 +270,8 @@ def measure_scaling(data_flags: list[str], process_counts: list[int], steps: int
             summary, _, _ = _launch(most, [*flags, "--ddp-comm-hook", hook], 1, out_dir, f"hook-{hook}")
             hooks[hook] = {"samples_per_sec": summary["samples_per_sec"],
                            "bytes_per_step": summary["ranks"][0]["allreduce_bytes_per_step"]}
-        for hook in hooks.values():
-            hook["ratio"] = hook["samples_per_sec"] / hooks["none"]["samples_per_sec"]
+        for measured in hooks.values():
+            measured["ratio"] = measured["samples_per_sec"] / hooks["none"]["samples_per_sec"]
         runs["hooks"] = hooks
         summary, _, _ = _launch(1, [*flags, "--batch-size", str(per_process_batch * most)], most, out_dir,
                                 f"single{most}")
@@ -279,7 +283,7 @@ def measure_scaling(data_flags: list[str], process_counts: list[int], steps: int
 
 
 def measure_profiler_cost(data_flags: list[str], steps: int, batch_sizes: list[int], out_dir: Path,
-                          pairs: int = 2) -> dict[str, Any]:
+                          pairs: int = 2) -> dict[int, dict[str, float]]:
     """Whole runs, --profile vs no profiling, per batch size, mean over `pairs` alternating pairs of runs: the
     median step (the few steps of the profiling window hardly move it), the mean step, window included (trace
     writing is left out of step times, as every pause is), and the wall time from the first step to the last

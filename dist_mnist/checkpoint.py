@@ -13,10 +13,11 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from dist_mnist.argtypes import on_off
 from dist_mnist.durable import write_durably
@@ -29,6 +30,9 @@ _NAME = re.compile(r"^step(\d{8})\.pt$")
 # with another value would silently train something else.
 RESUME_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
                  "label_smoothing", "grad_clip", "seed", "grad_accum_steps")
+# numpy's MT19937 generator state as get_state() returns it by default (legacy=True). numpy's stubs type a call
+# without `legacy` as the dict form (their first overload matches it), so the callers cast to this.
+MT19937State = tuple[str, NDArray[np.uint32], int, int, float]
 
 
 class Stateful(Protocol):
@@ -289,7 +293,7 @@ def numerics_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> s
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random generators, in types that weights_only loading accepts. On CUDA the generator of this
     process's own GPU only: a resume may see fewer GPUs per process (one per task under SLURM, say)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = cast(MT19937State, np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],

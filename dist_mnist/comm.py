@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dist_mnist.checkpoint import MT19937State
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
@@ -120,7 +121,7 @@ class PowerSGDHookState:
 
     def _local(self) -> dict[str, Any]:
         s = self.state
-        _, keys, pos, has_gauss, cached = s.rng.get_state()
+        _, keys, pos, has_gauss, cached = cast(MT19937State, s.rng.get_state())
         # On the host: every rank unpickles every other rank's part of the gather, and a CUDA tensor comes back on
         # the GPU it left (rank 0 made a context on rank 1's GPU, or failed where each process sees its own only).
         host = torch.device("cpu")
@@ -185,11 +186,14 @@ class CommRecorder:
     def _run_hook(self, bucket: dist.GradBucket) -> tuple[torch.futures.Future[torch.Tensor], int]:
         """The chosen hook's future and the bytes it sends for `bucket`."""
         buffer = bucket.buffer()
+        # The default group, DDP's: what the hooks use when given None, which their annotations do not allow.
+        group = dist.group.WORLD
+        assert group is not None  # DDP runs this hook inside the process group it was built in
         if self.hook_name == "none":
-            return default_hooks.allreduce_hook(None, bucket), buffer.numel() * buffer.element_size()
+            return default_hooks.allreduce_hook(group, bucket), buffer.numel() * buffer.element_size()
         if self.hook_name in ("bf16", "fp16"):
             hook = default_hooks.bf16_compress_hook if self.hook_name == "bf16" else default_hooks.fp16_compress_hook
-            return hook(None, bucket), buffer.numel() * 2
+            return hook(group, bucket), buffer.numel() * 2
         assert self.powersgd is not None
         self.powersgd.align(bucket)
         state = self.powersgd.state

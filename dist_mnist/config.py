@@ -293,6 +293,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             # --no-download is itself a negation; the other switches get a --no-X form.
             kwargs["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
         else:
+            # `from __future__ import annotations` leaves every field's type as its source text.
+            assert isinstance(f.type, str)
             kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
         default = argparse.SUPPRESS if suppress_defaults else f.default
         parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=default, **kwargs)

@@ -75,7 +75,7 @@ def kept_stdout(note: str | None = READER_GONE) -> Iterator[KeptStdout]:
     (`report ... | head`) pass no note: what they print is all they do besides the files they write."""
     original = sys.stdout
     kept = KeptStdout(original, note)
-    sys.stdout = kept  # type: ignore[assignment]  # a TextIO in all that this process uses of it
+    sys.stdout = kept  # a TextIO in all that this process uses of it (typeshed's sys.stdout takes any object)
     try:
         yield kept
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,7 +184,7 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def sampler_order(sampler: Sampler[int]) -> torch.Tensor:
+def sampler_order(sampler: Iterable[int]) -> torch.Tensor:
     """The indices `sampler` yields, in its order, as one int64 tensor.
 
     DistributedSampler's order is computed here in tensors, step for step as its __iter__ does (a seeded CPU
@@ -271,6 +271,8 @@ class DataPipeline:
     train_batches: ResumableBatchSampler
     test_loader: DataLoader | DeviceBatchLoader
     train_size: int
+    # Images in this rank's first evaluation batch: its shard of the test set, cut at --eval-batch-size.
+    first_test_batch: int
 
     @property
     def steps_per_epoch(self) -> int:
@@ -281,40 +283,38 @@ class DataPipeline:
         """Whether DataLoader worker processes load the batches (never with the data on the device)."""
         return isinstance(self.train_loader, DataLoader) and self.train_loader.num_workers > 0
 
-    @property
-    def first_test_batch(self) -> int:
-        """Images in this rank's first evaluation batch: its shard of the test set, cut at --eval-batch-size."""
-        loader = self.test_loader
-        batches = loader.batches if isinstance(loader, DeviceBatchLoader) else loader.sampler
-        return min(batches.batch_size, len(batches.sampler))
-
 
 def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split, on_device: bool) -> DataPipeline:
     cuda = ctx.device.type == "cuda"
     dataset_device = ctx.device if on_device else None
-    train_sampler = DistributedSampler(range(len(train)), num_replicas=ctx.world_size, rank=ctx.rank,
-                                       shuffle=True, seed=cfg.seed)
+    train_set, test_set = BatchIndexDataset(train, dataset_device), BatchIndexDataset(test, dataset_device)
+    train_sampler: DistributedSampler[int] = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                                shuffle=True, seed=cfg.seed)
     train_batches = ResumableBatchSampler(train_sampler, cfg.batch_size)
     if len(train_batches.batches) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than this rank's share of the training set "
                         f"({len(train_sampler)} samples); lower it")
-    workers = 0 if on_device else cfg.num_workers
-    # batch_size=None: the sampler already yields whole batches and the dataset gathers them in one indexing op.
+    test_shard = ShardSampler(len(test), ctx.rank, ctx.world_size)
+    test_batches = BatchSampler(test_shard, cfg.eval_batch_size, drop_last=False)
+    first_test_batch = min(cfg.eval_batch_size, len(test_shard))
+    if on_device:
+        return DataPipeline(DeviceBatchLoader(train_set, train_batches), train_batches,
+                            DeviceBatchLoader(test_set, test_batches), len(train), first_test_batch)
+    workers = cfg.num_workers
     # Own generator: iterating a loader otherwise draws a seed from the global RNG, so an extra evaluation or a
     # resumed epoch would shift every later dropout mask and a resumed run would not match an uninterrupted one.
-    common = {"batch_size": None, "num_workers": workers, "pin_memory": cuda and not on_device,
-              "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(cfg.seed)}
-    if workers:
-        # spawn, not fork: by now the rank is multithreaded (gloo, NCCL, queue feeders), and a forked child
-        # inherits every lock another thread held at that instant; a CI run hung waiting on a forked worker. The
-        # decoded tensors reach the workers through shared memory (/dev/shm); persistent workers start once a run.
-        common |= {"multiprocessing_context": DataWorkerContext(), "worker_init_fn": leave_stop_signals_to_the_rank}
-    test_batches = BatchSampler(ShardSampler(len(test), ctx.rank, ctx.world_size), cfg.eval_batch_size,
-                                drop_last=False)
-    if on_device:
-        return DataPipeline(DeviceBatchLoader(BatchIndexDataset(train, dataset_device), train_batches), train_batches,
-                            DeviceBatchLoader(BatchIndexDataset(test, dataset_device), test_batches),
-                            len(train))
-    train_loader = DataLoader(BatchIndexDataset(train, dataset_device), sampler=train_batches, **common)
-    test_loader = DataLoader(BatchIndexDataset(test, dataset_device), sampler=test_batches, **common)
-    return DataPipeline(train_loader, train_batches, test_loader, len(train))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # spawn, not fork: by now the rank is multithreaded (gloo, NCCL, queue feeders), and a forked child inherits
+    # every lock another thread held at that instant; a CI run hung waiting on a forked worker. The decoded tensors
+    # reach the workers through shared memory (/dev/shm); persistent workers start once a run.
+    context = DataWorkerContext() if workers else None
+    init = leave_stop_signals_to_the_rank if workers else None
+
+    def loader(dataset: BatchIndexDataset, batches: Sampler[list[int]]) -> DataLoader:
+        # batch_size=None: the sampler already yields whole batches and the dataset gathers them in one indexing op.
+        return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers, pin_memory=cuda,
+                          persistent_workers=workers > 0, generator=generator, multiprocessing_context=context,
+                          worker_init_fn=init)
+
+    return DataPipeline(loader(train_set, train_batches), train_batches, loader(test_set, test_batches), len(train),
+                        first_test_batch)

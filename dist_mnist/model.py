@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +33,9 @@ class MnistCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv1(x))
         x = F.max_pool2d(F.conv2d(x, self.conv2.weight), 2)  # = max_pool2d(relu(conv2(x))) before bias and ReLU
-        x = F.relu(x + self.conv2.bias.view(1, -1, 1, 1))
+        # nn.Conv2d types its bias as optional; conv2 has one (bias=True, the default). A cast costs the step nothing.
+        bias = cast(torch.Tensor, self.conv2.bias)
+        x = F.relu(x + bias.view(1, -1, 1, 1))
         x = self.dropout1(x)
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))

@@ -30,9 +30,10 @@ def watched() -> bool:
         for tool in (monitoring.DEBUGGER_ID, monitoring.COVERAGE_ID, monitoring.PROFILER_ID))
 
 
-def end_process(code: int, exit_now: Callable[[int], object] = os._exit) -> None:
+def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit) -> None:
     """End the process with exit status `code`: at once after a successful run with no child processes left and
-    nothing watching it, else through the interpreter's usual exit (`sys.exit`)."""
+    nothing watching it, else through the interpreter's usual exit (`sys.exit`). None is torchrun's `record` saying
+    the run ended in a SystemExit(0) (`--help`): status 0, the usual way."""
     if code != 0 or multiprocessing.active_children() or watched():
         sys.exit(code)
     logging.shutdown()  # what the teardown would have flushed and closed

@@ -170,8 +170,10 @@ def warmup_cosine(total_steps: int, warmup_frac: float) -> Any:
 
 @dataclass
 class TrainParts:
-    module: nn.Module  # the plain model: what checkpoints hold and evaluation runs
-    train_model: nn.Module  # what the training step calls: DDP around `module` (world > 1), compiled when asked
+    module: MnistCNN  # the plain model: what checkpoints hold and evaluation runs
+    # What the training step calls: DDP around `module` (world > 1), compiled when asked. Typed by its use, a call:
+    # torch.compile's annotations say it returns a plain callable, though for a module it is a module too.
+    train_model: Callable[[torch.Tensor], torch.Tensor]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -186,7 +188,8 @@ class TrainParts:
 def make_model(settings: SpeedSettings, device: torch.device) -> MnistCNN:
     """The model on `device`, in the memory format the run computes in."""
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    module = MnistCNN().to(device, memory_format=memory_format)
+    # torch's stubs allow memory_format only alone; Module.to takes it with a device as well, as Tensor.to does.
+    module = MnistCNN().to(device, memory_format=memory_format)  # type: ignore[call-overload]
     if settings.channels_last:
         # conv1's weight has one input channel, so `to(memory_format=...)` leaves its NCHW strides (9, 9, 3, 1)
         # (they count as channels-last too). Its NHWC convolution (normalize gives it an NHWC input) returns the
@@ -264,8 +267,9 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
     wrapped: nn.Module = ddp if ddp else module
     # Compile the DDP wrapper (DDPOptimizer splits graphs at bucket boundaries so all-reduce still overlaps);
     # checkpoints come from `module`, so no `_orig_mod.`/`module.` prefixes ever reach them.
-    train_model = (torch.compile(wrapped, mode=cfg.compile_mode, backend=cfg.compile_backend) if cfg.compile
-                   else wrapped)
+    train_model: Callable[[torch.Tensor], torch.Tensor] = wrapped
+    if cfg.compile:
+        train_model = torch.compile(wrapped, mode=cfg.compile_mode, backend=cfg.compile_backend)
     # fused=True: one kernel for all parameters; on CPU the unfused step cost as much as a small batch's backward.
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_frac))
@@ -904,12 +908,16 @@ class Trainer:
             "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
             "threads_per_process": torch.get_num_threads(), **software_and_device(ctx.device),
             **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}
+
+        def write_run_files() -> None:
+            self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved})
+            self.writer.reset_metrics(state.metrics)
+            # An earlier process of the run (one that restarted from step 0 too) may have written TensorBoard records
+            # past this step.
+            self.writer.resume_at(state.step)
+
         with self.startup.phase("run_files"):  # written durably (fsync), whose cost depends on the disk
-            ctx.on_main(lambda: (self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved}),
-                                 self.writer.reset_metrics(state.metrics),
-                                 # An earlier process of the run (one that restarted from step 0 too) may have
-                                 # written TensorBoard records past this step.
-                                 self.writer.resume_at(state.step)))
+            ctx.on_main(write_run_files)
         self.progress.step_limit = self.step_limit()  # made before the resume, which can move the end
         self.progress.start(state.step, self.elapsed_s())
         self.first_step = state.step
@@ -1019,7 +1027,7 @@ class Trainer:
         cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
         stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size * self.cfg.grad_accum_steps,
                            self.measured_step_s, self.memory.peak_rss_bytes, cuda_peak,
-                           parameter_digest(self.parts.module), self.parts.comm and self.parts.comm.steps,
+                           parameter_digest(self.parts.module), self.parts.comm.steps if self.parts.comm else None,
                            wall_per_step=self.clock.wall_per_step)
         with self.phase("the final summary"):
             all_stats = ctx.gather_objects(stats)

@@ -65,6 +65,12 @@ def torchrun(nproc: int, *flags: str, timeout: float = 240, torchrun_flags: tupl
                 *torchrun_flags, TRAIN_SCRIPT, *flags], timeout=timeout, env=env)
 
 
+def gradient(parameter: torch.Tensor) -> torch.Tensor:
+    """`parameter`'s gradient, which a backward pass must have made (torch types it as optional)."""
+    assert parameter.grad is not None
+    return parameter.grad
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -199,8 +199,8 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
                             f"{made.stderr.strip()}")
             created.append(host.namespace)
         a, b = hosts
-        steps = [("link", "add", a.interface, "netns", a.namespace, "type", "veth", "peer", "name", b.interface,
-                  "netns", b.namespace)]
+        steps: list[tuple[str, ...]] = [("link", "add", a.interface, "netns", a.namespace, "type", "veth", "peer",
+                                         "name", b.interface, "netns", b.namespace)]
         for host in hosts:
             steps += [("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", host.interface),
                       ("-n", host.namespace, "link", "set", host.interface, "up"),

@@ -163,13 +163,14 @@ def test_a_world_of_one_notes_only_the_comm_flags_the_user_gave(argv: list[str],
 # ---------------------------------------------------------------------------------------------------------------
 # Comm hooks and gradient accumulation: resumed runs equal uninterrupted ones; accumulation equals a larger batch
 
-EXACT = dict(dataset="synthetic", synthetic_train_size=512, synthetic_test_size=203, batch_size=16,
-             eval_batch_size=50, log_every=4, peak_tflops=1.0, tensorboard=False, amp="off", deterministic=True,
-             checkpoint_every=0, timeout_s=60.0, ddp_comm_hook="none")
+EXACT: dict[str, Any] = dict(
+    dataset="synthetic", synthetic_train_size=512, synthetic_test_size=203, batch_size=16, eval_batch_size=50,
+    log_every=4, peak_tflops=1.0, tensorboard=False, amp="off", deterministic=True, checkpoint_every=0, timeout_s=60.0,
+    ddp_comm_hook="none")
 # (name, config, total optimizer steps, where the first part stops): each stop is mid-epoch, and PowerSGD's
 # compression has started by then (after the 10% warm-up, at least 2 steps). 256 samples on 2 ranks at batch 16:
 # 8 steps per epoch; 512 with 4 micro-batches per step: 4 optimizer steps per epoch.
-RESUME_CASES = [
+RESUME_CASES: list[tuple[str, dict[str, Any], int, int]] = [
     ("bf16", dict(ddp_comm_hook="bf16", epochs=1, synthetic_train_size=256), 8, 5),
     ("powersgd", dict(ddp_comm_hook="powersgd", epochs=1, synthetic_train_size=256), 8, 5),
     ("accum4", dict(grad_accum_steps=4, epochs=2), 8, 3),

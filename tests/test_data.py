@@ -7,11 +7,12 @@ import collections
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import make_mnist_dir, write_idx
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision import datasets, transforms
 
 from dist_mnist.config import TrainConfig
@@ -43,13 +44,15 @@ def cpu_ctx(rank: int = 0, world_size: int = 1) -> DistContext:
                        control_group=None)
 
 
-def mnist_cfg(data_dir: Path, **overrides: object) -> TrainConfig:
+def mnist_cfg(data_dir: Path, **overrides: Any) -> TrainConfig:
     return TrainConfig(data_dir=str(data_dir), no_download=True, **overrides)
 
 
 def train_batches(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int = 0
                   ) -> ResumableBatchSampler:
-    sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    indices = TensorDataset(torch.arange(num_samples))  # a dataset of that size: the sampler reads only its length
+    sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=world_size, rank=rank, shuffle=True,
+                                                          seed=seed)
     return ResumableBatchSampler(sampler, batch_size)
 
 
@@ -111,8 +114,9 @@ def test_sampler_order_is_the_distributed_samplers_own(world_size: int, size: in
     """The device loader's tensor order equals DistributedSampler's own iteration, padding (2 samples over 7 ranks
     repeat the set) and cut included, on every rank, epoch and seed."""
     for rank in range(world_size):
-        sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=3,
-                                     drop_last=drop_last)
+        sampler: DistributedSampler[int] = DistributedSampler(TensorDataset(torch.arange(size)),
+                                                              num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                                              seed=3, drop_last=drop_last)
         for epoch in (0, 1, 5):
             sampler.set_epoch(epoch)
             order = sampler_order(sampler)
@@ -222,10 +226,12 @@ def test_one_missing_file_is_named_first(tmp_path: Path) -> None:
 def test_cpu_loaders_do_not_pin_memory_and_workers_are_spawned_once() -> None:
     train, test = synthetic_splits(64, 20)
     pipeline = build_pipeline(TrainConfig(batch_size=8), cpu_ctx(), train, test, on_device=False)
+    assert isinstance(pipeline.train_loader, DataLoader) and isinstance(pipeline.test_loader, DataLoader)
     assert not pipeline.train_loader.pin_memory and not pipeline.test_loader.pin_memory
     assert pipeline.train_loader.num_workers == 0 and not pipeline.train_loader.persistent_workers
     with_workers = build_pipeline(TrainConfig(batch_size=8, num_workers=2), cpu_ctx(), train, test, on_device=False)
     for loader in (with_workers.train_loader, with_workers.test_loader):
+        assert isinstance(loader, DataLoader)
         assert loader.persistent_workers and loader.multiprocessing_context.get_start_method() == "spawn"
 
 
@@ -279,7 +285,8 @@ def test_fast_train_pipeline_matches_torchvision(tmp_path: Path, rank: int, chan
     pipeline.train_batches.set_epoch(epoch)
 
     reference_set = reference_mnist(data_dir, train=True)
-    reference_sampler = DistributedSampler(reference_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    reference_sampler: DistributedSampler[int] = DistributedSampler(reference_set, num_replicas=world_size, rank=rank,
+                                                                    shuffle=True, seed=seed)
     reference_sampler.set_epoch(epoch)
     reference = DataLoader(reference_set, batch_size=batch_size, sampler=reference_sampler, drop_last=True)
 

@@ -19,7 +19,7 @@ WORDS = {("--peak-tflops", "measured"): 0.0}  # 0: measure a matmul peak
 
 def table_defaults() -> list[tuple[str, str]]:
     """(flag, default) from every README table with a `flag` and a `default` column; `a` / `b` cells pair up."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for table in re.findall(r"^\| flag \| default \|.*\n\|[-| ]+\|\n((?:\|.*\|\n)+)", README, re.MULTILINE):
         for row in table.splitlines():
             flags_cell, default_cell = (cell.strip() for cell in row.strip("|").split("|")[:2])

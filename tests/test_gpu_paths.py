@@ -13,6 +13,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -297,7 +298,7 @@ def test_a_failed_capture_leaves_the_weights_as_they_were(world_of_one: DistCont
 
 def test_checkpoints_keep_the_generator_of_this_process_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank on GPU 3 saves GPU 3's generator, and a resume where the process sees one GPU restores it there."""
-    restored: dict[str, object] = {}
+    restored: dict[str, Any] = {}
     monkeypatch.setattr(torch.cuda, "get_rng_state",
                         lambda device="cuda": torch.tensor([torch.device(device).index], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state",

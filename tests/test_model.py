@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gradient
 
 from dist_mnist.data import normalize
 from dist_mnist.model import MnistCNN
@@ -70,7 +71,7 @@ def test_bias_and_relu_after_the_pool_are_the_examples_network(channels_last: bo
         model.zero_grad()
         logits = forward(model, x)
         F.cross_entropy(logits, y).backward()
-        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        grads.append((logits.detach(), [gradient(p).clone() for p in model.parameters()]))
     (expected, expected_grads), (got, got_grads) = grads
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     for a, b in zip(got_grads, expected_grads):
@@ -101,7 +102,7 @@ def test_every_weight_has_the_strides_of_its_gradient(channels_last: bool) -> No
     F.cross_entropy(y, torch.zeros(4, dtype=torch.long)).backward()
     assert model.conv1(x).is_contiguous(memory_format=torch.channels_last if channels_last
                                         else torch.contiguous_format)
-    assert {name: p.grad.stride() for name, p in model.named_parameters()} == \
+    assert {name: gradient(p).stride() for name, p in model.named_parameters()} == \
         {name: p.stride() for name, p in model.named_parameters()}
 
 

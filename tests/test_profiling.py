@@ -48,6 +48,7 @@ from dist_mnist.profiler_bench import (
 )
 from dist_mnist.profiling import (
     TRACES_DIR,
+    WindowedProfiler,
     build_summary,
     configure_kineto,
     cuda_memory_snapshot,
@@ -183,6 +184,7 @@ def test_profiler_exists_only_inside_windows_and_labels_only_while_recording(tmp
     timer = StepTimer(torch.device("cpu"))
     seen = []
     with make_profiler(cfg, ctx, tmp_path, first_step=40, step_limit=100) as profiler:  # type: ignore[arg-type]
+        assert isinstance(profiler, WindowedProfiler)  # cfg.profile is on
         for _ in range(12):
             profiler.begin_step()
             timer.begin_step()
@@ -237,6 +239,7 @@ def test_a_window_open_at_the_runs_last_step_ends_with_it_and_none_opens_after_i
     ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
     # Steps 10-14 of a run resumed at step 10: the first window records 10-12, the second 13-14, then training ends.
     with make_profiler(cfg, ctx, tmp_path, first_step=10, step_limit=15) as profiler:  # type: ignore[arg-type]
+        assert isinstance(profiler, WindowedProfiler)  # cfg.profile is on
         assert _window_edges(profiler, 5, tmp_path) == ([0, 3], [2, 4])
         profiler.begin_step()  # the fetch that ends the last epoch
         assert profiler.window is None
@@ -260,7 +263,12 @@ def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> N
     """RunClock's `sync` stands for torch.cuda.synchronize: its wait is training time, the pause's own work is not;
     `sync=False` (the profiler step between windows) does not wait."""
     waits = []
-    clock = RunClock(sync=lambda: (waits.append(1), time.sleep(0.2)))
+
+    def sync() -> None:  # 0.2 s of queued device work
+        waits.append(1)
+        time.sleep(0.2)
+
+    clock = RunClock(sync=sync)
     clock.begin()
     with clock.paused("evaluation"):
         time.sleep(0.1)
@@ -345,8 +353,12 @@ def test_cuda_memory_snapshot_is_dumped_on_any_exit(fail: bool, tmp_path: Path,
     calls: list[Any] = []
     monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
                         lambda enabled="all", **kwargs: calls.append(("record", enabled)))
-    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
-                        lambda path: (calls.append(("dump", path)), Path(path).write_bytes(b"snapshot")))
+
+    def dump_snapshot(path: str) -> None:
+        calls.append(("dump", path))
+        Path(path).write_bytes(b"snapshot")
+
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", dump_snapshot)
     path = tmp_path / "rank0.memory_snapshot.pickle"
     with pytest.raises(torch.cuda.OutOfMemoryError) if fail else nullcontext():
         with cuda_memory_snapshot(True, path):
@@ -522,8 +534,12 @@ def test_the_trainer_tells_the_timer_which_steps_follow_a_device_sync(
     told: list[bool] = []
     begin_step = StepTimer.begin_step
     monkeypatch.setattr(train_module, "RunClock", SyncingClock)
-    monkeypatch.setattr(StepTimer, "begin_step", lambda self, after_sync=False: (told.append(after_sync),
-                                                                                  begin_step(self, after_sync)))
+
+    def told_begin_step(self: StepTimer, after_sync: bool = False) -> None:
+        told.append(after_sync)
+        begin_step(self, after_sync)
+
+    monkeypatch.setattr(StepTimer, "begin_step", told_begin_step)
     assert train_main([*SMOKE_FLAGS, "--max-steps", "12", "--eval-every", "4", "--log-every", "6",
                        "--checkpoint-every", "100", "--phase-timers", "sample", "--output-dir", str(tmp_path)]) == 0
     # Steps 1-12 (and the fetch past the last, none here): an evaluation after 4, 8; a progress report after 6.
@@ -744,9 +760,9 @@ def test_phase_timer_study_times_each_mode_in_blocks_that_take_turns(graphed: bo
 
 
 def test_phase_timer_verdict_is_the_run_modes_mean_step_against_none() -> None:
-    results = {"block_steps": 200, "rounds": 4, "every_n": 20, "run_mode": "sample", "clock": "wall",
-               "sets": {"batch_16": "batch 16 (graph replays)"},
-               "batch_16": {"off": 0.400, "sample": 0.404, "every": 0.480, "off_again": 0.402}}
+    results: dict[str, Any] = {"block_steps": 200, "rounds": 4, "every_n": 20, "run_mode": "sample", "clock": "wall",
+                               "sets": {"batch_16": "batch 16 (graph replays)"},
+                               "batch_16": {"off": 0.400, "sample": 0.404, "every": 0.480, "off_again": 0.402}}
     rows = render_phase_timers(results)
     assert rows[1] == ("| batch 16 (graph replays): phase timers as a run has them (on every 20th step) / off, mean "
                        "step (bar: ≤ 1.02) | 1.010 PASS (noise floor ±0.5%) |")

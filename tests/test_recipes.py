@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ def readme_recipes() -> dict[str, Recipe]:
         if not line.startswith("|"):
             break
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
-        types = {f.name: f.type for f in dataclasses.fields(Recipe)}
-        parse = {"int": lambda text: int(text.replace(",", "")), "float": float, "str": lambda text: text.strip("`")}
+        types = {f.name: str(f.type) for f in dataclasses.fields(Recipe)}  # source text (postponed annotations)
+        parse: dict[str, Callable[[str], Any]] = {"int": lambda text: int(text.replace(",", "")), "float": float,
+                                                  "str": lambda text: text.strip("`")}
         values = {field: parse[types[field]](cells[column]) for column, field in README_COLUMNS.items()}
         table[cells["recipe"]] = Recipe(**values)
     return table

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE_FLAGS
+from conftest import SMOKE_FLAGS, gradient
 
 import dist_mnist.train as train_module
 from dist_mnist.config import TrainConfig
@@ -270,7 +270,7 @@ def test_channels_last_step_matches_contiguous(world_of_one: DistContext) -> Non
         parts.module.eval()  # no dropout: the two runs must compute the same function
         logits = parts.module(x)
         F.cross_entropy(logits, labels).backward()
-        grads = [p.grad.clone() for p in parts.module.parameters()]
+        grads = [gradient(p).clone() for p in parts.module.parameters()]
         parts.optimizer.zero_grad(set_to_none=True)
         timer = StepTimer(CPU)
         timer.begin_step()
