@@ -429,18 +429,28 @@ def _fewer_bytes(comm_hook: str) -> str:
     return ""  # powersgd: the strongest compression offered is in use
 
 
-def _compute_levers(amp: str) -> str:
+def _compute_levers(amp: str, device_type: str, native_bf16: bool) -> str:
     """The compute-bound advice: mixed precision only where the run does not use it yet (`amp` as resolved:
-    'off', 'bfloat16', 'float16'); the CPU recipe's bf16 runs were told to turn on what they had."""
-    if amp == "off":
-        return ("mixed precision (--amp bf16, or fp16 on GPUs without native bf16), a larger batch per device or "
-                "faster devices")
-    return f"a larger batch per device or faster devices ({amp} mixed precision is in use)"
+    'off', 'bfloat16', 'float16'; the CPU recipe's bf16 runs were told to turn on what they had), and only where the
+    device runs it in hardware: a CPU without AVX512-BF16 or AMX emulates bf16, an 11x slower step
+    (docs/benchmarks.md)."""
+    if amp == "bfloat16" and not native_bf16:
+        return ("--amp off (bf16 is emulated on this CPU, which has no AVX512-BF16 or AMX: many times slower than "
+                "float32), a larger batch per device or faster devices")
+    if amp != "off":
+        return f"a larger batch per device or faster devices ({amp} mixed precision is in use)"
+    if native_bf16:
+        return "mixed precision (--amp bf16), a larger batch per device or faster devices"
+    if device_type == "cuda":
+        return "mixed precision (--amp fp16: this GPU has no native bf16), a larger batch per device or faster devices"
+    return ("a larger batch per device or faster devices (this CPU has no native bf16, AVX512-BF16 or AMX, so mixed "
+            "precision would be slower)")
 
 
-def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "off") -> str:
+def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "off", device_type: str = "cpu",
+             native_bf16: bool = True) -> str:
     """One sentence a person can act on, from the summary's figures; `comm_hook` is the run's --ddp-comm-hook,
-    `amp` its autocast dtype as resolved ('off' for none)."""
+    `amp` its autocast dtype as resolved ('off' for none), `native_bf16` whether the device runs bf16 in hardware."""
     if any(r["data_share"] is None for r in ranks):
         return "no diagnosis: the phase timers were off (--phase-timers off), so nothing says where a step's time went"
     stragglers = [r for r in ranks if r["straggler"]]
@@ -460,7 +470,7 @@ def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "o
     if share < BOUND_SHARE:
         compute = mean("forward_share") + mean("backward_compute_share") + mean("optimizer_share")
         return (f"compute-bound: forward, backward and optimizer compute take {compute:.0%} of a step; "
-                f"{_compute_levers(amp)} are what make it faster")
+                f"{_compute_levers(amp, device_type, native_bf16)} are what make it faster")
     if kind == "input":
         return (f"input-bound: the ranks wait for data {share:.0%} of each step; load batches in parallel "
                 "(--num-workers), or make the data source faster")
@@ -474,9 +484,11 @@ def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "o
 
 def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
                   flops: float, peak_flops_per_process: float, peak_source: str,
-                  comm_hook: str = "none", amp: str = "off") -> dict[str, Any]:
+                  comm_hook: str = "none", amp: str = "off", device_type: str = "cpu",
+                  native_bf16: bool = True) -> dict[str, Any]:
     flag_stragglers(ranks)
     achieved = global_samples_per_sec * flops
+    mfu = achieved / (peak_flops_per_process * len(ranks)) if peak_flops_per_process else None
     return {
         "world_size": len(ranks),
         "ranks_in_sync": len({r["params_digest"] for r in ranks}) == 1,
@@ -486,9 +498,11 @@ def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, ep
         "achieved_tflops": achieved / 1e12,
         "peak_tflops_per_process": peak_flops_per_process / 1e12,
         "peak_source": peak_source,
-        "mfu": achieved / (peak_flops_per_process * len(ranks)) if peak_flops_per_process else None,
+        # Above 1 the yardstick is wrong, not the run (a --peak-tflops too low, a matmul measured while the cores
+        # were busy): no figure rather than an impossible one, and the table says why.
+        "mfu": mfu if mfu is None or mfu <= 1 else None,
         "ranks": ranks,
-        "diagnosis": diagnose(ranks, comm_hook, amp),
+        "diagnosis": diagnose(ranks, comm_hook, amp, device_type, native_bf16),
     }
 
 
@@ -538,6 +552,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"phase shares from one step in {timing['every_n_steps']} ({timing['steps_timed']} steps "
                      f"timed on rank 0)")
     mfu = f"{summary['mfu']:.1%}" if summary["mfu"] is not None else "n/a"
+    if summary["mfu"] is None and summary["achieved_tflops"] > summary["peak_tflops_per_process"] * len(
+            summary["ranks"]) > 0:
+        mfu = "n/a (the run achieved more than this peak, so it is no yardstick)"
     epoch = f"{summary['epoch_time_s']:.1f} s" if summary["epoch_time_s"] else "n/a"
     lines.append(f"global: {summary['samples_per_sec']:.0f} samples/s, epoch {epoch}, "
                  f"{summary['flops_per_sample'] / 1e6:.1f} MFLOP/sample, {summary['achieved_tflops']:.3f} TFLOP/s "

@@ -75,6 +75,9 @@ class SpeedSettings:
     # of a 2-epoch CPU run grew from 9% to 26% of a step (docs/benchmarks.md). No float32 result this model can
     # tell apart changes.
     flush_denormal: bool = False
+    # Whether the device runs bf16 in hardware. A CPU without AVX512-BF16 or AMX emulates it: there `--amp bf16` made
+    # a step 11x slower than fp32 (docs/benchmarks.md), so the run says so and the diagnosis does not advise it.
+    native_bf16: bool = True
 
     def describe(self) -> dict[str, Any]:
         return {"amp": dtype_name(self.amp_dtype), "channels_last": self.channels_last,
@@ -107,7 +110,8 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
     if cfg.amp == "fp16" and not cuda:
         raise UserError("--amp fp16 runs on CUDA only (it needs a GradScaler and fp16 kernels); "
                         "use --amp bf16 or --amp off on CPU")
-    if cfg.amp == "bf16" and cuda and not cuda_has_native_bf16():
+    native_bf16 = cuda_has_native_bf16() if cuda else cpu_has_native_bf16()
+    if cfg.amp == "bf16" and cuda and not native_bf16:
         raise UserError("--amp bf16 needs a GPU with bf16 support (Ampere or newer); use --amp fp16")
     if cfg.compile and not cuda and cfg.compile_backend == "inductor" and not _has_cxx_compiler():
         raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) for inductor; install one, "
@@ -119,10 +123,7 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
     if cfg.cuda_memory_snapshot and not cuda:
         raise UserError("--cuda-memory-snapshot needs CUDA; it records the CUDA caching allocator")
     if cfg.amp == "auto":
-        if cuda:
-            amp_dtype: torch.dtype | None = torch.bfloat16 if cuda_has_native_bf16() else torch.float16
-        else:
-            amp_dtype = torch.bfloat16 if cpu_has_native_bf16() else None
+        amp_dtype: torch.dtype | None = (torch.bfloat16 if native_bf16 else torch.float16 if cuda else None)
     else:
         amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     return SpeedSettings(
@@ -132,7 +133,16 @@ def resolve_speed_settings(cfg: TrainConfig, device: torch.device) -> SpeedSetti
         # auto used to win there and the workers asked for were silently never started.
         data_on_device=cuda and (cfg.data_on_device == "on" or (cfg.data_on_device == "auto" and not cfg.num_workers)),
         flush_denormal=not cuda,
+        native_bf16=native_bf16,
     )
+
+
+def emulated_bf16_note(settings: SpeedSettings) -> str | None:
+    """The run's note where bf16 autocast was asked for on a CPU that emulates bf16 (a GPU without it is refused)."""
+    if settings.amp_dtype != torch.bfloat16 or settings.native_bf16:
+        return None
+    return ("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --amp bf16 runs emulated: an 11x slower step "
+            "than --amp off on a 2-core AMD EPYC (docs/benchmarks.md); --amp auto chooses off here")
 
 
 def _has_cxx_compiler() -> bool:
@@ -926,7 +936,7 @@ class Trainer:
                  f"{self.steps_per_epoch} steps/epoch, "
                  + ", ".join(f"{name} {on_off(value)}" for name, value in
                              {**self.settings.describe(), "cuda_graphs": self.graphs.enabled}.items()))
-        for note in (self.comm_note, self.timer_note):
+        for note in (self.comm_note, self.timer_note, emulated_bf16_note(self.settings)):
             if note:
                 self.log(note)
         if self.graphs.note:
@@ -1060,8 +1070,12 @@ class Trainer:
         peak = self.cfg.peak_tflops * 1e12
         if not peak:
             dtype = self.settings.amp_dtype or torch.float32
+            emulated = dtype == torch.bfloat16 and not self.settings.native_bf16
+            # Emulated bf16 computes in float32, whose peak is the hardware's; an emulated 1024^3 bf16 matmul took
+            # 6-7 s on a 2-core AMD EPYC, and the measurement runs four of them.
+            dtype = torch.float32 if emulated else dtype
             peak = measure_matmul_peak(self.ctx.device, dtype)
-            peak_source = f"measured {dtype_name(dtype)} matmul"
+            peak_source = f"measured {dtype_name(dtype)} matmul" + (", bf16 being emulated" if emulated else "")
         mean_step = sum(r["measured_step_time_s"] for r in all_stats) / len(all_stats)
         summary = build_summary(
             all_stats,
@@ -1069,7 +1083,8 @@ class Trainer:
             epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
             flops=flops_per_sample(self.parts.module),
             peak_flops_per_process=peak, peak_source=peak_source, comm_hook=self.cfg.ddp_comm_hook,
-            amp=dtype_name(self.settings.amp_dtype))
+            amp=dtype_name(self.settings.amp_dtype), device_type=self.ctx.device.type,
+            native_bf16=self.settings.native_bf16)
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix

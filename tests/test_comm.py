@@ -95,16 +95,23 @@ def test_communication_bound_advice_names_only_hooks_that_send_fewer_bytes(comm_
     assert advice in diagnose(ranks, comm_hook)
 
 
-@pytest.mark.parametrize(("amp", "advice"), [
-    ("off", "mixed precision (--amp bf16, or fp16 on GPUs without native bf16), a larger batch per device"),
-    ("bfloat16", "a larger batch per device or faster devices (bfloat16 mixed precision is in use) are what"),
+@pytest.mark.parametrize(("amp", "device_type", "native_bf16", "advice"), [
+    ("off", "cpu", True, "; mixed precision (--amp bf16), a larger batch per device"),
+    ("off", "cuda", False, "; mixed precision (--amp fp16: this GPU has no native bf16), a larger batch"),
+    # A CPU without AVX512-BF16 or AMX: bf16 is emulated, an 11x slower step, so it is not advised ...
+    ("off", "cpu", False, "(this CPU has no native bf16, AVX512-BF16 or AMX, so mixed precision would be slower)"),
+    # ... and a run that asked for it is told to turn it off.
+    ("bfloat16", "cpu", False, "; --amp off (bf16 is emulated on this CPU, which has no AVX512-BF16 or AMX"),
+    ("bfloat16", "cpu", True, "a larger batch per device or faster devices (bfloat16 mixed precision is in use) are"),
+    ("float16", "cuda", False, "a larger batch per device or faster devices (float16 mixed precision is in use) are"),
 ])
-def test_compute_bound_advice_names_mixed_precision_only_where_it_is_off(amp: str, advice: str) -> None:
+def test_compute_bound_advice_names_mixed_precision_only_where_it_is_off_and_native(
+        amp: str, device_type: str, native_bf16: bool, advice: str) -> None:
     ranks = [_stats(0), _stats(1)]
     flag_stragglers(ranks)
-    sentence = diagnose(ranks, "bf16", amp)
+    sentence = diagnose(ranks, "bf16", amp, device_type, native_bf16)
     assert sentence.startswith("compute-bound") and advice in sentence
-    assert amp != "bfloat16" or "--amp" not in sentence
+    assert "--amp bf16" not in sentence or (amp == "off" and native_bf16)
 
 
 # ---------------------------------------------------------------------------------------------------------------

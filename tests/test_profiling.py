@@ -587,6 +587,19 @@ def test_with_timers_off_on_cuda_the_step_percentiles_are_the_mean_wall_step() -
     assert "p50 and p90 are the mean step" in format_summary(summary)
 
 
+@pytest.mark.parametrize(("peak_flops", "mfu", "shown"), [
+    (1e12, 0.0016, "MFU 0.2% of 1.000 TFLOP/s"),
+    # 1.6 GFLOP/s achieved against a 1 GFLOP/s yardstick (a --peak-tflops too low, a matmul timed on busy cores).
+    (1e9, None, "MFU n/a (the run achieved more than this peak, so it is no yardstick) of 0.001 TFLOP/s"),
+])
+def test_an_mfu_above_one_is_shown_as_no_figure(peak_flops: float, mfu: float | None, shown: str) -> None:
+    stats = rank_stats(0, [], 16, [0.5, 0.5] + [0.01] * 10, 0, None, "digest", wall_per_step=True)
+    summary = build_summary([stats], global_samples_per_sec=1600, epoch_time_s=None, flops=1e6,
+                            peak_flops_per_process=peak_flops, peak_source="--peak-tflops")
+    assert summary["mfu"] == (pytest.approx(mfu) if mfu else None)
+    assert shown in format_summary(summary)
+
+
 @pytest.mark.timeout(120)
 def test_peak_memory_counts_dataloader_workers() -> None:
     me = psutil.Process()

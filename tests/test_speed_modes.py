@@ -27,7 +27,15 @@ from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import StepTimer
 from dist_mnist.model import MnistCNN
-from dist_mnist.train import SpeedSettings, TrainParts, build_train_parts, main, resolve_speed_settings, train_step
+from dist_mnist.train import (
+    SpeedSettings,
+    TrainParts,
+    build_train_parts,
+    emulated_bf16_note,
+    main,
+    resolve_speed_settings,
+    train_step,
+)
 
 CPU = torch.device("cpu")
 INITIAL_LOSS = math.log(10)  # cross-entropy of a uniform guess over 10 classes
@@ -129,6 +137,34 @@ def test_amp_on_cpu_resolves_by_native_bf16(monkeypatch: pytest.MonkeyPatch, amp
     settings = resolve_speed_settings(TrainConfig(amp=amp), CPU)
     assert settings.amp_dtype == expected
     assert not settings.data_on_device  # a CPU has no device memory to keep the dataset in
+
+
+@pytest.mark.timeout(120)
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_said_once_and_not_taken_as_the_yardstick(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An emulated bf16 step was 11x slower than fp32 on a 2-core AMD EPYC, and an emulated 1024^3 bf16 matmul 6-7 s:
+    the run says so at its start, and its MFU is measured against float32, which emulated bf16 computes in."""
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    measured: list[torch.dtype] = []
+
+    def peak(device: torch.device, dtype: torch.dtype) -> float:
+        measured.append(dtype)
+        return 1e12
+
+    monkeypatch.setattr(train_module, "measure_matmul_peak", peak)
+    run_dir = train_here(tmp_path, "emulated", "--amp", "bf16", "--max-steps", "2", "--peak-tflops", "0")
+    assert capsys.readouterr().out.count("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --amp bf16 "
+                                         "runs emulated") == 1
+    assert measured == [torch.float32]
+    assert read_json(run_dir, "summary.json")["peak_source"] == "measured float32 matmul, bf16 being emulated"
+    assert read_json(run_dir, "config.json")["resolved"]["amp"] == "bfloat16"  # asked for: still obeyed
+
+
+@pytest.mark.parametrize(("amp", "native_bf16"), [("auto", False), ("off", False), ("bf16", True), ("auto", True)])
+def test_no_emulation_note_where_bf16_is_native_or_not_used(monkeypatch: pytest.MonkeyPatch, amp: str,
+                                                            native_bf16: bool) -> None:
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native_bf16)
+    assert emulated_bf16_note(resolve_speed_settings(TrainConfig(amp=amp), CPU)) is None
 
 
 @pytest.mark.parametrize("flag", ["auto", "off"])
