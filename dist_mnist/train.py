@@ -624,6 +624,10 @@ class Trainer:
         if error:
             raise UserError(error)
         if state is None:
+            restarts_done, allowed = collectives.torchrun_restarts()
+            if restarts_done:  # a restart that resumes says so in its "resumed from" line; this one would be silent
+                self.log(f"torchrun restart {restarts_done} of {allowed}: the run wrote no checkpoint before the "
+                         "failure, so it starts again from step 0")
             return
         for name, part in self.stateful().items():
             # An empty state is what a disabled GradScaler (no fp16) saves, and a checkpoint of a run without
@@ -1130,10 +1134,12 @@ def _main(argv: list[str] | None) -> int:
         # cleanup took the handler back: the step and the checkpoint are not known here.
         if (reason := collectives.lost_data_worker(exc)) is None:
             raise
+        restart = collectives.restart_advice(None, known=False)
+        then = (f"{restart} (with the same --num-workers)" if restart else
+                "then rerun the command with a lower --num-workers to resume from the run's last checkpoint (see its "
+                "checkpoints folder)")
         return report_failure(
-            rank, (f"a DataLoader worker of this process died ({reason}), {collectives.LOST_WORKER_REMEDY}; then "
-                   "rerun the command with a lower --num-workers to resume from the run's last checkpoint (see its "
-                   "checkpoints folder)"), 1)
+            rank, f"a DataLoader worker of this process died ({reason}), {collectives.LOST_WORKER_REMEDY}; {then}", 1)
     return 0
 
 
