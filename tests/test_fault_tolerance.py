@@ -367,6 +367,11 @@ def test_killed_worker_is_restarted_and_repeats_at_most_one_interval(tmp_path: P
     result = job.result(timeout=300)
 
     assert result.returncode == 0, result.stderr[-3000:]
+    # The survivor's line says what torchrun does next, whenever its SIGTERM came (not "rerun the same command").
+    survivor = re.findall(r"^\[rank 1\] error: a collective in .+", result.stderr, re.MULTILINE)
+    assert len(survivor) == 1, result.stderr[-3000:]
+    assert re.search(r"; the last checkpoint is \S+/step\d{8}\.pt\. torchrun restarts the workers \(restart 1 of 1\) "
+                     "and they resume from it; if this repeats, look for", survivor[0]), survivor[0]
     resumed = RESUMED.search(result.stdout)
     assert resumed, "the restarted workers did not resume"
     # Rank 0 prints a step once every rank has finished it (the progress line gathers losses from all ranks).
