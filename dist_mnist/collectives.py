@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError
+from dist_mnist.shutdown import failure_path
 
 if TYPE_CHECKING:  # distributed.py imports this module to set up the flight recorder
     from dist_mnist.distributed import DistContext
@@ -173,6 +174,7 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
     except RuntimeError as exc:
         if not is_collective_failure(exc):
             raise
+        failure_path.begin()  # a lost peer: torchrun's SIGTERM may land any moment now, and must not end us unheard
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", _CALLBACK_WRAPPERS.sub("", lines[0])))
         kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)

@@ -14,11 +14,9 @@ import torch
 import torch.distributed as dist
 
 from dist_mnist.distributed import DistContext
+from dist_mnist.shutdown import REPEAT_GRACE_S
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# A repeat this soon after the first signal is the same request delivered twice, not a user insisting: Slurm
-# signals every process of a job step and torchrun forwards its own copy to the workers a moment later.
-REPEAT_GRACE_S = 1.0
 
 
 class StopRequest:
