@@ -671,6 +671,21 @@ def test_a_worker_lost_while_a_checkpoint_is_submitted_names_that_checkpoint(
                                             "--num-workers to resume\n")
 
 
+def test_a_worker_lost_outside_the_trainer_under_torchrun_restarts_is_left_to_the_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """main's own line for a dead worker whose error torch's SIGCHLD handler raised before Trainer.fit took the
+    handler back: with torchrun restarts left it told the user to rerun what torchrun was already restarting."""
+    def lose_the_worker(*args: Any) -> None:
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(train_module, "run_training", lose_the_worker)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    assert train_module.main([*SMOKE_FLAGS, "--output-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.endswith(
+        "give the job more memory; torchrun restarts the workers (restart 1 of 2) and they resume from the newest if "
+        "there is one, else start again from step 0 (with the same --num-workers)\n")
+
+
 def test_rank_and_world_size_without_the_rendezvous_address_is_one_line(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     monkeypatch.setenv("RANK", "0")
