@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError
+from dist_mnist.shutdown import failure_path
 
 if TYPE_CHECKING:  # distributed.py imports this module to set up the flight recorder
     from dist_mnist.distributed import DistContext
@@ -77,6 +78,29 @@ def same_command(run_name: str | None) -> str:
     return "the same command" + (f" with --run-name {run_name}" if run_name else "")
 
 
+def torchrun_restarts(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(restarts done so far, --max-restarts) of the torchrun job this process is a worker of; (0, 0) outside one.
+    torchrun passes both to its workers (TORCHELASTIC_RESTART_COUNT counts from 0 in the first attempt)."""
+    done, allowed = (int(environ.get(name, "0") or 0) for name in ("TORCHELASTIC_RESTART_COUNT",
+                                                                    "TORCHELASTIC_MAX_RESTARTS"))
+    return done, allowed
+
+
+def restart_advice(last_checkpoint: Path | None, known: bool = True) -> str | None:
+    """What happens next where torchrun restarts the workers by itself once this process fails (restarts left under
+    --max-restarts), which makes any advice to rerun the command wrong; None where it does not. `last_checkpoint`
+    and `known` as for resume_advice."""
+    done, allowed = torchrun_restarts()
+    if done >= allowed:
+        return None
+    restarts = f"torchrun restarts the workers (restart {done + 1} of {allowed}) and they "
+    if last_checkpoint:
+        return restarts + "resume from it"
+    if not known:
+        return restarts + "resume from the newest if there is one, else start again from step 0"
+    return restarts + "start again from step 0"
+
+
 def resume_advice(last_checkpoint: Path | None, command: str = "the same command",
                   known: bool = True) -> tuple[str, str]:
     """What a failed process kept and how to go on: ("the last checkpoint is X", "rerun COMMAND to resume").
@@ -119,8 +143,10 @@ def lost_data_worker_error(reason: str, step: int | None, last_checkpoint: Path 
     when = "before the first step" if step is None else f"after step {step}"
     command = "the command with a lower --num-workers" + (f" and --run-name {run_name}" if run_name else "")
     kept, rerun = resume_advice(last_checkpoint, command)
+    restart = restart_advice(last_checkpoint)
+    then = f"{restart} (with the same --num-workers)" if restart else f"Then {rerun}"
     return UserError(f"a DataLoader worker of this process died {when} ({reason}), {LOST_WORKER_REMEDY}; {kept}. "
-                     f"Then {rerun}")
+                     f"{then}")
 
 
 LOST_WORKER_REMEDY = ("most often the out-of-memory killer's doing (dmesg says so): use fewer --num-workers (each is "
@@ -148,13 +174,16 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
     except RuntimeError as exc:
         if not is_collective_failure(exc):
             raise
+        failure_path.begin()  # a lost peer: torchrun's SIGTERM may land any moment now, and must not end us unheard
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", _CALLBACK_WRAPPERS.sub("", lines[0])))
         kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
+        look = "look for the stuck or lost rank in the other nodes' output"
+        restart = restart_advice(last_checkpoint, checkpoint_known)
+        then = f"{restart}; if this repeats, {look}" if restart else f"{look.capitalize()}, then {rerun}"
         when = "before the first step" if step is None else f"after step {step}"
         raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "
-                        f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. Look for the stuck or lost "
-                        f"rank in the other nodes' output, then {rerun}") from None
+                        f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. {then}") from None
 
 
 def flight_recorder_dir(cfg: TrainConfig, environ: Mapping[str, str]) -> Path:

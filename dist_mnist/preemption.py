@@ -8,21 +8,15 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dist_mnist.distributed import DistContext
+from dist_mnist.shutdown import REPEAT_GRACE_S, SignalHandler
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# A repeat this soon after the first signal is the same request delivered twice, not a user insisting: Slurm
-# signals every process of a job step and torchrun forwards its own copy to the workers a moment later.
-REPEAT_GRACE_S = 1.0
-# What signal.signal takes and returns: a function, SIG_DFL or SIG_IGN, or None for a handler not set from Python.
-SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class StopRequest:

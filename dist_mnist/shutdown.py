@@ -1,4 +1,5 @@
-"""The end of a finished run's process: at once, without the interpreter's teardown.
+"""The end of a run's process: a finished run's at once, without the interpreter's teardown; a failing run's in
+order, with its error line, whatever torchrun's SIGTERM interrupts (FailurePath).
 
 Once `main` has returned, CPython clears every module and the C++ libraries run their static destructors. With
 torch and torch._dynamo (which the first optimizer imports) loaded that took 0.7-0.8 s after every run on the 2-core
@@ -15,8 +16,19 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+# A repeat of a stop signal this soon after the first is the same request delivered twice, not a user insisting: Slurm
+# signals every process of a job step and torchrun forwards its own copy to the workers a moment later.
+REPEAT_GRACE_S = 1.0
+# What signal.signal takes and returns: a function, SIG_DFL or SIG_IGN, or None for a handler not set from Python.
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 def watched() -> bool:
@@ -40,3 +52,60 @@ def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit) 
     sys.stdout.flush()
     sys.stderr.flush()
     exit_now(0)
+
+
+class FailurePath:
+    """A SIGTERM that lands while the run is failing is noted, not fatal: the process still writes its one error line
+    and ends in order, with its exit code.
+
+    torchrun SIGTERMs the other workers the moment one of them dies. A survivor whose collective failed at that moment
+    died of it wherever it was: before its error line (in the checkpoint write a failure lets finish, the process
+    group's teardown), the kill in the job's log its only trace, or after it, while joining its DataLoader workers,
+    whose queues' semaphores its resource tracker then reported as leaked. Outside a failure SIGTERM keeps its meaning
+    (the training loop's preemption.StopRequest stops at a step boundary; elsewhere the process ends at once), and
+    torchrun's SIGKILL after its --shutdown-timeout still ends a failure path that hangs.
+    """
+
+    def __init__(self) -> None:
+        self.failing = False
+        self._noted_at: float | None = None  # when the first SIGTERM of the failure came
+        self._installed = False
+        self._previous: SignalHandler = signal.SIG_DFL
+
+    def begin(self) -> None:
+        """The run is failing from here on: called where a failure is first seen, before its line is written."""
+        self.failing = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.failing:
+            now = time.monotonic()
+            if self._noted_at is None:
+                self._noted_at = now
+            # As for preemption.StopRequest, a copy of the same request (torchrun's and the scheduler's) is noted; one
+            # that comes later is someone insisting, on a failure path that hangs: it ends the process at once.
+            if now - self._noted_at < REPEAT_GRACE_S:
+                return
+        # What the signal did before this handler was installed.
+        if callable(self._previous):
+            self._previous(signum, frame)
+        elif self._previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def __enter__(self) -> FailurePath:
+        self.failing, self._noted_at = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._installed:
+            # None: a handler set outside Python, which cannot be put back; the default is what it most likely was.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+
+# The process's one: main() holds it, and the places that first see a failure begin it.
+failure_path = FailurePath()

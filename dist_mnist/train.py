@@ -59,6 +59,7 @@ from dist_mnist.profiling import (
 from dist_mnist.progress import Progress
 from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
 from dist_mnist.runfiles import SUMMARY_FILE
+from dist_mnist.shutdown import failure_path
 from dist_mnist.startup import StartupTimer
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -638,6 +639,10 @@ class Trainer:
         if error:
             raise UserError(error)
         if state is None:
+            restarts_done, allowed = collectives.torchrun_restarts()
+            if restarts_done:  # a restart that resumes says so in its "resumed from" line; this one would be silent
+                self.log(f"torchrun restart {restarts_done} of {allowed}: the run wrote no checkpoint before the "
+                         "failure, so it starts again from step 0")
             return
         for name, part in self.stateful().items():
             # An empty state is what a disabled GradScaler (no fp16) saves, and a checkpoint of a run without
@@ -865,6 +870,7 @@ class Trainer:
             try:
                 self.resume_and_train()
             except BaseException as exc:
+                failure_path.begin()
                 collectives.stop_raising_for_lost_data_workers()  # the run is ending: no second error mid-cleanup
                 self.progress.end_line()  # on a terminal the error line must not run on after an open progress line
                 self.settle_checkpoint_after_failure()
@@ -1121,7 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1; a
     Ctrl-C outside the training loop one line and exit code 130. Standard output whose reader goes away (`| head`)
     does not end the run (dist_mnist/console.py)."""
-    with kept_stdout():
+    with kept_stdout(), failure_path:
         return _main(argv)
 
 
@@ -1153,10 +1159,12 @@ def _main(argv: list[str] | None) -> int:
         # cleanup took the handler back: the step and the checkpoint are not known here.
         if (reason := collectives.lost_data_worker(exc)) is None:
             raise
+        restart = collectives.restart_advice(None, known=False)
+        then = (f"{restart} (with the same --num-workers)" if restart else
+                "then rerun the command with a lower --num-workers to resume from the run's last checkpoint (see its "
+                "checkpoints folder)")
         return report_failure(
-            rank, (f"a DataLoader worker of this process died ({reason}), {collectives.LOST_WORKER_REMEDY}; then "
-                   "rerun the command with a lower --num-workers to resume from the run's last checkpoint (see its "
-                   "checkpoints folder)"), 1)
+            rank, f"a DataLoader worker of this process died ({reason}), {collectives.LOST_WORKER_REMEDY}; {then}", 1)
     return 0
 
 
@@ -1168,6 +1176,7 @@ def report_failure(rank: str, message: str, code: int) -> int:
     SIGTERMs every rank the moment one fails, so a surviving rank with --num-workers died in those joins without
     having said why.
     """
+    failure_path.begin()  # a start-up failure's first sight of it; and the line's joins after it end in order too
     prefix = "error" if rank == "0" else f"[rank {rank}] error"
     # One write, newline included: print() writes the text and the newline apart, and the lines of ranks that fail
     # at the same moment would run together on a shared terminal.

@@ -474,10 +474,14 @@ def test_existing_folder_without_checkpoint_is_refused_unless_restarted(
         code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1", *resume)
         assert code == 1
         assert "already exists and holds no checkpoint" in single_error_line(err)
-    # A worker that torchrun restarted before the first checkpoint reuses its own folder.
+    # A worker that torchrun restarted before the first checkpoint reuses its own folder, and says why it starts at
+    # step 0 (a restart that resumes says "resumed from step N").
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    code, out, err = train_in_process(capsys, tmp_path, "--max-steps", "1")
     assert code == 0, err
+    assert ("torchrun restart 1 of 3: the run wrote no checkpoint before the failure, so it starts again from step 0"
+            in out.splitlines())
     assert checkpoint.list_checkpoints(checkpoints_of(tmp_path))
 
 

@@ -367,6 +367,11 @@ def test_killed_worker_is_restarted_and_repeats_at_most_one_interval(tmp_path: P
     result = job.result(timeout=300)
 
     assert result.returncode == 0, result.stderr[-3000:]
+    # The survivor's line says what torchrun does next, whenever its SIGTERM came (not "rerun the same command").
+    survivor = re.findall(r"^\[rank 1\] error: a collective in .+", result.stderr, re.MULTILINE)
+    assert len(survivor) == 1, result.stderr[-3000:]
+    assert re.search(r"; the last checkpoint is \S+/step\d{8}\.pt\. torchrun restarts the workers \(restart 1 of 1\) "
+                     "and they resume from it; if this repeats, look for", survivor[0]), survivor[0]
     resumed = RESUMED.search(result.stdout)
     assert resumed, "the restarted workers did not resume"
     # Rank 0 prints a step once every rank has finished it (the progress line gathers losses from all ranks).
@@ -388,23 +393,75 @@ def test_killed_worker_is_restarted_and_repeats_at_most_one_interval(tmp_path: P
 SIGNAL_SCRIPT = """
 import os, signal, time
 from dist_mnist.preemption import REPEAT_GRACE_S, StopRequest
-with StopRequest() as stop:
+from dist_mnist.shutdown import failure_path
+with {handler} as handler:
+    {setup}
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGTERM)  # a duplicate (torchrun forwarding a copy): the same request
     time.sleep(0.1)
-    print("requested", stop.requested, stop.signal_name, flush=True)
+    print({report}, flush=True)
     time.sleep(REPEAT_GRACE_S + 0.1)
-    os.kill(os.getpid(), signal.SIGINT)  # the user insists: exit at once, no checkpoint
+    os.kill(os.getpid(), signal.{insist})  # the user insists: exit at once (no checkpoint)
     time.sleep(30)
 print("survived", flush=True)
+"""
+# A stop request in the training loop, and a run failing when torchrun's SIGTERM comes (it still writes its line
+# and ends in order): (handler, what the script does in it first, what it prints, the signal that insists).
+SIGNAL_CASES = {
+    "stop-request": ("StopRequest()", "pass", '"requested", handler.requested, handler.signal_name', "SIGINT",
+                     "requested True SIGTERM"),
+    "failure-path": ("failure_path", "handler.begin()", '"still failing in order"', "SIGTERM",
+                     "still failing in order"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", SIGNAL_CASES)
+def test_second_signal_exits_at_once(case: str) -> None:
+    handler, setup, report, insist, printed = SIGNAL_CASES[case]
+    script = SIGNAL_SCRIPT.format(handler=handler, setup=setup, report=report, insist=insist)
+    result = LiveRun([sys.executable, "-c", script]).result(timeout=60)
+    assert result.stdout.splitlines() == [printed]
+    assert result.returncode == -getattr(signal, insist)
+
+
+FAILING_RANK_SCRIPT = """
+import os, signal, sys
+import dist_mnist.train as train
+
+steps = 0
+step = train.accumulation_step
+
+def step_then_lose_the_peer(*args):
+    global steps
+    steps += 1
+    if steps == 3:  # what gloo raises in a rank whose peer was killed
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5")
+    return step(*args)
+
+settle = train.Trainer.settle_checkpoint_after_failure
+
+def settle_under_sigterm(self):  # torchrun's SIGTERM: the loop's stop handler is gone, the error line not yet written
+    os.kill(os.getpid(), signal.SIGTERM)
+    settle(self)
+
+train.accumulation_step = step_then_lose_the_peer
+train.Trainer.settle_checkpoint_after_failure = settle_under_sigterm
+sys.exit(train.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.timeout(120)
-def test_second_signal_exits_at_once() -> None:
-    result = LiveRun([sys.executable, "-c", SIGNAL_SCRIPT]).result(timeout=60)
-    assert result.stdout.splitlines() == ["requested True SIGTERM"]
-    assert result.returncode == -signal.SIGINT
+def test_sigterm_while_a_rank_fails_still_lets_it_say_why_and_end_in_order(tmp_path: Path) -> None:
+    # torchrun SIGTERMs the other workers the moment one dies. A survivor it reached between its collective's failure
+    # and its error line died without a word; one it reached later, in the join of its DataLoader workers, left their
+    # queues' semaphores to its resource tracker, which called them leaked.
+    flags = [*SMOKE_FLAGS, "--num-workers", "1", "--output-dir", str(tmp_path), "--run-name", "lost-peer"]
+    result = LiveRun([sys.executable, "-c", FAILING_RANK_SCRIPT, *flags]).result(timeout=100)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.startswith("error: a collective in the training step (the gradient all-reduce in backward) "
+                                    "failed after step 2: "), result.stderr[-3000:]
+    assert len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
 
 
 WORKER_SIGNAL_SCRIPT = """

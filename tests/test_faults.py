@@ -332,6 +332,37 @@ def test_collective_failure_inside_a_phase_becomes_one_line(tmp_path: Path) -> N
         raise RuntimeError("shape mismatch")  # a bug is not a lost peer: it keeps its traceback
 
 
+def test_the_advice_under_torchrun_with_restarts_left_is_the_restart(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun restarts the workers by itself while --max-restarts allows: "rerun the same command" was wrong there
+    (the restarted workers were already resuming). Only the last attempt's failure leaves the rerun to the user."""
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the job's second attempt: restart 2 of 3 comes next
+    last = tmp_path / "step00000008.pt"
+    look = "; if this repeats, look for the stuck or lost rank in the other nodes' output"
+    for checkpoint, known, kept, then in [
+            (last, True, f"the last checkpoint is {last}", "resume from it"),
+            (None, True, "the run has no checkpoint yet", "start again from step 0"),
+            (None, False, "the run's checkpoints, if it has any, are in its checkpoints folder",
+             "resume from the newest if there is one, else start again from step 0")]:
+        with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 9, 100, checkpoint,
+                                                                     "20261128-010203", checkpoint_known=known):
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
+        assert str(failure.value).endswith(
+            f"(Connection closed by peer [127.0.0.1]:5); {kept}. torchrun restarts the workers (restart 2 of 3) and "
+            f"they {then}{look}")
+    lost_worker = collectives.lost_data_worker_error("DataLoader worker (pid 7) is killed by signal: Killed", 9, last,
+                                                     None)
+    assert str(lost_worker).endswith(f"the last checkpoint is {last}. torchrun restarts the workers (restart 2 of 3) "
+                                     "and they resume from it (with the same --num-workers)")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")  # the last attempt: nothing restarts it
+    with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 9, 100, last, "20261128-010203"):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
+    assert str(failure.value).endswith(f"the last checkpoint is {last}. Look for the stuck or lost rank in the other "
+                                       "nodes' output, then rerun the same command with --run-name 20261128-010203 "
+                                       "to resume")
+
+
 def test_a_killed_peers_collective_failure_reads_as_gloos_own_words() -> None:
     # What a rank's gradient all-reduce raised when its peer was killed (kill -9, the out-of-memory killer): DDP's
     # comm hook futures wrap it twice, and gloo adds its advice and an emoji, 380 characters inside the one line.
@@ -638,6 +669,21 @@ def test_a_worker_lost_while_a_checkpoint_is_submitted_names_that_checkpoint(
     assert load_checkpoint(written)["train_state"]["step"] == 4
     assert capsys.readouterr().err.endswith(f"; the last checkpoint is {written}. Then rerun the command with a lower "
                                             "--num-workers to resume\n")
+
+
+def test_a_worker_lost_outside_the_trainer_under_torchrun_restarts_is_left_to_the_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """main's own line for a dead worker whose error torch's SIGCHLD handler raised before Trainer.fit took the
+    handler back: with torchrun restarts left it told the user to rerun what torchrun was already restarting."""
+    def lose_the_worker(*args: Any) -> None:
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(train_module, "run_training", lose_the_worker)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    assert train_module.main([*SMOKE_FLAGS, "--output-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.endswith(
+        "give the job more memory; torchrun restarts the workers (restart 1 of 2) and they resume from the newest if "
+        "there is one, else start again from step 0 (with the same --num-workers)\n")
 
 
 def test_rank_and_world_size_without_the_rendezvous_address_is_one_line(
