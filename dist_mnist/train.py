@@ -998,7 +998,7 @@ class Trainer:
             with self.phase("the stop vote"):
                 self.vote.finish()
             self.wait_for_checkpoint()  # in here, where a stop signal during the wait is noted, not fatal
-        self.finish(stopped_by)
+        self.finish(stopped_by, profiler.outcome())
 
     def begin_step(self) -> None:
         now = self.clock.begin()
@@ -1008,8 +1008,9 @@ class Trainer:
         self.prev_step_start = (now, self.clock.paused_s)
         self.timer.begin_step(after_sync=self.clock.step_follows_sync)
 
-    def finish(self, stopped_by: str | None) -> None:
-        """Report: progress tail, where the time went (summary.json), and why we stopped."""
+    def finish(self, stopped_by: str | None, traces: dict[str, Any] | None) -> None:
+        """Report: progress tail, where the time went (summary.json), and why we stopped. `traces`: this process's
+        profiler traces (WindowedProfiler.outcome), None without --profile."""
         ctx = self.ctx
         self.progress.end_line()
         self.timer.drain()
@@ -1021,6 +1022,7 @@ class Trainer:
                            self.measured_step_s, self.memory.peak_rss_bytes, cuda_peak,
                            parameter_digest(self.parts.module), self.parts.comm and self.parts.comm.steps,
                            wall_per_step=self.clock.wall_per_step)
+        stats["traces"] = traces
         with self.phase("the final summary"):
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.
