@@ -49,8 +49,9 @@ class TrainConfig:
     no_download: bool = _opt(False, "never download MNIST; fail with a clear error when the files are missing")
     synthetic_train_size: int = _opt(60_000, "training samples made by --dataset synthetic")
     synthetic_test_size: int = _opt(10_000, "test samples made by --dataset synthetic")
-    num_workers: int = _opt(0, "DataLoader worker processes per rank (spawned once per run; the dataset reaches "
-                               "them through /dev/shm); batches are sliced from decoded tensors, so 0 is fastest "
+    num_workers: int = _opt(0, "DataLoader worker processes per rank, for training and as many for evaluation "
+                               "(spawned once per run; the dataset reaches them through /dev/shm; more on a host "
+                               "than its CPUs draw a note); batches are sliced from decoded tensors, so 0 is fastest "
                                "on CPU (measured, see docs/benchmarks.md)")
     data_on_device: str = _opt("auto", "keep the whole decoded dataset, training and test splits (55 MB), on the GPU "
                                        "and slice batches there; auto: on with CUDA unless --num-workers > 0; on: "

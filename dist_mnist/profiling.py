@@ -22,8 +22,6 @@ from dist_mnist.comm import CommStep
 from dist_mnist.compare import resumed_steps
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
-from dist_mnist.durable import write_failed
-from dist_mnist.errors import UserError
 from dist_mnist.metrics import PHASES
 from dist_mnist.runfiles import TRACES_DIR
 
@@ -59,7 +57,7 @@ def configure_kineto(device: torch.device) -> None:
       `ERROR: ... gpuGetDeviceCount failed with code 35` (kineto's DeviceProperties.cpp); torch 2.14's kineto also
       prints `USDT: ... profiler_start` and `profiler_stop` at every window. Kineto logs at levels 0-5 (VERBOSE to
       USDT) and prints those at or above the variable, so 6 prints none of them; a trace that could not be written
-      is still an error of ours (the run checks its file). With a working driver nothing changes.
+      is still reported, by our own note line (the run checks its file). With a working driver nothing changes.
     """
     if device.type == "cuda":
         if _cuda_version() >= (12, 6):
@@ -85,6 +83,10 @@ class WindowedProfiler:
     window still open at the run's last step closes after it (`step()` at `step_limit`, or `end()`), before the
     final evaluation and checkpoint: no trace holds a step the run did not take. Call `begin_step()` before and
     `step()` after every training step, and `end()` after the one training ends at.
+
+    A trace that cannot be written (a full disk, a quota, a read-only folder) is a lost diagnostic, not lost work:
+    one `note:` line, and this process opens no further window (each would fail the same way, and costs time
+    while it records) but trains on. `outcome()` is what summary.json says of the traces.
     """
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, trace_dir: Path, first_step: int, step_limit: int) -> None:
@@ -104,19 +106,19 @@ class WindowedProfiler:
         self.window: profile | None = None
         self.window_steps = 0
         self.step_owed = False  # window.step() for the next step, which begin_step() makes once that step begins
+        self.traces_written = 0
+        self.write_failure: str | None = None  # why a trace could not be written; no window opens after it
 
     def __enter__(self) -> WindowedProfiler:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        try:
-            # An exception ended training inside a window: its trace is written now.
-            self._close(*exc_info)
-        except UserError as exc:
-            if exc_info[0] is None:
-                raise
-            # The run is failing already: its own error is the one to report.
-            print(f"warning: {exc}", file=sys.stderr, flush=True)
+        self._close(*exc_info)  # an exception ended training inside a window: its trace is written now
+
+    def outcome(self) -> dict[str, Any]:
+        """This process's traces for summary.json: how many were written, and why profiling stopped (None: it did
+        not)."""
+        return {"written": self.traces_written, "write_failure": self.write_failure}
 
     @property
     def window_opens_next(self) -> bool:
@@ -169,7 +171,8 @@ class WindowedProfiler:
         torch's handler gzips straight into the final name, so a full disk left a truncated
         rank<N>.<ns>.pt.trace.json.gz, which TensorBoard and HTA then fail to read (they take every file so named).
         Here the trace is written under a hidden name that ends in .gz (export_chrome_trace gzips by the suffix)
-        but not in .json.gz, which readers skip, and renamed when complete; a failed write removes it.
+        but not in .json.gz, which readers skip, and renamed when complete; a failed write removes it, says so in
+        one line and ends profiling for the rest of this process (`write_failure`).
         """
         final = self.trace_dir / f"rank{self.rank}.{time.time_ns()}.pt.trace.json.gz"
         partial = final.with_name(f".{final.name.removesuffix('.json.gz')}.partial.gz")
@@ -180,7 +183,14 @@ class WindowedProfiler:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
-            raise write_failed(final, None, exc) from None
+            self.write_failure = f"could not write {final.name} to {final.parent}: {exc.strerror or exc}"
+            prefix = "note" if self.rank == 0 else f"[rank {self.rank}] note"
+            # One write, newline included, so the lines of ranks that fail together do not run into each other.
+            sys.stderr.write(f"{prefix}: {self.write_failure}; no more traces are recorded in this run, training "
+                             "goes on\n")
+            sys.stderr.flush()
+            return
+        self.traces_written += 1
 
     def _close(self, *exc_info: Any) -> None:
         self.step_owed = False
@@ -190,7 +200,7 @@ class WindowedProfiler:
 
     def _due(self) -> bool:
         """Whether the schedule records this process's next step, and that step runs."""
-        return (self.cycle(self.steps_done) != ProfilerAction.NONE
+        return (self.write_failure is None and self.cycle(self.steps_done) != ProfilerAction.NONE
                 and self.first_step + self.steps_done < self.step_limit)
 
     def _open_if_due(self) -> None:
@@ -226,6 +236,9 @@ class _NoProfiler(nullcontext):
 
     def end(self) -> None:
         pass
+
+    def outcome(self) -> None:
+        """No --profile: no traces to speak of (summary.json's `traces` is null)."""
 
 
 def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, first_step: int,
@@ -514,6 +527,16 @@ def _percent(value: float | None) -> str:
     return f"{'n/a':>9}" if value is None else f"{value:>9.1%}"
 
 
+def _trace_failures(ranks: list[dict[str, Any]]) -> list[str]:
+    """A line for each rank that could not write a profiler trace, so the table of a run whose traces folder is short
+    says why. Summaries written without --profile hold `traces` null, older ones no `traces` at all."""
+    traced = [r for r in ranks if r.get("traces")]
+    written = sum(r["traces"]["written"] for r in traced)
+    return [f"profiler: rank {r['rank']} {r['traces']['write_failure']}, and recorded no more traces; training went "
+            f"on ({written} traces written by all ranks, in {TRACES_DIR}/)"
+            for r in traced if r["traces"]["write_failure"]]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as a table for the terminal (also used by `python -m dist_mnist.report`).
 
@@ -551,6 +574,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     elif timing and timing["mode"] == "sample":
         lines.append(f"phase shares from one step in {timing['every_n_steps']} ({timing['steps_timed']} steps "
                      f"timed on rank 0)")
+    lines.extend(_trace_failures(summary["ranks"]))
     mfu = f"{summary['mfu']:.1%}" if summary["mfu"] is not None else "n/a"
     if summary["mfu"] is None and summary["achieved_tflops"] > summary["peak_tflops_per_process"] * len(
             summary["ranks"]) > 0:

@@ -32,7 +32,7 @@ from dist_mnist.argtypes import on_off
 from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
 from dist_mnist.console import kept_stdout
-from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device
+from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device, worker_count_note
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import INTERRUPTED_EARLY, UserError
 from dist_mnist.graphs import GraphDecision, GraphedStep, capture_failure_note, graph_decision
@@ -525,6 +525,9 @@ class Trainer:
             train_split, test_split = load_splits(cfg, ctx)
             self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
         agree_on_data(ctx, len(train_split), len(test_split))
+        # The CPUs DataLoader's own check counts (those this process may run on); torchrun names the host's ranks.
+        self.workers_note = worker_count_note(self.data.num_workers, torch._utils.cpu_count() or 1,
+                                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         # Optimizer steps; an epoch's batches beyond a whole number of accumulation rounds are left out.
         self.steps_per_epoch = self.data.steps_per_epoch // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
@@ -942,7 +945,7 @@ class Trainer:
                  f"{self.steps_per_epoch} steps/epoch, "
                  + ", ".join(f"{name} {on_off(value)}" for name, value in
                              {**self.settings.describe(), "cuda_graphs": self.graphs.enabled}.items()))
-        for note in (self.comm_note, self.timer_note, emulated_bf16_note(self.settings)):
+        for note in (self.comm_note, self.timer_note, self.workers_note, emulated_bf16_note(self.settings)):
             if note:
                 self.log(note)
         if self.graphs.note:
@@ -1022,7 +1025,7 @@ class Trainer:
             with self.phase("the stop vote"):
                 self.vote.finish()
             self.wait_for_checkpoint()  # in here, where a stop signal during the wait is noted, not fatal
-        self.finish(stopped_by)
+        self.finish(stopped_by, profiler.outcome())
 
     def begin_step(self) -> None:
         now = self.clock.begin()
@@ -1032,8 +1035,9 @@ class Trainer:
         self.prev_step_start = (now, self.clock.paused_s)
         self.timer.begin_step(after_sync=self.clock.step_follows_sync)
 
-    def finish(self, stopped_by: str | None) -> None:
-        """Report: progress tail, where the time went (summary.json), and why we stopped."""
+    def finish(self, stopped_by: str | None, traces: dict[str, Any] | None) -> None:
+        """Report: progress tail, where the time went (summary.json), and why we stopped. `traces`: this process's
+        profiler traces (WindowedProfiler.outcome), None without --profile."""
         ctx = self.ctx
         self.progress.end_line()
         self.timer.drain()
@@ -1045,6 +1049,7 @@ class Trainer:
                            self.measured_step_s, self.memory.peak_rss_bytes, cuda_peak,
                            parameter_digest(self.parts.module), self.parts.comm.steps if self.parts.comm else None,
                            wall_per_step=self.clock.wall_per_step)
+        stats["traces"] = traces
         with self.phase("the final summary"):
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.

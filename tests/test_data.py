@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from dist_mnist.data import (
     sampler_order,
     synthetic_splits,
     to_device,
+    worker_count_note,
 )
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
@@ -233,6 +235,30 @@ def test_cpu_loaders_do_not_pin_memory_and_workers_are_spawned_once() -> None:
     for loader in (with_workers.train_loader, with_workers.test_loader):
         assert isinstance(loader, DataLoader)
         assert loader.persistent_workers and loader.multiprocessing_context.get_start_method() == "spawn"
+
+
+@pytest.mark.parametrize(("workers", "cpus", "ranks", "noted"), [
+    (0, 1, 4, False), (2, 2, 1, False), (1, 2, 2, False), (3, 2, 1, True), (2, 2, 2, True), (500, 2, 1, True)])
+def test_more_workers_than_the_hosts_cpus_draws_one_note(workers: int, cpus: int, ranks: int, noted: bool) -> None:
+    """The note counts every rank's workers on the host against its CPUs; within them there is nothing to say."""
+    note = worker_count_note(workers, cpus, ranks)
+    if not noted:
+        assert note is None
+        return
+    assert note is not None and "\n" not in note
+    on_host = f"{workers * ranks} DataLoader processes on this host's {cpus} CPUs"
+    per_rank = f" ({workers} per rank x {ranks} ranks)" if ranks > 1 else ""
+    assert note.startswith(f"note: --num-workers {workers} starts {on_host}{per_rank}, and as many again at the "
+                           "first evaluation: more workers than CPUs load no faster"), note
+
+
+def test_torchs_own_paragraph_on_too_many_workers_is_left_to_the_note() -> None:
+    train, test = synthetic_splits(64, 20)
+    too_many = (torch._utils.cpu_count() or 1) + 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_pipeline(TrainConfig(batch_size=8, num_workers=too_many), cpu_ctx(), train, test, on_device=False)
+    assert [str(w.message) for w in caught] == []
 
 
 def test_batch_larger_than_the_shard_is_a_user_error() -> None:

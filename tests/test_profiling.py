@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,6 +261,37 @@ def test_a_run_stopped_inside_a_window_traces_only_the_steps_it_took(tmp_path: P
     assert _profiler_steps(_load_trace(trace)) == [2]
 
 
+def test_a_trace_the_disk_cannot_take_is_a_note_and_training_goes_on_without_profiling(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trace is a diagnostic: a full disk while writing one costs that trace (no truncated file under any name)
+    and the rest of the run's profiling, not the run. Windows at steps 2, 5 and 8 (--profile-repeat 0): the first
+    fails, and no other window opens."""
+    exports: list[str] = []
+
+    def export_cut_short(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
+        exports.append(path)
+        Path(path).write_bytes(b"\x1f\x8b\x08\x00 the first part of a gzipped trace")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # the disk filled up mid-write
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", export_cut_short)
+    assert train_main([*RUN_FLAGS, "--profile", "--profile-wait", "1", "--profile-warmup", "1", "--profile-active",
+                       "1", "--profile-repeat", "0", "--max-steps", "8", "--output-dir", str(tmp_path),
+                       "--run-name", "traced"]) == 0
+    run_dir = tmp_path / "traced"
+    traces = run_dir / TRACES_DIR
+    failure = (rf"could not write rank0\.\d+\.pt\.trace\.json\.gz to {re.escape(str(traces))}: No space left on "
+               "device")
+    out, err = capsys.readouterr()
+    assert re.fullmatch(rf"note: {failure}; no more traces are recorded in this run, training goes on\n", err), err
+    assert len(exports) == 1
+    assert list(traces.iterdir()) == []  # under no name, final or temporary
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [8]
+    (rank,) = json.loads((run_dir / "summary.json").read_text())["ranks"]
+    assert rank["traces"]["written"] == 0 and re.fullmatch(failure, rank["traces"]["write_failure"])
+    assert re.search(rf"^profiler: rank 0 {failure}, and recorded no more traces; training went on \(0 traces "
+                     r"written by all ranks, in traces/\)$", out, re.MULTILINE), out
+
+
 def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> None:
     """RunClock's `sync` stands for torch.cuda.synchronize: its wait is training time, the pause's own work is not;
     `sync=False` (the profiler step between windows) does not wait."""
@@ -476,6 +509,8 @@ def test_summary_explains_the_step_time_of_every_rank(which: str, request: pytes
         assert r["backward_compute_share"] + r["comm_exposed_share"] == pytest.approx(r["backward_share"])
         assert 0 <= r["allreduce_exposed_per_step_s"] <= r["allreduce_time_per_step_s"]
         assert r["allreduce_bandwidth_bytes_per_s"] > 0
+        # One window, whose trace each rank wrote; no --profile, nothing to say.
+        assert r["traces"] == ({"written": 1, "write_failure": None} if which == "profiled_run" else None)
     assert summary["diagnosis"] and f"diagnosis: {summary['diagnosis']}" in result.stdout
     assert summary["samples_per_sec"] > 0 and summary["flops_per_sample"] > 0 and summary["mfu"] > 0
     assert summary["epoch_time_s"] > 0
