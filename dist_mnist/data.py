@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -288,6 +289,15 @@ class DataPipeline:
     def workers(self) -> bool:
         """Whether DataLoader worker processes load the batches (never with the data on the device)."""
         return self.num_workers > 0
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers, Slurm and taskset narrow), as DataLoader's
+    own check counts them; torch's helper for it (torch._utils.cpu_count) is not in every torch we run (2.11)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no CPU affinity
+        return os.cpu_count() or 1
 
 
 def worker_count_note(workers: int, cpus: int, ranks_on_host: int) -> str | None:

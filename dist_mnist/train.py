@@ -32,7 +32,15 @@ from dist_mnist.argtypes import on_off
 from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
 from dist_mnist.console import kept_stdout
-from dist_mnist.data import DataPipeline, build_pipeline, load_splits, normalize, to_device, worker_count_note
+from dist_mnist.data import (
+    DataPipeline,
+    build_pipeline,
+    load_splits,
+    normalize,
+    to_device,
+    usable_cpus,
+    worker_count_note,
+)
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import INTERRUPTED_EARLY, UserError
 from dist_mnist.graphs import GraphDecision, GraphedStep, capture_failure_note, graph_decision
@@ -526,7 +534,7 @@ class Trainer:
             self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
         agree_on_data(ctx, len(train_split), len(test_split))
         # The CPUs DataLoader's own check counts (those this process may run on); torchrun names the host's ranks.
-        self.workers_note = worker_count_note(self.data.num_workers, torch._utils.cpu_count() or 1,
+        self.workers_note = worker_count_note(self.data.num_workers, usable_cpus(),
                                               int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         # Optimizer steps; an epoch's batches beyond a whole number of accumulation rounds are left out.
         self.steps_per_epoch = self.data.steps_per_epoch // cfg.grad_accum_steps

@@ -31,6 +31,7 @@ from dist_mnist.data import (
     sampler_order,
     synthetic_splits,
     to_device,
+    usable_cpus,
     worker_count_note,
 )
 from dist_mnist.distributed import DistContext
@@ -254,7 +255,7 @@ def test_more_workers_than_the_hosts_cpus_draws_one_note(workers: int, cpus: int
 
 def test_torchs_own_paragraph_on_too_many_workers_is_left_to_the_note() -> None:
     train, test = synthetic_splits(64, 20)
-    too_many = (torch._utils.cpu_count() or 1) + 1
+    too_many = usable_cpus() + 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_pipeline(TrainConfig(batch_size=8, num_workers=too_many), cpu_ctx(), train, test, on_device=False)
