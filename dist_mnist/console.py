@@ -80,3 +80,11 @@ def kept_stdout(note: str | None = READER_GONE) -> Iterator[KeptStdout]:
         yield kept
     finally:
         sys.stdout = original
+
+
+def rank_line(rank: int | str, kind: str, message: str) -> None:
+    """One `error:` or `note:` line on stderr, `[rank N] `-prefixed off rank 0. One write, newline included: print()
+    writes the text and the newline apart, and the lines of ranks that fail at the same moment would run together."""
+    prefix = kind if str(rank) == "0" else f"[rank {rank}] {kind}"
+    sys.stderr.write(f"{prefix}: {message}\n")
+    sys.stderr.flush()

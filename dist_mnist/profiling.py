@@ -21,6 +21,7 @@ from torch.profiler import ProfilerAction, ProfilerActivity, profile, schedule
 from dist_mnist.comm import CommStep
 from dist_mnist.compare import resumed_steps
 from dist_mnist.config import TrainConfig
+from dist_mnist.console import rank_line
 from dist_mnist.distributed import DistContext
 from dist_mnist.metrics import PHASES
 from dist_mnist.runfiles import TRACES_DIR
@@ -184,11 +185,8 @@ class WindowedProfiler:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
             self.write_failure = f"could not write {final.name} to {final.parent}: {exc.strerror or exc}"
-            prefix = "note" if self.rank == 0 else f"[rank {self.rank}] note"
-            # One write, newline included, so the lines of ranks that fail together do not run into each other.
-            sys.stderr.write(f"{prefix}: {self.write_failure}; no more traces are recorded in this run, training "
-                             "goes on\n")
-            sys.stderr.flush()
+            rank_line(self.rank, "note", f"{self.write_failure}; no more traces are recorded in this run, training "
+                      "goes on")
             return
         self.traces_written += 1
 

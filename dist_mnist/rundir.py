@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_mnist.checkpoint import list_checkpoints
+from dist_mnist.collectives import torchrun_restarts
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.durable import missing_folders, remove_empty_folders, write_durably, write_failed
@@ -77,7 +78,7 @@ def _claim_fresh_folder(output_dir: Path, stamp: str) -> str:
 
 def _refuse_fresh_starts_on_restarts(cfg: TrainConfig) -> None:
     """--resume never under torchrun --max-restarts: each restart would begin at step 0 and rewrite the run's files."""
-    if cfg.resume == "never" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+    if cfg.resume == "never" and torchrun_restarts()[1] > 0:
         raise UserError("--resume never cannot be combined with torchrun --max-restarts above 0: every restart would "
                         "start again from step 0 and rewrite the run's files; use --resume auto (the default), which "
                         "continues from the last checkpoint")

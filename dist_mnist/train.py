@@ -31,7 +31,7 @@ from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_
 from dist_mnist.argtypes import on_off
 from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
-from dist_mnist.console import kept_stdout
+from dist_mnist.console import kept_stdout, rank_line
 from dist_mnist.data import (
     DataPipeline,
     build_pipeline,
@@ -1190,9 +1190,5 @@ def report_failure(rank: str, message: str, code: int) -> int:
     having said why.
     """
     failure_path.begin()  # a start-up failure's first sight of it; and the line's joins after it end in order too
-    prefix = "error" if rank == "0" else f"[rank {rank}] error"
-    # One write, newline included: print() writes the text and the newline apart, and the lines of ranks that fail
-    # at the same moment would run together on a shared terminal.
-    sys.stderr.write(f"{prefix}: {message}\n")
-    sys.stderr.flush()
+    rank_line(rank, "error", message)
     return code
