@@ -395,13 +395,14 @@ def test_bad_input_is_one_error_line(tmp_path: Path, case: str, monkeypatch: pyt
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+# 143 s alone on the 2-core AMD machine (float32); CI runs it beside another pytest worker, which can double that.
+@pytest.mark.timeout(660)
 def test_one_epoch_on_real_mnist_reaches_98_5_percent(tmp_path: Path) -> None:
     data_dir = real_mnist_dir()
     if data_dir is None:
         pytest.skip("real MNIST not found: set DIST_MNIST_DATA to a folder holding MNIST/raw/<the four IDX files>")
     run = Run(torchrun(2, "--data-dir", data_dir, "--no-download", "--epochs", "1", "--output-dir", str(tmp_path),
-                       "--run-name", "real", "--timeout-s", "120", timeout=280), tmp_path / "real")
+                       "--run-name", "real", "--timeout-s", "120", timeout=600), tmp_path / "real")
     assert_ok(run)
     last = run.metrics()[-1]
     assert last["test_samples"] == 10_000
