@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, free_port, run
 
 from dist_mnist.config import TrainConfig
-from dist_mnist.train import Trainer, TrainState
+from dist_mnist.train import Trainer, TrainState, main
 
 SLURM_SCRIPT = REPO / "launch" / "slurm.sbatch"
 MANIFEST = REPO / "launch" / "pytorchjob.yaml"
@@ -134,6 +134,7 @@ def assert_trained_together(results: list[Result], run_dir: Path) -> None:
         assert (info["rank"], info["world_size"], info["backend"]) == (rank, 2, "gloo")
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(240)
 def test_two_agents_train_together_through_c10d_rendezvous(tmp_path: Path) -> None:
     endpoint = f"127.0.0.1:{free_port()}"
@@ -145,6 +146,7 @@ def test_two_agents_train_together_through_c10d_rendezvous(tmp_path: Path) -> No
     assert_trained_together(results, tmp_path / "out" / "two-nodes")
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case, rdzv_conf, error", [
     # A node whose rendezvous endpoint nobody serves (head node down, wrong host or port, firewall): it connects as
@@ -217,6 +219,7 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
             _ip("netns", "del", namespace)
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(240)
 def test_two_hosts_over_a_veth_pair(tmp_path: Path) -> None:
     """Two agents in separate network namespaces: no shared loopback, only the 10.77.0.0/24 link between them."""
@@ -302,6 +305,7 @@ def test_slurm_script_starts_one_torchrun_per_node_at_the_first_node(tmp_path: P
     assert not (logs / "scontrol").exists(), "a job that ended by itself must not be requeued"
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(90)
 def test_slurm_time_limit_signal_stops_the_workers_then_requeues(tmp_path: Path) -> None:
     result, logs = submit_to_fake_slurm(tmp_path, "preempt")
@@ -347,6 +351,7 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.scenario
 @pytest.mark.parametrize(("first", "then", "final_step"), [
     # 512 samples, batch 16 per process. 2 ranks: 16 steps per epoch; stopped after 8 = 256 samples. 1 process:
     # 32 steps per epoch, so it skips 16 batches (256 samples) and ends the epoch 16 steps later, at step 24.
@@ -355,24 +360,29 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
     (1, 2, 20),
 ])
 @pytest.mark.timeout(240)
-def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, first: int, then: int,
-                                                           final_step: int) -> None:
+def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           first: int, then: int, final_step: int) -> None:
     flags = [*SMOKE_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "elastic",
              "--timeout-s", "60"]
 
-    def launch(nproc: int, *extra: str) -> Result:
-        prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                  if nproc > 1 else [sys.executable])
-        return run([*prefix, TRAIN_SCRIPT, *flags, *extra], timeout=180)
+    def launch(nproc: int, *extra: str) -> str:
+        """The run's stdout; a world of one runs in this process (what it checks is in the files and the output,
+        not in a process of its own), two ranks under torchrun."""
+        if nproc == 1:
+            capsys.readouterr()
+            assert main([*flags, *extra]) == 0
+            return capsys.readouterr().out
+        result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                      TRAIN_SCRIPT, *flags, *extra], timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
 
-    stopped = launch(first, "--max-steps", "8")
-    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    launch(first, "--max-steps", "8")
     resumed = launch(then)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"written by {first} processes, this run has {then}" in resumed.stdout
+    assert f"written by {first} processes, this run has {then}" in resumed
     # The steps before the resume were counted in the first world's batches: the progress line's total is the step
     # this run ends at, not the new world's steps for the whole run (which read "step 20/16 (125.0%)").
-    assert re.findall(r"^epoch \d+ step (\d+/\d+ \(\S+\))", resumed.stdout, re.MULTILINE)[-1] == \
+    assert re.findall(r"^epoch \d+ step (\d+/\d+ \(\S+\))", resumed, re.MULTILINE)[-1] == \
         f"{final_step}/{final_step} (100.0%)"
     final = last_metrics(tmp_path / "elastic")
     assert (final["epoch"], final["step"], final["test_samples"]) == (1, final_step, 203)
@@ -444,18 +454,21 @@ def assert_resumed_as_two(results: list[Result], run_dir: Path) -> int:
     return int(resumed.group(1))
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(300)
 def test_node_joining_a_running_job_grows_it_and_the_run_continues(tmp_path: Path) -> None:
     # --nnodes=1:2: the first agent trains alone; when a second joins, torchrun stops the workers (SIGTERM: they
     # checkpoint), meets again as 2 nodes and restarts them with WORLD_SIZE 2 and, since nothing failed, the same
-    # TORCHELASTIC_RESTART_COUNT. 8192 samples at batch 16: 512 steps alone, 256 per epoch as two.
+    # TORCHELASTIC_RESTART_COUNT. 4096 samples at batch 16: 256 steps alone, 128 per epoch as two. The lone worker
+    # trains on while the second agent starts (about 85 steps here after the step-20 line, at 0.03 s a step), so the
+    # epoch must outlast that start-up with room to spare; what it leaves is trained as two, the test's main cost.
     out = tmp_path / "out"
-    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "8192", "--epochs", "1", "--log-every", "20",
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "4096", "--epochs", "1", "--log-every", "20",
              "--checkpoint-every", "0", "--timeout-s", "60", "--output-dir", str(out), "--run-name", "grown"]
     command = elastic_agent(f"127.0.0.1:{free_port()}", "1:2", f"grow-{uuid.uuid4().hex[:8]}", *flags)
     with Agents(tmp_path / "logs", timeout=240) as agents:
         agents.start(command, cpu_env(**ELASTIC_ENV))
-        agents.wait_for_any_output("^epoch 1 step 20/512 ")
+        agents.wait_for_any_output("^epoch 1 step 20/256 ")
         agents.start(command, cpu_env(**ELASTIC_ENV))
         results = agents.results()
     stopped = re.search(r"^stopped by SIGTERM at step (\d+); checkpoint saved", results[0].stdout, re.MULTILINE)
@@ -464,13 +477,16 @@ def test_node_joining_a_running_job_grows_it_and_the_run_continues(tmp_path: Pat
     assert assert_resumed_as_two(results, out / "grown") == int(stopped.group(1))
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(300)
 def test_replacement_node_rejoins_and_the_run_resumes(tmp_path: Path) -> None:
     # --nnodes=2: a node dies (agent and worker killed at once, as a lost pod or host) and a new agent with the same
     # command takes its place, as Kubernetes does for a PyTorchJob pod. The surviving agent's worker fails, it
-    # restarts its group, and both meet again as 2 nodes and resume from the last checkpoint (every 16 steps).
+    # restarts its group, and both meet again as 2 nodes and resume from the last checkpoint (every 16 steps). 2048
+    # samples: 64 steps as two. The kill follows the step-40 line within a few steps (nothing trains until the
+    # replacement joins), so the run resumes from step 32 or 48 and ends the epoch at 64.
     out = tmp_path / "out"
-    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "8192", "--epochs", "1", "--log-every", "8",
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "2048", "--epochs", "1", "--log-every", "8",
              "--checkpoint-every", "16", "--timeout-s", "20", "--output-dir", str(out), "--run-name", "replaced"]
     endpoint = f"127.0.0.1:{free_port()}"
     command = elastic_agent(endpoint, "2", f"replace-{uuid.uuid4().hex[:8]}", *flags)

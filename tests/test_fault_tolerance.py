@@ -271,19 +271,25 @@ def test_a_resume_between_records_keeps_their_training_loss_and_throughput(
     assert record["samples_per_sec"] * seconds == pytest.approx(3 * 16, rel=0.2)
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(300)
 def test_three_ranks_resume_to_identical_parameters(tmp_path: Path) -> None:
     # 500 samples over 3 ranks (167 each, padded) at batch 16: 10 steps in the epoch. With three ranks gloo's sums
     # depend on the gradient bucket layout, which DDP changes after a process's first step: the resumed process's
-    # step 5 all-reduced in the first-step layout where the uninterrupted run used the rebuilt one.
-    flags = [*EXACT_FLAGS, "--synthetic-train-size", "500", "--epochs", "1", "--output-dir", str(tmp_path)]
-    for extra in (["--run-name", "straight"], ["--run-name", "resumed", "--max-steps", "4"], ["--run-name", "resumed"]):
+    # step 5 all-reduced in the first-step layout where the uninterrupted run used the rebuilt one. The resumed
+    # process branches from the straight run's step-4 checkpoint (--keep-checkpoints 3 keeps it beside 8 and 10): a
+    # launch that stopped at step 4 would only have saved the same state, at the cost of one more 3-rank launch.
+    flags = [*EXACT_FLAGS, "--synthetic-train-size", "500", "--epochs", "1", "--checkpoint-every", "4",
+             "--keep-checkpoints", "3", "--output-dir", str(tmp_path)]
+    step_4 = checkpoint_path(tmp_path / "straight" / "checkpoints", 4)
+    for extra in (["--run-name", "straight"], ["--run-name", "resumed", "--resume", str(step_4)]):
         result = torchrun(3, *flags, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 4 (epoch 1, batch 4)" in result.stdout
     assert_resumed_equals_straight(tmp_path, 10)
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(400)
 def test_sigterm_to_torchrun_stops_every_rank_and_resumed_run_matches_straight(tmp_path: Path) -> None:
     # 512 samples, 2 ranks at batch 16: 16 steps per epoch, 32 in all. torchrun forwards SIGTERM to its workers; they
@@ -299,18 +305,22 @@ def test_sigterm_to_torchrun_stops_every_rank_and_resumed_run_matches_straight(t
     assert_resumed_equals_straight(tmp_path, 32)
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(300)
 def test_sigterm_to_every_process_with_dataloader_workers_still_stops_at_a_step(tmp_path: Path) -> None:
     # Slurm's scancel and preemption signal every process of the step, not only torchrun. Workers that died of it
-    # would make the ranks fail with "DataLoader worker exited unexpectedly" instead of saving a checkpoint.
-    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "1024", "--epochs", "2", "--num-workers", "2",
+    # would make the ranks fail with "DataLoader worker exited unexpectedly" instead of saving a checkpoint. One
+    # worker per loader is enough to be signalled (each costs an interpreter start); 512 samples, 2 ranks at batch
+    # 16: 16 steps, and the signal comes at the first progress line (step 4).
+    flags = [*SMOKE_FLAGS, "--epochs", "1", "--num-workers", "1",
              "--checkpoint-every", "0", "--output-dir", str(tmp_path), "--run-name", "preempted", *PG_TIMEOUT]
     stopped, stop_step = sigterm_then_rerun([*TORCHRUN, TRAIN_SCRIPT, *flags], tmp_path / "preempted" / "checkpoints",
                                             everyone=True)
     assert "Root Cause" not in stopped.stderr and "exited unexpectedly" not in stopped.stderr, stopped.stderr[-3000:]
-    assert stop_step < 64
+    assert stop_step < 16
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(300)
 def test_sigterm_single_process_saves_exits_zero_and_resumes(tmp_path: Path) -> None:
     flags = [*SMOKE_FLAGS, "--epochs", "1", "--checkpoint-every", "0", "--output-dir", str(tmp_path),
@@ -349,12 +359,13 @@ def worker_pid(agent_pid: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(400)
 def test_killed_worker_is_restarted_and_repeats_at_most_one_interval(tmp_path: Path) -> None:
-    # 512 samples, 2 ranks, batch 16: 16 steps per epoch, 64 in all; a checkpoint every 8 steps (and at epoch ends),
+    # 512 samples, 2 ranks, batch 16: 16 steps per epoch, 32 in all; a checkpoint every 8 steps (and at epoch ends),
     # an evaluation every 4. Progress every step, so the log shows how far the job got before the kill.
-    interval, eval_every, total = 8, 4, 64
-    flags = [*SMOKE_FLAGS, "--epochs", "4", "--checkpoint-every", str(interval), "--eval-every", str(eval_every),
+    interval, eval_every, total = 8, 4, 32
+    flags = [*SMOKE_FLAGS, "--epochs", "2", "--checkpoint-every", str(interval), "--eval-every", str(eval_every),
              "--log-every", "1", "--output-dir", str(tmp_path), *PG_TIMEOUT]
     # No --run-name: the default name must lead the restarted workers back to the first attempt's folder.
     job = LiveRun([*TORCHRUN, "--max-restarts=1", TRAIN_SCRIPT, *flags])
@@ -415,6 +426,7 @@ SIGNAL_CASES = {
 }
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", SIGNAL_CASES)
 def test_second_signal_exits_at_once(case: str) -> None:
@@ -451,6 +463,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(120)
 def test_sigterm_while_a_rank_fails_still_lets_it_say_why_and_end_in_order(tmp_path: Path) -> None:
     # torchrun SIGTERMs the other workers the moment one dies. A survivor it reached between its collective's failure
@@ -486,6 +499,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(120)
 def test_dataloader_worker_ignores_stop_signals_unless_its_rank_sends_them(tmp_path: Path) -> None:
     script, go_on = tmp_path / "worker_signals.py", tmp_path / "go_on"
