@@ -8,7 +8,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +59,45 @@ def run(args: list[str], timeout: float = 180, env: dict[str, str] | None = None
 def train(*flags: str, timeout: float = 180, env: dict[str, str] | None = None) -> Result:
     """`python launch/train.py FLAGS` (a world of one)."""
     return run([sys.executable, TRAIN_SCRIPT, *flags], timeout=timeout, env=env)
+
+
+def train_in_process(*flags: str) -> Result:
+    """`dist_mnist.train.main(FLAGS)` in the test's process: a world of one as `train` runs it, without the ~5 CPU-s
+    of a process start (import torch, torch._dynamo). Output is captured at the file descriptors, where torch's C++
+    side writes too, so `stdout` and `stderr` hold what a launched run would have printed; usable in fixtures of
+    any scope, unlike capfd. One intra-op thread, as cpu_env gives a launched run (more only spin on CI's 2 cores)."""
+    from dist_mnist.train import main
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            torch.set_num_threads(1)
+            # Python's writes go through the same descriptors, line by line, so both sides' lines keep their order.
+            with open(1, "w", buffering=1, closefd=False) as to_out, \
+                    open(2, "w", buffering=1, closefd=False) as to_err, \
+                    redirect_stdout(to_out), redirect_stderr(to_err), warnings.catch_warnings(record=True) as caught:
+                # The warnings a fresh interpreter prints, each once, on stderr (pytest would only list them).
+                warnings.resetwarnings()
+                for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                    warnings.simplefilter("ignore", category)
+                code = main(list(flags))
+                for warning in caught:
+                    to_err.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
+                                                        warning.lineno, warning.line))
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            torch.set_num_threads(threads)
+        out.seek(0)
+        err.seek(0)
+        return Result(code, out.read(), err.read())
 
 
 def torchrun(nproc: int, *flags: str, timeout: float = 240, torchrun_flags: tuple[str, ...] = (),

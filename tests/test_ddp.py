@@ -71,6 +71,21 @@ def spawn_world(world_size: int, scenario: Scenario, out_dir: Path, batch_size: 
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
+def in_process_world(scenario: Scenario, batch_size: int) -> dict[str, Any]:
+    """`scenario` on a world of one in this process, on one thread as a spawned rank: no process to start (each
+    imports torch again, ~5 CPU-s). A world of one wraps no DDP, whose gloo teardown _rank_main avoids."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        return scenario(DistContext(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
+                                    control_group=dist.group.WORLD), batch_size)
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
 def _cfg(batch_size: int) -> TrainConfig:
     # fp32 all-reduce (not the default bf16 hook): W ranks must equal one process up to float rounding.
     return TrainConfig(dataset="synthetic", synthetic_train_size=256, synthetic_test_size=TEST_SIZE,
@@ -134,8 +149,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return spawn_world(1, train_both_ways, tmp_path_factory.mktemp("world1"), batch_size=2 * PER_RANK_BATCH)[0]
+def one_process() -> dict[str, Any]:
+    return in_process_world(train_both_ways, batch_size=2 * PER_RANK_BATCH)
 
 
 def assert_same_eval(a: dict[str, float], b: dict[str, float]) -> None:

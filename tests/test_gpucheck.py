@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, SMOKE_FLAGS, Result, run, train
+from conftest import REPO, SMOKE_FLAGS, Result, run, train_in_process
 
 from dist_mnist import gpucheck
 from dist_mnist.gpucheck import GraphsRow
@@ -31,8 +31,8 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gpu_check")
     runs = out / "runs"
     for name, extra in (("default", PROFILE), ("seed1", ["--seed", "1"])):
-        result = train(*SMOKE_FLAGS, "--epochs", "1", "--max-steps", "12", "--eval-every", "4", *extra,
-                       "--output-dir", str(runs), "--run-name", name)
+        result = train_in_process(*SMOKE_FLAGS, "--epochs", "1", "--max-steps", "12", "--eval-every", "4", *extra,
+                                  "--output-dir", str(runs), "--run-name", name)
         assert result.returncode == 0, result.stderr[-2000:]
     for name in ("default_eager", "ours_1epoch", "compile", "sweep_b256"):
         shutil.copytree(runs / "default", runs / name)

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from conftest import SMOKE_FLAGS, FakeEvent, Result, cpu_env, free_port, run, torchrun, train
+from conftest import SMOKE_FLAGS, FakeEvent, Result, cpu_env, free_port, run, torchrun, train_in_process
 from torch.utils.data import DataLoader, TensorDataset
 
 from dist_mnist import profiler_bench, report
@@ -88,7 +88,9 @@ def profiled_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
     """No profiler, DataLoader workers whose memory the summary must count, and fp32 gradients on the wire."""
-    return _run_2_ranks(tmp_path_factory.mktemp("profiles"), "plain", "--num-workers", "2", "--ddp-comm-hook", "none")
+    # One worker per rank: each is a spawned process that imports torch again (~3 CPU-s), and one is enough for the
+    # summary to count.
+    return _run_2_ranks(tmp_path_factory.mktemp("profiles"), "plain", "--num-workers", "1", "--ddp-comm-hook", "none")
 
 
 def _traces(run_dir: Path) -> list[Path]:
@@ -170,8 +172,8 @@ def test_hta_on_cpu_traces_is_read_as_readme_says(profiled_run: tuple[Path, Resu
 def test_resumed_run_continues_the_trace_step_numbers(tmp_path: Path) -> None:
     window = ["--profile", "--profile-wait", "1", "--profile-warmup", "1", "--profile-active", "2"]
     for max_steps in ("6", "12"):  # the second run resumes from the first one's step-6 checkpoint
-        result = train(*RUN_FLAGS, "--max-steps", max_steps, "--output-dir", str(tmp_path), "--run-name", "job",
-                       *window)
+        result = train_in_process(*RUN_FLAGS, "--max-steps", max_steps, "--output-dir", str(tmp_path), "--run-name",
+                                  "job", *window)
         assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 6" in result.stdout
     traces = _traces(tmp_path / "job")
@@ -252,9 +254,9 @@ def test_a_window_open_at_the_runs_last_step_ends_with_it_and_none_opens_after_i
 def test_a_run_stopped_inside_a_window_traces_only_the_steps_it_took(tmp_path: Path) -> None:
     """--stop-at-accuracy ends the run at step 3 (its first evaluation), inside a window that records from step 2:
     the trace holds step 2 only, not a ProfilerStep#3 that never ran, and no window opens after the end."""
-    result = train(*RUN_FLAGS, "--max-steps", "20", "--eval-every", "3", "--stop-at-accuracy", "0.01",
-                   "--output-dir", str(tmp_path), "--run-name", "stopped", "--profile", "--profile-wait", "1",
-                   "--profile-warmup", "1", "--profile-active", "5")
+    result = train_in_process(*RUN_FLAGS, "--max-steps", "20", "--eval-every", "3", "--stop-at-accuracy", "0.01",
+                              "--output-dir", str(tmp_path), "--run-name", "stopped", "--profile", "--profile-wait",
+                              "1", "--profile-warmup", "1", "--profile-active", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 3" in result.stdout
     (trace,) = _traces(tmp_path / "stopped")
@@ -322,9 +324,9 @@ def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> N
 
 @pytest.mark.timeout(120)
 def test_heavy_profiler_options_record_memory_shapes_and_stacks(tmp_path: Path) -> None:
-    result = train(*RUN_FLAGS, "--max-steps", "3", "--output-dir", str(tmp_path), "--run-name", "heavy",
-                   "--profile", "--profile-wait", "0", "--profile-warmup", "1", "--profile-active", "1",
-                   "--profile-memory", "--profile-shapes", "--profile-stack")
+    result = train_in_process(*RUN_FLAGS, "--max-steps", "3", "--output-dir", str(tmp_path), "--run-name", "heavy",
+                              "--profile", "--profile-wait", "0", "--profile-warmup", "1", "--profile-active", "1",
+                              "--profile-memory", "--profile-shapes", "--profile-stack")
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = _traces(tmp_path / "heavy")
     with gzip.open(path, "rt") as f:
@@ -336,8 +338,8 @@ def test_heavy_profiler_options_record_memory_shapes_and_stacks(tmp_path: Path) 
 
 @pytest.mark.timeout(120)
 def test_profile_window_beyond_the_run_warns_and_records_nothing(tmp_path: Path) -> None:
-    result = train(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "short",
-                   "--profile")  # default schedule: 5 steps wait + 2 warm-up
+    result = train_in_process(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "short",
+                              "--profile")  # default schedule: 5 steps wait + 2 warm-up
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: --profile records nothing: 2 steps are left" in result.stderr
     assert _traces(tmp_path / "short") == []
@@ -371,8 +373,8 @@ def test_phase_timers_auto_samples_on_cuda_only(setting: str, device: str, mode:
 
 def test_phase_timer_every_that_auto_does_not_use_is_noted(tmp_path: Path) -> None:
     """auto times every step on CPU, where --phase-timer-every did nothing without a word."""
-    result = train(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "r",
-                   "--phase-timer-every", "4")
+    result = train_in_process(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "r",
+                              "--phase-timer-every", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("note: --phase-timer-every has no effect here: --phase-timers auto times every step on this device"
             in result.stdout.splitlines())
@@ -584,8 +586,8 @@ def test_the_trainer_tells_the_timer_which_steps_follow_a_device_sync(
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["sample", "off"])
 def test_summary_and_report_say_how_phases_were_timed(mode: str, tmp_path: Path) -> None:
-    result = train(*RUN_FLAGS, "--max-steps", "24", "--output-dir", str(tmp_path), "--run-name", mode,
-                   "--phase-timers", mode, *(["--phase-timer-every", "4"] if mode == "sample" else []))
+    result = train_in_process(*RUN_FLAGS, "--max-steps", "24", "--output-dir", str(tmp_path), "--run-name", mode,
+                              "--phase-timers", mode, *(["--phase-timer-every", "4"] if mode == "sample" else []))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / mode / "summary.json").read_text())
     assert "profiler" not in summary["pauses_s"]  # without --profile the loop does not even enter its pause
@@ -707,7 +709,7 @@ def test_nonsense_schedule_is_one_line_error(flags: list[str], message: str,
 def test_unwritable_output_dir_is_one_line_error_before_training(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")  # we may run as root, who can write anywhere, but no folder fits under a regular file
-    result = train(*RUN_FLAGS, "--profile", "--output-dir", str(blocker / "profiles"))
+    result = train_in_process(*RUN_FLAGS, "--profile", "--output-dir", str(blocker / "profiles"))
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: cannot write to --output-dir {blocker / 'profiles'}")
     assert len(result.stderr.strip().splitlines()) == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run
+from conftest import SMOKE_FLAGS, run, train_in_process
 
 from dist_mnist import report
 from dist_mnist.compare import compare_summaries
@@ -323,15 +323,13 @@ def test_the_report_of_a_resumed_run_says_its_figures_are_of_the_last_process_on
     """summary.json is written by the process that ends the run: after a resume its figures are of the steps since
     the checkpoint, while metrics.jsonl and progress.jsonl hold the whole run. The report must not pass them off
     as the whole run's."""
-    from conftest import SMOKE_FLAGS, train
-
     flags = [*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--run-name", "resumed", "--checkpoint-every", "4"]
-    first = train(*flags, "--max-steps", "8")
+    first = train_in_process(*flags, "--max-steps", "8")
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert (summary["first_step"], summary["last_step"]) == (0, 8)
     assert "resumed at step" not in first.stdout
-    again = train(*flags, "--max-steps", "12")
+    again = train_in_process(*flags, "--max-steps", "12")
     assert again.returncode == 0, again.stderr[-2000:]
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert (summary["first_step"], summary["last_step"]) == (8, 12)

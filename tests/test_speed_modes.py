@@ -42,8 +42,14 @@ INITIAL_LOSS = math.log(10)  # cross-entropy of a uniform guess over 10 classes
 
 
 def train_here(output_dir: Path, run_name: str, *flags: str) -> Path:
-    """`main()` in this process on the smoke data (no interpreter start-up); returns the run folder."""
-    code = main([*SMOKE_FLAGS, "--output-dir", str(output_dir), "--run-name", run_name, "--timeout-s", "60", *flags])
+    """`main()` in this process on the smoke data (no interpreter start-up); returns the run folder. On one
+    intra-op thread, as a launched rank (cpu_env): a second one only spins on CI's 2 cores."""
+    threads = torch.get_num_threads()
+    try:
+        code = main([*SMOKE_FLAGS, "--output-dir", str(output_dir), "--run-name", run_name, "--timeout-s", "60",
+                     "--threads", "1", *flags])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, f"run {run_name} exited with {code}"
     return output_dir / run_name
 
