@@ -11,7 +11,8 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,22 +62,32 @@ def train(*flags: str, timeout: float = 180, env: dict[str, str] | None = None) 
     return run([sys.executable, TRAIN_SCRIPT, *flags], timeout=timeout, env=env)
 
 
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread, as cpu_env gives a launched rank (a second one only spins on CI's 2 cores); the test
+    process's own count comes back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_in_process(*flags: str) -> Result:
     """`dist_mnist.train.main(FLAGS)` in the test's process: a world of one as `train` runs it, without the ~5 CPU-s
     of a process start (import torch, torch._dynamo). Output is captured at the file descriptors, where torch's C++
     side writes too, so `stdout` and `stderr` hold what a launched run would have printed; usable in fixtures of
-    any scope, unlike capfd. One intra-op thread, as cpu_env gives a launched run (more only spin on CI's 2 cores)."""
+    any scope, unlike capfd."""
     from dist_mnist.train import main
 
-    threads = torch.get_num_threads()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, one_intra_op_thread():
         sys.stdout.flush()
         sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         try:
-            torch.set_num_threads(1)
             # Python's writes go through the same descriptors, line by line, so both sides' lines keep their order.
             with open(1, "w", buffering=1, closefd=False) as to_out, \
                     open(2, "w", buffering=1, closefd=False) as to_err, \
@@ -94,7 +105,6 @@ def train_in_process(*flags: str) -> Result:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
-            torch.set_num_threads(threads)
         out.seek(0)
         err.seek(0)
         return Result(code, out.read(), err.read())

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import one_intra_op_thread
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits
@@ -74,16 +75,14 @@ def spawn_world(world_size: int, scenario: Scenario, out_dir: Path, batch_size: 
 def in_process_world(scenario: Scenario, batch_size: int) -> dict[str, Any]:
     """`scenario` on a world of one in this process, on one thread as a spawned rank: no process to start (each
     imports torch again, ~5 CPU-s). A world of one wraps no DDP, whose gloo teardown _rank_main avoids."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
-        return scenario(DistContext(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
-                                    control_group=dist.group.WORLD), batch_size)
-    finally:
-        dist.destroy_process_group()
-        torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+        try:
+            return scenario(DistContext(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
+                                        control_group=dist.group.WORLD), batch_size)
+        finally:
+            dist.destroy_process_group()
 
 
 def _cfg(batch_size: int) -> TrainConfig:

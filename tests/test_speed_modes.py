@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE_FLAGS, gradient
+from conftest import SMOKE_FLAGS, gradient, one_intra_op_thread
 
 import dist_mnist.train as train_module
 from dist_mnist.config import TrainConfig
@@ -43,13 +43,10 @@ INITIAL_LOSS = math.log(10)  # cross-entropy of a uniform guess over 10 classes
 
 def train_here(output_dir: Path, run_name: str, *flags: str) -> Path:
     """`main()` in this process on the smoke data (no interpreter start-up); returns the run folder. On one
-    intra-op thread, as a launched rank (cpu_env): a second one only spins on CI's 2 cores."""
-    threads = torch.get_num_threads()
-    try:
+    intra-op thread, as a launched rank."""
+    with one_intra_op_thread():
         code = main([*SMOKE_FLAGS, "--output-dir", str(output_dir), "--run-name", run_name, "--timeout-s", "60",
-                     "--threads", "1", *flags])
-    finally:
-        torch.set_num_threads(threads)
+                     *flags])
     assert code == 0, f"run {run_name} exited with {code}"
     return output_dir / run_name
 
