@@ -123,6 +123,7 @@ def _inject_env(spec: str) -> dict[str, str]:
                    DIST_MNIST_TEST_DELAY=spec)
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("phase", "words"), [("data", "data loading"), ("backward", "backward compute")])
 def test_a_rank_slow_in_one_phase_is_named_with_that_phase(phase: str, words: str, tmp_path: Path) -> None:
@@ -223,6 +224,7 @@ def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[d
     return out, results
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("name", "total"), [(name, total) for name, _, total, _ in RESUME_CASES])
 def test_comm_hooks_and_accumulation_resume_to_identical_parameters(
@@ -241,6 +243,7 @@ def test_comm_hooks_and_accumulation_resume_to_identical_parameters(
         assert sent == {GRADIENT_BYTES}  # once per optimizer step of 4 micro-batches
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(300)
 def test_accumulation_over_micro_batches_equals_one_larger_batch(
         resumed_runs: tuple[Path, list[dict[str, Any]]]) -> None:
@@ -315,6 +318,7 @@ def _marks_per_step(ctx: DistContext, _batch_size: int) -> dict[str, Any]:
             "events_made": FakeEvent.made - made_before}
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(300)
 def test_all_reduces_are_marked_on_the_timed_steps_only(resumed_runs: tuple[Path, list[dict[str, Any]]]) -> None:
     """A mark is two CUDA events and a completion callback per bucket on a GPU: only the steps the phase timers

@@ -47,6 +47,7 @@ def test_all_reduce_time_grows_with_bytes_and_flattens_with_nodes() -> None:
         assert commmodel.allreduce_s(fp32, nodes, no_latency) == pytest.approx(expected)
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(120)
 def test_measurement_counts_the_bytes_and_buckets_the_model_assumes() -> None:
     measured = commmodel.measure_gloo(repeats=2)

@@ -158,6 +158,7 @@ def assert_same_eval(a: dict[str, float], b: dict[str, float]) -> None:
     assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(180)
 def test_replicas_stay_identical_after_training(two_ranks: list[dict[str, Any]]) -> None:
     rank0, rank1 = (result["dropout"] for result in two_ranks)
@@ -168,6 +169,7 @@ def test_replicas_stay_identical_after_training(two_ranks: list[dict[str, Any]])
     assert rank0["initial_eval"]["test_loss"] != rank0["final_eval"]["test_loss"]
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(180)
 def test_step_hygiene(two_ranks: list[dict[str, Any]]) -> None:
     for result in (run for ranks in two_ranks for run in ranks.values()):
@@ -178,6 +180,7 @@ def test_step_hygiene(two_ranks: list[dict[str, Any]]) -> None:
         assert result["steps_timed"] == STEPS
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(180)
 def test_two_ranks_at_batch_b_equal_one_process_at_batch_2b(
         two_ranks: list[dict[str, Any]], one_process: dict[str, Any]) -> None:
@@ -193,6 +196,7 @@ def test_two_ranks_at_batch_b_equal_one_process_at_batch_2b(
     assert_same_eval(ranks[0]["final_eval"], expected["final_eval"])
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(180)
 def test_evaluation_is_exact_and_identical_on_every_rank(
         tmp_path: Path, two_ranks: list[dict[str, Any]], one_process: dict[str, Any]) -> None:

@@ -255,11 +255,13 @@ def readme_tensorboard_scalars() -> set[str]:
     return set(re.findall(r"`((?:train|eval)/\w+)`", paragraph))
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(200)
 def test_three_processes_count_the_odd_test_set_once(tmp_path: Path) -> None:
     assert_run_files(torchrun_smoke(3, tmp_path, "three"), world_size=3)
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(200)
 def test_same_seed_and_world_size_give_the_same_parameters(torchrun_two: Run, out_dir: Path) -> None:
     again = torchrun_smoke(2, out_dir, "two-again", "--deterministic")
