@@ -79,6 +79,20 @@ def test_readme_names_the_python_and_torch_ci_runs_the_suite_under_first() -> No
             f"`python{python.group(1)}`, and torch {pins.group(1)},") in " ".join(README.split())
 
 
+def test_readme_names_what_the_first_ci_pass_leaves_out_and_each_marker_is_registered() -> None:
+    """The first pass's `-m` expression leaves out markers; the README's paragraph on .ci/run names each of them in
+    parentheses, as `(`marker`` and no other, and pyproject.toml registers each (an unknown marker selects nothing)."""
+    ci = (REPO / ".ci" / "run").read_text()
+    expression = re.search(r'-m "((?:not \w+)(?: and not \w+)*)"', ci)
+    assert expression, "no marker expression in .ci/run's first pass"
+    left_out = set(re.findall(r"not (\w+)", expression.group(1)))
+    paragraph = " ".join(README.split("bash .ci/run\n```", 1)[1].split("\n## ", 1)[0].split())
+    assert set(re.findall(r"\(`(\w+)`", paragraph)) == left_out
+    # Not tomllib: the project supports Python 3.10, which lacks it.
+    markers = (REPO / "pyproject.toml").read_text().split("\nmarkers = [\n", 1)[1].split("\n]", 1)[0]
+    assert left_out <= set(re.findall(r'^\s*"(\w+): ', markers, re.MULTILINE))
+
+
 def test_the_readme_module_map_lists_every_module_and_no_other() -> None:
     """The README's Development section maps each file of the package to its concern: none missing, none stale."""
     listed = set(re.findall(r"^(dist_mnist/\w+\.py) ", README, re.MULTILINE))
