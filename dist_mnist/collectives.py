@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError
+from dist_mnist.restarts import restart_advice
 from dist_mnist.shutdown import failure_path
 
 if TYPE_CHECKING:  # distributed.py imports this module to set up the flight recorder
@@ -76,29 +77,6 @@ def same_command(run_name: str | None) -> str:
     """How to launch a run again: a default run name is made afresh by every --standalone launch (a fixed
     --rdzv-id keeps it), so a run without --run-name is found again only by adding its name."""
     return "the same command" + (f" with --run-name {run_name}" if run_name else "")
-
-
-def torchrun_restarts(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """(restarts done so far, --max-restarts) of the torchrun job this process is a worker of; (0, 0) outside one.
-    torchrun passes both to its workers (TORCHELASTIC_RESTART_COUNT counts from 0 in the first attempt)."""
-    done, allowed = (int(environ.get(name, "0") or 0) for name in ("TORCHELASTIC_RESTART_COUNT",
-                                                                    "TORCHELASTIC_MAX_RESTARTS"))
-    return done, allowed
-
-
-def restart_advice(last_checkpoint: Path | None, known: bool = True) -> str | None:
-    """What happens next where torchrun restarts the workers by itself once this process fails (restarts left under
-    --max-restarts), which makes any advice to rerun the command wrong; None where it does not. `last_checkpoint`
-    and `known` as for resume_advice."""
-    done, allowed = torchrun_restarts()
-    if done >= allowed:
-        return None
-    restarts = f"torchrun restarts the workers (restart {done + 1} of {allowed}) and they "
-    if last_checkpoint:
-        return restarts + "resume from it"
-    if not known:
-        return restarts + "resume from the newest if there is one, else start again from step 0"
-    return restarts + "start again from step 0"
 
 
 def resume_advice(last_checkpoint: Path | None, command: str = "the same command",

@@ -8,18 +8,27 @@ import os
 from pathlib import Path
 
 from dist_mnist.errors import UserError
+from dist_mnist.restarts import torchrun_restarts
 
 
 def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> UserError:
     """A file that could not be written (a full disk, a quota, a lost mount): the folder, the size (None: not known
-    beforehand), the reason.
+    beforehand), the reason, and what comes next.
 
     Any write can fail, before a run's first checkpoint too, and the same command is refused for a run folder with
-    files but no checkpoint: the advice covers both cases, which the writer does not know apart."""
+    files but no checkpoint: the advice covers both cases, which the writer does not know apart. Under torchrun with
+    restarts left the workers come back by themselves, and each restart fails the same way until space is freed:
+    the line says so instead of asking for a rerun."""
     needed = "" if needed_bytes is None else f" (it needed {needed_bytes:,} bytes there)"
-    return UserError(f"could not write {path.name} to {path.parent}: {exc.strerror or exc}{needed}; the files "
-                     "written before are intact. Free space there, then rerun the same command to resume from the "
-                     "last checkpoint; a run that wrote none yet starts again under a new --run-name")
+    written = (f"could not write {path.name} to {path.parent}: {exc.strerror or exc}{needed}; the files written "
+               "before are intact")
+    done, allowed = torchrun_restarts()
+    if done < allowed:
+        return UserError(f"{written}; torchrun restarts the workers (restart {done + 1} of {allowed}) from the last "
+                         "checkpoint (from step 0 where the run wrote none), and they fail the same way unless space "
+                         "is freed there first")
+    return UserError(f"{written}. Free space there, then rerun the same command to resume from the last checkpoint; "
+                     "a run that wrote none yet starts again under a new --run-name")
 
 
 def write_durably(path: Path, data: bytes) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_mnist.checkpoint import list_checkpoints
-from dist_mnist.collectives import torchrun_restarts
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.durable import missing_folders, remove_empty_folders, write_durably, write_failed
 from dist_mnist.errors import UserError
+from dist_mnist.restarts import torchrun_restarts
 
 # In the run folder; it holds who has the folder ("PID 1234 on host node7 (job 99) since ..."), for the refusal.
 LOCK_FILE = ".lock"

@@ -65,6 +65,7 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.progress import Progress
+from dist_mnist.restarts import restart_advice, torchrun_restarts
 from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
 from dist_mnist.runfiles import SUMMARY_FILE
 from dist_mnist.shutdown import failure_path
@@ -650,7 +651,7 @@ class Trainer:
         if error:
             raise UserError(error)
         if state is None:
-            restarts_done, allowed = collectives.torchrun_restarts()
+            restarts_done, allowed = torchrun_restarts()
             if restarts_done:  # a restart that resumes says so in its "resumed from" line; this one would be silent
                 self.log(f"torchrun restart {restarts_done} of {allowed}: the run wrote no checkpoint before the "
                          "failure, so it starts again from step 0")
@@ -1172,7 +1173,7 @@ def _main(argv: list[str] | None) -> int:
         # cleanup took the handler back: the step and the checkpoint are not known here.
         if (reason := collectives.lost_data_worker(exc)) is None:
             raise
-        restart = collectives.restart_advice(None, known=False)
+        restart = restart_advice(None, known=False)
         then = (f"{restart} (with the same --num-workers)" if restart else
                 "then rerun the command with a lower --num-workers to resume from the run's last checkpoint (see its "
                 "checkpoints folder)")

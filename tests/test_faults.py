@@ -503,6 +503,21 @@ def test_the_advice_without_a_checkpoint_starts_the_run_again_under_a_new_name(t
     _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="run")).release()
 
 
+def test_a_full_disk_under_torchrun_restarts_says_the_restart_fails_the_same_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With restarts left torchrun brings the workers back by itself, so "rerun the same command" would be wrong
+    advice, and every restart meets the same full disk; with none left, the rerun advice stands."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the second attempt: restart 2 of 3 comes next
+    assert str(write_failed(tmp_path / "metrics.jsonl", None, full)) == (
+        f"could not write metrics.jsonl to {tmp_path}: No space left on device; the files written before are intact; "
+        "torchrun restarts the workers (restart 2 of 3) from the last checkpoint (from step 0 where the run wrote "
+        "none), and they fail the same way unless space is freed there first")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")  # the last attempt: nothing restarts it
+    assert "Free space there, then rerun the same command" in str(write_failed(tmp_path / "metrics.jsonl", None, full))
+
+
 # Sends this process SIGINT, as a Ctrl-C does, while it reads a data file whose name holds
 # $DIST_MNIST_TEST_SIGINT: a point of start-up reached every time, with no sleep to guess.
 SIGINT_HOOK = """
