@@ -217,6 +217,7 @@ STOPS_AFTER_WHICH_NO_RESUME_EVALUATES = {
 }
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("restore_determinism")
 @pytest.mark.parametrize("case", STOPS_AFTER_WHICH_NO_RESUME_EVALUATES)
@@ -235,6 +236,7 @@ def test_a_stop_that_no_resume_comes_back_to_still_evaluates_its_step(
     assert metrics_results(tmp_path / "resumed") == metrics_results(tmp_path / "straight")
 
 
+@pytest.mark.scenario
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("restore_determinism")
 def test_a_resume_between_records_keeps_their_training_loss_and_throughput(
@@ -291,33 +293,22 @@ def test_three_ranks_resume_to_identical_parameters(tmp_path: Path) -> None:
 
 @pytest.mark.scenario
 @pytest.mark.timeout(400)
-def test_sigterm_to_torchrun_stops_every_rank_and_resumed_run_matches_straight(tmp_path: Path) -> None:
-    # 512 samples, 2 ranks at batch 16: 16 steps per epoch, 32 in all. torchrun forwards SIGTERM to its workers; they
-    # stop at the same step and exit 0. The agent itself then re-raises the signal as an exception (exit code 1):
-    # torchrun's behaviour, not the workers'.
+def test_sigterm_to_every_process_stops_at_one_step_and_resumes_to_identical_parameters(tmp_path: Path) -> None:
+    # Slurm's scancel and preemption signal every process of the step: torchrun's agent, which forwards the signal
+    # to its workers too, the ranks, and their DataLoader workers. Workers that died of it would make the ranks fail
+    # with "DataLoader worker exited unexpectedly" instead of saving a checkpoint. The ranks stop at the same step
+    # and exit 0; the agent then re-raises the signal as an exception (exit code 1): torchrun's behaviour, not the
+    # workers'. 512 samples, 2 ranks at batch 16: 16 steps per epoch, 32 in all; the signal comes at the first
+    # progress line (step 4). One loader worker each is enough to be signalled (each costs an interpreter start),
+    # and the straight run needs none: workers hand over the same batches.
     flags = [*EXACT_FLAGS, "--output-dir", str(tmp_path)]
     straight = torchrun(2, *flags, "--run-name", "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    stopped, stop_step = sigterm_then_rerun([*TORCHRUN, TRAIN_SCRIPT, *flags, "--run-name", "resumed"],
-                                            tmp_path / "resumed" / "checkpoints")
-    assert "Root Cause" not in stopped.stderr, "a worker failed instead of stopping"
+    stopped, stop_step = sigterm_then_rerun([*TORCHRUN, TRAIN_SCRIPT, *flags, "--num-workers", "1", "--run-name",
+                                             "resumed"], tmp_path / "resumed" / "checkpoints", everyone=True)
+    assert "Root Cause" not in stopped.stderr and "exited unexpectedly" not in stopped.stderr, stopped.stderr[-3000:]
     assert stop_step < 32
     assert_resumed_equals_straight(tmp_path, 32)
-
-
-@pytest.mark.scenario
-@pytest.mark.timeout(300)
-def test_sigterm_to_every_process_with_dataloader_workers_still_stops_at_a_step(tmp_path: Path) -> None:
-    # Slurm's scancel and preemption signal every process of the step, not only torchrun. Workers that died of it
-    # would make the ranks fail with "DataLoader worker exited unexpectedly" instead of saving a checkpoint. One
-    # worker per loader is enough to be signalled (each costs an interpreter start); 512 samples, 2 ranks at batch
-    # 16: 16 steps, and the signal comes at the first progress line (step 4).
-    flags = [*SMOKE_FLAGS, "--epochs", "1", "--num-workers", "1",
-             "--checkpoint-every", "0", "--output-dir", str(tmp_path), "--run-name", "preempted", *PG_TIMEOUT]
-    stopped, stop_step = sigterm_then_rerun([*TORCHRUN, TRAIN_SCRIPT, *flags], tmp_path / "preempted" / "checkpoints",
-                                            everyone=True)
-    assert "Root Cause" not in stopped.stderr and "exited unexpectedly" not in stopped.stderr, stopped.stderr[-3000:]
-    assert stop_step < 16
 
 
 @pytest.mark.scenario
