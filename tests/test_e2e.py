@@ -400,14 +400,19 @@ def test_bad_input_is_one_error_line(tmp_path: Path, case: str, monkeypatch: pyt
 
 
 @pytest.mark.slow
-# 143 s alone on the 2-core AMD machine (float32); CI runs it beside another pytest worker, which can double that.
+# 143 s alone on the 2-core AMD machine (float32) for the whole epoch; CI runs it beside another pytest worker,
+# which can double that.
 @pytest.mark.timeout(660)
 def test_one_epoch_on_real_mnist_reaches_98_5_percent(tmp_path: Path) -> None:
+    # The default command for one epoch, stopped at the first evaluation that reaches 98.5% (the recipe evaluates
+    # every 750 of the 1875 steps): the claim is "within one epoch", and the steps after that evaluation were about a
+    # fifth of CI's longest test (on the AMD machine, evaluating every 250 steps: 98.49% at step 750, 98.72% at 1250).
     data_dir = real_mnist_dir()
     if data_dir is None:
         pytest.skip("real MNIST not found: set DIST_MNIST_DATA to a folder holding MNIST/raw/<the four IDX files>")
-    run = Run(torchrun(2, "--data-dir", data_dir, "--no-download", "--epochs", "1", "--output-dir", str(tmp_path),
-                       "--run-name", "real", "--timeout-s", "120", timeout=600), tmp_path / "real")
+    run = Run(torchrun(2, "--data-dir", data_dir, "--no-download", "--epochs", "1", "--stop-at-accuracy", "0.985",
+                       "--output-dir", str(tmp_path), "--run-name", "real", "--timeout-s", "120", timeout=600),
+              tmp_path / "real")
     assert_ok(run)
     last = run.metrics()[-1]
     assert last["test_samples"] == 10_000
