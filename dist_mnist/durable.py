@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from dist_mnist.errors import UserError
-from dist_mnist.restarts import torchrun_restarts
+from dist_mnist.restarts import next_restart
 
 
 def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> UserError:
@@ -22,11 +22,9 @@ def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> UserErro
     needed = "" if needed_bytes is None else f" (it needed {needed_bytes:,} bytes there)"
     written = (f"could not write {path.name} to {path.parent}: {exc.strerror or exc}{needed}; the files written "
                "before are intact")
-    done, allowed = torchrun_restarts()
-    if done < allowed:
-        return UserError(f"{written}; torchrun restarts the workers (restart {done + 1} of {allowed}) from the last "
-                         "checkpoint (from step 0 where the run wrote none), and they fail the same way unless space "
-                         "is freed there first")
+    if restart := next_restart():
+        return UserError(f"{written}; {restart} from the last checkpoint (from step 0 where the run wrote none), and "
+                         "they fail the same way unless space is freed there first")
     return UserError(f"{written}. Free space there, then rerun the same command to resume from the last checkpoint; "
                      "a run that wrote none yet starts again under a new --run-name")
 

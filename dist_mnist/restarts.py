@@ -17,14 +17,20 @@ def torchrun_restarts(environ: Mapping[str, str] = os.environ) -> tuple[int, int
     return done, allowed
 
 
-def restart_advice(last_checkpoint: Path | None, known: bool = True) -> str | None:
-    """What happens next where torchrun restarts the workers by itself once this process fails (restarts left under
-    --max-restarts), which makes any advice to rerun the command wrong; None where it does not. `last_checkpoint`
-    and `known` as for collectives.resume_advice."""
+def next_restart() -> str | None:
+    """The words "torchrun restarts the workers (restart N of M)" where it will once this process fails (restarts
+    left under --max-restarts), which makes any advice to rerun the command wrong; None where it will not."""
     done, allowed = torchrun_restarts()
-    if done >= allowed:
+    return f"torchrun restarts the workers (restart {done + 1} of {allowed})" if done < allowed else None
+
+
+def restart_advice(last_checkpoint: Path | None, known: bool = True) -> str | None:
+    """What happens next where torchrun restarts the workers by itself (next_restart), where from; None where it
+    does not. `last_checkpoint` and `known` as for collectives.resume_advice."""
+    restart = next_restart()
+    if restart is None:
         return None
-    restarts = f"torchrun restarts the workers (restart {done + 1} of {allowed}) and they "
+    restarts = f"{restart} and they "
     if last_checkpoint:
         return restarts + "resume from it"
     if not known:
