@@ -10,6 +10,7 @@ from conftest import REPO
 
 from dist_mnist.checkpoint import RESUME_FIELDS
 from dist_mnist.config import build_parser
+from dist_mnist.profiling import BOUND_SHARE, STRAGGLER_MIN_STEP_SHARE, STRAGGLER_RATIO
 
 README = (REPO / "README.md").read_text()
 ACTIONS = build_parser()._option_string_actions
@@ -144,3 +145,15 @@ def test_the_readme_defaults_given_in_words() -> None:
     assert resume and resume.group(1) == ACTIONS["--resume"].default
     assert "(`--backend auto`;" in README and ACTIONS["--backend"].default == "auto"
     assert "`--recipe auto|cpu|cuda`" in README and ACTIONS["--recipe"].default == "auto"
+
+
+def test_the_readme_states_the_straggler_and_diagnosis_thresholds_the_summary_applies() -> None:
+    """README, summary.json: a straggler is over STRAGGLER_RATIO x the median rank's own work, by over
+    STRAGGLER_MIN_STEP_SHARE of a step; a run is bound by what takes at least BOUND_SHARE of a step."""
+    text = " ".join(README.split())
+    straggler = re.search(r"is over ([\d.]+)× the median rank's and the extra time is over (\d+)% of a step", text)
+    assert straggler, "the README's straggler rule is gone"
+    assert (float(straggler.group(1)), int(straggler.group(2)) / 100) == (STRAGGLER_RATIO, STRAGGLER_MIN_STEP_SHARE)
+    bound = re.search(r"takes at least (\d+)% of a step \(averaged over ranks\)", text)
+    assert bound, "the README's diagnosis rule is gone"
+    assert int(bound.group(1)) / 100 == BOUND_SHARE

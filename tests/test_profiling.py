@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +50,9 @@ from dist_mnist.profiler_bench import (
     render_verdicts,
 )
 from dist_mnist.profiling import (
+    OWN_PHASES,
+    STRAGGLER_MIN_STEP_SHARE,
+    STRAGGLER_RATIO,
     TRACES_DIR,
     WindowedProfiler,
     build_summary,
@@ -503,8 +507,16 @@ def test_summary_explains_the_step_time_of_every_rank(which: str, request: pytes
         # The phase timers account for (nearly) all of the wall time between step starts.
         assert 0.9 <= r["explained_fraction"] <= 1.05
         assert r["peak_rss_bytes"] > 0 and r["cuda_peak_allocated_bytes"] is None
-        # A balanced run: nobody is flagged (a straggler test injects a delay: tests/test_comm.py).
-        assert r["straggler"] is False and r["straggler_phase"] is None
+        # The flag follows the rule from the summary's own figures. Whether a rank of a real run is flagged depends on
+        # the host (a 2-core CI machine running other tests beside this one starves one rank now and then), so which
+        # way it goes is tested where it is fixed: balanced figures in test_straggler_flag, a delay injected on one
+        # rank in tests/test_comm.py.
+        median_own = statistics.median(rank["own_time_p50_s"] for rank in summary["ranks"])
+        median_step = statistics.median(rank["step_time_p50_s"] for rank in summary["ranks"])
+        excess = r["own_time_p50_s"] - median_own
+        assert r["straggler"] is (r["own_time_p50_s"] > STRAGGLER_RATIO * median_own
+                                  and excess > STRAGGLER_MIN_STEP_SHARE * median_step)
+        assert (r["straggler_phase"] in OWN_PHASES) if r["straggler"] else (r["straggler_phase"] is None)
         # The gradient crosses the network once per step, in fp32 or (the default bf16 hook) in 2 bytes per
         # element; the exposed part is inside backward.
         assert r["allreduce_bytes_per_step"] == (GRADIENT_BYTES if which == "plain_run" else GRADIENT_BYTES // 2)
