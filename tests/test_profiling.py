@@ -303,16 +303,17 @@ def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> N
     `sync=False` (the profiler step between windows) does not wait."""
     waits = []
 
-    def sync() -> None:  # 0.2 s of queued device work
+    def sync() -> None:  # 0.5 s of queued device work
         waits.append(1)
-        time.sleep(0.2)
+        time.sleep(0.5)
 
     clock = RunClock(sync=sync)
     clock.begin()
     with clock.paused("evaluation"):
         time.sleep(0.1)
-    assert len(waits) == 1 and 0.1 <= clock.paused_s < 0.2
-    assert clock.training_seconds() >= 0.2  # the queued steps' time
+    # Under 0.5 s: the wait is not in the pause (the margin over the pause's 0.1 s is for a loaded CI machine).
+    assert len(waits) == 1 and 0.1 <= clock.paused_s < 0.5
+    assert clock.training_seconds() >= 0.5  # the queued steps' time
     with clock.paused("profiler", sync=False):
         pass
     assert len(waits) == 1
@@ -609,7 +610,9 @@ def test_summary_and_report_say_how_phases_were_timed(mode: str, tmp_path: Path)
         assert summary["phase_timing"] == {"mode": "sample", "every_n_steps": 4, "steps_timed": 6,
                                            "wall_per_step": True}
         assert sum(shares) == pytest.approx(1.0)
-        assert 0.8 <= rank["explained_fraction"] <= 1.2  # a sample of steps against the mean of all
+        # A sample of 6 steps against the mean of all 24: noisy on a loaded machine, but a sample mistaken for all
+        # steps, or the other way round, would be 4x off.
+        assert 0.5 <= rank["explained_fraction"] <= 2.0
     else:
         assert summary["phase_timing"] == {"mode": "off", "every_n_steps": None, "steps_timed": 0,
                                            "wall_per_step": True}
