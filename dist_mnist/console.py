@@ -82,9 +82,32 @@ def kept_stdout(note: str | None = READER_GONE) -> Iterator[KeptStdout]:
         sys.stdout = original
 
 
+class OpenLine:
+    """The line on standard output being rewritten in place (rank 0's progress on a terminal), if one is open. A
+    line on standard error must end it first: on a terminal both streams write to one screen, and a note written
+    mid-training (a trace that could not be written) ran on after the progress line's last character."""
+
+    def __init__(self) -> None:
+        self._stream: TextIO | None = None
+
+    def open(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def end(self) -> None:
+        """Finish the open line, if any, so the next message starts on a line of its own."""
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            stream.write("\n")
+            stream.flush()
+
+
+OPEN_LINE = OpenLine()  # one per process, as the terminal is
+
+
 def rank_line(rank: int | str, kind: str, message: str) -> None:
     """One `error:` or `note:` line on stderr, `[rank N] `-prefixed off rank 0. One write, newline included: print()
     writes the text and the newline apart, and the lines of ranks that fail at the same moment would run together."""
+    OPEN_LINE.end()
     prefix = kind if str(rank) == "0" else f"[rank {rank}] {kind}"
     sys.stderr.write(f"{prefix}: {message}\n")
     sys.stderr.flush()

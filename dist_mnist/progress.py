@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from dist_mnist.console import OPEN_LINE
 from dist_mnist.durable import append_whole, write_durably
 
 PROGRESS_FILE = "progress.jsonl"
@@ -53,7 +54,6 @@ class Progress:
         self._loss_sum, self._loss_count = 0.0, 0
         self._last_step, self._last_training_s = 0, 0.0  # at the previous line
         self._start_step, self._start_elapsed_s = 0, 0.0  # where this process took over the run
-        self._line_open = False
 
     @property
     def stream(self) -> TextIO:
@@ -124,14 +124,11 @@ class Progress:
         stream = self.stream
         if stream.isatty():
             stream.write(f"\r{line}\x1b[K")  # back to the line start, rewrite, clear what a longer line left
-            self._line_open = True
+            OPEN_LINE.open(stream)
         else:
             stream.write(line + "\n")
         stream.flush()
 
     def end_line(self) -> None:
         """Finish a line rewritten in place, so the next message starts on its own line."""
-        if self._line_open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._line_open = False
+        OPEN_LINE.end()

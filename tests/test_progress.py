@@ -11,6 +11,7 @@ import pytest
 from conftest import SMOKE_FLAGS
 
 import dist_mnist.train as train_module
+from dist_mnist.console import rank_line
 from dist_mnist.errors import UserError
 from dist_mnist.progress import PROGRESS_FILE, Progress, format_duration
 
@@ -63,6 +64,23 @@ def test_terminal_line_is_rewritten_in_place_and_closed_before_other_output(tmp_
     p.end_line()
     p.end_line()  # a second call adds nothing
     assert out.getvalue().endswith("ETA 0:00:08\x1b[K\n") and out.getvalue().count("\n") == 1
+
+
+def test_a_note_on_standard_error_ends_the_open_terminal_line_first(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A trace that cannot be written mid-training says so on stderr (rank_line); on a terminal it ran on after the
+    progress line's last character."""
+    out = Terminal()
+    p = progress(tmp_path, out)
+    report(p, 10, 1.0, 1.0)
+    rank_line(0, "note", "could not write the trace")
+    assert out.getvalue().endswith("\x1b[K\n") and capsys.readouterr().err == "note: could not write the trace\n"
+    p.end_line()  # already ended: nothing more
+    report(p, 20, 2.0, 2.0)
+    rank_line(1, "note", "a line under another prefix")  # any line this process writes on stderr ends it
+    assert out.getvalue().count("\n") == 2
+    rank_line(0, "error", "nothing open now")
+    assert out.getvalue().count("\n") == 2
 
 
 def test_progress_jsonl_has_the_documented_schema(tmp_path: Path) -> None:
