@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
@@ -102,6 +103,24 @@ class OpenLine:
 
 
 OPEN_LINE = OpenLine()  # one per process, as the terminal is
+
+
+@contextmanager
+def warnings_end_open_line() -> Iterator[None]:
+    """Python warnings shown in the block (torch's C++ warnings raised in a Python call among them) end the open
+    progress line first, as the launcher's own lines do; the previous `warnings.showwarning` is put back after it."""
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+             line: str | None = None) -> None:
+        OPEN_LINE.end()
+        previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def rank_line(rank: int | str, kind: str, message: str) -> None:

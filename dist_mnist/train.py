@@ -31,7 +31,7 @@ from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_
 from dist_mnist.argtypes import on_off
 from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
-from dist_mnist.console import kept_stdout, rank_line
+from dist_mnist.console import kept_stdout, rank_line, warnings_end_open_line
 from dist_mnist.data import (
     DataPipeline,
     build_pipeline,
@@ -1141,7 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1; a
     Ctrl-C outside the training loop one line and exit code 130. Standard output whose reader goes away (`| head`)
     does not end the run (dist_mnist/console.py)."""
-    with kept_stdout(), failure_path:
+    with kept_stdout(), warnings_end_open_line(), failure_path:
         return _main(argv)
 
 

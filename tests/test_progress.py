@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 from conftest import SMOKE_FLAGS
 
 import dist_mnist.train as train_module
-from dist_mnist.console import rank_line
+from dist_mnist.console import rank_line, warnings_end_open_line
 from dist_mnist.errors import UserError
 from dist_mnist.progress import PROGRESS_FILE, Progress, format_duration
 
@@ -81,6 +82,28 @@ def test_a_note_on_standard_error_ends_the_open_terminal_line_first(tmp_path: Pa
     assert out.getvalue().count("\n") == 2
     rank_line(0, "error", "nothing open now")
     assert out.getvalue().count("\n") == 2
+
+
+def test_a_warning_in_training_ends_the_open_terminal_line_first(tmp_path: Path) -> None:
+    """train.main shows Python's warnings (torch's C++ warnings among them) through warnings_end_open_line."""
+    out = Terminal()
+    p = progress(tmp_path, out)
+    before = warnings.showwarning
+    # catch_warnings(record=True) puts the default showwarning back on entry: it goes outside, as pytest's does.
+    with warnings.catch_warnings(record=True) as caught, warnings_end_open_line():
+        warnings.simplefilter("always")
+        report(p, 10, 1.0, 1.0)
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a library's warning"]
+    assert out.getvalue().endswith("\x1b[K\n")
+    assert warnings.showwarning is before
+    # Outside the block a warning leaves the line as it is (the launcher installs it around a whole run only).
+    report(p, 20, 2.0, 2.0)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        warnings.warn("after the block", UserWarning, stacklevel=1)
+    assert not out.getvalue().endswith("\n")
+    p.end_line()
 
 
 def test_progress_jsonl_has_the_documented_schema(tmp_path: Path) -> None:
