@@ -37,6 +37,17 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torchrun_log_dir() -> Iterator[None]:
+    """torchrun's --log-dir defaults to a new `torchelastic_*` folder in /tmp per launch, which it never removes (about
+    200 piled up on a dev machine): a session's launches share one folder instead, removed at the session's end.
+    PET_LOG_DIR is torchrun's variable for the flag, and cpu_env passes it on."""
+    with tempfile.TemporaryDirectory(prefix="dist_mnist_torchrun_logs_", ignore_cleanup_errors=True) as folder, \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PET_LOG_DIR", folder)
+        yield
+
+
 @dataclass
 class Result:
     returncode: int
