@@ -884,7 +884,9 @@ class Trainer:
             except BaseException as exc:
                 failure_path.begin()
                 collectives.stop_raising_for_lost_data_workers()  # the run is ending: no second error mid-cleanup
-                self.progress.end_line()  # on a terminal the error line must not run on after an open progress line
+                # rank_line's error line ends an open progress line itself; a traceback (an error not ours to word)
+                # and the write's warning below do not.
+                self.progress.end_line()
                 self.settle_checkpoint_after_failure()
                 error = self.failure_line(exc)
                 if error is None:

@@ -85,7 +85,8 @@ def test_a_note_on_standard_error_ends_the_open_terminal_line_first(tmp_path: Pa
 
 
 def test_a_warning_in_training_ends_the_open_terminal_line_first(tmp_path: Path) -> None:
-    """train.main shows Python's warnings (torch's C++ warnings among them) through warnings_end_open_line."""
+    """train.main shows Python warnings (torch's C++ warnings raised in a Python call among them) through
+    warnings_end_open_line."""
     out = Terminal()
     p = progress(tmp_path, out)
     before = warnings.showwarning
