@@ -1,16 +1,50 @@
-"""The one exception type for mistakes a user can fix: reported as a single line, never a traceback."""
+"""The one exception type for mistakes a user can fix, reported as a single line, never a traceback; and what a stop
+signal raises where the run cannot stop at a step boundary."""
+
+import signal
+from types import FrameType
+from typing import NoReturn
 
 
 class UserError(Exception):
     """Bad input (flags, data files, folders, checkpoints) with a message that says how to fix it; `exit_code` is
-    the process's (1; 130 for a Ctrl-C, the shell's code for an end by SIGINT)."""
+    the process's (1; 130 or 143 for a SIGINT or SIGTERM before the first step, the shell's codes for an end by
+    those signals)."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
 
-# A Ctrl-C before a run has written anything (launch/train.py's imports included): the run folder, if made, is empty,
-# and the same command reuses it.
-INTERRUPTED_EARLY = ("interrupted (SIGINT) during start-up, before the first step; this process wrote nothing to "
-                     "resume from: rerun the same command to start again (a run with checkpoints resumes from them)")
+class Terminated(BaseException):
+    """SIGTERM outside the training loop's stop handler (start-up, a finished run's summary), raised in the main
+    thread as Python's own SIGINT handler raises KeyboardInterrupt: the run ends through the same cleanup and one
+    line that says what is on disk, not silently by the signal's default action. A BaseException, as
+    KeyboardInterrupt is, so no `except Exception` swallows it."""
+
+
+def raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    """SIGTERM's handler from launch/train.py's first line until main() takes it over (its imports take seconds)."""
+    raise Terminated
+
+
+def stop_signal(exc: KeyboardInterrupt | Terminated) -> signal.Signals:
+    """The stop signal that raised `exc`: SIGINT raises KeyboardInterrupt, SIGTERM Terminated."""
+    return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+
+
+def interruption(exc: BaseException) -> signal.Signals | None:
+    """The stop signal that raised `exc`, None for an exception that is not a stop signal's."""
+    return stop_signal(exc) if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
+
+
+def signal_exit_code(sig: signal.Signals) -> int:
+    """The shell's exit code for a process ended by `sig` (130 for SIGINT, 143 for SIGTERM)."""
+    return 128 + sig
+
+
+def interrupted_early(sig: signal.Signals) -> str:
+    """The line for a stop signal before a run has written anything (launch/train.py's imports included): the run
+    folder, if made, is empty, and the same command reuses it."""
+    return (f"interrupted ({sig.name}) during start-up, before the first step; this process wrote nothing to resume "
+            "from: rerun the same command to start again (a run with checkpoints resumes from them)")

@@ -1,5 +1,6 @@
 """The end of a run's process: a finished run's at once, without the interpreter's teardown; a failing run's in
-order, with its error line, whatever torchrun's SIGTERM interrupts (FailurePath).
+order, with its error line, whatever torchrun's SIGTERM interrupts; a SIGTERM outside the training loop's, with one
+line as well (FailurePath).
 
 Once `main` has returned, CPython clears every module and the C++ libraries run their static destructors. With
 torch and torch._dynamo (which the first optimizer imports) loaded that took 0.7-0.8 s after every run on the 2-core
@@ -23,6 +24,8 @@ import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
+
+from dist_mnist.errors import Terminated, raise_terminated
 
 # A repeat of a stop signal this soon after the first is the same request delivered twice, not a user insisting: Slurm
 # signals every process of a job step and torchrun forwards its own copy to the workers a moment later.
@@ -55,15 +58,17 @@ def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit) 
 
 
 class FailurePath:
-    """A SIGTERM that lands while the run is failing is noted, not fatal: the process still writes its one error line
-    and ends in order, with its exit code.
+    """SIGTERM's handler in main(), outside the training loop's stop handler (preemption.StopRequest, which stops at
+    a step boundary). A SIGTERM there fails the run like a Ctrl-C: it raises Terminated, so the run ends through its
+    cleanup and one line that says what is on disk (exit code 143) instead of dying silently by the signal's default
+    action. A SIGTERM that lands while the run is failing already is noted, not fatal: the process still writes its
+    one error line and ends in order, with its exit code.
 
     torchrun SIGTERMs the other workers the moment one of them dies. A survivor whose collective failed at that moment
     died of it wherever it was: before its error line (in the checkpoint write a failure lets finish, the process
     group's teardown), the kill in the job's log its only trace, or after it, while joining its DataLoader workers,
-    whose queues' semaphores its resource tracker then reported as leaked. Outside a failure SIGTERM keeps its meaning
-    (the training loop's preemption.StopRequest stops at a step boundary; elsewhere the process ends at once), and
-    torchrun's SIGKILL after its --shutdown-timeout still ends a failure path that hangs.
+    whose queues' semaphores its resource tracker then reported as leaked. torchrun's SIGKILL after its
+    --shutdown-timeout still ends a failure path that hangs.
     """
 
     def __init__(self) -> None:
@@ -77,16 +82,21 @@ class FailurePath:
         self.failing = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         if self.failing:
-            now = time.monotonic()
             if self._noted_at is None:
                 self._noted_at = now
             # As for preemption.StopRequest, a copy of the same request (torchrun's and the scheduler's) is noted; one
             # that comes later is someone insisting, on a failure path that hangs: it ends the process at once.
             if now - self._noted_at < REPEAT_GRACE_S:
                 return
-        # What the signal did before this handler was installed.
-        if callable(self._previous):
+        elif self._previous in (signal.SIG_DFL, raise_terminated):  # the signal would have ended the process
+            # The failure starts here, so the copy Slurm's or torchrun's SIGTERM is followed by is noted, not a
+            # second Terminated in the middle of the first one's cleanup.
+            self.failing, self._noted_at = True, now
+            raise Terminated
+        # What the signal did before this handler was installed; for one that ended the process, at once.
+        if callable(self._previous) and self._previous is not raise_terminated:
             self._previous(signum, frame)
         elif self._previous != signal.SIG_IGN:
             signal.signal(signum, signal.SIG_DFL)

@@ -42,7 +42,14 @@ from dist_mnist.data import (
     worker_count_note,
 )
 from dist_mnist.distributed import DistContext, distributed_session
-from dist_mnist.errors import INTERRUPTED_EARLY, UserError
+from dist_mnist.errors import (
+    Terminated,
+    UserError,
+    interrupted_early,
+    interruption,
+    signal_exit_code,
+    stop_signal,
+)
 from dist_mnist.graphs import GraphDecision, GraphedStep, capture_failure_note, graph_decision
 from dist_mnist.metrics import (
     MemoryTracker,
@@ -894,27 +901,28 @@ class Trainer:
                 raise error from None
 
     def failure_line(self, exc: BaseException) -> UserError | None:
-        """A Ctrl-C outside the loop's own stop handler, or a dead DataLoader worker, as one line that says what is
-        on disk; None for anything else. Both can arrive anywhere in the run: a Python signal handler runs wherever
-        the main thread is, and torch's SIGCHLD handler raises a dead worker's error that way."""
+        """A stop signal outside the loop's own stop handler (a Ctrl-C, a SIGTERM), or a dead DataLoader worker, as
+        one line that says what is on disk; None for anything else. Both can arrive anywhere in the run: a Python
+        signal handler runs wherever the main thread is, and torch's SIGCHLD handler raises a dead worker's error
+        that way."""
         step = self.state.step if self.clock.start is not None else None  # None: before the first step
         last = self.newest_checkpoint()
         if reason := collectives.lost_data_worker(exc):
             return collectives.lost_data_worker_error(reason, step, last, self.name_to_add)
-        if not isinstance(exc, KeyboardInterrupt):
+        if (sig := interruption(exc)) is None:
             return None
         if step is not None:
-            # The loop turns SIGINT into a stop with a checkpoint (preemption.StopRequest): a run that has stepped
-            # and still gets KeyboardInterrupt is past its loop, its last checkpoint written.
-            message = (f"interrupted (SIGINT) after step {step}, while the run was finishing (its summary may be "
+            # The loop turns SIGINT and SIGTERM into a stop with a checkpoint (preemption.StopRequest): a run that has
+            # stepped and still gets one is past its loop, its last checkpoint written.
+            message = (f"interrupted ({sig.name}) after step {step}, while the run was finishing (its summary may be "
                        f"missing); {collectives.resume_advice(last)[0]}")
         elif "run_files" in self.startup.phases:  # config.json and metrics.jsonl are in the run folder
             kept, rerun = collectives.resume_advice(last, collectives.same_command(self.name_to_add))
-            message = (f"interrupted (SIGINT) during start-up, before the first step but after writing the run's "
+            message = (f"interrupted ({sig.name}) during start-up, before the first step but after writing the run's "
                        f"config.json; {kept}: {rerun}")
         else:
-            message = INTERRUPTED_EARLY
-        return UserError(message, exit_code=130)
+            message = interrupted_early(sig)
+        return UserError(message, exit_code=signal_exit_code(sig))
 
     def at_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
@@ -1141,8 +1149,8 @@ def run_training(cfg: TrainConfig, ctx: DistContext, startup: StartupTimer | Non
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, open the distributed session, train. User errors become one line and exit code 1; a
-    Ctrl-C outside the training loop one line and exit code 130. Standard output whose reader goes away (`| head`)
-    does not end the run (dist_mnist/console.py)."""
+    Ctrl-C or SIGTERM outside the training loop one line and exit code 130 or 143. Standard output whose reader
+    goes away (`| head`) does not end the run (dist_mnist/console.py)."""
     with kept_stdout(), warnings_end_open_line(), failure_path:
         return _main(argv)
 
@@ -1168,8 +1176,9 @@ def _main(argv: list[str] | None) -> int:
             startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash
     except UserError as exc:
         return report_failure(rank, str(exc), exc.exit_code)
-    except KeyboardInterrupt:  # before the Trainer's loop (Trainer.failure_line words those after)
-        return report_failure(rank, INTERRUPTED_EARLY, 130)
+    except (KeyboardInterrupt, Terminated) as exc:  # before the Trainer's loop (Trainer.failure_line words those after)
+        sig = stop_signal(exc)
+        return report_failure(rank, interrupted_early(sig), signal_exit_code(sig))
     except (RuntimeError, ConnectionError, EOFError) as exc:
         # A dead DataLoader worker's error that torch's SIGCHLD handler raised in the moment before Trainer.fit's
         # cleanup took the handler back: the step and the checkpoint are not known here.

@@ -7,16 +7,33 @@ from pathlib import Path
 # to `pip install -e .` from, and Python puts only this script's folder (launch/) on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_mnist.errors import INTERRUPTED_EARLY  # noqa: E402  (imports nothing)
+import os  # noqa: E402
+import signal  # noqa: E402
 
-try:  # `import torch` takes seconds: a Ctrl-C there is one line too, not the import machinery's traceback
+# Both import only the standard library's small modules: nothing that takes time.
+from dist_mnist.console import rank_line  # noqa: E402
+from dist_mnist.errors import (  # noqa: E402
+    Terminated,
+    interrupted_early,
+    raise_terminated,
+    signal_exit_code,
+    stop_signal,
+)
+
+# A SIGTERM (torchrun's, a scheduler's) raises Terminated from here on, as a Ctrl-C raises KeyboardInterrupt, so it
+# too ends in one line; main() takes it over. An inherited SIG_IGN (nohup-like wrappers) is left alone.
+if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+try:  # `import torch` takes seconds: a stop signal there is one line too, not the import machinery's traceback
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from dist_mnist.shutdown import end_process
     from dist_mnist.train import main
-except KeyboardInterrupt:
-    sys.stderr.write(f"error: {INTERRUPTED_EARLY}\n")
-    sys.exit(130)
+except (KeyboardInterrupt, Terminated) as exc:
+    stopped_by = stop_signal(exc)
+    rank_line(os.environ.get("RANK", "0"), "error", interrupted_early(stopped_by))  # as main() words it later
+    sys.exit(signal_exit_code(stopped_by))
 
 if __name__ == "__main__":
     # @record writes a crashing worker's traceback to torchrun's error file, so the agent can report it. A run that

@@ -428,6 +428,37 @@ def test_second_signal_exits_at_once(case: str) -> None:
     assert result.returncode == -getattr(signal, insist)
 
 
+OUTSIDE_THE_LOOP_SCRIPT = """
+import os, signal, time
+from dist_mnist.errors import Terminated
+from dist_mnist.shutdown import REPEAT_GRACE_S, failure_path
+with failure_path:
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        print("not raised", flush=True)
+    except Terminated:
+        print("raised", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # the copy torchrun forwards a moment later: not a second Terminated
+    time.sleep(0.1)
+    print("noted", flush=True)
+    time.sleep(REPEAT_GRACE_S + 0.1)
+    os.kill(os.getpid(), signal.SIGTERM)  # someone insisting while the first one's cleanup hangs: ended at once
+    time.sleep(30)
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.scenario
+@pytest.mark.timeout(120)
+def test_sigterm_outside_the_loop_raises_terminated_once_then_a_later_one_exits_at_once() -> None:
+    # Outside the training loop's stop handler (start-up, the summary) a SIGTERM ended the process silently by its
+    # default action; it now raises Terminated, which main() turns into one line (tests/test_faults.py).
+    result = LiveRun([sys.executable, "-c", OUTSIDE_THE_LOOP_SCRIPT]).result(timeout=60)
+    assert result.stdout.splitlines() == ["raised", "noted"]
+    assert result.returncode == -signal.SIGTERM
+
+
 FAILING_RANK_SCRIPT = """
 import os, signal, sys
 import dist_mnist.train as train

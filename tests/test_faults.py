@@ -34,7 +34,7 @@ from dist_mnist import agreement, collectives
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from dist_mnist.config import TrainConfig
 from dist_mnist.durable import write_failed
-from dist_mnist.errors import UserError
+from dist_mnist.errors import Terminated, UserError
 from dist_mnist.metrics import RunWriter
 from dist_mnist.rundir import LOCK_FILE, _choose_run_dir
 
@@ -518,45 +518,55 @@ def test_a_full_disk_under_torchrun_restarts_says_the_restart_fails_the_same_way
     assert "Free space there, then rerun the same command" in str(write_failed(tmp_path / "metrics.jsonl", None, full))
 
 
-# Sends this process SIGINT, as a Ctrl-C does, while it reads a data file whose name holds
-# $DIST_MNIST_TEST_SIGINT: a point of start-up reached every time, with no sleep to guess.
-SIGINT_HOOK = """
+# Sends this process the signal named by $DIST_MNIST_TEST_SIGNAL (SIGINT, as a Ctrl-C does, or SIGTERM, as torchrun,
+# Slurm or Kubernetes do) while it reads a data file whose name holds $DIST_MNIST_TEST_SIGNAL_AT: a point of start-up
+# reached every time, with no sleep to guess.
+SIGNAL_HOOK = """
 import os, pathlib, signal
 # A test run may inherit SIGINT ignored (a background job of a non-interactive shell, as `bash .ci/run &` is), and
 # Python then leaves it ignored: give the process the handler it has on a terminal, where a user presses Ctrl-C.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-_target, _read_bytes = os.environ.get("DIST_MNIST_TEST_SIGINT"), pathlib.Path.read_bytes
+_signal = getattr(signal, os.environ.get("DIST_MNIST_TEST_SIGNAL", "SIGINT"))
+_target, _read_bytes = os.environ.get("DIST_MNIST_TEST_SIGNAL_AT"), pathlib.Path.read_bytes
 def _read_bytes_interrupted(self):
     if _target and _target in self.name:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), _signal)
     return _read_bytes(self)
 pathlib.Path.read_bytes = _read_bytes_interrupted
 import sys
-class _InterruptImport:  # a SIGINT as the module named by DIST_MNIST_TEST_SIGINT_IMPORT begins to import
+class _InterruptImport:  # the signal as the module named by DIST_MNIST_TEST_SIGNAL_IMPORT begins to import
     def find_spec(self, name, path=None, target=None):
-        if name == os.environ.get("DIST_MNIST_TEST_SIGINT_IMPORT"):
-            os.kill(os.getpid(), signal.SIGINT)
+        if name == os.environ.get("DIST_MNIST_TEST_SIGNAL_IMPORT"):
+            os.kill(os.getpid(), _signal)
         return None
 sys.meta_path.insert(0, _InterruptImport())
 """
+# The stop signals, with the shell's exit code for each.
+STOP_SIGNALS = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def interrupted_early_line(name: str) -> str:
+    return (f"error: interrupted ({name}) during start-up, before the first step; this process wrote nothing to "
+            "resume from: rerun the same command to start again (a run with checkpoints resumes from them)\n")
 
 
 @pytest.mark.scenario
 @pytest.mark.timeout(180)
-def test_ctrl_c_during_start_up_is_one_line_exit_130_and_the_same_command_starts_again(
-        tmp_path: Path, mnist_dir: Path) -> None:
+@pytest.mark.parametrize("name", STOP_SIGNALS)
+def test_a_stop_signal_during_start_up_is_one_line_and_the_same_command_starts_again(
+        tmp_path: Path, mnist_dir: Path, name: str) -> None:
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGINT_HOOK)
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
     flags = ["--data-dir", str(mnist_dir), "--no-download", "--no-tensorboard", "--batch-size", "16",
              "--max-steps", "2", "--peak-tflops", "1", "--output-dir", str(tmp_path / "out"), "--run-name", "early"]
     interrupted = run([sys.executable, TRAIN_SCRIPT, *flags],
-                      env=cpu_env(PYTHONPATH=f"{hook}{os.pathsep}{REPO}",
-                                  DIST_MNIST_TEST_SIGINT="train-images-idx3-ubyte"))
-    assert interrupted.returncode == 130  # the shell's code for an end by SIGINT
-    assert interrupted.stderr == (
-        "error: interrupted (SIGINT) during start-up, before the first step; this process wrote nothing to resume "
-        "from: rerun the same command to start again (a run with checkpoints resumes from them)\n")
+                      env=cpu_env(PYTHONPATH=f"{hook}{os.pathsep}{REPO}", DIST_MNIST_TEST_SIGNAL=name,
+                                  DIST_MNIST_TEST_SIGNAL_AT="train-images-idx3-ubyte"))
+    # The shell's code for an end by that signal, as the signal's default action gives, and one line instead of none
+    # (SIGTERM's default action) or a traceback.
+    assert interrupted.returncode == STOP_SIGNALS[name]
+    assert interrupted.stderr == interrupted_early_line(name)
     assert interrupted.stdout == ""
     # As the line says; in this process: the exit status that matters is the interrupted one's, and a leftover that
     # blocks a new start (a held run folder) blocks main() here alike.
@@ -565,31 +575,37 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130_and_the_same_command_starts
 
 @pytest.mark.scenario
 @pytest.mark.timeout(120)
-def test_ctrl_c_while_launch_train_imports_torch_is_the_same_one_line(tmp_path: Path) -> None:
-    """The first seconds of every launch are launch/train.py's imports (torch's most of all), before main() runs."""
+@pytest.mark.parametrize(("name", "rank"), [("SIGINT", "0"), ("SIGTERM", "1")])
+def test_a_stop_signal_while_launch_train_imports_torch_is_the_same_one_line(tmp_path: Path, name: str,
+                                                                             rank: str) -> None:
+    """The first seconds of every launch are launch/train.py's imports (torch's most of all), before main() runs.
+    torchrun's SIGTERM reaches every worker there, and each says which rank it is, as main() would."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGINT_HOOK)
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
     interrupted = run([sys.executable, TRAIN_SCRIPT, *SMOKE_FLAGS, "--output-dir", str(tmp_path / "out")],
-                      env=cpu_env(PYTHONPATH=str(hook), DIST_MNIST_TEST_SIGINT_IMPORT="dist_mnist.train"))
-    assert interrupted.returncode == 130
-    assert interrupted.stderr == (
-        "error: interrupted (SIGINT) during start-up, before the first step; this process wrote nothing to resume "
-        "from: rerun the same command to start again (a run with checkpoints resumes from them)\n")
+                      env=cpu_env(PYTHONPATH=str(hook), DIST_MNIST_TEST_SIGNAL=name, RANK=rank,
+                                  DIST_MNIST_TEST_SIGNAL_IMPORT="dist_mnist.train"))
+    assert interrupted.returncode == STOP_SIGNALS[name]
+    assert interrupted.stderr == ("" if rank == "0" else f"[rank {rank}] ") + interrupted_early_line(name)
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_after_the_run_files_or_while_finishing_says_what_is_on_disk(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("name", STOP_SIGNALS)
+def test_a_stop_signal_after_the_run_files_or_while_finishing_says_what_is_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str) -> None:
     def interrupt(*args: object, **kwargs: object) -> None:
-        raise KeyboardInterrupt  # what Python's SIGINT handler raises wherever the main thread is
+        # What Python's SIGINT handler, and main()'s SIGTERM handler (shutdown.FailurePath), raise wherever the main
+        # thread is.
+        raise KeyboardInterrupt if name == "SIGINT" else Terminated
 
     flags = [*SMOKE_FLAGS, "--max-steps", "6", "--output-dir", str(tmp_path)]
+    code = STOP_SIGNALS[name]
     # Past config.json, before the loop's stop handler is in place (make_profiler is the loop's last set-up).
     monkeypatch.setattr(train_module, "make_profiler", interrupt)
-    assert train_module.main([*flags, "--run-name", "started"]) == 130
+    assert train_module.main([*flags, "--run-name", "started"]) == code
     assert capsys.readouterr().err == (
-        "error: interrupted (SIGINT) during start-up, before the first step but after writing the run's "
+        f"error: interrupted ({name}) during start-up, before the first step but after writing the run's "
         "config.json; the run has no checkpoint yet: start it again under a new --run-name (a run folder without a "
         "checkpoint is not reused)\n")
     monkeypatch.undo()
@@ -598,18 +614,18 @@ def test_ctrl_c_after_the_run_files_or_while_finishing_says_what_is_on_disk(
     capsys.readouterr()
     monkeypatch.setattr(train_module, "make_profiler", interrupt)
     assert train_module.main([*SMOKE_FLAGS, "--max-steps", "12", "--output-dir", str(tmp_path), "--run-name",
-                              "resumed"]) == 130
+                              "resumed"]) == code
     resumed_from = tmp_path / "resumed" / "checkpoints" / "step00000006.pt"
     assert capsys.readouterr().err == (
-        "error: interrupted (SIGINT) during start-up, before the first step but after writing the run's "
+        f"error: interrupted ({name}) during start-up, before the first step but after writing the run's "
         f"config.json; the last checkpoint is {resumed_from}: rerun the same command to resume\n")
     monkeypatch.undo()
     # After the loop, its last checkpoint written: finish() calls rank_stats early on.
     monkeypatch.setattr(train_module, "rank_stats", interrupt)
-    assert train_module.main([*flags, "--run-name", "finishing"]) == 130
+    assert train_module.main([*flags, "--run-name", "finishing"]) == code
     last = tmp_path / "finishing" / "checkpoints" / "step00000006.pt"
     assert capsys.readouterr().err == (
-        "error: interrupted (SIGINT) after step 6, while the run was finishing (its summary may be missing); the "
+        f"error: interrupted ({name}) after step 6, while the run was finishing (its summary may be missing); the "
         f"last checkpoint is {last}\n")
     assert load_checkpoint(last)["train_state"]["step"] == 6
 
