@@ -92,6 +92,11 @@ def capture_cuda_graph(body: Callable[[], None]) -> Callable[[], None]:
         # leave the capture stream current for the eager steps; and its "operation failed due to a previous error
         # during capture" hides the operation that broke the capture, which is the error it was raised during.
         torch.cuda.set_stream(caller)
+        # Only a capture that ends well takes the device's generator out of capture mode: after a failed one the
+        # first eager dropout would raise "Offset increment outside graph capture encountered unexpectedly". A copy
+        # of its state is a state out of capture mode; TrainingSnapshot.restore sets its seed and offset after this.
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        generator.graphsafe_set_state(generator.clone_state())
         cause = exc.__context__ if isinstance(exc.__context__, RuntimeError) else exc
         raise RuntimeError(str(cause)) from exc
     return graph.replay

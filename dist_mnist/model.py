@@ -17,8 +17,9 @@ class MnistCNN(nn.Module):
     a max, so the output is the same up to where the bias is rounded in (tests/test_model.py), and the bias add,
     the ReLU, their backward and the bias gradient's sum no longer run over the network's largest activation. In
     the H200's batch-512 step those four took 13% of the GPU time; on the 2-core CPU the reordered step is faster
-    too (docs/benchmarks.md, "The step's layout and order"). Under bf16 autocast the difference is bf16 rounding
-    where the convolution fused its bias (oneDNN on CPU; PyTorch adds cuDNN's in a kernel of its own anyway).
+    too (docs/benchmarks.md, "The step's layout and order"). Under bf16 autocast the bias is rounded to bf16, as
+    autocast rounds a convolution's, and the difference is where the add is rounded: the convolution fused its bias
+    (oneDNN on CPU; PyTorch adds cuDNN's in a kernel of its own anyway).
     """
 
     def __init__(self) -> None:
@@ -35,7 +36,9 @@ class MnistCNN(nn.Module):
         x = F.max_pool2d(F.conv2d(x, self.conv2.weight), 2)  # = max_pool2d(relu(conv2(x))) before bias and ReLU
         # nn.Conv2d types its bias as optional; conv2 has one (bias=True, the default). A cast costs the step nothing.
         bias = cast(torch.Tensor, self.conv2.bias)
-        x = F.relu(x + bias.view(1, -1, 1, 1))
+        # In the activations' dtype, as autocast casts a convolution's bias: `+` is no autocast op, so an fp32 bias
+        # would promote the add, the ReLU, dropout and their backward to fp32 until fc1 casts back.
+        x = F.relu(x + bias.to(x.dtype).view(1, -1, 1, 1))
         x = self.dropout1(x)
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))

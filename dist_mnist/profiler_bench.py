@@ -226,26 +226,31 @@ def measure_profiler_overhead(cfg: TrainConfig, ctx: DistContext, batch_sizes: l
     per stretch}}, named in "sets" ("batch 16 (graph replays)").
 
     The arrangements take turns, `rounds` times, so a change in the machine's load hits them all alike; those that
-    leave CUPTI subscribed (and the baseline that checks what they leave) take their turns after all others.
+    leave CUPTI subscribed (and the baseline that checks what they leave) take their turns after all others, of every
+    set: the first arrangements of a later set would otherwise run with CUPTI still subscribed by the set before.
     """
     settings = resolve_speed_settings(cfg, ctx.device)
     results: dict[str, Any] = {"before_steps": before, "window_steps": WARMUP + ACTIVE, "after_steps": after,
                                "rounds": rounds, "clock": "wall" if ctx.device.type == "cuda" else "process CPU",
                                "arrangements": {a.name: a.suspect for a in arrangements}, "sets": {}}
     last = next((i for i, a in enumerate(arrangements) if not a.teardown_cupti), len(arrangements))
+    sets: list[tuple[str, StepFn, Iterator[tuple[torch.Tensor, torch.Tensor]]]] = []
+    for batch_size in batch_sizes:
+        batches = _batches(batch_size, ctx.device)
+        for suffix, label, step in steps_to_time(dataclasses.replace(cfg, batch_size=batch_size), ctx, settings):
+            key = f"batch_{batch_size}{suffix}"
+            results["sets"][key] = f"batch {batch_size} ({label})"
+            sets.append((key, step, batches))
+    stretches = {key: {a.name: Stretches() for a in arrangements} for key, _, _ in sets}
     with tempfile.TemporaryDirectory(prefix="dist_mnist_profiler_bench_") as tmp:
-        for batch_size in batch_sizes:
-            batches = _batches(batch_size, ctx.device)
-            for suffix, label, step in steps_to_time(dataclasses.replace(cfg, batch_size=batch_size), ctx, settings):
-                key = f"batch_{batch_size}{suffix}"
-                stretches = {a.name: Stretches() for a in arrangements}
-                for group in (arrangements[:last], arrangements[last:]):
-                    for turn in range(rounds):
-                        for a in group:
-                            measure_arrangement(a, cfg, ctx, step, batches, before, after,
-                                                Path(tmp) / f"{key}-{a.name}-{turn}", stretches[a.name])
-                results[key] = {name: t.medians_ms() for name, t in stretches.items()}
-                results["sets"][key] = f"batch {batch_size} ({label})"
+        for group in (arrangements[:last], arrangements[last:]):
+            for key, step, batches in sets:
+                for turn in range(rounds):
+                    for a in group:
+                        measure_arrangement(a, cfg, ctx, step, batches, before, after,
+                                            Path(tmp) / f"{key}-{a.name}-{turn}", stretches[key][a.name])
+    for key, _, _ in sets:
+        results[key] = {name: t.medians_ms() for name, t in stretches[key].items()}
     return results
 
 

@@ -332,8 +332,8 @@ def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_prints_the_table_a
                             capture_output=True, text=True, timeout=100)
     skipped = set(re.findall(r"^SKIP (\w+): \d+ s of the GPU_CHECK_BUDGET_S budget left", result.stdout, re.M))
     script = (REPO / "launch" / "gpu_check.sh").read_text()
-    launched = set(re.findall(r"^\s*(?:\[ .* \] \|\| )?(?:smoke|timed) (\w+) \d+\b", script, re.M))
-    assert {"default", "ours_1epoch", "bench", "compile", "profile", "profiler_bench"} <= launched
+    launched = set(re.findall(r"^\s*(?:\[ .* \] \|\| )?(?:\S+=\S+ )?(?:smoke|timed) (\w+) \d+\b", script, re.M))
+    assert {"default", "ours_1epoch", "bench", "capture_fails", "compile", "profile", "profiler_bench"} <= launched
     sweep = {name for name in skipped if name.startswith("sweep_")}
     assert sweep and skipped - sweep == launched - {"classic_1epoch"}  # no main.py given: skipped for that reason
     assert not (out / "runs").exists()

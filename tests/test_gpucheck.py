@@ -248,9 +248,11 @@ def test_every_training_command_of_gpu_check_is_accepted() -> None:
               for name, body in re.findall(r"^(\w+)=\((.*?)\)$", script, re.MULTILINE | re.DOTALL)}
     commands = []
     for line in script.splitlines():
-        if not line.startswith("smoke "):  # the runs named in the script (the loops' names are variables)
+        # The runs named in the script (the loops' names are variables), some after an environment assignment.
+        if not re.match(r"(\S+=\S+ )?smoke ", line):
             continue
         words = shlex.split(line.split("  #")[0])
+        words = words[1:] if "=" in words[0] else words
         if not words[1].startswith("$"):
             flags: list[str] = []
             for word in words[3:]:
@@ -260,7 +262,8 @@ def test_every_training_command_of_gpu_check_is_accepted() -> None:
     for candidate in arrays["candidates"]:
         name, *flags = candidate.split()
         commands.append((f"sweep_{name}", [*flags, "--stop-at-accuracy", "0.99", "--no-tensorboard"]))
-    assert {"default", "fp16", "graphs_resume", "profile", "compile", "sweep_b256_e3"} <= {n for n, _ in commands}
+    assert {"default", "fp16", "graphs_resume", "capture_fails", "profile", "compile", "sweep_b256_e3"} <= {
+        n for n, _ in commands}
     for name, flags in commands:
         assert not any("$" in flag for flag in flags), (name, flags)
         # What `smoke` adds before them (its --data-dir and --output-dir are the machine's).

@@ -120,3 +120,17 @@ def test_flops_per_sample_are_counted_on_the_meta_device_as_a_real_pass_counts_t
     assert flops_per_sample(model) == real == 71_565_312
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_activations_after_the_pool_stay_in_the_autocast_dtype() -> None:
+    """The bias added after the pool is an fp32 parameter and `+` is no autocast op: added as it is, it would turn
+    the add, the ReLU, dropout and their backward into fp32 work between two bf16 layers."""
+    model = MnistCNN()
+    dtypes: list[torch.dtype] = []
+    model.dropout1.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(4, 1, 28, 28))
+    logits.float().sum().backward()
+    assert dtypes == [torch.bfloat16]
+    assert model.conv2.bias is not None and model.conv2.bias.grad is not None
+    assert model.conv2.bias.grad.dtype == torch.float32  # the parameter and its gradient stay fp32
