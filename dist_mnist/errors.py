@@ -33,18 +33,15 @@ def stop_signal(exc: KeyboardInterrupt | Terminated) -> signal.Signals:
     return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
 
 
-def interruption(exc: BaseException) -> signal.Signals | None:
-    """The stop signal that raised `exc`, None for an exception that is not a stop signal's."""
-    return stop_signal(exc) if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
-
-
 def signal_exit_code(sig: signal.Signals) -> int:
     """The shell's exit code for a process ended by `sig` (130 for SIGINT, 143 for SIGTERM)."""
     return 128 + sig
 
 
-def interrupted_early(sig: signal.Signals) -> str:
-    """The line for a stop signal before a run has written anything (launch/train.py's imports included): the run
+def interrupted_early(exc: KeyboardInterrupt | Terminated) -> UserError:
+    """The error for a stop signal before a run has written anything (launch/train.py's imports included): the run
     folder, if made, is empty, and the same command reuses it."""
-    return (f"interrupted ({sig.name}) during start-up, before the first step; this process wrote nothing to resume "
-            "from: rerun the same command to start again (a run with checkpoints resumes from them)")
+    sig = stop_signal(exc)
+    return UserError(f"interrupted ({sig.name}) during start-up, before the first step; this process wrote nothing "
+                     "to resume from: rerun the same command to start again (a run with checkpoints resumes from "
+                     "them)", exit_code=signal_exit_code(sig))

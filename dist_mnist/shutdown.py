@@ -81,6 +81,11 @@ class FailurePath:
         """The run is failing from here on: called where a failure is first seen, before its line is written."""
         self.failing = True
 
+    @property
+    def _ends_process(self) -> bool:
+        """Whether SIGTERM would have ended the process before this handler: its default, or launch/train.py's."""
+        return self._previous in (signal.SIG_DFL, raise_terminated)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
         if self.failing:
@@ -90,13 +95,13 @@ class FailurePath:
             # that comes later is someone insisting, on a failure path that hangs: it ends the process at once.
             if now - self._noted_at < REPEAT_GRACE_S:
                 return
-        elif self._previous in (signal.SIG_DFL, raise_terminated):  # the signal would have ended the process
+        elif self._ends_process:
             # The failure starts here, so the copy Slurm's or torchrun's SIGTERM is followed by is noted, not a
             # second Terminated in the middle of the first one's cleanup.
             self.failing, self._noted_at = True, now
             raise Terminated
         # What the signal did before this handler was installed; for one that ended the process, at once.
-        if callable(self._previous) and self._previous is not raise_terminated:
+        if callable(self._previous) and not self._ends_process:
             self._previous(signum, frame)
         elif self._previous != signal.SIG_IGN:
             signal.signal(signum, signal.SIG_DFL)

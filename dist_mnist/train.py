@@ -46,7 +46,6 @@ from dist_mnist.errors import (
     Terminated,
     UserError,
     interrupted_early,
-    interruption,
     signal_exit_code,
     stop_signal,
 )
@@ -909,19 +908,20 @@ class Trainer:
         last = self.newest_checkpoint()
         if reason := collectives.lost_data_worker(exc):
             return collectives.lost_data_worker_error(reason, step, last, self.name_to_add)
-        if (sig := interruption(exc)) is None:
+        if not isinstance(exc, (KeyboardInterrupt, Terminated)):
             return None
+        if step is None and "run_files" not in self.startup.phases:
+            return interrupted_early(exc)
+        sig = stop_signal(exc)
         if step is not None:
             # The loop turns SIGINT and SIGTERM into a stop with a checkpoint (preemption.StopRequest): a run that has
             # stepped and still gets one is past its loop, its last checkpoint written.
             message = (f"interrupted ({sig.name}) after step {step}, while the run was finishing (its summary may be "
                        f"missing); {collectives.resume_advice(last)[0]}")
-        elif "run_files" in self.startup.phases:  # config.json and metrics.jsonl are in the run folder
+        else:  # config.json and metrics.jsonl are in the run folder
             kept, rerun = collectives.resume_advice(last, collectives.same_command(self.name_to_add))
             message = (f"interrupted ({sig.name}) during start-up, before the first step but after writing the run's "
                        f"config.json; {kept}: {rerun}")
-        else:
-            message = interrupted_early(sig)
         return UserError(message, exit_code=signal_exit_code(sig))
 
     def at_max_steps(self) -> bool:
@@ -1177,8 +1177,8 @@ def _main(argv: list[str] | None) -> int:
     except UserError as exc:
         return report_failure(rank, str(exc), exc.exit_code)
     except (KeyboardInterrupt, Terminated) as exc:  # before the Trainer's loop (Trainer.failure_line words those after)
-        sig = stop_signal(exc)
-        return report_failure(rank, interrupted_early(sig), signal_exit_code(sig))
+        error = interrupted_early(exc)
+        return report_failure(rank, str(error), error.exit_code)
     except (RuntimeError, ConnectionError, EOFError) as exc:
         # A dead DataLoader worker's error that torch's SIGCHLD handler raised in the moment before Trainer.fit's
         # cleanup took the handler back: the step and the checkpoint are not known here.

@@ -16,8 +16,6 @@ from dist_mnist.errors import (  # noqa: E402
     Terminated,
     interrupted_early,
     raise_terminated,
-    signal_exit_code,
-    stop_signal,
 )
 
 # A SIGTERM (torchrun's, a scheduler's) raises Terminated from here on, as a Ctrl-C raises KeyboardInterrupt, so it
@@ -31,9 +29,9 @@ try:  # `import torch` takes seconds: a stop signal there is one line too, not t
     from dist_mnist.shutdown import end_process
     from dist_mnist.train import main
 except (KeyboardInterrupt, Terminated) as exc:
-    stopped_by = stop_signal(exc)
-    rank_line(os.environ.get("RANK", "0"), "error", interrupted_early(stopped_by))  # as main() words it later
-    sys.exit(signal_exit_code(stopped_by))
+    error = interrupted_early(exc)
+    rank_line(os.environ.get("RANK", "0"), "error", str(error))  # as main() words it later
+    sys.exit(error.exit_code)
 
 if __name__ == "__main__":
     # @record writes a crashing worker's traceback to torchrun's error file, so the agent can report it. A run that
