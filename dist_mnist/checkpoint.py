@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from dist_mnist.argtypes import on_off
 from dist_mnist.durable import write_durably
 from dist_mnist.errors import UserError
+from dist_mnist.runfiles import CHECKPOINTS_DIR
 
 FORMAT_VERSION = 2  # 2: one entry per stateful part (model, optimizer, ..., train_state, clock)
 _NAME = re.compile(r"^step(\d{8})\.pt$")
@@ -142,7 +143,7 @@ class BackgroundWriter:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True: tensors and plain containers only, so a crafted pickle is refused, never run."""
     if path.is_dir():
-        newest = list_checkpoints(path) or list_checkpoints(path / "checkpoints")  # a checkpoints or a run folder
+        newest = list_checkpoints(path) or list_checkpoints(path / CHECKPOINTS_DIR)  # a checkpoints or a run folder
         hint = (f"a checkpoint file in it (the newest is {newest[0].relative_to(path)})" if newest
                 else "a checkpoint file")
         raise UserError(f"checkpoint {path} is a folder; give {hint}, or --resume auto for this run's own newest")

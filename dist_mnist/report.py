@@ -17,7 +17,7 @@ from dist_mnist.metrics import format_eval
 from dist_mnist.plots import write_run_picture
 from dist_mnist.profiling import format_summary
 from dist_mnist.progress import PROGRESS_FILE
-from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE
+from dist_mnist.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 PICTURE_FILE = "report.png"
 # The fields the picture reads from each record.
@@ -61,7 +61,7 @@ def _not_a_run_folder(path: Path) -> str:
         runs = sorted(child.name for child in path.iterdir() if (child / SUMMARY_FILE).is_file())
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror or exc}"
-    if runs and not (path / "config.json").is_file():
+    if runs and not (path / CONFIG_FILE).is_file():
         shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
         return (f"{path} is not a run folder but holds run folders ({shown}), as --output-dir does; pass one of "
                 f"them, e.g. {path / runs[-1]}")
@@ -135,7 +135,7 @@ def picture(run_dir: Path) -> Path:
 
 
 def _read_config(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG_FILE
     text = _read_text(path)
     if text is None:
         return None

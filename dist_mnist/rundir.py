@@ -19,13 +19,14 @@ from dist_mnist.distributed import DistContext
 from dist_mnist.durable import missing_folders, remove_empty_folders, write_durably, write_failed
 from dist_mnist.errors import UserError
 from dist_mnist.restarts import torchrun_restarts
+from dist_mnist.runfiles import CHECKPOINTS_DIR
 
 # In the run folder; it holds who has the folder ("PID 1234 on host node7 (job 99) since ..."), for the refusal.
 LOCK_FILE = ".lock"
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
-    return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints"
+    return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / CHECKPOINTS_DIR
 
 
 def _ensure_writable(folder: Path, flag: str) -> None:

@@ -73,7 +73,7 @@ from dist_mnist.profiling import (
 from dist_mnist.progress import Progress
 from dist_mnist.restarts import restart_advice, torchrun_restarts
 from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
-from dist_mnist.runfiles import SUMMARY_FILE
+from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE
 from dist_mnist.shutdown import failure_path
 from dist_mnist.startup import StartupTimer
 
@@ -948,7 +948,7 @@ class Trainer:
             **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}
 
         def write_run_files() -> None:
-            self.writer.write_json("config.json", {**cfg.to_json(), "resolved": resolved})
+            self.writer.write_json(CONFIG_FILE, {**cfg.to_json(), "resolved": resolved})
             self.writer.reset_metrics(state.metrics)
             # An earlier process of the run (one that restarted from step 0 too) may have written TensorBoard records
             # past this step.

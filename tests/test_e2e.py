@@ -39,7 +39,13 @@ from conftest import (
 
 import dist_mnist.train as train_module
 from dist_mnist import console, shutdown
+from dist_mnist.checkpoint import checkpoint_path
+from dist_mnist.collectives import FLIGHT_RECORDER_FOLDER
 from dist_mnist.data import MNIST_FILES, mnist_raw_dir
+from dist_mnist.progress import PROGRESS_FILE
+from dist_mnist.report import PICTURE_FILE
+from dist_mnist.rundir import LOCK_FILE
+from dist_mnist.runfiles import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TRACES_DIR
 
 SMOKE_TEST_SIZE = 203  # what SMOKE_FLAGS make: odd, so neither 2 nor 3 ranks divide it
 MAX_STEPS = 12
@@ -49,8 +55,35 @@ RECORD_KEYS = {"epoch", "step", "train_loss", "test_loss", "test_accuracy", "tes
 
 
 def test_the_readme_names_exactly_the_keys_of_a_metrics_record() -> None:
-    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `metrics.jsonl` |"))
+    row = next(line for line in (REPO / "README.md").read_text().splitlines()
+               if line.startswith(f"| `{METRICS_FILE}` |"))
     assert set(re.findall(r"`(\w+)`", row)) == RECORD_KEYS
+
+
+def readme_run_files() -> dict[str, re.Pattern[str]]:
+    """The README's "Run output" table: each row's file (a path inside the run folder) and a pattern of the names
+    it stands for (`<N>` a rank, `<ns>` a time, `NNNNNNNN` a step, `*` anything)."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("\n| file | what |\n|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    names = [re.match(r"^\| `([^`]+)` \|", line) for line in table.splitlines()]
+    assert all(names), table
+    wildcards = {re.escape("<N>"): r"\d+", re.escape("<ns>"): r"\d+", "NNNNNNNN": r"\d{8}", re.escape("*"): ".+"}
+    patterns = {}
+    for name in (match.group(1) for match in names if match):
+        pattern = re.escape(name)
+        for wildcard, regex in wildcards.items():
+            pattern = pattern.replace(wildcard, regex)
+        patterns[name] = re.compile(pattern)
+    return patterns
+
+
+def test_the_readme_run_files_table_names_the_files_the_code_writes() -> None:
+    rows = readme_run_files()
+    for name in (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, PROGRESS_FILE, PICTURE_FILE, LOCK_FILE):
+        assert name in rows, name
+    assert {row.split("/", 1)[0] for row in rows if "/" in row} == {TRACES_DIR, CHECKPOINTS_DIR, FLIGHT_RECORDER_FOLDER}
+    checkpoint = checkpoint_path(Path(CHECKPOINTS_DIR), 12).as_posix()
+    assert any(pattern.fullmatch(checkpoint) for pattern in rows.values()), checkpoint
 
 
 @dataclass
@@ -131,6 +164,17 @@ def test_torchrun_two_processes_write_the_run_files(torchrun_two: Run) -> None:
     # The ranks run this interpreter (conftest's torchrun is sys.executable's): what a comparison of runs needs.
     assert (resolved["python"], resolved["torch"]) == (platform.python_version(), torch.__version__)
     assert resolved["cuda"] is None and resolved["gpu"] is None  # a CPU run names no CUDA or GPU
+
+
+@pytest.mark.timeout(200)
+def test_every_file_a_run_writes_is_a_row_of_the_readme_table(torchrun_two: Run, two_epochs: Run) -> None:
+    """A file the code starts writing into the run folder without a word in the README fails here: two ranks with
+    checkpoints, and a run with TensorBoard's event file."""
+    patterns = readme_run_files().values()
+    for each in (torchrun_two, two_epochs):
+        written = [path.relative_to(each.run_dir).as_posix() for path in each.run_dir.rglob("*") if path.is_file()]
+        assert len(written) >= 5
+        assert [name for name in written if not any(p.fullmatch(name) for p in patterns)] == []
 
 
 @pytest.mark.timeout(200)

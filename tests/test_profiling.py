@@ -494,7 +494,9 @@ def test_tensorboard_scalars_sit_next_to_the_traces(profiled_run: tuple[Path, Re
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("which", ["profiled_run", "plain_run"])
+# The plain run is there for what DDP's default hook puts on the wire (fp32 gradients): gradient sync, which CI's
+# first pass, under the GPU machines' torch, leaves to the second (`multirank`).
+@pytest.mark.parametrize("which", ["profiled_run", pytest.param("plain_run", marks=pytest.mark.multirank)])
 def test_summary_explains_the_step_time_of_every_rank(which: str, request: pytest.FixtureRequest) -> None:
     run_dir, result = request.getfixturevalue(which)
     summary = json.loads((run_dir / "summary.json").read_text())

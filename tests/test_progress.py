@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE_FLAGS
+from conftest import REPO, SMOKE_FLAGS
 
 import dist_mnist.train as train_module
 from dist_mnist.console import rank_line, warnings_end_open_line
@@ -115,6 +116,14 @@ def test_progress_jsonl_has_the_documented_schema(tmp_path: Path) -> None:
     assert list(record) == list(SCHEMA)
     assert all(type(record[key]) is kind for key, kind in SCHEMA.items()), record
     assert (record["step_time_ms"], record["data_wait_share"]) == (pytest.approx(100.0), pytest.approx(0.1))
+
+
+def test_the_readme_names_exactly_the_keys_of_a_progress_record_in_order() -> None:
+    """README, "Run output": the progress.jsonl row lists "exactly these keys", in the order a record has them."""
+    row = next(line for line in (REPO / "README.md").read_text().splitlines()
+               if line.startswith(f"| `{PROGRESS_FILE}` |"))
+    named = [word for word in re.findall(r"`(\w+)`", row) if word != "null"]  # null: a value, not a key
+    assert named == list(SCHEMA)
 
 
 def test_restart_keeps_records_up_to_the_resumed_step(tmp_path: Path) -> None:
