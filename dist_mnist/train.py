@@ -888,8 +888,17 @@ class Trainer:
             try:
                 self.resume_and_train()
             except BaseException as exc:
+                try:  # the run is ending: no second error mid-cleanup
+                    collectives.stop_raising_for_lost_data_workers()
+                except RuntimeError as late:
+                    # torch's SIGCHLD handler raised as the call began (a Python handler runs at a function's
+                    # entry): a killed worker broke its batch's connection, the loop failed with that, and its
+                    # SIGCHLD came a moment later. `exc` already says so; raised on, this error lost the step and
+                    # the checkpoint from the line (main's wording). The handler is still in place: again.
+                    if collectives.lost_data_worker(late) is None:
+                        raise
+                    collectives.stop_raising_for_lost_data_workers()
                 failure_path.begin()
-                collectives.stop_raising_for_lost_data_workers()  # the run is ending: no second error mid-cleanup
                 # rank_line's error line ends an open progress line itself; a traceback (an error not ours to word)
                 # and the write's warning below do not.
                 self.progress.end_line()

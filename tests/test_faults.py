@@ -716,6 +716,40 @@ def test_a_worker_lost_while_a_checkpoint_is_submitted_names_that_checkpoint(
                                             "--num-workers to resume\n")
 
 
+def test_a_dead_workers_signal_that_comes_as_the_failure_is_handled_still_gets_the_trainers_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A killed worker first breaks its batch's connection (the loop fails with that), and torch's SIGCHLD handler
+    raises its error a moment later, as Trainer.fit begins to take the handler back. That second error used to leave
+    fit unworded and main's line lacked the step and the checkpoint (CI, 2026-11-29): the line is fit's."""
+    death = "DataLoader worker (pid 4242) is killed by signal: Killed. "
+    submit = checkpoint_module.BackgroundWriter.submit
+
+    def submit_then_lose_the_worker(self: Any, data: bytes, folder: Path, step: int, *args: Any) -> Any:
+        written = submit(self, data, folder, step, *args)
+        if step == 4:
+            raise RuntimeError(death)
+        return written
+
+    take_back = collectives.stop_raising_for_lost_data_workers
+    calls: list[int] = []
+
+    def signal_at_the_first_call() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(death)
+        take_back()
+
+    monkeypatch.setattr(checkpoint_module.BackgroundWriter, "submit", submit_then_lose_the_worker)
+    monkeypatch.setattr(collectives, "stop_raising_for_lost_data_workers", signal_at_the_first_call)
+    assert train_module.main([*SMOKE_FLAGS, "--max-steps", "8", "--checkpoint-every", "2", "--output-dir",
+                              str(tmp_path), "--run-name", "lost"]) == 1
+    written = tmp_path / "lost" / "checkpoints" / "step00000004.pt"
+    err = capsys.readouterr().err
+    assert "a DataLoader worker of this process died after step 4 (" in err and len(calls) == 2
+    assert err.endswith(f"; the last checkpoint is {written}. Then rerun the command with a lower --num-workers to "
+                        "resume\n")
+
+
 def test_a_worker_lost_outside_the_trainer_under_torchrun_restarts_is_left_to_the_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """main's own line for a dead worker whose error torch's SIGCHLD handler raised before Trainer.fit took the
