@@ -27,6 +27,12 @@ SMOKE_FLAGS = ["--dataset", "synthetic", "--synthetic-train-size", "512", "--syn
                "--no-tensorboard"]
 
 
+def readme_table_row(first_cell: str) -> str:
+    """The README line of a table whose row starts with the code-formatted `first_cell` (a run file's name)."""
+    return next(line for line in (REPO / "README.md").read_text().splitlines()
+                if line.startswith(f"| `{first_cell}` |"))
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: CPU only, one thread per rank, loopback networking, no downloads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "RANK", "LOCAL_RANK",

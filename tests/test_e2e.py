@@ -30,6 +30,7 @@ from conftest import (
     Result,
     cpu_env,
     make_mnist_dir,
+    readme_table_row,
     real_mnist_dir,
     run,
     torchrun,
@@ -55,9 +56,7 @@ RECORD_KEYS = {"epoch", "step", "train_loss", "test_loss", "test_accuracy", "tes
 
 
 def test_the_readme_names_exactly_the_keys_of_a_metrics_record() -> None:
-    row = next(line for line in (REPO / "README.md").read_text().splitlines()
-               if line.startswith(f"| `{METRICS_FILE}` |"))
-    assert set(re.findall(r"`(\w+)`", row)) == RECORD_KEYS
+    assert set(re.findall(r"`(\w+)`", readme_table_row(METRICS_FILE))) == RECORD_KEYS
 
 
 def readme_run_files() -> dict[str, re.Pattern[str]]:

@@ -695,19 +695,27 @@ def test_a_killed_dataloader_worker_is_one_line_naming_the_checkpoint_to_resume_
     assert resumed and int(resumed.group(1)) >= step, again.out + again.err[-3000:]
 
 
-def test_a_worker_lost_while_a_checkpoint_is_submitted_names_that_checkpoint(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """torch's SIGCHLD handler raises a dead worker's error wherever the main thread is, also between the start of a
-    checkpoint's write and the save's return: the write completes (Trainer.fit), and the line names that file."""
+WORKER_DEATH = "DataLoader worker (pid 4242) is killed by signal: Killed. "  # torch's SIGCHLD handler's words
+
+
+def lose_the_worker_after_writing_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's SIGCHLD handler raising a dead worker's error right after step 4's checkpoint write was submitted."""
     submit = checkpoint_module.BackgroundWriter.submit
 
     def submit_then_lose_the_worker(self: Any, data: bytes, folder: Path, step: int, *args: Any) -> Any:
         written = submit(self, data, folder, step, *args)
         if step == 4:
-            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+            raise RuntimeError(WORKER_DEATH)
         return written
 
     monkeypatch.setattr(checkpoint_module.BackgroundWriter, "submit", submit_then_lose_the_worker)
+
+
+def test_a_worker_lost_while_a_checkpoint_is_submitted_names_that_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's SIGCHLD handler raises a dead worker's error wherever the main thread is, also between the start of a
+    checkpoint's write and the save's return: the write completes (Trainer.fit), and the line names that file."""
+    lose_the_worker_after_writing_step_4(monkeypatch)
     assert train_module.main([*SMOKE_FLAGS, "--max-steps", "8", "--checkpoint-every", "2", "--output-dir",
                               str(tmp_path), "--run-name", "lost"]) == 1
     written = tmp_path / "lost" / "checkpoints" / "step00000004.pt"
@@ -721,25 +729,16 @@ def test_a_dead_workers_signal_that_comes_as_the_failure_is_handled_still_gets_t
     """A killed worker first breaks its batch's connection (the loop fails with that), and torch's SIGCHLD handler
     raises its error a moment later, as Trainer.fit begins to take the handler back. That second error used to leave
     fit unworded and main's line lacked the step and the checkpoint (CI, 2026-11-29): the line is fit's."""
-    death = "DataLoader worker (pid 4242) is killed by signal: Killed. "
-    submit = checkpoint_module.BackgroundWriter.submit
-
-    def submit_then_lose_the_worker(self: Any, data: bytes, folder: Path, step: int, *args: Any) -> Any:
-        written = submit(self, data, folder, step, *args)
-        if step == 4:
-            raise RuntimeError(death)
-        return written
-
     take_back = collectives.stop_raising_for_lost_data_workers
     calls: list[int] = []
 
     def signal_at_the_first_call() -> None:
         calls.append(1)
         if len(calls) == 1:
-            raise RuntimeError(death)
+            raise RuntimeError(WORKER_DEATH)
         take_back()
 
-    monkeypatch.setattr(checkpoint_module.BackgroundWriter, "submit", submit_then_lose_the_worker)
+    lose_the_worker_after_writing_step_4(monkeypatch)
     monkeypatch.setattr(collectives, "stop_raising_for_lost_data_workers", signal_at_the_first_call)
     assert train_module.main([*SMOKE_FLAGS, "--max-steps", "8", "--checkpoint-every", "2", "--output-dir",
                               str(tmp_path), "--run-name", "lost"]) == 1
@@ -755,7 +754,7 @@ def test_a_worker_lost_outside_the_trainer_under_torchrun_restarts_is_left_to_th
     """main's own line for a dead worker whose error torch's SIGCHLD handler raised before Trainer.fit took the
     handler back: with torchrun restarts left it told the user to rerun what torchrun was already restarting."""
     def lose_the_worker(*args: Any) -> None:
-        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+        raise RuntimeError(WORKER_DEATH)
 
     monkeypatch.setattr(train_module, "run_training", lose_the_worker)
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMOKE_FLAGS
+from conftest import SMOKE_FLAGS, readme_table_row
 
 import dist_mnist.train as train_module
 from dist_mnist.console import rank_line, warnings_end_open_line
@@ -120,8 +120,7 @@ def test_progress_jsonl_has_the_documented_schema(tmp_path: Path) -> None:
 
 def test_the_readme_names_exactly_the_keys_of_a_progress_record_in_order() -> None:
     """README, "Run output": the progress.jsonl row lists "exactly these keys", in the order a record has them."""
-    row = next(line for line in (REPO / "README.md").read_text().splitlines()
-               if line.startswith(f"| `{PROGRESS_FILE}` |"))
+    row = readme_table_row(PROGRESS_FILE)
     named = [word for word in re.findall(r"`(\w+)`", row) if word != "null"]  # null: a value, not a key
     assert named == list(SCHEMA)
 
