@@ -10,11 +10,17 @@ fsynced everything it wrote, joined its threads and destroyed its process group,
 to do for it. The exceptions end the usual way: a failed run (its error path may still hold open files), child
 processes (DataLoader workers, which the teardown stops), and tools that report when the interpreter exits
 (cProfile, profile, coverage, a debugger).
+
+The fast end still runs the `atexit` functions (13-16 ms after a 2-core CPU run): they are Python's contract with a
+program that exits, and skipping them lost work of the standard library's. The semaphores of a DataLoader's worker
+queues are one: multiprocessing registers each with its resource tracker and unlinks it in an exit function, so a
+run with `--num-workers` whose iterator the garbage collector had not yet freed ended with the tracker's "There
+appear to be 2 leaked semaphore objects to clean up at shutdown" warning (1 run in 3 here).
 """
 
 from __future__ import annotations
 
-import logging
+import atexit
 import multiprocessing
 import os
 import signal
@@ -45,13 +51,17 @@ def watched() -> bool:
         for tool in (monitoring.DEBUGGER_ID, monitoring.COVERAGE_ID, monitoring.PROFILER_ID))
 
 
-def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit) -> None:
+def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit,
+                run_exit_functions: Callable[[], None] = atexit._run_exitfuncs) -> None:
     """End the process with exit status `code`: at once after a successful run with no child processes left and
     nothing watching it, else through the interpreter's usual exit (`sys.exit`). None is torchrun's `record` saying
     the run ended in a SystemExit(0) (`--help`): status 0, the usual way."""
     if code != 0 or multiprocessing.active_children() or watched():
         sys.exit(code)
-    logging.shutdown()  # what the teardown would have flushed and closed
+    # What the interpreter's exit runs before its teardown: logging's shutdown (flushes and closes its handlers),
+    # multiprocessing's finalizers (the semaphores above). atexit has no public way to run them; this one is what
+    # CPython's own exit calls, in the module since Python 2.
+    run_exit_functions()
     sys.stdout.flush()
     sys.stderr.flush()
     exit_now(0)
