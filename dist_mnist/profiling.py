@@ -348,6 +348,13 @@ def comm_stats(timed: list[dict[str, float]], comm: list[CommStep] | None) -> di
     }
 
 
+def warmup_steps(timed: int) -> int:
+    """How many of a rank's first timed steps its figures leave out: a fifth, at most 5. The first steps pay for
+    what happens once (DataLoader workers starting, the first use of each kernel, lazy allocations); under 5 timed
+    steps there is nothing else, the figures include them and the summary makes no diagnosis from them."""
+    return min(timed // 5, 5)
+
+
 def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, measured_step_s: list[float],
                peak_rss_bytes: int, cuda_peak_bytes: int | None, params_digest: str,
                comm: list[CommStep] | None = None, wall_per_step: bool = True) -> dict[str, Any]:
@@ -357,7 +364,7 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
     left out. `wall_per_step=False` (CUDA): a wall interval between step starts is not that step's time, since the
     host runs ahead of the GPU and the steps it queued are waited for by whichever step or pause reads a result
     first; only their mean is a step time, so with the timers off the percentiles are that mean."""
-    skip = min(len(steps) // 5, 5)
+    skip = warmup_steps(len(steps))
     timed = steps[skip:] or steps
     timed_comm = (comm[skip:] or comm) if comm else None
     wall = measured_step_s[min(len(measured_step_s) // 5, 5):] or measured_step_s
@@ -459,11 +466,19 @@ def _compute_levers(amp: str, device_type: str, native_bf16: bool) -> str:
 
 
 def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "off", device_type: str = "cpu",
-             native_bf16: bool = True) -> str:
+             native_bf16: bool = True, num_workers: int = 0) -> str:
     """One sentence a person can act on, from the summary's figures; `comm_hook` is the run's --ddp-comm-hook,
-    `amp` its autocast dtype as resolved ('off' for none), `native_bf16` whether the device runs bf16 in hardware."""
+    `amp` its autocast dtype as resolved ('off' for none), `native_bf16` whether the device runs bf16 in hardware,
+    `num_workers` the DataLoader workers per rank."""
     if any(r["data_share"] is None for r in ranks):
         return "no diagnosis: the phase timers were off (--phase-timers off), so nothing says where a step's time went"
+    fewest = min(ranks, key=lambda rank: rank["steps"])
+    if not warmup_steps(fewest["steps"]):
+        # A 1-step run with a DataLoader worker was "input-bound: the ranks wait for data 96% of each step": the
+        # worker's start, in a run that had nothing but its first step.
+        return (f"no diagnosis: rank {fewest['rank']} timed only {fewest['steps']} step"
+                f"{'' if fewest['steps'] == 1 else 's'}, too few to tell from start-up (workers starting, the first "
+                "use of each kernel); a run with at least 5 timed steps is diagnosed")
     stragglers = [r for r in ranks if r["straggler"]]
     if stragglers:
         r = max(stragglers, key=lambda rank: rank["straggler_cost_share"])
@@ -483,8 +498,10 @@ def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "o
         return (f"compute-bound: forward, backward and optimizer compute take {compute:.0%} of a step; "
                 f"{_compute_levers(amp, device_type, native_bf16)} are what make it faster")
     if kind == "input":
-        return (f"input-bound: the ranks wait for data {share:.0%} of each step; load batches in parallel "
-                "(--num-workers), or make the data source faster")
+        workers = (f"more DataLoader workers (--num-workers; {num_workers} per rank now)" if num_workers
+                   else "load batches in parallel (--num-workers)")
+        return (f"input-bound: the ranks wait for data {share:.0%} of each step; {workers}, or make the data "
+                "source faster")
     if kind == "host-to-device":
         return (f"host-to-device-bound: copying batches to the device takes {share:.0%} of each step; keep the "
                 "dataset on the device (--data-on-device on)")
@@ -496,7 +513,7 @@ def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "o
 def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
                   flops: float, peak_flops_per_process: float, peak_source: str,
                   comm_hook: str = "none", amp: str = "off", device_type: str = "cpu",
-                  native_bf16: bool = True) -> dict[str, Any]:
+                  native_bf16: bool = True, num_workers: int = 0) -> dict[str, Any]:
     flag_stragglers(ranks)
     achieved = global_samples_per_sec * flops
     mfu = achieved / (peak_flops_per_process * len(ranks)) if peak_flops_per_process else None
@@ -513,7 +530,7 @@ def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, ep
         # were busy): no figure rather than an impossible one, and the table says why.
         "mfu": mfu if mfu is None or mfu <= 1 else None,
         "ranks": ranks,
-        "diagnosis": diagnose(ranks, comm_hook, amp, device_type, native_bf16),
+        "diagnosis": diagnose(ranks, comm_hook, amp, device_type, native_bf16, num_workers),
     }
 
 

@@ -1123,7 +1123,7 @@ class Trainer:
             flops=flops_per_sample(self.parts.module),
             peak_flops_per_process=peak, peak_source=peak_source, comm_hook=self.cfg.ddp_comm_hook,
             amp=dtype_name(self.settings.amp_dtype), device_type=self.ctx.device.type,
-            native_bf16=self.settings.native_bf16)
+            native_bf16=self.settings.native_bf16, num_workers=self.data.num_workers)
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix

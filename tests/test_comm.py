@@ -31,7 +31,7 @@ from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import Marks, StepTimer
 from dist_mnist.model import MnistCNN
-from dist_mnist.profiling import diagnose, flag_stragglers
+from dist_mnist.profiling import diagnose, flag_stragglers, warmup_steps
 from dist_mnist.train import accumulation_step, build_train_parts, resolve_speed_settings, run_training
 from dist_mnist.train import main as train_main
 
@@ -56,11 +56,11 @@ def test_comm_step_unions_bucket_intervals_and_exposes_what_follows_the_last_sta
 
 
 def _stats(rank: int, data: float = 0.01, to_device: float = 0.0, forward: float = 0.02, backward: float = 0.04,
-           exposed: float = 0.0, optimizer: float = 0.005) -> dict[str, Any]:
-    """Rank figures as rank_stats makes them, from seconds per step."""
+           exposed: float = 0.0, optimizer: float = 0.005, steps: int = 20) -> dict[str, Any]:
+    """Rank figures as rank_stats makes them, from seconds per step (`steps` timed)."""
     step = data + to_device + forward + backward + exposed + optimizer
-    return {"rank": rank, "step_time_p50_s": step, "own_time_p50_s": step - exposed, "data_share": data / step,
-            "to_device_share": to_device / step, "forward_share": forward / step,
+    return {"rank": rank, "steps": steps, "step_time_p50_s": step, "own_time_p50_s": step - exposed,
+            "data_share": data / step, "to_device_share": to_device / step, "forward_share": forward / step,
             "backward_compute_share": backward / step, "comm_exposed_share": exposed / step,
             "optimizer_share": optimizer / step, "allreduce_bytes_per_step": GRADIENT_BYTES,
             "phase_time_per_step_s": {"data": data, "to_device": to_device, "forward": forward,
@@ -82,6 +82,29 @@ def test_diagnosis_names_what_bounds_the_run(ranks: list[dict[str, Any]], starts
     sentence = diagnose(ranks)
     assert sentence.startswith(starts) and contains in sentence
     assert "\n" not in sentence
+
+
+def test_input_bound_advice_with_dataloader_workers_asks_for_more_of_them() -> None:
+    ranks = [_stats(0, data=0.06), _stats(1, data=0.06)]
+    flag_stragglers(ranks)
+    assert "; load batches in parallel (--num-workers), or" in diagnose(ranks)
+    assert "; more DataLoader workers (--num-workers; 2 per rank now), or" in diagnose(ranks, num_workers=2)
+
+
+@pytest.mark.parametrize(("steps", "diagnosed"), [(1, False), (4, False), (5, True)])
+def test_no_diagnosis_from_a_rank_that_timed_only_its_first_steps(steps: int, diagnosed: bool) -> None:
+    """Under 5 timed steps rank_stats leaves none out as warm-up (profiling.warmup_steps): all there is are the
+    steps that paid for start-up, which a 1-step run with a DataLoader worker read as 96% data wait."""
+    ranks = [_stats(0, data=0.06), _stats(1, data=0.06, steps=steps)]
+    flag_stragglers(ranks)
+    sentence = diagnose(ranks, num_workers=1)
+    if diagnosed:
+        assert sentence.startswith("input-bound:")
+    else:
+        assert sentence == (f"no diagnosis: rank 1 timed only {steps} step{'s' if steps > 1 else ''}, too few to "
+                            "tell from start-up (workers starting, the first use of each kernel); a run with at least "
+                            "5 timed steps is diagnosed")
+    assert warmup_steps(steps) == (1 if diagnosed else 0)
 
 
 @pytest.mark.parametrize(("comm_hook", "advice"), [

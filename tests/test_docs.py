@@ -10,7 +10,7 @@ from conftest import REPO
 
 from dist_mnist.checkpoint import RESUME_FIELDS
 from dist_mnist.config import build_parser
-from dist_mnist.profiling import BOUND_SHARE, STRAGGLER_MIN_STEP_SHARE, STRAGGLER_RATIO
+from dist_mnist.profiling import BOUND_SHARE, STRAGGLER_MIN_STEP_SHARE, STRAGGLER_RATIO, warmup_steps
 
 README = (REPO / "README.md").read_text()
 ACTIONS = build_parser()._option_string_actions
@@ -157,3 +157,9 @@ def test_the_readme_states_the_straggler_and_diagnosis_thresholds_the_summary_ap
     bound = re.search(r"takes at least (\d+)% of a step \(averaged over ranks\)", text)
     assert bound, "the README's diagnosis rule is gone"
     assert int(bound.group(1)) / 100 == BOUND_SHARE
+    # The steps left out as warm-up, and the fewest timed steps a diagnosis is made from.
+    left_out = re.search(r"leave out the first fifth of the timed steps, at most (\d+),", text)
+    fewest = re.search(r"A rank that timed fewer than (\d+) steps \(none left out\) gets no diagnosis", text)
+    assert left_out and fewest, "the README's warm-up rule is gone"
+    assert [warmup_steps(n) for n in range(60)] == [min(n // 5, int(left_out.group(1))) for n in range(60)]
+    assert warmup_steps(int(fewest.group(1)) - 1) == 0 < warmup_steps(int(fewest.group(1)))

@@ -689,7 +689,7 @@ def test_without_workers_no_child_process_is_looked_for(monkeypatch: pytest.Monk
 def _rank(rank: int, own_s: float, step_s: float = 0.1) -> dict[str, Any]:
     phases = {"data": 0.0, "to_device": 0.0, "forward": own_s / 2, "backward_compute": own_s / 2, "optimizer": 0.0}
     shares = {f"{p}_share": 0.0 for p in ("data", "to_device", "comm_exposed")}
-    return {"rank": rank, "own_time_p50_s": own_s, "step_time_p50_s": step_s, "params_digest": "x",
+    return {"rank": rank, "steps": 20, "own_time_p50_s": own_s, "step_time_p50_s": step_s, "params_digest": "x",
             "phase_time_per_step_s": phases, "forward_share": 0.5, "backward_compute_share": 0.5,
             "optimizer_share": 0.0, **shares}
 
