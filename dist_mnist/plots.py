@@ -138,8 +138,8 @@ def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress:
     # After a resume the summary (bars, samples/s) is of the last process's steps; the curves are of the whole run.
     since = f" (phases and samples/s: {steps}, after a resume)" if (steps := resumed_steps(summary)) else ""
     ranks = len(summary["ranks"])
-    fig.suptitle(f"{title}: {ranks} rank{'s' if ranks != 1 else ''}, {summary['samples_per_sec']:,.0f} samples/s"
-                 f"{since}")
+    rate = "" if summary["samples_per_sec"] is None else f", {summary['samples_per_sec']:,.0f} samples/s"
+    fig.suptitle(f"{title}: {ranks} rank{'s' if ranks != 1 else ''}{rate}{since}")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.savefig(tmp, format="png")

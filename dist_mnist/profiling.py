@@ -510,20 +510,22 @@ def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "o
             f"step); {_fewer_bytes(comm_hook)}all-reduce less often (--grad-accum-steps) or raise --batch-size")
 
 
-def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float, epoch_time_s: float | None,
+def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float | None, epoch_time_s: float | None,
                   flops: float, peak_flops_per_process: float, peak_source: str,
                   comm_hook: str = "none", amp: str = "off", device_type: str = "cpu",
                   native_bf16: bool = True, num_workers: int = 0) -> dict[str, Any]:
+    """`global_samples_per_sec` None: no wall interval between two steps was measured (a 1-step run), and every
+    figure made from it is None too, not a rate of 0."""
     flag_stragglers(ranks)
-    achieved = global_samples_per_sec * flops
-    mfu = achieved / (peak_flops_per_process * len(ranks)) if peak_flops_per_process else None
+    achieved = None if global_samples_per_sec is None else global_samples_per_sec * flops
+    mfu = achieved / (peak_flops_per_process * len(ranks)) if achieved is not None and peak_flops_per_process else None
     return {
         "world_size": len(ranks),
         "ranks_in_sync": len({r["params_digest"] for r in ranks}) == 1,
         "samples_per_sec": global_samples_per_sec,
         "epoch_time_s": epoch_time_s,
         "flops_per_sample": flops,
-        "achieved_tflops": achieved / 1e12,
+        "achieved_tflops": None if achieved is None else achieved / 1e12,
         "peak_tflops_per_process": peak_flops_per_process / 1e12,
         "peak_source": peak_source,
         # Above 1 the yardstick is wrong, not the run (a --peak-tflops too low, a matmul measured while the cores
@@ -591,14 +593,17 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"timed on rank 0)")
     lines.extend(_trace_failures(summary["ranks"]))
     mfu = f"{summary['mfu']:.1%}" if summary["mfu"] is not None else "n/a"
-    if summary["mfu"] is None and summary["achieved_tflops"] > summary["peak_tflops_per_process"] * len(
+    achieved = summary["achieved_tflops"]
+    if summary["mfu"] is None and achieved is not None and achieved > summary["peak_tflops_per_process"] * len(
             summary["ranks"]) > 0:
         mfu = "n/a (the run achieved more than this peak, so it is no yardstick)"
     epoch = f"{summary['epoch_time_s']:.1f} s" if summary["epoch_time_s"] else "n/a"
-    lines.append(f"global: {summary['samples_per_sec']:.0f} samples/s, epoch {epoch}, "
-                 f"{summary['flops_per_sample'] / 1e6:.1f} MFLOP/sample, {summary['achieved_tflops']:.3f} TFLOP/s "
-                 f"achieved, MFU {mfu} of {summary['peak_tflops_per_process']:.3f} TFLOP/s per process "
-                 f"({summary['peak_source']}); parameters identical on all ranks: "
+    rate = ("samples/s n/a (one step: no interval between two steps to time)" if summary["samples_per_sec"] is None
+            else f"{summary['samples_per_sec']:.0f} samples/s")
+    achieved_text = "n/a" if achieved is None else f"{achieved:.3f}"
+    lines.append(f"global: {rate}, epoch {epoch}, {summary['flops_per_sample'] / 1e6:.1f} MFLOP/sample, "
+                 f"{achieved_text} TFLOP/s achieved, MFU {mfu} of {summary['peak_tflops_per_process']:.3f} TFLOP/s "
+                 f"per process ({summary['peak_source']}); parameters identical on all ranks: "
                  f"{'yes' if summary['ranks_in_sync'] else 'NO'}")
     if summary.get("diagnosis"):
         lines.append(f"diagnosis: {summary['diagnosis']}")

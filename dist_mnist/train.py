@@ -1118,7 +1118,7 @@ class Trainer:
         mean_step = sum(r["measured_step_time_s"] for r in all_stats) / len(all_stats)
         summary = build_summary(
             all_stats,
-            global_samples_per_sec=self.global_batch / mean_step if mean_step else 0.0,
+            global_samples_per_sec=self.global_batch / mean_step if mean_step else None,
             epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
             flops=flops_per_sample(self.parts.module),
             peak_flops_per_process=peak, peak_source=peak_source, comm_hook=self.cfg.ddp_comm_hook,

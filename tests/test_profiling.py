@@ -655,6 +655,21 @@ def test_an_mfu_above_one_is_shown_as_no_figure(peak_flops: float, mfu: float | 
 
 
 @pytest.mark.timeout(120)
+def test_a_one_step_run_reports_no_rate_and_no_diagnosis(tmp_path: Path) -> None:
+    """One step has no interval between two step starts to time: its summary has no samples/s, TFLOP/s or MFU
+    (it had 0 samples/s and MFU 0.0%), and no diagnosis from a step that paid for start-up."""
+    result = train_in_process(*RUN_FLAGS, "--max-steps", "1", "--output-dir", str(tmp_path), "--run-name", "one")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert [summary[key] for key in ("samples_per_sec", "epoch_time_s", "achieved_tflops", "mfu")] == [None] * 4
+    assert summary["ranks"][0]["steps"] == 1
+    assert summary["diagnosis"].startswith("no diagnosis: rank 0 timed only 1 step, too few to tell from start-up")
+    assert ("global: samples/s n/a (one step: no interval between two steps to time), epoch n/a, "
+            in result.stdout), result.stdout[-3000:]
+    assert "TFLOP/s achieved, MFU n/a of " in result.stdout
+
+
+@pytest.mark.timeout(120)
 def test_peak_memory_counts_dataloader_workers() -> None:
     me = psutil.Process()
     before = {child.pid for child in me.children(recursive=True)}
