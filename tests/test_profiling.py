@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import gzip
@@ -475,7 +476,13 @@ def test_tensorboard_profiler_plugin_lists_the_run_and_both_workers(profiled_run
         overview = _get_json(f"{base}/overview?{query}&worker=rank1&span={span}")
         assert overview["steps"]["rows"]  # the plugin parsed the recorded steps
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        # SIGTERM to the server alone first: it then exits the usual way and takes the profiler plugin's helper
+        # process and folders with it; a SIGKILL to the group left a pymp-* and a tmp* folder in /tmp every run.
+        server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # what it left running, or all of it after 30 s
         server.wait(timeout=30)
 
 
