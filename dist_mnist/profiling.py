@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -71,6 +72,10 @@ def _cuda_version() -> tuple[int, ...]:
     return tuple(int(part) for part in (torch.version.cuda or "0.0").split(".")[:2])
 
 
+# torch.profiler.schedule's warning for warmup=0 (the start of its message, as warnings filters match it).
+WARMUP_ZERO_WARNING = "Profiler won't be using warmup"
+
+
 class WindowedProfiler:
     """--profile: a fresh torch.profiler.profile for each window, open only while its window runs.
 
@@ -98,9 +103,13 @@ class WindowedProfiler:
         self.rank = ctx.rank
         # None writes no trace (dist_mnist.profiler_bench times the windows without it).
         self.trace_handler: Callable[[profile], None] | None = self._write_trace
-        self.cycle = schedule(wait=cfg.profile_wait, warmup=cfg.profile_warmup, active=cfg.profile_active,
-                              repeat=cfg.profile_repeat)
-        self.window_schedule = schedule(wait=0, warmup=cfg.profile_warmup, active=cfg.profile_active, repeat=1)
+        with warnings.catch_warnings():
+            # torch warns of warmup=0 at each schedule, as a UserWarning with its source line; make_profiler says it
+            # once, as a note.
+            warnings.filterwarnings("ignore", WARMUP_ZERO_WARNING, UserWarning)
+            self.cycle = schedule(wait=cfg.profile_wait, warmup=cfg.profile_warmup, active=cfg.profile_active,
+                                  repeat=cfg.profile_repeat)
+            self.window_schedule = schedule(wait=0, warmup=cfg.profile_warmup, active=cfg.profile_active, repeat=1)
         self.first_step = first_step  # the job's step number of this process's first step
         self.step_limit = step_limit  # the job's step count when training ends (no step of that number runs)
         self.steps_done = 0  # by this process
@@ -250,6 +259,9 @@ def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, first_step:
         print(f"warning: --profile records nothing: {steps_left} steps are left, and the first window only starts "
               f"recording after --profile-wait {cfg.profile_wait} + --profile-warmup {cfg.profile_warmup} steps",
               file=sys.stderr, flush=True)
+    if ctx.is_main and cfg.profile_warmup == 0:
+        rank_line(ctx.rank, "note", "--profile-warmup 0: the first recorded step of each window also holds the "
+                  "profiler's own start, so its times are high (torch.profiler warns that this can skew results)")
     return WindowedProfiler(cfg, ctx, run_dir / TRACES_DIR, first_step, step_limit)
 
 

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -253,6 +254,23 @@ def test_a_window_open_at_the_runs_last_step_ends_with_it_and_none_opens_after_i
         profiler.begin_step()  # the fetch that ends the last epoch
         assert profiler.window is None
     assert sorted(_profiler_steps(_load_trace(p)) for p in _traces(tmp_path)) == [[10, 11, 12], [13, 14]]
+
+
+def test_a_profile_warmup_of_zero_is_one_note_not_torchs_warnings(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """torch.profiler.schedule warns of warmup=0 as a UserWarning with its source line, once per schedule (two per
+    process here); the run says it once, as a note, on rank 0."""
+    for rank in (0, 1):
+        cfg = TrainConfig(profile=True, profile_warmup=0)
+        ctx = SimpleNamespace(rank=rank, device=torch.device("cpu"), is_main=rank == 0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=20)  # type: ignore[arg-type]
+        assert [str(w.message) for w in caught] == []
+        assert capsys.readouterr().err == ("" if rank else
+                                           "note: --profile-warmup 0: the first recorded step of each window also "
+                                           "holds the profiler's own start, so its times are high (torch.profiler "
+                                           "warns that this can skew results)\n")
 
 
 @pytest.mark.timeout(120)
