@@ -8,7 +8,6 @@ import math
 import os
 import platform
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -787,7 +786,7 @@ class Trainer:
             if done := self.checkpoints.wait():
                 self.last_checkpoint = done
         except UserError as exc:
-            print(f"warning: {exc}", file=sys.stderr, flush=True)
+            rank_line(self.ctx.rank, "warning", str(exc))  # ends rank 0's open progress line first, as errors do
 
     # -- losses and progress --------------------------------------------------------------------------------
 

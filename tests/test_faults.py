@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -33,6 +34,7 @@ import dist_mnist.train as train_module
 from dist_mnist import agreement, collectives
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from dist_mnist.config import TrainConfig
+from dist_mnist.console import OPEN_LINE
 from dist_mnist.durable import write_failed
 from dist_mnist.errors import Terminated, UserError
 from dist_mnist.metrics import RunWriter
@@ -173,6 +175,27 @@ def test_full_disk_at_a_checkpoint_ends_every_rank_with_one_line(tmp_path: Path)
     # The temp file is gone, the earlier checkpoint is intact and loads.
     assert sorted(p.name for p in checkpoints.iterdir()) == [first.name]
     assert load_checkpoint(first)["train_state"]["step"] == 4
+
+
+def test_a_checkpoint_write_that_fails_while_the_run_fails_is_a_warning_on_a_line_of_its_own(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run failing while rank 0 writes a checkpoint lets the write finish; a write that failed too is a warning
+    before the run's error line. Both go to the screen rank 0's progress line is open on, so it ends that line
+    first (it ran on after the progress line's last character)."""
+    full = write_failed(tmp_path / "step00000008.pt", 1024, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    def wait() -> None:
+        raise full
+
+    trainer = SimpleNamespace(ctx=SimpleNamespace(rank=0), last_checkpoint=tmp_path / "step00000004.pt",
+                              checkpoints=SimpleNamespace(wait=wait))
+    progress = io.StringIO()
+    progress.write("\repoch 1  45%")
+    OPEN_LINE.open(progress)
+    train_module.Trainer.settle_checkpoint_after_failure(trainer)  # type: ignore[arg-type]
+    assert progress.getvalue() == "\repoch 1  45%\n"
+    assert capsys.readouterr().err == f"warning: {full}\n"
+    assert trainer.last_checkpoint == tmp_path / "step00000004.pt"  # the one before, which is whole
 
 
 # ---------------------------------------------------------------------------------------------------------------
