@@ -69,8 +69,8 @@ class TrainConfig:
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); for smoke runs")
     batch_size: int = _opt(DEFAULT_RECIPE.batch_size,
                            "training batch size PER PROCESS; the global batch is this times the world size (and "
-                           "--grad-accum-steps). Small global batches reach 98.8%% in one epoch and 99%% in two; "
-                           "larger ones run faster per sample but need more epochs (README, 'Recipe')")
+                           "--grad-accum-steps). Small global batches reach a given accuracy in fewer epochs, larger "
+                           "ones run faster per sample but need more epochs (README, 'Recipe and accuracy')")
     eval_batch_size: int = _opt(DEFAULT_RECIPE.eval_batch_size, "evaluation batch size per process")
     lr: float = _opt(DEFAULT_RECIPE.lr, "peak learning rate of the warm-up + cosine schedule (AdamW)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
