@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -256,9 +255,9 @@ def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, first_step:
     steps_left = step_limit - first_step
     if ctx.is_main and steps_left <= cfg.profile_wait + cfg.profile_warmup:
         # A warning, not an error: a resumed run may legitimately have only a few steps left.
-        print(f"warning: --profile records nothing: {steps_left} steps are left, and the first window only starts "
-              f"recording after --profile-wait {cfg.profile_wait} + --profile-warmup {cfg.profile_warmup} steps",
-              file=sys.stderr, flush=True)
+        rank_line(ctx.rank, "warning", f"--profile records nothing: {steps_left} steps are left, and the first "
+                  f"window only starts recording after --profile-wait {cfg.profile_wait} + --profile-warmup "
+                  f"{cfg.profile_warmup} steps")
     if ctx.is_main and cfg.profile_warmup == 0:
         rank_line(ctx.rank, "note", "--profile-warmup 0: the first recorded step of each window also holds the "
                   "profiler's own start, so its times are high (torch.profiler warns that this can skew results)")
@@ -379,7 +378,7 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
     skip = warmup_steps(len(steps))
     timed = steps[skip:] or steps
     timed_comm = (comm[skip:] or comm) if comm else None
-    wall = measured_step_s[min(len(measured_step_s) // 5, 5):] or measured_step_s
+    wall = measured_step_s[warmup_steps(len(measured_step_s)):] or measured_step_s
     measured = statistics.fmean(wall) if wall else 0.0
     step_times = [sum(s.values()) for s in timed] or (wall if wall_per_step else [measured] * len(wall))
     total = sum(step_times) or 1e-12

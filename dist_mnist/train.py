@@ -906,8 +906,8 @@ class Trainer:
                         raise
                     collectives.stop_raising_for_lost_data_workers()
                 failure_path.begin()
-                # rank_line's error line ends an open progress line itself; a traceback (an error not ours to word)
-                # and the write's warning below do not.
+                # rank_line's lines (the error, the write's warning below) end an open progress line themselves; a
+                # traceback (an error not ours to word) does not.
                 self.progress.end_line()
                 self.settle_checkpoint_after_failure()
                 error = self.failure_line(exc)

@@ -180,8 +180,8 @@ def test_full_disk_at_a_checkpoint_ends_every_rank_with_one_line(tmp_path: Path)
 def test_a_checkpoint_write_that_fails_while_the_run_fails_is_a_warning_on_a_line_of_its_own(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A run failing while rank 0 writes a checkpoint lets the write finish; a write that failed too is a warning
-    before the run's error line. Both go to the screen rank 0's progress line is open on, so it ends that line
-    first (it ran on after the progress line's last character)."""
+    before the run's error line. Both go to the screen rank 0's progress line is open on, so the warning ends that
+    line first, as the error line does, whoever calls it."""
     full = write_failed(tmp_path / "step00000008.pt", 1024, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
     def wait() -> None:
