@@ -34,10 +34,10 @@ PG_TIMEOUT = ["--timeout-s", "60"]
 class LiveRun:
     """A command in its own session whose output the test watches while it runs; killed as a group on timeout."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.args = args
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env or cpu_env(), start_new_session=True)
         self.out: list[str] = []
         self.err: list[str] = []
         self.readers = [threading.Thread(target=self._drain, args=(stream, sink), daemon=True)

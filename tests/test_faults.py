@@ -686,7 +686,10 @@ def test_a_killed_dataloader_worker_is_one_line_naming_the_checkpoint_to_resume_
     flags = [*SMOKE_FLAGS, "--epochs", "1000", "--checkpoint-every", "4", "--log-every", "1",
              "--output-dir", str(tmp_path), "--run-name", "lost"]
     checkpoints = tmp_path / "lost" / "checkpoints"
-    live = LiveRun([sys.executable, TRAIN_SCRIPT, *flags, "--num-workers", "1"])
+    # The worker's multiprocessing temp folder (pymp-*) outlives a SIGKILL: in the test's folder, not in /tmp.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    live = LiveRun([sys.executable, TRAIN_SCRIPT, *flags, "--num-workers", "1"], env=cpu_env(TMPDIR=str(temp)))
     live.wait_until(lambda: bool(list_checkpoints(checkpoints)), "the first checkpoint")
     workers = [child for child in psutil.Process(live.proc.pid).children()
                if "spawn_main" in " ".join(child.cmdline())]
