@@ -146,7 +146,13 @@ def test_profiled_cpu_run_prints_no_error_lines(profiled_run: tuple[Path, Result
     assert "USDT:" not in result.stdout + result.stderr  # torch 2.14's kineto: profiler_start/stop every window
 
 
+# HTA parses the ranks' traces in processes it forks (`mp.get_context("fork")`, hta/common/trace.py), and Python 3.12
+# warns about a fork in a process that runs threads, as pytest's does (torch's own): HTA's choice, not ours.
+HTA_FORKS = pytest.mark.filterwarnings(r"ignore:This process \(pid=\d+\) is multi-threaded:DeprecationWarning")
+
+
 @pytest.mark.timeout(300)
+@HTA_FORKS
 def test_hta_reads_both_ranks_and_the_phase_labels(profiled_run: tuple[Path, Result]) -> None:
     trace_analysis = pytest.importorskip("hta.trace_analysis", reason="HolisticTraceAnalysis is a test extra")
     run_dir, _ = profiled_run
@@ -158,6 +164,7 @@ def test_hta_reads_both_ranks_and_the_phase_labels(profiled_run: tuple[Path, Res
 
 
 @pytest.mark.timeout(300)
+@HTA_FORKS
 # HTA 0.5.0 sorts with `inplace=True`, which pandas 3.1 deprecates (PDEP-8) in a warning of its own: HTA's, not ours
 # (pyproject.toml keeps pandas below 4, which removes the keyword).
 @pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.sort_values is deprecated")
