@@ -10,6 +10,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,22 +148,32 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         hint = (f"a checkpoint file in it (the newest is {newest[0].relative_to(path)})" if newest
                 else "a checkpoint file")
         raise UserError(f"checkpoint {path} is a folder; give {hint}, or --resume auto for this run's own newest")
+    if not _is_pickle_or_archive(path):
+        # A config.json or a log given by mistake, or bytes a disk scrambled: torch's pickle machine reads such a file
+        # as opcodes and may fail with anything (an IndexError, a KeyError: its memo and stack) or, worse, succeed.
+        raise UserError(f"checkpoint {path} is not a checkpoint: neither a torch.save archive nor a pickle (the "
+                        "files are <run folder>/checkpoints/step*.pt)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol 4 in the checkpoint": a second line before the error below, which says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message starts with advice to retry with weights_only=False: the one thing never to do here.
+        if culprit := re.search(r"GLOBAL (\S+)", str(exc)):
+            raise UserError(f"checkpoint {path} was refused: it references {culprit.group(1)}, which needs arbitrary "
+                            "unpickling (running code from the file); only tensors and plain containers are "
+                            "loaded") from None
+        # A pickle torch.save did not write (another protocol, another program): the safe loader's own words.
+        said = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
+        raise UserError(f"checkpoint {path} is not a checkpoint: a pickle the safe loader does not read "
+                        f"({said.group(1).strip() if said else type(exc).__name__}; torch.save writes protocol "
+                        "2 in a zip archive)") from None
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
-    except pickle.UnpicklingError as exc:
-        if not _is_pickle_or_archive(path):
-            # A config.json or a log given by mistake: torch reads its first byte as an unknown pickle operand.
-            raise UserError(f"checkpoint {path} is not a checkpoint: neither a torch.save archive nor a pickle "
-                            "(the files are <run folder>/checkpoints/step*.pt)") from None
-        # torch's message starts with advice to retry with weights_only=False: the one thing never to do here.
-        culprit = re.search(r"GLOBAL (\S+)", str(exc))
-        needs = f"it references {culprit.group(1)}, which" if culprit else "it"
-        raise UserError(f"checkpoint {path} was refused: {needs} needs arbitrary unpickling (running code from the "
-                        "file); only tensors and plain containers are loaded") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        # The reader's first sentence says what broke; the rest is generic advice.
+    except Exception as exc:  # whatever the reader raised on these bytes means the same to the user
+        # RuntimeError, EOFError, BadZipFile and ValueError from a cut or damaged archive; IndexError and KeyError
+        # from a pickle whose bytes changed. The reader's first sentence says what broke; the rest is generic advice.
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
         raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt: {reason})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
@@ -174,13 +185,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _is_pickle_or_archive(path: Path) -> bool:
-    """A zip archive (torch.save's format) or a pickle of protocol 2 or later (its first byte is PROTO, 0x80)."""
+    """A zip archive (torch.save's format) or a pickle of protocol 2 or later (its first byte is PROTO, 0x80); an
+    empty file counts as one cut short (a full disk at the write), and one that cannot be opened is left to the
+    loader's own error."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError:
-        return True  # let the loader's own error speak
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+        return True
+    return not head or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _record_failing_its_crc(path: Path) -> str | None:

@@ -6,6 +6,7 @@ import errno
 import gc
 import io
 import os
+import pickle
 import random
 import re
 import shlex
@@ -13,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -222,11 +224,28 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("bad", [b"", b"not a zip file at all"])
-def test_unreadable_file_is_a_user_error(tmp_path: Path, bad: bytes) -> None:
+NOT_A_CHECKPOINT = r"is not a checkpoint: neither a torch\.save archive nor a pickle \(the files are "
+
+
+@pytest.mark.parametrize(("bad", "said"), [
+    (b"", r"is unreadable \(truncated or corrupt: EOFError\)$"),  # a write a full disk cut at its start
+    (b"PK\x03\x04 and then nothing of a zip", r"is unreadable \(truncated or corrupt: PytorchStreamReader failed "),
+    (b"not a zip file at all", NOT_A_CHECKPOINT),
+    # Text whose first bytes are pickle opcodes: torch's pickle machine failed on them with an IndexError ("r", ")")
+    # or a KeyError ("h"), a traceback where this line belongs.
+    (b"run crashed\n", NOT_A_CHECKPOINT), (b"hi\n", NOT_A_CHECKPOINT), (b")", NOT_A_CHECKPOINT),
+    # A pickle another program wrote: protocol 4's FRAME is an opcode the safe loader does not read. Refused for
+    # that, not as "needing arbitrary unpickling", and without torch's warning about the protocol on a line before.
+    (pickle.dumps({"step": 1}, protocol=4),
+     r"is not a checkpoint: a pickle the safe loader does not read \(Unsupported operand 149; torch\.save writes "
+     r"protocol 2 in a zip archive\)$"),
+])
+def test_a_file_that_is_no_checkpoint_is_one_user_error(tmp_path: Path, bad: bytes, said: str,
+                                                        recwarn: pytest.WarningsRecorder) -> None:
     (tmp_path / "bad.pt").write_bytes(bad)
-    with pytest.raises(UserError, match="unreadable"):
+    with pytest.raises(UserError, match=rf"^checkpoint {re.escape(str(tmp_path / 'bad.pt'))} {said}"):
         checkpoint.load_checkpoint(tmp_path / "bad.pt")
+    assert not recwarn.list
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,12 +275,19 @@ def test_rounding_settings_of_checkpoints_before_they_were_saved_draw_no_note() 
 
 
 @pytest.mark.timeout(120)
-def test_truncated_newest_checkpoint_falls_back_to_previous(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda data: data[: len(data) // 2], "is unreadable (truncated or corrupt: "),
+    # Bytes that are no checkpoint at all: this one made torch's pickle machine raise an IndexError, which ended
+    # every rerun in a traceback with the file left in place.
+    (lambda data: b"run crashed\n", "is not a checkpoint: "),
+], ids=["truncated", "text"])
+def test_unreadable_newest_checkpoint_falls_back_to_previous(capsys: pytest.CaptureFixture[str], run_copy: Path,
+                                                            damage: Callable[[bytes], bytes], said: str) -> None:
     newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    newest.write_bytes(damage(newest.read_bytes()))
     code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 2))
     assert code == 0, err
-    assert f"warning: checkpoint {newest} is unreadable" in err
+    assert f"warning: checkpoint {newest} {said}" in err
     assert "renamed it to step00000008.pt.unreadable, trying the previous checkpoint" in err
     assert f"resumed from step {BASE_STEPS - BASE_INTERVAL} " in out
     assert newest.with_name("step00000008.pt.unreadable").is_file()  # kept for inspection, out of the rotation
