@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,16 @@ from torchvision import datasets, transforms
 from dist_mnist.argtypes import positive_seconds, whole_number_at_least, whole_numbers
 from dist_mnist.config import COMM_HOOKS, DefaultsHelpFormatter, TrainConfig
 from dist_mnist.console import kept_stdout
-from dist_mnist.data import MNIST_MEAN, MNIST_STD, ResumableBatchSampler, build_pipeline, load_splits
+from dist_mnist.data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    ResumableBatchSampler,
+    build_pipeline,
+    load_splits,
+    missing_mnist_error,
+    missing_mnist_files,
+    mnist_raw_dir,
+)
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.gpucheck import GraphsRow
@@ -409,6 +419,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter
     """The module docstring's layout kept, and each option's default shown as the launcher's --help shows it."""
 
 
+def invocation(args: list[str]) -> str:
+    """The bench's command line as a shell reads it back (an empty `--output ''` kept), for the table's header."""
+    return shlex.join(["python", "-m", "dist_mnist.bench", *args])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.bench", description=__doc__,
                                      formatter_class=_HelpFormatter)
@@ -458,10 +473,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # an empty --data-dir, a --batch-size the training config refuses
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if missing := missing_mnist_files(mnist_raw_dir(cfg.data_dir)):
+        # Found before any measuring, with advice the bench can take: every section reads real MNIST, and it never
+        # downloads (its training runs get --no-download: they are timed, a download is not).
+        fetch = f"run `python launch/train.py --data-dir {cfg.data_dir} --max-steps 1` once to download them (the " \
+                "bench never does)"
+        print(f"error: {missing_mnist_error(mnist_raw_dir(cfg.data_dir), missing, fetch)}", file=sys.stderr)
+        return 1
     launched_by_torchrun = "RANK" in os.environ
     try:
         results: dict[str, Any] = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                   "command": " ".join(["python -m dist_mnist.bench", *(argv or sys.argv[1:])])}
+                                   "command": invocation(argv or sys.argv[1:])}
         with distributed_session(cfg) as ctx:
             results["machine"] = machine_description(ctx.device)
             if "throughput" in sections:

@@ -78,7 +78,7 @@ def _read_idx_pair(raw: Path, prefix: str) -> Split:
 def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
     """Decode the four IDX files (read_idx_uint8); rank 0 downloads them first with torchvision when allowed."""
     raw = mnist_raw_dir(cfg.data_dir)
-    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    missing = missing_mnist_files(raw)
     if missing and not cfg.no_download:
         error = ""
         if ctx.is_main:
@@ -96,14 +96,22 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
         if error:
             raise UserError(f"could not download MNIST into {raw} ({error}); copy the files {', '.join(MNIST_FILES)} "
                             "there, or point --data-dir / DIST_MNIST_DATA at a folder holding MNIST/raw/")
-        missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+        missing = missing_mnist_files(raw)
     if missing:
-        # Naming the expected files again only where some are there: with none, the list would repeat itself.
-        expected = f" (expected {', '.join(MNIST_FILES)})" if len(missing) < len(MNIST_FILES) else ""
-        raise UserError(f"MNIST files missing in {raw}: {', '.join(missing)}{expected}; "
-                        "point --data-dir or DIST_MNIST_DATA at the folder holding MNIST/raw/, or drop "
-                        "--no-download to let torchvision fetch them")
+        raise missing_mnist_error(raw, missing, "drop --no-download to let torchvision fetch them")
     return _read_idx_pair(raw, "train"), _read_idx_pair(raw, "t10k")
+
+
+def missing_mnist_files(raw: Path) -> list[str]:
+    return [name for name in MNIST_FILES if not (raw / name).is_file()]
+
+
+def missing_mnist_error(raw: Path, missing: list[str], how_to_fetch: str) -> UserError:
+    """The files `raw` lacks, what to point at instead, and `how_to_fetch` them with the command that failed."""
+    # Naming the expected files again only where some are there: with none, the list would repeat itself.
+    expected = f" (expected {', '.join(MNIST_FILES)})" if len(missing) < len(MNIST_FILES) else ""
+    return UserError(f"MNIST files missing in {raw}: {', '.join(missing)}{expected}; point --data-dir or "
+                     f"DIST_MNIST_DATA at the folder holding MNIST/raw/, or {how_to_fetch}")
 
 
 def synthetic_splits(train_size: int, test_size: int) -> tuple[Split, Split]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import one_intra_op_thread
+from conftest import make_mnist_dir, one_intra_op_thread
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits
@@ -289,13 +289,14 @@ def test_bench_finds_an_unwritable_output_before_measuring_and_a_failed_write_in
         yield SimpleNamespace(device=torch.device("cpu"), world_size=1)
 
     monkeypatch.setattr(bench, "distributed_session", session)
+    data = ["--data-dir", str(make_mnist_dir(tmp_path / "data"))]
     for flag in ("--output", "--json"):
         target = tmp_path / "missing" / "bench.out"
-        argv = ["--only", "graphs", "--output", "", flag, str(target)]
+        argv = [*data, "--only", "graphs", "--output", "", flag, str(target)]
         assert bench.main(argv) == 1 and not started
         assert capsys.readouterr().err == f"error: cannot write {flag} {target}: {target.parent} is not a writable " \
                                           "folder\n"
-    assert bench.main(["--only", "graphs", "--output", "", "--json", str(tmp_path)]) == 1 and started
+    assert bench.main([*data, "--only", "graphs", "--output", "", "--json", str(tmp_path)]) == 1 and started
     out, err = capsys.readouterr()
     assert out.startswith("### ") and err == f"error: cannot write {tmp_path}: Is a directory; the table above holds " \
                                              "the results\n"
@@ -313,15 +314,42 @@ def test_bench_table_says_when_the_graphs_section_was_skipped() -> None:
 
 
 def test_bench_says_why_its_training_run_failed_in_one_line(tmp_path: Path) -> None:
-    """Missing data met by a section that launches training runs: their error line, not a traceback around it."""
+    """A damaged MNIST file met by a section that launches training runs: their error line, not a traceback around
+    it."""
     from conftest import run
 
+    images = make_mnist_dir(tmp_path / "data") / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(b"\x12\x34\x56\x78" + images.read_bytes()[4:])
     result = run([sys.executable, "-m", "dist_mnist.bench", "--only", "scaling", "--scaling", "1",
-                  "--data-dir", str(tmp_path / "none"), "--output", ""], timeout=120)
+                  "--data-dir", str(tmp_path / "data"), "--output", ""], timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     [line] = result.stderr.splitlines()
-    assert line.startswith("error: the bench's training run scale1 failed (exit 1): MNIST files missing in "
-                           f"{tmp_path / 'none' / 'MNIST' / 'raw'}")
+    assert line.startswith(f"error: the bench's training run scale1 failed (exit 1): {images} is not a valid MNIST "
+                           "IDX file")
+
+
+def test_bench_without_mnist_says_so_before_measuring_with_advice_it_can_take(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The training runs' advice ("drop --no-download") named a flag the bench has not: it never downloads."""
+    from dist_mnist import bench
+
+    raw = tmp_path / "none" / "MNIST" / "raw"
+    assert bench.main(["--data-dir", str(tmp_path / "none"), "--output", ""]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (f"error: MNIST files missing in {raw}: train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                   "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; point --data-dir or DIST_MNIST_DATA at the folder "
+                   f"holding MNIST/raw/, or run `python launch/train.py --data-dir {tmp_path / 'none'} --max-steps 1` "
+                   "once to download them (the bench never does)\n")
+    assert not raw.exists()
+
+
+def test_bench_records_the_command_it_was_given_as_a_shell_would_read_it() -> None:
+    """An empty argument (`--output ''`) was dropped from the recorded command, which then meant another."""
+    from dist_mnist import bench
+
+    assert bench.invocation(["--output", "", "--json", "a b.json"]) == \
+        "python -m dist_mnist.bench --output '' --json 'a b.json'"
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
