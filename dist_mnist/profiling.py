@@ -379,8 +379,9 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
     timed = steps[skip:] or steps
     timed_comm = (comm[skip:] or comm) if comm else None
     wall = measured_step_s[warmup_steps(len(measured_step_s)):] or measured_step_s
-    measured = statistics.fmean(wall) if wall else 0.0
-    step_times = [sum(s.values()) for s in timed] or (wall if wall_per_step else [measured] * len(wall))
+    measured = statistics.fmean(wall) if wall else None  # one step: no interval between two step starts
+    step_times = [sum(s.values()) for s in timed] or (wall if wall_per_step or measured is None
+                                                      else [measured] * len(wall))
     total = sum(step_times) or 1e-12
     figures: dict[str, Any] = {**{f"{phase}_share": None for phase in PHASES}, "backward_compute_share": None,
                                **comm_stats(timed, None), "phase_time_per_step_s": None, "own_time_p50_s": None,
@@ -405,7 +406,7 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
             # Own work per step: what a slow rank makes the others wait for in the all-reduce.
             "own_time_p50_s": percentile([t - e for t, e in zip(step_times, exposed)], 0.5),
             # The share of the wall time between step starts (eval and checkpoints left out) the phases explain.
-            "explained_fraction": statistics.fmean(step_times) / measured if measured else 0.0,
+            "explained_fraction": statistics.fmean(step_times) / measured if measured else None,
         }
     return {
         "rank": rank,

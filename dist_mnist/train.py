@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -1122,7 +1123,8 @@ class Trainer:
             dtype = torch.float32 if emulated else dtype
             peak = measure_matmul_peak(self.ctx.device, dtype)
             peak_source = f"measured {dtype_name(dtype)} matmul" + (", bf16 being emulated" if emulated else "")
-        mean_step = sum(r["measured_step_time_s"] for r in all_stats) / len(all_stats)
+        measured = [r["measured_step_time_s"] for r in all_stats]  # None on a rank that took one step
+        mean_step = None if None in measured else statistics.fmean(measured)
         summary = build_summary(
             all_stats,
             global_samples_per_sec=self.global_batch / mean_step if mean_step else None,

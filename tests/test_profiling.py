@@ -698,10 +698,14 @@ def test_a_one_step_run_reports_no_rate_and_no_diagnosis(tmp_path: Path) -> None
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert [summary[key] for key in ("samples_per_sec", "epoch_time_s", "achieved_tflops", "mfu")] == [None] * 4
     assert summary["ranks"][0]["steps"] == 1
+    # Not 0.0 ("explained 0.0%" read as broken timers): nothing was measured to explain.
+    assert summary["ranks"][0]["measured_step_time_s"] is None and summary["ranks"][0]["explained_fraction"] is None
     assert summary["diagnosis"].startswith("no diagnosis: rank 0 timed only 1 step, too few to tell from start-up")
     assert ("global: samples/s n/a (one step: no interval between two steps to time), epoch n/a, "
             in result.stdout), result.stdout[-3000:]
     assert "TFLOP/s achieved, MFU n/a of " in result.stdout
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("   0 ")]
+    assert row.split()[-3] == "n/a", row  # the explained column, before peak RSS and straggler
 
 
 @pytest.mark.timeout(120)
