@@ -66,7 +66,7 @@ def _not_a_run_folder(path: Path) -> str:
         return (f"{path} is not a run folder but holds run folders ({shown}), as --output-dir does; pass one of "
                 f"them, e.g. {path / runs[-1]}")
     return (f"{path} has no summary.json: rank 0 writes it when a run ends, so this run is still going, crashed, "
-            "or stopped before its first step")
+            "stopped before its first step, or was stopped while it finished (its error line said so)")
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

@@ -516,6 +516,12 @@ class RunClock:
         self.resumed_paused_s = state.get("paused_s", 0.0)  # checkpoints before 2026-11-27 kept elapsed time only
 
 
+# A run whose last process was stopped while it finished (a Ctrl-C after the loop): the summary is made of that
+# process's step times, which ended with it, so no rerun can write it; a rerun must not read as if all were there.
+NO_SUMMARY_NOTE = (f" (it has no {SUMMARY_FILE}: the process that finished it was stopped before writing one, and the "
+                   "step times it is made of ended with that process; metrics.jsonl holds the run's evaluations)")
+
+
 def world_size_warning(old_world_size: int, world_size: int, epoch: int, continue_at: int, samples_done: int,
                        progress: float) -> str:
     """The line a resume under another number of processes prints (Trainer.adapt_to_world_size): where in the
@@ -956,7 +962,8 @@ class Trainer:
         state = self.state
         if self.complete():
             # Before the run's files: config.json keeps describing the run that made them, whatever flags this had.
-            self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do")
+            self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do"
+                     + ("" if (self.run_dir / SUMMARY_FILE).is_file() else NO_SUMMARY_NOTE))
             return
         resolved = {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),

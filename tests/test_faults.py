@@ -31,7 +31,7 @@ from test_fault_tolerance import TORCHRUN, LiveRun, metrics_steps, worker_pid
 
 import dist_mnist.checkpoint as checkpoint_module
 import dist_mnist.train as train_module
-from dist_mnist import agreement, collectives
+from dist_mnist import agreement, collectives, report
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from dist_mnist.config import TrainConfig
 from dist_mnist.console import OPEN_LINE
@@ -651,6 +651,16 @@ def test_a_stop_signal_after_the_run_files_or_while_finishing_says_what_is_on_di
         f"error: interrupted ({name}) after step 6, while the run was finishing (its summary may be missing); the "
         f"last checkpoint is {last}\n")
     assert load_checkpoint(last)["train_state"]["step"] == 6
+    monkeypatch.undo()
+    # The same command again: complete, and it says why there is no summary (it said "nothing to do" and no more,
+    # and report blamed a crash or a run still going).
+    assert train_module.main([*flags, "--run-name", "finishing"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] + "\n" == (
+        f"run {tmp_path / 'finishing'} is already complete at step 6; nothing to do (it has no summary.json: the "
+        "process that finished it was stopped before writing one, and the step times it is made of ended with that "
+        "process; metrics.jsonl holds the run's evaluations)\n")
+    with pytest.raises(UserError, match="or was stopped while it finished"):
+        report.read_summary(tmp_path / "finishing")
 
 
 def test_only_a_dead_dataloader_worker_counts_as_one() -> None:
