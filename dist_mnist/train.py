@@ -524,9 +524,9 @@ NO_SUMMARY_NOTE = (f" (it has no {SUMMARY_FILE}: the process that finished it wa
 
 def world_size_warning(old_world_size: int, world_size: int, epoch: int, continue_at: int, samples_done: int,
                        progress: float) -> str:
-    """The line a resume under another number of processes prints (Trainer.adapt_to_world_size): where in the
+    """The `warning:` a resume under another number of processes prints (Trainer.adapt_to_world_size): where in the
     epoch (`epoch` counted from 0) and the schedule it goes on, against how far the checkpoint's processes got."""
-    return (f"warning: the checkpoint was written by {old_world_size} processes, this run has {world_size}: "
+    return (f"the checkpoint was written by {old_world_size} processes, this run has {world_size}: "
             f"continuing epoch {epoch + 1} at sample {continue_at} of its order (it had reached {samples_done}), "
             f"learning-rate schedule at {progress:.1%}")
 
@@ -741,8 +741,9 @@ class Trainer:
         # batch_in_epoch counts micro-batches: per batch, batch size x world size samples (not the global batch,
         # which holds --grad-accum-steps once more).
         continue_at = state.batch_in_epoch * self.cfg.batch_size * self.ctx.world_size
-        self.log(world_size_warning(old_world_size, self.ctx.world_size, state.epoch, continue_at, samples_done,
-                                    progress))
+        if self.ctx.is_main:  # on stderr with the other warnings; rank_line ends the open progress line
+            rank_line(0, "warning", world_size_warning(old_world_size, self.ctx.world_size, state.epoch, continue_at,
+                                                       samples_done, progress))
 
     def save_checkpoint(self) -> None:
         with self.paused("checkpoint"), self.phase("the checkpoint"):

@@ -365,21 +365,25 @@ def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, caps
     flags = [*SMOKE_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "elastic",
              "--timeout-s", "60"]
 
-    def launch(nproc: int, *extra: str) -> str:
-        """The run's stdout; a world of one runs in this process (what it checks is in the files and the output,
-        not in a process of its own), two ranks under torchrun."""
+    def launch(nproc: int, *extra: str) -> tuple[str, str]:
+        """The run's stdout and stderr; a world of one runs in this process (what it checks is in the files and the
+        output, not in a process of its own), two ranks under torchrun."""
         if nproc == 1:
             capsys.readouterr()
             assert main([*flags, *extra]) == 0
-            return capsys.readouterr().out
+            captured = capsys.readouterr()
+            return captured.out, captured.err
         result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                       TRAIN_SCRIPT, *flags, *extra], timeout=180)
         assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
+        return result.stdout, result.stderr
 
     launch(first, "--max-steps", "8")
-    resumed = launch(then)
-    assert f"written by {first} processes, this run has {then}" in resumed
+    resumed, said = launch(then)
+    # Once (rank 0's), on stderr with the other warnings: it went to stdout, past a user's filter on stderr.
+    [warning] = [line for line in said.splitlines() if "written by" in line]
+    assert warning.startswith(f"warning: the checkpoint was written by {first} processes, this run has {then}: ")
+    assert "written by" not in resumed
     # The steps before the resume were counted in the first world's batches: the progress line's total is the step
     # this run ends at, not the new world's steps for the whole run (which read "step 20/16 (125.0%)").
     assert re.findall(r"^epoch \d+ step (\d+/\d+ \(\S+\))", resumed, re.MULTILINE)[-1] == \
@@ -396,25 +400,24 @@ def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, caps
     (1, 6, 288),
     (2, 6, 288),
 ])
-def test_a_world_size_change_names_the_sample_it_continues_at(accum: int, expected_batch: int,
-                                                             expected_sample: int) -> None:
+def test_a_world_size_change_names_the_sample_it_continues_at(accum: int, expected_batch: int, expected_sample: int,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     # With --grad-accum-steps 2 the line said "continuing epoch 1 at sample 576 (it had reached 320)": a skip of
     # samples never trained, where the run repeats 32 of them (the micro-batches were multiplied by the global
     # batch, which holds the accumulation once more).
-    lines: list[str] = []
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     trainer = SimpleNamespace(
         state=TrainState(epoch=0, step=10 // accum, batch_in_epoch=10),
         cfg=TrainConfig(batch_size=16, grad_accum_steps=accum, epochs=2, seed=0),
-        data=SimpleNamespace(train_size=1024), ctx=SimpleNamespace(rank=0, world_size=3),
+        data=SimpleNamespace(train_size=1024), ctx=SimpleNamespace(rank=0, world_size=3, is_main=True),
         global_batch=16 * 3 * accum, batches_per_epoch=1024 // 3 // 16 // accum * accum, total_steps=42,
-        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler),
-        log=lines.append)
+        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
     Trainer.adapt_to_world_size(trainer, 2)  # type: ignore[arg-type]
     assert trainer.state.batch_in_epoch == expected_batch
-    assert (f"continuing epoch 1 at sample {expected_sample} of its order (it had reached 320)") in lines[0]
+    said = capsys.readouterr().err
+    assert f"continuing epoch 1 at sample {expected_sample} of its order (it had reached 320)" in said
 
 
 # torchrun 2.14 shares its rendezvous TCPStore with the workers and caches the store's address after the first
@@ -473,7 +476,7 @@ def test_node_joining_a_running_job_grows_it_and_the_run_continues(tmp_path: Pat
         results = agents.results()
     stopped = re.search(r"^stopped by SIGTERM at step (\d+); checkpoint saved", results[0].stdout, re.MULTILINE)
     assert stopped, results[0].stdout
-    assert "written by 1 processes, this run has 2" in results[0].stdout + results[1].stdout
+    assert "written by 1 processes, this run has 2" in results[0].stderr + results[1].stderr  # the warning: line
     assert assert_resumed_as_two(results, out / "grown") == int(stopped.group(1))
 
 

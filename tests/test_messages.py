@@ -169,7 +169,7 @@ PRODUCERS: dict[str, Callable[[Situation], str]] = {
     "error: could not write step00000008.pt": full_disk_checkpoint,
     "note: could not write rank0.": full_disk_trace,
     "error: MNIST files missing in": missing_mnist,
-    "warning: the checkpoint was written by": lambda s: world_size_warning(4, 2, 1, 29_952, 29_952, 0.35),
+    "warning: the checkpoint was written by": lambda s: f"warning: {world_size_warning(4, 2, 1, 29_952, 29_952, 0.35)}",
 }
 
 
