@@ -476,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_mnist_files(mnist_raw_dir(cfg.data_dir)):
         # Found before any measuring, with advice the bench can take: every section reads real MNIST, and it never
         # downloads (its training runs get --no-download: they are timed, a download is not).
-        fetch = f"run `python launch/train.py --data-dir {cfg.data_dir} --max-steps 1` once to download them (the " \
-                "bench never does)"
+        fetch = (f"run `python launch/train.py --data-dir {shlex.quote(cfg.data_dir)} --max-steps 1` once to download "
+                 "them (the bench never does)")
         print(f"error: {missing_mnist_error(mnist_raw_dir(cfg.data_dir), missing, fetch)}", file=sys.stderr)
         return 1
     launched_by_torchrun = "RANK" in os.environ

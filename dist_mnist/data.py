@@ -103,6 +103,7 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
 
 
 def missing_mnist_files(raw: Path) -> list[str]:
+    """The four IDX files' names that `raw` (a MNIST/raw/ folder) lacks, in MNIST_FILES' order."""
     return [name for name in MNIST_FILES if not (raw / name).is_file()]
 
 
