@@ -140,6 +140,15 @@ def _rendezvous_failed(exc: dist.DistError, address: str, rank: int, world_size:
                      f"processes must start within --timeout-s {timeout_s:g}")
 
 
+def _peers_missing(exc: dist.DistError, rank: int, world_size: int, timeout_s: float) -> UserError:
+    """One line for a process group whose peers did not all connect. Under torchrun the rendezvous (the agent's own
+    store) returns at once, so a peer that froze or died after torchrun started it is first waited for here."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"the process group did not open for rank {rank} of {world_size}: not every process connected "
+                     f"within --timeout-s {timeout_s:g} ({reason}); a process that froze, crashed or is still "
+                     "starting holds up the others: check every process's own output, then start them all again")
+
+
 @contextmanager
 def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -> Iterator[DistContext]:
     """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""
@@ -189,12 +198,20 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
     else:
         store = dist.HashStore()  # a world of one needs no rendezvous: an in-process store, so no port is opened
     with timer.phase("process_group"):
-        dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
+        try:
+            dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
+        except dist.DistError as exc:  # DistStoreError: a peer's address never came (a world of one waits on none)
+            if world_size == 1:
+                raise
+            raise _peers_missing(exc, rank, world_size, cfg.timeout_s) from None
     try:
         # A world of one exchanges no control messages (DistContext returns at once), so it makes no gloo group.
         with timer.phase("control_group"):
-            control_group = (dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" and world_size > 1
-                             else dist.group.WORLD)
+            try:
+                control_group = (dist.new_group(backend="gloo", timeout=timeout)
+                                 if backend == "nccl" and world_size > 1 else dist.group.WORLD)
+            except dist.DistError as exc:  # the same wait, for a peer that stopped between the two groups
+                raise _peers_missing(exc, rank, world_size, cfg.timeout_s) from None
         yield DistContext(rank=rank, world_size=world_size, device=device,
                           backend=backend, control_group=control_group)
     finally:

@@ -825,6 +825,32 @@ def test_rank_and_world_size_without_the_rendezvous_address_is_one_line(
     assert not list(tmp_path.iterdir())  # no run folder: nothing started
 
 
+def torchruns_rendezvous_done(monkeypatch: pytest.MonkeyPatch, rank: int, world_size: int) -> None:
+    """A worker as torchrun starts it: RANK, WORLD_SIZE and the address set, and a rendezvous that returns at once
+    (the workers meet in the agent's store, already there), so the process group is the first to wait for peers."""
+    for name, value in (("RANK", str(rank)), ("LOCAL_RANK", str(rank)), ("WORLD_SIZE", str(world_size)),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.distributed, "rendezvous", lambda *args, **kwargs: iter([(
+        torch.distributed.HashStore(), rank, world_size)]))
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_never_connects_to_the_process_group_is_one_line_within_the_timeout(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A worker frozen (SIGSTOP) or dead after torchrun started it: the other waited in init_process_group for its
+    address and ended in torch's DistStoreError traceback after --timeout-s."""
+    torchruns_rendezvous_done(monkeypatch, rank=0, world_size=2)
+    started = time.monotonic()
+    assert train_module.main([*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--timeout-s", "2"]) == 1
+    assert time.monotonic() - started < 30
+    assert capsys.readouterr().err == (
+        "error: the process group did not open for rank 0 of 2: not every process connected within --timeout-s 2 "
+        "(Wait timeout); a process that froze, crashed or is still starting holds up the others: check every "
+        "process's own output, then start them all again\n")
+    assert not torch.distributed.is_initialized() and not list(tmp_path.iterdir())
+
+
 def _enospc_after(writes: int, name_part: str, real: Callable[[int, bytes], int]) -> Callable[[int, bytes], int]:
     """os.write that fails as a full disk does for a file whose name holds `name_part`, after `writes` writes."""
     done = 0

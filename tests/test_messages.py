@@ -129,6 +129,12 @@ def rendezvous_timeout(s: Situation) -> str:
     return f"error: {distributed._rendezvous_failed(reason, 'ADDR:PORT', 1, 2, 300)}"
 
 
+def peers_missing(s: Situation) -> str:
+    """A torchrun worker whose peer froze after torchrun started it (tests/test_faults.py runs the whole path)."""
+    reason = dist.DistError("wait timeout after 300000ms, keys: /dist_mnist/attempt_0/0//cpu//0/1")
+    return f"error: {distributed._peers_missing(reason, 0, 2, 300)}"
+
+
 def full_disk_checkpoint(s: Situation) -> str:
     for name in ("TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RESTART_COUNT"):  # no restarts left: the plain advice
         s.monkeypatch.delenv(name, raising=False)
@@ -166,6 +172,7 @@ PRODUCERS: dict[str, Callable[[Situation], str]] = {
     "error: run folder DIR is in use by": held_run_folder,
     "error: RANK and WORLD_SIZE are set but": rendezvous_without_address,
     "error: the rendezvous at ": rendezvous_timeout,
+    "error: the process group did not open": peers_missing,
     "error: could not write step00000008.pt": full_disk_checkpoint,
     "note: could not write rank0.": full_disk_trace,
     "error: MNIST files missing in": missing_mnist,
