@@ -57,6 +57,13 @@ def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit,
     nothing watching it, else through the interpreter's usual exit (`sys.exit`). None is torchrun's `record` saying
     the run ended in a SystemExit(0) (`--help`): status 0, the usual way."""
     if code != 0 or multiprocessing.active_children() or watched():
+        # The exit status is decided. The interpreter's teardown (0.7 s) puts SIGTERM's default action back in place
+        # of any Python handler, so torchrun's SIGTERM, which it sends every worker the moment one fails, landed
+        # there and the job's log read -15 (SIGTERM) for a rank that had written its error line and was exiting 1.
+        # Ignored, the teardown ends with `code`; torchrun's SIGKILL after its --shutdown-timeout still ends one that
+        # hangs.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(code)
     # What the interpreter's exit runs before its teardown: logging's shutdown (flushes and closes its handlers),
     # multiprocessing's finalizers (the semaphores above). atexit has no public way to run them; this one is what

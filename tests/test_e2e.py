@@ -12,6 +12,7 @@ import platform
 import pstats
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -497,6 +498,7 @@ def test_a_finished_runs_fast_end_leaves_no_semaphore_to_the_resource_tracker() 
 def test_a_failed_run_or_one_with_child_processes_ends_the_usual_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure's error path may hold open files, and DataLoader workers are stopped by the interpreter's exit."""
     monkeypatch.setattr(shutdown, "watched", lambda: False)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # this process keeps its SIGTERM handler
     exits: list[int] = []
     with pytest.raises(SystemExit) as failed:
         shutdown.end_process(1, exit_now=exits.append)
@@ -512,6 +514,27 @@ def test_a_failed_run_or_one_with_child_processes_ends_the_usual_way(monkeypatch
         child.kill()
         child.join()
     assert exits == []
+
+
+# A failed run's end: its error line written, then the interpreter's teardown, in which torchrun's SIGTERM (sent to
+# every worker once one fails) lands. The atexit function stands in for the teardown's time.
+SIGTERM_IN_THE_TEARDOWN = """
+import atexit, os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from dist_mnist import shutdown
+from dist_mnist.errors import raise_terminated
+signal.signal(signal.SIGTERM, raise_terminated)  # as launch/train.py sets it
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.3)))
+print("error: the run failed", file=sys.stderr)
+shutdown.end_process(1)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_run_ends_with_its_own_exit_code_though_sigterm_comes_in_the_teardown() -> None:
+    """It ended by the signal's default action (-15 in torchrun's failure summary), not with its exit code 1."""
+    result = run([sys.executable, "-c", SIGTERM_IN_THE_TEARDOWN.format(repo=str(REPO))], timeout=45)
+    assert (result.returncode, result.stderr) == (1, "error: the run failed\n"), result.stderr[-3000:]
 
 
 def test_a_profiler_watching_the_process_is_seen() -> None:
