@@ -9,8 +9,9 @@ from typing import Any
 from dist_mnist.metrics import PHASES
 
 # Numbers that identify rather than measure: a ratio of them means nothing (the steps a summary covers are named
-# with the run instead, by run_label).
-_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step"}
+# with the run instead, by run_label). A rank's `steps` is how many steps its phase timers timed, the size of a
+# sample (0 with --phase-timers off, whose "0.00x" against a timed run read as a figure that collapsed).
+_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps"}
 
 
 def resumed_steps(summary: dict[str, Any]) -> str | None:

@@ -99,6 +99,7 @@ def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
     for key in [("rank 0", "comm_time_s"), ("rank 1", "samples/s")]:
         assert rows[key].ratio is None and rows[key].shown_a == "-" and rows[key].shown_b != "-"
     assert ("global", "first_step_unix") not in rows  # a timestamp, not a figure
+    assert ("rank 0", "steps") not in rows  # how many steps the timers timed: no figure to take a ratio of
     # A share that is not a step phase (it may overlap one) is a plain number, not a phase with ms.
     assert rows[("rank 0", "exposed_comm_share")].shown_b == "0.1"
     assert ("rank 0", "exposed_comm ms") not in rows
