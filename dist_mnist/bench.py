@@ -475,12 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # an empty --data-dir, a --batch-size the training config refuses
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if missing := missing_mnist_files(mnist_raw_dir(cfg.data_dir)):
+    raw = mnist_raw_dir(cfg.data_dir)
+    if missing := missing_mnist_files(raw):
         # Found before any measuring, with advice the bench can take: every section reads real MNIST, and it never
         # downloads (its training runs get --no-download: they are timed, a download is not).
         fetch = (f"run `python launch/train.py --data-dir {shlex.quote(cfg.data_dir)} --max-steps 1` once to download "
                  "them (the bench never does)")
-        print(f"error: {missing_mnist_error(mnist_raw_dir(cfg.data_dir), missing, fetch)}", file=sys.stderr)
+        print(f"error: {missing_mnist_error(raw, missing, fetch)}", file=sys.stderr)
         return 1
     launched_by_torchrun = "RANK" in os.environ
     try:

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from dist_mnist.argtypes import on_off
 from dist_mnist.durable import write_durably
-from dist_mnist.errors import UserError
+from dist_mnist.errors import UserError, first_line
 from dist_mnist.runfiles import CHECKPOINTS_DIR
 
 FORMAT_VERSION = 2  # 2: one entry per stateful part (model, optimizer, ..., train_state, clock)
@@ -174,7 +174,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:  # whatever the reader raised on these bytes means the same to the user
         # RuntimeError, EOFError, BadZipFile and ValueError from a cut or damaged archive; IndexError and KeyError
         # from a pickle whose bytes changed. The reader's first sentence says what broke; the rest is generic advice.
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        reason = first_line(exc).split(". ")[0]
         raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt: {reason})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint {path} is not a dist_mnist checkpoint (format {FORMAT_VERSION} expected)")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from dist_mnist.config import TrainConfig
-from dist_mnist.errors import UserError
+from dist_mnist.errors import UserError, first_line
 from dist_mnist.restarts import restart_advice
 from dist_mnist.shutdown import failure_path
 
@@ -153,8 +153,7 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
         if not is_collective_failure(exc):
             raise
         failure_path.begin()  # a lost peer: torchrun's SIGTERM may land any moment now, and must not end us unheard
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        reason = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", _CALLBACK_WRAPPERS.sub("", lines[0])))
+        reason = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", _CALLBACK_WRAPPERS.sub("", first_line(exc))))
         kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
         look = "look for the stuck or lost rank in the other nodes' output"
         restart = restart_advice(last_checkpoint, checkpoint_known)

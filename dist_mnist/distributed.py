@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from dist_mnist.collectives import enable_flight_recorder
 from dist_mnist.config import TrainConfig
-from dist_mnist.errors import UserError
+from dist_mnist.errors import UserError, first_line
 from dist_mnist.startup import StartupTimer
 
 T = TypeVar("T")
@@ -128,7 +128,7 @@ def _rendezvous_address() -> str:
 
 def _rendezvous_failed(exc: dist.DistError, address: str, rank: int, world_size: int, timeout_s: float) -> UserError:
     """One line for a rendezvous that did not complete: who joined where torch says, and its own words."""
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = first_line(exc)
     joined = _CLIENTS_JOINED.search(reason)
     if joined:
         seconds, arrived, expected = joined.groups()
@@ -143,7 +143,7 @@ def _rendezvous_failed(exc: dist.DistError, address: str, rank: int, world_size:
 def _peers_missing(exc: dist.DistError, rank: int, world_size: int, timeout_s: float) -> UserError:
     """One line for a process group whose peers did not all connect. Under torchrun the rendezvous (the agent's own
     store) returns at once, so a peer that froze or died after torchrun started it is first waited for here."""
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = first_line(exc)
     return UserError(f"the process group did not open for rank {rank} of {world_size}: not every process connected "
                      f"within --timeout-s {timeout_s:g} ({reason}); a process that froze, crashed or is still "
                      "starting holds up the others: check every process's own output, then start them all again")

@@ -16,6 +16,11 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's go on with generic advice), or its type's name if empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class Terminated(BaseException):
     """SIGTERM outside the training loop's stop handler (start-up, a finished run's summary), raised in the main
     thread as Python's own SIGINT handler raises KeyboardInterrupt: the run ends through the same cleanup and one

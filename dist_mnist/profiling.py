@@ -378,10 +378,17 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
     skip = warmup_steps(len(steps))
     timed = steps[skip:] or steps
     timed_comm = (comm[skip:] or comm) if comm else None
-    wall = measured_step_s[warmup_steps(len(measured_step_s)):] or measured_step_s
+    wall_skip = warmup_steps(len(measured_step_s))
+    wall = measured_step_s[wall_skip:]
     measured = statistics.fmean(wall) if wall else None  # one step: no interval between two step starts
     step_times = [sum(s.values()) for s in timed] or (wall if wall_per_step or measured is None
                                                       else [measured] * len(wall))
+    # What explained_fraction compares with the mean interval. Where every step was timed, interval k's own step k
+    # over the same steps: the run's last step has no interval, and N steps and N-1 intervals lose different warm-up
+    # steps, so the two means were of different steps (97.7% for steps that each measured 99.6%, over 100% after a
+    # resume). A sample (--phase-timers sample, or on CUDA) against the mean of all intervals.
+    explained = ([sum(s.values()) for s in steps[:len(measured_step_s)]][wall_skip:]
+                 if len(steps) == len(measured_step_s) + 1 else step_times)
     total = sum(step_times) or 1e-12
     figures: dict[str, Any] = {**{f"{phase}_share": None for phase in PHASES}, "backward_compute_share": None,
                                **comm_stats(timed, None), "phase_time_per_step_s": None, "own_time_p50_s": None,
@@ -406,7 +413,7 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
             # Own work per step: what a slow rank makes the others wait for in the all-reduce.
             "own_time_p50_s": percentile([t - e for t, e in zip(step_times, exposed)], 0.5),
             # The share of the wall time between step starts (eval and checkpoints left out) the phases explain.
-            "explained_fraction": explained_fraction(steps, step_times, measured_step_s, measured),
+            "explained_fraction": statistics.fmean(explained) / measured if measured else None,
         }
     return {
         "rank": rank,
@@ -420,22 +427,6 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
         "cuda_peak_allocated_bytes": cuda_peak_bytes,
         "params_digest": params_digest,
     }
-
-
-def explained_fraction(steps: list[dict[str, float]], step_times: list[float], measured_step_s: list[float],
-                       measured: float | None) -> float | None:
-    """The mean timed step over the mean wall interval between step starts; None without an interval (one step).
-
-    Where every step was timed, step k's phases are compared with interval k (step k's start to step k+1's) over the
-    same steps: the run's last step has no interval, and N steps and N-1 intervals lose different warm-up steps, so
-    the two means were of different steps, which read 97.7% for steps that each measured 99.6%, and over 100% after
-    a resume. A sample (--phase-timers sample, or on CUDA) is compared with the mean of all intervals."""
-    if not measured:
-        return None
-    if len(steps) == len(measured_step_s) + 1:  # every step timed; the last has no interval
-        paired = [sum(s.values()) for s in steps[:len(measured_step_s)]][warmup_steps(len(measured_step_s)):]
-        return statistics.fmean(paired) / measured
-    return statistics.fmean(step_times) / measured
 
 
 def flag_stragglers(ranks: list[dict[str, Any]]) -> None:
