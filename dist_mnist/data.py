@@ -76,10 +76,16 @@ def _read_idx_pair(raw: Path, prefix: str) -> Split:
 
 
 def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
-    """Decode the four IDX files (read_idx_uint8); rank 0 downloads them first with torchvision when allowed."""
+    """Decode the four IDX files (read_idx_uint8); rank 0 downloads them first with torchvision when allowed.
+
+    Every rank takes the same branches whatever its own disk holds: with node-local --data-dir folders one rank can
+    lack the files another has, and a rank waiting in the download's broadcast while the others went on would sit
+    there until --timeout-s (then name a timed-out collective, not the missing files).
+    """
     raw = mnist_raw_dir(cfg.data_dir)
     missing = missing_mnist_files(raw)
-    if missing and not cfg.no_download:
+    views = ctx.gather_objects(DataView(str(raw), missing, cfg.no_download))  # no collective in a world of one
+    if views[0].missing and not views[0].no_download:
         error = ""
         if ctx.is_main:
             from torchvision.datasets import MNIST  # only for downloading: see read_idx_uint8
@@ -94,12 +100,28 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
         # Other ranks wait, so only one process downloads; all of them learn whether it worked.
         error = ctx.broadcast_object(error)
         if error:
-            raise UserError(f"could not download MNIST into {raw} ({error}); copy the files {', '.join(MNIST_FILES)} "
-                            "there, or point --data-dir / DIST_MNIST_DATA at a folder holding MNIST/raw/")
+            raise UserError(f"could not download MNIST into {views[0].raw} ({error}); copy the files "
+                            f"{', '.join(MNIST_FILES)} there, or point --data-dir / DIST_MNIST_DATA at a folder "
+                            "holding MNIST/raw/")
         missing = missing_mnist_files(raw)
+        views = ctx.gather_objects(DataView(str(raw), missing, cfg.no_download))
     if missing:
-        raise missing_mnist_error(raw, missing, "drop --no-download to let torchvision fetch them")
+        how_to_fetch = ("drop --no-download to let torchvision fetch them" if cfg.no_download else
+                        f"copy them there: only global rank 0 downloads, into its own --data-dir ({views[0].raw})")
+        raise missing_mnist_error(raw, missing, how_to_fetch)
+    if lacking := [rank for rank, view in enumerate(views) if view.missing]:
+        where = ", ".join(f"{views[rank].raw} on rank {rank}" for rank in lacking)
+        raise UserError(f"MNIST files missing in {where} (the error line of each rank named lists the files); "
+                        "point --data-dir at a folder every node sees, or copy MNIST/raw/ to every node")
     return _read_idx_pair(raw, "train"), _read_idx_pair(raw, "t10k")
+
+
+@dataclass(frozen=True)
+class DataView:
+    """What one rank's disk holds of MNIST, which every rank learns before any of them downloads or decodes."""
+    raw: str
+    missing: list[str]
+    no_download: bool
 
 
 def missing_mnist_files(raw: Path) -> list[str]:

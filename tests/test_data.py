@@ -4,6 +4,7 @@ batch pipeline against the plain torchvision one."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dist_mnist.data import (
     MNIST_FILES,
     MNIST_MEAN,
     MNIST_STD,
+    DataView,
     ResumableBatchSampler,
     ShardSampler,
     Split,
@@ -220,6 +222,55 @@ def test_one_missing_file_is_named_first(tmp_path: Path) -> None:
     (mnist_raw_dir(str(data_dir)) / "t10k-images-idx3-ubyte").unlink()
     with pytest.raises(UserError, match="^MNIST files missing in .*: t10k-images-idx3-ubyte \\(expected"):
         load_mnist(mnist_cfg(data_dir), cpu_ctx())
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoNodeCtx(DistContext):
+    """A rank of a world of two whose peer's disk is `peer` (its DataView); collectives answer from that."""
+    peer: DataView | None = None
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return [obj, self.peer] if self.rank == 0 else [self.peer, obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        raise AssertionError("a download was attempted: rank 0 has the files")
+
+
+def forbid_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("torchvision's MNIST was asked to download")
+    monkeypatch.setattr(datasets, "MNIST", refuse)
+
+
+def test_a_rank_whose_node_lacks_the_files_that_rank_0_has_is_told_to_copy_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 went to the download's broadcast while rank 0, whose files were there, went on: both waited for
+    --timeout-s and then blamed a timed-out collective. Nothing downloads: rank 0 has the files."""
+    forbid_downloads(monkeypatch)
+    rank0_raw = mnist_raw_dir(str(make_mnist_dir(tmp_path / "node0")))
+    ctx = TwoNodeCtx(rank=1, world_size=2, device=CPU, backend="gloo", control_group=None,
+                     peer=DataView(str(rank0_raw), [], no_download=False))
+    raw = tmp_path / "node1" / "MNIST" / "raw"
+    with pytest.raises(UserError) as excinfo:
+        load_mnist(TrainConfig(data_dir=str(tmp_path / "node1")), ctx)
+    assert str(excinfo.value) == (
+        f"MNIST files missing in {raw}: {', '.join(MNIST_FILES)}; point --data-dir or DIST_MNIST_DATA at the folder "
+        f"holding MNIST/raw/, or copy them there: only global rank 0 downloads, into its own --data-dir ({rank0_raw})")
+    assert not raw.exists()
+
+
+@pytest.mark.parametrize("no_download", [False, True])
+def test_rank_0_names_the_rank_that_lacks_the_files_instead_of_waiting_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_download: bool) -> None:
+    forbid_downloads(monkeypatch)
+    peer_raw = str(tmp_path / "node1" / "MNIST" / "raw")
+    ctx = TwoNodeCtx(rank=0, world_size=2, device=CPU, backend="gloo", control_group=None,
+                     peer=DataView(peer_raw, list(MNIST_FILES[2:]), no_download=no_download))
+    with pytest.raises(UserError) as excinfo:
+        load_mnist(TrainConfig(data_dir=str(make_mnist_dir(tmp_path / "node0"))), ctx)
+    assert str(excinfo.value) == (
+        f"MNIST files missing in {peer_raw} on rank 1 (the error line of each rank named lists the files); point "
+        "--data-dir at a folder every node sees, or copy MNIST/raw/ to every node")
 
 
 # ---------------------------------------------------------------------------------------------------------------

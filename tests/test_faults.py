@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, cpu_env, free_port, run, train
+from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, cpu_env, free_port, make_mnist_dir, run, train
 from test_cluster import Agents, agent_command
 from test_fault_tolerance import TORCHRUN, LiveRun, metrics_steps, worker_pid
 
@@ -35,6 +35,7 @@ from dist_mnist import agreement, collectives, report
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from dist_mnist.config import TrainConfig
 from dist_mnist.console import OPEN_LINE
+from dist_mnist.data import MNIST_FILES
 from dist_mnist.durable import write_failed
 from dist_mnist.errors import Terminated, UserError
 from dist_mnist.metrics import RunWriter
@@ -130,6 +131,36 @@ def test_ranks_started_with_different_flags_stop_at_once_with_one_line(tmp_path:
     assert_no_traceback_from_us(*(r.stderr for r in results))
     assert not list((tmp_path / "out").glob("*/metrics.jsonl")), "a rank trained"
     assert elapsed < 60, "the error came from the timeout, not from the agreement"
+
+
+@pytest.mark.scenario
+def test_a_node_without_the_mnist_files_stops_every_rank_at_once_with_one_line(tmp_path: Path) -> None:
+    """Node-local --data-dir folders, the files on rank 0's node only, downloads allowed: rank 1 waited in the
+    download's broadcast, rank 0 in its next collective, and both ended after --timeout-s naming a timed-out
+    collective. The ranks are started by hand (as torchrun would, RANK and the address set) so which node holds rank
+    0 is fixed: with a download allowed on a rank 0 without files, the test would reach for the internet."""
+    node_data = {0: make_mnist_dir(tmp_path / "node0"), 1: tmp_path / "node1"}
+    port = str(free_port())
+    flags = ["--batch-size", "16", "--eval-batch-size", "50", "--no-tensorboard", "--epochs", "1",
+             "--timeout-s", "60", "--output-dir", str(tmp_path / "out"), "--run-name", "one-node-lacks-data"]
+    started = time.monotonic()
+    with Agents(tmp_path / "logs", timeout=100) as ranks:
+        for rank, data_dir in node_data.items():
+            ranks.start([sys.executable, TRAIN_SCRIPT, *flags, "--data-dir", str(data_dir)],
+                        cpu_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_PORT=port))
+        elapsed = seconds_until_errors(tmp_path / "logs", 2, started, limit=90)
+        results = ranks.results()
+    assert [r.returncode for r in results] == [1, 1], ranks.tails()
+    raw = node_data[1] / "MNIST" / "raw"
+    assert results[0].stderr.splitlines() == [
+        f"error: MNIST files missing in {raw} on rank 1 (the error line of each rank named lists the files); point "
+        "--data-dir at a folder every node sees, or copy MNIST/raw/ to every node"]
+    assert results[1].stderr.splitlines() == [
+        f"[rank 1] error: MNIST files missing in {raw}: {', '.join(MNIST_FILES)}; point --data-dir or "
+        f"DIST_MNIST_DATA at the folder holding MNIST/raw/, or copy them there: only global rank 0 downloads, into "
+        f"its own --data-dir ({node_data[0] / 'MNIST' / 'raw'})"]
+    assert not raw.exists() and not list((tmp_path / "out").glob("*/metrics.jsonl"))
+    assert elapsed < 60, "the error came from the timeout, not from the ranks comparing their disks"
 
 
 # ---------------------------------------------------------------------------------------------------------------
