@@ -8,10 +8,11 @@ from typing import Any
 
 from dist_mnist.metrics import PHASES
 
-# Numbers that identify rather than measure: a ratio of them means nothing (the steps a summary covers are named
-# with the run instead, by run_label). A rank's `steps` is how many steps its phase timers timed, the size of a
-# sample (0 with --phase-timers off, whose "0.00x" against a timed run read as a figure that collapsed).
-_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps"}
+# Numbers that identify or count rather than measure: a ratio of them means nothing (the steps a summary covers are
+# named with the run instead, by run_label). A rank's `steps` is how many steps its phase timers timed, the size of
+# a sample (0 with --phase-timers off, whose "0.00x" against a timed run read as a figure that collapsed). The world
+# size is shown, without a ratio, by compare_summaries.
+_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps", "world_size"}
 
 
 def resumed_steps(summary: dict[str, Any]) -> str | None:
@@ -108,7 +109,6 @@ GLOBAL_FIGURES = {
     "achieved_tflops": Figure("achieved TFLOP/s", lambda v: f"{v:.3f}"),
     "peak_tflops_per_process": Figure("peak TFLOP/s per process", lambda v: f"{v:.3f}"),
     "flops_per_sample": Figure("MFLOP per sample", lambda v: f"{v / 1e6:.1f}"),
-    "world_size": Figure("ranks", _count),
 }
 
 
@@ -185,7 +185,8 @@ def _rank_rows(section: str, a: dict[str, Any], b: dict[str, Any], phases: list[
 
 def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[ComparisonRow]:
     """Rows for the global figures, then for every rank either run had (a rank only one run had shows '-')."""
-    rows = _figure_rows("global", a, b, GLOBAL_FIGURES, skip={"ranks"})
+    rows = [*_figure_rows("global", a, b, GLOBAL_FIGURES, skip={"ranks"}),
+            ComparisonRow("global", "ranks", None, None, str(a.get("world_size", "-")), str(b.get("world_size", "-")))]
     ranks_a = {r["rank"]: r for r in a["ranks"]}
     ranks_b = {r["rank"]: r for r in b["ranks"]}
     phases = phase_names([*a["ranks"], *b["ranks"]])

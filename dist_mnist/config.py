@@ -107,8 +107,9 @@ class TrainConfig:
                                     "process, no fp16 GradScaler, no --compile, no gradient accumulation), else "
                                     "eager with a note",
                             choices=["auto", "on", "off"])
-    threads: int = _opt(0, "intra-op CPU threads per process, at most the machine's CPU count (0: torch's default; "
-                           "torchrun sets OMP_NUM_THREADS=1)")
+    threads: int = _opt(0, "intra-op CPU threads per process, at most the machine's CPU count (0: torch's "
+                           "default, which torchrun sets to 1 when it starts 2+ processes per host and "
+                           "OMP_NUM_THREADS is unset)")
 
     # Distributed
     backend: str = _opt("auto", "process-group backend; auto: nccl on CUDA with 2+ processes, else gloo (a process "
@@ -137,7 +138,7 @@ class TrainConfig:
     output_dir: str = _opt("profiles", "root folder for run output")
     run_name: str = _opt("", "run folder name inside --output-dir (default: the start's timestamp, with -2, -3, ... "
                              "where that folder exists; under torchrun, stable across restarts of the same job)")
-    tensorboard: bool = _opt(True, "write TensorBoard scalars next to the traces (--no-tensorboard to skip)")
+    tensorboard: bool = _opt(True, "write TensorBoard scalars into the run folder (--no-tensorboard to skip)")
 
     # Profiling
     profile: bool = _opt(False, "record torch.profiler traces of a few steps on every rank")

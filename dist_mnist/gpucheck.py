@@ -451,7 +451,7 @@ def _not_an_out_dir(out: Path) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.gpucheck", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -470,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--top", type=whole_number_at_least(1), default=15,
                    help="kernels listed per trace (at least 1: a slice's end, where 0 would drop every row)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "table":
         if (wrong := _not_an_out_dir(args.out)) is not None:
             print(f"error: {args.out} {wrong}; table reads gpu_check.sh's OUT_DIR (runs/NAME/, NAME.wall, "

@@ -23,11 +23,14 @@ def table_defaults() -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     for table in re.findall(r"^\| flag \| default \|.*\n\|[-| ]+\|\n((?:\|.*\|\n)+)", README, re.MULTILINE):
         for row in table.splitlines():
-            flags_cell, default_cell = (cell.strip() for cell in row.strip("|").split("|")[:2])
-            flags, defaults = re.findall(r"`(--[\w-]+)`", flags_cell), default_cell.split(" / ")
+            # `\|` is a pipe inside a cell (`--ddp-comm-hook none\|bf16`), not a column's edge.
+            flags_cell, default_cell = (cell.strip() for cell in re.split(r"(?<!\\)\|", row.strip("|"))[:2])
+            # A flag alone (`--profile`) or with its values (`--grad-accum-steps N`); a default may be code (`bf16`).
+            flags = re.findall(r"`(--[\w-]+)[` ]", flags_cell)
+            defaults = [default.strip("`") for default in default_cell.split(" / ")]
             if len(defaults) == 1:  # one default for all the row's flags
                 defaults *= len(flags)
-            assert len(flags) == len(defaults), row
+            assert flags and len(flags) == len(defaults), row  # a row read as no flag would check nothing
             pairs += zip(flags, defaults)
     return pairs
 
@@ -56,7 +59,8 @@ def assert_default(flag: str, text: str) -> None:
 
 def test_the_readme_states_defaults_where_expected() -> None:
     tables, prose = dict(table_defaults()), dict(prose_defaults())
-    assert {"--profile", "--profile-wait", "--profile-repeat", "--peak-tflops"} <= tables.keys()
+    assert {"--profile", "--profile-wait", "--profile-repeat", "--peak-tflops", "--ddp-comm-hook",
+            "--grad-accum-steps"} <= tables.keys()
     # Recipe values (--epochs, --batch-size, ...) are checked against the recipe table by tests/test_recipes.py.
     assert {"--checkpoint-every", "--keep-checkpoints", "--timeout-s", "--train-timeout-s", "--num-workers",
             "--compile"} <= prose.keys()

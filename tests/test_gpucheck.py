@@ -3,6 +3,7 @@ the GPU slot that runs them for real is short and rare, so a misread key must fa
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import json
@@ -220,6 +221,15 @@ def test_the_bench_renders_its_graphs_section_from_the_rows_the_table_reads() ->
     assert "**6.00x; 92%**" in markdown
     assert "host time per step against the bare step's time (below it, the loop keeps the GPU fed) | 60 / 2,462 us |" \
         in markdown
+
+
+def test_the_readme_names_every_gpucheck_command() -> None:
+    """The README lists the commands of `python -m dist_mnist.gpucheck`; step-kernels was once left out."""
+    listed = re.search(r"`python -m dist_mnist\.gpucheck` \(([^)]*)\)", (REPO / "README.md").read_text())
+    assert listed, "the README no longer lists gpucheck's commands"
+    (commands,) = [action.choices for action in gpucheck.build_parser()._actions
+                   if isinstance(action, argparse._SubParsersAction)]
+    assert re.findall(r"`([\w-]+)", listed.group(1)) == list(commands)
 
 
 def test_every_flag_gpu_check_passes_exists() -> None:

@@ -82,7 +82,6 @@ def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
         ("global", "MFU"): 0.5,
         ("global", "epoch s"): 0.4,
         ("global", "startup s"): 1.0,
-        ("global", "ranks"): 2.0,
         ("rank 0", "step p50 ms"): 1.5,
         ("rank 0", "samples/s"): 1.5,
         ("rank 0", "data share"): 0.5,
@@ -95,6 +94,9 @@ def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
         assert rows[key].ratio == pytest.approx(ratio), key
     assert rows[("rank 0", "backward ms")].a == pytest.approx(0.5 * 0.9 * 20)
     assert rows[("rank 0", "to_device ms")].ratio is None  # A spent 0 ms there: no ratio
+    # A count, not a measurement: shown, with no ratio (README: "not the numbers that count or name").
+    ranks = rows[("global", "ranks")]
+    assert (ranks.shown_a, ranks.shown_b, ranks.ratio) == ("1", "2", None)
     # A field only B has, and a rank only B has: shown as '-' on the other side, no ratio.
     for key in [("rank 0", "comm_time_s"), ("rank 1", "samples/s")]:
         assert rows[key].ratio is None and rows[key].shown_a == "-" and rows[key].shown_b != "-"
