@@ -426,7 +426,7 @@ def invocation(args: list[str]) -> str:
     return shlex.join(["python", "-m", "dist_mnist.bench", *args])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.bench", description=__doc__,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("DIST_MNIST_DATA", "./data"),
@@ -461,7 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
                         help="markdown file the result table is appended to ('' to skip)")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     for flag, target in (("--output", args.output), ("--json", args.json)):
         folder = Path(target).parent
         if target and not (folder.is_dir() and os.access(folder, os.W_OK)):

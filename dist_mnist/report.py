@@ -154,14 +154,18 @@ def compare(run_a: Path, run_b: Path) -> str:
     return format_comparison(run_label(str(run_a), summary_a), run_label(str(run_b), summary_b), rows, changes)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.report", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a run folder, e.g. profiles/<run-name>")
     parser.add_argument("run_b", type=Path, nargs="?",
                         help="a second run folder: print the two side by side, with B/A ratios")
     parser.add_argument("--no-picture", action="store_true",
                         help=f"one run: do not write the picture RUN_DIR/{PICTURE_FILE}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.run_b is not None:
             print(compare(args.run_dir, args.run_b))

@@ -235,15 +235,14 @@ def test_the_readme_names_every_gpucheck_command() -> None:
 def test_every_flag_gpu_check_passes_exists() -> None:
     """A misspelt flag would fail its run only on the GPU machine: each `--flag` in the script is one of ours or of
     the few outside tools it calls."""
-    from dist_mnist.config import build_parser
+    from dist_mnist import bench, config, report
 
     script = (REPO / "launch" / "gpu_check.sh").read_text()
     used = set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", script))
-    known = set(build_parser()._option_string_actions)
-    for module in ("dist_mnist.bench", "dist_mnist.report", "dist_mnist.gpucheck table",
-                   "dist_mnist.gpucheck same-params", "dist_mnist.gpucheck step-kernels"):
-        usage = run([sys.executable, "-m", *module.split(), "--help"], timeout=60).stdout
-        known |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", usage))
+    parsers = [config.build_parser(), bench.build_parser(), report.build_parser(),
+               *[command for action in gpucheck.build_parser()._actions
+                 if isinstance(action, argparse._SubParsersAction) for command in action.choices.values()]]
+    known = {option for parser in parsers for option in parser._option_string_actions}
     outside = {"--query-gpu", "--format", "--exclude", "--standalone", "--nproc-per-node"}  # nvidia-smi, tar, torchrun
     assert used - known - outside == set()
 
