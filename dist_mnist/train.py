@@ -1136,7 +1136,7 @@ class Trainer:
         summary = build_summary(
             all_stats,
             global_samples_per_sec=self.global_batch / mean_step if mean_step else None,
-            epoch_time_s=mean_step * self.data.steps_per_epoch if mean_step else None,
+            epoch_time_s=mean_step * self.steps_per_epoch if mean_step else None,
             flops=flops_per_sample(self.parts.module),
             peak_flops_per_process=peak, peak_source=peak_source, comm_hook=self.cfg.ddp_comm_hook,
             amp=dtype_name(self.settings.amp_dtype), device_type=self.ctx.device.type,

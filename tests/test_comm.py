@@ -256,6 +256,11 @@ def test_comm_hooks_and_accumulation_resume_to_identical_parameters(
     assert_resumed_equals_straight(out / name, total)
     summary = json.loads((out / name / "straight" / "summary.json").read_text())
     assert summary["ranks_in_sync"]
+    # An epoch is its optimizer steps, each of the global batch: with 4 micro-batches a step, epoch_time_s counted
+    # every micro-batch as a step and read 4x too long.
+    resolved = json.loads((out / name / "straight" / "config.json").read_text())["resolved"]
+    assert summary["epoch_time_s"] * summary["samples_per_sec"] == pytest.approx(
+        resolved["steps_per_epoch"] * resolved["global_batch_size"])
     sent = {r["allreduce_bytes_per_step"] for r in summary["ranks"]}
     if name == "bf16":
         assert sent == {GRADIENT_BYTES // 2}
