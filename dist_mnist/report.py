@@ -53,10 +53,12 @@ def _read_text(path: Path) -> str | None:
 def _not_a_run_folder(path: Path) -> str:
     """Why `path` is no run folder, and which folder to pass instead: the usual slips are a file of the run and
     --output-dir, the folder that holds the runs (whose missing summary.json would otherwise read as a crashed run)."""
-    if path.is_file():
-        return f"{path} is a file, not a run folder; pass the run folder that holds it, {path.parent}"
-    if (path.parent / SUMMARY_FILE).is_file():  # traces/, checkpoints/
-        return f"{path} is a folder inside the run folder {path.parent}; pass that"
+    run = next((folder for folder in path.parents if (folder / SUMMARY_FILE).is_file()
+                or (folder / CONFIG_FILE).is_file()), None)
+    if path.is_file():  # summary.json, or a trace two folders down: traces/rank0.<ns>.pt.trace.json.gz
+        return f"{path} is a file, not a run folder; pass the run folder that holds it, {run or path.parent}"
+    if run is not None:  # traces/, checkpoints/
+        return f"{path} is a folder inside the run folder {run}; pass that"
     try:
         runs = sorted(child.name for child in path.iterdir() if (child / SUMMARY_FILE).is_file())
     except OSError as exc:
