@@ -255,7 +255,8 @@ def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, first_step:
     steps_left = step_limit - first_step
     if ctx.is_main and steps_left <= cfg.profile_wait + cfg.profile_warmup:
         # A warning, not an error: a resumed run may legitimately have only a few steps left.
-        rank_line(ctx.rank, "warning", f"--profile records nothing: {steps_left} steps are left, and the first "
+        rank_line(ctx.rank, "warning", f"--profile records nothing: {steps_left} "
+                  f"{'step is' if steps_left == 1 else 'steps are'} left, and the first "
                   f"window only starts recording after --profile-wait {cfg.profile_wait} + --profile-warmup "
                   f"{cfg.profile_warmup} steps")
     if ctx.is_main and cfg.profile_warmup == 0:
@@ -600,7 +601,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         straggler = "n/a" if r["straggler"] is None else (r.get("straggler_phase") or "YES") if r["straggler"] else "no"
         lines.append(f"{r['rank']:>4} {r['step_time_p50_s'] * 1e3:>8.2f} {r['step_time_p90_s'] * 1e3:>8.2f} "
                      f"{r['samples_per_sec']:>10.0f} " + " ".join(_percent(shares[p]) for p, _ in TABLE_SHARES) +
-                     comm + f" {_percent(r['explained_fraction'])} {r['peak_rss_bytes'] / 2**20:>7.0f}MB"
+                     comm + f" {_percent(r['explained_fraction'])} {r['peak_rss_bytes'] / 2**20:>6.0f}MiB"
                      f" {straggler:>9}")
     timing = summary.get("phase_timing")  # absent in summaries written before --phase-timers existed
     if timing and timing["mode"] == "off":
@@ -608,8 +609,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             " (p50 and p90 are the mean step: on CUDA a single step is not timed without waiting for the GPU)")
         lines.append(f"phase timers off (--phase-timers off): no phase shares; step times are wall-clock{per_step}")
     elif timing and timing["mode"] == "sample":
-        lines.append(f"phase shares from one step in {timing['every_n_steps']} ({timing['steps_timed']} steps "
-                     f"timed on rank 0)")
+        lines.append(f"phase shares from one step in {timing['every_n_steps']} ({timing['steps_timed']} "
+                     f"step{'' if timing['steps_timed'] == 1 else 's'} timed on rank 0)")
     lines.extend(_trace_failures(summary["ranks"]))
     mfu = f"{summary['mfu']:.1%}" if summary["mfu"] is not None else "n/a"
     achieved = summary["achieved_tflops"]

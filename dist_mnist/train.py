@@ -526,7 +526,8 @@ def world_size_warning(old_world_size: int, world_size: int, epoch: int, continu
                        progress: float) -> str:
     """The `warning:` a resume under another number of processes prints (Trainer.adapt_to_world_size): where in the
     epoch (`epoch` counted from 0) and the schedule it goes on, against how far the checkpoint's processes got."""
-    return (f"the checkpoint was written by {old_world_size} processes, this run has {world_size}: "
+    return (f"the checkpoint was written by {old_world_size} process{'' if old_world_size == 1 else 'es'}, this run "
+            f"has {world_size}: "
             f"continuing epoch {epoch + 1} at sample {continue_at} of its order (it had reached {samples_done}), "
             f"learning-rate schedule at {progress:.1%}")
 

@@ -382,7 +382,8 @@ def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, caps
     resumed, said = launch(then)
     # Once (rank 0's), on stderr with the other warnings: it went to stdout, past a user's filter on stderr.
     [warning] = [line for line in said.splitlines() if "written by" in line]
-    assert warning.startswith(f"warning: the checkpoint was written by {first} processes, this run has {then}: ")
+    processes = f"{first} process{'es' if first > 1 else ''}"  # "1 processes" it said
+    assert warning.startswith(f"warning: the checkpoint was written by {processes}, this run has {then}: ")
     assert "written by" not in resumed
     # The steps before the resume were counted in the first world's batches: the progress line's total is the step
     # this run ends at, not the new world's steps for the whole run (which read "step 20/16 (125.0%)").
@@ -476,7 +477,7 @@ def test_node_joining_a_running_job_grows_it_and_the_run_continues(tmp_path: Pat
         results = agents.results()
     stopped = re.search(r"^stopped by SIGTERM at step (\d+); checkpoint saved", results[0].stdout, re.MULTILINE)
     assert stopped, results[0].stdout
-    assert "written by 1 processes, this run has 2" in results[0].stderr + results[1].stderr  # the warning: line
+    assert "written by 1 process, this run has 2" in results[0].stderr + results[1].stderr  # the warning: line
     assert assert_resumed_as_two(results, out / "grown") == int(stopped.group(1))
 
 

@@ -721,6 +721,8 @@ def test_a_one_step_run_reports_no_rate_and_no_diagnosis(tmp_path: Path) -> None
     assert "TFLOP/s achieved, MFU n/a of " in result.stdout
     [row] = [line for line in result.stdout.splitlines() if line.startswith("   0 ")]
     assert row.split()[-3] == "n/a", row  # the explained column, before peak RSS and straggler
+    # In binary units, as report's comparison shows it ("794MB" there read 832 MB as 794).
+    assert row.split()[-2] == f"{summary['ranks'][0]['peak_rss_bytes'] / 2**20:.0f}MiB", row
 
 
 @pytest.mark.timeout(120)
