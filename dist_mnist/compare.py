@@ -11,8 +11,10 @@ from dist_mnist.metrics import PHASES
 # Numbers that identify or count rather than measure: a ratio of them means nothing (the steps a summary covers are
 # named with the run instead, by run_label). A rank's `steps` is how many steps its phase timers timed, the size of
 # a sample (0 with --phase-timers off, whose "0.00x" against a timed run read as a figure that collapsed). The world
-# size is shown, without a ratio, by compare_summaries.
-_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps", "world_size"}
+# size is shown, without a ratio, by compare_summaries. `phase_timing` is the timers' settings and count of timed
+# steps, `traces` how many windows were written; `phase_time_per_step_s` is shown as the phases' ms rows.
+_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps", "world_size", "phase_timing", "traces",
+                 "phase_time_per_step_s"}
 
 
 def resumed_steps(summary: dict[str, Any]) -> str | None:
@@ -118,6 +120,17 @@ def _number(record: dict[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _flat_numbers(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its blocks' fields (`startup`, `pauses_s`) as fields of their own, named `block.field`."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and key not in _NOT_COMPARED:
+            flat.update({f"{key}.{field}": inner for field, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def phase_names(ranks: list[dict[str, Any]]) -> list[str]:
     """The step phases (metrics.PHASES, which add up to the step) the summaries have a `<phase>_share` for.
 
@@ -130,9 +143,14 @@ def phase_names(ranks: list[dict[str, Any]]) -> list[str]:
 def mean_step_s(rank: dict[str, Any]) -> float | None:
     """The mean timed step of a rank: the shares are fractions of it.
 
-    `explained_fraction` is the mean timed step over the mean wall time between step starts, so their product
-    recovers the mean the shares were taken of; summaries without them fall back to the median step.
+    `phase_time_per_step_s` is that mean split by phase, less the all-reduce the step waited for (its share
+    `comm_exposed_share`), so the phases' ms rows are the summary's own figures. Summaries written before it:
+    `explained_fraction` is a mean timed step over the mean wall time between step starts, so their product is close
+    (over the steps with an interval, not all the timed ones: up to 4% apart); without those, the median step.
     """
+    per_phase = rank.get("phase_time_per_step_s")
+    if isinstance(per_phase, dict) and per_phase:
+        return sum(per_phase.values()) / (1.0 - (_number(rank, "comm_exposed_share") or 0.0))
     explained, measured = _number(rank, "explained_fraction"), _number(rank, "measured_step_time_s")
     if explained and measured:
         return explained * measured
@@ -155,7 +173,9 @@ def _row(section: str, label: str, a: float | None, b: float | None, show: Calla
 
 def _figure_rows(section: str, a: dict[str, Any], b: dict[str, Any], figures: dict[str, Figure],
                  skip: set[str]) -> list[ComparisonRow]:
-    """The named figures first, then every other numeric field either record has, under its own name."""
+    """The named figures first, then every other numeric field either record has, under its own name (a block's
+    fields as `block.field`)."""
+    a, b = _flat_numbers(a), _flat_numbers(b)
     rows = [_row(section, fig.label, _number(a, key), _number(b, key), fig.show) for key, fig in figures.items()
             if _number(a, key) is not None or _number(b, key) is not None]
     others = [k for k in dict.fromkeys([*a, *b]) if k not in figures and k not in skip and k not in _NOT_COMPARED]
@@ -185,8 +205,8 @@ def _rank_rows(section: str, a: dict[str, Any], b: dict[str, Any], phases: list[
 
 def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[ComparisonRow]:
     """Rows for the global figures, then for every rank either run had (a rank only one run had shows '-')."""
-    rows = [*_figure_rows("global", a, b, GLOBAL_FIGURES, skip={"ranks"}),
-            ComparisonRow("global", "ranks", None, None, str(a.get("world_size", "-")), str(b.get("world_size", "-")))]
+    rows = [ComparisonRow("global", "ranks", None, None, str(a.get("world_size", "-")), str(b.get("world_size", "-"))),
+            *_figure_rows("global", a, b, GLOBAL_FIGURES, skip={"ranks"})]
     ranks_a = {r["rank"]: r for r in a["ranks"]}
     ranks_b = {r["rank"]: r for r in b["ranks"]}
     phases = phase_names([*a["ranks"], *b["ranks"]])

@@ -75,6 +75,28 @@ def _progress(steps: list[int]) -> list[dict[str, Any]]:
 # RUN_A RUN_B
 
 
+def test_comparison_shows_the_summarys_own_phase_times_and_its_blocks_numbers() -> None:
+    """The phases' ms rows were share x explained x measured, the mean over the steps with an interval, not over
+    every timed one (up to 4% off the summary's phase_time_per_step_s); and the numbers inside `startup` and
+    `pauses_s` were left out of "every other number both summaries hold"."""
+    # A mean timed step of 20 ms, 10% of it the all-reduce the step waited for: its phases are the other 18 ms.
+    per_phase = {"data": 0.001, "to_device": 0.001, "forward": 0.006, "backward_compute": 0.006, "optimizer": 0.004}
+    blocks = {"startup": {"imports": 2.0, "data": 0.5}, "pauses_s": {"evaluation": 1.0},
+              "phase_timing": {"mode": "every", "every_n_steps": 20, "steps_timed": 99, "wall_per_step": True}}
+    ranks = [_rank(0, 0.015, 2400.0, SHARES_B, phase_time_per_step_s=per_phase, comm_exposed_share=0.1,
+                   traces={"written": 1, "write_failure": None})]
+    a = {**_summary(ranks, 4000.0, 0.1), **blocks}
+    b = {**a, "startup": {"imports": 3.0, "data": 0.5}, "pauses_s": {"evaluation": 0.5, "checkpoint": 0.25}}
+    rows = {(r.section, r.label): r for r in compare_summaries(a, b)}
+    for phase, ms in (("data", 1.0), ("forward", 6.0), ("optimizer", 4.0), ("backward", 0.4 * 20)):
+        assert rows[("rank 0", f"{phase} ms")].a == pytest.approx(ms), phase
+    assert rows[("global", "startup.imports")].ratio == pytest.approx(1.5)
+    assert rows[("global", "pauses_s.evaluation")].ratio == pytest.approx(0.5)
+    assert rows[("global", "pauses_s.checkpoint")].shown_a == "-"
+    # Settings and counts, not measurements: no rows.
+    assert not [label for _, label in rows if label.startswith(("phase_timing", "traces", "phase_time_per_step"))]
+
+
 def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
     rows = {(r.section, r.label): r for r in compare_summaries(SUMMARY_A, SUMMARY_B)}
     expected = {
