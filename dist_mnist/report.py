@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +111,63 @@ def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
     return records
 
 
+@dataclass(frozen=True)
+class StaleSummary:
+    """A summary.json of an earlier process: the run went on past its steps (a resumed process recorded them in
+    progress.jsonl and metrics.jsonl) and the process that ran them ended without writing its own."""
+    first_step: int  # the summary's steps are first_step+1 .. last_step
+    last_step: int
+    run_step: int  # the last step the run's records hold
+
+    @property
+    def steps(self) -> str:
+        return f"steps {self.first_step + 1}-{self.last_step}"
+
+
+def stale_summary(run_dir: Path, summary: dict[str, Any]) -> StaleSummary | None:
+    """Whether `summary` is an earlier process's; None when it is of the run's last step, or was written before
+    summaries recorded their steps."""
+    last_step = summary.get("last_step")
+    if not isinstance(last_step, int):
+        return None
+    run_step = max([last_step, *_recorded_steps(run_dir / PROGRESS_FILE), *_recorded_steps(run_dir / METRICS_FILE)])
+    return StaleSummary(summary.get("first_step") or 0, last_step, run_step) if run_step > last_step else None
+
+
+def _recorded_steps(path: Path) -> list[int]:
+    """The steps of a JSON-lines file's records; lines that do not parse (a killed process's cut last line) are
+    skipped, not errors: the table is still worth showing, and the picture's reader names a damaged line."""
+    steps = []
+    for line in (_read_text(path) or "").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            steps.append(record["step"])
+    return steps
+
+
 def report(run_dir: Path) -> str:
-    """The last evaluation line (when metrics.jsonl has one) and the summary table, as the run printed them."""
+    """The last evaluation line (when metrics.jsonl has one) and the summary table, as the run printed them; a
+    summary of an earlier process than the one that ran the last steps says so."""
     summary = read_summary(run_dir)
     metrics_path = run_dir / METRICS_FILE
     records = read_records(metrics_path, ())
     lines = [_format_or_fail(metrics_path, format_eval, records[-1])] if records else []
     lines.append(format_summary(summary))
+    if stale := stale_summary(run_dir, summary):
+        lines.append(f"{SUMMARY_FILE} is of {stale.steps}, an earlier process's: the run went on to step "
+                     f"{stale.run_step} and the process that ran those steps was stopped or crashed before writing "
+                     "its own")
     return "\n".join(lines)
+
+
+def _label(run_dir: Path, summary: dict[str, Any]) -> str:
+    """A run's name in the comparison's header, with the steps its summary is of where that is not the whole run."""
+    if stale := stale_summary(run_dir, summary):
+        return f"{run_dir} (its summary is of {stale.steps} only: the run went on to step {stale.run_step} without one)"
+    return run_label(str(run_dir), summary)
 
 
 def picture(run_dir: Path) -> Path:
@@ -153,7 +203,7 @@ def compare(run_a: Path, run_b: Path) -> str:
     rows = compare_summaries(summary_a, summary_b)
     config_a, config_b = _read_config(run_a), _read_config(run_b)
     changes = config_changes(config_a, config_b) if config_a is not None and config_b is not None else None
-    return format_comparison(run_label(str(run_a), summary_a), run_label(str(run_b), summary_b), rows, changes)
+    return format_comparison(_label(run_a, summary_a), _label(run_b, summary_b), rows, changes)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import math
 import os
 import platform
@@ -518,8 +519,23 @@ class RunClock:
 
 # A run whose last process was stopped while it finished (a Ctrl-C after the loop): the summary is made of that
 # process's step times, which ended with it, so no rerun can write it; a rerun must not read as if all were there.
-NO_SUMMARY_NOTE = (f" (it has no {SUMMARY_FILE}: the process that finished it was stopped before writing one, and the "
-                   "step times it is made of ended with that process; metrics.jsonl holds the run's evaluations)")
+# Where an earlier process (before a resume) wrote one, that summary is of its own steps only.
+NO_SUMMARY_WHY = ("the process that finished it was stopped before writing one, and the step times it is made of "
+                  "ended with that process; metrics.jsonl holds the run's evaluations")
+
+
+def missing_summary_note(run_dir: Path, step: int) -> str:
+    """What the "already complete" line adds when summary.json is not of the run's end at `step`: absent, or of an
+    earlier process's steps (a resumed process ended the run without writing its own)."""
+    try:
+        last_step = json.loads((run_dir / SUMMARY_FILE).read_text()).get("last_step")
+    except FileNotFoundError:
+        return f" (it has no {SUMMARY_FILE}: {NO_SUMMARY_WHY})"
+    except (OSError, ValueError, AttributeError):
+        return ""  # damaged: `python -m dist_mnist.report` says so
+    if isinstance(last_step, int) and last_step < step:
+        return f" (its {SUMMARY_FILE} is an earlier process's, of the steps up to {last_step}: {NO_SUMMARY_WHY})"
+    return ""
 
 
 def world_size_warning(old_world_size: int, world_size: int, epoch: int, continue_at: int, samples_done: int,
@@ -965,7 +981,7 @@ class Trainer:
         if self.complete():
             # Before the run's files: config.json keeps describing the run that made them, whatever flags this had.
             self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do"
-                     + ("" if (self.run_dir / SUMMARY_FILE).is_file() else NO_SUMMARY_NOTE))
+                     + missing_summary_note(self.run_dir, state.step))
             return
         resolved = {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),

@@ -694,6 +694,29 @@ def test_a_stop_signal_after_the_run_files_or_while_finishing_says_what_is_on_di
         report.read_summary(tmp_path / "finishing")
 
 
+def test_a_resumed_process_stopped_while_finishing_leaves_a_summary_both_rerun_and_report_call_an_earlier_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first process's summary.json (steps 1-6) stayed when a resumed process finished the run at step 10 but
+    was stopped before writing its own: the rerun said only "nothing to do", and report showed the steps 1-6 table
+    under the step-10 evaluation as the run's."""
+    flags = [*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--run-name", "stale"]
+    assert train_module.main([*flags, "--max-steps", "6"]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "rank_stats", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert train_module.main([*flags, "--max-steps", "10"]) == STOP_SIGNALS["SIGINT"]
+    capsys.readouterr()
+    assert train_module.main([*flags, "--max-steps", "10"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"run {tmp_path / 'stale'} is already complete at step 10; nothing to do (its summary.json is an earlier "
+        "process's, of the steps up to 6: the process that finished it was stopped before writing one, and the step "
+        "times it is made of ended with that process; metrics.jsonl holds the run's evaluations)")
+    assert report.report(tmp_path / "stale").splitlines()[-1] == (
+        "summary.json is of steps 1-6, an earlier process's: the run went on to step 10 and the process that ran "
+        "those steps was stopped or crashed before writing its own")
+    assert report.compare(tmp_path / "stale", tmp_path / "stale").splitlines()[0] == (
+        f"A: {tmp_path / 'stale'} (its summary is of steps 1-6 only: the run went on to step 10 without one)")
+
+
 def test_only_a_dead_dataloader_worker_counts_as_one() -> None:
     assert collectives.lost_data_worker(RuntimeError(
         "DataLoader worker (pid 4242) is killed by signal: Killed. ")) == (
