@@ -1025,6 +1025,12 @@ class Trainer:
                 self.data.train_batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
                 batches = iter(self.data.train_loader)
                 while True:
+                    # The epoch's last step is done: nothing to fetch (an accumulation round's leftover batches are
+                    # left out). Before the profiler's next range begins, so the epoch-end evaluation lies in its last
+                    # step's ProfilerStep#, as a mid-epoch one does, not in the next epoch's first.
+                    if state.batch_in_epoch >= self.batches_per_epoch:
+                        self.prev_step_start = None  # the interval across the new epoch's start is not a step's
+                        break
                     # Profiling windows open and close at their edges only (opening starts kineto; closing waits for
                     # the GPU and writes the trace): there the queued steps are waited for first; at every other
                     # step the host must not wait here. Without --profile not even the pause is entered: two context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import gc
@@ -294,6 +295,32 @@ def test_a_run_stopped_inside_a_window_traces_only_the_steps_it_took(tmp_path: P
     assert "at step 3" in result.stdout
     (trace,) = _traces(tmp_path / "stopped")
     assert _profiler_steps(_load_trace(trace)) == [2]
+
+
+@pytest.mark.timeout(120)
+def test_the_evaluation_at_an_epochs_end_lies_in_its_last_steps_profiler_step(tmp_path: Path) -> None:
+    """The README: "an evaluation or checkpoint after step N lies in" ProfilerStep#N. At an epoch's end the next
+    range had begun (with the fetch that found the epoch over) before the evaluation: it lay in #N+1, with two
+    train/data ranges. 512 images at batch 16: 32 steps an epoch, the last 0-based 31; the window records 29-33."""
+    result = train_in_process(*SMOKE_FLAGS, "--epochs", "2", "--max-steps", "36", "--eval-every", "1000",
+                              "--output-dir", str(tmp_path), "--run-name", "boundary", "--profile", "--profile-wait",
+                              "28", "--profile-warmup", "1", "--profile-active", "5", "--profile-repeat", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (trace,) = _traces(tmp_path / "boundary")
+    events = _load_trace(trace)["traceEvents"]
+    steps = {int(e["name"].split("#")[1]): (e["ts"], e["ts"] + e["dur"]) for e in events
+             if e.get("name", "").startswith("ProfilerStep#") and e.get("ph") == "X"}
+    assert sorted(steps) == [29, 30, 31, 32, 33]
+
+    def step_of(event: dict[str, Any]) -> int:
+        (step,) = [n for n, (start, end) in steps.items() if start <= event["ts"] <= end]
+        return step
+
+    (evaluation,) = [e for e in events if e.get("name") == "eval" and e.get("cat") == "user_annotation"]
+    assert step_of(evaluation) == 31
+    data = collections.Counter(step_of(e) for e in events
+                               if e.get("name") == "train/data" and e.get("cat") == "user_annotation")
+    assert data == {step: 1 for step in steps}
 
 
 def test_a_trace_the_disk_cannot_take_is_a_note_and_training_goes_on_without_profiling(
