@@ -611,6 +611,7 @@ class Trainer:
         # The newest checkpoint, on disk or being written (a failure lets that write finish): every rank knows it.
         self.last_checkpoint: checkpoint.WrittenCheckpoint | None = None
         self.resumed_from: Path | None = None  # the checkpoint this process continued from, if any
+        self.numerics_note: str | None = None  # the rounding settings the resume changed (numerics_changes)
         self.loss_window: list[tuple[int, torch.Tensor]] = []
         self.train_loss_sum, self.train_loss_count = 0.0, 0
         self.progress = Progress(self.run_dir, ctx.is_main, self.step_limit(), self.global_batch)
@@ -710,9 +711,11 @@ class Trainer:
                  else f"end of epoch {self.state.epoch_number()}")
         self.resumed_from = Path(source)
         self.log(f"resumed from step {self.state.step} ({where}) of {source}")
-        changes = checkpoint.numerics_changes(state.get("numerics"), self.numerics())
-        if changes:
-            self.log(changes)
+        current = self.numerics()
+        if state["world_size"] == ctx.world_size == 1:
+            del current["ddp_comm_hook"]  # no DDP in either: no hook ran, and none runs now
+        # Said once the run is known to train on: a run already complete continues nothing.
+        self.numerics_note = checkpoint.numerics_changes(state.get("numerics"), current)
 
     def numerics(self) -> dict[str, Any]:
         """The settings that change how a step rounds but may change on a resume (checkpoint.numerics_changes)."""
@@ -983,6 +986,8 @@ class Trainer:
             self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do"
                      + missing_summary_note(self.run_dir, state.step))
             return
+        if self.numerics_note:
+            self.log(self.numerics_note)
         resolved = {
             "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
             "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
