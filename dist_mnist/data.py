@@ -19,6 +19,7 @@ from dist_mnist.distributed import DistContext
 from dist_mnist.durable import missing_folders, remove_empty_folders
 from dist_mnist.errors import UserError
 from dist_mnist.preemption import DataWorkerContext, leave_stop_signals_to_the_rank
+from dist_mnist.recipes import value_source
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # The classic MNIST normalisation constants (mean and std of the training pixels scaled to [0, 1]).
@@ -357,8 +358,9 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split
                                                                 shuffle=True, seed=cfg.seed)
     train_batches = ResumableBatchSampler(train_sampler, cfg.batch_size)
     if len(train_batches.batches) == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than this rank's share of the training set "
-                        f"({len(train_sampler)} samples); lower it")
+        raise UserError(f"--batch-size {cfg.batch_size}{value_source(cfg, 'batch_size', ctx.device.type)} is larger "
+                        f"than this rank's share of the training set ({len(train_sampler)} samples); give a smaller "
+                        "--batch-size")
     test_shard = ShardSampler(len(test), ctx.rank, ctx.world_size)
     test_batches = BatchSampler(test_shard, cfg.eval_batch_size, drop_last=False)
     first_test_batch = min(cfg.eval_batch_size, len(test_shard))

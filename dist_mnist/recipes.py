@@ -101,5 +101,11 @@ def recipe_values(cfg: Any, name: str, explicit: frozenset[str]) -> AppliedRecip
                          overridden={k: getattr(cfg, k) for k in RECIPE_FIELDS if k in explicit})
 
 
+def value_source(cfg: Any, field: str, device_type: str) -> str:
+    """How an error names where a value came from: " (the cuda recipe's)" where the recipe set `field`, "" where a
+    flag did: a user who never typed --batch-size 512 must learn what did."""
+    return "" if field in cfg.explicit() else f" (the {recipe_name(cfg.recipe, device_type)} recipe's)"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")

@@ -315,8 +315,15 @@ def test_torchs_own_paragraph_on_too_many_workers_is_left_to_the_note() -> None:
 
 def test_batch_larger_than_the_shard_is_a_user_error() -> None:
     train, test = synthetic_splits(64, 20)
-    with pytest.raises(UserError, match="--batch-size 40 is larger than this rank's share"):
+    with pytest.raises(UserError) as given:
         build_pipeline(TrainConfig(batch_size=40), cpu_ctx(1, 2), train, test, on_device=False)
+    assert str(given.value) == ("--batch-size 40 is larger than this rank's share of the training set (32 samples); "
+                                "give a smaller --batch-size")
+    # Set by the recipe, not typed: the line says which recipe set it (`--recipe cuda` on a small training set).
+    with pytest.raises(UserError) as from_recipe:
+        build_pipeline(TrainConfig(recipe="cuda", batch_size=512, explicit_flags=("recipe",)), cpu_ctx(1, 2), train,
+                       test, on_device=False)
+    assert str(from_recipe.value).startswith("--batch-size 512 (the cuda recipe's) is larger than")
 
 
 class CopyRecorder:
@@ -359,7 +366,8 @@ def test_fast_train_pipeline_matches_torchvision(tmp_path: Path, rank: int, chan
     world_size, seed, batch_size, epoch = 2, 7, 16, 1
     cfg = mnist_cfg(data_dir, batch_size=batch_size, seed=seed)
     ctx = cpu_ctx(rank, world_size)
-    pipeline = build_pipeline(cfg, ctx, *load_mnist(cfg, ctx), on_device=False)
+    # Decoded as one process: the ranks' compare of their folders (load_mnist) is a collective.
+    pipeline = build_pipeline(cfg, ctx, *load_mnist(cfg, cpu_ctx()), on_device=False)
     pipeline.train_batches.set_epoch(epoch)
 
     reference_set = reference_mnist(data_dir, train=True)
