@@ -971,19 +971,28 @@ class Trainer:
     def at_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
 
-    def complete(self) -> bool:
-        """Whether the run has nothing left to do: its epochs, its --max-steps or its --stop-at-accuracy reached."""
-        return (self.state.epoch >= self.cfg.epochs or self.at_max_steps()
-                or any(self.meets_target(m) for m in self.state.metrics))
+    def complete(self) -> str | None:
+        """Why the run has nothing left to do (its epochs, its --max-steps or its --stop-at-accuracy reached), or
+        None. A rerun that does nothing says which: a new --stop-at-accuracy met by an evaluation before it was
+        given ends a run as surely as the old limits."""
+        cfg = self.cfg
+        if self.state.epoch >= cfg.epochs:
+            return f"its {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} done"
+        if self.at_max_steps():
+            return f"--max-steps {cfg.max_steps} reached"
+        if met := next((m for m in self.state.metrics if self.meets_target(m)), None):
+            return (f"--stop-at-accuracy {cfg.stop_at_accuracy:.2%} met by the evaluation at step {met['step']}, "
+                    f"{met['test_accuracy']:.2%}")
+        return None
 
     def resume_and_train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         with self.startup.phase("resume"):
             self.resume()
         state = self.state
-        if self.complete():
+        if done := self.complete():
             # Before the run's files: config.json keeps describing the run that made them, whatever flags this had.
-            self.log(f"run {self.run_dir} is already complete at step {state.step}; nothing to do"
+            self.log(f"run {self.run_dir} is already complete at step {state.step} ({done}); nothing to do"
                      + missing_summary_note(self.run_dir, state.step))
             return
         if self.numerics_note:
@@ -1133,7 +1142,7 @@ class Trainer:
                   f"step; stopped, checkpoint saved in {self.checkpoint_dir}", flush=True)
         if ctx.is_main and stopped_by:
             # A stop on the run's last step: its final evaluation and checkpoint are done, and a rerun does nothing.
-            then = ("The run is complete." if self.complete()
+            then = ("The run is complete." if self.complete() is not None
                     else f"Run {collectives.same_command(self.name_to_add)} to resume.")
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
                   f"{then}", flush=True)

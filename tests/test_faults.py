@@ -687,7 +687,8 @@ def test_a_stop_signal_after_the_run_files_or_while_finishing_says_what_is_on_di
     # and report blamed a crash or a run still going).
     assert train_module.main([*flags, "--run-name", "finishing"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] + "\n" == (
-        f"run {tmp_path / 'finishing'} is already complete at step 6; nothing to do (it has no summary.json: the "
+        f"run {tmp_path / 'finishing'} is already complete at step 6 (--max-steps 6 reached); nothing to do (it has "
+        "no summary.json: the "
         "process that finished it was stopped before writing one, and the step times it is made of ended with that "
         "process; metrics.jsonl holds the run's evaluations)\n")
     with pytest.raises(UserError, match="or was stopped while it finished"):
@@ -707,9 +708,10 @@ def test_a_resumed_process_stopped_while_finishing_leaves_a_summary_both_rerun_a
     capsys.readouterr()
     assert train_module.main([*flags, "--max-steps", "10"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"run {tmp_path / 'stale'} is already complete at step 10; nothing to do (its summary.json is an earlier "
-        "process's, of the steps up to 6: the process that finished it was stopped before writing one, and the step "
-        "times it is made of ended with that process; metrics.jsonl holds the run's evaluations)")
+        f"run {tmp_path / 'stale'} is already complete at step 10 (--max-steps 10 reached); nothing to do (its "
+        "summary.json is an earlier process's, of the steps up to 6: the process that finished it was stopped before "
+        "writing one, and the step times it is made of ended with that process; metrics.jsonl holds the run's "
+        "evaluations)")
     assert report.report(tmp_path / "stale").splitlines()[-1] == (
         "summary.json is of steps 1-6, an earlier process's: the run went on to step 10 and the process that ran "
         "those steps was stopped or crashed before writing its own")
