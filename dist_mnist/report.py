@@ -158,15 +158,15 @@ def report(run_dir: Path) -> str:
     lines.append(format_summary(summary))
     if stale := stale_summary(run_dir, summary):
         lines.append(f"{SUMMARY_FILE} is of {stale.steps}, an earlier process's: the run went on to step "
-                     f"{stale.run_step} and the process that ran those steps was stopped or crashed before writing "
-                     "its own")
+                     f"{stale.run_step}, and the process that ran those steps wrote none (it is still running, or was "
+                     "stopped or crashed first)")
     return "\n".join(lines)
 
 
 def _label(run_dir: Path, summary: dict[str, Any]) -> str:
     """A run's name in the comparison's header, with the steps its summary is of where that is not the whole run."""
     if stale := stale_summary(run_dir, summary):
-        return f"{run_dir} (its summary is of {stale.steps} only: the run went on to step {stale.run_step} without one)"
+        return f"{run_dir} (its summary is of {stale.steps} only: the run went on to step {stale.run_step})"
     return run_label(str(run_dir), summary)
 
 

@@ -713,10 +713,10 @@ def test_a_resumed_process_stopped_while_finishing_leaves_a_summary_both_rerun_a
         "writing one, and the step times it is made of ended with that process; metrics.jsonl holds the run's "
         "evaluations)")
     assert report.report(tmp_path / "stale").splitlines()[-1] == (
-        "summary.json is of steps 1-6, an earlier process's: the run went on to step 10 and the process that ran "
-        "those steps was stopped or crashed before writing its own")
+        "summary.json is of steps 1-6, an earlier process's: the run went on to step 10, and the process that ran "
+        "those steps wrote none (it is still running, or was stopped or crashed first)")
     assert report.compare(tmp_path / "stale", tmp_path / "stale").splitlines()[0] == (
-        f"A: {tmp_path / 'stale'} (its summary is of steps 1-6 only: the run went on to step 10 without one)")
+        f"A: {tmp_path / 'stale'} (its summary is of steps 1-6 only: the run went on to step 10)")
 
 
 def test_only_a_dead_dataloader_worker_counts_as_one() -> None:
