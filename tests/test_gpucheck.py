@@ -37,7 +37,9 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert result.returncode == 0, result.stderr[-2000:]
     for name in ("default_eager", "ours_1epoch", "compile", "sweep_b256"):
         shutil.copytree(runs / "default", runs / name)
-    for name, seconds in (("default", 30.0), ("ours_1epoch", 5.0), ("classic_1epoch", 20.0)):
+    # The script writes NAME.wall for each command that ended well, and only for those.
+    for name, seconds in (("default", 30.0), ("ours_1epoch", 5.0), ("classic_1epoch", 20.0), ("default_eager", 31.0),
+                          ("compile", 40.0), ("sweep_b256", 12.0)):
         (out / f"{name}.wall").write_text(f"{seconds}\n")
     (out / "import_torch_1.s").write_text("4.50\n")
     (out / "import_torch_2.s").write_text("1.25\n")
@@ -126,11 +128,25 @@ def test_missing_runs_are_rows_that_fail_not_a_crash(tmp_path: Path) -> None:
     (tmp_path / "runs" / "sweep_b512").mkdir(parents=True)  # a candidate that died before writing anything
     result = run([*GPUCHECK, "table", str(tmp_path)], timeout=60)
     table = rows(result)
-    assert table["default command"] == ("runs", "FAILED or skipped (default.log, SKIP lines)", "NO")
+    assert table["default command"] == ("runs", "FAILED, cut or skipped (default.log, CUT and SKIP lines)", "NO")
     assert table["`--epochs 1` (classic example not run: no main.py given)"][1] == "ours FAILED"
     assert table["bench graphs section"] == ("runs", "FAILED or skipped (bench.log, SKIP lines)", "NO")
     assert table["candidate b512"] == ("runs", "FAILED", "NO")
     assert result.returncode == 1
+
+
+def test_a_run_cut_by_the_budget_or_a_classic_run_that_failed_meets_no_bar(out: Path, tmp_path: Path) -> None:
+    """A run the script stopped when the budget ran out (CUT: no NAME.wall) still wrote a summary of its steps on
+    its way out: the table read its early evaluation as the final accuracy and judged its start-up "yes". And with
+    main.py given, a classic run that failed was a row with no verdict, where the help says it fails."""
+    cut = tmp_path / "out"
+    shutil.copytree(out, cut)
+    for name in ("default.wall", "classic_1epoch.wall"):
+        (cut / name).unlink()
+    table = rows(run([*GPUCHECK, "table", str(cut), "--classic-given"], timeout=60))
+    assert table["default command"] == ("runs", "FAILED, cut or skipped (default.log, CUT and SKIP lines)", "NO")
+    assert not [figure for figure in table if figure.startswith("default command:")]
+    assert table["`--epochs 1` (classic example failed or not run)"][2] == "NO"
 
 
 @pytest.mark.parametrize(("where", "wrong"), [("nowhere", "does not exist"), ("default/summary.json",
