@@ -15,27 +15,70 @@
 # The device machine's command (docs/benchmarks.md, "Running gpu_check.sh on a lent GPU"), one call of 540 s:
 #   export GPU_CHECK_BUDGET_S=480 GPU_CHECK_BUNDLE=$OUT/gpu_check.tar.gz
 #   bash launch/gpu_check.sh data /tmp/gc .device/main.py 2>&1 | tee $OUT/gpu_check.out
+# Refused at once, with one `error:` line and exit 2: other than two or three arguments, a DATA_DIR without
+# MNIST/raw/, a budget that is no whole number of seconds, a part it does not have, a bundle folder that does not
+# exist, a PYTHON without torch, and a machine without a CUDA GPU (GPU_CHECK_ALLOW_CPU=1 runs its logic on CPU, as
+# the tests do). An OUT_DIR that holds an earlier check is moved aside (OUT_DIR.<date>-<time>), never reused.
 set -uo pipefail
-data_dir=$(cd "${1:?usage: gpu_check.sh DATA_DIR OUT_DIR [CLASSIC_MAIN_PY]}" && pwd)
-mkdir -p "${2:?usage: gpu_check.sh DATA_DIR OUT_DIR [CLASSIC_MAIN_PY]}"
-out=$(cd "$2" && pwd)
+# Everything a run needs is checked here, before the first import of torch: a mistake found minutes into a device
+# call costs the call.
+fail() { echo "error: $*" >&2; exit 2; }
+(( $# == 2 || $# == 3 )) || fail "usage: gpu_check.sh DATA_DIR OUT_DIR [CLASSIC_MAIN_PY]"
+[ -d "$1/MNIST/raw" ] || fail "DATA_DIR $1 holds no MNIST/raw/ (the folder that holds MNIST/raw/, e.g. a copy of ../shared/data)"
+data_dir=$(cd "$1" && pwd)
+budget=${GPU_CHECK_BUDGET_S:-560}
+if ! [[ $budget =~ ^[0-9]+$ ]] || (( budget == 0 )); then
+    fail "GPU_CHECK_BUDGET_S must be a whole number of seconds above 0, got '$budget'"
+fi
+known_parts="issue9 smoke issue10 sweep"
+parts=${GPU_CHECK_PARTS:-$known_parts}
+for part in $parts; do
+    [[ " $known_parts " == *" $part "* ]] || fail "GPU_CHECK_PARTS: no part '$part' (the parts: $known_parts, separated by spaces)"
+done
+[ -n "${parts// /}" ] || fail "GPU_CHECK_PARTS names no part (the parts: $known_parts)"
+# What the caller gave relative to where it stands, made absolute before the script moves to its checkout.
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+python=${PYTHON:-python3}
+[[ $python == */* ]] && python=$(absolute "$python")
+bundle=${GPU_CHECK_BUNDLE:+$(absolute "$GPU_CHECK_BUNDLE")}
 classic_main=${3:-}
 [ -n "$classic_main" ] && [ -f "$classic_main" ] && classic_main=$(cd "$(dirname "$classic_main")" && pwd)/$(basename "$classic_main")
+# An earlier check's OUT_DIR is moved aside, not reused: its finished runs would be "already complete" in a few
+# seconds (read as the figures of this check) and its tables appended to.
+if [ -e "$2" ] && [ -n "$(ls -A "$2" 2>/dev/null || echo file)" ]; then
+    aside="${2%/}.$(date +%Y%m%d-%H%M%S)"
+    mv "$2" "$aside" || fail "cannot move the earlier check in $2 aside"
+    echo "OUT_DIR $2 held an earlier check: moved to $aside"
+fi
+mkdir -p "$2" || fail "cannot make OUT_DIR $2"
+out=$(cd "$2" && pwd)
+bundle=${bundle:-$out/gpu_check.tar.gz}
+[ -d "$(dirname "$bundle")" ] || fail "GPU_CHECK_BUNDLE $bundle: no folder $(dirname "$bundle")"
 cd "$(dirname "$0")/.." || exit 1
 repo=$(pwd)
 export PYTHONUNBUFFERED=1
-python=${PYTHON:-python3}
 status=0
-parts=${GPU_CHECK_PARTS:-issue9 smoke issue10 sweep}
 want() { [[ " $parts " == *" $1 "* ]]; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$python" -c 'import platform, torch; print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+# GPU_CHECK_ALLOW_CPU=1: the script's own logic on a machine without a GPU (the tests run it so); its figures then
+# mean nothing.
+"$python" -c 'import platform, sys, torch
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, gpu or "no CUDA GPU")
+sys.exit(0 if gpu else 3)'
+case $? in
+    0) ;;
+    3) [ "${GPU_CHECK_ALLOW_CPU:-}" = 1 ] || fail "no CUDA GPU here (torch.cuda.is_available() is False): this check measures one (GPU_CHECK_ALLOW_CPU=1 runs its logic on CPU, figures meaning nothing)" ;;
+    *) fail "$python cannot import torch (above); set PYTHON to the interpreter that has it" ;;
+esac
 
 now() { date +%s.%N; }
 since() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.2f\n", a - b }'; }
 
-deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-560} ))
+deadline=$(( $(date +%s) + budget ))
 TABLE_RESERVE_S=15  # the table and the bundle, after the last run
 
 # name, time limit (s), then the command; output in $out/NAME.log, whole-process wall seconds in $out/NAME.wall.
@@ -235,8 +278,11 @@ echo
 
 fi
 
-# Everything but checkpoints and memory snapshots, in one file (traces included: a few MB).
-bundle=${GPU_CHECK_BUNDLE:-$out/gpu_check.tar.gz}
-tar -czf "$bundle.part" -C "$out" --exclude='*.pt' --exclude='*.pickle' --exclude="$(basename "$bundle")*" . &&
-    mv "$bundle.part" "$bundle" && echo "bundle: $bundle ($(du -h "$bundle" | cut -f1))"
+# Everything but checkpoints and memory snapshots, in one file (traces included: a few MB): the check's whole result.
+if tar -czf "$bundle.part" -C "$out" --exclude='*.pt' --exclude='*.pickle' --exclude="$(basename "$bundle")*" . &&
+        mv "$bundle.part" "$bundle"; then
+    echo "bundle: $bundle ($(du -h "$bundle" | cut -f1))"
+else
+    echo "FAIL bundle: could not write $bundle"; status=1
+fi
 exit $status

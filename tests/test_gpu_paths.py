@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, SMOKE_FLAGS, cpu_env
+from conftest import REPO, SMOKE_FLAGS, cpu_env, make_mnist_dir
 
 import dist_mnist.train as train_module
 from dist_mnist import checkpoint
@@ -327,9 +327,10 @@ def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_prints_the_table_a
     """A device call has a hard limit: with too little budget left the script starts no run, says SKIP for each,
     and still prints the table and writes the one-file bundle the device machine can send back."""
     out, bundle = tmp_path / "out", tmp_path / "result.tar.gz"
-    env = {**cpu_env(), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "20", "GPU_CHECK_BUNDLE": str(bundle)}
-    result = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(tmp_path), str(out)], env=env,
-                            capture_output=True, text=True, timeout=100)
+    env = {**cpu_env(), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "20", "GPU_CHECK_BUNDLE": str(bundle),
+           "GPU_CHECK_ALLOW_CPU": "1"}
+    result = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(make_mnist_dir(tmp_path / "data")),
+                             str(out)], env=env, capture_output=True, text=True, timeout=100)
     skipped = set(re.findall(r"^SKIP (\w+): \d+ s of the GPU_CHECK_BUDGET_S budget left", result.stdout, re.M))
     script = (REPO / "launch" / "gpu_check.sh").read_text()
     launched = set(re.findall(r"^\s*(?:\[ .* \] \|\| )?(?:\S+=\S+ )?(?:smoke|timed) (\w+) \d+\b", script, re.M))
@@ -346,6 +347,52 @@ def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_prints_the_table_a
     again = subprocess.run([sys.executable, "-m", "dist_mnist.gpucheck", "table", str(tmp_path / "unpacked")],
                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert again.stdout.strip() and again.stdout.strip() in result.stdout
+
+
+def gpu_check(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd, env={**cpu_env(), "PYTHON": sys.executable, **env})
+
+
+@pytest.mark.parametrize(("args", "env", "error"), [
+    ([], {}, "usage: gpu_check.sh DATA_DIR OUT_DIR [CLASSIC_MAIN_PY]"),
+    (["nowhere", "out"], {}, "DATA_DIR nowhere holds no MNIST/raw/"),
+    (["data", "out"], {"GPU_CHECK_BUDGET_S": "10s"}, "GPU_CHECK_BUDGET_S must be a whole number of seconds above 0, "
+                                                     "got '10s'"),
+    (["data", "out"], {"GPU_CHECK_BUDGET_S": "0"}, "GPU_CHECK_BUDGET_S must be a whole number"),
+    (["data", "out"], {"GPU_CHECK_PARTS": "issue9,smoke"}, "GPU_CHECK_PARTS: no part 'issue9,smoke'"),
+    (["data", "out"], {"GPU_CHECK_PARTS": " "}, "GPU_CHECK_PARTS names no part"),
+    (["data", "out"], {"GPU_CHECK_BUNDLE": "nodir/b.tar.gz"}, "GPU_CHECK_BUNDLE {cwd}/nodir/b.tar.gz: no folder"),
+    (["data", "out"], {}, "no CUDA GPU here (torch.cuda.is_available() is False)"),
+    (["data", "out"], {"PYTHON": "/bin/false", "GPU_CHECK_ALLOW_CPU": "1"}, "/bin/false cannot import torch"),
+], ids=["no-arguments", "no-data", "budget-10s", "budget-0", "parts-comma", "parts-none", "bundle-folder", "no-gpu",
+        "python-without-torch"])
+def test_gpu_check_refuses_what_would_waste_a_device_call_in_one_line(
+        tmp_path: Path, args: list[str], env: dict[str, str], error: str) -> None:
+    """Each ran on before: a missing DATA_DIR gave every run `--data-dir ''`, a budget of "10s" ended the script
+    without its table or bundle, a comma-separated GPU_CHECK_PARTS ran nothing and passed, a bundle into a missing
+    folder was lost with exit 0, and a machine without a GPU trained every run on its CPU after two tracebacks."""
+    make_mnist_dir(tmp_path / "data")
+    result = gpu_check(*args, cwd=tmp_path, **env)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1].startswith(f"error: {error.format(cwd=tmp_path)}"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_gpu_check_moves_an_earlier_check_aside_and_resolves_paths_where_it_was_called(tmp_path: Path) -> None:
+    """A rerun into the same OUT_DIR found its runs "already complete" in seconds and read those as its figures;
+    GPU_CHECK_BUNDLE=rel.tar.gz landed inside the checkout, not where the caller stood."""
+    make_mnist_dir(tmp_path / "data")
+    (tmp_path / "out" / "runs" / "default").mkdir(parents=True)
+    (tmp_path / "out" / "default.wall").write_text("3.0\n")
+    result = gpu_check("data", "out", cwd=tmp_path, GPU_CHECK_BUDGET_S="1", GPU_CHECK_BUNDLE="rel.tar.gz",
+                       GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_PARTS="smoke")
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("out.")]
+    assert f"OUT_DIR out held an earlier check: moved to out.{aside.name.removeprefix('out.')}" in result.stdout
+    assert (aside / "default.wall").is_file() and not (tmp_path / "out" / "default.wall").exists()
+    assert f"bundle: {tmp_path / 'rel.tar.gz'}" in result.stdout and (tmp_path / "rel.tar.gz").is_file()
+    assert not (REPO / "rel.tar.gz").exists()
 
 
 @pytest.mark.timeout(120)
