@@ -8,6 +8,7 @@ back in a line (on_off), in the words the on/off flags take.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -37,13 +38,13 @@ def whole_numbers(text: str) -> list[int]:
 
 
 def positive_seconds(text: str) -> float:
-    """A number of seconds above 0 (NaN is refused too)."""
+    """A finite number of seconds above 0 (NaN is refused too; inf made a timed loop that never ends)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
     return value
 
 

@@ -59,6 +59,9 @@ from dist_mnist.train import SpeedSettings, build_train_parts, dtype_name, resol
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("throughput", "time-to-accuracy", "scaling", "profiler", "graphs")
+# Sections that start training jobs of their own: under torchrun they would nest torchruns (the profiler section's
+# whole runs too, its in-process parts run anywhere).
+LAUNCHING_SECTIONS = ("time-to-accuracy", "scaling")
 StepFn = Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor]
 CLOCK_EVERY = TrainConfig.log_every  # steps between the synchronising clock checks of a timed loop
 
@@ -334,8 +337,14 @@ def _cpu_model() -> str:
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    lines = [f"### {results['machine']} — {results['date']}", "",
-             f"torch {results['torch']}, command: `{results['command']}`", "", "| measure | value |", "|---|---|"]
+    # The blank lines after the heading and the command line are markdown's paragraph breaks; the table's empty
+    # strings below are rows a result does not have.
+    head = [f"### {results['machine']} — {results['date']}", "", f"torch {results['torch']}, command: "
+            f"`{results['command']}`", ""]
+    lines = ["| measure | value |", "|---|---|"]
+    if "skipped" in results:
+        lines.append(f"| {results['skipped']} | skipped: they start training jobs of their own, which cannot run "
+                     "inside torchrun's (run `python -m dist_mnist.bench` for them) |")
     tp = results.get("throughput")
     if tp:
         lines += [
@@ -372,9 +381,14 @@ def render_markdown(results: dict[str, Any]) -> str:
                    if "efficiency" in run else "")
             lines.append(f"| {key.replace('x', ' process(es) x ', 1)} thread(s) | "
                          f"{run['samples_per_sec']:,.0f} samples/s{eff} |")
-        for name, hook in sc.get("hooks", {}).items():
-            lines.append(f"| --ddp-comm-hook {name}: {hook['bytes_per_step'] / 1e6:.2f} MB all-reduced per step | "
-                         f"{hook['samples_per_sec']:,.0f} samples/s, {hook['ratio']:.2f}x of none |")
+        hooks = sc.get("hooks", {})
+        for name, hook in hooks.items():
+            # PowerSGD compresses only after the LR warm-up: a run that ended within it sent what `none` sends.
+            uncompressed = (" (not compressed: the run ended within the LR warm-up, after which PowerSGD starts; "
+                            "raise --scaling-steps)" if name == "powersgd" and "none" in hooks
+                            and hook["bytes_per_step"] >= 0.9 * hooks["none"]["bytes_per_step"] else "")
+            lines.append(f"| --ddp-comm-hook {name}: {hook['bytes_per_step'] / 1e6:.2f} MB all-reduced per step"
+                         f"{uncompressed} | {hook['samples_per_sec']:,.0f} samples/s, {hook['ratio']:.2f}x of none |")
         if "ddp_ratio" in sc:
             lines.append(f"| **DDP ratio: N ranks x 1 thread (--ddp-comm-hook {sc['best_hook']}) / 1 process x N "
                          f"threads** | **{sc['ddp_ratio']:.2f}** |")
@@ -408,7 +422,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += render_verdicts(results["profiler_steps"], results.get("profiler", {}))
     if "phase_timers" in results:
         lines += render_phase_timers(results["phase_timers"])
-    return "\n".join(line for line in lines if line) + "\n"
+    return "\n".join([*head, *(line for line in lines if line)]) + "\n"
 
 
 # Steps, rounds and batch sizes: 0 divided by zero after a section's measuring, and 0 --scaling-steps became
@@ -421,9 +435,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter
     """The module docstring's layout kept, and each option's default shown as the launcher's --help shows it."""
 
 
-def invocation(args: list[str]) -> str:
-    """The bench's command line as a shell reads it back (an empty `--output ''` kept), for the table's header."""
-    return shlex.join(["python", "-m", "dist_mnist.bench", *args])
+def invocation(args: list[str], world_size: int | None = None) -> str:
+    """The bench's command line as a shell reads it back (an empty `--output ''` kept), for the table's header; with
+    the number of processes where torchrun started it."""
+    command = shlex.join(["python", "-m", "dist_mnist.bench", *args])
+    return command if world_size is None else f"{command} (under torchrun, {world_size} processes)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,10 +484,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag, target in (("--output", args.output), ("--json", args.json)):
         folder = Path(target).parent
+        # Found now, not after minutes of measuring.
         if target and not (folder.is_dir() and os.access(folder, os.W_OK)):
-            # Found now, not after minutes of measuring.
             print(f"error: cannot write {flag} {target}: {folder} is not a writable folder", file=sys.stderr)
             return 1
+        if target and Path(target).is_dir():
+            print(f"error: cannot write {flag} {target}: it is a folder; name a file", file=sys.stderr)
+            return 1
+    # The profiled whole runs' window (the launcher's defaults) must close before they end, or the profiler records
+    # nothing and "with --profile / without" compares two unprofiled runs.
+    window_end = TrainConfig.profile_wait + TrainConfig.profile_warmup + TrainConfig.profile_active
+    if ("profiler" in (args.only or SECTIONS) and args.profiler_pairs and
+            0 < args.profiler_run_steps < window_end):
+        print(f"error: --profiler-run-steps {args.profiler_run_steps} ends the profiled runs before their window "
+              f"(steps {TrainConfig.profile_wait + 1}-{window_end}) closes; give at least {window_end}, or 0 for the "
+              "recipe's whole schedule", file=sys.stderr)
+        return 1
+    launched_by_torchrun = "RANK" in os.environ
+    if launched_by_torchrun and (nested := [s for s in args.only or [] if s in LAUNCHING_SECTIONS]):
+        print(f"error: --only {' --only '.join(nested)} starts training jobs of its own, which cannot run inside "
+              "torchrun's; run it as `python -m dist_mnist.bench`", file=sys.stderr)
+        return 1
     sections = args.only or list(SECTIONS)
     profiler_batches = args.profiler_batch_sizes
     try:
@@ -487,10 +520,14 @@ def main(argv: list[str] | None = None) -> int:
                  "them (the bench never does)")
         print(f"error: {missing_mnist_error(raw, missing, fetch)}", file=sys.stderr)
         return 1
-    launched_by_torchrun = "RANK" in os.environ
     try:
+        world_size = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun else None
         results: dict[str, Any] = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                   "command": invocation(argv or sys.argv[1:])}
+                                   "command": invocation(argv or sys.argv[1:], world_size)}
+        left_out = [s for s in sections if s in LAUNCHING_SECTIONS] + (
+            ["the profiler section's whole runs"] if "profiler" in sections and args.profiler_pairs else [])
+        if launched_by_torchrun and left_out:
+            results["skipped"] = ", ".join(left_out)
         with distributed_session(cfg) as ctx:
             results["machine"] = machine_description(ctx.device)
             if "throughput" in sections:

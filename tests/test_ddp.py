@@ -276,16 +276,19 @@ def test_bench_refuses_an_empty_data_dir_in_one_line(capsys: pytest.CaptureFixtu
 def test_bench_finds_an_unwritable_output_before_measuring_and_a_failed_write_in_one_line(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A missing folder for --output or --json is refused before any section runs; a write that fails at the end
-    (here --json names a folder) is one error line after the table, not a traceback."""
+    (here the folder is removed while the sections run) is one error line after the table, not a traceback."""
     from types import SimpleNamespace
 
     from dist_mnist import bench
 
     started = []
+    gone = tmp_path / "gone"
 
     @contextmanager
     def session(cfg: TrainConfig) -> Any:
         started.append(cfg)
+        if gone.is_dir():
+            gone.rmdir()
         yield SimpleNamespace(device=torch.device("cpu"), world_size=1)
 
     monkeypatch.setattr(bench, "distributed_session", session)
@@ -296,10 +299,11 @@ def test_bench_finds_an_unwritable_output_before_measuring_and_a_failed_write_in
         assert bench.main(argv) == 1 and not started
         assert capsys.readouterr().err == f"error: cannot write {flag} {target}: {target.parent} is not a writable " \
                                           "folder\n"
-    assert bench.main([*data, "--only", "graphs", "--output", "", "--json", str(tmp_path)]) == 1 and started
+    gone.mkdir()
+    assert bench.main([*data, "--only", "graphs", "--output", "", "--json", str(gone / "bench.json")]) == 1 and started
     out, err = capsys.readouterr()
-    assert out.startswith("### ") and err == f"error: cannot write {tmp_path}: Is a directory; the table above holds " \
-                                             "the results\n"
+    assert out.startswith("### ") and err == (f"error: cannot write {gone / 'bench.json'}: No such file or directory; "
+                                              "the table above holds the results\n")
 
 
 def test_bench_table_says_when_the_graphs_section_was_skipped() -> None:
@@ -352,11 +356,56 @@ def test_bench_records_the_command_it_was_given_as_a_shell_would_read_it() -> No
         "python -m dist_mnist.bench --output '' --json 'a b.json'"
 
 
+@pytest.mark.parametrize(("args", "torchrun", "message"), [
+    (["--output", "{tmp}"], False, "error: cannot write --output {tmp}: it is a folder; name a file"),
+    (["--output", "", "--json", "{tmp}"], False, "error: cannot write --json {tmp}: it is a folder; name a file"),
+    (["--output", "", "--only", "profiler", "--profiler-run-steps", "5"], False,
+     "error: --profiler-run-steps 5 ends the profiled runs before their window (steps 6-10) closes; give at least 10, "
+     "or 0 for the recipe's whole schedule"),
+    (["--output", "", "--only", "throughput", "--only", "scaling"], True,
+     "error: --only scaling starts training jobs of its own, which cannot run inside torchrun's; run it as "
+     "`python -m dist_mnist.bench`"),
+], ids=["output-folder", "json-folder", "profiled-runs-end-in-the-window", "scaling-under-torchrun"])
+def test_bench_refuses_what_it_would_find_only_after_measuring(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str],
+        torchrun: bool, message: str) -> None:
+    """Each was found after the sections ran (a folder as --output or --json), or not at all: a profiled run that
+    ended before its window recorded nothing and still passed "with --profile / without", and under torchrun the
+    sections that launch jobs were dropped from the table without a word."""
+    from dist_mnist import bench
+
+    def no_session(cfg: TrainConfig) -> None:
+        raise AssertionError("a section started")
+
+    monkeypatch.setattr(bench, "distributed_session", no_session)
+    if torchrun:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+    assert bench.main([arg.format(tmp=tmp_path) for arg in args]) == 1
+    assert capsys.readouterr().err == message.format(tmp=tmp_path) + "\n"
+
+
+def test_bench_table_says_what_it_left_out_and_when_powersgd_did_not_compress() -> None:
+    from dist_mnist import bench
+
+    hooks = {"none": {"bytes_per_step": 4.8e6, "samples_per_sec": 1000.0, "ratio": 1.0},
+             "powersgd": {"bytes_per_step": 4.8e6, "samples_per_sec": 990.0, "ratio": 0.99}}
+    lines = bench.render_markdown({"machine": "2-core CPU", "date": "2026-11-29", "torch": "2.14.1",
+                                   "command": bench.invocation(["--only", "scaling"], 2),
+                                   "skipped": "time-to-accuracy, scaling", "scaling": {"hooks": hooks}}).splitlines()
+    # Markdown needs the blank lines to start the command's paragraph and the table.
+    assert lines[:4] == ["### 2-core CPU — 2026-11-29", "", "torch 2.14.1, command: `python -m dist_mnist.bench --only "
+                         "scaling (under torchrun, 2 processes)`", ""]
+    assert lines[6].startswith("| time-to-accuracy, scaling | skipped: they start training jobs of their own")
+    assert "powersgd: 4.80 MB all-reduced per step (not compressed: the run ended within the LR warm-up" in lines[-1]
+
+
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--timer-rounds", "0", "argument --timer-rounds: must be at least 1, not 0"),  # divided by it after measuring
     ("--scaling-steps", "0", "argument --scaling-steps: must be at least 1, not 0"),  # --max-steps 0: no limit
     ("--batch-size", "0", "argument --batch-size: must be at least 1, not 0"),
-    ("--seconds", "nan", "argument --seconds: must be above 0, not nan"),
+    ("--seconds", "nan", "argument --seconds: must be a finite number above 0, not nan"),
+    ("--seconds", "inf", "argument --seconds: must be a finite number above 0, not inf"),  # a loop without end
     ("--profiler-pairs", "-1", "argument --profiler-pairs: must be at least 0, not -1"),
 ])
 def test_bench_refuses_a_count_that_cannot_be_measured_before_any_section_runs(
