@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from functools import partial
 from types import FrameType, TracebackType
 
 import torch
@@ -48,7 +49,20 @@ class StopRequest:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After a stop request the loop ends within a step, often before a double Ctrl-C's second press or the
+            # copy a scheduler sends: that copy is still the same request, not a signal that ends the run while it
+            # writes its summary (exit 130, no summary.json). After the grace, the signal does what it did before.
+            signal.signal(sig, partial(self._after_the_loop, handler) if self.requested else handler)
+
+    def _after_the_loop(self, previous: SignalHandler, signum: int, frame: FrameType | None) -> None:
+        if time.monotonic() - self._first_at < REPEAT_GRACE_S:
+            return
+        restored = signal.SIG_DFL if previous is None else previous  # None: set outside Python, most likely SIG_DFL
+        signal.signal(signum, restored)
+        if callable(restored):
+            restored(signum, frame)
+        elif restored != signal.SIG_IGN:
+            os.kill(os.getpid(), signum)
 
 
 class _DataWorkerProcess(multiprocessing.context.SpawnProcess):

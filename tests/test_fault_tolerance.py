@@ -428,6 +428,35 @@ def test_second_signal_exits_at_once(case: str) -> None:
     assert result.returncode == -getattr(signal, insist)
 
 
+AFTER_THE_LOOP_SCRIPT = """
+import os, signal, time
+from dist_mnist.preemption import REPEAT_GRACE_S, StopRequest
+with StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C: the loop stops at the next step and leaves the handler
+print("stopping", stop.signal_name, flush=True)
+os.kill(os.getpid(), signal.SIGINT)  # the second press of a double Ctrl-C, while the run writes its summary
+time.sleep(0.1)
+print("summary written", flush=True)
+time.sleep(REPEAT_GRACE_S + 0.1)
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # later: what it did before the loop (Python's KeyboardInterrupt)
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.scenario
+@pytest.mark.timeout(60)
+def test_a_copy_of_the_stop_signal_after_the_loop_ended_is_the_same_request() -> None:
+    """A single process stops within a step: a double Ctrl-C's second press (0.1-0.3 s later) came after the loop
+    had put Python's handler back, ended the run while it wrote its summary (exit 130, no summary.json) and made
+    the README's "a repeat within 1 s counts as the same request" untrue."""
+    result = LiveRun([sys.executable, "-c", AFTER_THE_LOOP_SCRIPT]).result(timeout=45)
+    assert result.stdout.splitlines() == ["stopping SIGINT", "summary written", "interrupted"], result.stderr
+    assert result.returncode == 0
+
+
 OUTSIDE_THE_LOOP_SCRIPT = """
 import os, signal, time
 from dist_mnist.errors import Terminated
