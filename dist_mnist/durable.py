@@ -4,6 +4,7 @@ And folders a failed start made: taken away again (missing_folders, remove_empty
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -12,21 +13,34 @@ from dist_mnist.restarts import next_restart
 
 
 def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> UserError:
-    """A file that could not be written (a full disk, a quota, a lost mount): the folder, the size (None: not known
-    beforehand), the reason, and what comes next.
+    """A file that could not be written (a full disk, a quota, a lost mount, a folder removed or renamed while the
+    run wrote to it): the folder, the size (None: not known beforehand), the reason, and what comes next.
 
     Any write can fail, before a run's first checkpoint too, and the same command is refused for a run folder with
     files but no checkpoint: the advice covers both cases, which the writer does not know apart. Under torchrun with
-    restarts left the workers come back by themselves, and each restart fails the same way until space is freed:
-    the line says so instead of asking for a rerun."""
+    restarts left the workers come back by themselves, and each restart fails the same way until the cause is gone:
+    the line says so instead of asking for a rerun. A folder that is gone takes other advice than a full disk: its
+    files went with it (or are where it was moved), and freeing space brings nothing back."""
     needed = "" if needed_bytes is None else f" (it needed {needed_bytes:,} bytes there)"
-    written = (f"could not write {path.name} to {path.parent}: {exc.strerror or exc}{needed}; the files written "
-               "before are intact")
+    failed = f"could not write {path.name} to {path.parent}: {exc.strerror or exc}{needed}"
+    if exc.errno == errno.ENOENT:
+        gone = (f"{failed}: the folder was removed or renamed while the run wrote to it, and what it held went with "
+                "it")
+        if restart := next_restart():
+            return UserError(f"{gone}; {restart}, from a checkpoint still where the run looks (from step 0 where none "
+                             "is)")
+        return UserError(f"{gone}. To resume, point --output-dir and --run-name (or --checkpoint-dir) at where its "
+                         "checkpoints are now; a run whose checkpoints were removed starts again under a new "
+                         "--run-name")
+    written = f"{failed}; the files written before are intact"
+    # ENOSPC and EDQUOT are space; any other error (a read-only remount, an I/O error) is named by its own words.
+    remedy = "space is freed there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "that is fixed"
     if restart := next_restart():
         return UserError(f"{written}; {restart} from the last checkpoint (from step 0 where the run wrote none), and "
-                         "they fail the same way unless space is freed there first")
-    return UserError(f"{written}. Free space there, then rerun the same command to resume from the last checkpoint; "
-                     "a run that wrote none yet starts again under a new --run-name")
+                         f"they fail the same way unless {remedy} first")
+    fix = "Free space there, then rerun" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "Once that is fixed, rerun"
+    return UserError(f"{written}. {fix} the same command to resume from the last checkpoint; a run that wrote none "
+                     "yet starts again under a new --run-name")
 
 
 def write_durably(path: Path, data: bytes) -> None:

@@ -557,6 +557,30 @@ def test_the_advice_without_a_checkpoint_starts_the_run_again_under_a_new_name(t
     _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="run")).release()
 
 
+def test_a_folder_removed_or_renamed_mid_run_is_not_called_a_full_disk(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """rm -rf of the checkpoints folder (or a rename of the run folder) mid-run said "No such file or directory
+    ...; the files written before are intact. Free space there, then rerun the same command": the files were gone,
+    space was not the cause, and the same command was refused ("holds no checkpoint to resume")."""
+    gone = OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+    assert str(write_failed(tmp_path / "step00000200.pt", 1024, gone)) == (
+        f"could not write step00000200.pt to {tmp_path}: No such file or directory (it needed 1,024 bytes there): the "
+        "folder was removed or renamed while the run wrote to it, and what it held went with it. To resume, point "
+        "--output-dir and --run-name (or --checkpoint-dir) at where its checkpoints are now; a run whose checkpoints "
+        "were removed starts again under a new --run-name")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert str(write_failed(tmp_path / "progress.jsonl", None, gone)).endswith(
+        "what it held went with it; torchrun restarts the workers (restart 2 of 3), from a checkpoint still where the "
+        "run looks (from step 0 where none is)")
+    # Neither space nor a vanished folder: the error's own words, and no advice to free space.
+    monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS")
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+    assert str(write_failed(tmp_path / "metrics.jsonl", None, read_only)).endswith(
+        "Read-only file system; the files written before are intact. Once that is fixed, rerun the same "
+        "command to resume from the last checkpoint; a run that wrote none yet starts again under a new --run-name")
+
+
 def test_a_full_disk_under_torchrun_restarts_says_the_restart_fails_the_same_way(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With restarts left torchrun brings the workers back by itself, so "rerun the same command" would be wrong
