@@ -278,13 +278,15 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
         raise UserError(f"checkpoint {source} does not fit the model: parameters differ at {diff}")
+    # A --checkpoint-dir is found by that flag, not by the run's name: a new --run-name would find it again.
+    fresh = ("another --checkpoint-dir (this one holds a run with other settings)" if config.get("checkpoint_dir")
+             else "--resume never with a new --run-name")
     for name in RESUME_FIELDS:
         saved = state["config"].get(name)
         if saved != config.get(name):
             raise UserError(f"checkpoint {source} was trained with --{name.replace('_', '-')} "
                             f"{saved} (recipe {state.get('recipe', 'unknown')}), this run has "
-                            f"{config.get(name)} (recipe {recipe}); use the same value or recipe, or "
-                            "--resume never with a new --run-name")
+                            f"{config.get(name)} (recipe {recipe}); use the same value or recipe, or {fresh}")
 
 
 def numerics_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> str | None:

@@ -176,9 +176,9 @@ class HeldRunDir:
             except OSError:  # a file that appeared meanwhile, a read-only mount: the folder stays as it is
                 pass
 
-    def release(self, failed: bool = False) -> None:
-        """Let the folders go; after a failure, first remove those this process made and left empty."""
-        if failed:
+    def release(self, remove_unused: bool = False) -> None:
+        """Let the folders go; with `remove_unused`, first remove those this process made and wrote no file into."""
+        if remove_unused:
             self.remove_unused()
             remove_empty_folders(self.made_above)
         for fd in self.locks.values():
@@ -229,7 +229,7 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         for folder, fd in held.locks.items():
             _sign_lock(fd, folder)  # only now: a refused run leaves the folders as it found them
     except UserError:
-        held.release(failed=True)
+        held.release(remove_unused=True)
         raise
     return held
 
@@ -245,10 +245,10 @@ def open_run_dir(cfg: TrainConfig, ctx: DistContext) -> Iterator[Path]:
         held = _choose_run_dir(cfg)
         return held.path
 
-    failed = True
     try:
         yield ctx.on_main(choose)
-        failed = False
     finally:
         if held is not None:
-            held.release(failed)
+            # Failed or not: a start that failed before its first file, and a run found complete in another run's
+            # --checkpoint-dir (nothing to do, nothing written), leave no run folder holding only a lock file.
+            held.release(remove_unused=True)

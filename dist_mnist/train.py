@@ -992,8 +992,14 @@ class Trainer:
         state = self.state
         if done := self.complete():
             # Before the run's files: config.json keeps describing the run that made them, whatever flags this had.
-            self.log(f"run {self.run_dir} is already complete at step {state.step} ({done}); nothing to do"
-                     + missing_summary_note(self.run_dir, state.step))
+            if cfg.checkpoint_dir and not (self.run_dir / CONFIG_FILE).exists():
+                # Another run's --checkpoint-dir: this folder never held the run, and is taken away again (rundir).
+                self.log(f"the checkpoints in --checkpoint-dir {self.checkpoint_dir} are of a run already complete "
+                         f"at step {state.step} ({done}), whose own run folder holds its files; nothing to do (a new "
+                         "run needs another --checkpoint-dir)")
+            else:
+                self.log(f"run {self.run_dir} is already complete at step {state.step} ({done}); nothing to do"
+                         + missing_summary_note(self.run_dir, state.step))
             return
         if self.numerics_note:
             self.log(self.numerics_note)

@@ -403,6 +403,19 @@ def test_compatibility_check_names_the_mismatch() -> None:
         checkpoint.check_compatible({**state, "model_class": "ResNet"}, model, {}, "x.pt", "cpu")
 
 
+@pytest.mark.parametrize(("checkpoint_dir", "advice"), [
+    ("", "--resume never with a new --run-name"),
+    # Found by --checkpoint-dir, not by the run's name: a new --run-name was refused there in turn.
+    ("/shared/ck", "another --checkpoint-dir (this one holds a run with other settings)")])
+def test_a_refused_checkpoint_names_a_way_out_that_works(checkpoint_dir: str, advice: str) -> None:
+    model = MnistCNN()
+    state = {"model_class": "MnistCNN", "model": model.state_dict(), "config": {"lr": 0.002}, "recipe": "cpu"}
+    with pytest.raises(UserError) as refused:
+        checkpoint.check_compatible(state, model, {"lr": 0.001, "checkpoint_dir": checkpoint_dir}, "x.pt", "cpu")
+    assert str(refused.value) == ("checkpoint x.pt was trained with --lr 0.002 (recipe cpu), this run has 0.001 "
+                                  f"(recipe cpu); use the same value or recipe, or {advice}")
+
+
 @pytest.mark.timeout(120)
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(capsys: pytest.CaptureFixture[str],
                                                               run_copy: Path) -> None:

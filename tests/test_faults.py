@@ -300,7 +300,7 @@ def test_runs_started_in_the_same_second_without_a_run_name_get_a_folder_each(
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     failed = _choose_run_dir(cfg)
     assert failed.path.name == "20260101-120000-4"
-    failed.release(failed=True)
+    failed.release(remove_unused=True)
     assert not failed.path.exists()
 
 
@@ -324,6 +324,23 @@ def test_a_checkpoint_dir_outside_the_run_folder_is_held_and_never_written_over(
     again = _choose_run_dir(second)  # auto: continues from them (checkpoint.check_compatible judges the file)
     again.release()
     assert (shared / "step00000010.pt").read_bytes() == b"a's checkpoint"
+
+
+def test_a_run_found_complete_in_another_runs_checkpoint_dir_says_whose_and_leaves_no_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "run .../b is already complete ...; nothing to do (it has no summary.json: the process that finished
+    it was stopped before writing one ...)", none of it true of run a, which had finished and written its summary,
+    and left b's folder holding only its lock file."""
+    flags = [*SMOKE_FLAGS, "--max-steps", "4", "--output-dir", str(tmp_path), "--checkpoint-dir",
+             str(tmp_path / "shared")]
+    assert train_module.main([*flags, "--run-name", "a"]) == 0
+    capsys.readouterr()
+    assert train_module.main([*flags, "--run-name", "b"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"the checkpoints in --checkpoint-dir {tmp_path / 'shared'} are of a run already complete at step 4 "
+        "(--max-steps 4 reached), whose own run folder holds its files; nothing to do (a new run needs another "
+        "--checkpoint-dir)")
+    assert not (tmp_path / "b").exists() and (tmp_path / "a" / "summary.json").is_file()
 
 
 @pytest.mark.scenario
