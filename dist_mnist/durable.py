@@ -34,11 +34,11 @@ def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> UserErro
                          "--run-name")
     written = f"{failed}; the files written before are intact"
     # ENOSPC and EDQUOT are space; any other error (a read-only remount, an I/O error) is named by its own words.
-    remedy = "space is freed there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "that is fixed"
+    space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     if restart := next_restart():
         return UserError(f"{written}; {restart} from the last checkpoint (from step 0 where the run wrote none), and "
-                         f"they fail the same way unless {remedy} first")
-    fix = "Free space there, then rerun" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "Once that is fixed, rerun"
+                         f"they fail the same way unless {'space is freed there' if space else 'that is fixed'} first")
+    fix = "Free space there, then rerun" if space else "Once that is fixed, rerun"
     return UserError(f"{written}. {fix} the same command to resume from the last checkpoint; a run that wrote none "
                      "yet starts again under a new --run-name")
 
