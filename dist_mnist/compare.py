@@ -15,6 +15,8 @@ from dist_mnist.metrics import PHASES
 # steps, `traces` how many windows were written; `phase_time_per_step_s` is shown as the phases' ms rows.
 _NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps", "world_size", "phase_timing", "traces",
                  "phase_time_per_step_s"}
+# Counts worth seeing side by side, without a ratio: DDP's gradient buckets (--bucket-cap-mb sets them).
+_COUNTS = {"allreduce_buckets"}
 
 
 def resumed_steps(summary: dict[str, Any]) -> str | None:
@@ -180,7 +182,9 @@ def _figure_rows(section: str, a: dict[str, Any], b: dict[str, Any], figures: di
             if _number(a, key) is not None or _number(b, key) is not None]
     others = [k for k in dict.fromkeys([*a, *b]) if k not in figures and k not in skip and k not in _NOT_COMPARED]
     rows += [_row(section, key, _number(a, key), _number(b, key), _generic) for key in others
-             if _number(a, key) is not None or _number(b, key) is not None]
+             if key not in _COUNTS and (_number(a, key) is not None or _number(b, key) is not None)]
+    rows += [ComparisonRow(section, key, None, None, str(a.get(key, "-")), str(b.get(key, "-"))) for key in others
+             if key in _COUNTS and (a.get(key) is not None or b.get(key) is not None)]
     return rows
 
 

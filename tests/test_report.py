@@ -119,6 +119,10 @@ def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
     # A count, not a measurement: shown, with no ratio (README: "not the numbers that count or name").
     ranks = rows[("global", "ranks")]
     assert (ranks.shown_a, ranks.shown_b, ranks.ratio) == ("1", "2", None)
+    buckets = {(r.section, r.label): r for r in compare_summaries(
+        {**SUMMARY_A, "ranks": [{**SUMMARY_A["ranks"][0], "allreduce_buckets": 2}]},
+        {**SUMMARY_A, "ranks": [{**SUMMARY_A["ranks"][0], "allreduce_buckets": 5}]})}[("rank 0", "allreduce_buckets")]
+    assert (buckets.shown_a, buckets.shown_b, buckets.ratio) == ("2", "5", None)
     # A field only B has, and a rank only B has: shown as '-' on the other side, no ratio.
     for key in [("rank 0", "comm_time_s"), ("rank 1", "samples/s")]:
         assert rows[key].ratio is None and rows[key].shown_a == "-" and rows[key].shown_b != "-"
