@@ -10,13 +10,14 @@ from dist_mnist.metrics import PHASES
 
 # Numbers that identify or count rather than measure: a ratio of them means nothing (the steps a summary covers are
 # named with the run instead, by run_label). A rank's `steps` is how many steps its phase timers timed, the size of
-# a sample (0 with --phase-timers off, whose "0.00x" against a timed run read as a figure that collapsed). The world
-# size is shown, without a ratio, by compare_summaries. `phase_timing` is the timers' settings and count of timed
-# steps, `traces` how many windows were written; `phase_time_per_step_s` is shown as the phases' ms rows.
-_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps", "world_size", "phase_timing", "traces",
+# a sample (0 with --phase-timers off, whose "0.00x" against a timed run read as a figure that collapsed).
+# `phase_timing` is the timers' settings and count of timed steps, `traces` how many windows were written;
+# `phase_time_per_step_s` is shown as the phases' ms rows.
+_NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps", "phase_timing", "traces",
                  "phase_time_per_step_s"}
-# Counts worth seeing side by side, without a ratio: DDP's gradient buckets (--bucket-cap-mb sets them).
-_COUNTS = {"allreduce_buckets"}
+# Counts worth seeing side by side, without a ratio, by label: the world size, and DDP's gradient buckets
+# (--bucket-cap-mb sets them).
+_COUNTS = {"world_size": "ranks", "allreduce_buckets": "allreduce_buckets"}
 
 
 def resumed_steps(summary: dict[str, Any]) -> str | None:
@@ -180,11 +181,12 @@ def _figure_rows(section: str, a: dict[str, Any], b: dict[str, Any], figures: di
     a, b = _flat_numbers(a), _flat_numbers(b)
     rows = [_row(section, fig.label, _number(a, key), _number(b, key), fig.show) for key, fig in figures.items()
             if _number(a, key) is not None or _number(b, key) is not None]
-    others = [k for k in dict.fromkeys([*a, *b]) if k not in figures and k not in skip and k not in _NOT_COMPARED]
+    rows += [ComparisonRow(section, label, None, None, str(a.get(key, "-")), str(b.get(key, "-")))
+             for key, label in _COUNTS.items() if a.get(key) is not None or b.get(key) is not None]
+    others = [k for k in dict.fromkeys([*a, *b])
+              if k not in figures and k not in skip and k not in _NOT_COMPARED and k not in _COUNTS]
     rows += [_row(section, key, _number(a, key), _number(b, key), _generic) for key in others
-             if key not in _COUNTS and (_number(a, key) is not None or _number(b, key) is not None)]
-    rows += [ComparisonRow(section, key, None, None, str(a.get(key, "-")), str(b.get(key, "-"))) for key in others
-             if key in _COUNTS and (a.get(key) is not None or b.get(key) is not None)]
+             if _number(a, key) is not None or _number(b, key) is not None]
     return rows
 
 
@@ -209,8 +211,7 @@ def _rank_rows(section: str, a: dict[str, Any], b: dict[str, Any], phases: list[
 
 def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> list[ComparisonRow]:
     """Rows for the global figures, then for every rank either run had (a rank only one run had shows '-')."""
-    rows = [ComparisonRow("global", "ranks", None, None, str(a.get("world_size", "-")), str(b.get("world_size", "-"))),
-            *_figure_rows("global", a, b, GLOBAL_FIGURES, skip={"ranks"})]
+    rows = _figure_rows("global", a, b, GLOBAL_FIGURES, skip={"ranks"})
     ranks_a = {r["rank"]: r for r in a["ranks"]}
     ranks_b = {r["rank"]: r for r in b["ranks"]}
     phases = phase_names([*a["ranks"], *b["ranks"]])
