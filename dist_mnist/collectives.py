@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError, first_line
-from dist_mnist.restarts import restart_advice
+from dist_mnist.restarts import next_restart, restart_advice
 from dist_mnist.shutdown import failure_path
 
 if TYPE_CHECKING:  # distributed.py imports this module to set up the flight recorder
@@ -143,10 +143,11 @@ def stop_raising_for_lost_data_workers() -> None:
 
 @contextmanager
 def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None,
-          run_name: str | None = None, checkpoint_known: bool = True) -> Iterator[None]:
+          run_name: str | None = None, checkpoint_known: bool = True, done: str | None = None) -> Iterator[None]:
     """Turn a failed collective inside this block into one line naming the phase, the step (None: before the
     first) and what to resume; `run_name` where the command must add --run-name to find the run again (a default
-    name is made afresh by every --standalone launch)."""
+    name is made afresh by every --standalone launch). `done`: where the block comes after the training completed
+    and wrote its last checkpoint, what the run has ("the training is complete (...)"): nothing is left to resume."""
     try:
         yield
     except RuntimeError as exc:
@@ -154,8 +155,16 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
             raise
         failure_path.begin()  # a lost peer: torchrun's SIGTERM may land any moment now, and must not end us unheard
         reason = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", _CALLBACK_WRAPPERS.sub("", first_line(exc))))
-        kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
         look = "look for the stuck or lost rank in the other nodes' output"
+        if done and last_checkpoint:
+            # A rerun (or torchrun's restart) finds the run complete and trains no more: "rerun to resume" was wrong.
+            restart = next_restart()
+            kept = f"{done}; its last checkpoint is {last_checkpoint}"
+            then = (f"{restart} and they find the run complete; if this repeats, {look}" if restart
+                    else f"{look.capitalize()}; the same command finds the run complete and trains no more")
+            raise UserError(f"a collective in {name} failed after step {step}: a peer did not answer within the "
+                            f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. {then}") from None
+        kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
         restart = restart_advice(last_checkpoint, checkpoint_known)
         then = f"{restart}; if this repeats, {look}" if restart else f"{look.capitalize()}, then {rerun}"
         when = "before the first step" if step is None else f"after step {step}"

@@ -639,10 +639,11 @@ class Trainer:
     def elapsed_s(self) -> float:
         return self.clock.elapsed_s()
 
-    def phase(self, name: str) -> AbstractContextManager[None]:
-        """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint."""
+    def phase(self, name: str, done: str | None = None) -> AbstractContextManager[None]:
+        """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint
+        (`done`: what a complete run has, as collectives.phase takes it)."""
         return collectives.phase(name, self.state.step, self.timeout.seconds, self.newest_checkpoint(),
-                                 self.name_to_add)
+                                 self.name_to_add, done=done)
 
     def newest_checkpoint(self) -> Path | None:
         """The run's newest checkpoint as every rank knows it: the last one this process wrote (or is writing: a
@@ -1137,7 +1138,10 @@ class Trainer:
                            parameter_digest(self.parts.module), self.parts.comm.steps if self.parts.comm else None,
                            wall_per_step=self.clock.wall_per_step)
         stats["traces"] = traces
-        with self.phase("the final summary"):
+        # A peer lost after the last step of a complete run costs only what was not yet written.
+        complete = self.complete() if self.last_checkpoint else None
+        with self.phase("the final summary", complete and f"the training is complete ({complete}) but its "
+                        f"{SUMMARY_FILE} is not written (metrics.jsonl holds the run's evaluations)"):
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.
             ctx.on_main(lambda: self.write_summary(all_stats))
@@ -1156,7 +1160,8 @@ class Trainer:
             path, size, seconds = self.last_checkpoint.path, self.last_checkpoint.size, self.last_checkpoint.seconds
             print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)
         self.writer.close()
-        with self.phase("the final summary"):
+        with self.phase("the final summary", complete and f"the training is complete ({complete}) and its "
+                        f"{SUMMARY_FILE} written"):
             ctx.barrier()
         check_replicas_in_sync([r["params_digest"] for r in all_stats])
 

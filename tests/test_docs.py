@@ -132,7 +132,7 @@ def test_the_readme_lists_every_phase_a_failed_collective_is_named_by() -> None:
     sentence = re.search(r"The phases: (.*?)\. torchrun then", text)
     assert sentence, "the README's list of collective phases is gone"
     source = (REPO / "dist_mnist" / "train.py").read_text()
-    names = set(re.findall(r'self\.phase\("([^"]+)"\)', source)) | set(re.findall(r'collectives\.phase\("([^"]+)"',
+    names = set(re.findall(r'self\.phase\("([^"]+)"[,)]', source)) | set(re.findall(r'collectives\.phase\("([^"]+)"',
                                                                                    source))
     assert len(names) >= 7
     listed = sentence.group(1)

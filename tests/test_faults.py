@@ -437,6 +437,67 @@ def test_the_advice_under_torchrun_with_restarts_left_is_the_restart(tmp_path: P
                                        "to resume")
 
 
+def test_a_peer_lost_after_a_complete_run_is_not_advised_a_resume(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the last step and its checkpoint there is nothing to resume: the line says what the run has and that a
+    rerun (or torchrun's restart) finds it complete, not "rerun the same command to resume"."""
+    last = tmp_path / "step00000032.pt"
+    done = "the training is complete (its 2 epochs done) and its summary.json written"
+    with pytest.raises(UserError) as failure, collectives.phase("the final summary", 32, 100, last, done=done):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
+    assert str(failure.value) == (
+        "a collective in the final summary failed after step 32: a peer did not answer within the 100 s timeout or "
+        f"left the job (Connection closed by peer [127.0.0.1]:5); {done}; its last checkpoint is {last}. Look for "
+        "the stuck or lost rank in the other nodes' output; the same command finds the run complete and trains no "
+        "more")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(UserError) as failure, collectives.phase("the final summary", 32, 100, last, done=done):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
+    assert str(failure.value).endswith(
+        f"its last checkpoint is {last}. torchrun restarts the workers (restart 2 of 3) and they find the run "
+        "complete; if this repeats, look for the stuck or lost rank in the other nodes' output")
+
+
+# Ends rank 1's training process where its run has trained to the end and begins its final summary, as a node lost
+# then would. A test-only hook: the package carries nothing.
+LOST_AT_THE_END_HOOK = """
+import os, sys
+if any(arg.endswith("train.py") for arg in sys.argv) and os.environ.get("RANK") == "1":
+    import dist_mnist.train
+    def _gone(self, *args, **kwargs):
+        os._exit(9)
+    dist_mnist.train.Trainer.finish = _gone
+"""
+
+
+@pytest.mark.scenario
+@pytest.mark.timeout(180)
+def test_a_peer_lost_in_the_final_summary_of_a_complete_run_says_so_and_the_rerun_finds_it_complete(
+        tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(LOST_AT_THE_END_HOOK)
+    out = tmp_path / "out"
+    command = [*TORCHRUN, TRAIN_SCRIPT, *SMOKE_FLAGS, "--epochs", "1", "--timeout-s", "60", "--output-dir", str(out),
+               "--run-name", "end"]
+    result = run(command, env=cpu_env(PYTHONPATH=f"{hook}{os.pathsep}{REPO}"), timeout=150)
+    assert result.returncode != 0
+    last = checkpoint_path(out / "end" / "checkpoints", 16)  # 512 images, 2 ranks of 16: 16 steps
+    (message,) = error_lines(result.stderr)  # rank 0's; rank 1 left without a word
+    assert re.fullmatch(
+        r"a collective in the final summary failed after step 16: a peer did not answer within the \d+ s timeout or "
+        r"left the job \(.+\); the training is complete \(its 1 epoch done\) but its summary\.json is not written "
+        r"\(metrics\.jsonl holds the run's evaluations\); its last checkpoint is " + re.escape(str(last)) +
+        r"\. Look for the stuck or lost rank in the other nodes' output; the same command finds the run complete "
+        r"and trains no more", message), message
+    assert_no_traceback_from_us(result.stderr, result.stdout)
+    assert not (out / "end" / "summary.json").exists()
+    rerun = run(command, env=cpu_env(), timeout=150)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"run {out / 'end'} is already complete at step 16 (its 1 epoch done); nothing to do" in rerun.stdout
+
+
 def test_a_killed_peers_collective_failure_reads_as_gloos_own_words() -> None:
     # What a rank's gradient all-reduce raised when its peer was killed (kill -9, the out-of-memory killer): DDP's
     # comm hook futures wrap it twice, and gloo adds its advice and an emoji, 380 characters inside the one line.
