@@ -277,6 +277,18 @@ def settle_ddp_buckets(ddp: DDP, settings: SpeedSettings, device: torch.device, 
     ddp.module.zero_grad(set_to_none=True)
 
 
+def state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """After a resume: each optimizer state tensor laid out in memory as its parameter is. load_state_dict keeps
+    the checkpoint's strides, and a checkpoint of a run with another --channels-last (a resume that is allowed, and
+    noted) holds NCHW moments for NHWC weights or the other way round: the fused AdamW step then pairs them element
+    by element in memory order, silently on CPU (conv2's weight 1.7e-3 off an uninterrupted run after one step)."""
+    for parameter, state in optimizer.state.items():
+        for key, value in state.items():
+            if (isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                    and value.stride() != parameter.stride()):
+                state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSettings, total_steps: int) -> TrainParts:
     torch.set_flush_denormal(settings.flush_denormal)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -299,6 +311,7 @@ def build_train_parts(cfg: TrainConfig, ctx: DistContext, settings: SpeedSetting
         train_model = torch.compile(wrapped, mode=cfg.compile_mode, backend=cfg.compile_backend)
     # fused=True: one kernel for all parameters; on CPU the unfused step cost as much as a small batch's backward.
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    optimizer.register_load_state_dict_post_hook(state_in_parameter_layout)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_frac))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.amp_dtype == torch.float16)
     # Dropout masks differ per rank (as they would across one big batch) but are reproducible.

@@ -169,7 +169,10 @@ else
 fi
 
 # --- issue 9: loop with graphs vs eager vs the bare captured step, per batch (the bench's graphs section) ---
-timed bench 150 "$python" -m dist_mnist.bench --data-dir "$data_dir" --only graphs --only throughput --seconds 3 \
+# The graphs section alone: the table reads nothing else of the bench, and the throughput section (run before it in
+# the same process) starts the classic pipeline's forked DataLoader worker in a process with a CUDA context and
+# gloo's threads (docs/pitfalls.md: such a fork hung once), which could cost this section's figures.
+timed bench 150 "$python" -m dist_mnist.bench --data-dir "$data_dir" --only graphs --seconds 3 \
     --output "$out/benchmarks.md" --json "$out/bench.json"
 cat "$out/benchmarks.md" 2>/dev/null
 fi
