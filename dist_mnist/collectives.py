@@ -14,7 +14,7 @@ import re
 import signal
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,18 +142,22 @@ def stop_raising_for_lost_data_workers() -> None:
 
 
 @contextmanager
-def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None,
+def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None | Callable[[], Path | None],
           run_name: str | None = None, checkpoint_known: bool = True, done: str | None = None) -> Iterator[None]:
     """Turn a failed collective inside this block into one line naming the phase, the step (None: before the
     first) and what to resume; `run_name` where the command must add --run-name to find the run again (a default
-    name is made afresh by every --standalone launch). `done`: where the block comes after the training completed
-    and wrote its last checkpoint, what the run has ("the training is complete (...)"): nothing is left to resume."""
+    name is made afresh by every --standalone launch). `last_checkpoint` may be a function, asked only on failure:
+    a checkpoint whose write began inside the block is the run's newest once that write is done. `done`: where the
+    block comes after the training completed and wrote its last checkpoint, what the run has ("the training is
+    complete (...)"): nothing is left to resume."""
     try:
         yield
     except RuntimeError as exc:
         if not is_collective_failure(exc):
             raise
         failure_path.begin()  # a lost peer: torchrun's SIGTERM may land any moment now, and must not end us unheard
+        if callable(last_checkpoint):
+            last_checkpoint = last_checkpoint()
         reason = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", _CALLBACK_WRAPPERS.sub("", first_line(exc))))
         look = "look for the stuck or lost rank in the other nodes' output"
         if done and last_checkpoint:

@@ -655,8 +655,14 @@ class Trainer:
     def phase(self, name: str, done: str | None = None) -> AbstractContextManager[None]:
         """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint
         (`done`: what a complete run has, as collectives.phase takes it)."""
-        return collectives.phase(name, self.state.step, self.timeout.seconds, self.newest_checkpoint(),
+        return collectives.phase(name, self.state.step, self.timeout.seconds, self.settled_checkpoint,
                                  self.name_to_add, done=done)
+
+    def settled_checkpoint(self) -> Path | None:
+        """The run's newest checkpoint for a failure line: a write in flight (rank 0's, begun by a save whose
+        broadcast then failed) is let finish first, and is then the one to name."""
+        self.settle_checkpoint_after_failure()
+        return self.newest_checkpoint()
 
     def newest_checkpoint(self) -> Path | None:
         """The run's newest checkpoint as every rank knows it: the last one this process wrote (or is writing: a

@@ -229,6 +229,25 @@ def test_a_checkpoint_write_that_fails_while_the_run_fails_is_a_warning_on_a_lin
     assert trainer.last_checkpoint == tmp_path / "step00000004.pt"  # the one before, which is whole
 
 
+def test_a_peer_lost_while_rank_0_writes_a_checkpoint_is_answered_naming_that_checkpoint(tmp_path: Path) -> None:
+    """Rank 0 submits step 40's write, then the save's broadcast fails (a peer was killed): the line names step 40,
+    whose write it lets finish, as the other ranks' lines do, not step 30 from before the save."""
+    trainer = train_module.Trainer.__new__(train_module.Trainer)  # only what the failure line reads
+    step_30, step_40 = tmp_path / "step00000030.pt", tmp_path / "step00000040.pt"
+    trainer.ctx = SimpleNamespace(rank=0)
+    trainer.state = SimpleNamespace(step=40)
+    trainer.timeout = collectives.CollectiveTimeout(100, 100)
+    trainer.name_to_add = None
+    trainer.resumed_from = None
+    trainer.last_checkpoint = checkpoint_module.WrittenCheckpoint(step_30, 10, 0.1)
+    in_flight = [checkpoint_module.WrittenCheckpoint(step_40, 10, 0.1)]
+    trainer.checkpoints = SimpleNamespace(wait=lambda: in_flight.pop() if in_flight else None)
+    with pytest.raises(UserError) as failure, trainer.phase("the checkpoint"):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
+    assert f"; the last checkpoint is {step_40}. " in str(failure.value)
+    assert trainer.newest_checkpoint() == step_40
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Two jobs in one run folder
 
