@@ -234,14 +234,11 @@ def test_a_peer_lost_while_rank_0_writes_a_checkpoint_is_answered_naming_that_ch
     whose write it lets finish, as the other ranks' lines do, not step 30 from before the save."""
     trainer = train_module.Trainer.__new__(train_module.Trainer)  # only what the failure line reads
     step_30, step_40 = tmp_path / "step00000030.pt", tmp_path / "step00000040.pt"
-    trainer.ctx = SimpleNamespace(rank=0)
-    trainer.state = SimpleNamespace(step=40)
-    trainer.timeout = collectives.CollectiveTimeout(100, 100)
-    trainer.name_to_add = None
-    trainer.resumed_from = None
-    trainer.last_checkpoint = checkpoint_module.WrittenCheckpoint(step_30, 10, 0.1)
     in_flight = [checkpoint_module.WrittenCheckpoint(step_40, 10, 0.1)]
-    trainer.checkpoints = SimpleNamespace(wait=lambda: in_flight.pop() if in_flight else None)
+    vars(trainer).update(ctx=SimpleNamespace(rank=0), state=SimpleNamespace(step=40), name_to_add=None,
+                         timeout=collectives.CollectiveTimeout(100, 100), resumed_from=None,
+                         last_checkpoint=checkpoint_module.WrittenCheckpoint(step_30, 10, 0.1),
+                         checkpoints=SimpleNamespace(wait=lambda: in_flight.pop() if in_flight else None))
     with pytest.raises(UserError) as failure, trainer.phase("the checkpoint"):
         raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
     assert f"; the last checkpoint is {step_40}. " in str(failure.value)
