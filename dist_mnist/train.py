@@ -761,19 +761,20 @@ class Trainer:
         Every epoch is one global permutation, and rank r takes every W-th index of it, so the first k batches
         of all ranks together are exactly its first k*B*W samples, whatever W is. The new ranks skip as many of
         their own batches as fit into what was done, repeating fewer than one global batch. The learning-rate
-        schedule moves to the same fraction of training. Dropout streams restart from the seed: the run stays
-        correct but is no longer bit-identical to an uninterrupted one.
+        schedule moves to the step of this world's schedule at that position. Dropout streams restart from the
+        seed: the run stays correct but is no longer bit-identical to an uninterrupted one.
         """
         state, accum = self.state, self.cfg.grad_accum_steps
-        # DistributedSampler pads each rank's share up to ceil(N / W); the batch sampler drops the last partial batch.
-        old_spe = math.ceil(self.data.train_size / old_world_size) // self.cfg.batch_size // accum
         samples_done = state.batch_in_epoch * self.cfg.batch_size * old_world_size
-        progress = (state.epoch * old_spe + state.batch_in_epoch // accum) / (self.cfg.epochs * old_spe)
         state.batch_in_epoch = samples_done // self.global_batch * accum  # whole optimizer steps only
         if state.batch_in_epoch >= self.batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         scheduler = self.parts.scheduler
-        scheduler.last_epoch = round(progress * self.total_steps)
+        # The step of this world's schedule that the data position is at, so the schedule ends on the run's last
+        # step. The old position's fraction of training, rounded apart from the data's, was up to 5 steps off: the
+        # last steps trained at lr 0, or the run ended before the decay did.
+        scheduler.last_epoch = state.epoch * self.steps_per_epoch + state.batch_in_epoch // accum
+        progress = scheduler.last_epoch / self.total_steps
         for group, base_lr, factor in zip(self.parts.optimizer.param_groups, scheduler.base_lrs,
                                           scheduler.lr_lambdas):
             group["lr"] = base_lr * factor(scheduler.last_epoch)

@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, free_port, run
 
 from dist_mnist.config import TrainConfig
-from dist_mnist.train import Trainer, TrainState, main
+from dist_mnist.train import Trainer, TrainState, main, warmup_cosine
 
 SLURM_SCRIPT = REPO / "launch" / "slurm.sbatch"
 MANIFEST = REPO / "launch" / "pytorchjob.yaml"
@@ -409,16 +409,39 @@ def test_a_world_size_change_names_the_sample_it_continues_at(accum: int, expect
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    steps_per_epoch = 1024 // 3 // 16 // accum
     trainer = SimpleNamespace(
         state=TrainState(epoch=0, step=10 // accum, batch_in_epoch=10),
         cfg=TrainConfig(batch_size=16, grad_accum_steps=accum, epochs=2, seed=0),
         data=SimpleNamespace(train_size=1024), ctx=SimpleNamespace(rank=0, world_size=3, is_main=True),
-        global_batch=16 * 3 * accum, batches_per_epoch=1024 // 3 // 16 // accum * accum, total_steps=42,
-        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
+        global_batch=16 * 3 * accum, batches_per_epoch=steps_per_epoch * accum, steps_per_epoch=steps_per_epoch,
+        total_steps=2 * steps_per_epoch, parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
     Trainer.adapt_to_world_size(trainer, 2)  # type: ignore[arg-type]
     assert trainer.state.batch_in_epoch == expected_batch
     said = capsys.readouterr().err
     assert f"continuing epoch 1 at sample {expected_sample} of its order (it had reached 320)" in said
+
+
+def test_a_world_size_change_puts_the_schedule_where_the_data_are_so_it_ends_on_the_last_step(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """5 ranks wrote step 12 (epoch 2, 15 micro-batches in: 675 samples) of 1003 images, batch 9, accumulation 3:
+    7 steps an epoch, 21 in all. On 3 ranks an epoch is 12 steps, 36 in all, and 675 samples are 8 whole steps of
+    81: the run goes on at step 12 + 8 = 20 of 36 and has 16 left. The old fraction (12/21 of 36, 20.6) rounded
+    to 21, so the last step trained at lr 0."""
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(36, 0.1))
+    trainer = SimpleNamespace(
+        state=TrainState(epoch=1, step=12, batch_in_epoch=15),
+        cfg=TrainConfig(batch_size=9, grad_accum_steps=3, epochs=3, seed=0),
+        data=SimpleNamespace(train_size=1003), ctx=SimpleNamespace(rank=0, world_size=3, is_main=True),
+        global_batch=81, batches_per_epoch=36, steps_per_epoch=12, total_steps=36,
+        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
+    Trainer.adapt_to_world_size(trainer, 5)  # type: ignore[arg-type]
+    assert (trainer.state.epoch, trainer.state.batch_in_epoch) == (1, 24)
+    assert scheduler.last_epoch == 20
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(warmup_cosine(36, 0.1)(20))
+    assert "learning-rate schedule at 55.6%" in capsys.readouterr().err
 
 
 # torchrun 2.14 shares its rendezvous TCPStore with the workers and caches the store's address after the first
