@@ -181,13 +181,18 @@ def _figure_rows(section: str, a: dict[str, Any], b: dict[str, Any], figures: di
     a, b = _flat_numbers(a), _flat_numbers(b)
     rows = [_row(section, fig.label, _number(a, key), _number(b, key), fig.show) for key, fig in figures.items()
             if _number(a, key) is not None or _number(b, key) is not None]
-    rows += [ComparisonRow(section, label, None, None, str(a.get(key, "-")), str(b.get(key, "-")))
+    rows += [ComparisonRow(section, label, None, None, _shown_count(a.get(key)), _shown_count(b.get(key)))
              for key, label in _COUNTS.items() if a.get(key) is not None or b.get(key) is not None]
     others = [k for k in dict.fromkeys([*a, *b])
               if k not in figures and k not in skip and k not in _NOT_COMPARED and k not in _COUNTS]
     rows += [_row(section, key, _number(a, key), _number(b, key), _generic) for key in others
              if _number(a, key) is not None or _number(b, key) is not None]
     return rows
+
+
+def _shown_count(value: Any) -> str:
+    """A count as the table shows it; a field the run lacks or left null (a world of one has no buckets) is `-`."""
+    return "-" if value is None else str(value)
 
 
 def _flag(value: Any) -> str:
@@ -242,7 +247,10 @@ def config_changes(a: dict[str, Any], b: dict[str, Any]) -> list[ConfigChange]:
 
 
 def format_ratio(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio:.2f}x"
+    """B/A to two decimals, or to two significant digits below 0.1: a GPU run against a CPU run read `0.00x`."""
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x" if ratio >= 0.095 or ratio == 0 else f"{ratio:.2g}x"
 
 
 def format_comparison(name_a: str, name_b: str, rows: list[ComparisonRow], changes: list[ConfigChange] | None) -> str:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dist_mnist.compare import mean_step_s, phase_ms, phase_names, resumed_steps
+from dist_mnist.compare import mean_step_s, phase_ms, phase_names
 
 if TYPE_CHECKING:  # matplotlib is imported only when a picture is drawn: training never pays for it
     from matplotlib.axes import Axes
@@ -118,6 +118,9 @@ def _accuracy(ax: Axes, metrics: list[dict[str, Any]]) -> None:
     steps = [r["step"] for r in metrics]
     accuracy = [100 * r["test_accuracy"] for r in metrics]
     ax.plot(steps, accuracy, marker="o")
+    low, high = ax.get_ylim()
+    if high > 100:  # no accuracy is above 100%: an axis of 100% evaluations ran from 96% to 104%
+        ax.set_ylim(low, 100.5)
     # In the title: a label beside the last point lay over the curve of a run that was still rising.
     ax.set_title(f"test accuracy (last {accuracy[-1]:.2f}% at step {steps[-1]})")
     ax.set_xlabel("step")
@@ -126,7 +129,8 @@ def _accuracy(ax: Axes, metrics: list[dict[str, Any]]) -> None:
 
 def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress: list[dict[str, Any]],
                       metrics: list[dict[str, Any]]) -> None:
-    """Draw the four panels into a PNG at `path` (written to a temporary name first, so a failure keeps the old)."""
+    """Draw the four panels under `title` into a PNG at `path` (written to a temporary name first, so a failure
+    keeps the old)."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot state, no display needed
 
     fig = Figure(figsize=(11, 7.5), dpi=90, layout="constrained")
@@ -135,11 +139,7 @@ def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress:
     _step_times(axes[0, 1], _by_step(progress))
     _losses(axes[1, 0], _by_step(progress), _by_step(metrics))
     _accuracy(axes[1, 1], _by_step(metrics))
-    # After a resume the summary (bars, samples/s) is of the last process's steps; the curves are of the whole run.
-    since = f" (phases and samples/s: {steps}, after a resume)" if (steps := resumed_steps(summary)) else ""
-    ranks = len(summary["ranks"])
-    rate = "" if summary["samples_per_sec"] is None else f", {summary['samples_per_sec']:,.0f} samples/s"
-    fig.suptitle(f"{title}: {ranks} rank{'s' if ranks != 1 else ''}{rate}{since}")
+    fig.suptitle(title)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.savefig(tmp, format="png")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_mnist.compare import compare_summaries, config_changes, format_comparison, run_label
+from dist_mnist.compare import compare_summaries, config_changes, format_comparison, resumed_steps, run_label
 from dist_mnist.console import kept_stdout
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import format_eval
@@ -61,7 +61,9 @@ def _not_a_run_folder(path: Path) -> str:
     if run is not None:  # traces/, checkpoints/
         return f"{path} is a folder inside the run folder {run}; pass that"
     try:
-        runs = sorted(child.name for child in path.iterdir() if (child / SUMMARY_FILE).is_file())
+        # Finished runs or not: a folder of runs that are all still going or crashed is still --output-dir.
+        runs = sorted(child.name for child in path.iterdir()
+                      if any((child / name).is_file() for name in (SUMMARY_FILE, CONFIG_FILE, METRICS_FILE)))
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror or exc}"
     if runs and not (path / CONFIG_FILE).is_file():
@@ -170,6 +172,19 @@ def _label(run_dir: Path, summary: dict[str, Any]) -> str:
     return run_label(str(run_dir), summary)
 
 
+def picture_title(run_dir: Path, summary: dict[str, Any]) -> str:
+    """The picture's title: the run, its ranks and samples/s, and the steps the summary's figures (the bars and
+    samples/s) are of where those are not the whole run's, as the curves (progress.jsonl, metrics.jsonl) are."""
+    ranks = len(summary["ranks"])
+    rate = "" if summary["samples_per_sec"] is None else f", {summary['samples_per_sec']:,.0f} samples/s"
+    if stale := stale_summary(run_dir, summary):
+        since = (f" (phases and samples/s: {stale.steps} only, an earlier process's; the run went on to step "
+                 f"{stale.run_step})")
+    else:
+        since = f" (phases and samples/s: {steps}, after a resume)" if (steps := resumed_steps(summary)) else ""
+    return f"{run_dir.name}: {ranks} rank{'s' if ranks != 1 else ''}{rate}{since}"
+
+
 def picture(run_dir: Path) -> Path:
     """Write the run's picture (`report.png` in the run folder, replaced on every call); returns its path."""
     summary = read_summary(run_dir)
@@ -177,7 +192,7 @@ def picture(run_dir: Path) -> Path:
     metrics = read_records(run_dir / METRICS_FILE, METRICS_FIELDS)
     path = run_dir / PICTURE_FILE
     try:
-        write_run_picture(path, run_dir.name, summary, progress, metrics)
+        write_run_picture(path, picture_title(run_dir, summary), summary, progress, metrics)
     except ImportError as exc:
         raise UserError(f"cannot draw the picture: {exc} (pip install -e . installs matplotlib); pass --no-picture "
                         "to skip it") from None

@@ -835,6 +835,10 @@ def test_a_resumed_process_stopped_while_finishing_leaves_a_summary_both_rerun_a
         "those steps wrote none (it is still running, or was stopped or crashed first)")
     assert report.compare(tmp_path / "stale", tmp_path / "stale").splitlines()[0] == (
         f"A: {tmp_path / 'stale'} (its summary is of steps 1-6 only: the run went on to step 10)")
+    # The picture's curves run to step 10; its title says the bars and samples/s do not.
+    summary = report.read_summary(tmp_path / "stale")
+    assert re.fullmatch(r"stale: 1 rank, [\d,]+ samples/s \(phases and samples/s: steps 1-6 only, an earlier "
+                        r"process's; the run went on to step 10\)", report.picture_title(tmp_path / "stale", summary))
 
 
 def test_only_a_dead_dataloader_worker_counts_as_one() -> None:

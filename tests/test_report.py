@@ -11,7 +11,7 @@ import pytest
 from conftest import SMOKE_FLAGS, run, train_in_process
 
 from dist_mnist import report
-from dist_mnist.compare import compare_summaries
+from dist_mnist.compare import compare_summaries, format_ratio
 from dist_mnist.metrics import PHASES
 from dist_mnist.plots import BACKWARD_COMPUTE, EXPOSED_ALLREDUCE, bar_segments
 from dist_mnist.profiling import format_summary
@@ -123,6 +123,14 @@ def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
         {**SUMMARY_A, "ranks": [{**SUMMARY_A["ranks"][0], "allreduce_buckets": 2}]},
         {**SUMMARY_A, "ranks": [{**SUMMARY_A["ranks"][0], "allreduce_buckets": 5}]})}[("rank 0", "allreduce_buckets")]
     assert (buckets.shown_a, buckets.shown_b, buckets.ratio) == ("2", "5", None)
+    # A world of one records null buckets: '-' as for a field it lacks, where the row read "None".
+    alone = {(r.section, r.label): r for r in compare_summaries(
+        {**SUMMARY_A, "ranks": [{**SUMMARY_A["ranks"][0], "allreduce_buckets": None}]},
+        {**SUMMARY_A, "ranks": [{**SUMMARY_A["ranks"][0], "allreduce_buckets": 5}]})}[("rank 0", "allreduce_buckets")]
+    assert (alone.shown_a, alone.shown_b) == ("-", "5")
+    # A GPU run against a CPU run: ratios far below 1 keep two significant digits (they read "0.00x").
+    assert [format_ratio(r) for r in (None, 0.0, 0.00123, 0.0949, 0.1, 1.5, 1234.0)] == [
+        "-", "0.00x", "0.0012x", "0.095x", "0.10x", "1.50x", "1234.00x"]
     # A field only B has, and a rank only B has: shown as '-' on the other side, no ratio.
     for key in [("rank 0", "comm_time_s"), ("rank 1", "samples/s")]:
         assert rows[key].ratio is None and rows[key].shown_a == "-" and rows[key].shown_b != "-"
@@ -294,6 +302,14 @@ def test_report_on_the_output_dir_or_a_file_of_a_run_names_the_folder_to_pass(
     # Compared with another run, the same words.
     assert report.main([str(output_dir / "20261128-010000"), str(output_dir)]) == 1
     assert "holds run folders" in capsys.readouterr().err
+    # An --output-dir whose only run has not finished (killed: config.json and metrics.jsonl, no summary.json) is
+    # still --output-dir, not a crashed run.
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "killed").mkdir(parents=True)
+    (unfinished / "killed" / "config.json").write_text(json.dumps(CONFIG_A))
+    assert_report_fails_in_one_line(
+        unfinished, f"{unfinished} is not a run folder but holds run folders (killed), as --output-dir does; pass one "
+                    f"of them, e.g. {unfinished / 'killed'}", capsys)
 
 
 def assert_report_fails_in_one_line(run_dir: Path, message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -371,6 +387,8 @@ def test_the_report_of_a_resumed_run_says_its_figures_are_of_the_last_process_on
             "earlier steps")
     assert line in again.stdout.splitlines()
     assert report.report(tmp_path / "resumed").splitlines()[-1] == line
+    assert report.picture_title(tmp_path / "resumed", summary).endswith(
+        " samples/s (phases and samples/s: steps 9-12, after a resume)")
     # Compared with another run: named in the header, not a row of step numbers with a ratio.
     compared = report.compare(tmp_path / "resumed", tmp_path / "resumed").splitlines()
     assert compared[0] == f"A: {tmp_path / 'resumed'} (figures of steps 9-12 only: resumed there)"
