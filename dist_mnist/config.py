@@ -29,6 +29,10 @@ MAX_BUCKET_CAP_MB = 2**20
 MAX_PEAK_TFLOPS = 1e6
 # --seed also seeds numpy's global generator, whose legacy seeding takes 0 to 2**32 - 1 and raises past it.
 MAX_SEED = 2**32 - 1
+# --num-workers: each worker is a Python process with torch loaded (hundreds of MB). 64 on the 2-core CPU held over
+# 14 GiB and had not finished 5 steps in 3.5 minutes (a note says so); an unbounded count (a typo, 400 for 4, or
+# 10**20) had DataLoader start processes until the machine stalled.
+MAX_WORKERS_PER_CPU = 32
 
 
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -51,8 +55,8 @@ class TrainConfig:
     synthetic_test_size: int = _opt(10_000, "test samples made by --dataset synthetic")
     num_workers: int = _opt(0, "DataLoader worker processes per rank, for training and as many for evaluation "
                                "(spawned once per run; the dataset reaches them through /dev/shm; more on a host "
-                               "than its CPUs draw a note); batches are sliced from decoded tensors, so 0 is fastest "
-                               "on CPU (measured, see docs/benchmarks.md)")
+                               "than its CPUs draw a note, more than 32 per CPU are refused); batches are sliced "
+                               "from decoded tensors, so 0 is fastest on CPU (measured, see docs/benchmarks.md)")
     data_on_device: str = _opt("auto", "keep the whole decoded dataset, training and test splits (55 MB), on the GPU "
                                        "and slice batches there; auto: on with CUDA unless --num-workers > 0; on: "
                                        "refused without CUDA",
@@ -231,6 +235,12 @@ class TrainConfig:
             # process group (a segmentation fault after "Resource temporarily unavailable").
             raise UserError(f"--threads must be at most this machine's {cpus} CPUs, got {self.threads} "
                             "(0: torch's default)")
+        if self.num_workers > MAX_WORKERS_PER_CPU * cpus:
+            # More workers than CPUs is only a note (data.worker_count_note); a count this far past them is a typo
+            # (400 for 4) or worse, and DataLoader would start every one: the machine runs out of memory first.
+            raise UserError(f"--num-workers must be at most {MAX_WORKERS_PER_CPU * cpus} ({MAX_WORKERS_PER_CPU} per "
+                            f"CPU of this machine's {cpus}), got {self.num_workers}: each worker is a process with "
+                            "torch loaded (0 loads in the training process, the fastest on CPU)")
         if self.data_on_device == "on" and self.num_workers > 0:
             raise UserError("--data-on-device on slices batches on the GPU; it cannot use --num-workers > 0")
 

@@ -67,7 +67,12 @@ def _read_idx_pair(raw: Path, prefix: str) -> Split:
             detail = f": {exc}" if str(exc) else ""
             raise UserError(f"{path} is not a valid MNIST IDX file (wrong magic number, dimensions or size"
                             f"{detail}); replace it with the original file") from None
+        except OSError as exc:  # no read permission, an I/O error of the disk or the network filesystem
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}; make it readable by this process, or "
+                            "point --data-dir at a copy that is") from None
     images, labels = tensors
+    if not len(labels):  # the evaluation would divide by its zero images after training
+        raise UserError(f"{images_path} and {labels_path} hold no images; replace them with the original files")
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise UserError(f"{images_path} and {labels_path} do not match: {tuple(images.shape)} images of 28x28 "
                         f"expected with as many labels, got {len(labels)} labels")
@@ -91,9 +96,18 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
         if ctx.is_main:
             from torchvision.datasets import MNIST  # only for downloading: see read_idx_uint8
 
+            class MissingFiles(MNIST):
+                """torchvision's MNIST download, of the files `raw` lacks only: its own fetches all four whenever
+                one is missing, writing over the others (through a symbolic link, over its target)."""
+                resources = [(name, md5) for name, md5 in MNIST.resources if name.removesuffix(".gz") in missing]
+
+                @property
+                def raw_folder(self) -> str:  # torchvision's is named after the class
+                    return str(raw)
+
             made = missing_folders(raw)
             try:
-                MNIST(cfg.data_dir, train=True, download=True)
+                MissingFiles(cfg.data_dir, train=True, download=True)
             except (RuntimeError, OSError) as exc:
                 # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
                 error = " ".join(str(exc).split()) or type(exc).__name__
@@ -102,7 +116,7 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
         error = ctx.broadcast_object(error)
         if error:
             raise UserError(f"could not download MNIST into {views[0].raw} ({error}); copy the files "
-                            f"{', '.join(MNIST_FILES)} there, or point --data-dir / DIST_MNIST_DATA at a folder "
+                            f"{', '.join(views[0].missing)} there, or point --data-dir / DIST_MNIST_DATA at a folder "
                             "holding MNIST/raw/")
         missing = missing_mnist_files(raw)
         views = ctx.gather_objects(DataView(str(raw), missing, cfg.no_download))

@@ -196,6 +196,19 @@ def test_a_command_line_error_exits_1_with_one_line(capsys: pytest.CaptureFixtur
     assert capsys.readouterr().err == "error: argument --batch-size: invalid int value: 'abc' (see --help)\n"
 
 
+def test_num_workers_far_past_the_cpus_are_refused_and_up_to_32_per_cpu_taken() -> None:
+    """More workers than CPUs is a note; 10**20 (or a typo's 400 for 4) had DataLoader start processes until the
+    machine stalled."""
+    cpus = os.cpu_count() or 1
+    limit = 32 * cpus
+    with pytest.raises(UserError, match=rf"^--num-workers must be at most {limit} \(32 per CPU of this machine's "
+                                        rf"{cpus}\), got {10**20}: each worker is a process with torch loaded"):
+        parse_args(["--num-workers", str(10**20)])
+    with pytest.raises(UserError, match=rf"got {limit + 1}:"):
+        parse_args(["--num-workers", str(limit + 1)])
+    assert parse_args(["--num-workers", str(limit)]).num_workers == limit
+
+
 def test_threads_are_at_most_the_machines_cpus() -> None:
     """Past the thread limit torch crashed in the first process group (a segmentation fault); below it, more threads
     than CPUs only contend for them. 0 keeps torch's own count."""

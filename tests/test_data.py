@@ -217,6 +217,44 @@ def test_missing_files_name_all_four_and_the_flags(tmp_path: Path) -> None:
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
 
 
+def test_a_download_fetches_only_the_missing_files_and_writes_over_none(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's MNIST download fetches all four files when one is missing, writing over the others (through a
+    symbolic link, over its target); a failure named all four, the present ones too."""
+    import torchvision.datasets.mnist
+
+    source_raw = mnist_raw_dir(str(make_mnist_dir(tmp_path / "source")))
+    data_dir = make_mnist_dir(tmp_path / "data")
+    raw = mnist_raw_dir(str(data_dir))
+    shared = tmp_path / "shared-train-images"  # a link into another folder, whose file must stay as it is
+    (raw / "train-images-idx3-ubyte").rename(shared)
+    (raw / "train-images-idx3-ubyte").symlink_to(shared)
+    written = shared.stat().st_mtime_ns
+    (raw / "t10k-images-idx3-ubyte").unlink()
+    fetched = []
+
+    def download(url: str, download_root: str, filename: str, md5: str) -> None:
+        fetched.append(filename)
+        name = filename.removesuffix(".gz")
+        (Path(download_root) / name).write_bytes((source_raw / name).read_bytes())
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", download)
+    train, test = load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
+    assert fetched == ["t10k-images-idx3-ubyte.gz"]
+    assert shared.stat().st_mtime_ns == written and (len(train.labels), len(test.labels)) == (300, 101)
+
+    def unreachable(url: str, download_root: str, filename: str, md5: str) -> None:
+        raise RuntimeError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", unreachable)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(UserError) as failure:
+        load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
+    assert str(failure.value).startswith(f"could not download MNIST into {raw} (Error downloading "
+                                         "t10k-labels-idx1-ubyte.gz: ")
+    assert "copy the files t10k-labels-idx1-ubyte there, or point --data-dir" in str(failure.value)
+
+
 def test_one_missing_file_is_named_first(tmp_path: Path) -> None:
     data_dir = make_mnist_dir(tmp_path)
     (mnist_raw_dir(str(data_dir)) / "t10k-images-idx3-ubyte").unlink()

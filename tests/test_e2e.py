@@ -37,6 +37,7 @@ from conftest import (
     torchrun,
     train,
     train_in_process,
+    write_idx,
 )
 
 import dist_mnist.train as train_module
@@ -373,6 +374,18 @@ def _truncated(raw: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
 
+def _unreadable(raw: Path) -> None:
+    # Root reads any file whatever its mode: a read that fails with EIO stands in for a lost permission.
+    path = raw / "t10k-labels-idx1-ubyte"
+    path.unlink()
+    path.symlink_to("/proc/self/mem")
+
+
+def _empty_test_set(raw: Path) -> None:
+    write_idx(raw / "t10k-images-idx3-ubyte", torch.zeros(0, 28, 28, dtype=torch.uint8))
+    write_idx(raw / "t10k-labels-idx1-ubyte", torch.zeros(0, dtype=torch.uint8))
+
+
 def _unwritable_output(tmp_path: Path) -> str:
     # Root may write anywhere, but nobody can make a folder below a regular file.
     (tmp_path / "a-file").write_text("")
@@ -391,6 +404,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], dict[str, str], tuple[s
                     ("train-images-idx3-ubyte is not a valid MNIST IDX file",)),
     "truncated": (lambda p: ["--data-dir", _data_dir(p, _truncated), "--no-download"], {},
                   ("t10k-images-idx3-ubyte is not a valid MNIST IDX file",)),
+    "unreadable-file": (lambda p: ["--data-dir", _data_dir(p, _unreadable), "--no-download"], {},
+                        ("cannot read", "t10k-labels-idx1-ubyte: Input/output error", "--data-dir")),
+    "empty-test-set": (lambda p: ["--data-dir", _data_dir(p, _empty_test_set), "--no-download"], {},
+                       ("t10k-labels-idx1-ubyte hold no images",)),
+    "num-workers-far-past-the-cpus": (lambda p: [*SMOKE_FLAGS, "--num-workers", str(10**20)], {},
+                                      ("--num-workers must be at most",)),
     "zero-batch-size": (lambda p: [*SMOKE_FLAGS, "--batch-size", "0"], {}, ("--batch-size must be positive",)),
     "negative-epochs": (lambda p: [*SMOKE_FLAGS, "--epochs=-1"], {}, ("--epochs must be positive",)),
     "infinite-timeout": (lambda p: [*SMOKE_FLAGS, "--timeout-s", "inf"], {}, ("--timeout-s must be a finite number",)),
