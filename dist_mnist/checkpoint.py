@@ -302,8 +302,23 @@ def numerics_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> s
                if name in saved and saved[name] != value]
     if not changed:
         return None
+    differ = "in the last bits and in dropout's random masks" if _other_dropout_masks(saved, current) else \
+        "in the last bits"
     return (f"note: this run continues with other settings than the checkpoint's ({', '.join(changed)}): training "
-            "goes on correctly, but its numbers will differ in the last bits from a run that was never interrupted")
+            f"goes on correctly, but its numbers will differ {differ} from a run that was never interrupted")
+
+
+def _other_dropout_masks(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the change draws other dropout masks from the same generator state, not only rounds otherwise: a mask
+    is drawn in the activation's memory order (channels_last), and inductor's compiled code draws its own (the eager
+    and aot_eager backends draw eager's). The first step after it then moved fc1's weights by a whole update."""
+    if "channels_last" in saved and saved["channels_last"] != current.get("channels_last"):
+        return True
+
+    def inductor(numerics: dict[str, Any]) -> bool:  # checkpoints before compile_backend was saved: the default
+        return bool(numerics.get("compile")) and numerics.get("compile_backend", "inductor") == "inductor"
+
+    return "compile" in saved and inductor(saved) != inductor(current)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -319,7 +319,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 _DEPENDENT_FLAGS: tuple[tuple[tuple[str, ...], Callable[[TrainConfig], bool], str], ...] = (
     (("profile_wait", "profile_warmup", "profile_active", "profile_repeat", "profile_memory", "profile_shapes",
       "profile_stack"), lambda cfg: cfg.profile, "--profile"),
-    (("compile_mode", "compile_backend"), lambda cfg: cfg.compile, "--compile"),
+    (("compile_backend",), lambda cfg: cfg.compile, "--compile"),
+    # Only inductor reads a mode: the eager and aot_eager backends drop it with a warning of torch's.
+    (("compile_mode",), lambda cfg: cfg.compile and cfg.compile_backend == "inductor",
+     "--compile on the inductor backend (--compile-backend's default)"),
     (("phase_timer_every",), lambda cfg: cfg.phase_timers in ("sample", "auto"),
      "--phase-timers sample (or auto, sampled on CUDA)"),
     (("synthetic_train_size", "synthetic_test_size"), lambda cfg: cfg.dataset == "synthetic", "--dataset synthetic"),

@@ -738,10 +738,18 @@ class Trainer:
         self.numerics_note = checkpoint.numerics_changes(state.get("numerics"), current)
 
     def numerics(self) -> dict[str, Any]:
-        """The settings that change how a step rounds but may change on a resume (checkpoint.numerics_changes)."""
-        return {"device": self.ctx.device.type, "amp": dtype_name(self.settings.amp_dtype),
-                "channels_last": self.settings.channels_last, "ddp_comm_hook": self.cfg.ddp_comm_hook,
-                "compile": self.cfg.compile, "deterministic": self.cfg.deterministic}
+        """The settings that change how a step rounds, or draws dropout's masks, but may change on a resume
+        (checkpoint.numerics_changes)."""
+        numerics = {"device": self.ctx.device.type, "amp": dtype_name(self.settings.amp_dtype),
+                    "channels_last": self.settings.channels_last, "ddp_comm_hook": self.cfg.ddp_comm_hook,
+                    "compile": self.cfg.compile, "deterministic": self.cfg.deterministic}
+        if self.cfg.compile:  # compared only where both runs compiled: on -> off says it already
+            numerics["compile_backend"] = self.cfg.compile_backend
+        if self.ctx.device.type == "cpu":
+            # How a CPU operator splits its work, and so how its sums round (a requeue onto a node with other CPUs
+            # under --threads 0 too); a GPU's kernels do not depend on it.
+            numerics["threads"] = torch.get_num_threads()
+        return numerics
 
     def restore_train_loss(self, per_rank: list[list[float]], same_world: bool) -> None:
         """The training-loss sums since the last evaluation, as the checkpoint's ranks held them; evaluation adds

@@ -267,8 +267,8 @@ def test_a_resume_under_other_rounding_settings_says_so(capsys: pytest.CaptureFi
                                       "--ddp-comm-hook", "fp16")
     assert code == 0, err
     assert ("note: this run continues with other settings than the checkpoint's (--channels-last on -> off): "
-            "training goes on correctly, but its numbers will differ in the last bits from a run that was never "
-            "interrupted") in out.splitlines()
+            "training goes on correctly, but its numbers will differ in the last bits and in dropout's random masks "
+            "from a run that was never interrupted") in out.splitlines()
     # A run already complete continues nothing: no note.
     code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 2), "--channels-last", "on")
     assert code == 0, err
@@ -278,6 +278,28 @@ def test_a_resume_under_other_rounding_settings_says_so(capsys: pytest.CaptureFi
 def test_rounding_settings_of_checkpoints_before_they_were_saved_draw_no_note() -> None:
     assert checkpoint.numerics_changes(None, {"amp": "off"}) is None
     assert checkpoint.numerics_changes({"amp": "bfloat16"}, {"amp": "bfloat16", "compile": True}) is None
+
+
+@pytest.mark.parametrize(("saved", "current", "changed", "masks"), [
+    # Another thread count splits a CPU operator's sums otherwise (an fp32 --deterministic resume was 4e-8 off).
+    ({"threads": 2}, {"threads": 1}, "--threads 2 -> 1", False),
+    # Dropout draws its mask in the activation's memory order: fc1 one whole update off after one step.
+    ({"channels_last": True}, {"channels_last": False}, "--channels-last on -> off", True),
+    # inductor's compiled code draws its own masks; aot_eager's are eager's.
+    ({"compile": True, "compile_backend": "inductor"}, {"compile": False}, "--compile on -> off", True),
+    ({"compile": True}, {"compile": False}, "--compile on -> off", True),  # before the backend was saved: inductor
+    ({"compile": True, "compile_backend": "aot_eager"}, {"compile": False}, "--compile on -> off", False),
+    ({"compile": True, "compile_backend": "inductor"}, {"compile": True, "compile_backend": "eager"},
+     "--compile-backend inductor -> eager", True),
+    ({"compile": True, "compile_backend": "eager"}, {"compile": True, "compile_backend": "aot_eager"},
+     "--compile-backend eager -> aot_eager", False),
+])
+def test_the_note_says_which_changes_draw_other_dropout_masks(saved: dict[str, object], current: dict[str, object],
+                                                               changed: str, masks: bool) -> None:
+    differ = "in the last bits and in dropout's random masks" if masks else "in the last bits"
+    assert checkpoint.numerics_changes(saved, current) == (
+        f"note: this run continues with other settings than the checkpoint's ({changed}): training goes on "
+        f"correctly, but its numbers will differ {differ} from a run that was never interrupted")
 
 
 @pytest.mark.timeout(120)

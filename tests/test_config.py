@@ -209,6 +209,14 @@ def test_num_workers_far_past_the_cpus_are_refused_and_up_to_32_per_cpu_taken() 
     assert parse_args(["--num-workers", str(limit)]).num_workers == limit
 
 
+def test_a_compile_mode_only_inductor_reads_is_refused_on_another_backend() -> None:
+    """The eager and aot_eager backends drop --compile-mode with a warning of torch's: the run compiled without it."""
+    with pytest.raises(UserError, match=r"^--compile-mode has no effect without --compile on the inductor backend"):
+        parse_args(["--compile", "--compile-backend", "eager", "--compile-mode", "reduce-overhead"])
+    assert parse_args(["--compile", "--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    assert parse_args(["--compile", "--compile-backend", "aot_eager"]).compile_backend == "aot_eager"
+
+
 def test_threads_are_at_most_the_machines_cpus() -> None:
     """Past the thread limit torch crashed in the first process group (a segmentation fault); below it, more threads
     than CPUs only contend for them. 0 keeps torch's own count."""
