@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -247,10 +248,13 @@ def config_changes(a: dict[str, Any], b: dict[str, Any]) -> list[ConfigChange]:
 
 
 def format_ratio(ratio: float | None) -> str:
-    """B/A to two decimals, or to two significant digits below 0.1: a GPU run against a CPU run read `0.00x`."""
+    """B/A to two decimals, or below 0.1 to two significant digits, in fixed point: a GPU run against a CPU run
+    read `0.00x`."""
     if ratio is None:
         return "-"
-    return f"{ratio:.2f}x" if ratio >= 0.095 or ratio == 0 else f"{ratio:.2g}x"
+    if ratio >= 0.1 or ratio <= 0:
+        return f"{ratio:.2f}x"
+    return f"{ratio:.{1 - math.floor(math.log10(ratio))}f}x"
 
 
 def format_comparison(name_a: str, name_b: str, rows: list[ComparisonRow], changes: list[ConfigChange] | None) -> str:

@@ -35,6 +35,15 @@ MAX_SEED = 2**32 - 1
 MAX_WORKERS_PER_CPU = 32
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers, Slurm and taskset narrow), as DataLoader's
+    own check counts them; torch's helper for it (torch._utils.cpu_count) is not in every torch we run (2.11)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no CPU affinity
+        return os.cpu_count() or 1
+
+
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     """A dataclass field that carries its own `--help` text and argparse options."""
     return field(default=default, metadata={"help": help, **argparse_kwargs})
@@ -55,8 +64,9 @@ class TrainConfig:
     synthetic_test_size: int = _opt(10_000, "test samples made by --dataset synthetic")
     num_workers: int = _opt(0, "DataLoader worker processes per rank, for training and as many for evaluation "
                                "(spawned once per run; the dataset reaches them through /dev/shm; more on a host "
-                               "than its CPUs draw a note, more than 32 per CPU are refused); batches are sliced "
-                               "from decoded tensors, so 0 is fastest on CPU (measured, see docs/benchmarks.md)")
+                               f"than its CPUs draw a note, more than {MAX_WORKERS_PER_CPU} per CPU are "
+                               "refused); batches are sliced from decoded tensors, so 0 is fastest on CPU "
+                               "(measured, see docs/benchmarks.md)")
     data_on_device: str = _opt("auto", "keep the whole decoded dataset, training and test splits (55 MB), on the GPU "
                                        "and slice batches there; auto: on with CUDA unless --num-workers > 0; on: "
                                        "refused without CUDA",
@@ -235,12 +245,13 @@ class TrainConfig:
             # process group (a segmentation fault after "Resource temporarily unavailable").
             raise UserError(f"--threads must be at most this machine's {cpus} CPUs, got {self.threads} "
                             "(0: torch's default)")
-        if self.num_workers > MAX_WORKERS_PER_CPU * cpus:
+        usable = usable_cpus()
+        if self.num_workers > MAX_WORKERS_PER_CPU * usable:
             # More workers than CPUs is only a note (data.worker_count_note); a count this far past them is a typo
             # (400 for 4) or worse, and DataLoader would start every one: the machine runs out of memory first.
-            raise UserError(f"--num-workers must be at most {MAX_WORKERS_PER_CPU * cpus} ({MAX_WORKERS_PER_CPU} per "
-                            f"CPU of this machine's {cpus}), got {self.num_workers}: each worker is a process with "
-                            "torch loaded (0 loads in the training process, the fastest on CPU)")
+            raise UserError(f"--num-workers must be at most {MAX_WORKERS_PER_CPU * usable} ({MAX_WORKERS_PER_CPU} "
+                            f"per CPU this process may run on, {usable}), got {self.num_workers}: each worker is a "
+                            "process with torch loaded (0 loads in the training process, the fastest on CPU)")
         if self.data_on_device == "on" and self.num_workers > 0:
             raise UserError("--data-on-device on slices batches on the GPU; it cannot use --num-workers > 0")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -71,12 +70,12 @@ def _read_idx_pair(raw: Path, prefix: str) -> Split:
             raise UserError(f"cannot read {path}: {exc.strerror or exc}; make it readable by this process, or "
                             "point --data-dir at a copy that is") from None
     images, labels = tensors
-    if not len(labels):  # the evaluation would divide by its zero images after training
-        raise UserError(f"{images_path} and {labels_path} hold no images; replace them with the original files")
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise UserError(f"{images_path} and {labels_path} do not match: {tuple(images.shape)} images of 28x28 "
                         f"expected with as many labels, got {len(labels)} labels")
-    if len(labels) and int(labels.max()) > 9:
+    if not len(labels):  # the evaluation would divide by its zero images after training
+        raise UserError(f"{images_path} and {labels_path} hold no images; replace them with the original files")
+    if int(labels.max()) > 9:
         raise UserError(f"{labels_path} holds labels outside 0-9; replace it with the original file")
     return Split(images.contiguous(), labels.long())
 
@@ -102,8 +101,13 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
                 resources = [(name, md5) for name, md5 in MNIST.resources if name.removesuffix(".gz") in missing]
 
                 @property
-                def raw_folder(self) -> str:  # torchvision's is named after the class
-                    return str(raw)
+                def raw_folder(self) -> str:  # torchvision's is named after the class (its processed_folder too:
+                    return str(raw)            # the legacy .pt files are no concern of a download of IDX files)
+
+                def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+                    # torchvision decodes the split after its download; read_idx_uint8 does, with its checks, and a
+                    # present file that is damaged must fail there, not here as a failed download.
+                    return torch.empty(0), torch.empty(0)
 
             made = missing_folders(raw)
             try:
@@ -337,23 +341,14 @@ class DataPipeline:
         return self.num_workers > 0
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity, which containers, Slurm and taskset narrow), as DataLoader's
-    own check counts them; torch's helper for it (torch._utils.cpu_count) is not in every torch we run (2.11)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no CPU affinity
-        return os.cpu_count() or 1
-
-
 def worker_count_note(workers: int, cpus: int, ranks_on_host: int) -> str | None:
     """A `note:` when --num-workers starts more loader processes on this host than it has CPUs (`cpus`, those this
     process may run on, for `ranks_on_host` ranks); None otherwise.
 
-    A note, not a refusal or a silent cap: torch itself only warns, the limit that bites first (memory) depends on
-    the host, and a user may mean it. But each worker is a spawned Python process with torch loaded: on the 2-core CPU
-    64 of them took over 3 minutes without finishing 5 steps, and over 14 GiB (PSS) before the evaluation's
-    64 started.
+    A note, not a refusal or a silent cap, up to config's refusal of more than MAX_WORKERS_PER_CPU per CPU: torch
+    itself only warns, the limit that bites first (memory) depends on the host, and a user may mean it. But each
+    worker is a spawned Python process with torch loaded: on the 2-core CPU 64 of them took over 3 minutes without
+    finishing 5 steps, and over 14 GiB (PSS) before the evaluation's 64 started.
     """
     on_host = workers * ranks_on_host
     if on_host <= cpus:

@@ -119,8 +119,8 @@ def _accuracy(ax: Axes, metrics: list[dict[str, Any]]) -> None:
     accuracy = [100 * r["test_accuracy"] for r in metrics]
     ax.plot(steps, accuracy, marker="o")
     low, high = ax.get_ylim()
-    if high > 100:  # no accuracy is above 100%: an axis of 100% evaluations ran from 96% to 104%
-        ax.set_ylim(low, 100.5)
+    # No accuracy is above 100%: an axis of 100% evaluations ran from 96% to 104%.
+    ax.set_ylim(low, min(high, 100.5))
     # In the title: a label beside the last point lay over the curve of a run that was still rising.
     ax.set_title(f"test accuracy (last {accuracy[-1]:.2f}% at step {steps[-1]})")
     ax.set_xlabel("step")

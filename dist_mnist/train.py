@@ -31,7 +31,7 @@ from dist_mnist import checkpoint, collectives
 from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync
 from dist_mnist.argtypes import on_off
 from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
-from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args
+from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args, usable_cpus
 from dist_mnist.console import kept_stdout, rank_line, warnings_end_open_line
 from dist_mnist.data import (
     DataPipeline,
@@ -39,7 +39,6 @@ from dist_mnist.data import (
     load_splits,
     normalize,
     to_device,
-    usable_cpus,
     worker_count_note,
 )
 from dist_mnist.distributed import DistContext, distributed_session
@@ -1166,10 +1165,11 @@ class Trainer:
                            parameter_digest(self.parts.module), self.parts.comm.steps if self.parts.comm else None,
                            wall_per_step=self.clock.wall_per_step)
         stats["traces"] = traces
-        # A peer lost after the last step of a complete run costs only what was not yet written.
-        complete = self.complete() if self.last_checkpoint else None
+        # A peer lost after the last step of a complete run costs only what was not yet written: rank 0 may have
+        # written summary.json before the broadcast that failed, the others cannot know.
+        complete = self.complete()
         with self.phase("the final summary", complete and f"the training is complete ({complete}) but its "
-                        f"{SUMMARY_FILE} is not written (metrics.jsonl holds the run's evaluations)"):
+                        f"{SUMMARY_FILE} may not be written (metrics.jsonl holds the run's evaluations)"):
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.
             ctx.on_main(lambda: self.write_summary(all_stats))
@@ -1189,7 +1189,7 @@ class Trainer:
             print(f"last checkpoint: {path} ({size / 2**20:.1f} MiB, written in {seconds * 1e3:.0f} ms)", flush=True)
         self.writer.close()
         with self.phase("the final summary", complete and f"the training is complete ({complete}) and its "
-                        f"{SUMMARY_FILE} written"):
+                        "summary done"):
             ctx.barrier()
         check_replicas_in_sync([r["params_digest"] for r in all_stats])
 

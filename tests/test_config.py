@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dist_mnist.config import TrainConfig, build_parser, parse_args
+from dist_mnist.config import TrainConfig, build_parser, parse_args, usable_cpus
 from dist_mnist.errors import UserError
 
 
@@ -199,10 +199,10 @@ def test_a_command_line_error_exits_1_with_one_line(capsys: pytest.CaptureFixtur
 def test_num_workers_far_past_the_cpus_are_refused_and_up_to_32_per_cpu_taken() -> None:
     """More workers than CPUs is a note; 10**20 (or a typo's 400 for 4) had DataLoader start processes until the
     machine stalled."""
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()  # those this process may run on: a job given 2 CPUs of a 256-core node may start 64
     limit = 32 * cpus
-    with pytest.raises(UserError, match=rf"^--num-workers must be at most {limit} \(32 per CPU of this machine's "
-                                        rf"{cpus}\), got {10**20}: each worker is a process with torch loaded"):
+    with pytest.raises(UserError, match=rf"^--num-workers must be at most {limit} \(32 per CPU this process may run "
+                                        rf"on, {cpus}\), got {10**20}: each worker is a process with torch loaded"):
         parse_args(["--num-workers", str(10**20)])
     with pytest.raises(UserError, match=rf"got {limit + 1}:"):
         parse_args(["--num-workers", str(limit + 1)])

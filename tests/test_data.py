@@ -17,7 +17,7 @@ from conftest import make_mnist_dir, write_idx
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision import datasets, transforms
 
-from dist_mnist.config import TrainConfig
+from dist_mnist.config import TrainConfig, usable_cpus
 from dist_mnist.data import (
     MNIST_FILES,
     MNIST_MEAN,
@@ -33,7 +33,6 @@ from dist_mnist.data import (
     sampler_order,
     synthetic_splits,
     to_device,
-    usable_cpus,
     worker_count_note,
 )
 from dist_mnist.distributed import DistContext
@@ -253,6 +252,14 @@ def test_a_download_fetches_only_the_missing_files_and_writes_over_none(tmp_path
     assert str(failure.value).startswith(f"could not download MNIST into {raw} (Error downloading "
                                          "t10k-labels-idx1-ubyte.gz: ")
     assert "copy the files t10k-labels-idx1-ubyte there, or point --data-dir" in str(failure.value)
+    # A present file that is damaged is read by our reader after the download, with its own line: torchvision's
+    # decoding after its download failed on it first, as a failed download (or an uncaught AssertionError).
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", download)
+    labels = raw / "train-labels-idx1-ubyte"
+    labels.write_bytes(b"\x12\x34\x56\x78" + labels.read_bytes()[4:])
+    with pytest.raises(UserError, match=f"^{labels} is not a valid MNIST IDX file"):
+        load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
+    assert fetched[-1] == "t10k-labels-idx1-ubyte.gz"
 
 
 def test_one_missing_file_is_named_first(tmp_path: Path) -> None:

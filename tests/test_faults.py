@@ -458,7 +458,7 @@ def test_a_peer_lost_after_a_complete_run_is_not_advised_a_resume(tmp_path: Path
     """After the last step and its checkpoint there is nothing to resume: the line says what the run has and that a
     rerun (or torchrun's restart) finds it complete, not "rerun the same command to resume"."""
     last = tmp_path / "step00000032.pt"
-    done = "the training is complete (its 2 epochs done) and its summary.json written"
+    done = "the training is complete (its 2 epochs done) and its summary done"
     with pytest.raises(UserError) as failure, collectives.phase("the final summary", 32, 100, last, done=done):
         raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
     assert str(failure.value) == (
@@ -466,6 +466,12 @@ def test_a_peer_lost_after_a_complete_run_is_not_advised_a_resume(tmp_path: Path
         f"left the job (Connection closed by peer [127.0.0.1]:5); {done}; its last checkpoint is {last}. Look for "
         "the stuck or lost rank in the other nodes' output; the same command finds the run complete and trains no "
         "more")
+    # A run named by its launch (--standalone): the same command alone would start a new run under a new name.
+    with pytest.raises(UserError) as failure, collectives.phase("the final summary", 32, 100, last, "20261129-101010",
+                                                                 done=done):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
+    assert str(failure.value).endswith("the same command with --run-name 20261129-101010 finds the run complete and "
+                                       "trains no more")
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     with pytest.raises(UserError) as failure, collectives.phase("the final summary", 32, 100, last, done=done):
@@ -503,7 +509,7 @@ def test_a_peer_lost_in_the_final_summary_of_a_complete_run_says_so_and_the_reru
     (message,) = error_lines(result.stderr)  # rank 0's; rank 1 left without a word
     assert re.fullmatch(
         r"a collective in the final summary failed after step 16: a peer did not answer within the \d+ s timeout or "
-        r"left the job \(.+\); the training is complete \(its 1 epoch done\) but its summary\.json is not written "
+        r"left the job \(.+\); the training is complete \(its 1 epoch done\) but its summary\.json may not be written "
         r"\(metrics\.jsonl holds the run's evaluations\); its last checkpoint is " + re.escape(str(last)) +
         r"\. Look for the stuck or lost rank in the other nodes' output; the same command finds the run complete "
         r"and trains no more", message), message

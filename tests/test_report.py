@@ -129,8 +129,8 @@ def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
         {**SUMMARY_A, "ranks": [{**SUMMARY_A["ranks"][0], "allreduce_buckets": 5}]})}[("rank 0", "allreduce_buckets")]
     assert (alone.shown_a, alone.shown_b) == ("-", "5")
     # A GPU run against a CPU run: ratios far below 1 keep two significant digits (they read "0.00x").
-    assert [format_ratio(r) for r in (None, 0.0, 0.00123, 0.0949, 0.1, 1.5, 1234.0)] == [
-        "-", "0.00x", "0.0012x", "0.095x", "0.10x", "1.50x", "1234.00x"]
+    assert [format_ratio(r) for r in (None, 0.0, 1.23e-5, 0.00123, 0.001, 0.05, 0.0951, 0.097, 0.1, 1.5, 1234.0)] == [
+        "-", "0.00x", "0.000012x", "0.0012x", "0.0010x", "0.050x", "0.095x", "0.097x", "0.10x", "1.50x", "1234.00x"]
     # A field only B has, and a rank only B has: shown as '-' on the other side, no ratio.
     for key in [("rank 0", "comm_time_s"), ("rank 1", "samples/s")]:
         assert rows[key].ratio is None and rows[key].shown_a == "-" and rows[key].shown_b != "-"
