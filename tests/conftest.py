@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -61,14 +63,52 @@ class Result:
     stderr: str
 
 
+def kill_tree(pid: int) -> None:
+    """Kill a command started in its own session and everything below it. A killpg of its group is not enough:
+    torchrun starts each worker in a session of its own, and the workers (and their DataLoader workers) survived
+    their agent, holding the test's pipes open."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+# The commands the running test started (run, LiveRun), killed with everything below them when it ends: a test ended
+# by pytest-timeout (an exception inside its wait) or by a failed assertion leaves none of them training on.
+STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def no_command_outlives_its_test() -> Iterator[None]:
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+
+
+def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """A command in its own session, its output piped, killed with its whole tree when the test ends."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cpu_env(),
+                            cwd=cwd, start_new_session=True)
+    STARTED.append(proc)
+    return proc
+
+
 def run(args: list[str], timeout: float = 180, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
-    """Run a command in its own session; on timeout kill the whole process group and fail the test."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or cpu_env(), cwd=cwd, start_new_session=True)
+    """Run a command in its own session; on timeout kill it with everything below it and fail the test."""
+    proc = start(args, env, cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(args)}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
     return Result(proc.returncode, out, err)

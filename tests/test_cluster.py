@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
@@ -20,10 +19,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import psutil
 import pytest
 import torch
-from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, free_port, run
+from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, free_port, kill_tree, run
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.train import Trainer, TrainState, main, warmup_cosine
@@ -88,11 +86,7 @@ class Agents:
 
     def kill(self, index: int) -> None:
         """The node is gone: its agent and workers die at once (torchrun starts each worker in its own session)."""
-        with contextlib.suppress(psutil.NoSuchProcess):
-            agent = psutil.Process(self.procs[index].pid)
-            for proc in [*agent.children(recursive=True), agent]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
+        kill_tree(self.procs[index].pid)
         self.procs[index].wait()
 
     def results(self, indices: list[int] | None = None) -> list[Result]:

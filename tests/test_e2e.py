@@ -3,6 +3,7 @@ talks, runs are reproducible, every bad input is one error line, and (with real 
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import io
 import json
@@ -575,13 +576,31 @@ def test_cprofile_around_the_launcher_still_writes_its_profile(tmp_path: Path) -
     assert pstats.Stats(str(stats)).total_calls > 0  # type: ignore[attr-defined]
 
 
+def _marked(mark: str) -> list[int]:
+    """The processes whose environment holds DIST_MNIST_TEST_MARK=`mark`: a spawned DataLoader worker inherits the
+    environment, while its command line (multiprocessing's spawn_main) names nothing of the run."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("DIST_MNIST_TEST_MARK") == mark:
+                found.append(proc.pid)
+    return found
+
+
 @pytest.mark.timeout(150)
 def test_a_run_with_dataloader_workers_leaves_none_behind(tmp_path: Path) -> None:
-    name = f"workers-{os.getpid()}-{time.monotonic_ns()}"  # in every forked worker's command line too
+    name = f"workers-{os.getpid()}-{time.monotonic_ns()}"
+    env = cpu_env(DIST_MNIST_TEST_MARK=name)
+    # The search finds a process so marked (it looked in command lines, where a spawned worker's holds no name).
+    probe = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    try:
+        assert _marked(name) == [probe.pid]
+    finally:
+        probe.kill()
+        probe.wait()
     # One worker: what is checked is that the process leaves none, not how many it had.
-    assert_ok(Run(train(*smoke_flags(tmp_path, name, "--num-workers", "1"), timeout=120), tmp_path / name))
-    left = [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or [])]
-    assert left == []
+    assert_ok(Run(train(*smoke_flags(tmp_path, name, "--num-workers", "1"), timeout=120, env=env), tmp_path / name))
+    assert _marked(name) == []
 
 
 # A fresh interpreter (the test process has long imported both): modules of torch's compiler stack the main thread

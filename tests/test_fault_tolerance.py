@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, torchrun
+from conftest import SMOKE_FLAGS, TRAIN_SCRIPT, Result, kill_tree, start, torchrun
 
 import dist_mnist.train as train_module
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints
@@ -36,8 +36,7 @@ class LiveRun:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.args = args
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env or cpu_env(), start_new_session=True)
+        self.proc = start(args, env)
         self.out: list[str] = []
         self.err: list[str] = []
         self.readers = [threading.Thread(target=self._drain, args=(stream, sink), daemon=True)
@@ -56,7 +55,7 @@ class LiveRun:
 
     def _fail(self, why: str) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            kill_tree(self.proc.pid)
         self.proc.wait()
         for reader in self.readers:
             reader.join()
