@@ -1007,11 +1007,26 @@ class Trainer:
         if self.state.epoch >= cfg.epochs:
             return f"its {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} done"
         if self.at_max_steps():
-            return f"--max-steps {cfg.max_steps} reached"
+            # A checkpoint at or past a --max-steps lowered on the rerun: the run cannot go back to the limit.
+            past = f", the run at step {self.state.step} already" if self.state.step > cfg.max_steps else ""
+            return f"--max-steps {cfg.max_steps} reached{past}"
         if met := next((m for m in self.state.metrics if self.meets_target(m)), None):
-            return (f"--stop-at-accuracy {cfg.stop_at_accuracy:.2%} met by the evaluation at step {met['step']}, "
+            # The flag as it is given (a fraction): 1e-9 read "0.00%".
+            return (f"--stop-at-accuracy {cfg.stop_at_accuracy:g} met by the evaluation at step {met['step']}, "
                     f"{met['test_accuracy']:.2%}")
         return None
+
+    def unevaluated_end_note(self) -> str:
+        """What the "already complete" line adds where the run's last step has no evaluation: a process stopped
+        mid-epoch (which skips the evaluation, the resume continuing the interval) and a rerun whose lowered
+        --max-steps ends the run at that step. Its epochs' ends, its --max-steps step and a met target evaluate."""
+        last = self.state.metrics[-1]["step"] if self.state.metrics else None
+        if last == self.state.step:
+            return ""
+        evaluated = f"its last evaluation is of step {last}" if last is not None else "it has no evaluation"
+        go_on = "; a higher --max-steps goes on" if self.at_max_steps() else ""
+        return (f" ({evaluated}: the process that reached step {self.state.step} was stopped before evaluating "
+                f"it{go_on})")
 
     def resume_and_train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -1027,7 +1042,7 @@ class Trainer:
                          "run needs another --checkpoint-dir)")
             else:
                 self.log(f"run {self.run_dir} is already complete at step {state.step} ({done}); nothing to do"
-                         + missing_summary_note(self.run_dir, state.step))
+                         + self.unevaluated_end_note() + missing_summary_note(self.run_dir, state.step))
             return
         if self.numerics_note:
             self.log(self.numerics_note)
@@ -1176,7 +1191,7 @@ class Trainer:
         if ctx.is_main and self.target_reached:
             hit = self.target_reached
             print(f"reached test accuracy {hit['test_accuracy']:.2%} (--stop-at-accuracy "
-                  f"{self.cfg.stop_at_accuracy:.2%}) at step {hit['step']}, {hit['elapsed_s']:.2f} s after the first "
+                  f"{self.cfg.stop_at_accuracy:g}) at step {hit['step']}, {hit['elapsed_s']:.2f} s after the first "
                   f"step; stopped, checkpoint saved in {self.checkpoint_dir}", flush=True)
         if ctx.is_main and stopped_by:
             # A stop on the run's last step: its final evaluation and checkpoint are done, and a rerun does nothing.

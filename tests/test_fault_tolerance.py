@@ -335,6 +335,25 @@ def test_the_stop_line_says_how_to_resume_this_very_run(tmp_path: Path, monkeypa
             in capsys.readouterr().out.splitlines())
 
 
+@pytest.mark.timeout(120)
+def test_a_rerun_whose_lowered_max_steps_ends_at_or_before_the_stop_says_what_the_run_lacks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped mid-epoch at step 3 (no evaluation there: the resumed run evaluates on schedule), then rerun with
+    --max-steps 3 or 2: the run is complete, and the line said so as if step 3 were evaluated and as if 2 were the
+    run's last step."""
+    flags = [*SMOKE_FLAGS, "--log-every", "3", "--eval-every", "2", "--output-dir", str(tmp_path), "--run-name", "low"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Trainer, "log_progress", lambda self: os.kill(os.getpid(), signal.SIGTERM))
+        assert main(flags) == 0
+    assert "stopped by SIGTERM at step 3;" in capsys.readouterr().out
+    for limit, past in (("3", ""), ("2", ", the run at step 3 already")):
+        assert main([*flags, "--max-steps", limit]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            f"run {tmp_path / 'low'} is already complete at step 3 (--max-steps {limit} reached{past}); nothing to do "
+            "(its last evaluation is of step 2: the process that reached step 3 was stopped before evaluating it; a "
+            "higher --max-steps goes on)")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A killed worker under torchrun --max-restarts
 

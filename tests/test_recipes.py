@@ -133,7 +133,7 @@ def test_stop_at_accuracy_stops_saves_and_reports(stopped_run: Path, capsys: pyt
     assert main([*SMOKE_FLAGS, "--output-dir", str(stopped_run.parent), "--run-name", "run", "--timeout-s", "60",
                  "--max-steps", "30", "--eval-every", "3", "--stop-at-accuracy", "0.3"]) == 0
     last = metrics[-1]
-    assert (f"is already complete at step {step} (--stop-at-accuracy 30.00% met by the evaluation at step {step}, "
+    assert (f"is already complete at step {step} (--stop-at-accuracy 0.3 met by the evaluation at step {step}, "
             f"{last['test_accuracy']:.2%}); nothing to do") in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in stopped_run.iterdir() if p.is_file() and p.name != ".lock"} == files
 
