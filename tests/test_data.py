@@ -249,9 +249,10 @@ def test_a_download_fetches_only_the_missing_files_and_writes_over_none(tmp_path
     (raw / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(UserError) as failure:
         load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
-    assert str(failure.value).startswith(f"could not download MNIST into {raw} (Error downloading "
-                                         "t10k-labels-idx1-ubyte.gz: ")
-    assert "copy the files t10k-labels-idx1-ubyte there, or point --data-dir" in str(failure.value)
+    # torchvision's own words around the failure differ by version (0.26 passes the fetch's error on as it is).
+    assert str(failure.value).startswith(f"could not download MNIST into {raw} (")
+    assert "no route to host" in str(failure.value)
+    assert "); copy the files t10k-labels-idx1-ubyte there, or point --data-dir" in str(failure.value)
     # A present file that is damaged is read by our reader after the download, with its own line: torchvision's
     # decoding after its download failed on it first, as a failed download (or an uncaught AssertionError).
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", download)
