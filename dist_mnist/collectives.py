@@ -166,11 +166,10 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
             kept = f"{done}; its last checkpoint is {last_checkpoint}"
             then = (f"{restart} and they find the run complete; if this repeats, {look}" if restart
                     else f"{look.capitalize()}; {same_command(run_name)} finds the run complete and trains no more")
-            raise UserError(f"a collective in {name} failed after step {step}: a peer did not answer within the "
-                            f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. {then}") from None
-        kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
-        restart = restart_advice(last_checkpoint, checkpoint_known)
-        then = f"{restart}; if this repeats, {look}" if restart else f"{look.capitalize()}, then {rerun}"
+        else:
+            kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
+            restart = restart_advice(last_checkpoint, checkpoint_known)
+            then = f"{restart}; if this repeats, {look}" if restart else f"{look.capitalize()}, then {rerun}"
         when = "before the first step" if step is None else f"after step {step}"
         raise UserError(f"a collective in {name} failed {when}: a peer did not answer within the "
                         f"{timeout_s:g} s timeout or left the job ({reason}); {kept}. {then}") from None

@@ -1195,7 +1195,7 @@ class Trainer:
                   f"step; stopped, checkpoint saved in {self.checkpoint_dir}", flush=True)
         if ctx.is_main and stopped_by:
             # A stop on the run's last step: its final evaluation and checkpoint are done, and a rerun does nothing.
-            then = ("The run is complete." if self.complete() is not None
+            then = ("The run is complete." if complete is not None
                     else f"Run {collectives.same_command(self.name_to_add)} to resume.")
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
                   f"{then}", flush=True)

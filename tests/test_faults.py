@@ -165,6 +165,15 @@ def test_a_node_without_the_mnist_files_stops_every_rank_at_once_with_one_line(t
 # ---------------------------------------------------------------------------------------------------------------
 # A full disk
 
+def hook_folder(tmp_path: Path, code: str) -> Path:
+    """A folder holding `code` as sitecustomize.py, which Python runs at start-up when the folder is on PYTHONPATH:
+    a test-only hook into the processes a test starts (the package carries nothing)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(code)
+    return hook
+
+
 # Makes this process's fsync of a file whose name holds $DIST_MNIST_TEST_ENOSPC fail as a full disk does (on NFS
 # and with delayed allocation, fsync is where ENOSPC shows up). A test-only hook: the package carries nothing.
 ENOSPC_HOOK = """
@@ -181,9 +190,7 @@ os.fsync = _fsync_or_full
 @pytest.mark.scenario
 @pytest.mark.timeout(180)
 def test_full_disk_at_a_checkpoint_ends_every_rank_with_one_line(tmp_path: Path) -> None:
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(ENOSPC_HOOK)
+    hook = hook_folder(tmp_path, ENOSPC_HOOK)
     env = cpu_env(PYTHONPATH=f"{hook}{os.pathsep}{REPO}", DIST_MNIST_TEST_ENOSPC="step00000008.pt")
     out = tmp_path / "out"
     started = time.monotonic()
@@ -496,9 +503,7 @@ if any(arg.endswith("train.py") for arg in sys.argv) and os.environ.get("RANK") 
 @pytest.mark.timeout(180)
 def test_a_peer_lost_in_the_final_summary_of_a_complete_run_says_so_and_the_rerun_finds_it_complete(
         tmp_path: Path) -> None:
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(LOST_AT_THE_END_HOOK)
+    hook = hook_folder(tmp_path, LOST_AT_THE_END_HOOK)
     out = tmp_path / "out"
     command = [*TORCHRUN, TRAIN_SCRIPT, *SMOKE_FLAGS, "--epochs", "1", "--timeout-s", "60", "--output-dir", str(out),
                "--run-name", "end"]
@@ -731,9 +736,7 @@ def interrupted_early_line(name: str) -> str:
 @pytest.mark.parametrize("name", STOP_SIGNALS)
 def test_a_stop_signal_during_start_up_is_one_line_and_the_same_command_starts_again(
         tmp_path: Path, mnist_dir: Path, name: str) -> None:
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    hook = hook_folder(tmp_path, SIGNAL_HOOK)
     flags = ["--data-dir", str(mnist_dir), "--no-download", "--no-tensorboard", "--batch-size", "16",
              "--max-steps", "2", "--peak-tflops", "1", "--output-dir", str(tmp_path / "out"), "--run-name", "early"]
     interrupted = run([sys.executable, TRAIN_SCRIPT, *flags],
@@ -756,9 +759,7 @@ def test_a_stop_signal_while_launch_train_imports_torch_is_the_same_one_line(tmp
                                                                              rank: str) -> None:
     """The first seconds of every launch are launch/train.py's imports (torch's most of all), before main() runs.
     torchrun's SIGTERM reaches every worker there, and each says which rank it is, as main() would."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    hook = hook_folder(tmp_path, SIGNAL_HOOK)
     interrupted = run([sys.executable, TRAIN_SCRIPT, *SMOKE_FLAGS, "--output-dir", str(tmp_path / "out")],
                       env=cpu_env(PYTHONPATH=str(hook), DIST_MNIST_TEST_SIGNAL=name, RANK=rank,
                                   DIST_MNIST_TEST_SIGNAL_IMPORT="dist_mnist.train"))
