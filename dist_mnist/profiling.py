@@ -433,23 +433,31 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
 def flag_stragglers(ranks: list[dict[str, Any]]) -> None:
     """Set `straggler`, `straggler_phase` (the part of its own work where its excess lies) and
     `straggler_cost_share` (the share of the median step every other rank spends waiting for it) on each rank;
-    None everywhere with --phase-timers off, which leaves no own time to compare."""
+    None everywhere with --phase-timers off, which leaves no own time to compare.
+
+    Each rank is measured against the median of the *other* ranks: a median over all of them counts the slow rank
+    in its own baseline, which on 2 ranks is the mean of both, so a rank 1.65x slower than its peer went unflagged
+    and a flagged one was said to cost the other rank half of what it waited."""
     if any(r["own_time_p50_s"] is None for r in ranks):
         for r in ranks:
             r["straggler"] = r["straggler_phase"] = r["straggler_cost_share"] = None
         return
-    median_own = statistics.median(r["own_time_p50_s"] for r in ranks)
     median_step = statistics.median(r["step_time_p50_s"] for r in ranks)
     for r in ranks:
-        excess = r["own_time_p50_s"] - median_own
-        r["straggler"] = (len(ranks) > 1 and r["own_time_p50_s"] > STRAGGLER_RATIO * median_own
+        others = [other for other in ranks if other is not r]
+        r["straggler"], r["straggler_phase"], r["straggler_cost_share"] = False, None, None
+        if not others:  # a world of one waits for nobody
+            continue
+        others_own = statistics.median(other["own_time_p50_s"] for other in others)
+        excess = r["own_time_p50_s"] - others_own
+        r["straggler"] = (r["own_time_p50_s"] > STRAGGLER_RATIO * others_own
                           and excess > STRAGGLER_MIN_STEP_SHARE * median_step)
-        r["straggler_phase"] = None
-        r["straggler_cost_share"] = excess / median_step if r["straggler"] and median_step else None
         if r["straggler"]:
-            def phase_excess(phase: str, rank: dict[str, Any] = r) -> float:
+            r["straggler_cost_share"] = excess / median_step if median_step else None
+
+            def phase_excess(phase: str, rank: dict[str, Any] = r, peers: list[dict[str, Any]] = others) -> float:
                 return rank["phase_time_per_step_s"][phase] - statistics.median(
-                    other["phase_time_per_step_s"][phase] for other in ranks)
+                    peer["phase_time_per_step_s"][phase] for peer in peers)
             r["straggler_phase"] = max(OWN_PHASES, key=phase_excess)
 
 
@@ -504,8 +512,7 @@ def diagnose(ranks: list[dict[str, Any]], comm_hook: str = "none", amp: str = "o
         r = max(stragglers, key=lambda rank: rank["straggler_cost_share"])
         return (f"straggler: rank {r['rank']} is slow in {PHASE_WORDS[r['straggler_phase']]}, and every other rank "
                 f"waits for it in the gradient all-reduce, {r['straggler_cost_share']:.0%} of its step; find out "
-                f"why rank {r['rank']}'s {PHASE_WORDS[r['straggler_phase']]} is slower (its host, its data, its "
-                "device)")
+                f"why rank {r['rank']} is slower there (its host, its data, its device)")
 
     def mean(key: str) -> float:
         return statistics.fmean(r[key] or 0.0 for r in ranks)

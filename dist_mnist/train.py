@@ -723,6 +723,13 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"][ctx.rank], ctx.device)
         else:
             self.adapt_to_world_size(state["world_size"])
+        powersgd = self.parts.comm.powersgd if self.parts.comm else None
+        if powersgd and (not state.get("comm_hook") or state["world_size"] != ctx.world_size):
+            # PowerSGD starts compressing once its count of steps reaches the LR warm-up's end. A run switched to
+            # it on this resume has no count saved, and one resumed at another world size is at another step of
+            # this world's schedule: counting from 0, or from the old world's steps, started it a whole warm-up
+            # late (or early).
+            powersgd.state.iter = self.parts.scheduler.last_epoch
         self.restore_train_loss(state.get("train_loss", []), state["world_size"] == ctx.world_size)
         # samples_per_sec of the next record counts this process's steps over this process's training time.
         self.last_record = (self.state.step, 0.0)

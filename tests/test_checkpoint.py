@@ -302,6 +302,29 @@ def test_the_note_says_which_changes_draw_other_dropout_masks(saved: dict[str, o
         f"correctly, but its numbers will differ {differ} from a run that was never interrupted")
 
 
+POWERSGD_DIFFERS = "by more than rounding (PowerSGD all-reduces a low-rank approximation of the gradients)"
+
+
+@pytest.mark.parametrize(("saved", "current", "changed", "differ"), [
+    # Switching PowerSGD on or off changes what each step all-reduces: fc1 0.02 off (its largest weight 0.064)
+    # after 20 steps, not "in the last bits".
+    ({"ddp_comm_hook": "powersgd"}, {"ddp_comm_hook": "none"}, "--ddp-comm-hook powersgd -> none", POWERSGD_DIFFERS),
+    ({"ddp_comm_hook": "bf16"}, {"ddp_comm_hook": "powersgd"}, "--ddp-comm-hook bf16 -> powersgd", POWERSGD_DIFFERS),
+    ({"ddp_comm_hook": "powersgd", "channels_last": True}, {"channels_last": False, "ddp_comm_hook": "bf16"},
+     "--channels-last on -> off, --ddp-comm-hook powersgd -> bf16",
+     f"{POWERSGD_DIFFERS} and in dropout's random masks"),
+    # bf16 and fp16 round the same gradients otherwise.
+    ({"ddp_comm_hook": "bf16"}, {"ddp_comm_hook": "fp16"}, "--ddp-comm-hook bf16 -> fp16", "in the last bits"),
+    ({"ddp_comm_hook": "powersgd", "amp": "off"}, {"ddp_comm_hook": "powersgd", "amp": "bfloat16"},
+     "--amp off -> bfloat16", "in the last bits"),
+])
+def test_the_note_says_a_powersgd_change_differs_by_more_than_rounding(
+        saved: dict[str, object], current: dict[str, object], changed: str, differ: str) -> None:
+    assert checkpoint.numerics_changes(saved, current) == (
+        f"note: this run continues with other settings than the checkpoint's ({changed}): training goes on "
+        f"correctly, but its numbers will differ {differ} from a run that was never interrupted")
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("damage", "said"), [
     (lambda data: data[: len(data) // 2], "is unreadable (truncated or corrupt: "),

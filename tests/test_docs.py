@@ -152,10 +152,11 @@ def test_the_readme_defaults_given_in_words() -> None:
 
 
 def test_the_readme_states_the_straggler_and_diagnosis_thresholds_the_summary_applies() -> None:
-    """README, summary.json: a straggler is over STRAGGLER_RATIO x the median rank's own work, by over
+    """README, summary.json: a straggler is over STRAGGLER_RATIO x the other ranks' median own work, by over
     STRAGGLER_MIN_STEP_SHARE of a step; a run is bound by what takes at least BOUND_SHARE of a step."""
     text = " ".join(README.split())
-    straggler = re.search(r"is over ([\d.]+)× the median rank's and the extra time is over (\d+)% of a step", text)
+    straggler = re.search(r"is over ([\d.]+)× the median of the other ranks' and the extra time is over (\d+)% of a "
+                          r"step", text)
     assert straggler, "the README's straggler rule is gone"
     assert (float(straggler.group(1)), int(straggler.group(2)) / 100) == (STRAGGLER_RATIO, STRAGGLER_MIN_STEP_SHARE)
     bound = re.search(r"takes at least (\d+)% of a step \(averaged over ranks\)", text)

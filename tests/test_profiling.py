@@ -577,10 +577,10 @@ def test_summary_explains_the_step_time_of_every_rank(which: str, request: pytes
         # the host (a 2-core CI machine running other tests beside this one starves one rank now and then), so which
         # way it goes is tested where it is fixed: balanced figures in test_straggler_flag, a delay injected on one
         # rank in tests/test_comm.py.
-        median_own = statistics.median(rank["own_time_p50_s"] for rank in summary["ranks"])
+        others_own = statistics.median(rank["own_time_p50_s"] for rank in summary["ranks"] if rank is not r)
         median_step = statistics.median(rank["step_time_p50_s"] for rank in summary["ranks"])
-        excess = r["own_time_p50_s"] - median_own
-        assert r["straggler"] is (r["own_time_p50_s"] > STRAGGLER_RATIO * median_own
+        excess = r["own_time_p50_s"] - others_own
+        assert r["straggler"] is (r["own_time_p50_s"] > STRAGGLER_RATIO * others_own
                                   and excess > STRAGGLER_MIN_STEP_SHARE * median_step)
         assert (r["straggler_phase"] in OWN_PHASES) if r["straggler"] else (r["straggler_phase"] is None)
         # The gradient crosses the network once per step, in fp32 or (the default bf16 hook) in 2 bytes per
@@ -793,16 +793,24 @@ def _rank(rank: int, own_s: float, step_s: float = 0.1) -> dict[str, Any]:
             "optimizer_share": 0.0, **shares}
 
 
-@pytest.mark.parametrize(("own_times", "step_s", "stragglers"), [
-    ([0.02, 0.02, 0.02, 0.04], 0.1, [False, False, False, True]),  # twice the median own work
-    ([0.02, 0.021, 0.02, 0.024], 0.1, [False] * 4),  # within 25% of the median
-    ([0.0010, 0.0010, 0.0010, 0.0016], 0.1, [False] * 4),  # 60% slower, but 0.6% of a step: jitter
-    ([0.02, 0.05], 0.1, [False, True]),
-    ([0.05], 0.1, [False]),  # a world of one has no stragglers
+@pytest.mark.parametrize(("own_times", "step_s", "stragglers", "cost"), [
+    ([0.02, 0.02, 0.02, 0.04], 0.1, [False, False, False, True], 0.2),  # twice the others' median own work
+    ([0.02, 0.021, 0.02, 0.024], 0.1, [False] * 4, None),  # within 25% of the others' median
+    ([0.0010, 0.0010, 0.0010, 0.0016], 0.1, [False] * 4, None),  # 60% slower, but 0.6% of a step: jitter
+    ([0.02, 0.05], 0.1, [False, True], 0.3),  # the other rank waits the whole gap
+    # 1.3x and 1.65x the other rank: a median over both ranks (the slow one in its own baseline) flagged 2 ranks
+    # only from 1.67x on, and called the cost half the gap.
+    ([0.02, 0.026], 0.1, [False, True], 0.06),
+    ([0.0259, 0.0427], 0.065, [False, True], 0.0168 / 0.065),
+    ([0.02, 0.024], 0.1, [False, False], None),  # 1.2x: within 25%
+    ([0.02, 0.02, 0.04, 0.04], 0.1, [False, False, True, True], 0.2),  # two slow of four: each against the others
+    ([0.05], 0.1, [False], None),  # a world of one has no stragglers
 ])
-def test_straggler_flag(own_times: list[float], step_s: float, stragglers: list[bool]) -> None:
+def test_straggler_flag(own_times: list[float], step_s: float, stragglers: list[bool], cost: float | None) -> None:
     summary = build_summary([_rank(i, t, step_s) for i, t in enumerate(own_times)], 100.0, None, 1e6, 1e12, "x")
     assert [r["straggler"] for r in summary["ranks"]] == stragglers
+    costs = [r["straggler_cost_share"] for r in summary["ranks"] if r["straggler"]]
+    assert all(c == pytest.approx(cost) for c in costs) if cost is not None else costs == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
