@@ -21,25 +21,37 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+# The stop signals besides SIGINT (which raises KeyboardInterrupt through Python's own handler): each ends a process
+# by default, and torchrun forwards each to its workers (its --signals-to-handle default is SIGTERM, SIGINT, SIGHUP,
+# SIGQUIT). SIGHUP is what a closed terminal or ssh session sends, SIGQUIT a Ctrl-\. Handled only as SIGTERM, the
+# other two killed every worker where it stood: no checkpoint, no line, the last interval's steps lost.
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 class Terminated(BaseException):
-    """SIGTERM outside the training loop's stop handler (start-up, a finished run's summary), raised in the main
-    thread as Python's own SIGINT handler raises KeyboardInterrupt: the run ends through the same cleanup and one
-    line that says what is on disk, not silently by the signal's default action. A BaseException, as
-    KeyboardInterrupt is, so no `except Exception` swallows it."""
+    """A stop signal of TERMINATING_SIGNALS outside the training loop's stop handler (start-up, a finished run's
+    summary), raised in the main thread as Python's own SIGINT handler raises KeyboardInterrupt: the run ends through
+    the same cleanup and one line that says what is on disk, not silently by the signal's default action. A
+    BaseException, as KeyboardInterrupt is, so no `except Exception` swallows it."""
+
+    def __init__(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        super().__init__(sig.name)
+        self.signal = sig
 
 
 def raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
-    """SIGTERM's handler from launch/train.py's first line until main() takes it over (its imports take seconds)."""
-    raise Terminated
+    """The handler of TERMINATING_SIGNALS from launch/train.py's first line until main() takes them over (its
+    imports take seconds)."""
+    raise Terminated(signal.Signals(signum))
 
 
 def stop_signal(exc: KeyboardInterrupt | Terminated) -> signal.Signals:
-    """The stop signal that raised `exc`: SIGINT raises KeyboardInterrupt, SIGTERM Terminated."""
-    return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+    """The stop signal that raised `exc`: SIGINT raises KeyboardInterrupt, the others Terminated."""
+    return exc.signal if isinstance(exc, Terminated) else signal.SIGINT
 
 
 def signal_exit_code(sig: signal.Signals) -> int:
-    """The shell's exit code for a process ended by `sig` (130 for SIGINT, 143 for SIGTERM)."""
+    """The shell's exit code for a process ended by `sig` (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
     return 128 + sig
 
 

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM/SIGINT ask every rank to stop at a step boundary; a second signal later exits at once."""
+"""Preemption: SIGTERM, SIGINT, SIGHUP and SIGQUIT ask every rank to stop at a step boundary; a second signal later
+exits at once."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from dist_mnist.distributed import DistContext
+from dist_mnist.errors import TERMINATING_SIGNALS
 from dist_mnist.shutdown import REPEAT_GRACE_S, SignalHandler
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (*TERMINATING_SIGNALS, signal.SIGINT)
 
 
 class StopRequest:
@@ -43,7 +45,9 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            # An ignored signal stays ignored: `nohup` ignores SIGHUP so that a closed terminal leaves the run be.
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -86,7 +90,7 @@ class DataWorkerContext(multiprocessing.context.SpawnContext):
 
 
 def leave_stop_signals_to_the_rank(worker_id: int) -> None:
-    """DataLoader worker_init_fn: a SIGTERM/SIGINT is the rank's to act on, unless the rank itself sent it.
+    """DataLoader worker_init_fn: a stop signal (STOP_SIGNALS) is the rank's to act on, unless the rank sent it.
 
     torchrun (killpg), Slurm and a terminal's Ctrl-C signal every process of the job, DataLoader workers included.
     A worker that died of it would turn the rank's stop at a step boundary, with a checkpoint, into "DataLoader

@@ -1,6 +1,6 @@
 """The end of a run's process: a finished run's at once, without the interpreter's teardown; a failing run's in
-order, with its error line, whatever torchrun's SIGTERM interrupts; a SIGTERM outside the training loop's, with one
-line as well (FailurePath).
+order, with its error line, whatever torchrun's SIGTERM interrupts; a stop signal outside the training loop's, with
+one line as well (FailurePath).
 
 Once `main` has returned, CPython clears every module and the C++ libraries run their static destructors. With
 torch and torch._dynamo (which the first optimizer imports) loaded that took 0.7-0.8 s after every run on the 2-core
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
-from dist_mnist.errors import Terminated, raise_terminated
+from dist_mnist.errors import TERMINATING_SIGNALS, Terminated, raise_terminated
 
 # A repeat of a stop signal this soon after the first is the same request delivered twice, not a user insisting: Slurm
 # signals every process of a job step and torchrun forwards its own copy to the workers a moment later.
@@ -63,7 +63,8 @@ def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit,
         # Ignored, the teardown ends with `code`; torchrun's SIGKILL after its --shutdown-timeout still ends one that
         # hangs.
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in TERMINATING_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
         sys.exit(code)
     # What the interpreter's exit runs before its teardown: logging's shutdown (flushes and closes its handlers),
     # multiprocessing's finalizers (the semaphores above). atexit has no public way to run them; this one is what
@@ -75,11 +76,12 @@ def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit,
 
 
 class FailurePath:
-    """SIGTERM's handler in main(), outside the training loop's stop handler (preemption.StopRequest, which stops at
-    a step boundary). A SIGTERM there fails the run like a Ctrl-C: it raises Terminated, so the run ends through its
-    cleanup and one line that says what is on disk (exit code 143) instead of dying silently by the signal's default
-    action. A SIGTERM that lands while the run is failing already is noted, not fatal: the process still writes its
-    one error line and ends in order, with its exit code.
+    """The handler of the stop signals that end a process (errors.TERMINATING_SIGNALS: SIGTERM, SIGHUP, SIGQUIT) in
+    main(), outside the training loop's stop handler (preemption.StopRequest, which stops at a step boundary). Such a
+    signal there fails the run like a Ctrl-C: it raises Terminated, so the run ends through its cleanup and one line
+    that says what is on disk (exit code 128 + the signal: 143 for SIGTERM) instead of dying silently by the
+    signal's default action. One that lands while the run is failing already is noted, not fatal: the process still
+    writes its one error line and ends in order, with its exit code.
 
     torchrun SIGTERMs the other workers the moment one of them dies. A survivor whose collective failed at that moment
     died of it wherever it was: before its error line (in the checkpoint write a failure lets finish, the process
@@ -90,18 +92,17 @@ class FailurePath:
 
     def __init__(self) -> None:
         self.failing = False
-        self._noted_at: float | None = None  # when the first SIGTERM of the failure came
-        self._installed = False
-        self._previous: SignalHandler = signal.SIG_DFL
+        self._noted_at: float | None = None  # when the first signal of the failure came
+        # Each signal's handler before this one; None for a handler set outside Python.
+        self._previous: dict[int, SignalHandler] = {}
 
     def begin(self) -> None:
         """The run is failing from here on: called where a failure is first seen, before its line is written."""
         self.failing = True
 
-    @property
-    def _ends_process(self) -> bool:
-        """Whether SIGTERM would have ended the process before this handler: its default, or launch/train.py's."""
-        return self._previous in (signal.SIG_DFL, raise_terminated)
+    def _ends_process(self, signum: int) -> bool:
+        """Whether the signal would have ended the process before this handler: its default, or launch/train.py's."""
+        return self._previous.get(signum, signal.SIG_DFL) in (signal.SIG_DFL, raise_terminated)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
@@ -112,31 +113,34 @@ class FailurePath:
             # that comes later is someone insisting, on a failure path that hangs: it ends the process at once.
             if now - self._noted_at < REPEAT_GRACE_S:
                 return
-        elif self._ends_process:
-            # The failure starts here, so the copy Slurm's or torchrun's SIGTERM is followed by is noted, not a
+        elif self._ends_process(signum):
+            # The failure starts here, so the copy Slurm's or torchrun's signal is followed by is noted, not a
             # second Terminated in the middle of the first one's cleanup.
             self.failing, self._noted_at = True, now
-            raise Terminated
+            raise Terminated(signal.Signals(signum))
         # What the signal did before this handler was installed; for one that ended the process, at once.
-        if callable(self._previous) and not self._ends_process:
-            self._previous(signum, frame)
-        elif self._previous != signal.SIG_IGN:
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous) and not self._ends_process(signum):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
     def __enter__(self) -> FailurePath:
         self.failing, self._noted_at = False, None
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            for sig in TERMINATING_SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous != signal.SIG_IGN:  # an inherited SIG_IGN (nohup's SIGHUP) stays as the user set it
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._installed:
+        for sig, previous in self._previous.items():
             # None: a handler set outside Python, which cannot be put back; the default is what it most likely was.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
-            self._installed = False
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
 
 
 # The process's one: main() holds it, and the places that first see a failure begin it.

@@ -993,7 +993,7 @@ class Trainer:
             return interrupted_early(exc)
         sig = stop_signal(exc)
         if step is not None:
-            # The loop turns SIGINT and SIGTERM into a stop with a checkpoint (preemption.StopRequest): a run that has
+            # The loop turns the stop signals into a stop with a checkpoint (preemption.StopRequest): a run that has
             # stepped and still gets one is past its loop, its last checkpoint written.
             message = (f"interrupted ({sig.name}) after step {step}, while the run was finishing (its summary may be "
                        f"missing); {collectives.resume_advice(last)[0]}")

@@ -13,15 +13,18 @@ import signal  # noqa: E402
 # Both import only the standard library's small modules: nothing that takes time.
 from dist_mnist.console import rank_line  # noqa: E402
 from dist_mnist.errors import (  # noqa: E402
+    TERMINATING_SIGNALS,
     Terminated,
     interrupted_early,
     raise_terminated,
 )
 
-# A SIGTERM (torchrun's, a scheduler's) raises Terminated from here on, as a Ctrl-C raises KeyboardInterrupt, so it
-# too ends in one line; main() takes it over. An inherited SIG_IGN (nohup-like wrappers) is left alone.
-if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-    signal.signal(signal.SIGTERM, raise_terminated)
+# A SIGTERM (torchrun's, a scheduler's), SIGHUP or SIGQUIT raises Terminated from here on, as a Ctrl-C raises
+# KeyboardInterrupt, so it too ends in one line; main() takes them over. An inherited SIG_IGN (nohup ignores SIGHUP)
+# is left alone.
+for _stop in TERMINATING_SIGNALS:
+    if signal.getsignal(_stop) == signal.SIG_DFL:
+        signal.signal(_stop, raise_terminated)
 
 try:  # `import torch` takes seconds: a stop signal there is one line too, not the import machinery's traceback
     from torch.distributed.elastic.multiprocessing.errors import record

@@ -20,13 +20,21 @@ from conftest import SMOKE_FLAGS, TRAIN_SCRIPT, Result, kill_tree, start, torchr
 
 import dist_mnist.train as train_module
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints
+from dist_mnist.errors import Terminated, signal_exit_code, stop_signal
+from dist_mnist.preemption import STOP_SIGNALS, StopRequest
+from dist_mnist.shutdown import FailurePath
 from dist_mnist.train import main
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 SINGLE = [sys.executable, TRAIN_SCRIPT]
 PROGRESS = re.compile(r"^epoch \d+ step (\d+)/\d+ ", re.MULTILINE)
 RESUMED = re.compile(r"^resumed from step (\d+) ", re.MULTILINE)
-STOPPED = re.compile(r"^stopped by SIGTERM at step (\d+); checkpoint saved", re.MULTILINE)
+STOPPED = r"^stopped by {signal} at step (\d+); checkpoint saved"
+# Runs the command that follows with SIGHUP and SIGQUIT's default action, as a terminal's job has them: a suite run
+# under nohup hands its commands SIGHUP ignored, and one run in the background of a non-interactive shell (`bash
+# .ci/run &`) SIGQUIT, and an ignored signal stays ignored through exec and in the run (README).
+AS_ON_A_TERMINAL = [sys.executable, "-c", "import os, signal, sys; [signal.signal(s, signal.SIG_DFL) for s in "
+                    "(signal.SIGHUP, signal.SIGQUIT)]; os.execv(sys.argv[1], sys.argv[1:])"]
 # Fails a lost peer's collective long before the subprocess and pytest timeouts.
 PG_TIMEOUT = ["--timeout-s", "60"]
 
@@ -108,21 +116,26 @@ def metrics_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def sigterm_then_rerun(command: list[str], checkpoints: Path, everyone: bool = False) -> tuple[Result, int]:
-    """Start a run, SIGTERM it once it trains, check it stopped with a checkpoint, rerun the same command to the end.
+def sigterm_then_rerun(command: list[str], checkpoints: Path, everyone: bool = False,
+                       sig: signal.Signals = signal.SIGTERM) -> tuple[Result, int]:
+    """Start a run, signal it (`sig`) once it trains, check it stopped with a checkpoint, rerun the same command to
+    the end.
 
     Returns the stopped run and the step it stopped at. For torchrun the signal goes to the agent, which forwards it;
-    with `everyone`, every process of the job gets its own copy at once, DataLoader workers included, as from Slurm.
+    with `everyone`, every process of the job gets its own copy at once, DataLoader workers included, as from Slurm
+    (or, for SIGHUP, from a terminal that closes).
     """
+    if sig != signal.SIGTERM:
+        command = [*AS_ON_A_TERMINAL, *command]
     job = LiveRun(command)
     job.wait_until(lambda: job.progress_step() > 0, "the first progress line")
     targets = [job.proc.pid]
     if everyone:
         targets += [p.pid for p in psutil.Process(job.proc.pid).children(recursive=True)]
     for pid in targets:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     stopped = job.result()
-    match = STOPPED.search(stopped.stdout)
+    match = re.search(STOPPED.format(signal=sig.name), stopped.stdout, re.MULTILINE)
     assert match, f"no stop message\nstdout:\n{stopped.stdout}\nstderr:\n{stopped.stderr[-3000:]}"
     stop_step = int(match.group(1))
     assert list_checkpoints(checkpoints)[0] == checkpoint_path(checkpoints, stop_step)
@@ -290,9 +303,22 @@ def test_three_ranks_resume_to_identical_parameters(tmp_path: Path) -> None:
     assert_resumed_equals_straight(tmp_path, 10)
 
 
+@pytest.fixture(scope="module")
+def exact_straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EXACT_FLAGS on 2 ranks to the end (32 steps), never stopped: what every stopped and resumed run must equal."""
+    out = tmp_path_factory.mktemp("exact")
+    straight = torchrun(2, *EXACT_FLAGS, "--output-dir", str(out), "--run-name", "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    return out / "straight"
+
+
 @pytest.mark.scenario
 @pytest.mark.timeout(400)
-def test_sigterm_to_every_process_stops_at_one_step_and_resumes_to_identical_parameters(tmp_path: Path) -> None:
+# SIGHUP: a terminal or ssh session that closes signals its whole process group alike. torchrun forwards it to its
+# workers too, which died of it where they stood: no checkpoint, no line, the steps since the last checkpoint lost.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_to_every_process_stops_at_one_step_and_resumes_to_identical_parameters(
+        tmp_path: Path, exact_straight_run: Path, sig: signal.Signals) -> None:
     # Slurm's scancel and preemption signal every process of the step: torchrun's agent, which forwards the signal
     # to its workers too, the ranks, and their DataLoader workers. Workers that died of it would make the ranks fail
     # with "DataLoader worker exited unexpectedly" instead of saving a checkpoint. The ranks stop at the same step
@@ -301,10 +327,9 @@ def test_sigterm_to_every_process_stops_at_one_step_and_resumes_to_identical_par
     # progress line (step 4). One loader worker each is enough to be signalled (each costs an interpreter start),
     # and the straight run needs none: workers hand over the same batches.
     flags = [*EXACT_FLAGS, "--output-dir", str(tmp_path)]
-    straight = torchrun(2, *flags, "--run-name", "straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    (tmp_path / "straight").symlink_to(exact_straight_run, target_is_directory=True)
     stopped, stop_step = sigterm_then_rerun([*TORCHRUN, TRAIN_SCRIPT, *flags, "--num-workers", "1", "--run-name",
-                                             "resumed"], tmp_path / "resumed" / "checkpoints", everyone=True)
+                                             "resumed"], tmp_path / "resumed" / "checkpoints", everyone=True, sig=sig)
     assert "Root Cause" not in stopped.stderr and "exited unexpectedly" not in stopped.stderr, stopped.stderr[-3000:]
     assert stop_step < 32
     assert_resumed_equals_straight(tmp_path, 32)
@@ -312,10 +337,12 @@ def test_sigterm_to_every_process_stops_at_one_step_and_resumes_to_identical_par
 
 @pytest.mark.scenario
 @pytest.mark.timeout(300)
-def test_sigterm_single_process_saves_exits_zero_and_resumes(tmp_path: Path) -> None:
+# SIGQUIT: a Ctrl-\ (the whole foreground process group gets it), which killed the run without a checkpoint.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGQUIT], ids=["SIGTERM", "SIGQUIT"])
+def test_sigterm_single_process_saves_exits_zero_and_resumes(tmp_path: Path, sig: signal.Signals) -> None:
     flags = [*SMOKE_FLAGS, "--epochs", "1", "--checkpoint-every", "0", "--output-dir", str(tmp_path),
              "--run-name", "preempted"]
-    stopped, _ = sigterm_then_rerun([*SINGLE, *flags], tmp_path / "preempted" / "checkpoints")
+    stopped, _ = sigterm_then_rerun([*SINGLE, *flags], tmp_path / "preempted" / "checkpoints", sig=sig)
     assert stopped.returncode == 0, stopped.stderr
     assert "Run the same command to resume." in stopped.stdout
 
@@ -444,6 +471,39 @@ def test_second_signal_exits_at_once(case: str) -> None:
     result = LiveRun([sys.executable, "-c", script]).result(timeout=60)
     assert result.stdout.splitlines() == [printed]
     assert result.returncode == -getattr(signal, insist)
+
+
+@pytest.fixture
+def own_signal_handlers() -> Iterator[None]:
+    """The stop signals' handlers of this (pytest's) process, put back after the test."""
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
+def test_sighup_and_sigquit_stop_like_sigterm_unless_the_process_started_with_them_ignored(
+        sig: signal.Signals, own_signal_handlers: None) -> None:
+    """torchrun forwards SIGHUP and SIGQUIT to its workers as it does SIGTERM and SIGINT (its --signals-to-handle
+    default); a closed terminal sends SIGHUP, a Ctrl-\\ SIGQUIT. The workers died of them where they stood."""
+    signal.signal(sig, signal.SIG_DFL)
+    with StopRequest() as stop:  # the training loop: a stop at the next step boundary
+        os.kill(os.getpid(), sig)
+        time.sleep(0.01)
+    assert stop.signal_name == sig.name
+    # Outside the loop (start-up, a finished run's summary): one line and the shell's exit code for the signal.
+    signal.signal(sig, signal.SIG_DFL)
+    with pytest.raises(Terminated) as raised, FailurePath():
+        os.kill(os.getpid(), sig)
+        time.sleep(1)
+    assert stop_signal(raised.value) == sig and signal_exit_code(sig) == 128 + sig
+    # nohup ignores SIGHUP so that a closed terminal leaves the run be: it stays ignored.
+    signal.signal(sig, signal.SIG_IGN)
+    with StopRequest() as ignored, FailurePath():
+        os.kill(os.getpid(), sig)
+        time.sleep(0.01)
+    assert not ignored.requested and signal.getsignal(sig) == signal.SIG_IGN
 
 
 AFTER_THE_LOOP_SCRIPT = """

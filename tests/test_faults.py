@@ -708,6 +708,8 @@ import os, pathlib, signal
 # Python then leaves it ignored: give the process the handler it has on a terminal, where a user presses Ctrl-C.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 _signal = getattr(signal, os.environ.get("DIST_MNIST_TEST_SIGNAL", "SIGINT"))
+if _signal != signal.SIGINT:  # likewise SIGHUP under nohup, SIGQUIT in a background job: the default, as there
+    signal.signal(_signal, signal.SIG_DFL)
 _target, _read_bytes = os.environ.get("DIST_MNIST_TEST_SIGNAL_AT"), pathlib.Path.read_bytes
 def _read_bytes_interrupted(self):
     if _target and _target in self.name:
@@ -724,6 +726,7 @@ sys.meta_path.insert(0, _InterruptImport())
 """
 # The stop signals, with the shell's exit code for each.
 STOP_SIGNALS = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_CODES = {**STOP_SIGNALS, "SIGHUP": 129, "SIGQUIT": 131}
 
 
 def interrupted_early_line(name: str) -> str:
@@ -754,7 +757,7 @@ def test_a_stop_signal_during_start_up_is_one_line_and_the_same_command_starts_a
 
 @pytest.mark.scenario
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("name", "rank"), [("SIGINT", "0"), ("SIGTERM", "1")])
+@pytest.mark.parametrize(("name", "rank"), [("SIGINT", "0"), ("SIGTERM", "1"), ("SIGHUP", "1")])
 def test_a_stop_signal_while_launch_train_imports_torch_is_the_same_one_line(tmp_path: Path, name: str,
                                                                              rank: str) -> None:
     """The first seconds of every launch are launch/train.py's imports (torch's most of all), before main() runs.
@@ -763,21 +766,21 @@ def test_a_stop_signal_while_launch_train_imports_torch_is_the_same_one_line(tmp
     interrupted = run([sys.executable, TRAIN_SCRIPT, *SMOKE_FLAGS, "--output-dir", str(tmp_path / "out")],
                       env=cpu_env(PYTHONPATH=str(hook), DIST_MNIST_TEST_SIGNAL=name, RANK=rank,
                                   DIST_MNIST_TEST_SIGNAL_IMPORT="dist_mnist.train"))
-    assert interrupted.returncode == STOP_SIGNALS[name]
+    assert interrupted.returncode == EXIT_CODES[name]
     assert interrupted.stderr == ("" if rank == "0" else f"[rank {rank}] ") + interrupted_early_line(name)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", STOP_SIGNALS)
+@pytest.mark.parametrize("name", EXIT_CODES)
 def test_a_stop_signal_after_the_run_files_or_while_finishing_says_what_is_on_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str) -> None:
     def interrupt(*args: object, **kwargs: object) -> None:
-        # What Python's SIGINT handler, and main()'s SIGTERM handler (shutdown.FailurePath), raise wherever the main
-        # thread is.
-        raise KeyboardInterrupt if name == "SIGINT" else Terminated
+        # What Python's SIGINT handler, and main()'s handler of the others (shutdown.FailurePath), raise wherever the
+        # main thread is.
+        raise KeyboardInterrupt if name == "SIGINT" else Terminated(signal.Signals[name])
 
     flags = [*SMOKE_FLAGS, "--max-steps", "6", "--output-dir", str(tmp_path)]
-    code = STOP_SIGNALS[name]
+    code = EXIT_CODES[name]
     # Past config.json, before the loop's stop handler is in place (make_profiler is the loop's last set-up).
     monkeypatch.setattr(train_module, "make_profiler", interrupt)
     assert train_module.main([*flags, "--run-name", "started"]) == code
