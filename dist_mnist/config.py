@@ -33,6 +33,11 @@ MAX_SEED = 2**32 - 1
 # 14 GiB and had not finished 5 steps in 3.5 minutes (a note says so); an unbounded count (a typo, 400 for 4, or
 # 10**20) had DataLoader start processes until the machine stalled.
 MAX_WORKERS_PER_CPU = 32
+# --batch-size, --eval-batch-size and the synthetic set's sizes count samples. 2**31 MNIST images are 1.6 TiB as
+# bytes (6.4 TiB in float32, as synthetic data is made and every batch is fed), beyond any machine's memory; larger
+# counts ended in tracebacks: an --eval-batch-size from 2**63 at the first evaluation (itertools.islice's limit),
+# after the run folder was written, and a synthetic size from 2**62 in torch's size arithmetic.
+MAX_SAMPLES = 2**31 - 1
 
 
 def usable_cpus() -> int:
@@ -60,8 +65,8 @@ class TrainConfig:
     data_dir: str = _opt(os.environ.get("DIST_MNIST_DATA", "./data"),
                          "folder holding MNIST/raw/<four IDX files>; $DIST_MNIST_DATA sets the default, else ./data")
     no_download: bool = _opt(False, "never download MNIST; fail with a clear error when the files are missing")
-    synthetic_train_size: int = _opt(60_000, "training samples made by --dataset synthetic")
-    synthetic_test_size: int = _opt(10_000, "test samples made by --dataset synthetic")
+    synthetic_train_size: int = _opt(60_000, "training samples made by --dataset synthetic (at most 2**31 - 1)")
+    synthetic_test_size: int = _opt(10_000, "test samples made by --dataset synthetic (at most 2**31 - 1)")
     num_workers: int = _opt(0, "DataLoader worker processes per rank, for training and as many for evaluation "
                                "(spawned once per run; the dataset reaches them through /dev/shm; more on a host "
                                f"than its CPUs draw a note, more than {MAX_WORKERS_PER_CPU} per CPU are "
@@ -84,8 +89,10 @@ class TrainConfig:
     batch_size: int = _opt(DEFAULT_RECIPE.batch_size,
                            "training batch size PER PROCESS; the global batch is this times the world size (and "
                            "--grad-accum-steps). Small global batches reach a given accuracy in fewer epochs, larger "
-                           "ones run faster per sample but need more epochs (README, 'Recipe and accuracy')")
-    eval_batch_size: int = _opt(DEFAULT_RECIPE.eval_batch_size, "evaluation batch size per process")
+                           "ones run faster per sample but need more epochs (README, 'Recipe and accuracy'); at most "
+                           "2**31 - 1")
+    eval_batch_size: int = _opt(DEFAULT_RECIPE.eval_batch_size, "evaluation batch size per process (at most "
+                                                                "2**31 - 1)")
     lr: float = _opt(DEFAULT_RECIPE.lr, "peak learning rate of the warm-up + cosine schedule (AdamW)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     warmup_frac: float = _opt(DEFAULT_RECIPE.warmup_frac,
@@ -209,6 +216,10 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        for name in ("batch_size", "eval_batch_size", "synthetic_train_size", "synthetic_test_size"):
+            if getattr(self, name) > MAX_SAMPLES:
+                raise UserError(f"--{_flag(name)} must be at most {MAX_SAMPLES} (2**31 - 1 samples, more than any "
+                                f"machine's memory holds), got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:

@@ -165,9 +165,12 @@ def synthetic_splits(train_size: int, test_size: int) -> tuple[Split, Split]:
         try:
             labels = torch.randint(0, 10, (n,), generator=gen)
             noise = torch.randn(n, 28, 28, generator=gen) * 60
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError) as exc:
             # torch's CPU allocator refuses what cannot fit at once; its error is a C++ traceback of several lines.
-            if "can't allocate memory" not in str(exc):
+            # Counts past its byte arithmetic (config's MAX_SAMPLES keeps the command line below them; code can
+            # call this with any) fail before any allocation: from 2**62 a RuntimeError "Storage size calculation
+            # overflowed", from 2**63 a TypeError "Overflow when unpacking long long".
+            if not any(words in str(exc) for words in ("can't allocate memory", "overflowed", "Overflow")):
                 raise
             raise UserError(f"{flag} {n}: {n:,} synthetic images (made in float32, 3 KiB each) do not fit in this "
                             "machine's memory; lower it") from None

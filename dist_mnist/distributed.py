@@ -16,11 +16,14 @@ import torch.distributed as dist
 from dist_mnist.collectives import enable_flight_recorder
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError, first_line
+from dist_mnist.restarts import env_whole_number, torchrun_restarts
 from dist_mnist.startup import StartupTimer
 
 T = TypeVar("T")
 # What rank 0's store (a TCPStore it serves on MASTER_PORT) says when the other processes did not all connect in time.
 _CLIENTS_JOINED = re.compile(r"Timed out after (\d+) seconds waiting for clients\. (\d+)/(\d+) clients joined")
+# The highest TCP port: torch's store refused MASTER_PORT past it with a ValueError traceback.
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -80,16 +83,6 @@ class DistContext:
         return result
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
-
-
 def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     cuda_ok = torch.cuda.is_available()
     if cfg.device == "cuda" or cfg.backend == "nccl":
@@ -122,7 +115,9 @@ def _rendezvous_address() -> str:
         raise UserError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {verb} not: start with torchrun, "
                         "which sets all of them, or set MASTER_ADDR and MASTER_PORT to rank 0's host and a free port "
                         "on it, or unset RANK for one process")
-    _env_int("MASTER_PORT")  # a port that is no number gets its own line
+    # Port 0 is not refused by torch: rank 0's store then serves on a port the OS picks, which no other process can
+    # know, so they could never join it (torchrun gives its workers the port its own store got, never 0).
+    env_whole_number("MASTER_PORT", least=1, most=MAX_PORT)
     return f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
 
 
@@ -149,14 +144,44 @@ def _peers_missing(exc: dist.DistError, rank: int, world_size: int, timeout_s: f
                      "starting holds up the others: check every process's own output, then start them all again")
 
 
+def _launch_position() -> tuple[int | None, int | None]:
+    """(RANK, WORLD_SIZE) as the launcher set them, checked: both set, or neither (WORLD_SIZE=1 alone is allowed);
+    (None, None) or (None, 1) for a process on its own. A rank no world holds, or a world of 0 or of more than this
+    process without a rank, used to wait --timeout-s for peers that cannot exist (ignoring Ctrl-C in torch's
+    C++ wait), then end in torch's traceback; WORLD_SIZE=0 ran silently as a world of one."""
+    rank, world_size = env_whole_number("RANK"), env_whole_number("WORLD_SIZE", least=1)
+    if rank is not None and world_size is None:
+        raise UserError("RANK is set but WORLD_SIZE is not; start with torchrun, or unset RANK for one process")
+    if rank is None and world_size is not None and world_size > 1:
+        # The other way round, a process would open a process group of world_size alone as rank 0 and wait for
+        # the others. WORLD_SIZE=1 alone is no contradiction: it is the world of one this process runs anyway.
+        raise UserError(f"WORLD_SIZE is set ({world_size}) but RANK is not; start with torchrun, which sets both, "
+                        "or unset WORLD_SIZE for one process")
+    if rank is not None and world_size is not None and rank >= world_size:
+        raise UserError(f"RANK={rank} is outside a world of WORLD_SIZE={world_size} processes (ranks 0 to "
+                        f"{world_size - 1}); start with torchrun, which numbers them, or give each process its own "
+                        "RANK below WORLD_SIZE")
+    return rank, world_size
+
+
+def _check_later_numbers() -> None:
+    """The launcher's other whole numbers, read at start-up before anything is written: later code reads them
+    where a bad one ended a rank part-way (LOCAL_WORLD_SIZE in the --num-workers note, the restart counts in the run
+    folder's checks and in a failure's advice), and SLURM_RESTART_COUNT=x was a traceback."""
+    torchrun_restarts()
+    env_whole_number("SLURM_RESTART_COUNT", 0)
+    env_whole_number("LOCAL_WORLD_SIZE", 1, least=1)  # torchrun's processes on this host
+
+
 @contextmanager
 def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -> Iterator[DistContext]:
     """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""
     timer = startup or StartupTimer()
-    rank, local_rank, world_size = _env_int("RANK"), _env_int("LOCAL_RANK"), _env_int("WORLD_SIZE")
+    rank, world_size = _launch_position()
+    # This process's GPU (cuda:LOCAL_RANK) on a GPU host: a negative one named no device.
+    local_rank = env_whole_number("LOCAL_RANK")
+    _check_later_numbers()
     launched = rank is not None
-    if launched and world_size is None:
-        raise UserError("RANK is set but WORLD_SIZE is not; start with torchrun, or unset RANK for one process")
     rank, world_size = rank or 0, world_size or 1
     local_rank = rank if local_rank is None else local_rank
 

@@ -1,19 +1,55 @@
 """What follows a worker's failure under torchrun: its restarts (--max-restarts), read from the environment torchrun
-gives its workers. Kept apart from collectives.py, which imports torch.distributed, so that durable writes can word
-their advice without it."""
+gives its workers, and how any whole number a launcher passes that way is read (env_whole_number). Kept apart from
+collectives.py, which imports torch.distributed, so that durable writes can word their advice without it."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import overload
+
+from dist_mnist.errors import UserError
+
+
+@overload
+def env_whole_number(name: str, default: int, least: int = 0, most: int | None = None,
+                     environ: Mapping[str, str] = os.environ) -> int: ...
+
+
+@overload
+def env_whole_number(name: str, default: None = None, least: int = 0, most: int | None = None,
+                     environ: Mapping[str, str] = os.environ) -> int | None: ...
+
+
+def env_whole_number(name: str, default: int | None = None, least: int = 0, most: int | None = None,
+                     environ: Mapping[str, str] = os.environ) -> int | None:
+    """The whole number from `least` to `most` (None: no limit) in environment variable `name`; `default` where it
+    is unset.
+
+    A bare int() of a launcher's variable ended in a traceback (LOCAL_WORLD_SIZE=abc, SLURM_RESTART_COUNT=x), or in
+    a wait of --timeout-s for peers that cannot exist (RANK=-1). An empty value is a mistake too, not unset (the
+    restart counts' `or 0` used to read it as 0): torchrun and Slurm never set one empty, so it comes from a script's
+    `export NAME=$UNSET_VARIABLE`, which meant some number.
+    """
+    value = environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < least or (most is not None and number > most):
+        allowed = f"of at least {least}" if most is None else f"from {least} to {most}"
+        raise UserError(f"environment variable {name}={value!r} must be a whole number {allowed}")
+    return number
 
 
 def torchrun_restarts(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """(restarts done so far, --max-restarts) of the torchrun job this process is a worker of; (0, 0) outside one.
     torchrun passes both to its workers (TORCHELASTIC_RESTART_COUNT counts from 0 in the first attempt)."""
-    done, allowed = (int(environ.get(name, "0") or 0) for name in ("TORCHELASTIC_RESTART_COUNT",
-                                                                    "TORCHELASTIC_MAX_RESTARTS"))
+    done, allowed = (env_whole_number(name, 0, environ=environ) for name in ("TORCHELASTIC_RESTART_COUNT",
+                                                                             "TORCHELASTIC_MAX_RESTARTS"))
     return done, allowed
 
 

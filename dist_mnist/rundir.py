@@ -18,7 +18,7 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.durable import missing_folders, remove_empty_folders, write_durably, write_failed
 from dist_mnist.errors import UserError
-from dist_mnist.restarts import torchrun_restarts
+from dist_mnist.restarts import env_whole_number, torchrun_restarts
 from dist_mnist.runfiles import CHECKPOINTS_DIR
 
 # In the run folder; it holds who has the folder ("PID 1234 on host node7 (job 99) since ..."), for the refusal.
@@ -124,7 +124,7 @@ def _sign_lock(fd: int, folder: Path) -> None:
 
 def is_restart() -> bool:
     """Whether this process runs a job's command again: a torchrun restart of the workers or a SLURM requeue."""
-    return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    return any(env_whole_number(var, 0) > 0 for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
@@ -162,9 +162,10 @@ class HeldRunDir:
         """Remove the folders this process made where it wrote nothing but its lock file (empty folders aside): a
         run that fails before its first file (missing data, a refused flag) leaves no run folder to wonder about
         later. Called while the lock is still held; anything another process put there since keeps the folder."""
+        lock_files = {folder / LOCK_FILE for folder in (*self.created, *self.locks)}
         for folder in reversed(self.created):
             inside = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # deepest first
-            if any(not p.is_dir() and p != folder / LOCK_FILE for p in inside):
+            if any(not p.is_dir() and p not in lock_files for p in inside):
                 continue
             try:
                 for entry in inside:
@@ -211,12 +212,15 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
     held = HeldRunDir(run_dir, {}, created=[run_dir] if claimed else [], made_above=made_above)
     try:
         # Locked before anything in them is read or written (the write probe too), so a second job never sees a
-        # half-written file of the first, and a refused one leaves the folders as it found them. A --checkpoint-dir
-        # outside the run folder is held too: two runs writing one would overwrite and rotate away each other's.
+        # half-written file of the first, and a refused one leaves the folders as it found them. The checkpoint
+        # folder is held too, inside the run folder or not: two runs writing one would overwrite and rotate away
+        # each other's files, and another job's --checkpoint-dir may name this run's own checkpoints/ (which its
+        # run folder's lock alone did not guard: both jobs trained on, in one folder).
         folders = {run_dir: (f"run folder {run_dir}", "--run-name")}
-        outside = checkpoint_dir(cfg, run_dir)
-        if not outside.resolve().is_relative_to(run_dir.resolve()):
-            folders[outside] = (f"checkpoint folder {outside}", "--checkpoint-dir")
+        checkpoints = checkpoint_dir(cfg, run_dir)
+        if checkpoints.resolve() != run_dir.resolve():  # one folder, one lock: a second flock would refuse itself
+            flag = "--run-name" if checkpoints.resolve().is_relative_to(run_dir.resolve()) else "--checkpoint-dir"
+            folders[checkpoints] = (f"checkpoint folder {checkpoints}", flag)
         for folder, (what, flag) in folders.items():
             if not folder.exists():
                 held.created.append(folder)

@@ -71,7 +71,7 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.progress import Progress
-from dist_mnist.restarts import restart_advice, torchrun_restarts
+from dist_mnist.restarts import env_whole_number, restart_advice, torchrun_restarts
 from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
 from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE
 from dist_mnist.shutdown import failure_path
@@ -586,7 +586,7 @@ class Trainer:
         agree_on_data(ctx, len(train_split), len(test_split))
         # The CPUs DataLoader's own check counts (those this process may run on); torchrun names the host's ranks.
         self.workers_note = worker_count_note(self.data.num_workers, usable_cpus(),
-                                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                                              env_whole_number("LOCAL_WORLD_SIZE", 1, least=1))
         # Optimizer steps; an epoch's batches beyond a whole number of accumulation rounds are left out.
         self.steps_per_epoch = self.data.steps_per_epoch // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import time
+from pathlib import Path
 
 import pytest
+from conftest import SMOKE_FLAGS
 
 from dist_mnist.config import TrainConfig, build_parser, parse_args, usable_cpus
 from dist_mnist.errors import UserError
@@ -226,3 +230,122 @@ def test_threads_are_at_most_the_machines_cpus() -> None:
         parse_args(["--threads", "100000"])
     assert parse_args(["--threads", str(cpus)]).threads == cpus
     assert parse_args([]).threads == 0
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--eval-batch-size", "--synthetic-train-size",
+                                  "--synthetic-test-size"])
+@pytest.mark.parametrize("value", [2**31, 2**62, 10**20])
+def test_sample_counts_are_at_most_2_31_minus_1(flag: str, value: int) -> None:
+    """--eval-batch-size from 2**63 passed and ended in islice's traceback at the first evaluation, after the run
+    folder was written; a synthetic size of 10**20 or 2**62 in torch's (int64 overflow, storage size)."""
+    with pytest.raises(UserError, match=rf"^{flag} must be at most 2147483647 \(2\*\*31 - 1 samples, more than any "
+                                        rf"machine's memory holds\), got {value}$"):
+        parse_args(["--dataset", "synthetic", flag, str(value)])
+    assert getattr(parse_args(["--dataset", "synthetic", flag, str(2**31 - 1)]),
+                   flag[2:].replace("-", "_")) == 2**31 - 1
+
+
+def test_an_eval_batch_past_sys_maxsize_is_one_line_before_the_run_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_mnist.train import main
+
+    assert main([*SMOKE_FLAGS, "--eval-batch-size", str(10**20), "--max-steps", "1",
+                 "--output-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --eval-batch-size must be at most 2147483647 (2**31 - 1 samples, more than any machine's memory "
+        f"holds), got {10**20}\n")
+    assert not list(tmp_path.iterdir())
+
+
+# Every variable a launcher sets that dist_mnist reads, cleared before each case sets its own.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
+                      "SLURM_RESTART_COUNT")
+RENDEZVOUS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("env", "message"), [
+    # Each waited --timeout-s for peers that cannot exist, then printed advice or torch's C++ lines.
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set (2) but RANK is not; start with torchrun, which sets both, or unset "
+                          "WORLD_SIZE for one process"),
+    ({"RANK": "3", "WORLD_SIZE": "2", **RENDEZVOUS},
+     "RANK=3 is outside a world of WORLD_SIZE=2 processes (ranks 0 to 1); start with torchrun, which numbers them, "
+     "or give each process its own RANK below WORLD_SIZE"),
+    ({"RANK": "2", "WORLD_SIZE": "2", **RENDEZVOUS}, "RANK=2 is outside a world of WORLD_SIZE=2 processes"),
+    ({"RANK": "-1", "WORLD_SIZE": "2", **RENDEZVOUS},
+     "environment variable RANK='-1' must be a whole number of at least 0"),
+    # Ran silently as a world of one.
+    ({"RANK": "0", "WORLD_SIZE": "0", **RENDEZVOUS},
+     "environment variable WORLD_SIZE='0' must be a whole number of at least 1"),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE='0' must be a whole number of at least 1"),
+    ({"RANK": "", "WORLD_SIZE": "1", **RENDEZVOUS},
+     "environment variable RANK='' must be a whole number of at least 0"),
+    ({"LOCAL_RANK": "-1"}, "environment variable LOCAL_RANK='-1' must be a whole number of at least 0"),
+    ({"LOCAL_RANK": "x"}, "environment variable LOCAL_RANK='x' must be a whole number of at least 0"),
+    # A 24-line traceback: "ValueError: port must have value from 0 to 65535".
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+     "environment variable MASTER_PORT='99999' must be a whole number from 1 to 65535"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"},
+     "environment variable MASTER_PORT='0' must be a whole number from 1 to 65535"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
+     "environment variable MASTER_PORT='abc' must be a whole number from 1 to 65535"),
+    # Tracebacks from bare int() where each was read (the --num-workers note, the run folder's restart checks).
+    ({"LOCAL_WORLD_SIZE": ""}, "environment variable LOCAL_WORLD_SIZE='' must be a whole number of at least 1"),
+    ({"LOCAL_WORLD_SIZE": "0"}, "environment variable LOCAL_WORLD_SIZE='0' must be a whole number of at least 1"),
+    ({"TORCHELASTIC_RESTART_COUNT": "abc"},
+     "environment variable TORCHELASTIC_RESTART_COUNT='abc' must be a whole number of at least 0"),
+    ({"TORCHELASTIC_MAX_RESTARTS": "abc"},
+     "environment variable TORCHELASTIC_MAX_RESTARTS='abc' must be a whole number of at least 0"),
+    ({"TORCHELASTIC_MAX_RESTARTS": ""},
+     "environment variable TORCHELASTIC_MAX_RESTARTS='' must be a whole number of at least 0"),
+    ({"SLURM_RESTART_COUNT": "x"}, "environment variable SLURM_RESTART_COUNT='x' must be a whole number of at least 0"),
+], ids=lambda value: " ".join(f"{k}={v}" for k, v in value.items() if RENDEZVOUS.get(k) != v)
+    if isinstance(value, dict) else "")
+def test_a_launcher_variable_no_run_can_use_is_one_line_at_once(
+        env: dict[str, str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_mnist.train import main
+
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    assert main([*SMOKE_FLAGS, "--max-steps", "1", "--timeout-s", "1", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    # Off rank 0 the line names the process's RANK, as it is.
+    assert re.fullmatch(rf"(\[rank {re.escape(env.get('RANK', '0'))}\] )?error: {re.escape(message)}.*\n", err), err
+    assert time.monotonic() - start < 1  # refused before any wait for peers (--timeout-s 1)
+    assert not list(tmp_path.iterdir())  # and before the run folder
+
+
+def test_world_size_1_alone_is_the_world_of_one_it_runs_anyway(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dist_mnist.distributed import _launch_position
+
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert _launch_position() == (None, None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _launch_position() == (None, 1)
+    monkeypatch.setenv("RANK", "0")
+    assert _launch_position() == (0, 1)
+
+
+def test_env_whole_number_reads_a_launchers_numbers() -> None:
+    from dist_mnist.restarts import env_whole_number, torchrun_restarts
+
+    assert env_whole_number("N", 1, environ={}) == 1
+    assert env_whole_number("N", environ={}) is None
+    assert env_whole_number("N", 1, least=1, environ={"N": "4"}) == 4
+    assert env_whole_number("N", least=1, most=4, environ={"N": "4"}) == 4
+    for value, allowed in (("", "of at least 0"), (" ", "of at least 0"), ("1.5", "of at least 0"),
+                           ("-1", "of at least 0")):
+        with pytest.raises(UserError, match=rf"^environment variable N='{value}' must be a whole number {allowed}$"):
+            env_whole_number("N", 0, environ={"N": value})
+    with pytest.raises(UserError, match=r"^environment variable N='5' must be a whole number from 1 to 4$"):
+        env_whole_number("N", least=1, most=4, environ={"N": "5"})
+    assert torchrun_restarts({"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_MAX_RESTARTS": "3"}) == (1, 3)
+    assert torchrun_restarts({}) == (0, 0)
+    with pytest.raises(UserError, match=r"^environment variable TORCHELASTIC_RESTART_COUNT='abc' must be"):
+        torchrun_restarts({"TORCHELASTIC_RESTART_COUNT": "abc"})

@@ -448,3 +448,13 @@ def test_synthetic_data_that_cannot_fit_in_memory_names_its_flag(sizes: tuple[in
     with pytest.raises(UserError, match=f"^{flag} {10**15}: 1,000,000,000,000,000 synthetic images .* do not fit in "
                                         "this machine's memory; lower it$"):
         synthetic_splits(*sizes)
+
+
+@pytest.mark.parametrize("size", [2**62, 10**20])
+def test_synthetic_data_past_torchs_size_arithmetic_names_its_flag(size: int) -> None:
+    """From 2**62 images torch's size arithmetic overflows before any allocation: a RuntimeError ("Storage size
+    calculation overflowed"), and from 2**63 a TypeError traceback (randint's size is an int64). The command line
+    stops at config.MAX_SAMPLES; code that calls this directly gets the same line as for memory."""
+    with pytest.raises(UserError, match=f"^--synthetic-train-size {size}: {size:,} synthetic images .* do not fit "
+                                        "in this machine's memory; lower it$"):
+        synthetic_splits(size, 10)

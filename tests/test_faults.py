@@ -210,7 +210,7 @@ def test_full_disk_at_a_checkpoint_ends_every_rank_with_one_line(tmp_path: Path)
     assert result.returncode != 0
     assert_no_traceback_from_us(result.stderr, result.stdout)
     # The temp file is gone, the earlier checkpoint is intact and loads.
-    assert sorted(p.name for p in checkpoints.iterdir()) == [first.name]
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name != LOCK_FILE) == [first.name]
     assert load_checkpoint(first)["train_state"]["step"] == 4
 
 
@@ -267,11 +267,25 @@ def test_second_job_in_a_held_folder_is_refused_naming_the_holder(tmp_path: Path
         _choose_run_dir(cfg)
     # The refused job touched nothing in the folder, not even a write probe made and removed again.
     assert (held.path.stat().st_mtime_ns, sorted(p.name for p in held.path.iterdir())) == before
-    assert list(held.locks) == [held.path]
+    assert list(held.locks) == [held.path, held.path / "checkpoints"]
     held.release()  # closes the descriptor: what the kernel does when the holder dies, however it dies
     again = _choose_run_dir(cfg)
-    assert list(again.locks) == [again.path]
+    assert list(again.locks) == [again.path, again.path / "checkpoints"]
     again.release()
+
+
+def test_a_checkpoint_dir_naming_a_running_jobs_own_checkpoints_is_refused(tmp_path: Path) -> None:
+    """Only the run folder was held: a second job given `--checkpoint-dir RUN/checkpoints` of a running job
+    resumed from its checkpoints, and both trained on, writing and rotating away each other's files there."""
+    held = _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="run1"))
+    own = held.path / "checkpoints"
+    second = TrainConfig(output_dir=str(tmp_path), run_name="run2", checkpoint_dir=str(own))
+    with pytest.raises(UserError, match=rf"^checkpoint folder {re.escape(str(own))} is in use by PID {os.getpid()} "
+                                        r"on host .*pick another --checkpoint-dir \(nothing was changed\)$"):
+        _choose_run_dir(second)
+    assert not (tmp_path / "run2").exists()  # the refused job left no folder of its own behind
+    held.release(remove_unused=True)
+    assert not held.path.exists()  # a run folder holding only its locks is taken away, its checkpoints/ with it
 
 
 def test_a_full_disk_at_the_run_folders_start_is_one_line_and_leaves_no_marker_that_breaks_the_next_launch(
