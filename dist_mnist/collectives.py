@@ -73,10 +73,30 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_GLOO_FAILURE.search(str(exc))))
 
 
-def same_command(run_name: str | None) -> str:
-    """How to launch a run again: a default run name is made afresh by every --standalone launch (a fixed
-    --rdzv-id keeps it), so a run without --run-name is found again only by adding its name."""
-    return "the same command" + (f" with --run-name {run_name}" if run_name else "")
+@dataclass(frozen=True)
+class Rerun:
+    """What the command that launched a run must change to go on with it.
+
+    `run_name`: the name to add where the launch gave none; a default name is made afresh by every --standalone
+    launch (a fixed --rdzv-id keeps it), so such a run is found again only by its name. `resume_path`: the --resume
+    PATH the launch gave, where the run has written checkpoints past it since: the same command is then refused
+    (checkpoint.resume_from_path: it would train those steps again), and a stop line that advised it sent the user
+    into that refusal. --resume auto continues from the run's newest.
+    """
+
+    run_name: str | None = None
+    resume_path: str | None = None
+
+    def command(self, change: str | None = None) -> str:
+        """"the same command" with what it must change; with a `change` of the caller's own ("a lower
+        --num-workers"), "the command with" that first."""
+        changes = [change] if change else []
+        if self.run_name:
+            changes.append(f"--run-name {self.run_name}")
+        if self.resume_path:
+            changes.append(f"--resume auto in place of --resume {self.resume_path}")
+        return ("the command" if change else "the same command") + (f" with {' and '.join(changes)}" if changes
+                                                                     else "")
 
 
 def resume_advice(last_checkpoint: Path | None, command: str = "the same command",
@@ -115,12 +135,11 @@ def lost_data_worker(exc: BaseException) -> str | None:
 
 
 def lost_data_worker_error(reason: str, step: int | None, last_checkpoint: Path | None,
-                           run_name: str | None) -> UserError:
+                           rerun_as: Rerun) -> UserError:
     """One line for a dead DataLoader worker (`reason`, from lost_data_worker): the step (None: before the first),
-    the likely cause, the remedy and what to resume; `run_name` where the command must add --run-name for that."""
+    the likely cause, the remedy and what to resume; `rerun_as` what the command must change besides the workers."""
     when = "before the first step" if step is None else f"after step {step}"
-    command = "the command with a lower --num-workers" + (f" and --run-name {run_name}" if run_name else "")
-    kept, rerun = resume_advice(last_checkpoint, command)
+    kept, rerun = resume_advice(last_checkpoint, rerun_as.command("a lower --num-workers"))
     restart = restart_advice(last_checkpoint)
     then = f"{restart} (with the same --num-workers)" if restart else f"Then {rerun}"
     return UserError(f"a DataLoader worker of this process died {when} ({reason}), {LOST_WORKER_REMEDY}; {kept}. "
@@ -143,13 +162,14 @@ def stop_raising_for_lost_data_workers() -> None:
 
 @contextmanager
 def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path | None | Callable[[], Path | None],
-          run_name: str | None = None, checkpoint_known: bool = True, done: str | None = None) -> Iterator[None]:
+          rerun_as: Rerun | Callable[[], Rerun] = Rerun(), checkpoint_known: bool = True,
+          done: str | None = None) -> Iterator[None]:
     """Turn a failed collective inside this block into one line naming the phase, the step (None: before the
-    first) and what to resume; `run_name` where the command must add --run-name to find the run again (a default
-    name is made afresh by every --standalone launch). `last_checkpoint` may be a function, asked only on failure:
-    a checkpoint whose write began inside the block is the run's newest once that write is done. `done`: where the
-    block comes after the training completed and wrote its last checkpoint, what the run has ("the training is
-    complete (...)"): nothing is left to resume."""
+    first) and what to resume; `rerun_as` what the command must change to go on with the run (Rerun).
+    `last_checkpoint` and `rerun_as` may be functions, asked only on failure: a checkpoint whose write began inside
+    the block is the run's newest once that write is done. `done`: where the block comes after the training
+    completed and wrote its last checkpoint, what the run has ("the training is complete (...)"): nothing is left
+    to resume."""
     try:
         yield
     except RuntimeError as exc:
@@ -158,6 +178,7 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
         failure_path.begin()  # a lost peer: torchrun's SIGTERM may land any moment now, and must not end us unheard
         if callable(last_checkpoint):
             last_checkpoint = last_checkpoint()
+        command = (rerun_as() if callable(rerun_as) else rerun_as).command()
         reason = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", _CALLBACK_WRAPPERS.sub("", first_line(exc))))
         look = "look for the stuck or lost rank in the other nodes' output"
         if done and last_checkpoint:
@@ -165,9 +186,9 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
             restart = next_restart()
             kept = f"{done}; its last checkpoint is {last_checkpoint}"
             then = (f"{restart} and they find the run complete; if this repeats, {look}" if restart
-                    else f"{look.capitalize()}; {same_command(run_name)} finds the run complete and trains no more")
+                    else f"{look.capitalize()}; {command} finds the run complete and trains no more")
         else:
-            kept, rerun = resume_advice(last_checkpoint, same_command(run_name), checkpoint_known)
+            kept, rerun = resume_advice(last_checkpoint, command, checkpoint_known)
             restart = restart_advice(last_checkpoint, checkpoint_known)
             then = f"{restart}; if this repeats, {look}" if restart else f"{look.capitalize()}, then {rerun}"
         when = "before the first step" if step is None else f"after step {step}"

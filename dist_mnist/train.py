@@ -569,7 +569,7 @@ class Trainer:
         self.cfg, self.recipe, self.ctx = resolution.config, resolution.recipe, ctx
         cfg = self.cfg
         self.run_dir = run_dir
-        # The name a rerun must add to find this run (collectives.same_command); None where --run-name gave it.
+        # The name a rerun must add to find this run (collectives.Rerun); None where --run-name gave it.
         self.name_to_add = None if cfg.run_name else run_dir.name
         self.checkpoint_dir = checkpoint_dir(cfg, self.run_dir)
         self.settings = settings
@@ -654,8 +654,15 @@ class Trainer:
     def phase(self, name: str, done: str | None = None) -> AbstractContextManager[None]:
         """A failed collective in here ends this rank with one line naming `name`, the step and the last checkpoint
         (`done`: what a complete run has, as collectives.phase takes it)."""
-        return collectives.phase(name, self.state.step, self.timeout.seconds, self.settled_checkpoint,
-                                 self.name_to_add, done=done)
+        return collectives.phase(name, self.state.step, self.timeout.seconds, self.settled_checkpoint, self.rerun,
+                                 done=done)
+
+    def rerun(self) -> collectives.Rerun:
+        """What the launch command must change to go on with this run: the --run-name a default name needs, and
+        --resume auto in place of a --resume PATH once this process has written a checkpoint (past PATH: the same
+        command is then refused, checkpoint.resume_from_path)."""
+        past_path = self.cfg.resume not in ("auto", "never") and self.last_checkpoint is not None
+        return collectives.Rerun(self.name_to_add, self.cfg.resume if past_path else None)
 
     def settled_checkpoint(self) -> Path | None:
         """The run's newest checkpoint for a failure line: a write in flight (rank 0's, begun by a save whose
@@ -986,7 +993,7 @@ class Trainer:
         step = self.state.step if self.clock.start is not None else None  # None: before the first step
         last = self.newest_checkpoint()
         if reason := collectives.lost_data_worker(exc):
-            return collectives.lost_data_worker_error(reason, step, last, self.name_to_add)
+            return collectives.lost_data_worker_error(reason, step, last, self.rerun())
         if not isinstance(exc, (KeyboardInterrupt, Terminated)):
             return None
         if step is None and "run_files" not in self.startup.phases:
@@ -998,7 +1005,7 @@ class Trainer:
             message = (f"interrupted ({sig.name}) after step {step}, while the run was finishing (its summary may be "
                        f"missing); {collectives.resume_advice(last)[0]}")
         else:  # config.json and metrics.jsonl are in the run folder
-            kept, rerun = collectives.resume_advice(last, collectives.same_command(self.name_to_add))
+            kept, rerun = collectives.resume_advice(last, self.rerun().command())
             message = (f"interrupted ({sig.name}) during start-up, before the first step but after writing the run's "
                        f"config.json; {kept}: {rerun}")
         return UserError(message, exit_code=signal_exit_code(sig))
@@ -1203,7 +1210,7 @@ class Trainer:
         if ctx.is_main and stopped_by:
             # A stop on the run's last step: its final evaluation and checkpoint are done, and a rerun does nothing.
             then = ("The run is complete." if complete is not None
-                    else f"Run {collectives.same_command(self.name_to_add)} to resume.")
+                    else f"Run {self.rerun().command()} to resume.")
             print(f"stopped by {stopped_by} at step {self.state.step}; checkpoint saved in {self.checkpoint_dir}. "
                   f"{then}", flush=True)
         if ctx.is_main and self.last_checkpoint and self.last_checkpoint.seconds is not None:

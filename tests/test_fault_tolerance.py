@@ -363,6 +363,27 @@ def test_the_stop_line_says_how_to_resume_this_very_run(tmp_path: Path, monkeypa
 
 
 @pytest.mark.timeout(120)
+def test_the_stop_line_after_a_resume_from_a_path_says_to_resume_with_auto(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run started with --resume PATH and stopped said "Run the same command to resume.", and the same command
+    was refused: the run's own checkpoints had gone past PATH (README, `--resume PATH`)."""
+    flags = [*SMOKE_FLAGS, "--max-steps", "20", "--log-every", "3", "--output-dir", str(tmp_path)]
+    assert main([*flags, "--max-steps", "3", "--run-name", "base"]) == 0
+    start = tmp_path / "base" / "checkpoints" / "step00000003.pt"
+    branch = [*flags, "--run-name", "branch", "--resume", str(start)]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Trainer, "log_progress", lambda self: os.kill(os.getpid(), signal.SIGTERM))
+        capsys.readouterr()
+        assert main(branch) == 0
+    stopped = capsys.readouterr().out.splitlines()
+    assert (f"stopped by SIGTERM at step 6; checkpoint saved in {tmp_path / 'branch' / 'checkpoints'}. Run the same "
+            f"command with --resume auto in place of --resume {start} to resume.") in stopped
+    assert main(branch) == 1  # as the line said: the same command would train steps 4-6 again
+    assert main([*flags, "--run-name", "branch", "--resume", "auto"]) == 0
+    assert "resumed from step 6 " in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
 def test_a_rerun_whose_lowered_max_steps_ends_at_or_before_the_stop_says_what_the_run_lacks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Stopped mid-epoch at step 3 (no evaluation there: the resumed run evaluates on schedule), then rerun with

@@ -33,6 +33,7 @@ import dist_mnist.checkpoint as checkpoint_module
 import dist_mnist.train as train_module
 from dist_mnist import agreement, collectives, report
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from dist_mnist.collectives import Rerun
 from dist_mnist.config import TrainConfig
 from dist_mnist.console import OPEN_LINE
 from dist_mnist.data import MNIST_FILES
@@ -242,6 +243,7 @@ def test_a_peer_lost_while_rank_0_writes_a_checkpoint_is_answered_naming_that_ch
     step_30, step_40 = tmp_path / "step00000030.pt", tmp_path / "step00000040.pt"
     in_flight = [checkpoint_module.WrittenCheckpoint(step_40, 10, 0.1)]
     vars(trainer).update(ctx=SimpleNamespace(rank=0), state=SimpleNamespace(step=40), name_to_add=None,
+                         cfg=SimpleNamespace(resume="auto"),
                          timeout=collectives.CollectiveTimeout(100, 100), resumed_from=None,
                          last_checkpoint=checkpoint_module.WrittenCheckpoint(step_30, 10, 0.1),
                          checkpoints=SimpleNamespace(wait=lambda: in_flight.pop() if in_flight else None))
@@ -456,17 +458,18 @@ def test_the_advice_under_torchrun_with_restarts_left_is_the_restart(tmp_path: P
             (None, False, "the run's checkpoints, if it has any, are in its checkpoints folder",
              "resume from the newest if there is one, else start again from step 0")]:
         with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 9, 100, checkpoint,
-                                                                     "20261128-010203", checkpoint_known=known):
+                                                                     Rerun("20261128-010203"), checkpoint_known=known):
             raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
         assert str(failure.value).endswith(
             f"(Connection closed by peer [127.0.0.1]:5); {kept}. torchrun restarts the workers (restart 2 of 3) and "
             f"they {then}{look}")
     lost_worker = collectives.lost_data_worker_error("DataLoader worker (pid 7) is killed by signal: Killed", 9, last,
-                                                     None)
+                                                     Rerun())
     assert str(lost_worker).endswith(f"the last checkpoint is {last}. torchrun restarts the workers (restart 2 of 3) "
                                      "and they resume from it (with the same --num-workers)")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")  # the last attempt: nothing restarts it
-    with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 9, 100, last, "20261128-010203"):
+    with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 9, 100, last,
+                                                                 Rerun("20261128-010203")):
         raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
     assert str(failure.value).endswith(f"the last checkpoint is {last}. Look for the stuck or lost rank in the other "
                                        "nodes' output, then rerun the same command with --run-name 20261128-010203 "
@@ -487,7 +490,8 @@ def test_a_peer_lost_after_a_complete_run_is_not_advised_a_resume(tmp_path: Path
         "the stuck or lost rank in the other nodes' output; the same command finds the run complete and trains no "
         "more")
     # A run named by its launch (--standalone): the same command alone would start a new run under a new name.
-    with pytest.raises(UserError) as failure, collectives.phase("the final summary", 32, 100, last, "20261129-101010",
+    with pytest.raises(UserError) as failure, collectives.phase("the final summary", 32, 100, last,
+                                                                 Rerun("20261129-101010"),
                                                                  done=done):
         raise RuntimeError("Connection closed by peer [127.0.0.1]:5")
     assert str(failure.value).endswith("the same command with --run-name 20261129-101010 finds the run complete and "
@@ -654,7 +658,7 @@ def test_the_advice_without_a_checkpoint_starts_the_run_again_under_a_new_name(t
         "again under a new --run-name (a run folder without a checkpoint is not reused)")
     # A run with a default name is found again only with --run-name (a --standalone launch makes a new name).
     with pytest.raises(UserError) as failure, collectives.phase("the stop vote", 68, 100, tmp_path / "step8.pt",
-                                                                 "20261128-010203"):
+                                                                 Rerun("20261128-010203")):
         raise RuntimeError("Application timeout caused pair closure")
     assert str(failure.value).endswith(f"the last checkpoint is {tmp_path / 'step8.pt'}. Look for the stuck or lost "
                                        "rank in the other nodes' output, then rerun the same command with --run-name "

@@ -101,7 +101,7 @@ def collective_timeout(s: Situation) -> str:
 
 def lost_data_worker(s: Situation) -> str:
     error = collectives.lost_data_worker_error("DataLoader worker (pid 25410) is killed by signal: Killed", 202,
-                                               s.tmp_path / "step00000200.pt", None)
+                                               s.tmp_path / "step00000200.pt", collectives.Rerun())
     return f"error: {error}"
 
 
