@@ -222,6 +222,12 @@ class TrainConfig:
                                 f"machine's memory holds), got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.lr * self.weight_decay >= 1:
+            # AdamW multiplies every weight by 1 - lr x weight_decay each step: from 1 on it zeroes or flips them, and
+            # --weight-decay 1e30 ended in "training loss became non-finite ... Lower --lr, or use --grad-clip".
+            raise UserError(f"--weight-decay {self.weight_decay:g} with --lr {self.lr:g} would shrink every weight to "
+                            "zero or past it at each step (AdamW multiplies them by 1 - lr x weight decay): their "
+                            "product must be below 1")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.warmup_frac < 1:

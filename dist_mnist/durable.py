@@ -12,7 +12,17 @@ from dist_mnist.errors import UserError
 from dist_mnist.restarts import next_restart
 
 
-def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> UserError:
+class WriteFailed(UserError):
+    """A failed write's line (write_failed); `failed` is its first part (which file, where, why, what it needed),
+    for a caller that knows better what comes next (the summary of a run whose training is complete)."""
+
+    def __init__(self, message: str, failed: str, folder_gone: bool) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.folder_gone = folder_gone
+
+
+def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> WriteFailed:
     """A file that could not be written (a full disk, a quota, a lost mount, a folder removed or renamed while the
     run wrote to it): the folder, the size (None: not known beforehand), the reason, and what comes next.
 
@@ -27,20 +37,21 @@ def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> UserErro
         gone = (f"{failed}: the folder was removed or renamed while the run wrote to it, and what it held went with "
                 "it")
         if restart := next_restart():
-            return UserError(f"{gone}; {restart}, from a checkpoint still where the run looks (from step 0 where none "
-                             "is)")
-        return UserError(f"{gone}. To resume, point --output-dir and --run-name (or --checkpoint-dir) at where its "
-                         "checkpoints are now; a run whose checkpoints were removed starts again under a new "
-                         "--run-name")
+            return WriteFailed(f"{gone}; {restart}, from a checkpoint still where the run looks (from step 0 where "
+                               "none is)", failed, True)
+        return WriteFailed(f"{gone}. To resume, point --output-dir and --run-name (or --checkpoint-dir) at where its "
+                           "checkpoints are now; a run whose checkpoints were removed starts again under a new "
+                           "--run-name", failed, True)
     written = f"{failed}; the files written before are intact"
     # ENOSPC and EDQUOT are space; any other error (a read-only remount, an I/O error) is named by its own words.
     space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     if restart := next_restart():
-        return UserError(f"{written}; {restart} from the last checkpoint (from step 0 where the run wrote none), and "
-                         f"they fail the same way unless {'space is freed there' if space else 'that is fixed'} first")
+        return WriteFailed(f"{written}; {restart} from the last checkpoint (from step 0 where the run wrote none), and "
+                           f"they fail the same way unless {'space is freed there' if space else 'that is fixed'} "
+                           "first", failed, False)
     fix = "Free space there, then rerun" if space else "Once that is fixed, rerun"
-    return UserError(f"{written}. {fix} the same command to resume from the last checkpoint; a run that wrote none "
-                     "yet starts again under a new --run-name")
+    return WriteFailed(f"{written}. {fix} the same command to resume from the last checkpoint; a run that wrote none "
+                       "yet starts again under a new --run-name", failed, False)
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -100,7 +111,10 @@ def missing_folders(folder: Path) -> list[Path]:
     command that fails before writing anything can take them away again (remove_empty_folders)."""
     missing = []
     for path in (folder, *folder.parents):
-        if path.exists():
+        try:
+            if path.exists():
+                break
+        except OSError:  # a name too long, a parent not searchable: nothing here can be made, so nothing to remove
             break
         missing.append(path)
     return missing

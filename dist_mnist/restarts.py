@@ -53,10 +53,28 @@ def torchrun_restarts(environ: Mapping[str, str] = os.environ) -> tuple[int, int
     return done, allowed
 
 
+class _StopSignal:
+    """Whether the ranks agreed to stop on a stop signal (preemption.StopVote): the job is ending. A failure from then
+    on (a full disk at the stop's checkpoint, a peer lost in the final summary) is followed by no restart: torchrun,
+    signalled as well, shuts its workers down instead, and the line that promised "torchrun restarts the workers
+    (restart 1 of 3)" was followed by torchrun's own exit."""
+
+    agreed = False
+
+
+def stop_agreed(agreed: bool = True) -> None:
+    """Set by the training loop when its stop vote says stop; cleared as a run starts (main() may run more than one
+    in a process: tests, a sweep)."""
+    _StopSignal.agreed = agreed
+
+
 def next_restart() -> str | None:
     """The words "torchrun restarts the workers (restart N of M)" where it will once this process fails (restarts
-    left under --max-restarts), which makes any advice to rerun the command wrong; None where it will not."""
+    left under --max-restarts, and the job not stopping on a signal), which makes any advice to rerun the command
+    wrong; None where it will not."""
     done, allowed = torchrun_restarts()
+    if _StopSignal.agreed:
+        return None
     return f"torchrun restarts the workers (restart {done + 1} of {allowed})" if done < allowed else None
 
 

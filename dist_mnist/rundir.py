@@ -3,7 +3,10 @@ one job at a time (an OS lock held for the run's life)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import hashlib
 import os
 import socket
 import sys
@@ -39,26 +42,40 @@ def _ensure_writable(folder: Path, flag: str) -> None:
         raise UserError(f"cannot write to {flag} {folder}: {exc.strerror or exc}") from None
 
 
-def _default_name(output_dir: Path) -> tuple[str, bool]:
-    """A timestamp, and whether this call made its folder; under torchrun the same name after every restart of the
-    job, found through its run id."""
+def _marker_name(run_id: str) -> str:
+    """The file name of torchrun run id `run_id`'s marker: the id itself, or its SHA-256 where the id is no plain
+    file name (torchrun's --rdzv-id takes any string: `.`, `..`, one holding `/`, one too long for a file name)."""
+    if run_id in {".", ".."} or "/" in run_id or len(os.fsencode(run_id)) > 200:
+        return "sha256-" + hashlib.sha256(os.fsencode(run_id)).hexdigest()
+    return run_id
+
+
+def _default_name(output_dir: Path, made_above: list[Path]) -> tuple[str, bool, Path | None]:
+    """A timestamp, whether this call made its folder, and the torchrun run-id marker it wrote (None: none written);
+    under torchrun the same name after every restart of the job, found through its run id. Folders it made for the
+    marker are added to `made_above`."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     # torchrun keeps its run id across restarts (--standalone makes a fresh one per launch), so a marker
     # keyed by it maps a restarted job back to the folder of its first attempt.
-    marker = output_dir / ".torchelastic" / run_id
-    if run_id and marker.is_file() and (name := marker.read_text().strip()):
-        return name, False
+    marker = output_dir / ".torchelastic" / _marker_name(run_id)
+    try:
+        if run_id and marker.is_file() and (name := marker.read_text().strip()):
+            return name, False, None
+    except OSError as exc:
+        raise UserError(f"cannot read torchrun's run id marker {marker}: {exc.strerror or exc}") from None
     name = _claim_fresh_folder(output_dir, time.strftime("%Y%m%d-%H%M%S"))
-    if run_id:
-        try:
-            _make_folder(marker.parent, f"folder of torchrun run ids {marker.parent}")
-            # Whole or not at all: an empty marker left by a full disk would name --output-dir itself as the run
-            # folder.
-            write_durably(marker, name.encode())
-        except UserError:
-            remove_empty_folders([output_dir / name])
-            raise
-    return name, True
+    if not run_id:
+        return name, True, None
+    made_above.extend(missing_folders(marker.parent))
+    try:
+        _make_folder(marker.parent, f"folder of torchrun run ids {marker.parent}", "--output-dir")
+        # Whole or not at all: an empty marker left by a full disk would name --output-dir itself as the run
+        # folder.
+        write_durably(marker, name.encode())
+    except UserError:
+        remove_empty_folders([output_dir / name])
+        raise
+    return name, True, marker
 
 
 def _claim_fresh_folder(output_dir: Path, stamp: str) -> str:
@@ -85,29 +102,59 @@ def _refuse_fresh_starts_on_restarts(cfg: TrainConfig) -> None:
                         "continues from the last checkpoint")
 
 
-def _lock_folder(folder: Path, what: str, choose_another: str) -> int | None:
+def _cannot_write(what: str, flag: str, exc: OSError) -> UserError:
+    """The one line for a folder that cannot be made or written; a name too long says which flag to shorten."""
+    shorter = f"; pick a shorter {flag}" if exc.errno == errno.ENAMETOOLONG else ""
+    return UserError(f"cannot write to the {what}: {exc.strerror or exc}{shorter}")
+
+
+def _open_lock_file(path: Path) -> tuple[int, bool]:
+    """A descriptor of `path`, and whether this call created the file."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, os.O_RDWR), False
+        except FileNotFoundError:  # removed in between (HeldRunDir.remove_unused): create it after all
+            continue
+
+
+def _lock_folder(folder: Path, what: str, choose_another: str) -> tuple[int | None, bool]:
     """Hold `folder` for this process's life: an flock on its lock file, which the kernel releases when the
     process dies however it dies, so a crash never leaves a stale lock and a torchrun restart or a SLURM requeue
-    (whose earlier workers are dead) gets in. Returns the descriptor that holds it; None where the filesystem
-    has no locks. `what` names the folder in messages ("run folder X"), `choose_another` the flag to change."""
+    (whose earlier workers are dead) gets in. Returns the descriptor that holds it (None where the filesystem
+    has no locks) and whether this call created the lock file. `what` names the folder in messages ("run folder
+    X"), `choose_another` the flag to change."""
     path = folder / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UserError(f"cannot write to the {what}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+    for _ in range(100):
+        try:
+            fd, created = _open_lock_file(path)
+        except OSError as exc:
+            raise _cannot_write(what, choose_another, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{what} is in use by {holder}: another job is training there. Wait for it to end or "
+                            f"stop it, or pick another {choose_another} (nothing was changed)") from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: NFS without a lock manager, some parallel filesystems
+            os.close(fd)
+            print(f"warning: cannot lock the {what} ({exc.strerror or exc}); a second job started in it would not "
+                  "be refused", file=sys.stderr, flush=True)
+            return None, created
+        # A holder that failed to start removes the lock file it made (HeldRunDir.remove_unused) before letting it
+        # go: a lock taken on the removed file holds nothing, so take the one now at `path`.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            return fd, created
         os.close(fd)
-        raise UserError(f"{what} is in use by {holder}: another job is training there. Wait for it to end or stop "
-                        f"it, or pick another {choose_another} (nothing was changed)") from None
-    except OSError as exc:  # ENOLCK, EOPNOTSUPP: NFS without a lock manager, some parallel filesystems
-        os.close(fd)
-        print(f"warning: cannot lock the {what} ({exc.strerror or exc}); a second job started in it would not be "
-              "refused", file=sys.stderr, flush=True)
-        return None
-    return fd
+    raise UserError(f"cannot lock the {what}: its {LOCK_FILE} was replaced 100 times in a row")
 
 
 def _sign_lock(fd: int, folder: Path) -> None:
@@ -155,19 +202,29 @@ class HeldRunDir:
     path: Path
     locks: dict[Path, int]  # folder -> the descriptor whose flock holds it (none where the filesystem has no locks)
     created: list[Path] = field(default_factory=list)  # the folders this process made (not there before it)
-    # Folders above them it made too (--output-dir and its parents, a --checkpoint-dir's): removed where empty.
+    # Folders above them it made too (--output-dir and its parents, a --checkpoint-dir's, .torchelastic/): removed
+    # where empty.
     made_above: list[Path] = field(default_factory=list)
+    made_locks: list[Path] = field(default_factory=list)  # the lock files this process made (not there before it)
+    marker: Path | None = None  # the torchrun run-id marker this process wrote, naming `path`
 
-    def remove_unused(self) -> None:
+    def remove_unused(self, refused: bool = False) -> None:
         """Remove the folders this process made where it wrote nothing but its lock file (empty folders aside): a
         run that fails before its first file (missing data, a refused flag) leaves no run folder to wonder about
-        later. Called while the lock is still held; anything another process put there since keeps the folder."""
-        lock_files = {folder / LOCK_FILE for folder in (*self.created, *self.locks)}
+        later, nor the torchrun run-id marker it wrote for it. In a folder that was there before, the lock file it
+        made goes where it wrote nothing else: always on a `refused` start (nothing written yet), otherwise where
+        the folder holds no other file. Called while the locks are still held; anything another process put there
+        since keeps the folder."""
+        lock_files = {folder / LOCK_FILE for folder in (*self.created, *self.locks)} | set(self.made_locks)
+
+        def holds_only_locks(inside: list[Path]) -> bool:
+            return not any(not p.is_dir() and p not in lock_files for p in inside)
+
         for folder in reversed(self.created):
-            inside = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # deepest first
-            if any(not p.is_dir() and p not in lock_files for p in inside):
-                continue
-            try:
+            try:  # a folder it never got to make (a name too long) is no error here either
+                inside = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # deepest first
+                if not holds_only_locks(inside):
+                    continue
                 for entry in inside:
                     if entry.is_dir():
                         entry.rmdir()
@@ -176,22 +233,34 @@ class HeldRunDir:
                 folder.rmdir()
             except OSError:  # a file that appeared meanwhile, a read-only mount: the folder stays as it is
                 pass
+        for lock in self.made_locks:
+            if lock.parent not in self.created:
+                with contextlib.suppress(OSError):
+                    if refused or holds_only_locks(list(lock.parent.rglob("*"))):
+                        lock.unlink()
+        if self.marker is not None and not self.path.exists():
+            # Only now that the folder it names is gone: a torchrun restart of a job whose first attempt made the
+            # folder finds it through the marker (and wrote none of its own).
+            with contextlib.suppress(OSError):
+                if self.marker.read_text().strip() == self.path.name:
+                    self.marker.unlink()
 
-    def release(self, remove_unused: bool = False) -> None:
-        """Let the folders go; with `remove_unused`, first remove those this process made and wrote no file into."""
+    def release(self, remove_unused: bool = False, refused: bool = False) -> None:
+        """Let the folders go; with `remove_unused`, first remove those this process made and wrote no file into
+        (remove_unused, where `refused` says the start was refused before writing anything)."""
         if remove_unused:
-            self.remove_unused()
+            self.remove_unused(refused)
             remove_empty_folders(self.made_above)
         for fd in self.locks.values():
             os.close(fd)  # releases the lock
         self.locks = {}
 
 
-def _make_folder(folder: Path, what: str) -> None:
+def _make_folder(folder: Path, what: str, flag: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot write to the {what}: {exc.strerror or exc}") from None
+        raise _cannot_write(what, flag, exc) from None
 
 
 def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
@@ -204,12 +273,12 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         remove_empty_folders(made_above)
         raise
     try:
-        name, claimed = (cfg.run_name, False) if cfg.run_name else _default_name(output_dir)
+        name, claimed, marker = (cfg.run_name, False, None) if cfg.run_name else _default_name(output_dir, made_above)
     except UserError:
         remove_empty_folders(made_above)
         raise
     run_dir = output_dir / name
-    held = HeldRunDir(run_dir, {}, created=[run_dir] if claimed else [], made_above=made_above)
+    held = HeldRunDir(run_dir, {}, created=[run_dir] if claimed else [], made_above=made_above, marker=marker)
     try:
         # Locked before anything in them is read or written (the write probe too), so a second job never sees a
         # half-written file of the first, and a refused one leaves the folders as it found them. The checkpoint
@@ -218,22 +287,31 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         # run folder's lock alone did not guard: both jobs trained on, in one folder).
         folders = {run_dir: (f"run folder {run_dir}", "--run-name")}
         checkpoints = checkpoint_dir(cfg, run_dir)
-        if checkpoints.resolve() != run_dir.resolve():  # one folder, one lock: a second flock would refuse itself
-            flag = "--run-name" if checkpoints.resolve().is_relative_to(run_dir.resolve()) else "--checkpoint-dir"
+        # os.path.realpath, not Path.resolve: a name too long is the error of the folder's making below.
+        real_checkpoints, real_run_dir = Path(os.path.realpath(checkpoints)), Path(os.path.realpath(run_dir))
+        if real_checkpoints != real_run_dir:  # one folder, one lock: a second flock would refuse itself
+            flag = "--run-name" if real_checkpoints.is_relative_to(real_run_dir) else "--checkpoint-dir"
             folders[checkpoints] = (f"checkpoint folder {checkpoints}", flag)
         for folder, (what, flag) in folders.items():
-            if not folder.exists():
+            try:
+                exists = folder.exists()
+            except OSError as exc:  # a name too long
+                raise _cannot_write(what, flag, exc) from None
+            if not exists:
                 held.created.append(folder)
                 held.made_above.extend(missing_folders(folder.parent))
-            _make_folder(folder, what)
-            if (fd := _lock_folder(folder, what, flag)) is not None:
+            _make_folder(folder, what, flag)
+            fd, made_lock = _lock_folder(folder, what, flag)
+            if made_lock:
+                held.made_locks.append(folder / LOCK_FILE)
+            if fd is not None:
                 held.locks[folder] = fd
         _ensure_writable(run_dir, "the run folder")
         _check_run_dir(cfg, run_dir)
         for folder, fd in held.locks.items():
             _sign_lock(fd, folder)  # only now: a refused run leaves the folders as it found them
     except UserError:
-        held.release(remove_unused=True)
+        held.release(remove_unused=True, refused=True)
         raise
     return held
 

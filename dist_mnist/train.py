@@ -42,6 +42,7 @@ from dist_mnist.data import (
     worker_count_note,
 )
 from dist_mnist.distributed import DistContext, distributed_session
+from dist_mnist.durable import WriteFailed
 from dist_mnist.errors import (
     Terminated,
     UserError,
@@ -71,7 +72,7 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.progress import Progress
-from dist_mnist.restarts import env_whole_number, restart_advice, torchrun_restarts
+from dist_mnist.restarts import env_whole_number, restart_advice, stop_agreed, torchrun_restarts
 from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
 from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE
 from dist_mnist.shutdown import failure_path
@@ -529,11 +530,13 @@ class RunClock:
         self.resumed_paused_s = state.get("paused_s", 0.0)  # checkpoints before 2026-11-27 kept elapsed time only
 
 
-# A run whose last process was stopped while it finished (a Ctrl-C after the loop): the summary is made of that
+# A run whose last process was stopped while it finished (a Ctrl-C after the loop), or could not write the summary (a
+# full disk): the summary is made of that
 # process's step times, which ended with it, so no rerun can write it; a rerun must not read as if all were there.
 # Where an earlier process (before a resume) wrote one, that summary is of its own steps only.
-NO_SUMMARY_WHY = ("the process that finished it was stopped before writing one, and the step times it is made of "
-                  "ended with that process; metrics.jsonl holds the run's evaluations")
+NO_SUMMARY_WHY = ("the process that finished it ended before writing one (it was stopped, or could not write it), "
+                  "and the step times it is made of ended with that process; metrics.jsonl holds the run's "
+                  "evaluations")
 
 
 def missing_summary_note(run_dir: Path, step: int) -> str:
@@ -614,6 +617,7 @@ class Trainer:
         self.timer_note = phase_timer_every_note(cfg.explicit(), cfg.phase_timers, timer_mode)
         self.memory = MemoryTracker(workers=self.data.workers)
         self.stop = StopRequest()
+        stop_agreed(False)  # an earlier run's stop in this process (main() called again) is not this one's
         self.vote = StopVote(ctx)
         self.clock = RunClock(partial(torch.cuda.synchronize, ctx.device) if ctx.device.type == "cuda" else None)
         self.timeout = collectives.CollectiveTimeout(cfg.timeout_s, cfg.train_timeout_s)
@@ -1143,6 +1147,7 @@ class Trainer:
                         self.evaluate_and_record()
                     if stop_now:
                         stopped_by = self.stop.signal_name or "a signal on another rank"
+                        stop_agreed()  # a failure from here on is followed by no torchrun restart
                     if stop_now or at_limit or self.target_reached:
                         if profiler.window_open:  # stopped inside a window: its trace ends with this step
                             with self.paused("profiler"):
@@ -1201,7 +1206,7 @@ class Trainer:
                         f"{SUMMARY_FILE} may not be written (metrics.jsonl holds the run's evaluations)"):
             all_stats = ctx.gather_objects(stats)
             # A failed summary.json write (a full disk) ends every rank, not only rank 0.
-            ctx.on_main(lambda: self.write_summary(all_stats))
+            ctx.on_main(lambda: self.write_summary(all_stats, complete))
         if ctx.is_main and self.target_reached:
             hit = self.target_reached
             print(f"reached test accuracy {hit['test_accuracy']:.2%} (--stop-at-accuracy "
@@ -1222,8 +1227,9 @@ class Trainer:
             ctx.barrier()
         check_replicas_in_sync([r["params_digest"] for r in all_stats])
 
-    def write_summary(self, all_stats: list[dict[str, Any]]) -> None:
-        """Rank 0: summary.json and the table."""
+    def write_summary(self, all_stats: list[dict[str, Any]], complete: str | None = None) -> None:
+        """Rank 0: summary.json and the table; `complete`: why the training is complete, where it is (a failed
+        write then has nothing to resume: "rerun to resume from the last checkpoint" was wrong)."""
         if not (self.timer.steps or self.measured_step_s):
             return
         peak_source = "--peak-tflops"
@@ -1258,7 +1264,15 @@ class Trainer:
             summary["stop_at_accuracy"] = {"target": self.cfg.stop_at_accuracy,
                                            **{k: self.target_reached[k] for k in ("step", "epoch", "test_accuracy",
                                                                                   "elapsed_s")}}
-        self.writer.write_json(SUMMARY_FILE, summary)
+        try:
+            self.writer.write_json(SUMMARY_FILE, summary)
+        except WriteFailed as exc:
+            if complete is None or exc.folder_gone:
+                raise
+            raise UserError(f"{exc.failed}; the training is complete ({complete}) and its last checkpoint is "
+                            f"{self.newest_checkpoint()}: only {SUMMARY_FILE} is missing, whose step times ended with "
+                            f"this process (metrics.jsonl holds the run's evaluations); nothing is left to resume") \
+                from None
         print(format_summary(summary), flush=True)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SMOKE_FLAGS
 
-from dist_mnist.config import TrainConfig, build_parser, parse_args, usable_cpus
+from dist_mnist.config import TrainConfig, apply_recipe, build_parser, parse_args, usable_cpus
 from dist_mnist.errors import UserError
 
 
@@ -42,6 +42,21 @@ FLOAT_FLAGS = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Train
 def test_every_float_flag_must_be_finite(flag: str, value: str) -> None:
     with pytest.raises(UserError, match=f"^{flag} must be a finite number, got {value}$"):
         parse_args([f"{flag}={value}"])
+
+
+@pytest.mark.parametrize(("flags", "refused"), [
+    (["--weight-decay=1e30"], True),  # it ended in "training loss became non-finite ... Lower --lr"
+    (["--weight-decay=500"], True),  # 500 x the cpu recipe's 2e-3: every weight to zero at each step
+    (["--weight-decay=499", "--lr=2e-3"], False),
+    (["--weight-decay=0.01", "--lr=8e-3"], False),
+])
+def test_weight_decay_times_lr_must_leave_the_weights_shrinking_not_flipping(flags: list[str], refused: bool) -> None:
+    if refused:
+        with pytest.raises(UserError, match=r"^--weight-decay \S+ with --lr 0\.002 would shrink every weight to zero "
+                                            r"or past it at each step .*: their product must be below 1$"):
+            apply_recipe(parse_args(flags), "cpu")
+    else:
+        apply_recipe(parse_args(flags), "cpu")
 
 
 def test_float_flags_are_found() -> None:

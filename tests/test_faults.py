@@ -306,7 +306,8 @@ def test_a_full_disk_at_the_run_folders_start_is_one_line_and_leaves_no_marker_t
     with pytest.raises(UserError, match=r"^could not write job-7 to .*\.torchelastic: No space left on device"):
         _choose_run_dir(cfg)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert list((tmp_path / ".torchelastic").iterdir()) == []  # no marker, not an empty one
+    assert list(tmp_path.iterdir()) == []  # no marker, not an empty one, nor the .torchelastic/ made for it
+    (tmp_path / ".torchelastic").mkdir()
     (tmp_path / ".torchelastic" / "job-7").write_text("")  # what the old code left behind
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(UserError, match=r"^could not write \.lock to .*: No space left on device"):
@@ -379,6 +380,88 @@ def test_a_run_found_complete_in_another_runs_checkpoint_dir_says_whose_and_leav
         "(--max-steps 4 reached), whose own run folder holds its files; nothing to do (a new run needs another "
         "--checkpoint-dir)")
     assert not (tmp_path / "b").exists() and (tmp_path / "a" / "summary.json").is_file()
+
+
+def test_a_name_too_long_is_one_line_naming_the_flag_and_leaves_nothing(tmp_path: Path) -> None:
+    """A name over the filesystem's limit was a traceback (Path.exists, Path.resolve and the clean-up's rglob raise
+    ENAMETOOLONG) that left the run folder with its lock, the --output-dir and the checkpoint folder's parent."""
+    long = "y" * 300
+    cases = [(TrainConfig(output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck" / long)),
+              rf"^cannot write to the checkpoint folder {re.escape(str(tmp_path / 'ck' / long))}: File name too "
+              r"long; pick a shorter --checkpoint-dir$"),
+             (TrainConfig(output_dir=str(tmp_path / "out"), run_name=long),
+              rf"^cannot write to the run folder {re.escape(str(tmp_path / 'out' / long))}: File name too long; "
+              r"pick a shorter --run-name$"),
+             (TrainConfig(output_dir=str(tmp_path / long)),
+              rf"^cannot write to --output-dir {re.escape(str(tmp_path / long))}: File name too long$")]
+    for cfg, message in cases:
+        with pytest.raises(UserError, match=message):
+            _choose_run_dir(cfg)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_start_under_torchrun_takes_away_the_run_id_marker_it_wrote_and_a_restart_keeps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run folder of a failed start went, but the marker naming it stayed, with the .torchelastic/ and the
+    --output-dir made for it. A restart of a job whose first attempt made the folder still finds it by the marker,
+    whatever that restart does."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-9")
+    cfg = TrainConfig(output_dir=str(tmp_path / "out"))
+    failed = _choose_run_dir(cfg)
+    assert (tmp_path / "out" / ".torchelastic" / "job-9").read_text() == failed.path.name
+    failed.release(remove_unused=True)  # what open_run_dir does after a start that failed before its first file
+    assert list(tmp_path.iterdir()) == []
+    first = _choose_run_dir(cfg)
+    first.release()  # its process killed: no clean-up
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = _choose_run_dir(cfg)
+    assert restarted.path == first.path
+    restarted.release(remove_unused=True)  # the restart failed before its first file too
+    assert (tmp_path / "out" / ".torchelastic" / "job-9").read_text() == first.path.name
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    again = _choose_run_dir(cfg)
+    assert again.path == first.path
+    again.release()
+
+
+@pytest.mark.parametrize("run_id", [".", "..", "job/7", "r" * 300])
+def test_a_torchrun_run_id_that_is_no_file_name_gets_a_marker_all_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_id: str) -> None:
+    """torchrun's --rdzv-id takes any string: `..` or `.` was `could not write .. to .../.torchelastic: Device or
+    resource busy` (a marker over the folder itself), one holding `/` or too long another such line, each leaving
+    .torchelastic/ behind."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+    cfg = TrainConfig(output_dir=str(tmp_path / "out"))
+    held = _choose_run_dir(cfg)
+    [marker] = (tmp_path / "out" / ".torchelastic").iterdir()
+    assert marker.read_text() == held.path.name
+    held.release()
+    restarted = _choose_run_dir(cfg)  # a torchrun restart finds the same folder
+    assert restarted.path == held.path
+    restarted.release()
+    failed = _choose_run_dir(dataclasses.replace(cfg, output_dir=str(tmp_path / "failed")))
+    failed.release(remove_unused=True)  # a start that failed before its first file leaves nothing
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"]
+
+
+def test_a_refused_start_leaves_an_existing_folder_as_it_found_it(tmp_path: Path) -> None:
+    """It left a `.lock` of its own in a user's folder it refused to use; a start that failed in an existing empty
+    folder leaves it empty too. Another job's lock file stays where it is."""
+    user_dir = tmp_path / "userdir"
+    user_dir.mkdir()
+    (user_dir / "data.csv").write_text("x")
+    with pytest.raises(UserError, match=r"already exists and holds no checkpoint to resume"):
+        _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="userdir"))
+    assert list(user_dir.rglob("*")) == [user_dir / "data.csv"]
+    (tmp_path / "empty").mkdir()
+    held = _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="empty"))
+    held.release(remove_unused=True)  # failed before its first file
+    assert list((tmp_path / "empty").iterdir()) == []
+    running = _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="running"))
+    with pytest.raises(UserError, match=r"is in use by"):
+        _choose_run_dir(TrainConfig(output_dir=str(tmp_path), run_name="other", checkpoint_dir=str(running.path)))
+    assert (running.path / LOCK_FILE).is_file() and not (tmp_path / "other").exists()
+    running.release()
 
 
 @pytest.mark.scenario
@@ -474,6 +557,56 @@ def test_the_advice_under_torchrun_with_restarts_left_is_the_restart(tmp_path: P
     assert str(failure.value).endswith(f"the last checkpoint is {last}. Look for the stuck or lost rank in the other "
                                        "nodes' output, then rerun the same command with --run-name 20261128-010203 "
                                        "to resume")
+
+
+def test_a_full_disk_while_the_job_stops_on_a_signal_is_advised_a_rerun_not_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """torchrun, signalled with its workers, shuts them down rather than restart them: a stop checkpoint that found
+    the disk full said "torchrun restarts the workers (restart 1 of 3) ...", and torchrun exited."""
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setattr(train_module.Trainer, "log_progress", lambda self: os.kill(os.getpid(), signal.SIGTERM))
+
+    def full(data: bytes, folder: Path, step: int, keep: int) -> Path:
+        raise write_failed(checkpoint_path(folder, step), len(data), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", full)
+    flags = [*SMOKE_FLAGS, "--max-steps", "20", "--log-every", "3", "--checkpoint-every", "0", "--output-dir",
+             str(tmp_path), "--run-name", "full"]
+    assert train_module.main(flags) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: could not write step00000003.pt to {tmp_path / 'full' / 'checkpoints'}: ")
+    assert line.endswith("Free space there, then rerun the same command to resume from the last checkpoint; a run "
+                         "that wrote none yet starts again under a new --run-name")
+    # A failure while no stop was agreed: torchrun's restart is what follows.
+    monkeypatch.setattr(train_module.Trainer, "log_progress", lambda self: None)
+    assert train_module.main([*flags[:-1], "unstopped", "--checkpoint-every", "3"]) == 1
+    assert "; torchrun restarts the workers (restart 1 of 3) from the last checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_disk_at_the_summary_of_a_complete_run_says_the_training_is_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The last checkpoint written, summary.json found the disk full: the line said "Free space there, then rerun
+    the same command to resume from the last checkpoint", and there was nothing to resume."""
+    real = RunWriter.write_json
+
+    def full(self: RunWriter, name: str, obj: object) -> None:
+        if name == "summary.json":
+            raise write_failed(self.run_dir / name, 2000, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        real(self, name, obj)
+
+    monkeypatch.setattr(RunWriter, "write_json", full)
+    flags = [*SMOKE_FLAGS, "--max-steps", "4", "--output-dir", str(tmp_path), "--run-name", "done"]
+    assert train_module.main(flags) == 1
+    last = tmp_path / "done" / "checkpoints" / "step00000004.pt"
+    assert capsys.readouterr().err == (
+        f"error: could not write summary.json to {tmp_path / 'done'}: No space left on device (it needed 2,000 bytes "
+        f"there); the training is complete (--max-steps 4 reached) and its last checkpoint is {last}: only "
+        "summary.json is missing, whose step times ended with this process (metrics.jsonl holds the run's "
+        "evaluations); nothing is left to resume\n")
+    monkeypatch.undo()
+    assert train_module.main(flags) == 0
+    assert "(it was stopped, or could not write it)" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_a_peer_lost_after_a_complete_run_is_not_advised_a_resume(tmp_path: Path,
@@ -832,9 +965,8 @@ def test_a_stop_signal_after_the_run_files_or_while_finishing_says_what_is_on_di
     assert train_module.main([*flags, "--run-name", "finishing"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] + "\n" == (
         f"run {tmp_path / 'finishing'} is already complete at step 6 (--max-steps 6 reached); nothing to do (it has "
-        "no summary.json: the "
-        "process that finished it was stopped before writing one, and the step times it is made of ended with that "
-        "process; metrics.jsonl holds the run's evaluations)\n")
+        "no summary.json: the process that finished it ended before writing one (it was stopped, or could not write "
+        "it), and the step times it is made of ended with that process; metrics.jsonl holds the run's evaluations)\n")
     with pytest.raises(UserError, match="or was stopped while it finished"):
         report.read_summary(tmp_path / "finishing")
 
@@ -853,9 +985,9 @@ def test_a_resumed_process_stopped_while_finishing_leaves_a_summary_both_rerun_a
     assert train_module.main([*flags, "--max-steps", "10"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"run {tmp_path / 'stale'} is already complete at step 10 (--max-steps 10 reached); nothing to do (its "
-        "summary.json is an earlier process's, of the steps up to 6: the process that finished it was stopped before "
-        "writing one, and the step times it is made of ended with that process; metrics.jsonl holds the run's "
-        "evaluations)")
+        "summary.json is an earlier process's, of the steps up to 6: the process that finished it ended before "
+        "writing one (it was stopped, or could not write it), and the step times it is made of ended with that "
+        "process; metrics.jsonl holds the run's evaluations)")
     assert report.report(tmp_path / "stale").splitlines()[-1] == (
         "summary.json is of steps 1-6, an earlier process's: the run went on to step 10, and the process that ran "
         "those steps wrote none (it is still running, or was stopped or crashed first)")
