@@ -54,10 +54,15 @@ def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> WriteFai
                        "yet starts again under a new --run-name", failed, False)
 
 
+def temp_path(path: Path) -> Path:
+    """Where write_durably writes `path`'s new content before renaming it into place."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_durably(path: Path, data: bytes) -> None:
     """Temp file, fsync, rename over `path`, fsync of the folder: after a crash either the old or the new file is
     there, complete. On any OSError the temp file is removed and the error says what it needed."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_mnist.checkpoint import list_checkpoints
+from dist_mnist.checkpoint import list_checkpoints, remove_partial_writes
 from dist_mnist.config import TrainConfig
+from dist_mnist.console import rank_line
 from dist_mnist.distributed import DistContext
 from dist_mnist.durable import missing_folders, remove_empty_folders, write_durably, write_failed
 from dist_mnist.errors import UserError
@@ -313,6 +314,11 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
     except UserError:
         held.release(remove_unused=True, refused=True)
         raise
+    if checkpoints in held.locks or real_checkpoints == real_run_dir and run_dir in held.locks:
+        # Held, so no write of another process is in flight there: a temp file is a dead process's.
+        for tmp, size in remove_partial_writes(checkpoints):
+            rank_line(0, "note", f"removed {tmp.name} ({size / 2**20:.1f} MiB) from {tmp.parent}: a partial write of "
+                      f"{tmp.name[1:-4]} left by a process that died while writing it")
     return held
 
 

@@ -1053,11 +1053,17 @@ class Trainer:
         state = self.state
         if done := self.complete():
             # Before the run's files: config.json keeps describing the run that made them, whatever flags this had.
-            if cfg.checkpoint_dir and not (self.run_dir / CONFIG_FILE).exists():
-                # Another run's --checkpoint-dir: this folder never held the run, and is taken away again (rundir).
+            fresh = not (self.run_dir / CONFIG_FILE).exists()  # this folder never held the run: taken away again
+            if fresh and cfg.checkpoint_dir:  # another run's --checkpoint-dir
                 self.log(f"the checkpoints in --checkpoint-dir {self.checkpoint_dir} are of a run already complete "
                          f"at step {state.step} ({done}), whose own run folder holds its files; nothing to do (a new "
                          "run needs another --checkpoint-dir)")
+            elif fresh and cfg.resume not in ("auto", "never"):
+                # --resume PATH into a new folder: "run NEW is already complete ... (it has no summary.json: the
+                # process that finished it ended before writing one ...)" was true of neither folder.
+                go_on = "; a higher --max-steps trains on from it" if self.at_max_steps() else ""
+                self.log(f"checkpoint {self.resumed_from} is of a run already complete at step {state.step} ({done}), "
+                         f"whose own run folder holds its files; nothing to do{go_on}")
             else:
                 self.log(f"run {self.run_dir} is already complete at step {state.step} ({done}); nothing to do"
                          + self.unevaluated_end_note() + missing_summary_note(self.run_dir, state.step))

@@ -365,6 +365,38 @@ def test_a_checkpoint_dir_outside_the_run_folder_is_held_and_never_written_over(
     assert (shared / "step00000010.pt").read_bytes() == b"a's checkpoint"
 
 
+def test_a_checkpoint_write_cut_short_by_a_dead_process_is_removed_by_the_next_holder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGKILL mid-write left .step00000020.pt.tmp (2 MiB of 14) for good: never renamed, read or rotated."""
+    flags = [*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--run-name", "killed"]
+    assert train_module.main([*flags, "--max-steps", "4"]) == 0
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    (checkpoints / ".step00000006.pt.tmp").write_bytes(b"\0" * 2**20)
+    (checkpoints / ".notes.tmp").write_text("not ours")
+    capsys.readouterr()
+    assert train_module.main([*flags, "--max-steps", "6"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: removed .step00000006.pt.tmp (1.0 MiB) from {checkpoints}: a partial write of step00000006.pt left "
+        "by a process that died while writing it"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", ".notes.tmp", "step00000004.pt",
+                                                            "step00000006.pt"]
+
+
+def test_a_complete_runs_checkpoint_resumed_into_a_new_folder_says_whose_it_is_and_leaves_no_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "run NEW is already complete ...; nothing to do (it has no summary.json: the process that finished
+    it ...)": NEW was taken away at once, and the run that wrote the checkpoint had its summary."""
+    flags = [*SMOKE_FLAGS, "--max-steps", "4", "--output-dir", str(tmp_path)]
+    assert train_module.main([*flags, "--run-name", "a"]) == 0
+    last = tmp_path / "a" / "checkpoints" / "step00000004.pt"
+    capsys.readouterr()
+    assert train_module.main([*flags, "--run-name", "b", "--resume", str(last)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"checkpoint {last} is of a run already complete at step 4 (--max-steps 4 reached), whose own run folder "
+        "holds its files; nothing to do; a higher --max-steps trains on from it")
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_run_found_complete_in_another_runs_checkpoint_dir_says_whose_and_leaves_no_folder(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """It said "run .../b is already complete ...; nothing to do (it has no summary.json: the process that finished
