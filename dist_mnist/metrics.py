@@ -312,9 +312,17 @@ class RunWriter:
             self.scalars("eval", record, record["step"])
 
     def resume_at(self, step: int) -> None:
-        """A resumed run writes steps after `step` again: TensorBoard hides an earlier process's records of them."""
+        """A resumed run writes steps after `step` again: TensorBoard hides an earlier process's records of them.
+        Under --no-tensorboard too, where an earlier process wrote event files (a flag a resume may change): its
+        records past `step` stayed, and contradicted progress.jsonl and metrics.jsonl."""
         if self._tb is not None:
             self._tb.purge_from(step + 1)
+        elif self.enabled and any(self.run_dir.glob("events.out.tfevents.*")):
+            events = TensorBoardEvents(self.run_dir)  # the marker its one record
+            try:
+                events.purge_from(step + 1)
+            finally:
+                events.close()
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if self._tb is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,7 +88,9 @@ def _step_times(ax: Axes, progress: list[dict[str, Any]]) -> None:
     if not timed:
         _no_data(ax, "no timed steps (--phase-timers off)")
         return
-    ax.plot([r["step"] for r in timed], [r["step_time_ms"] for r in timed], marker=".")
+    # An untimed interval is a gap in the line (NaN), not a straight line drawn across it as if measured.
+    ax.plot([r["step"] for r in progress], [math.nan if r["step_time_ms"] is None else r["step_time_ms"]
+                                            for r in progress], marker=".")
     ax.set_xlabel("step")
     ax.set_ylabel("ms")
     ax.set_ylim(bottom=0)

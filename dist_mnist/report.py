@@ -216,7 +216,9 @@ def compare(run_a: Path, run_b: Path) -> str:
     """Two runs side by side: which settings differ, and every figure of their summaries with its B/A ratio."""
     summary_a, summary_b = read_summary(run_a), read_summary(run_b)
     rows = compare_summaries(summary_a, summary_b)
-    config_a, config_b = _read_config(run_a), _read_config(run_b)
+    # The settings the summary's own process ran under; config.json where the summary predates that record.
+    config_a, config_b = (summary["config"] if isinstance(summary.get("config"), dict) else _read_config(run)
+                          for summary, run in ((summary_a, run_a), (summary_b, run_b)))
     changes = config_changes(config_a, config_b) if config_a is not None and config_b is not None else None
     return format_comparison(_label(run_a, summary_a), _label(run_b, summary_b), rows, changes)
 

@@ -633,6 +633,7 @@ class Trainer:
         self.progress = Progress(self.run_dir, ctx.is_main, self.step_limit(), self.global_batch)
         self.last_record = (0, 0.0)  # (step, training seconds) at the last metrics record
         self.first_step = 0  # the step this process took the run over at: a resumed run's checkpoint step
+        self.run_config: dict[str, Any] = {}  # config.json's content, made as the run files are written
 
     # -- output --------------------------------------------------------------------------------------------
 
@@ -1076,8 +1077,12 @@ class Trainer:
             "threads_per_process": torch.get_num_threads(), **software_and_device(ctx.device),
             **self.settings.describe(), "cuda_graphs": self.graphs.enabled, **self.recipe.describe()}
 
+        # Kept for summary.json as well: config.json is the latest process's, and a summary an earlier process wrote
+        # (a resumed one was stopped before writing its own) was compared under the later process's settings.
+        self.run_config = {**cfg.to_json(), "resolved": resolved}
+
         def write_run_files() -> None:
-            self.writer.write_json(CONFIG_FILE, {**cfg.to_json(), "resolved": resolved})
+            self.writer.write_json(CONFIG_FILE, self.run_config)
             self.writer.reset_metrics(state.metrics)
             # An earlier process of the run (one that restarted from step 0 too) may have written TensorBoard records
             # past this step.
@@ -1261,6 +1266,7 @@ class Trainer:
         # Start-up cost: process start (python, imports, data, model, rendezvous) to the first step.
         summary.update(self.startup.report(self.clock.first_step_unix))
         summary["first_step_unix"] = self.clock.first_step_unix
+        summary["config"] = self.run_config  # the settings this summary's steps ran under (config.json's)
         # This process's steps, which every figure above is of: after a resume, not the whole run's.
         summary["first_step"], summary["last_step"] = self.first_step, self.state.step
         summary["phase_timing"] = {**self.timer.describe(), "wall_per_step": self.clock.wall_per_step}

@@ -606,6 +606,24 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path: Path) -> None
         assert all(event.wall_time > last_of_first for event in shown if event.step > 8)
 
 
+def test_a_resume_without_tensorboard_still_hides_what_a_dead_process_wrote_past_the_checkpoint(
+        tmp_path: Path) -> None:
+    """--tensorboard may change on a resume: a process resumed with --no-tensorboard wrote no purge marker, and the
+    killed process's records past the checkpoint stayed in TensorBoard, unlike progress.jsonl and metrics.jsonl."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer  # slow import
+
+    flags = [*SMOKE_FLAGS, "--max-steps", "12", "--checkpoint-every", "4", "--log-every", "2", "--eval-every", "4",
+             "--output-dir", str(tmp_path), "--run-name", "tb"]
+    assert main([*flags, "--tensorboard"]) == 0
+    (tmp_path / "tb" / "checkpoints" / "step00000012.pt").unlink()  # died after step 12, before its checkpoint
+    assert main([*flags, "--no-tensorboard"]) == 0  # resumes from step 8
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    for tag, steps in (("train/loss", [2, 4, 6, 8]), ("eval/test_accuracy", [4, 8])):
+        assert [event.step for event in multiplexer.Tensors("tb", tag)] == steps
+
+
 def test_a_folder_or_a_file_of_another_kind_given_to_resume_is_named_as_such(base_run: Path, tmp_path: Path) -> None:
     """--resume given the run or checkpoints folder, or the run's config.json: said as what it is, with the file to
     give (a folder read as 'truncated or corrupt', a JSON file as one 'needing arbitrary unpickling')."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,21 @@ def test_report_prints_two_runs_side_by_side_with_the_config_diff(tmp_path: Path
     assert row("backward ms") == ["9.00", "7.20", "0.80x"]
     assert row("comm_time_s") == ["-", "0.004", "-"]
     assert not (tmp_path / "a" / report.PICTURE_FILE).exists()  # comparing draws nothing into the runs
+
+
+def test_the_comparison_takes_each_summarys_own_settings_over_a_later_processs_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A resumed process rewrites config.json and may stop before writing its summary: the diff described that
+    later process (--amp off, --phase-timers off), and the B/A ratios were pinned on settings the summary's own
+    steps never ran under."""
+    run_a = _write_run(tmp_path / "a", {**SUMMARY_A, "config": CONFIG_A}, CONFIG_B)  # config.json: a later process's
+    run_b = _write_run(tmp_path / "b", SUMMARY_B, CONFIG_A)  # a summary from before the record: config.json
+    assert report.main([str(run_a), str(run_b)]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "config: identical"
+    # Each side's own record against config.json: the diff follows the summary's settings.
+    run_c = _write_run(tmp_path / "c", {**SUMMARY_B, "config": CONFIG_B}, CONFIG_A)
+    assert report.compare(run_a, run_c).splitlines()[2:5] == [
+        "config (A -> B):", "  resolved.world_size: 1 -> 2", "  ddp_comm_hook: (absent) -> 'bf16'"]
 
 
 def test_comparison_without_config_still_compares_the_summaries(tmp_path: Path,
@@ -337,6 +353,21 @@ def test_a_run_shorter_than_log_every_is_not_said_to_lack_progress_jsonl(tmp_pat
     [text] = ax.texts
     assert text.get_text() == f"no data\n({NO_PROGRESS})"
     assert "no progress.jsonl" not in text.get_text() and "--log-every" in text.get_text()
+
+
+def test_the_step_time_panel_leaves_untimed_intervals_as_gaps() -> None:
+    """--phase-timers off over steps 31-55 of a resumed run: the line ran straight from step 30's 37 ms to step 60's
+    508 ms, a ramp nothing measured."""
+    from matplotlib.figure import Figure
+
+    from dist_mnist.plots import _step_times
+
+    ax = Figure().subplots()
+    times = {10: 37.0, 20: None, 30: None, 40: 508.0}
+    _step_times(ax, [{"step": step, "step_time_ms": ms} for step, ms in times.items()])
+    [line] = ax.get_lines()
+    assert list(line.get_xdata()) == [10, 20, 30, 40]
+    assert [None if math.isnan(y) else y for y in line.get_ydata()] == list(times.values())
 
 
 def test_the_accuracy_panel_names_the_last_accuracy_in_its_title_not_over_the_curve() -> None:
