@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import SMOKE_FLAGS, run, train_in_process
 
@@ -366,8 +367,9 @@ def test_the_step_time_panel_leaves_untimed_intervals_as_gaps() -> None:
     times = {10: 37.0, 20: None, 30: None, 40: 508.0}
     _step_times(ax, [{"step": step, "step_time_ms": ms} for step, ms in times.items()])
     [line] = ax.get_lines()
-    assert list(line.get_xdata()) == [10, 20, 30, 40]
-    assert [None if math.isnan(y) else y for y in line.get_ydata()] == list(times.values())
+    xs, ys = np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
+    assert xs.tolist() == [10, 20, 30, 40]
+    assert [None if math.isnan(y) else y for y in ys.tolist()] == list(times.values())
 
 
 def test_the_accuracy_panel_names_the_last_accuracy_in_its_title_not_over_the_curve() -> None:
