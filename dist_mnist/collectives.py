@@ -25,6 +25,7 @@ import torch.distributed as dist
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError, first_line
 from dist_mnist.restarts import next_restart, restart_advice
+from dist_mnist.runfiles import run_id_file_name
 from dist_mnist.shutdown import failure_path
 
 if TYPE_CHECKING:  # distributed.py imports this module to set up the flight recorder
@@ -202,7 +203,7 @@ def flight_recorder_dir(cfg: TrainConfig, environ: Mapping[str, str]) -> Path:
     if cfg.run_name:
         return Path(cfg.output_dir) / cfg.run_name / FLIGHT_RECORDER_FOLDER
     run_id = environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
-    return Path(cfg.output_dir) / FLIGHT_RECORDER_FOLDER / run_id
+    return Path(cfg.output_dir) / FLIGHT_RECORDER_FOLDER / run_id_file_name(run_id)
 
 
 def flight_recorder_env(dump_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from dist_mnist.errors import UserError
 from dist_mnist.restarts import next_restart
@@ -54,6 +55,15 @@ def write_failed(path: Path, needed_bytes: int | None, exc: OSError) -> WriteFai
                        "yet starts again under a new --run-name", failed, False)
 
 
+def open_new(path: Path) -> BinaryIO:
+    """`path` opened for writing as a new file of this process's: whatever is at that name first goes (a temp file a
+    killed process left), and a symlink planted there in between is refused (O_EXCL, O_NOFOLLOW), not written
+    through. A planted `.summary.json.tmp -> ~/victim` in a shared --output-dir had each write replace the victim's
+    content."""
+    path.unlink(missing_ok=True)  # a symlink goes, never its target
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
+
+
 def temp_path(path: Path) -> Path:
     """Where write_durably writes `path`'s new content before renaming it into place."""
     return path.with_name(f".{path.name}.tmp")
@@ -64,7 +74,7 @@ def write_durably(path: Path, data: bytes) -> None:
     there, complete. On any OSError the temp file is removed and the error says what it needed."""
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -83,7 +93,8 @@ def write_durably(path: Path, data: bytes) -> None:
 def open_for_appending(path: Path) -> int:
     """A descriptor for append_whole_to; a failure (no space for a new file, no permission) is one line."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a record file replaced by a symlink is refused, not appended to wherever it points.
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise write_failed(path, None, exc) from None
 

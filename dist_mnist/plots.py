@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dist_mnist.compare import mean_step_s, phase_ms, phase_names
+from dist_mnist.durable import open_new, temp_path
 
 if TYPE_CHECKING:  # matplotlib is imported only when a picture is drawn: training never pays for it
     from matplotlib.axes import Axes
@@ -143,9 +144,10 @@ def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress:
     _losses(axes[1, 0], _by_step(progress), _by_step(metrics))
     _accuracy(axes[1, 1], _by_step(metrics))
     fig.suptitle(title)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     try:
-        fig.savefig(tmp, format="png")
+        with open_new(tmp) as f:  # not through a symlink planted at the temp name
+            fig.savefig(f, format="png")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +23,7 @@ from dist_mnist.distributed import DistContext
 from dist_mnist.durable import missing_folders, remove_empty_folders, write_durably, write_failed
 from dist_mnist.errors import UserError
 from dist_mnist.restarts import env_whole_number, torchrun_restarts
-from dist_mnist.runfiles import CHECKPOINTS_DIR
+from dist_mnist.runfiles import CHECKPOINTS_DIR, is_plain_name, run_id_file_name
 
 # In the run folder; it holds who has the folder ("PID 1234 on host node7 (job 99) since ..."), for the refusal.
 LOCK_FILE = ".lock"
@@ -36,19 +36,13 @@ def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
 def _ensure_writable(folder: Path, flag: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A name no other process can plant a symlink at beforehand (a PID is guessable): the probe once truncated
+        # what a link of that name pointed to.
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise UserError(f"cannot write to {flag} {folder}: {exc.strerror or exc}") from None
-
-
-def _marker_name(run_id: str) -> str:
-    """The file name of torchrun run id `run_id`'s marker: the id itself, or its SHA-256 where the id is no plain
-    file name (torchrun's --rdzv-id takes any string: `.`, `..`, one holding `/`, one too long for a file name)."""
-    if run_id in {".", ".."} or "/" in run_id or len(os.fsencode(run_id)) > 200:
-        return "sha256-" + hashlib.sha256(os.fsencode(run_id)).hexdigest()
-    return run_id
 
 
 def _default_name(output_dir: Path, made_above: list[Path]) -> tuple[str, bool, Path | None]:
@@ -58,12 +52,20 @@ def _default_name(output_dir: Path, made_above: list[Path]) -> tuple[str, bool, 
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     # torchrun keeps its run id across restarts (--standalone makes a fresh one per launch), so a marker
     # keyed by it maps a restarted job back to the folder of its first attempt.
-    marker = output_dir / ".torchelastic" / _marker_name(run_id)
+    marker = output_dir / ".torchelastic" / run_id_file_name(run_id)
     try:
-        if run_id and marker.is_file() and (name := marker.read_text().strip()):
-            return name, False, None
-    except OSError as exc:
-        raise UserError(f"cannot read torchrun's run id marker {marker}: {exc.strerror or exc}") from None
+        name = marker.read_text().strip() if run_id and marker.is_file() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read torchrun's run id marker {marker}: {getattr(exc, 'strerror', None) or exc}; "
+                        "remove it to start the run afresh") from None
+    if name:
+        # Written by this program as a folder name right inside --output-dir; anything else (an absolute path,
+        # `../x`) would put the run, its checkpoint rotation and its overwrites outside it.
+        if not is_plain_name(name):
+            raise UserError(f"torchrun's run id marker {marker} names {name!r}, which is no folder name inside "
+                            "--output-dir (this program writes only such names there); remove it to start the run "
+                            "afresh")
+        return name, False, None
     name = _claim_fresh_folder(output_dir, time.strftime("%Y%m%d-%H%M%S"))
     if not run_id:
         return name, True, None
@@ -117,7 +119,8 @@ def _open_lock_file(path: Path) -> tuple[int, bool]:
         except FileExistsError:
             pass
         try:
-            return os.open(path, os.O_RDWR), False
+            # O_NOFOLLOW: a symlink planted as the lock file is refused, not truncated and signed through.
+            return os.open(path, os.O_RDWR | os.O_NOFOLLOW), False
         except FileNotFoundError:  # removed in between (HeldRunDir.remove_unused): create it after all
             continue
 

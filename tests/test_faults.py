@@ -37,7 +37,7 @@ from dist_mnist.collectives import Rerun
 from dist_mnist.config import TrainConfig
 from dist_mnist.console import OPEN_LINE
 from dist_mnist.data import MNIST_FILES
-from dist_mnist.durable import write_failed
+from dist_mnist.durable import append_whole, write_durably, write_failed
 from dist_mnist.errors import Terminated, UserError
 from dist_mnist.metrics import RunWriter
 from dist_mnist.rundir import LOCK_FILE, _choose_run_dir
@@ -476,6 +476,48 @@ def test_a_torchrun_run_id_that_is_no_file_name_gets_a_marker_all_the_same(
     assert list(tmp_path.iterdir()) == [tmp_path / "out"]
 
 
+@pytest.mark.parametrize(("content", "why"), [
+    ("/elsewhere/run", "names '/elsewhere/run', which is no folder name inside --output-dir"),
+    ("../../escaped", "names '../../escaped', which is no folder name inside --output-dir"),
+    ("..", "names '..', which is no folder name inside --output-dir"),
+    (b"\xff\xfe", "cannot read torchrun's run id marker"),
+])
+def test_a_run_id_marker_naming_anything_but_a_folder_inside_output_dir_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | bytes, why: str) -> None:
+    """The marker's content became the run folder as it was: an absolute path or `../..` put the run, its
+    checkpoint rotation and its overwrites (a user's config.json, on a restart) outside --output-dir."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job6")
+    marker = tmp_path / "out" / ".torchelastic" / "job6"
+    marker.parent.mkdir(parents=True)
+    marker.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError, match=re.escape(why) + r".*; remove it to start the run afresh$"):
+        _choose_run_dir(TrainConfig(output_dir=str(tmp_path / "out")))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "out", "out/.torchelastic", "out/.torchelastic/job6"]
+
+
+def test_symlinks_planted_in_a_run_folder_are_never_written_through(tmp_path: Path) -> None:
+    """Anyone who can write to a shared --output-dir could plant `.lock`, a temp name (`.summary.json.tmp`) or the
+    write probe's `.write-probe-<pid>` as a symlink to a file of the user's: each write went into that file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own")
+    run = tmp_path / "out" / "run"
+    run.mkdir(parents=True)
+    (run / ".summary.json.tmp").symlink_to(victim)
+    write_durably(run / "summary.json", b"{}")
+    assert (run / "summary.json").read_bytes() == b"{}" and not (run / ".summary.json.tmp").exists()
+    (run / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(UserError, match=r"^could not write metrics\.jsonl to .*: Too many levels of symbolic links"):
+        append_whole(run / "metrics.jsonl", b"{}\n")
+    (run / "metrics.jsonl").unlink()
+    (run / ".lock").symlink_to(victim)
+    (tmp_path / "out" / f".write-probe-{os.getpid()}").symlink_to(victim)  # in --output-dir, which is probed
+    with pytest.raises(UserError, match=r"^cannot write to the run folder .*: Too many levels of symbolic links"):
+        _choose_run_dir(TrainConfig(output_dir=str(tmp_path / "out"), run_name="run"))
+    _choose_run_dir(TrainConfig(output_dir=str(tmp_path / "out"), run_name="other")).release()
+    assert victim.read_text() == "the user's own"
+
+
 def test_a_refused_start_leaves_an_existing_folder_as_it_found_it(tmp_path: Path) -> None:
     """It left a `.lock` of its own in a user's folder it refused to use; a start that failed in an existing empty
     folder leaves it empty too. Another job's lock file stays where it is."""
@@ -737,6 +779,10 @@ def test_flight_recorder_dumps_into_the_run_folder_and_respects_the_users_settin
     unnamed = TrainConfig(output_dir=str(tmp_path))
     assert collectives.flight_recorder_dir(unnamed, {"TORCHELASTIC_RUN_ID": "job7"}) == (
         tmp_path / "flight_recorder" / "job7")
+    # A run id that is no plain name (torchrun's --rdzv-id takes any string) put the dumps outside --output-dir.
+    for run_id in ("../../escaped", "/tmp/abs", ".."):
+        dump = collectives.flight_recorder_dir(unnamed, {"TORCHELASTIC_RUN_ID": run_id})
+        assert dump.parent == tmp_path / "flight_recorder" and dump.name.startswith("sha256-")
 
 
 def test_the_error_line_is_out_before_the_failed_runs_frames_are_let_go(monkeypatch: pytest.MonkeyPatch,

@@ -356,6 +356,16 @@ def test_a_run_shorter_than_log_every_is_not_said_to_lack_progress_jsonl(tmp_pat
     assert "no progress.jsonl" not in text.get_text() and "--log-every" in text.get_text()
 
 
+def test_the_picture_is_not_written_through_a_symlink_at_its_temp_name(tmp_path: Path) -> None:
+    """`.report.png.tmp -> ~/victim` in a run folder: the picture replaced the victim's content."""
+    run = _write_run(tmp_path / "a", SUMMARY_A, CONFIG_A)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own")
+    (run / ".report.png.tmp").symlink_to(victim)
+    assert report.picture(run).read_bytes().startswith(b"\x89PNG")
+    assert victim.read_text() == "the user's own" and not (run / ".report.png.tmp").exists()
+
+
 def test_the_step_time_panel_leaves_untimed_intervals_as_gaps() -> None:
     """--phase-timers off over steps 31-55 of a resumed run: the line ran straight from step 30's 37 ms to step 60's
     508 ms, a ramp nothing measured."""
