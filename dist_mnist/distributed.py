@@ -173,6 +173,27 @@ def _check_later_numbers() -> None:
     env_whole_number("LOCAL_WORLD_SIZE", 1, least=1)  # torchrun's processes on this host
 
 
+# The variables gloo and NCCL read for the interface their sockets use; unset, both take the address the host name
+# resolves to, which may be a public one.
+SOCKET_INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+@contextmanager
+def loopback_only(alone: bool) -> Iterator[None]:
+    """For a world of one (`alone`), the process group's sockets on the loopback interface while it opens: gloo's
+    device listens for peers on the host name's address, so a single-process run listened on the machine's public
+    address where the host name resolves to one (servers bind to 127.0.0.1 unless asked). A world of one has no
+    peer to reach it. An interface the user chose stays; the variables are put back after, so nothing a later group
+    or process inherits changes."""
+    chosen = {name: "lo" for name in SOCKET_INTERFACE_VARIABLES if alone and name not in os.environ}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for name in chosen:
+            os.environ.pop(name, None)
+
+
 @contextmanager
 def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -> Iterator[DistContext]:
     """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""
@@ -222,7 +243,7 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
                 store = dist.PrefixStore(f"dist_mnist/attempt_{attempt}", store)
     else:
         store = dist.HashStore()  # a world of one needs no rendezvous: an in-process store, so no port is opened
-    with timer.phase("process_group"):
+    with timer.phase("process_group"), loopback_only(world_size == 1):
         try:
             dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
         except dist.DistError as exc:  # DistStoreError: a peer's address never came (a world of one waits on none)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import REPO, SMOKE_FLAGS, cpu_env, make_mnist_dir
 
 import dist_mnist.train as train_module
@@ -122,6 +125,30 @@ def world_of_one() -> Iterator[DistContext]:
     """Function-scoped: the whole-run test below opens its own default process group."""
     with distributed_session(TrainConfig(device="cpu")) as ctx:
         yield ctx
+
+
+def test_a_world_of_one_listens_on_the_loopback_interface_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gloo's device listens for peers on the address the host name resolves to: a single-process run listened on
+    the machine's public address where the host name resolves to one. It has no peer, so its sockets are put on
+    `lo` while the group opens; the user's own choice and the environment after it are left as they were."""
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    seen: list[tuple[str | None, str | None]] = []
+    real_init = dist.init_process_group
+
+    def init(*args: Any, **kwargs: Any) -> None:
+        seen.append((os.environ.get("GLOO_SOCKET_IFNAME"), os.environ.get("NCCL_SOCKET_IFNAME")))
+        real_init(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    with distributed_session(TrainConfig(device="cpu")):
+        listening = [c.laddr.ip for c in psutil.Process().net_connections(kind="tcp") if c.status == "LISTEN"]
+        assert all(ip in ("127.0.0.1", "::1") for ip in listening), listening
+    assert seen == [("lo", "lo")] and "GLOO_SOCKET_IFNAME" not in os.environ
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the user's
+    with distributed_session(TrainConfig(device="cpu")):
+        pass
+    assert seen[-1] == ("lo", "lo") and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
 
 
 def batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
