@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -123,10 +124,22 @@ def warnings_end_open_line() -> Iterator[None]:
         warnings.showwarning = previous
 
 
+# Control characters (C0, DEL, C1): a message quotes text read from files (a lock's holder line, a checkpoint's
+# recipe name), and a newline or an escape sequence planted there printed a forged second `error:` line, or recoloured
+# the terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character written as an escape (`\\n`, `\\x1b`): one line, nothing a terminal
+    acts on."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def rank_line(rank: int | str, kind: str, message: str) -> None:
     """One `error:` or `note:` line on stderr, `[rank N] `-prefixed off rank 0. One write, newline included: print()
     writes the text and the newline apart, and the lines of ranks that fail at the same moment would run together."""
     OPEN_LINE.end()
-    prefix = kind if str(rank) == "0" else f"[rank {rank}] {kind}"
-    sys.stderr.write(f"{prefix}: {message}\n")
+    prefix = kind if str(rank) == "0" else f"[rank {one_line(str(rank))}] {kind}"
+    sys.stderr.write(f"{prefix}: {one_line(message)}\n")
     sys.stderr.flush()

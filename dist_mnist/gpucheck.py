@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_mnist.argtypes import whole_number_at_least
-from dist_mnist.console import kept_stdout
+from dist_mnist.console import kept_stdout, rank_line
 from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACES_DIR
 
 TARGET = 0.99  # issue 9's accuracy bar
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             text, ok = step_kernels(args.run_dir, args.top)
         except UnreadableTrace as exc:  # nothing to show: one line, as the other tools' bad input
-            print(f"error: {exc}", file=sys.stderr)
+            rank_line(0, "error", str(exc))
             return 1
     else:
         text, ok = trace_kernels(args.run_dir)

@@ -72,7 +72,7 @@ class Progress:
                     record = json.loads(line) if line.strip() else None
                     if record is not None and int(record["step"]) <= step:
                         kept.append(line)
-                except (ValueError, TypeError, KeyError):
+                except (ValueError, TypeError, KeyError, RecursionError):
                     # A line cut short (a crash or a full disk in mid-append) or edited by hand: a record of the past
                     # that no longer reads, not a reason to stop every later resume.
                     print(f"warning: {self.path} line {number} is damaged and was dropped: {line[:80]!r}",

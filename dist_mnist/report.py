@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_mnist.compare import compare_summaries, config_changes, format_comparison, resumed_steps, run_label
-from dist_mnist.console import kept_stdout
+from dist_mnist.console import kept_stdout, rank_line
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import format_eval
 from dist_mnist.plots import write_run_picture
@@ -31,6 +31,8 @@ def _read_json(path: Path, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is corrupt: {exc}") from None
+    except RecursionError:  # arrays nested past Python's recursion limit: no file a run writes
+        raise UserError(f"{path} is corrupt: nested too deep to read") from None
 
 
 def _format_or_fail(path: Path, formatter: Callable[[Any], str], record: Any) -> str:
@@ -101,6 +103,8 @@ def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise UserError(f"{path} line {number} is corrupt: nested too deep to read") from None
         except json.JSONDecodeError as exc:
             # A last line without its newline is what a process killed in mid-append leaves.
             cut = " (cut short: the run stopped while writing it)" if number == len(lines) and not text.endswith(
@@ -143,7 +147,7 @@ def _recorded_steps(path: Path) -> list[int]:
     for line in (_read_text(path) or "").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             steps.append(record["step"])
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_picture:
             print(f"picture: {picture(args.run_dir)}")
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank_line(0, "error", str(exc))
         return 1
     return 0
 

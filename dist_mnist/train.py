@@ -546,7 +546,7 @@ def missing_summary_note(run_dir: Path, step: int) -> str:
         last_step = json.loads((run_dir / SUMMARY_FILE).read_text()).get("last_step")
     except FileNotFoundError:
         return f" (it has no {SUMMARY_FILE}: {NO_SUMMARY_WHY})"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return ""  # damaged: `python -m dist_mnist.report` says so
     if isinstance(last_step, int) and last_step < step:
         return f" (its {SUMMARY_FILE} is an earlier process's, of the steps up to {last_step}: {NO_SUMMARY_WHY})"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import io
 import json
 import os
@@ -274,6 +275,40 @@ def test_second_job_in_a_held_folder_is_refused_naming_the_holder(tmp_path: Path
     again = _choose_run_dir(cfg)
     assert list(again.locks) == [again.path, again.path / "checkpoints"]
     again.release()
+
+
+def test_run_files_nested_past_the_recursion_limit_are_damaged_records_not_tracebacks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """progress.jsonl read on a resume, summary.json read by the rerun of a complete run: a RecursionError was
+    uncaught in both."""
+    flags = [*SMOKE_FLAGS, "--log-every", "2", "--output-dir", str(tmp_path), "--run-name", "deep"]
+    assert train_module.main([*flags, "--max-steps", "4"]) == 0
+    deep = "[" * 200_000 + "]" * 200_000
+    with open(tmp_path / "deep" / "progress.jsonl", "a") as f:
+        f.write(deep + "\n")
+    capsys.readouterr()
+    assert train_module.main([*flags, "--max-steps", "6"]) == 0
+    assert "progress.jsonl line 3 is damaged and was dropped" in capsys.readouterr().err
+    (tmp_path / "deep" / "summary.json").write_text(deep)
+    assert train_module.main([*flags, "--max-steps", "6"]) == 0
+    assert "is already complete at step 6" in capsys.readouterr().out
+
+
+def test_a_lock_holder_line_with_control_characters_stays_one_line(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The refusal quotes the lock file's holder line, which anyone who can write the folder can craft: a newline and
+    an escape sequence there printed a forged second `error:` line and recoloured the terminal."""
+    run = tmp_path / "held"
+    run.mkdir()
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"PID 1\nerror: FAKE all is well\x1b[31m")
+        assert train_module.main([*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--run-name", "held"]) == 1
+    finally:
+        os.close(fd)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: run folder {run} is in use by PID 1\\nerror: FAKE all is well\\x1b[31m: ")
 
 
 def test_a_checkpoint_dir_naming_a_running_jobs_own_checkpoints_is_refused(tmp_path: Path) -> None:

@@ -356,6 +356,14 @@ def test_a_run_shorter_than_log_every_is_not_said_to_lack_progress_jsonl(tmp_pat
     assert "no progress.jsonl" not in text.get_text() and "--log-every" in text.get_text()
 
 
+def test_json_nested_past_the_recursion_limit_is_a_corrupt_file_not_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _write_run(tmp_path / "a", SUMMARY_A, CONFIG_A)
+    (run / "summary.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert report.main([str(run), "--no-picture"]) == 1
+    assert capsys.readouterr().err == f"error: {run / 'summary.json'} is corrupt: nested too deep to read\n"
+
+
 def test_the_picture_is_not_written_through_a_symlink_at_its_temp_name(tmp_path: Path) -> None:
     """`.report.png.tmp -> ~/victim` in a run folder: the picture replaced the victim's content."""
     run = _write_run(tmp_path / "a", SUMMARY_A, CONFIG_A)
