@@ -113,6 +113,12 @@ def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
         missing = [f for f in fields if not isinstance(record, dict) or f not in record]
         if missing:
             raise UserError(f"{path} is not a dist_mnist run file (line {number} lacks {', '.join(missing)})")
+        # What the picture draws: a step as a whole number, the rest numbers or null ("step": [1] was a traceback).
+        wrong = [f for f in fields if not (isinstance(record[f], int) if f == "step" else
+                                           record[f] is None or isinstance(record[f], (int, float)))
+                 or isinstance(record[f], bool)]
+        if wrong:
+            raise UserError(f"{path} is not a dist_mnist run file (line {number}: {', '.join(wrong)} not a number)")
         records.append(record)
     return records
 

@@ -251,6 +251,9 @@ def test_no_picture_prints_the_report_only(tmp_path: Path, capsys: pytest.Captur
 @pytest.mark.parametrize(("setup", "message"), [
     (lambda d: (d / "progress.jsonl").write_text('{"step": 1,\n'), "progress.jsonl line 1 is corrupt"),
     (lambda d: (d / "progress.jsonl").write_text('{"step": 1}\n'), "line 1 lacks train_loss, step_time_ms"),
+    # Fields of the wrong type reached the picture's drawing: a traceback.
+    (lambda d: (d / "progress.jsonl").write_text('{"step": [1], "train_loss": 1.0, "step_time_ms": "x"}\n'),
+     "progress.jsonl is not a dist_mnist run file (line 1: step, step_time_ms not a number)"),
     (lambda d: (d / "report.png").mkdir(), "cannot write"),
 ])
 def test_picture_of_a_bad_run_is_one_line_error(setup: Any, message: str, tmp_path: Path,
