@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import pickle
 import random
 import re
+import stat
 import sys
 import threading
 import time
@@ -164,6 +166,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         hint = (f"a checkpoint file in it (the newest is {newest[0].relative_to(path)})" if newest
                 else "a checkpoint file")
         raise UserError(f"checkpoint {path} is a folder; give {hint}, or --resume auto for this run's own newest")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except OSError as exc:
+        raise UserError(f"checkpoint {path} is unreadable ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        # A FIFO blocked the open below until something wrote to it (the resume hung); a device read on and on.
+        raise UserError(f"checkpoint {path} is not a regular file (a {_file_kind(mode)}); the files are <run "
+                        "folder>/checkpoints/step*.pt")
     if not _is_pickle_or_archive(path):
         # A config.json or a log given by mistake, or bytes a disk scrambled: torch's pickle machine reads such a file
         # as opcodes and may fail with anything (an IndexError, a KeyError: its memo and stack) or, worse, succeed.
@@ -197,7 +209,137 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if damaged := _record_failing_its_crc(path):
         raise UserError(f"checkpoint {path} is damaged: its record {damaged} fails its CRC-32 check (the bytes "
                         "changed after the file was written: a disk, memory or copy error)")
+    try:
+        _check_structure(state)
+    except _Malformed as exc:
+        raise UserError(f"checkpoint {path} is malformed: {exc} (not as this program writes it)") from None
     return state
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+# -- what a loaded checkpoint must hold ----------------------------------------------------------------------------
+# weights_only loading refuses code, but not values of the wrong type or range: a step "abc", a world size of 0, an
+# `rng` list without the entry of a rank. Each field the resume reads is checked here, so a crafted or edited file is
+# one line naming the field, never a traceback deep in the resume, a hang, or a run that trains on silently from a
+# step of -5.
+
+
+class _Malformed(Exception):
+    """What is wrong with a loaded checkpoint's contents (load_checkpoint words it as a UserError)."""
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _whole(value: object, name: str, least: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise _Malformed(f"{name} is {_show(value)}, not a whole number >= {least}")
+    return value
+
+
+def _real(value: object, name: str, least: float | None = 0.0) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or (least is not None and value < least)):
+        bound = "" if least is None else f" >= {least:g}"
+        raise _Malformed(f"{name} is {_show(value)}, not a finite number{bound}")
+    return float(value)
+
+
+def _dict(value: object, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise _Malformed(f"{name} is {_show(value) if not isinstance(value, dict) else 'a dict'}, not a dict by name")
+    return value
+
+
+def _list(value: object, name: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise _Malformed(f"{name} is {_show(value)}, not a list")
+    return list(value)
+
+
+def _check_structure(state: dict[str, Any]) -> None:
+    """The fields a resume reads, of the types and in the ranges this program writes them (raises _Malformed)."""
+    if not isinstance(state.get("model_class"), str):
+        raise _Malformed(f"model_class is {_show(state.get('model_class'))}, not a class name")
+    model = _dict(state.get("model"), "model")
+    if bad := next((key for key, value in model.items() if not isinstance(value, torch.Tensor)), None):
+        raise _Malformed(f"model entry {bad!r} is {_show(model[bad])}, not a tensor")
+    config = _dict(state.get("config"), "config")
+    world_size = _whole(state.get("world_size"), "world_size", least=1)
+    rng = _list(state.get("rng"), "rng")
+    if len(rng) != world_size:
+        raise _Malformed(f"rng holds {len(rng)} entries, not one per process of its world of {world_size}")
+    for rank, entry in enumerate(rng):
+        _check_rng(entry, f"rng[{rank}]")
+    train_loss = _list(state.get("train_loss", []), "train_loss")  # checkpoints before it was saved hold none
+    if train_loss and len(train_loss) != world_size:
+        raise _Malformed(f"train_loss holds {len(train_loss)} entries, not one per process of its world of "
+                         f"{world_size}")
+    for rank, entry in enumerate(train_loss):
+        pair = _list(entry, f"train_loss[{rank}]")
+        if len(pair) != 2:
+            raise _Malformed(f"train_loss[{rank}] is {_show(entry)}, not a [sum, count] pair")
+        _real(pair[0], f"train_loss[{rank}] sum", least=None)
+        _whole(pair[1], f"train_loss[{rank}] count")
+    train_state = _dict(state.get("train_state"), "train_state")
+    step = _whole(train_state.get("step"), "train_state.step")
+    epoch = _whole(train_state.get("epoch"), "train_state.epoch")
+    _whole(train_state.get("batch_in_epoch"), "train_state.batch_in_epoch")
+    epochs = config.get("epochs")
+    if isinstance(epochs, int) and epoch > epochs:
+        raise _Malformed(f"train_state.epoch {epoch} is past the {epochs} epochs of its config")
+    for number, record in enumerate(_list(train_state.get("metrics"), "train_state.metrics")):
+        name = f"train_state.metrics[{number}]"
+        record = _dict(record, name)
+        if bad := next((key for key, value in record.items()
+                        if value is not None and not isinstance(value, (bool, int, float, str))), None):
+            raise _Malformed(f"{name}.{bad} is {_show(record[bad])}, not a number or a word")
+        if _whole(record.get("step"), f"{name}.step") > step:
+            raise _Malformed(f"{name}.step {record['step']} is past the checkpoint's step {step}")
+        _real(record.get("test_accuracy"), f"{name}.test_accuracy")
+    for name in ("optimizer", "scheduler", "scaler", "clock", "progress", "comm_hook", "numerics"):
+        if name in state:
+            _dict(state[name], name)
+    if clock := state.get("clock"):
+        _real(clock.get("elapsed_s"), "clock.elapsed_s")
+        _real(clock.get("paused_s", 0.0), "clock.paused_s")
+    if progress := state.get("progress"):
+        _real(progress.get("loss_sum"), "progress.loss_sum", least=None)
+        _whole(progress.get("loss_count"), "progress.loss_count")
+
+
+def _check_rng(entry: object, name: str) -> None:
+    """One process's generator states (rng_state), set into scratch generators: the ones set_rng_state sets accept
+    exactly what these do."""
+    entry = _dict(entry, name)
+    cpu = entry.get("torch")
+    if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8:
+        raise _Malformed(f"{name}.torch is {_show(cpu)}, not a generator state (a uint8 tensor)")
+    cuda = _list(entry.get("cuda"), f"{name}.cuda")
+    if any(not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 for t in cuda):
+        raise _Malformed(f"{name}.cuda holds {_show(cuda)}, not generator states (uint8 tensors)")
+    numpy_state = _list(entry.get("numpy"), f"{name}.numpy")
+    python_state = entry.get("python")
+    try:
+        torch.Generator().set_state(cpu)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise _Malformed(f"{name}.torch is not a generator state ({first_line(exc)})") from None
+    try:
+        keys, pos, has_gauss, cached = numpy_state
+        np.random.RandomState().set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (TypeError, ValueError, OverflowError, IndexError) as exc:
+        raise _Malformed(f"{name}.numpy is not numpy's generator state ({first_line(exc)})") from None
+    try:
+        random.Random().setstate(cast(tuple[Any, ...], python_state))  # refused unless it is one
+    except (TypeError, ValueError, OverflowError, IndexError) as exc:
+        raise _Malformed(f"{name}.python is not Python's generator state ({first_line(exc)})") from None
 
 
 def _is_pickle_or_archive(path: Path) -> bool:
@@ -303,6 +445,121 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, config: dict
             raise UserError(f"checkpoint {source} was trained with --{name.replace('_', '-')} "
                             f"{saved} (recipe {state.get('recipe', 'unknown')}), this run has "
                             f"{config.get(name)} (recipe {recipe}); use the same value or recipe, or {fresh}")
+
+
+def check_training_parts(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                         source: str) -> None:
+    """Refuse optimizer, scheduler and scaler states that this run's parts would take without a word and fail on
+    (or worse) later: torch's load_state_dict checks little. A fused AdamW moment of another shape than its
+    parameter crashed the process (a segmentation fault) at the first step; a scheduler's state is set into its
+    __dict__ as it comes (a key "step" replaced the method)."""
+    try:
+        if saved := state.get("optimizer"):
+            _check_optimizer(saved, optimizer)
+        for name, part in (("scheduler", scheduler), ("scaler", scaler)):
+            if (saved := state.get(name)) and (live := part.state_dict()):
+                _check_like(saved, live, part, name)
+    except _Malformed as exc:
+        raise UserError(f"checkpoint {source} does not load into this run: {exc}") from None
+
+
+def _kind(value: object) -> object:
+    """A value's kind as a state dict holds it: a float may be saved as an int, a None flag as a bool."""
+    if value is None or isinstance(value, bool):
+        return "flag"
+    if isinstance(value, (list, tuple)):
+        return tuple(_kind(v) for v in value)
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        # A learning rate as a one-element tensor: what a run with CUDA graphs keeps (graphs.use_tensor_learning_rates)
+        # and may save in its scheduler's _last_lr; a number where the other run keeps floats.
+        return "number"
+    return type(value).__name__
+
+
+def _check_value(saved: object, live: object, name: str) -> None:
+    if _kind(saved) != _kind(live):
+        raise _Malformed(f"its {name} is {_show(saved)}, where this run has {_show(live)}")
+    if isinstance(saved, (list, tuple)):
+        for i, (s, lv) in enumerate(zip(saved, live)):  # type: ignore[call-overload]  # same kind: a sequence too
+            _check_value(s, lv, f"{name}[{i}]")
+    elif _kind(saved) == "number":
+        _real(saved.item() if isinstance(saved, torch.Tensor) else saved, f"its {name}")
+        if isinstance(live, int) and not isinstance(saved, int):
+            raise _Malformed(f"its {name} is {_show(saved)}, not a whole number")
+
+
+def _check_like(saved: dict[str, Any], live: dict[str, Any], part: object, name: str) -> None:
+    """A state set into an object's attributes (LambdaLR's, GradScaler's): the kinds of this run's own, and no key
+    that would replace something else of the object (a method)."""
+    for key, value in _dict(saved, name).items():
+        if key in live:
+            _check_value(value, live[key], f"{name} state's {key}")
+        elif key.startswith("_") or hasattr(part, key) or _kind(value) not in ("flag", "number", "str"):
+            raise _Malformed(f"its {name} state holds {key!r}, which this run's {type(part).__name__} does not")
+
+
+def _check_optimizer(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    live = optimizer.state_dict()
+    states = saved.get("state")
+    if not isinstance(states, dict):  # by parameter number
+        raise _Malformed(f"its optimizer state's state is {_show(states)}, not a dict")
+    groups = _list(saved.get("param_groups"), "optimizer state's param_groups")
+    if len(groups) != len(live["param_groups"]):
+        raise _Malformed(f"its optimizer state has {len(groups)} parameter groups, this run's "
+                         f"{len(live['param_groups'])}")
+    parameters: dict[int, torch.Tensor] = {}
+    for number, (group, live_group, params) in enumerate(zip(groups, live["param_groups"], optimizer.param_groups)):
+        name = f"optimizer state's param_groups[{number}]"
+        group = _dict(group, name)
+        if group.get("params") != live_group["params"]:
+            raise _Malformed(f"its {name} holds the parameters {_show(group.get('params'))}, this run's "
+                             f"{_show(live_group['params'])}")
+        for key, value in group.items():
+            if key != "params" and key in live_group:
+                _check_value(value, live_group[key], f"{name}.{key}")
+        parameters.update(zip(live_group["params"], params["params"]))
+        # AdamW's moments (amsgrad adds the maximum); a state without them failed at the first step.
+        needs = ("step", "exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if group.get("amsgrad") else []))
+        for index in live_group["params"]:
+            per_parameter = states.get(index)
+            if per_parameter is None:
+                continue  # not stepped yet: AdamW makes its state at the first step
+            where = f"optimizer state of parameter {index}"
+            per_parameter = _dict(per_parameter, where)
+            if missing := [key for key in needs if key not in per_parameter]:
+                raise _Malformed(f"its {where} lacks {', '.join(missing)}")
+            for key, value in per_parameter.items():
+                if not isinstance(value, torch.Tensor):
+                    raise _Malformed(f"its {where}: {key} is {_show(value)}, not a tensor")
+                if key == "step" and value.numel() != 1:
+                    raise _Malformed(f"its {where}: step has {value.numel()} elements, not 1")
+                if key != "step" and value.shape != parameters[index].shape:
+                    raise _Malformed(f"its {where}: {key} has the shape {tuple(value.shape)}, the parameter "
+                                     f"{tuple(parameters[index].shape)}")
+    if unknown := [key for key in states if key not in parameters]:
+        raise _Malformed(f"its optimizer state holds state for {_show(unknown)}, not parameters of this model")
+
+
+def part_refused(source: str, part: str, exc: BaseException) -> UserError:
+    """The error for a checkpoint part whose own load_state_dict (or the resume's use of it) failed on its state."""
+    return UserError(f"checkpoint {source} does not load into this run: its {part} state was refused "
+                     f"({type(exc).__name__}: {first_line(exc)})")
+
+
+def check_position(state: dict[str, Any], source: str, batches_per_epoch: int, world_size: int, batch_size: int,
+                   train_size: int) -> None:
+    """Refuse a place in the epoch past its end: the checkpoint's processes counted `batch_in_epoch` of their
+    batches (this run's `batches_per_epoch` in the same world; in another, at most the epoch's samples)."""
+    train_state, old_world = state["train_state"], state["world_size"]
+    done = train_state["batch_in_epoch"]
+    beyond = (done >= batches_per_epoch if old_world == world_size else done * batch_size * old_world > train_size)
+    if beyond:
+        raise UserError(f"checkpoint {source} is malformed: train_state.batch_in_epoch {done} is past the end of an "
+                        f"epoch of this run ({batches_per_epoch} batches per process of {world_size}, "
+                        f"{train_size} training images)")
 
 
 def numerics_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> str | None:

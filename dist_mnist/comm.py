@@ -136,7 +136,52 @@ class PowerSGDHookState:
         return {"ranks": self.ctx.gather_objects(self._local())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ranks = state["ranks"]
+        ranks = state.get("ranks")
+        if not isinstance(ranks, list) or not ranks:
+            raise ValueError(f"its ranks are {str(ranks)[:60]}, not a list of one state per process")
+
+        def whole(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        # Each rank's saved state (_local) in the types and sizes the hook and `align` use it in: a residual or a
+        # factor of another size than its bucket's parameters failed the first compressed step (or `align`), a
+        # traceback in the training loop. Every rank's, on every rank: all of them refuse it, or none. A ValueError
+        # names what is wrong; the resume words it as one line.
+        for number, saved in enumerate(ranks):
+            name = f"ranks[{number}]"
+            if not isinstance(saved, dict):
+                raise ValueError(f"{name} is not a dict")
+            for key in ("iter", "numel_before", "numel_after", "next_stats_report"):
+                if not whole(saved.get(key)):
+                    raise ValueError(f"{name}.{key} is {str(saved.get(key))[:40]}, not a whole number >= 0")
+            orders = saved.get("orders")
+            if not isinstance(orders, dict) or not all(
+                    whole(index) and isinstance(order, list) and order and all(whole(i) for i in order)
+                    and max(order) < len(self.params) and len(set(order)) == len(order)
+                    for index, order in orders.items()):
+                raise ValueError(f"{name}.orders is not a dict of bucket numbers to lists of parameter numbers")
+            for which, key in enumerate(("error", "p", "q")):
+                store = saved.get(key)
+                if not isinstance(store, dict):
+                    raise ValueError(f"{name}.{key} is not a dict of bucket numbers to tensors")
+                for index, tensor in store.items():
+                    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1 or not tensor.is_floating_point():
+                        raise ValueError(f"{name}.{key}[{index}] is not a flat tensor of floats")
+                    # A bucket the hook ran on has its order (`align` records it first); its size follows from it.
+                    size = sum(piece[which] for piece in self._pieces(orders[index])) if index in orders else None
+                    if size is not None and tensor.numel() != size:
+                        raise ValueError(f"{name}.{key}[{index}] holds {tensor.numel()} elements of {tensor.dtype}, "
+                                         f"not the {size} floats of its bucket's parameters")
+            rng = saved.get("rng")
+            keys = rng.get("keys") if isinstance(rng, dict) else None
+            try:
+                if not isinstance(rng, dict) or not isinstance(keys, torch.Tensor):
+                    raise TypeError("not a dict with a tensor of keys")
+                np.random.RandomState().set_state(cast(MT19937State, (  # refused unless it is one
+                    "MT19937", keys.numpy().astype(np.uint32), rng.get("pos"), rng.get("has_gauss"),
+                    rng.get("cached_gaussian"))))
+            except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+                raise ValueError(f"{name}.rng is not numpy's generator state ({exc})") from None
         # Another world size (an elastic restart): the factors and counters are the same on every rank, the
         # residuals are per rank and start from zero again (the run stays correct, not bit-identical).
         same_world = len(ranks) == self.ctx.world_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,14 +47,21 @@ def read_idx_uint8(path: Path, ndim: int) -> torch.Tensor:
     torch._dynamo, which the first optimizer needs too but which main() imports in a thread (StartupTimer); a
     torchvision import on the main thread would wait for it. Only the download still uses torchvision.
     """
-    data = path.read_bytes()
     header = 4 + 4 * ndim
-    if len(data) < header or data[:4] != bytes([0, 0, 0x08, ndim]):
-        raise ValueError(f"expected the magic number 0x0000080{ndim} and {ndim} sizes")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    if len(data) - header != math.prod(shape):
-        raise ValueError(f"{len(data) - header} data bytes for a shape of {shape}")
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy())
+    with open(path, "rb") as f:
+        # The header first, and the file's size against the one it implies, before the body is read: a file whose
+        # header claims one image but that is gigabytes long (a sparse file costs nothing to make) was read whole.
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(header)
+        if len(head) < header or head[:4] != bytes([0, 0, 0x08, ndim]):
+            raise ValueError(f"expected the magic number 0x0000080{ndim} and {ndim} sizes")
+        shape = tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
+        if size - header != math.prod(shape):
+            raise ValueError(f"{size - header} data bytes for a shape of {shape}")
+        body = f.read(size - header)
+    if len(body) != math.prod(shape):  # the file changed while it was read
+        raise ValueError(f"{len(body)} data bytes for a shape of {shape}")
+    return torch.from_numpy(np.frombuffer(body, dtype=np.uint8).reshape(shape).copy())
 
 
 def _read_idx_pair(raw: Path, prefix: str) -> Split:

@@ -45,8 +45,10 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
-            # An ignored signal stays ignored: `nohup` ignores SIGHUP so that a closed terminal leaves the run be.
-            if signal.getsignal(sig) != signal.SIG_IGN:
+            # An ignored SIGHUP stays ignored: `nohup` ignores it so that a closed terminal leaves the run be. The
+            # others are a stop request even where ignored: a shell ignores SIGINT and SIGQUIT in the jobs it runs in
+            # the background, and a `kill -INT` sent to one is still meant.
+            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

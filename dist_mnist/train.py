@@ -715,6 +715,10 @@ class Trainer:
                 if found is not None:
                     source, state = str(found[0]), found[1]
                     checkpoint.check_compatible(state, self.parts.module, cfg.to_json(), source, self.recipe.name)
+                    checkpoint.check_training_parts(state, self.parts.optimizer, self.parts.scheduler,
+                                                    self.parts.scaler, source)
+                    checkpoint.check_position(state, source, self.batches_per_epoch, ctx.world_size, cfg.batch_size,
+                                              self.data.train_size)
             except UserError as exc:
                 state, error = None, str(exc)  # every rank fails: no need to send them the refused state
         state, source, error = ctx.broadcast_object((state, source, error))
@@ -726,23 +730,34 @@ class Trainer:
                 self.log(f"torchrun restart {restarts_done} of {allowed}: the run wrote no checkpoint before the "
                          "failure, so it starts again from step 0")
             return
-        for name, part in self.stateful().items():
-            # An empty state is what a disabled GradScaler (no fp16) saves, and a checkpoint of a run without
-            # PowerSGD has no comm_hook part: the part stays as built.
-            if state.get(name):
-                part.load_state_dict(state[name])
-        if state["world_size"] == ctx.world_size:
-            checkpoint.set_rng_state(state["rng"][ctx.rank], ctx.device)
-        else:
-            self.adapt_to_world_size(state["world_size"])
-        powersgd = self.parts.comm.powersgd if self.parts.comm else None
-        if powersgd and (not state.get("comm_hook") or state["world_size"] != ctx.world_size):
-            # PowerSGD starts compressing once its count of steps reaches the LR warm-up's end. A run switched to
-            # it on this resume has no count saved, and one resumed at another world size is at another step of
-            # this world's schedule: counting from 0, or from the old world's steps, started it a whole warm-up
-            # late (or early).
-            powersgd.state.iter = self.parts.scheduler.last_epoch
-        self.restore_train_loss(state.get("train_loss", []), state["world_size"] == ctx.world_size)
+        # load_checkpoint and the checks above refuse what they can name; whatever a part's own load_state_dict still
+        # raises on the state (a tensor that does not fit, a key it lacks) is one line naming the part, not a
+        # traceback. Nothing of the run folder is written yet, so the refused start leaves nothing behind.
+        applying = "model"
+        try:
+            for name, part in self.stateful().items():
+                # An empty state is what a disabled GradScaler (no fp16) saves, and a checkpoint of a run without
+                # PowerSGD has no comm_hook part: the part stays as built.
+                if state.get(name):
+                    applying = name
+                    part.load_state_dict(state[name])
+            if state["world_size"] == ctx.world_size:
+                applying = "rng"
+                checkpoint.set_rng_state(state["rng"][ctx.rank], ctx.device)
+            else:
+                applying = "train_state"
+                self.adapt_to_world_size(state["world_size"])
+            powersgd = self.parts.comm.powersgd if self.parts.comm else None
+            if powersgd and (not state.get("comm_hook") or state["world_size"] != ctx.world_size):
+                # PowerSGD starts compressing once its count of steps reaches the LR warm-up's end. A run switched to
+                # it on this resume has no count saved, and one resumed at another world size is at another step of
+                # this world's schedule: counting from 0, or from the old world's steps, started it a whole warm-up
+                # late (or early).
+                powersgd.state.iter = self.parts.scheduler.last_epoch
+            applying = "train_loss"
+            self.restore_train_loss(state.get("train_loss", []), state["world_size"] == ctx.world_size)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+            raise checkpoint.part_refused(source, applying, exc) from None
         # samples_per_sec of the next record counts this process's steps over this process's training time.
         self.last_record = (self.state.step, 0.0)
         where = (f"epoch {self.state.epoch_number()}, batch {self.state.batch_in_epoch}" if self.state.batch_in_epoch

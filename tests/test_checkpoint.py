@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from conftest import SMOKE_FLAGS, train
 
 from dist_mnist import checkpoint
+from dist_mnist.comm import PowerSGDHookState
+from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
 from dist_mnist.model import MnistCNN
 from dist_mnist.recipes import RECIPES
@@ -638,3 +641,163 @@ def test_a_folder_or_a_file_of_another_kind_given_to_resume_is_named_as_such(bas
     with pytest.raises(UserError, match=r"config\.json is not a checkpoint: neither a torch\.save archive nor a "
                                         r"pickle"):
         checkpoint.load_checkpoint(run / "config.json")
+
+
+# -- crafted contents: values of the wrong type or range are one line naming the field -------------------------
+
+
+def crafted_copy(base_run: Path, tmp_path: Path, change: Callable[[dict[str, Any]], object]) -> Path:
+    """The base run's newest checkpoint, changed by `change` and saved again as torch.save would."""
+    state = torch.load(checkpoints_of(base_run) / f"step{BASE_STEPS:08d}.pt", weights_only=True)
+    change(state)
+    path = tmp_path / "crafted.pt"
+    torch.save(state, path)
+    return path
+
+
+def _set(*keys: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def change(state: dict[str, Any]) -> None:
+        for key in keys[:-1]:
+            state = state[key]
+        state[keys[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (_set("train_state", "step", value="abc"), "train_state.step is 'abc', not a whole number >= 0"),
+    (_set("train_state", "step", value=-5), "train_state.step is -5, not a whole number >= 0"),
+    (_set("train_state", "epoch", value=-10**9), "train_state.epoch is -1000000000, not a whole number >= 0"),
+    (_set("train_state", "epoch", value=10**9), "train_state.epoch 1000000000 is past the [0-9]+ epochs of its config"),
+    (_set("train_state", "batch_in_epoch", value=2.5), "train_state.batch_in_epoch is 2.5, not a whole number"),
+    (lambda state: state.pop("train_state"), "train_state is None, not a dict"),
+    (lambda state: state.pop("config"), "config is None, not a dict"),
+    (_set("model", value=[1, 2]), r"model is \[1, 2\], not a dict"),
+    (_set("model", "fc1.weight", value=[1.0]), r"model entry 'fc1.weight' is \[1.0\], not a tensor"),
+    (_set("rng", value=[]), "rng holds 0 entries, not one per process of its world of 1"),
+    (_set("rng", value=[{"torch": 1, "cuda": [], "numpy": [], "python": 3}]), r"rng\[0\].torch is 1, not a generator"),
+    (lambda state: state["rng"][0].__setitem__("numpy", [[1, 2], 0, 0, 0.0]), r"rng\[0\].numpy is not numpy's"),
+    (lambda state: state["rng"][0].__setitem__("python", (3, (1, 2), None)), r"rng\[0\].python is not Python's"),
+    (_set("world_size", value="1"), "world_size is '1', not a whole number >= 1"),
+    (_set("world_size", value=0), "world_size is 0, not a whole number >= 1"),
+    (_set("train_state", "metrics", value=[1]), r"train_state.metrics\[0\] is 1, not a dict"),
+    (_set("train_state", "metrics", value=[{"step": 10**6, "test_accuracy": 0.5}]),
+     r"train_state.metrics\[0\].step 1000000 is past the checkpoint's step 8"),
+    (_set("train_state", "metrics", value=[{"step": 4, "test_accuracy": torch.ones(1)}]),
+     r"train_state.metrics\[0\].test_accuracy is tensor\(\[1.\]\), not a number or a word"),
+    (_set("clock", "elapsed_s", value="x"), "clock.elapsed_s is 'x', not a finite number >= 0"),
+    (_set("train_loss", value=[[1.0]]), r"train_loss\[0\] is \[1.0\], not a \[sum, count\] pair"),
+    (_set("progress", "loss_count", value="x"), "progress.loss_count is 'x', not a whole number >= 0"),
+])
+def test_a_checkpoint_with_crafted_values_is_one_error_naming_the_field(
+        base_run: Path, tmp_path: Path, change: Callable[[dict[str, Any]], object], said: str) -> None:
+    path = crafted_copy(base_run, tmp_path, change)
+    with pytest.raises(UserError, match=rf"^checkpoint {re.escape(str(path))} is malformed: {said}") as excinfo:
+        checkpoint.load_checkpoint(path)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_the_checkpoints_this_program_writes_pass_the_checks(base_run: Path) -> None:
+    for path in checkpoint.list_checkpoints(checkpoints_of(base_run)):
+        checkpoint.load_checkpoint(path)
+
+
+def _params_of_group_0(value: object) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state["optimizer"]["param_groups"][0].__setitem__("params", value)
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    # A fused AdamW moment of another shape than its parameter: a segmentation fault at the first step.
+    (lambda state: state["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(3)),
+     r"does not load into this run: its optimizer state of parameter 0: exp_avg has the shape \(3,\), the "
+     r"parameter \(32, 1, 3, 3\)"),
+    (lambda state: state["optimizer"]["state"][0].pop("exp_avg_sq"),
+     "its optimizer state of parameter 0 lacks exp_avg_sq"),
+    (_params_of_group_0([0]), r"its optimizer state's param_groups\[0\] holds the parameters \[0\]"),
+    (lambda state: state["optimizer"]["param_groups"][0].__setitem__("lr", "fast"),
+     r"its optimizer state's param_groups\[0\].lr is 'fast', where this run has"),
+    (lambda state: state["scheduler"].__setitem__("step", 1), "its scheduler state holds 'step', which"),
+    (lambda state: state["scheduler"].__setitem__("last_epoch", -3), "its scheduler state's last_epoch is -3"),
+    # Past the checks: the scheduler's own load_state_dict fails on it (KeyError), said as one line too.
+    (lambda state: state.__setitem__("scheduler", {"x": 1}),
+     r"does not load into this run: its scheduler state was refused \(KeyError: 'lr_lambdas'\)"),
+    (_set("train_state", "batch_in_epoch", value=10**12),
+     "is malformed: train_state.batch_in_epoch 1000000000000 is past the end of an epoch of this run"),
+])
+def test_a_checkpoint_whose_parts_do_not_fit_this_run_is_one_line_and_leaves_nothing(
+        capsys: pytest.CaptureFixture[str], base_run: Path, tmp_path: Path,
+        change: Callable[[dict[str, Any]], object], said: str) -> None:
+    path = crafted_copy(base_run, tmp_path, change)
+    output_dir = tmp_path / "out"
+    code, _, err = train_in_process(capsys, output_dir, "--run-name", "new", "--resume", str(path))
+    assert code == 1
+    assert re.match(rf"error: checkpoint {re.escape(str(path))} .*{said}", single_error_line(err)), err
+    assert not (output_dir / "new").exists()  # a failed start leaves nothing behind: the same command can run again
+
+
+def _in_thread(call: Callable[[], object], fifo: Path) -> object:
+    """`call`'s result, or a test failure where it blocks on `fifo` (which is then opened to let it go)."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except UserError as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the reader's open returns, and it reads EOF
+        thread.join(timeout=20)
+        pytest.fail(f"blocked opening the FIFO {fifo}")
+    return result[0]
+
+
+def test_a_fifo_named_like_a_checkpoint_is_refused_not_waited_on(run_copy: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    fifo = tmp_path / "step00000001.pt"
+    os.mkfifo(fifo)
+    error = _in_thread(lambda: checkpoint.load_checkpoint(fifo), fifo)
+    assert isinstance(error, UserError)
+    assert str(error) == (f"checkpoint {fifo} is not a regular file (a FIFO); the files are <run "
+                          "folder>/checkpoints/step*.pt")
+    # In the run's own folder, --resume auto sets it aside with the usual warning and takes the previous one.
+    folder = checkpoints_of(run_copy)
+    fifo = folder / "step99999998.pt"
+    os.mkfifo(fifo)
+    found = _in_thread(lambda: checkpoint.find_resume_checkpoint(folder), fifo)
+    assert isinstance(found, tuple) and found[0] == checkpoint.checkpoint_path(folder, BASE_STEPS)
+    assert "is not a regular file (a FIFO)" in capsys.readouterr().err
+    assert (folder / "step99999998.pt.unreadable").exists() and not fifo.exists()
+
+
+def _powersgd_checkpoint(change: Callable[[dict[str, Any]], object]) -> tuple[PowerSGDHookState, dict[str, Any]]:
+    ctx = DistContext(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo", control_group=None)
+    saved = PowerSGDHookState(MnistCNN(), ctx, start_iter=2)
+    # A bucket of fc1's weight (parameter 4: 128 x 9216), which compresses: the residual is whole, P and Q of its
+    # approximation's rank (128 and 9216 elements per rank).
+    saved.orders[0] = [4]
+    saved.state.error_dict[0], saved.state.p_memory_dict[0], saved.state.q_memory_dict[0] = (
+        torch.zeros(size) for size in saved._pieces([4])[0])
+    state = saved.state_dict()
+    change(state)
+    return PowerSGDHookState(MnistCNN(), ctx, start_iter=2), state
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (lambda state: state.__setitem__("ranks", []), "its ranks are"),
+    (lambda state: state["ranks"][0].__setitem__("iter", "x"), r"ranks\[0\].iter is x, not a whole number"),
+    (lambda state: state["ranks"][0]["p"].__setitem__(0, torch.zeros(5)),
+     r"ranks\[0\].p\[0\] holds 5 elements of torch.float32, not the [0-9]+ floats"),
+    (lambda state: state["ranks"][0]["error"].__setitem__(0, torch.zeros(3)), r"ranks\[0\].error\[0\] holds 3"),
+    (lambda state: state["ranks"][0]["orders"].__setitem__(0, [99]), r"ranks\[0\].orders is not a dict"),
+    (lambda state: state["ranks"][0]["rng"].__setitem__("keys", 5), r"ranks\[0\].rng is not numpy's"),
+])
+def test_a_powersgd_state_that_does_not_fit_is_refused_on_load(change: Callable[[dict[str, Any]], object],
+                                                               said: str) -> None:
+    hook_state, state = _powersgd_checkpoint(lambda state: None)
+    hook_state.load_state_dict(state)  # as saved, it loads
+    hook_state, state = _powersgd_checkpoint(change)
+    with pytest.raises(ValueError, match=said):
+        hook_state.load_state_dict(state)

@@ -192,6 +192,44 @@ def test_corrupt_idx_file_is_named(tmp_path: Path, name: str, corrupt: Callable[
     assert "\n" not in str(excinfo.value)
 
 
+def test_an_idx_file_longer_than_its_header_says_is_refused_before_its_body_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sparse file of 8 GiB whose header claims one image: the size is checked against the header's first, so
+    # the body is never read (reading it whole allocated the 8 GiB).
+    data_dir = make_mnist_dir(tmp_path)
+    path = mnist_raw_dir(str(data_dir)) / "train-images-idx3-ubyte"
+    write_idx(path, torch.zeros(1, 28, 28))
+    with open(path, "r+b") as f:
+        f.truncate(8 << 30)
+    reads: list[int] = []
+    real_open = open
+
+    class CountingFile:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> CountingFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def fileno(self) -> int:
+            return int(self.f.fileno())
+
+        def read(self, n: int = -1) -> bytes:
+            reads.append(n)
+            return bytes(self.f.read(n))
+
+    monkeypatch.setattr("dist_mnist.data.open", lambda p, *a, **k: CountingFile(real_open(p, *a, **k)),
+                        raising=False)
+    with pytest.raises(UserError, match=f"^{path} is not a valid MNIST IDX file .*{(8 << 30) - 16} data bytes for a "
+                                        r"shape of \(1, 28, 28\)") as excinfo:
+        load_mnist(mnist_cfg(data_dir), cpu_ctx())
+    assert "\n" not in str(excinfo.value)
+    assert reads == [16]  # the header only
+
+
 def test_images_and_labels_that_do_not_match_are_refused(tmp_path: Path) -> None:
     data_dir = make_mnist_dir(tmp_path, train_size=300, test_size=101)
     raw = mnist_raw_dir(str(data_dir))

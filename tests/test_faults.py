@@ -967,19 +967,20 @@ def test_a_full_disk_under_torchrun_restarts_says_the_restart_fails_the_same_way
 # Slurm or Kubernetes do) while it reads a data file whose name holds $DIST_MNIST_TEST_SIGNAL_AT: a point of start-up
 # reached every time, with no sleep to guess.
 SIGNAL_HOOK = """
-import os, pathlib, signal
+import os, signal
 # A test run may inherit SIGINT ignored (a background job of a non-interactive shell, as `bash .ci/run &` is), and
 # Python then leaves it ignored: give the process the handler it has on a terminal, where a user presses Ctrl-C.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 _signal = getattr(signal, os.environ.get("DIST_MNIST_TEST_SIGNAL", "SIGINT"))
 if _signal != signal.SIGINT:  # likewise SIGHUP under nohup, SIGQUIT in a background job: the default, as there
     signal.signal(_signal, signal.SIG_DFL)
-_target, _read_bytes = os.environ.get("DIST_MNIST_TEST_SIGNAL_AT"), pathlib.Path.read_bytes
-def _read_bytes_interrupted(self):
-    if _target and _target in self.name:
+import builtins
+_target, _open = os.environ.get("DIST_MNIST_TEST_SIGNAL_AT"), builtins.open
+def _open_interrupted(file, *args, **kwargs):  # the data files are opened with open() (data.read_idx_uint8)
+    if _target and _target in os.path.basename(str(file)):
         os.kill(os.getpid(), _signal)
-    return _read_bytes(self)
-pathlib.Path.read_bytes = _read_bytes_interrupted
+    return _open(file, *args, **kwargs)
+builtins.open = _open_interrupted
 import sys
 class _InterruptImport:  # the signal as the module named by DIST_MNIST_TEST_SIGNAL_IMPORT begins to import
     def find_spec(self, name, path=None, target=None):
