@@ -307,6 +307,10 @@ def _check_structure(state: dict[str, Any]) -> None:
     for name in ("optimizer", "scheduler", "scaler", "clock", "progress", "comm_hook", "numerics"):
         if name in state:
             _dict(state[name], name)
+    # The rounding settings are compared and named in the resume's note (numerics_changes): flags, words, counts.
+    for key, value in state.get("numerics", {}).items():
+        if value is not None and not isinstance(value, (bool, int, str)):
+            raise _Malformed(f"numerics.{key} is {_show(value)}, not a setting")
     if clock := state.get("clock"):
         _real(clock.get("elapsed_s"), "clock.elapsed_s")
         _real(clock.get("paused_s", 0.0), "clock.paused_s")
@@ -493,11 +497,13 @@ def _check_value(saved: object, live: object, name: str) -> None:
 
 def _check_like(saved: dict[str, Any], live: dict[str, Any], part: object, name: str) -> None:
     """A state set into an object's attributes (LambdaLR's, GradScaler's): the kinds of this run's own, and no key
-    that would replace something else of the object (a method)."""
+    that would replace something else of the object (a method). A key this torch's object does not have, with a
+    plain value, is let through: another torch version's (a checkpoint of torch 2.14 resumed under the GPU
+    machines' 2.11) may hold a private field this one lacks."""
     for key, value in _dict(saved, name).items():
         if key in live:
             _check_value(value, live[key], f"{name} state's {key}")
-        elif key.startswith("_") or hasattr(part, key) or _kind(value) not in ("flag", "number", "str"):
+        elif hasattr(part, key) or _kind(value) not in ("flag", "number", "str"):
             raise _Malformed(f"its {name} state holds {key!r}, which this run's {type(part).__name__} does not")
 
 
@@ -514,7 +520,10 @@ def _check_optimizer(saved: dict[str, Any], optimizer: torch.optim.Optimizer) ->
     for number, (group, live_group, params) in enumerate(zip(groups, live["param_groups"], optimizer.param_groups)):
         name = f"optimizer state's param_groups[{number}]"
         group = _dict(group, name)
-        if group.get("params") != live_group["params"]:
+        saved_params = group.get("params")
+        # Compared as a list of ints only: a tensor there made `!=` itself raise ("Boolean value of Tensor ...").
+        if (not isinstance(saved_params, list) or not all(type(p) is int for p in saved_params)
+                or saved_params != live_group["params"]):
             raise _Malformed(f"its {name} holds the parameters {_show(group.get('params'))}, this run's "
                              f"{_show(live_group['params'])}")
         for key, value in group.items():

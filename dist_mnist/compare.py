@@ -13,9 +13,9 @@ from dist_mnist.metrics import PHASES
 # named with the run instead, by run_label). A rank's `steps` is how many steps its phase timers timed, the size of
 # a sample (0 with --phase-timers off, whose "0.00x" against a timed run read as a figure that collapsed).
 # `phase_timing` is the timers' settings and count of timed steps, `traces` how many windows were written;
-# `phase_time_per_step_s` is shown as the phases' ms rows.
+# `phase_time_per_step_s` is shown as the phases' ms rows; `config`, the settings, as the config diff.
 _NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps", "phase_timing", "traces",
-                 "phase_time_per_step_s"}
+                 "phase_time_per_step_s", "config"}
 # Counts worth seeing side by side, without a ratio, by label: the world size, and DDP's gradient buckets
 # (--bucket-cap-mb sets them).
 _COUNTS = {"world_size": "ranks", "allreduce_buckets": "allreduce_buckets"}

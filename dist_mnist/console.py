@@ -9,6 +9,7 @@ and says so once on standard error.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -32,20 +33,28 @@ class KeptStdout:
         self._note = note
         self.reader_gone = False
 
+    # A reader that went away: a closed pipe (EPIPE), or a terminal or ssh session that hung up, whose tty then
+    # fails every write with EIO. The hang-up's SIGHUP stops the run at a step boundary, and an evaluation or progress
+    # line printed on the way there raised EIO before the stop's checkpoint was written.
     def write(self, text: str) -> int:
         if not self.reader_gone:
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
-                self._lose_reader()
+            except OSError as exc:
+                self._lose_reader_or_raise(exc)
         return len(text)
 
     def flush(self) -> None:
         if not self.reader_gone:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self._lose_reader()
+            except OSError as exc:
+                self._lose_reader_or_raise(exc)
+
+    def _lose_reader_or_raise(self, exc: OSError) -> None:
+        if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EIO:
+            raise exc
+        self._lose_reader()
 
     def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno, ...: the wrapped stream's
         return getattr(self._stream, name)
@@ -141,5 +150,8 @@ def rank_line(rank: int | str, kind: str, message: str) -> None:
     writes the text and the newline apart, and the lines of ranks that fail at the same moment would run together."""
     OPEN_LINE.end()
     prefix = kind if str(rank) == "0" else f"[rank {one_line(str(rank))}] {kind}"
-    sys.stderr.write(f"{prefix}: {one_line(message)}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"{prefix}: {one_line(message)}\n")
+        sys.stderr.flush()
+    except OSError:  # standard error gone too (a hung-up terminal: EIO): nobody is left to tell, and the run goes on
+        pass

@@ -32,7 +32,7 @@ from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_
 from dist_mnist.argtypes import on_off
 from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args, usable_cpus
-from dist_mnist.console import kept_stdout, rank_line, warnings_end_open_line
+from dist_mnist.console import kept_stdout, one_line, rank_line, warnings_end_open_line
 from dist_mnist.data import (
     DataPipeline,
     build_pipeline,
@@ -531,9 +531,9 @@ class RunClock:
 
 
 # A run whose last process was stopped while it finished (a Ctrl-C after the loop), or could not write the summary (a
-# full disk): the summary is made of that
-# process's step times, which ended with it, so no rerun can write it; a rerun must not read as if all were there.
-# Where an earlier process (before a resume) wrote one, that summary is of its own steps only.
+# full disk): the summary is made of that process's step times, which ended with it, so no rerun can write it; a
+# rerun must not read as if all were there. Where an earlier process (before a resume) wrote one, that summary is of
+# its own steps only.
 NO_SUMMARY_WHY = ("the process that finished it ended before writing one (it was stopped, or could not write it), "
                   "and the step times it is made of ended with that process; metrics.jsonl holds the run's "
                   "evaluations")
@@ -640,7 +640,8 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.ctx.is_main:
             self.progress.end_line()
-            print(message, flush=True)
+            # One line, nothing a terminal acts on: messages quote what files held (a checkpoint's settings).
+            print(one_line(message), flush=True)
 
     def training_seconds(self) -> float:
         return self.clock.training_seconds()

@@ -687,6 +687,8 @@ def _set(*keys: str, value: object) -> Callable[[dict[str, Any]], None]:
     (_set("clock", "elapsed_s", value="x"), "clock.elapsed_s is 'x', not a finite number >= 0"),
     (_set("train_loss", value=[[1.0]]), r"train_loss\[0\] is \[1.0\], not a \[sum, count\] pair"),
     (_set("progress", "loss_count", value="x"), "progress.loss_count is 'x', not a whole number >= 0"),
+    # A list there made the resume note's set of hooks a TypeError traceback.
+    (_set("numerics", "ddp_comm_hook", value=["bf16"]), r"numerics.ddp_comm_hook is \['bf16'\], not a setting"),
 ])
 def test_a_checkpoint_with_crafted_values_is_one_error_naming_the_field(
         base_run: Path, tmp_path: Path, change: Callable[[dict[str, Any]], object], said: str) -> None:
@@ -713,6 +715,8 @@ def _params_of_group_0(value: object) -> Callable[[dict[str, Any]], None]:
     (lambda state: state["optimizer"]["state"][0].pop("exp_avg_sq"),
      "its optimizer state of parameter 0 lacks exp_avg_sq"),
     (_params_of_group_0([0]), r"its optimizer state's param_groups\[0\] holds the parameters \[0\]"),
+    # A tensor there made the comparison itself raise ("Boolean value of Tensor ... is ambiguous").
+    (_params_of_group_0(torch.arange(8)), r"its optimizer state's param_groups\[0\] holds the parameters tensor"),
     (lambda state: state["optimizer"]["param_groups"][0].__setitem__("lr", "fast"),
      r"its optimizer state's param_groups\[0\].lr is 'fast', where this run has"),
     (lambda state: state["scheduler"].__setitem__("step", 1), "its scheduler state holds 'step', which"),
@@ -732,6 +736,16 @@ def test_a_checkpoint_whose_parts_do_not_fit_this_run_is_one_line_and_leaves_not
     assert code == 1
     assert re.match(rf"error: checkpoint {re.escape(str(path))} .*{said}", single_error_line(err)), err
     assert not (output_dir / "new").exists()  # a failed start leaves nothing behind: the same command can run again
+
+
+def test_a_private_scheduler_field_of_another_torch_version_is_let_through(
+        capsys: pytest.CaptureFixture[str], base_run: Path, tmp_path: Path) -> None:
+    """A checkpoint of the pinned torch resumed under the GPU machines' older one (or the other way) may hold a
+    private field the other's LambdaLR lacks: a plain value there is no reason to refuse the resume."""
+    path = crafted_copy(base_run, tmp_path, lambda state: state["scheduler"].__setitem__("_added_later", True))
+    code, out, err = train_in_process(capsys, tmp_path / "out", "--run-name", "new", "--resume", str(path))
+    assert code == 0, err
+    assert "resumed from step" in out
 
 
 def _in_thread(call: Callable[[], object], fifo: Path) -> object:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -528,6 +530,40 @@ def test_sighup_and_sigquit_stop_like_sigterm_unless_the_process_started_with_th
     assert ignored.requested is (sig == signal.SIGQUIT)
     if sig == signal.SIGHUP:
         assert signal.getsignal(sig) == signal.SIG_IGN
+
+
+class _TerminalThatHangsUp(io.StringIO):
+    """A terminal or ssh session that closed: after its first line every write to the tty fails with EIO."""
+
+    def write(self, text: str) -> int:
+        if "\n" in self.getvalue():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return super().write(text)
+
+
+@pytest.mark.timeout(120)
+def test_a_hang_up_stops_the_run_with_its_checkpoint_though_the_terminal_is_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_signal_handlers: None) -> None:
+    """A closed terminal sends SIGHUP and fails every later write to it with EIO: the evaluation and progress lines
+    printed on the way to the stop raised it, before the stop's checkpoint was written."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as on a terminal (a suite under nohup has it ignored)
+    terminal = _TerminalThatHangsUp()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", _TerminalThatHangsUp())
+    real = train_module.Trainer.log_progress
+
+    def hang_up(self: train_module.Trainer) -> None:
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGHUP)
+        real(self)
+
+    monkeypatch.setattr(train_module.Trainer, "log_progress", hang_up)
+    flags = [*SMOKE_FLAGS, "--max-steps", "12", "--log-every", "1", "--eval-every", "2", "--output-dir", str(tmp_path),
+             "--run-name", "hung"]
+    assert main(flags) == 0
+    assert terminal.getvalue().startswith("run ") and terminal.getvalue().count("\n") == 1
+    checkpoints = tmp_path / "hung" / "checkpoints"
+    assert list_checkpoints(checkpoints)[0] == checkpoint_path(checkpoints, 3)  # a world of one stops at once
 
 
 AFTER_THE_LOOP_SCRIPT = """

@@ -142,7 +142,10 @@ def test_a_world_of_one_listens_on_the_loopback_interface_only(monkeypatch: pyte
 
     monkeypatch.setattr(dist, "init_process_group", init)
     with distributed_session(TrainConfig(device="cpu")):
-        listening = [c.laddr.ip for c in psutil.Process().net_connections(kind="tcp") if c.status == "LISTEN"]
+        process = psutil.Process()
+        # net_connections from psutil 6 on; pyproject allows 5.9, whose name for it is connections.
+        connections = getattr(process, "net_connections", None) or process.connections
+        listening = [c.laddr.ip for c in connections(kind="tcp") if c.status == "LISTEN"]
         assert all(ip in ("127.0.0.1", "::1") for ip in listening), listening
     assert seen == [("lo", "lo")] and "GLOO_SOCKET_IFNAME" not in os.environ
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the user's

@@ -171,7 +171,10 @@ def test_the_comparison_takes_each_summarys_own_settings_over_a_later_processs_c
     run_a = _write_run(tmp_path / "a", {**SUMMARY_A, "config": CONFIG_A}, CONFIG_B)  # config.json: a later process's
     run_b = _write_run(tmp_path / "b", SUMMARY_B, CONFIG_A)  # a summary from before the record: config.json
     assert report.main([str(run_a), str(run_b)]) == 0
-    assert capsys.readouterr().out.splitlines()[2] == "config: identical"
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "config: identical"
+    # The settings are the diff's, not figures with a ratio ("config.lr 0.001 -> 0.002 2.00x" in the table).
+    assert not [line for line in out[3:] if "config" in line or "lr" in line.split()[:1]]
     # Each side's own record against config.json: the diff follows the summary's settings.
     run_c = _write_run(tmp_path / "c", {**SUMMARY_B, "config": CONFIG_B}, CONFIG_A)
     assert report.compare(run_a, run_c).splitlines()[2:5] == [
