@@ -118,26 +118,21 @@ def metrics_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def sigterm_then_rerun(command: list[str], checkpoints: Path, everyone: bool = False,
-                       sig: signal.Signals = signal.SIGTERM) -> tuple[Result, int]:
-    """Start a run, signal it (`sig`) once it trains, check it stopped with a checkpoint, rerun the same command to
-    the end.
+def sigterm_then_rerun(command: list[str], checkpoints: Path, everyone: bool = False) -> tuple[Result, int]:
+    """Start a run, SIGTERM it once it trains, check it stopped with a checkpoint, rerun the same command to the end.
 
     Returns the stopped run and the step it stopped at. For torchrun the signal goes to the agent, which forwards it;
-    with `everyone`, every process of the job gets its own copy at once, DataLoader workers included, as from Slurm
-    (or, for SIGHUP, from a terminal that closes).
+    with `everyone`, every process of the job gets its own copy at once, DataLoader workers included, as from Slurm.
     """
-    if sig != signal.SIGTERM:
-        command = [*AS_ON_A_TERMINAL, *command]
     job = LiveRun(command)
     job.wait_until(lambda: job.progress_step() > 0, "the first progress line")
     targets = [job.proc.pid]
     if everyone:
         targets += [p.pid for p in psutil.Process(job.proc.pid).children(recursive=True)]
     for pid in targets:
-        os.kill(pid, sig)
+        os.kill(pid, signal.SIGTERM)
     stopped = job.result()
-    match = re.search(STOPPED.format(signal=sig.name), stopped.stdout, re.MULTILINE)
+    match = re.search(STOPPED.format(signal="SIGTERM"), stopped.stdout, re.MULTILINE)
     assert match, f"no stop message\nstdout:\n{stopped.stdout}\nstderr:\n{stopped.stderr[-3000:]}"
     stop_step = int(match.group(1))
     assert list_checkpoints(checkpoints)[0] == checkpoint_path(checkpoints, stop_step)
@@ -305,22 +300,9 @@ def test_three_ranks_resume_to_identical_parameters(tmp_path: Path) -> None:
     assert_resumed_equals_straight(tmp_path, 10)
 
 
-@pytest.fixture(scope="module")
-def exact_straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """EXACT_FLAGS on 2 ranks to the end (32 steps), never stopped: what every stopped and resumed run must equal."""
-    out = tmp_path_factory.mktemp("exact")
-    straight = torchrun(2, *EXACT_FLAGS, "--output-dir", str(out), "--run-name", "straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    return out / "straight"
-
-
 @pytest.mark.scenario
 @pytest.mark.timeout(400)
-# SIGHUP: a terminal or ssh session that closes signals its whole process group alike. torchrun forwards it to its
-# workers too, which died of it where they stood: no checkpoint, no line, the steps since the last checkpoint lost.
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_to_every_process_stops_at_one_step_and_resumes_to_identical_parameters(
-        tmp_path: Path, exact_straight_run: Path, sig: signal.Signals) -> None:
+def test_sigterm_to_every_process_stops_at_one_step_and_resumes_to_identical_parameters(tmp_path: Path) -> None:
     # Slurm's scancel and preemption signal every process of the step: torchrun's agent, which forwards the signal
     # to its workers too, the ranks, and their DataLoader workers. Workers that died of it would make the ranks fail
     # with "DataLoader worker exited unexpectedly" instead of saving a checkpoint. The ranks stop at the same step
@@ -329,12 +311,30 @@ def test_sigterm_to_every_process_stops_at_one_step_and_resumes_to_identical_par
     # progress line (step 4). One loader worker each is enough to be signalled (each costs an interpreter start),
     # and the straight run needs none: workers hand over the same batches.
     flags = [*EXACT_FLAGS, "--output-dir", str(tmp_path)]
-    (tmp_path / "straight").symlink_to(exact_straight_run, target_is_directory=True)
+    straight = torchrun(2, *flags, "--run-name", "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
     stopped, stop_step = sigterm_then_rerun([*TORCHRUN, TRAIN_SCRIPT, *flags, "--num-workers", "1", "--run-name",
-                                             "resumed"], tmp_path / "resumed" / "checkpoints", everyone=True, sig=sig)
+                                             "resumed"], tmp_path / "resumed" / "checkpoints", everyone=True)
     assert "Root Cause" not in stopped.stderr and "exited unexpectedly" not in stopped.stderr, stopped.stderr[-3000:]
     assert stop_step < 32
     assert_resumed_equals_straight(tmp_path, 32)
+
+
+@pytest.mark.scenario
+@pytest.mark.timeout(300)
+def test_sighup_to_torchrun_stops_every_worker_with_a_checkpoint(tmp_path: Path) -> None:
+    """A terminal or ssh session that closes sends torchrun SIGHUP, which it forwards to its workers (its
+    --signals-to-handle default): they died of it where they stood, with no checkpoint and no line. Now they stop as
+    on SIGTERM, whose resume to identical parameters the test above shows."""
+    checkpoints = tmp_path / "hung" / "checkpoints"
+    job = LiveRun([*AS_ON_A_TERMINAL, *TORCHRUN, TRAIN_SCRIPT, *SMOKE_FLAGS, "--epochs", "2", "--checkpoint-every", "0",
+                   *PG_TIMEOUT, "--output-dir", str(tmp_path), "--run-name", "hung"])
+    job.wait_until(lambda: job.progress_step() > 0, "the first progress line")
+    os.kill(job.proc.pid, signal.SIGHUP)
+    stopped = job.result()
+    match = re.search(STOPPED.format(signal="SIGHUP"), stopped.stdout, re.MULTILINE)
+    assert match, f"no stop line\nstdout:\n{stopped.stdout}\nstderr:\n{stopped.stderr[-3000:]}"
+    assert list_checkpoints(checkpoints)[0] == checkpoint_path(checkpoints, int(match.group(1)))
 
 
 @pytest.mark.scenario
