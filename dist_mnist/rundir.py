@@ -293,7 +293,10 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         checkpoints = checkpoint_dir(cfg, run_dir)
         # os.path.realpath, not Path.resolve: a name too long is the error of the folder's making below.
         real_checkpoints, real_run_dir = Path(os.path.realpath(checkpoints)), Path(os.path.realpath(run_dir))
-        if real_checkpoints != real_run_dir:  # one folder, one lock: a second flock would refuse itself
+        # One folder, one lock (a second flock would refuse itself): a --checkpoint-dir equal to the run folder is
+        # held by the run folder's.
+        checkpoints_held_as = checkpoints if real_checkpoints != real_run_dir else run_dir
+        if checkpoints_held_as == checkpoints:
             flag = "--run-name" if real_checkpoints.is_relative_to(real_run_dir) else "--checkpoint-dir"
             folders[checkpoints] = (f"checkpoint folder {checkpoints}", flag)
         for folder, (what, flag) in folders.items():
@@ -317,7 +320,7 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
     except UserError:
         held.release(remove_unused=True, refused=True)
         raise
-    if checkpoints in held.locks or real_checkpoints == real_run_dir and run_dir in held.locks:
+    if checkpoints_held_as in held.locks:
         # Held, so no write of another process is in flight there: a temp file is a dead process's.
         for tmp, size in remove_partial_writes(checkpoints):
             rank_line(0, "note", f"removed {tmp.name} ({size / 2**20:.1f} MiB) from {tmp.parent}: a partial write of "
