@@ -1036,7 +1036,10 @@ def test_a_stop_signal_while_launch_train_imports_torch_is_the_same_one_line(tmp
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", EXIT_CODES)
+# SIGHUP and SIGQUIT raise the same Terminated as SIGTERM, with their own name and code: CI's first pass, under the
+# GPU machines' torch, leaves them to the second (pyproject.toml's `scenario`).
+@pytest.mark.parametrize("name", [name if name in STOP_SIGNALS else pytest.param(name, marks=pytest.mark.scenario)
+                                  for name in EXIT_CODES])
 def test_a_stop_signal_after_the_run_files_or_while_finishing_says_what_is_on_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str) -> None:
     def interrupt(*args: object, **kwargs: object) -> None:
