@@ -51,7 +51,7 @@ RECIPES: dict[str, Recipe] = {
     # With conv2's bias and ReLU after the pool (model.py) and this recipe at warm-up 0.1, seeds 0 and 1 on CPU:
     # 99.0% at step 300 / 320, 99.14 / 99.13% at the end, 98.35 / 98.33% after `--epochs 1`.
     # Evaluating every 40 steps, not 20: on the H200 an evaluation of the 10,000 test images took 8.5 ms, six
-    # steps' worth, and the 13 before 99.0% took 0.14 of the 0.65 s. Every 40 evaluates 6 or 7 times fewer before
+    # steps' worth, and the 13 before 99.0% took 0.14 of the 0.65 s. Every 40 makes 6 or 7 fewer evaluations before
     # 99.0% at step 234 or 280 and sees it at most 20 steps (about 28 ms) later (docs/benchmarks.md, "Evaluations
     # and checkpoints on the GPU"); gpu_check.sh times every 20 beside it. Checkpoints at epoch ends only: an
     # epoch is 0.2 s of a GPU's time, and the cpu recipe's 200 steps put one more pause (30 ms) before 99.0%.
