@@ -40,8 +40,8 @@ class Terminated(BaseException):
 
 
 def raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
-    """The handler of TERMINATING_SIGNALS from launch/train.py's first line until main() takes them over (its
-    imports take seconds)."""
+    """The handler of TERMINATING_SIGNALS from the entry point's first line (dist_mnist/__main__.py) until main()
+    takes them over (its imports take seconds)."""
     raise Terminated(signal.Signals(signum))
 
 

@@ -1377,3 +1377,13 @@ def report_failure(rank: str, message: str, code: int) -> int:
     failure_path.begin()  # a start-up failure's first sight of it; and the line's joins after it end in order too
     rank_line(rank, "error", message)
     return code
+
+
+if __name__ == "__main__":
+    # Refused rather than trained: run as a script, this module imports torch before any stop signal's handler is set
+    # (a Ctrl-C in those seconds would be a traceback, dist_mnist/__main__.py says why its order matters), and it
+    # would load twice, as __main__ and as dist_mnist.train, each with classes of its own. It used to exit 0 having
+    # trained nothing, which a job script takes for success.
+    rank_line(os.environ.get("RANK", "0"), "error", "dist_mnist.train is not an entry point: run "
+              "`python -m dist_mnist [flags]` (or `torchrun --nproc_per_node=N -m dist_mnist [flags]`)")
+    raise SystemExit(2)

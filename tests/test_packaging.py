@@ -1,0 +1,62 @@
+"""What an installed package, not a checkout, can do: a wheel holds dist_mnist/ alone (no launch/, docs/ or tests/),
+so its entry points must live in the package; and what the checkout keeps out of builds and git."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SMOKE_FLAGS, cpu_env, run
+
+
+def installed_copy(tmp_path: Path) -> Path:
+    """A folder holding what a wheel installs, the package alone, to put on PYTHONPATH (before the test environment's
+    editable install of the checkout)."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "dist_mnist", site / "dist_mnist", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+@pytest.mark.timeout(120)
+def test_an_installed_package_trains_with_python_m_and_refuses_python_m_dist_mnist_train(tmp_path: Path) -> None:
+    site = installed_copy(tmp_path)
+    env = cpu_env(PYTHONPATH=str(site))
+    flags = [*SMOKE_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path / "out"), "--run-name", "r"]
+    trained = run([sys.executable, "-m", "dist_mnist", *flags], env=env, cwd=tmp_path, timeout=100)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((tmp_path / "out" / "r" / "summary.json").read_text())["last_step"] == 2
+    # Before: exit 0 having trained nothing, which a job script takes for success.
+    refused = run([sys.executable, "-m", "dist_mnist.train", *flags], env=env, cwd=tmp_path, timeout=100)
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr == ("error: dist_mnist.train is not an entry point: run `python -m dist_mnist [flags]` "
+                              "(or `torchrun --nproc_per_node=N -m dist_mnist [flags]`)\n")
+
+
+@pytest.mark.timeout(120)
+def test_an_installed_package_trains_under_torchrun_m(tmp_path: Path) -> None:
+    site = installed_copy(tmp_path)
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
+                  "dist_mnist", *SMOKE_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path / "out"),
+                  "--run-name", "r"], env=cpu_env(PYTHONPATH=str(site)), cwd=tmp_path, timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "r" / "summary.json").read_text())["last_step"] == 2
+
+
+def test_a_launcher_copied_out_of_a_checkout_runs_the_installed_package(tmp_path: Path) -> None:
+    """launch/train.py puts its grandparent first on sys.path only where that holds the package: a copy elsewhere
+    (here beside a stray dist_mnist/ folder without __init__.py) imports the installed one."""
+    site = installed_copy(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "dist_mnist").mkdir(parents=True)
+    (elsewhere / "launch").mkdir()
+    shutil.copy(REPO / "launch" / "train.py", elsewhere / "launch" / "train.py")
+    probe = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='probe'); import dist_mnist; "
+             "print(dist_mnist.__file__, sys.argv[2] in sys.path)")
+    result = subprocess.run([sys.executable, "-c", probe, str(elsewhere / "launch" / "train.py"), str(elsewhere)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, env=cpu_env(PYTHONPATH=str(site)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(site / "dist_mnist" / "__init__.py"), "False"]
