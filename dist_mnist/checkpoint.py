@@ -130,11 +130,13 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._done: WrittenCheckpoint | None = None
         self._error: BaseException | None = None
+        self._finished = threading.Event()  # set by the write in flight as it ends, either way
 
     def submit(self, data: bytes, folder: Path, step: int, keep: int, started: float) -> WrittenCheckpoint:
         """Start writing `data` as step `step`'s checkpoint, once the previous write is complete; returns the new
         one, being written (`seconds` None)."""
         self.wait()
+        finished = self._finished = threading.Event()
 
         def write() -> None:
             try:
@@ -142,6 +144,8 @@ class BackgroundWriter:
                 self._done = WrittenCheckpoint(path, len(data), time.perf_counter() - started)
             except BaseException as exc:  # raised in the training thread, by the next submit or wait
                 self._error = exc
+            finally:
+                finished.set()
 
         self._thread = threading.Thread(target=write, name=f"checkpoint-step{step}")
         self._thread.start()
@@ -151,7 +155,12 @@ class BackgroundWriter:
         """Block until the write in flight is on disk; returns it (None if there was none), or raises its error."""
         if self._thread is None:
             return None
-        self._thread.join()
+        # Not Thread.join alone: a signal handler that raises in it (torch's SIGCHLD one, for a dead DataLoader
+        # worker) marks the thread finished on CPython 3.10-3.12 (cpython#90882), so the next wait and the
+        # interpreter's exit no longer waited for the write: a half-written temp file, and a failure line naming a
+        # checkpoint never on disk. An Event's wait raises the same exception but leaves the write to be waited for.
+        self._finished.wait()
+        self._thread.join()  # the thread is past its last line: at once
         self._thread = None
         done, error, self._done, self._error = self._done, self._error, None, None
         if error is not None:

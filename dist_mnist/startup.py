@@ -41,6 +41,7 @@ class StartupTimer:
         self.phases: dict[str, float] = {"imports": time.time() - self.process_start}
         self._importer: threading.Thread | None = None
         self._import_error: BaseException | None = None
+        self._imported = threading.Event()  # set by the import thread as it ends, either way
 
     def import_in_background(self, *modules: str) -> None:
         """Import `modules` in a thread, overlapping the data loading and (on CUDA) the kernel warm-up.
@@ -52,6 +53,7 @@ class StartupTimer:
         (torch.use_deterministic_algorithms does): torch._inductor and torch._dynamo import each other, and two
         threads entering that cycle from opposite ends make one of the imports fail (tests/test_e2e.py).
         """
+        self._imported = threading.Event()
         self._importer = threading.Thread(target=self._import, args=(modules,), name="imports", daemon=True)
         self._importer.start()
 
@@ -61,12 +63,18 @@ class StartupTimer:
                 importlib.import_module(name)
         except BaseException as exc:  # raised in the main thread by join_background_imports
             self._import_error = exc
+        finally:
+            self._imported.set()
 
     def join_background_imports(self) -> None:
         """Wait for the background imports (timed as their own phase); their failure is raised here."""
         if self._importer is None:
             return
         with self.phase("background_imports"):
+            # As checkpoint.BackgroundWriter.wait: a signal handler raising in Thread.join marks the thread finished
+            # on CPython 3.10-3.12 (cpython#90882), and the next join, the one _main makes before the process ends,
+            # returned at once while the thread still imported (a daemon thread at the interpreter's exit).
+            self._imported.wait()
             self._importer.join()
         self._importer = None
         if self._import_error is not None:

@@ -10,9 +10,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +241,51 @@ class FakeEvent:
     def elapsed_time(self, end: FakeEvent) -> float:
         assert self.at is not None and end.at is not None
         return (end.at - self.at) * 1e3  # ms, as CUDA's
+
+
+class Interrupted(Exception):
+    """What InterruptedWait's signal handler raises in the main thread, as torch's SIGCHLD handler raises a dead
+    DataLoader worker's error wherever the main thread is."""
+
+
+class InterruptedWait:
+    """A thread's work that the main thread waits for, with a signal handler that raises interrupting that wait
+    once: `hold()`, called in the thread, signals the main thread once it is blocked in `function` (a state read
+    from its frames, not a timing), then returns only once the main thread waits in `function` again after
+    `waiting_again()`, or has given up (`give_up()`). Python 3.10-3.12 marked a thread whose join such a handler
+    interrupted as finished (cpython#90882): the second wait returned at once and the work was abandoned."""
+
+    def __init__(self, function: Callable[..., object]) -> None:
+        self.code = function.__code__
+        self.again, self.given_up = threading.Event(), threading.Event()
+        self.previous = signal.signal(signal.SIGUSR1, self._raise)
+
+    @staticmethod
+    def _raise(signum: int, frame: object) -> None:
+        raise Interrupted()
+
+    def main_thread_blocked(self) -> bool:
+        """The main thread is blocked in threading's waits (a join, an Event) called from `function`."""
+        frame = sys._current_frames().get(threading.main_thread().ident or 0)
+        if frame is None or not frame.f_code.co_filename.endswith("threading.py"):
+            return False
+        while frame is not None and frame.f_code is not self.code:
+            frame = frame.f_back
+        return frame is not None
+
+    def hold(self) -> None:
+        while not self.main_thread_blocked():
+            self.given_up.wait(0.001)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+        while not (self.again.is_set() and self.main_thread_blocked()) and not self.given_up.is_set():
+            self.given_up.wait(0.001)
+
+    def waiting_again(self) -> None:
+        self.again.set()
+
+    def give_up(self) -> None:
+        self.given_up.set()
+        signal.signal(signal.SIGUSR1, self.previous)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import SMOKE_FLAGS, train
+from conftest import SMOKE_FLAGS, Interrupted, InterruptedWait, train
 
 from dist_mnist import checkpoint
 from dist_mnist.comm import PowerSGDHookState
@@ -166,6 +166,32 @@ def test_background_writes_go_one_at_a_time_and_a_failure_surfaces_at_the_next_c
     # The raised error and its traceback hold the checkpoint's bytes in a reference cycle. When those bytes were a
     # memoryview of a BytesIO, this collection crashed Python 3.12.1 (checkpoint.serialize says why).
     gc.collect()
+
+
+def test_a_write_whose_wait_a_raising_signal_handler_interrupted_is_still_finished_and_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's SIGCHLD handler raising in the training thread while it waits for a write (a DataLoader worker the
+    out-of-memory killer took): the next wait, the failure's, returned at once on Python 3.10-3.12, the write was
+    abandoned half-done and the failure line named a checkpoint never on disk."""
+    interrupt = InterruptedWait(checkpoint.BackgroundWriter.wait)
+    real = checkpoint.write_checkpoint
+
+    def held_write(*args: Any) -> Path:
+        interrupt.hold()
+        return real(*args)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", held_write)
+    writer = checkpoint.BackgroundWriter()
+    try:
+        writer.submit(checkpoint.serialize({"step": 6}), tmp_path, 6, 2, time.perf_counter())
+        with pytest.raises(Interrupted):
+            writer.wait()
+        interrupt.waiting_again()
+        done = writer.wait()
+    finally:
+        interrupt.give_up()
+    assert done is not None and done.path == tmp_path / "step00000006.pt" and done.seconds is not None
+    assert torch.load(done.path, weights_only=True) == {"step": 6}
 
 
 def test_serialized_checkpoints_are_bytes_of_their_own() -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import io
 import json
 import os
@@ -17,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import types
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +30,18 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, cpu_env, free_port, make_mnist_dir, run, train
+from conftest import (
+    REPO,
+    SMOKE_FLAGS,
+    TRAIN_SCRIPT,
+    Interrupted,
+    InterruptedWait,
+    cpu_env,
+    free_port,
+    make_mnist_dir,
+    run,
+    train,
+)
 from test_cluster import Agents, agent_command
 from test_fault_tolerance import TORCHRUN, LiveRun, metrics_steps, worker_pid
 
@@ -992,6 +1007,51 @@ sys.meta_path.insert(0, _InterruptImport())
 # The stop signals, with the shell's exit code for each.
 STOP_SIGNALS = {"SIGINT": 130, "SIGTERM": 143}
 EXIT_CODES = {**STOP_SIGNALS, "SIGHUP": 129, "SIGQUIT": 131}
+
+
+class HeldImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports `name` as an empty module whose import first runs `body` (in the importing thread)."""
+
+    def __init__(self, name: str, body: Callable[[], None]) -> None:
+        self.name, self.body = name, body
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        return importlib.util.spec_from_loader(name, self) if name == self.name else None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.body()
+
+
+def test_an_import_whose_join_a_raising_signal_handler_interrupted_is_still_waited_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM in Trainer's join of the import thread (the failure path raises Terminated there) marked the thread
+    finished on Python 3.10-3.12 (cpython#90882): _main's last join returned at once and the process went down with
+    torch._dynamo still importing in a daemon thread, the crash that join is there to prevent."""
+    from dist_mnist.startup import StartupTimer
+
+    interrupt = InterruptedWait(StartupTimer.join_background_imports)
+    imported: list[str] = []
+    name = f"held_import_{uuid.uuid4().hex}"
+
+    def held() -> None:
+        interrupt.hold()
+        imported.append(name)
+
+    monkeypatch.setattr(sys, "meta_path", [HeldImport(name, held), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    startup = StartupTimer()
+    try:
+        startup.import_in_background(name)
+        with pytest.raises(Interrupted):
+            startup.join_background_imports()
+        interrupt.waiting_again()
+        startup.join_background_imports()
+    finally:
+        interrupt.give_up()
+    assert imported == [name]
 
 
 def interrupted_early_line(name: str) -> str:
