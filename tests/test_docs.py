@@ -63,7 +63,7 @@ def test_the_readme_states_defaults_where_expected() -> None:
             "--grad-accum-steps"} <= tables.keys()
     # Recipe values (--epochs, --batch-size, ...) are checked against the recipe table by tests/test_recipes.py.
     assert {"--checkpoint-every", "--keep-checkpoints", "--timeout-s", "--train-timeout-s", "--num-workers",
-            "--compile"} <= prose.keys()
+            "--compile", "--log-every"} <= prose.keys()
 
 
 @pytest.mark.parametrize(("flag", "text"), table_defaults() + prose_defaults())
@@ -168,3 +168,82 @@ def test_the_readme_states_the_straggler_and_diagnosis_thresholds_the_summary_ap
     assert left_out and fewest, "the README's warm-up rule is gone"
     assert [warmup_steps(n) for n in range(60)] == [min(n // 5, int(left_out.group(1))) for n in range(60)]
     assert warmup_steps(int(fewest.group(1)) - 1) == 0 < warmup_steps(int(fewest.group(1)))
+
+
+DOCS = {"README.md": README, **{f"docs/{path.name}": path.read_text() for path in sorted((REPO / "docs").glob("*.md"))}}
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, characters other than letters, digits, spaces, `-` and `_`
+    dropped, spaces to `-`. A `#` line inside a fenced block is a shell comment, not a heading."""
+    outside_fences = re.sub(r"^```.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
+    return {re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
+            for title in re.findall(r"^#{1,6} (.+?)\s*$", outside_fences, re.MULTILINE)}
+
+
+@pytest.mark.parametrize(("page", "target", "anchor"), sorted(
+    (page, target, anchor) for page, text in DOCS.items()
+    for target, anchor in re.findall(r"\]\(([\w./-]*\.md)?#([\w-]+)\)", text)))
+def test_every_link_to_a_heading_resolves(page: str, target: str, anchor: str) -> None:
+    """`[text](#anchor)` and `[text](file.md#anchor)` in README.md and docs/ name a heading of their page: a heading
+    renamed or a section never written leaves a link that goes nowhere."""
+    file = (REPO / page).parent / target if target else REPO / page
+    assert anchor in heading_anchors(file.read_text()), f"{page} links to {target}#{anchor}, which is no heading there"
+
+
+# Launcher flags the README leaves to `--help` on purpose, each with why. Empty: every flag is named at least once.
+FLAGS_THE_README_LEAVES_OUT: frozenset[str] = frozenset()
+
+
+def test_the_readme_names_every_launcher_flag() -> None:
+    """A flag a user needs but finds only in `--help` is a gap: each of launch/train.py's flags is named in the README
+    at least once, either form of an on/off flag (`--no-tensorboard` names `--tensorboard`)."""
+    flags = [action.option_strings for action in build_parser()._actions if "--help" not in action.option_strings]
+    assert len(flags) >= 50
+    unnamed = {forms[-1] for forms in flags if not any(re.search(rf"{re.escape(flag)}(?![\w-])", README)
+                                                      for flag in forms)}
+    assert unnamed == FLAGS_THE_README_LEAVES_OUT
+
+
+def test_the_readme_gives_the_pytest_parallel_options_ci_uses() -> None:
+    """README, Development: the pytest-xdist options that spread the suite "as CI does" are .ci/run's, all of them
+    (`--no-loadscope-reorder` keeps the real-MNIST file first); only the worker count differs (`-n $(nproc)`)."""
+    ci = (REPO / ".ci" / "run").read_text()
+    parallel = re.search(r"^parallel=\((.*)\)$", ci, re.MULTILINE)
+    assert parallel, "no parallel=(...) in .ci/run"
+    options = re.sub(r'-n "\$\(nproc\)"', "", parallel.group(1)).split()
+    assert len(options) >= 2, parallel.group(1)
+    development = " ".join(README.split("\n## Development\n", 1)[1].split())
+    stated = re.search(r"add `-n 2 ([^`]+)`", development)
+    assert stated, "README, Development: the `-n 2 ...` pytest options are gone"
+    assert stated.group(1).split() == options
+
+
+GPU_CHECK = (REPO / "launch" / "gpu_check.sh").read_text()
+
+
+def test_docs_benchmarks_names_every_recipe_candidate_gpu_check_times() -> None:
+    """docs/benchmarks.md says what gpu_check.sh's sweep times; each candidate's name (its table row) is there."""
+    candidates = re.search(r"^candidates=\(\n(.*?)^\)", GPU_CHECK, re.MULTILINE | re.DOTALL)
+    assert candidates, "no candidates=(...) in launch/gpu_check.sh"
+    names = re.findall(r'^\s*"(\w+) ', candidates.group(1), re.MULTILINE)
+    assert len(names) >= 2
+    assert [name for name in names if f"`{name}`" not in DOCS["docs/benchmarks.md"]] == []
+
+
+def test_the_docs_give_gpu_check_shs_arguments_as_the_script_does() -> None:
+    """`launch/gpu_check.sh DATA_DIR OUT_DIR [...]` in the docs is the script's own usage line, argument names too."""
+    usage = re.search(r"^# Usage: bash (launch/gpu_check\.sh [^\n]+)$", GPU_CHECK, re.MULTILINE)
+    assert usage, "no usage line in launch/gpu_check.sh"
+    stated = {(page, words) for page, text in DOCS.items()
+              for words in re.findall(r"launch/gpu_check\.sh [A-Z_]+ [A-Z_]+ \[[A-Z_]+\]", text)}
+    assert {page for page, _ in stated} >= {"README.md", "docs/benchmarks.md"}
+    assert {words for _, words in stated} == {usage.group(1)}, sorted(stated)
+
+
+def test_the_docs_quote_the_phase_sample_rate_the_code_has() -> None:
+    """The run's table prints "phase shares from one step in N" with N the --phase-timer-every default; a quote of
+    that line with another N was true of an older default."""
+    quoted = re.findall(r'"phase shares from one step in (\d+)"', " ".join("".join(DOCS.values()).split()))
+    assert quoted
+    assert {int(n) for n in quoted} == {ACTIONS["--phase-timer-every"].default}

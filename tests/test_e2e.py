@@ -193,6 +193,17 @@ def test_every_summary_field_a_run_writes_is_in_the_readme(torchrun_two: Run) ->
     assert {part: sorted(fields - named) for part, fields in written.items()} == {part: [] for part in written}
 
 
+@pytest.mark.timeout(150)
+def test_every_resolved_key_a_run_writes_is_in_the_readme(single_process: Run) -> None:
+    """README, "Run output": config.json's row names each key of the `resolved` block a run writes, in backticks (so
+    `jq .resolved.KEY` works as read), and no key the block lacks."""
+    written = set(single_process.json(CONFIG_FILE)["resolved"])
+    row = readme_table_row(CONFIG_FILE)
+    named = set(re.findall(r"`([a-z][a-z0-9_]*)`", row.split("`resolved` block:", 1)[1]))
+    assert len(written) >= 15
+    assert (sorted(written - named), sorted(named - written)) == ([], [])
+
+
 @pytest.mark.timeout(200)
 def test_only_rank_0_prints_progress(torchrun_two: Run) -> None:
     lines = torchrun_two.result.stdout.splitlines()
