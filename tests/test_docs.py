@@ -247,3 +247,13 @@ def test_the_docs_quote_the_phase_sample_rate_the_code_has() -> None:
     quoted = re.findall(r'"phase shares from one step in (\d+)"', " ".join("".join(DOCS.values()).split()))
     assert quoted
     assert {int(n) for n in quoted} == {ACTIONS["--phase-timer-every"].default}
+
+
+def test_docs_benchmarks_states_the_profiler_run_steps_the_bench_refuses() -> None:
+    """bench.py refuses a --profiler-run-steps that ends the profiled runs before the launcher's default profiler
+    window closes (wait + warm-up + active steps); 0, the recipe's whole schedule, is allowed."""
+    wait, warmup, active = (ACTIONS[f"--profile-{part}"].default for part in ("wait", "warmup", "active"))
+    end = wait + warmup + active
+    text = " ".join(DOCS["docs/benchmarks.md"].split())
+    assert (f"`--profiler-run-steps` from 1 to {end - 1} (the profiled runs would end before their window, steps "
+            f"{wait + 1}-{end}, closes; 0 means the recipe's whole schedule)") in text
