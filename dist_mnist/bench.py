@@ -57,13 +57,26 @@ from dist_mnist.recipes import RECIPES
 from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE
 from dist_mnist.train import SpeedSettings, build_train_parts, dtype_name, resolve_speed_settings, train_step
 
-REPO = Path(__file__).resolve().parent.parent
+# The folder holding this package: a checkout, or site-packages for an installed copy.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("throughput", "time-to-accuracy", "scaling", "profiler", "graphs")
 # Sections that start training jobs of their own: under torchrun they would nest torchruns (the profiler section's
 # whole runs too, its in-process parts run anywhere).
 LAUNCHING_SECTIONS = ("time-to-accuracy", "scaling")
 StepFn = Callable[[torch.Tensor, torch.Tensor, StepTimer], torch.Tensor]
 CLOCK_EVERY = TrainConfig.log_every  # steps between the synchronising clock checks of a timed loop
+
+
+def default_output(package_root: Path = PACKAGE_ROOT) -> str:
+    """--output's default: the checkout's record of results, docs/benchmarks.md; an installed copy has none beside it
+    (site-packages is no place to write), so benchmarks.md in the current directory."""
+    checkout_record = package_root / "docs" / "benchmarks.md"
+    return str(checkout_record) if checkout_record.is_file() else "benchmarks.md"
+
+
+def train_command(package_root: Path = PACKAGE_ROOT) -> str:
+    """The training command as the user has it: the checkout's launcher, else the installed package's entry point."""
+    return "python launch/train.py" if (package_root / "launch" / "train.py").is_file() else "python -m dist_mnist"
 
 
 def _sync(device: torch.device) -> None:
@@ -220,12 +233,15 @@ def measure_graphs(cfg: TrainConfig, ctx: DistContext, seconds: float, batch_siz
 
 def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name: str,
             timeout: float = 900) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """Run launch/train.py (under torchrun when nproc > 1); returns summary.json, metrics.jsonl, launch time."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    script = str(REPO / "launch" / "train.py")
+    """Run `python -m dist_mnist` (under torchrun when nproc > 1); returns summary.json, metrics.jsonl, launch time."""
+    # The package the bench itself runs first on the path: an installed copy has no launch/train.py, and `-m` would
+    # otherwise import a dist_mnist folder in the current directory before it.
+    python_path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path,
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
               if nproc > 1 else [sys.executable])
-    cmd = [*prefix, script, *flags, "--threads", str(threads), "--output-dir", str(out_dir),
+    cmd = [*prefix, "-m", "dist_mnist", *flags, "--threads", str(threads), "--output-dir", str(out_dir),
            "--run-name", run_name, "--no-tensorboard", "--checkpoint-every", "0"]
     launched = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -474,8 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profiler-pairs", type=_count_or_zero, default=2,
                         help="profiler section: alternating pairs of whole runs with and without --profile per batch "
                              "size (0: none)")
-    parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
-                        help="markdown file the result table is appended to ('' to skip)")
+    parser.add_argument("--output", default=default_output(),
+                        help="markdown file the result table is appended to ('' to skip); the checkout's "
+                             "docs/benchmarks.md when the package runs from a checkout, else benchmarks.md in the "
+                             "current directory")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
     return parser
 
@@ -516,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_mnist_files(raw):
         # Found before any measuring, with advice the bench can take: every section reads real MNIST, and it never
         # downloads (its training runs get --no-download: they are timed, a download is not).
-        fetch = (f"run `python launch/train.py --data-dir {shlex.quote(cfg.data_dir)} --max-steps 1` once to download "
+        fetch = (f"run `{train_command()} --data-dir {shlex.quote(cfg.data_dir)} --max-steps 1` once to download "
                  "them (the bench never does)")
         print(f"error: {missing_mnist_error(raw, missing, fetch)}", file=sys.stderr)
         return 1

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMOKE_FLAGS, cpu_env, run
+from conftest import REPO, SMOKE_FLAGS, cpu_env, make_mnist_dir, run
+
+from dist_mnist import bench
 
 
 def installed_copy(tmp_path: Path) -> Path:
@@ -60,3 +62,25 @@ def test_a_launcher_copied_out_of_a_checkout_runs_the_installed_package(tmp_path
                             cwd=tmp_path, capture_output=True, text=True, timeout=60, env=cpu_env(PYTHONPATH=str(site)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(site / "dist_mnist" / "__init__.py"), "False"]
+
+
+@pytest.mark.timeout(150)
+def test_the_bench_of_an_installed_package_launches_its_training_through_the_package(tmp_path: Path) -> None:
+    """Before: every launching section ran site-packages/launch/train.py, which no wheel holds, and --output's
+    default was site-packages/docs/benchmarks.md."""
+    site = installed_copy(tmp_path)
+    env = cpu_env(PYTHONPATH=str(site))
+    data = make_mnist_dir(tmp_path / "data", train_size=64, test_size=32)
+    result = run([sys.executable, "-m", "dist_mnist.bench", "--data-dir", str(data), "--only", "scaling",
+                  "--scaling", "1", "--scaling-steps", "2", "--output", ""], env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    helped = run([sys.executable, "-m", "dist_mnist.bench", "--help"], env=env, cwd=tmp_path, timeout=60)
+    assert helped.returncode == 0 and str(site) not in helped.stdout
+    assert "(default: benchmarks.md)" in " ".join(helped.stdout.split())
+
+
+def test_the_bench_writes_to_and_advises_what_its_checkout_or_installed_copy_has(tmp_path: Path) -> None:
+    assert (bench.default_output(REPO), bench.train_command(REPO)) == (
+        str(REPO / "docs" / "benchmarks.md"), "python launch/train.py")
+    site = installed_copy(tmp_path)
+    assert (bench.default_output(site), bench.train_command(site)) == ("benchmarks.md", "python -m dist_mnist")
