@@ -84,3 +84,17 @@ def test_the_bench_writes_to_and_advises_what_its_checkout_or_installed_copy_has
         str(REPO / "docs" / "benchmarks.md"), "python launch/train.py")
     site = installed_copy(tmp_path)
     assert (bench.default_output(site), bench.train_command(site)) == ("benchmarks.md", "python -m dist_mnist")
+
+
+def test_ci_lists_the_requirements_without_tomllib(tmp_path: Path) -> None:
+    """.ci/run's fallback interpreter may be a Python 3.10 (requires-python), which has no tomllib: pip's vendored
+    tomli reads pyproject.toml there. Before: `import tomllib` in an inline script, and the whole CI run ended."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text('import sys\nsys.modules["tomllib"] = None\n')
+    result = subprocess.run([sys.executable, str(REPO / ".ci" / "requirements.py")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env=cpu_env(PYTHONPATH=str(hide)))
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout.splitlines()
+    assert "psutil>=5.9" in listed and "pytest>=8" in listed
+    assert not [line for line in listed if line.startswith(("torch==", "torchvision=="))]
