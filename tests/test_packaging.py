@@ -98,3 +98,12 @@ def test_ci_lists_the_requirements_without_tomllib(tmp_path: Path) -> None:
     listed = result.stdout.splitlines()
     assert "psutil>=5.9" in listed and "pytest>=8" in listed
     assert not [line for line in listed if line.startswith(("torch==", "torchvision=="))]
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
+def test_build_outputs_are_git_ignored() -> None:
+    """`pip install .` / `pip wheel .` leave build/ (which setuptools reuses: a later wheel shipped a module deleted
+    from the source) and dist/ in the checkout."""
+    result = subprocess.run(["git", "check-ignore", "build/", "dist/", "dist_mnist.egg-info/"], cwd=REPO,
+                            capture_output=True, text=True, timeout=30)
+    assert result.stdout.split() == ["build/", "dist/", "dist_mnist.egg-info/"], result.stderr
