@@ -107,3 +107,17 @@ def test_build_outputs_are_git_ignored() -> None:
     result = subprocess.run(["git", "check-ignore", "build/", "dist/", "dist_mnist.egg-info/"], cwd=REPO,
                             capture_output=True, text=True, timeout=30)
     assert result.stdout.split() == ["build/", "dist/", "dist_mnist.egg-info/"], result.stderr
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P (the `pytest` script's sys.path) is 3.11's")
+def test_the_suite_imports_the_checkout(tmp_path: Path) -> None:
+    """Under the `pytest` script (`python -P -m pytest`: no current directory on sys.path) the tests imported an
+    installed dist_mnist in-process while the runs they start import the checkout."""
+    decoy = installed_copy(tmp_path)
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import dist_mnist\ndef test_probe():\n    print(dist_mnist.__file__)\n")
+    result = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-c",
+                             str(REPO / "pyproject.toml"), "--rootdir", str(REPO), str(probe)], cwd=REPO,
+                            env=cpu_env(PYTHONPATH=str(decoy)), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert str(REPO / "dist_mnist" / "__init__.py") in result.stdout, result.stdout
