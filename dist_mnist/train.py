@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from shutil import which
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE
 from dist_mnist.shutdown import failure_path
 from dist_mnist.startup import StartupTimer
 
+T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------------------------
 # Settings that depend on the device
 
@@ -626,6 +627,8 @@ class Trainer:
         self.checkpoints = checkpoint.BackgroundWriter()  # rank 0 writes the files in a thread
         # The newest checkpoint, on disk or being written (a failure lets that write finish): every rank knows it.
         self.last_checkpoint: checkpoint.WrittenCheckpoint | None = None
+        # The newest one known to be on disk: what last_checkpoint falls back to when the write in flight fails.
+        self.confirmed_checkpoint: checkpoint.WrittenCheckpoint | None = None
         self.resumed_from: Path | None = None  # the checkpoint this process continued from, if any
         self.numerics_note: str | None = None  # the rounding settings the resume changed (numerics_changes)
         self.loss_window: list[tuple[int, torch.Tensor]] = []
@@ -843,6 +846,9 @@ class Trainer:
         parts = {name: part.state_dict() for name, part in self.stateful().items()}
 
         def write() -> checkpoint.WrittenCheckpoint:
+            # The write before this one first (submit would wait for it too): known on disk from here, even where
+            # this save is cut short before it returns (a signal handler's error raised mid-save).
+            self.confirm_checkpoint()
             state = {
                 "format_version": checkpoint.FORMAT_VERSION,
                 "model_class": type(self.parts.module).__name__,
@@ -858,15 +864,32 @@ class Trainer:
                                            self.cfg.keep_checkpoints, started)
 
         # Nobody moves on before rank 0 holds the snapshot; its file is written while training goes on, and a failed
-        # write (a full disk) ends every rank at the next checkpoint or at the end (wait_for_checkpoint).
-        self.last_checkpoint = self.ctx.on_main(write)
+        # write (a full disk) ends every rank at the next checkpoint or at the end (wait_for_checkpoint). The write
+        # before it is on disk now.
+        submitted = self.checkpoint_outcome(lambda: self.ctx.on_main(write))
+        self.confirmed_checkpoint, self.last_checkpoint = self.last_checkpoint, submitted
 
     def wait_for_checkpoint(self) -> None:
         """The last checkpoint on disk before the run reports and exits; a failed write ends every rank here."""
         with self.paused("checkpoint", sync=False), self.phase("the checkpoint"):
-            done = self.ctx.on_main(self.checkpoints.wait)
-        if done is not None:
-            self.last_checkpoint = done
+            self.checkpoint_outcome(lambda: self.ctx.on_main(self.confirm_checkpoint))
+        self.confirmed_checkpoint = self.last_checkpoint
+
+    def checkpoint_outcome(self, wait: Callable[[], T]) -> T:
+        """`wait`'s result, where `wait` waits for rank 0's write in flight. A write that failed is no checkpoint:
+        the run's newest is the last one confirmed on disk again (else the one it resumed from), so no failure line
+        names a file that is not there."""
+        try:
+            return wait()
+        except UserError:
+            self.last_checkpoint = self.confirmed_checkpoint
+            raise
+
+    def confirm_checkpoint(self) -> None:
+        """This rank's write in flight (rank 0's; none elsewhere) waited for: on disk, the run's newest checkpoint,
+        or its error raised."""
+        if done := self.checkpoint_outcome(self.checkpoints.wait):
+            self.last_checkpoint = self.confirmed_checkpoint = done
 
     def settle_checkpoint_after_failure(self) -> None:
         """A run failing while rank 0 writes a checkpoint lets the write finish (no collective: the other ranks may
@@ -874,8 +897,7 @@ class Trainer:
         checkpoint even where the failure came before the save returned it (a signal handler's error raised mid-save),
         so the failure line names that file, not the one before."""
         try:
-            if done := self.checkpoints.wait():
-                self.last_checkpoint = done
+            self.confirm_checkpoint()
         except UserError as exc:
             rank_line(self.ctx.rank, "warning", str(exc))  # ends rank 0's open progress line first, as errors do
 
@@ -895,8 +917,10 @@ class Trainer:
         bad = [s for s, v in zip(steps, values.tolist()) if not math.isfinite(v)]
         first_bad = min((b for b in self.ctx.gather_objects(bad[0] if bad else None) if b is not None), default=None)
         if first_bad is not None:
-            newest = checkpoint.list_checkpoints(self.checkpoint_dir)
-            kept = f"the last good checkpoint is {newest[0]}" if newest else "no checkpoint was written"
+            # Not a listing of the folder: a write in flight (of a step before this one, so good) is the newest once
+            # it is done, and the rotation after it removes the file listed now.
+            newest = self.settled_checkpoint()
+            kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written"
             raise UserError(f"training loss became non-finite at step {first_bad}; stopped ({kept}). Lower --lr, "
                             "or use --grad-clip")
         total = float(values.sum())

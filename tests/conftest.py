@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from types import CodeType
 
 import psutil
 import pytest
@@ -243,6 +244,17 @@ class FakeEvent:
         return (end.at - self.at) * 1e3  # ms, as CUDA's
 
 
+def main_thread_blocked_in(code: CodeType) -> bool:
+    """Whether the main thread is blocked in threading's waits (a join, an Event) called from the function whose
+    code is `code`: a state another thread can wait for instead of a timing."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    if frame is None or not frame.f_code.co_filename.endswith("threading.py"):
+        return False
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
 class Interrupted(Exception):
     """What InterruptedWait's signal handler raises in the main thread, as torch's SIGCHLD handler raises a dead
     DataLoader worker's error wherever the main thread is."""
@@ -264,20 +276,11 @@ class InterruptedWait:
     def _raise(signum: int, frame: object) -> None:
         raise Interrupted()
 
-    def main_thread_blocked(self) -> bool:
-        """The main thread is blocked in threading's waits (a join, an Event) called from `function`."""
-        frame = sys._current_frames().get(threading.main_thread().ident or 0)
-        if frame is None or not frame.f_code.co_filename.endswith("threading.py"):
-            return False
-        while frame is not None and frame.f_code is not self.code:
-            frame = frame.f_back
-        return frame is not None
-
     def hold(self) -> None:
-        while not self.main_thread_blocked():
+        while not main_thread_blocked_in(self.code):
             self.given_up.wait(0.001)
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
-        while not (self.again.is_set() and self.main_thread_blocked()) and not self.given_up.is_set():
+        while not (self.again.is_set() and main_thread_blocked_in(self.code)) and not self.given_up.is_set():
             self.given_up.wait(0.001)
 
     def waiting_again(self) -> None:

@@ -13,6 +13,7 @@ import importlib.machinery
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import resource
@@ -38,6 +39,7 @@ from conftest import (
     InterruptedWait,
     cpu_env,
     free_port,
+    main_thread_blocked_in,
     make_mnist_dir,
     run,
     train,
@@ -241,15 +243,18 @@ def test_a_checkpoint_write_that_fails_while_the_run_fails_is_a_warning_on_a_lin
     def wait() -> None:
         raise full
 
-    trainer = SimpleNamespace(ctx=SimpleNamespace(rank=0), last_checkpoint=tmp_path / "step00000004.pt",
-                              checkpoints=SimpleNamespace(wait=wait))
+    trainer = train_module.Trainer.__new__(train_module.Trainer)  # only what the settling reads
+    step_4 = checkpoint_module.WrittenCheckpoint(tmp_path / "step00000004.pt", 10, 0.1)
+    vars(trainer).update(ctx=SimpleNamespace(rank=0), confirmed_checkpoint=step_4,
+                         last_checkpoint=checkpoint_module.WrittenCheckpoint(tmp_path / "step00000008.pt", 1024),
+                         checkpoints=SimpleNamespace(wait=wait))
     progress = io.StringIO()
     progress.write("\repoch 1  45%")
     OPEN_LINE.open(progress)
-    train_module.Trainer.settle_checkpoint_after_failure(trainer)  # type: ignore[arg-type]
+    trainer.settle_checkpoint_after_failure()
     assert progress.getvalue() == "\repoch 1  45%\n"
     assert capsys.readouterr().err == f"warning: {full}\n"
-    assert trainer.last_checkpoint == tmp_path / "step00000004.pt"  # the one before, which is whole
+    assert trainer.last_checkpoint == step_4  # the one before, which is whole
 
 
 def test_a_peer_lost_while_rank_0_writes_a_checkpoint_is_answered_naming_that_checkpoint(tmp_path: Path) -> None:
@@ -1271,6 +1276,61 @@ def test_a_worker_lost_while_a_checkpoint_is_submitted_names_that_checkpoint(
     assert load_checkpoint(written)["train_state"]["step"] == 4
     assert capsys.readouterr().err.endswith(f"; the last checkpoint is {written}. Then rerun the command with a lower "
                                             "--num-workers to resume\n")
+
+
+def test_a_worker_lost_while_a_checkpoint_write_fails_names_the_checkpoint_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Step 4's write, in flight when the worker died at step 5, found the disk full: its warning was followed by an
+    error line naming step00000004.pt as the last checkpoint, a file that never reached the disk."""
+    real = checkpoint_module.write_checkpoint
+
+    def lose_the_worker_at_step_5(self: train_module.Trainer) -> None:
+        if self.state.step == 5:
+            raise RuntimeError(WORKER_DEATH)
+
+    def full_at_step_4(data: bytes, folder: Path, step: int, keep: int) -> Path:
+        if step == 4:
+            raise write_failed(checkpoint_path(folder, step), len(data),
+                               OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return real(data, folder, step, keep)
+
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", full_at_step_4)
+    monkeypatch.setattr(train_module.Trainer, "log_progress", lose_the_worker_at_step_5)
+    assert train_module.main([*SMOKE_FLAGS, "--max-steps", "8", "--checkpoint-every", "2", "--log-every", "1",
+                              "--output-dir", str(tmp_path), "--run-name", "lost"]) == 1
+    warning, error = capsys.readouterr().err.splitlines()
+    checkpoints = tmp_path / "lost" / "checkpoints"
+    assert warning.startswith(f"warning: could not write step00000004.pt to {checkpoints}: No space left on device")
+    assert error.startswith("error: a DataLoader worker of this process died after step 5 ")
+    assert error.endswith(f"; the last checkpoint is {checkpoints / 'step00000002.pt'}. Then rerun the command with "
+                          "a lower --num-workers to resume")
+    assert load_checkpoint(checkpoints / "step00000002.pt")["train_state"]["step"] == 2
+
+
+def test_a_non_finite_loss_while_the_last_good_checkpoint_is_written_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Step 1's checkpoint was still being written when step 2's loss turned out infinite: the line said "no
+    checkpoint was written" (a listing of the folder), and the file was on disk a moment later."""
+    real_write, real_step = checkpoint_module.write_checkpoint, train_module.accumulation_step
+
+    def write_once_the_run_waits(data: bytes, folder: Path, step: int, keep: int) -> Path:
+        while not main_thread_blocked_in(checkpoint_module.BackgroundWriter.wait.__code__):
+            time.sleep(0.001)  # until the training thread waits for this write (a state, not a timing)
+        return real_write(data, folder, step, keep)
+
+    def infinite_at_step_2(parts: Any, *args: Any) -> torch.Tensor:
+        loss = real_step(parts, *args)
+        return torch.full_like(loss, math.inf) if parts.scheduler.last_epoch == 2 else loss
+
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", write_once_the_run_waits)
+    monkeypatch.setattr(train_module, "accumulation_step", infinite_at_step_2)
+    assert train_module.main([*SMOKE_FLAGS, "--max-steps", "4", "--checkpoint-every", "1", "--keep-checkpoints", "1",
+                              "--log-every", "1", "--output-dir", str(tmp_path), "--run-name", "nan"]) == 1
+    written = tmp_path / "nan" / "checkpoints" / "step00000001.pt"
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: training loss became non-finite at step 2; stopped (the last good checkpoint is "
+                           f"{written}).")
+    assert load_checkpoint(written)["train_state"]["step"] == 1
 
 
 def test_a_dead_workers_signal_that_comes_as_the_failure_is_handled_still_gets_the_trainers_line(
