@@ -63,7 +63,8 @@ class TrainConfig:
     dataset: str = _opt("mnist", "mnist: the real IDX files; synthetic: deterministic MNIST-shaped data for smoke runs",
                         choices=["mnist", "synthetic"])
     data_dir: str = _opt(os.environ.get("DIST_MNIST_DATA", "./data"),
-                         "folder holding MNIST/raw/<four IDX files>; $DIST_MNIST_DATA sets the default, else ./data")
+                         "folder holding MNIST/raw/<four IDX files>, relative to the current directory; "
+                         "$DIST_MNIST_DATA sets the default, else ./data")
     no_download: bool = _opt(False, "never download MNIST; fail with a clear error when the files are missing")
     synthetic_train_size: int = _opt(60_000, "training samples made by --dataset synthetic (at most 2**31 - 1)")
     synthetic_test_size: int = _opt(10_000, "test samples made by --dataset synthetic (at most 2**31 - 1)")
@@ -156,7 +157,7 @@ class TrainConfig:
                            "epoch's end evaluates and restarts the count; 0: only at the end of each epoch)")
     log_every: int = _opt(50, "print progress (percent, elapsed, ETA, samples/s) every N optimizer steps, rank 0 "
                               "only: one line each when stdout is not a terminal, updated in place on one")
-    output_dir: str = _opt("profiles", "root folder for run output")
+    output_dir: str = _opt("profiles", "root folder for run output, relative to the current directory")
     run_name: str = _opt("", "run folder name inside --output-dir (default: the start's timestamp, with -2, -3, ... "
                              "where that folder exists; under torchrun, stable across restarts of the same job)")
     tensorboard: bool = _opt(True, "write TensorBoard scalars into the run folder (--no-tensorboard to skip)")

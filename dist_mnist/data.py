@@ -160,7 +160,8 @@ def missing_mnist_error(raw: Path, missing: list[str], how_to_fetch: str) -> Use
     """The files `raw` lacks, what to point at instead, and `how_to_fetch` them with the command that failed."""
     # Naming the expected files again only where some are there: with none, the list would repeat itself.
     expected = f" (expected {', '.join(MNIST_FILES)})" if len(missing) < len(MNIST_FILES) else ""
-    return UserError(f"MNIST files missing in {raw}: {', '.join(missing)}{expected}; point --data-dir or "
+    # Absolute: the default --data-dir, ./data, is the current directory's.
+    return UserError(f"MNIST files missing in {raw.absolute()}: {', '.join(missing)}{expected}; point --data-dir or "
                      f"DIST_MNIST_DATA at the folder holding MNIST/raw/, or {how_to_fetch}")
 
 

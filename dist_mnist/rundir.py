@@ -42,7 +42,8 @@ def _ensure_writable(folder: Path, flag: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"cannot write to {flag} {folder}: {exc.strerror or exc}") from None
+        # Absolute: a relative folder is the current directory's, which the user may not have in mind.
+        raise UserError(f"cannot write to {flag} {folder.absolute()}: {exc.strerror or exc}") from None
 
 
 def _default_name(output_dir: Path, made_above: list[Path]) -> tuple[str, bool, Path | None]:
@@ -92,7 +93,7 @@ def _claim_fresh_folder(output_dir: Path, stamp: str) -> str:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise UserError(f"cannot write to --output-dir {output_dir}: {exc.strerror or exc}") from None
+            raise UserError(f"cannot write to --output-dir {output_dir.absolute()}: {exc.strerror or exc}") from None
         return name
     raise UserError(f"{output_dir} already holds 999 run folders named {stamp}*; give --run-name")
 

@@ -193,6 +193,25 @@ def test_help_shows_every_flag_with_its_default(capsys: pytest.CaptureFixture[st
         assert entry.count("(default:") == 1, entry
 
 
+def test_relative_folders_are_the_current_directorys_and_their_errors_say_which(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher imports its checkout from any directory, but run output and MNIST follow the current one: --help
+    says so, and an error about a relative folder names it in full (which "profiles" could not be written?)."""
+    from dist_mnist.data import MNIST_FILES, missing_mnist_error
+    from dist_mnist.rundir import _choose_run_dir
+
+    helps = {action.dest: " ".join((action.help or "").split()) for action in build_parser()._actions}
+    assert "relative to the current directory" in helps["output_dir"]
+    assert "relative to the current directory" in helps["data_dir"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "profiles").write_text("a file where the folder would be")
+    with pytest.raises(UserError, match=f"^cannot write to --output-dir {re.escape(str(tmp_path / 'profiles'))}: "):
+        _choose_run_dir(parse_args(["--output-dir", "profiles", "--run-name", "r"]))
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    assert str(missing_mnist_error(Path("data/MNIST/raw"), list(MNIST_FILES), "fetch them")).startswith(
+        f"MNIST files missing in {raw}: ")
+
+
 def test_help_says_batch_size_is_per_process() -> None:
     assert "PER PROCESS" in build_parser().format_help()
 
