@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
 from dist_mnist import checkpoint, collectives
-from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync
+from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync, code_version
 from dist_mnist.argtypes import on_off
 from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args, usable_cpus
@@ -391,9 +391,10 @@ def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
 
 def software_and_device(device: torch.device) -> dict[str, str | None]:
     """What two runs' speeds and numerics depend on beyond their flags, for config.json's `resolved` block (and so
-    for `python -m dist_mnist.report A B`, which lists what differs): the versions and, on CUDA, the GPU."""
+    for `python -m dist_mnist.report A B`, which lists what differs): the versions, the dist_mnist code's digest
+    (a checkout and an installed copy both say version 0.1.0) and, on CUDA, the GPU."""
     on_cuda = device.type == "cuda"
-    return {"python": platform.python_version(), "torch": torch.__version__,
+    return {"python": platform.python_version(), "torch": torch.__version__, "dist_mnist_code": code_version(),
             "cuda": torch.version.cuda if on_cuda else None,
             "gpu": torch.cuda.get_device_name(device) if on_cuda else None}
 

@@ -43,6 +43,7 @@ from conftest import (
 
 import dist_mnist.train as train_module
 from dist_mnist import console, shutdown
+from dist_mnist.agreement import code_version
 from dist_mnist.checkpoint import checkpoint_path
 from dist_mnist.collectives import FLIGHT_RECORDER_FOLDER
 from dist_mnist.data import MNIST_FILES, mnist_raw_dir
@@ -216,6 +217,13 @@ def test_only_rank_0_prints_progress(torchrun_two: Run) -> None:
 def test_single_process_mode_writes_the_run_files(single_process: Run) -> None:
     assert_run_files(single_process, world_size=1)
     assert single_process.json("config.json")["resolved"]["backend"] == "gloo"
+
+
+@pytest.mark.timeout(150)
+def test_config_json_names_the_code_that_ran(single_process: Run) -> None:
+    """A checkout and an installed copy both report version 0.1.0: the digest of the source traces a run to its code,
+    the one the ranks compare before training."""
+    assert single_process.json("config.json")["resolved"]["dist_mnist_code"] == code_version()
 
 
 @pytest.mark.timeout(60)
