@@ -95,16 +95,26 @@ def serialize(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+class RotationFailed(Exception):
+    """The checkpoint is written and whole, but an older one could not be removed (the message says which and
+    why): a warning, never the end of a run whose newest checkpoint is good."""
+
+
 def write_checkpoint(data: bytes, folder: Path, step: int, keep: int) -> Path:
     """Write atomically (temp file, fsync, os.replace), then keep it and the `keep - 1` highest-step others. A
     failed write (a full disk) removes the temp file, leaves the older checkpoints as they were and raises a
-    UserError naming the folder and the size."""
+    UserError naming the folder and the size; a failed removal of an older one raises RotationFailed."""
     path = checkpoint_path(folder, step)
     write_durably(path, data)
     # Never the file just written, even when older-timeline files with higher steps exist (a run resumed from an
     # earlier checkpoint by path): deleting it would leave nothing of this run to resume.
-    for old in [p for p in list_checkpoints(folder) if p != path][keep - 1:]:
-        old.unlink(missing_ok=True)
+    try:
+        for old in [p for p in list_checkpoints(folder) if p != path][keep - 1:]:
+            old.unlink(missing_ok=True)
+    except OSError as exc:  # NFS's EBUSY or ESTALE, another user's file in a shared folder, a read-only remount
+        raise RotationFailed(f"{path.name} is written, but the rotation (--keep-checkpoints {keep}) could not remove "
+                             f"{exc.filename or folder}: {exc.strerror or exc}; it stays until a later checkpoint's "
+                             "rotation removes it") from None
     return path
 
 
@@ -113,6 +123,7 @@ class WrittenCheckpoint:
     path: Path
     size: int  # bytes
     seconds: float | None = None  # from the save's start (the loop's snapshot) to the file on disk; None: writing
+    note: str | None = None  # what went wrong after the file was written (RotationFailed): a warning to print
 
 
 class BackgroundWriter:
@@ -138,18 +149,31 @@ class BackgroundWriter:
         self.wait()
         finished = self._finished = threading.Event()
 
+        path, name = checkpoint_path(folder, step), f"checkpoint-step{step}"
+
+        # What goes wrong is raised in the training thread, by the next submit or wait: as a UserError, whatever it
+        # is, so the run ends with one line on every rank (DistContext.on_main sends only those to the others).
         def write() -> None:
+            note = None
             try:
-                path = write_checkpoint(data, folder, step, keep)
-                self._done = WrittenCheckpoint(path, len(data), time.perf_counter() - started)
-            except BaseException as exc:  # raised in the training thread, by the next submit or wait
+                try:
+                    write_checkpoint(data, folder, step, keep)
+                except RotationFailed as exc:
+                    note = str(exc)  # printed by the training thread: a thread's print would cut a progress line
+                self._done = WrittenCheckpoint(path, len(data), time.perf_counter() - started, note)
+            except UserError as exc:
+                self._error = exc
+            except Exception as exc:
+                self._error = UserError(f"the checkpoint writer (thread {name}) failed on {path}: "
+                                        f"{type(exc).__name__}: {exc}")
+            except BaseException as exc:  # a SystemExit: raised as it is
                 self._error = exc
             finally:
                 finished.set()
 
-        self._thread = threading.Thread(target=write, name=f"checkpoint-step{step}")
+        self._thread = threading.Thread(target=write, name=name)
         self._thread.start()
-        return WrittenCheckpoint(checkpoint_path(folder, step), len(data))
+        return WrittenCheckpoint(path, len(data))
 
     def wait(self) -> WrittenCheckpoint | None:
         """Block until the write in flight is on disk; returns it (None if there was none), or raises its error."""

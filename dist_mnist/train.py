@@ -891,6 +891,8 @@ class Trainer:
         or its error raised."""
         if done := self.checkpoint_outcome(self.checkpoints.wait):
             self.last_checkpoint = self.confirmed_checkpoint = done
+            if done.note:
+                rank_line(self.ctx.rank, "warning", done.note)
 
     def settle_checkpoint_after_failure(self) -> None:
         """A run failing while rank 0 writes a checkpoint lets the write finish (no collective: the other ranks may

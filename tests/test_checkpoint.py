@@ -194,6 +194,41 @@ def test_a_write_whose_wait_a_raising_signal_handler_interrupted_is_still_finish
     assert torch.load(done.path, weights_only=True) == {"step": 6}
 
 
+def test_a_failed_rotation_is_a_warning_and_the_run_goes_on_with_its_new_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An older checkpoint that cannot be removed (NFS's EBUSY, another user's file in a shared folder) after the new
+    one is safely written: its OSError escaped the writer raw, a traceback that ended the run at the next save."""
+    real_unlink = Path.unlink
+
+    def busy(self: Path, missing_ok: bool = False) -> None:
+        if self.name == "step00000004.pt":
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", busy)
+    assert main([*BASE_FLAGS, "--max-steps", "12", "--keep-checkpoints", "1", "--output-dir", str(tmp_path)]) == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [f"warning: step{step:08d}.pt is written, but the rotation (--keep-checkpoints 1) could not "
+                        f"remove {checkpoints / 'step00000004.pt'}: Device or resource busy; it stays until a later "
+                        "checkpoint's rotation removes it" for step in (8, 12)]
+    assert [p.name for p in checkpoint.list_checkpoints(checkpoints)] == ["step00000012.pt", "step00000004.pt"]
+
+
+def test_any_other_error_of_the_checkpoint_writer_is_one_line_naming_the_thread_and_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> Path:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", broken)
+    writer = checkpoint.BackgroundWriter()
+    writer.submit(b"x", tmp_path, 3, 1, time.perf_counter())
+    with pytest.raises(UserError) as failure:
+        writer.wait()
+    assert str(failure.value) == (f"the checkpoint writer (thread checkpoint-step3) failed on "
+                                  f"{tmp_path / 'step00000003.pt'}: ValueError: a bug")
+
+
 def test_serialized_checkpoints_are_bytes_of_their_own() -> None:
     data = checkpoint.serialize({"step": 4, "w": torch.arange(3.0)})
     assert type(data) is bytes  # not a view: nothing a garbage collector can free under it
