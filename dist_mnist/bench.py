@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 
 from dist_mnist.argtypes import positive_seconds, whole_number_at_least, whole_numbers
-from dist_mnist.config import COMM_HOOKS, DefaultsHelpFormatter, TrainConfig
+from dist_mnist.config import COMM_HOOKS, RawDescriptionDefaultsHelpFormatter, TrainConfig
 from dist_mnist.console import kept_stdout
 from dist_mnist.data import (
     MNIST_MEAN,
@@ -447,10 +447,6 @@ _count = whole_number_at_least(1)
 _count_or_zero = whole_number_at_least(0)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
-    """The module docstring's layout kept, and each option's default shown as the launcher's --help shows it."""
-
-
 def invocation(args: list[str], world_size: int | None = None) -> str:
     """The bench's command line as a shell reads it back (an empty `--output ''` kept), for the table's header; with
     the number of processes where torchrun started it."""
@@ -460,7 +456,7 @@ def invocation(args: list[str], world_size: int | None = None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.bench", description=__doc__,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=RawDescriptionDefaultsHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("DIST_MNIST_DATA", "./data"),
                         help="folder holding MNIST/raw/ (default: $DIST_MNIST_DATA, else ./data)")
     parser.add_argument("--only", choices=SECTIONS, action="append",

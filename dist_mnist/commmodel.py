@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
+from dist_mnist.config import RawDescriptionDefaultsHelpFormatter
 from dist_mnist.console import kept_stdout
 from dist_mnist.model import MnistCNN
 
@@ -234,7 +235,7 @@ def measure_gloo(repeats: int = 50) -> GlooMeasurement:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.commmodel", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=RawDescriptionDefaultsHelpFormatter)
     parser.add_argument("--measure-gloo", action="store_true",
                         help="measure DDP's bytes per step and a 2-rank gloo all-reduce of them on this machine")
     parser.add_argument("--repeats", type=int, default=50, help="timed all-reduces per size with --measure-gloo")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from dist_mnist.errors import UserError
-from dist_mnist.recipes import DEFAULT_RECIPE, RECIPES, AppliedRecipe, recipe_name, recipe_values
+from dist_mnist.recipes import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPES, AppliedRecipe, recipe_name, recipe_values
 
 # --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
 # should wait, and far from where such a duration overflows.
@@ -318,6 +318,19 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class RawDescriptionDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """The module docstring's layout kept, and each option's default shown as the launcher's --help shows it: the
+    bench's, commmodel's and gpucheck's."""
+
+
+def _recipe_help(name: str, help: str) -> str:
+    """A recipe-managed flag's help: the cpu recipe's value is its plain default; the other recipes' stand beside it,
+    as a run on their device uses them (`--checkpoint-every ... (default: 200)` read on a GPU, which gets 0)."""
+    others = "; ".join(f"{recipe} recipe: {getattr(values, name)}" for recipe, values in RECIPES.items()
+                       if values != DEFAULT_RECIPE)
+    return f"{help} (default: %(default)s; {others})"
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The command line; with `suppress_defaults` a flag left out is absent from the result (explicit-flag check)."""
     parser = _Parser(
@@ -330,6 +343,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         if not f.metadata.get("cli", True):
             continue
         kwargs = {k: v for k, v in f.metadata.items() if k != "cli"}
+        if f.name in RECIPE_FIELDS:
+            kwargs["help"] = _recipe_help(f.name, kwargs["help"])
         if f.type == "bool":
             # --no-download is itself a negation; the other switches get a --no-X form.
             kwargs["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction

@@ -24,10 +24,12 @@ import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dist_mnist.argtypes import whole_number_at_least
+from dist_mnist.config import RawDescriptionDefaultsHelpFormatter
 from dist_mnist.console import kept_stdout, rank_line
 from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACES_DIR
 
@@ -457,21 +459,23 @@ def _not_an_out_dir(out: Path) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dist_mnist.gpucheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=RawDescriptionDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("table", help="issue 9's done-when table from gpu_check.sh's output folder")
-    p.add_argument("out", type=Path)
+    # Each subcommand's own --help shows its defaults too (add_parser does not pass the formatter on).
+    add = partial(commands.add_parser, formatter_class=RawDescriptionDefaultsHelpFormatter)
+    p = add("table", help="issue 9's done-when table from gpu_check.sh's output folder")
+    p.add_argument("out", type=Path, help="gpu_check.sh's output folder")
     p.add_argument("--classic-given", action="store_true", help="main.py was given (its row failed if missing)")
-    p = commands.add_parser("same-params", help="two runs of RUNS_DIR ended with the same parameters")
-    p.add_argument("runs", type=Path)
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p = add("same-params", help="two runs of RUNS_DIR ended with the same parameters")
+    p.add_argument("runs", type=Path, help="the folder holding both run folders (RUNS_DIR)")
+    p.add_argument("run_a", help="the first run folder's name in RUNS_DIR")
+    p.add_argument("run_b", help="the second run folder's name in RUNS_DIR")
     p.add_argument("--graphed", action="store_true", help="both must have run their steps as CUDA graph replays")
-    p = commands.add_parser("trace-kernels", help="every trace of a profiled run holds GPU kernel events (those of "
-                                                   "its graph replays when it ran graphed)")
-    p.add_argument("run_dir", type=Path)
-    p = commands.add_parser("step-kernels", help="a profiled run's GPU time per step, by kernel, largest first")
-    p.add_argument("run_dir", type=Path)
+    p = add("trace-kernels", help="every trace of a profiled run holds GPU kernel events (those of its graph "
+                                  "replays when it ran graphed)")
+    p.add_argument("run_dir", type=Path, help="a profiled run's folder")
+    p = add("step-kernels", help="a profiled run's GPU time per step, by kernel, largest first")
+    p.add_argument("run_dir", type=Path, help="a profiled run's folder")
     p.add_argument("--top", type=whole_number_at_least(1), default=15,
                    help="kernels listed per trace (at least 1: a slice's end, where 0 would drop every row)")
     return parser

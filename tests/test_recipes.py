@@ -194,3 +194,23 @@ def test_the_process_start_is_read_to_the_clock_tick() -> None:
     after = time.time()
     start, child_now = (float(v) for v in child.stdout.split())
     assert before - 0.02 <= start <= child_now <= after  # one clock tick of slack
+
+
+def test_help_gives_every_recipes_value_of_a_recipe_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """The recipe flags' plain defaults are the cpu recipe's: `--checkpoint-every ... (default: 200)` read on a GPU,
+    which gets 0, misled. Each says the other recipes' values beside it, from RECIPES."""
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    helps = {action.dest: " ".join(formatter._expand_help(action).split()) for action in parser._actions}
+    for name in RECIPE_FIELDS:
+        values = "; ".join(f"{recipe} recipe: {getattr(settings, name)}" for recipe, settings in RECIPES.items()
+                           if recipe != "cpu")
+        assert helps[name].endswith(f"(default: {getattr(RECIPES['cpu'], name)}; {values})"), helps[name]
+    # The other entry points show their defaults too.
+    from dist_mnist import commmodel, gpucheck
+
+    for command, entry, default in ((commmodel.main, [], "(default: 50)"),
+                                    (gpucheck.main, ["step-kernels"], "(default: 15)")):
+        with pytest.raises(SystemExit):
+            command([*entry, "--help"])
+        assert default in " ".join(capsys.readouterr().out.split())
