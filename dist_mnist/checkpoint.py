@@ -132,9 +132,10 @@ class BackgroundWriter:
     fsync release the GIL; on our 2-core CPU they were 50-85 ms of a 13.7 MiB checkpoint's 85-120.
 
     One write at a time: `submit` and `wait` first finish the one in flight and raise its error (a full disk) then,
-    so a failed write still ends the run with its one line, at the next checkpoint or at the end, and never leaves
-    a later checkpoint behind it. The thread is not a daemon: a process that exits for another reason still
-    completes the file it was writing (the rename makes a half-written one impossible either way).
+    so a failed write still ends the run with its one line and never leaves a later checkpoint behind it; `failed`
+    lets the loop see the failure within a step, without waiting. The thread is not a daemon: a process that exits
+    for another reason still completes the file it was writing (the rename makes a half-written one impossible
+    either way).
     """
 
     def __init__(self) -> None:
@@ -174,6 +175,12 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=write, name=name)
         self._thread.start()
         return WrittenCheckpoint(path, len(data))
+
+    @property
+    def failed(self) -> bool:
+        """Whether the write in flight has ended in an error that wait has yet to raise; without blocking, so the
+        loop can look every step (preemption.Vote.WRITE_FAILED)."""
+        return self._finished.is_set() and self._error is not None
 
     def wait(self) -> WrittenCheckpoint | None:
         """Block until the write in flight is on disk; returns it (None if there was none), or raises its error."""

@@ -3,6 +3,7 @@ exits at once."""
 
 from __future__ import annotations
 
+import enum
 import multiprocessing.context
 import multiprocessing.resource_tracker
 import os
@@ -114,8 +115,19 @@ def _exit_when_signalled_by(rank_pid: int) -> None:
     os._exit(128 + received.si_signo)  # the shell's convention for "ended by this signal"
 
 
+class Vote(enum.IntEnum):
+    """What a rank brings to the stop vote. The vote keeps the highest, so the most pressing one is every rank's."""
+
+    GO_ON = 0
+    STOP = 1  # a stop signal: stop at a step boundary, with a checkpoint
+    # Rank 0's background checkpoint write failed (a full disk): every rank ends with its error at the same step,
+    # not one or more epochs later at the next checkpoint, trained on top of a checkpoint that does not exist.
+    WRITE_FAILED = 2
+
+
 class StopVote:
-    """Agree across ranks whether any rank was asked to stop, without a blocking collective per step.
+    """Agree across ranks whether any rank was asked to stop, or rank 0's checkpoint write failed (Vote), without a
+    blocking collective per step.
 
     Each poll waits for the vote started at the previous poll and starts the next one, so the all-reduce
     overlaps a whole training step; every rank sees the same answer at the same step. The vote runs on the
@@ -127,14 +139,14 @@ class StopVote:
         self._buffer = torch.zeros(1, dtype=torch.int32)
         self._work: dist.Work | None = None
 
-    def poll(self, local_request: bool) -> bool:
+    def poll(self, local: Vote) -> Vote:
         if self.ctx.world_size == 1:
-            return local_request
-        decided = False
+            return local
+        decided = Vote.GO_ON
         if self._work is not None:
             self._work.wait()
-            decided = bool(self._buffer.item())
-        self._buffer = torch.tensor([int(local_request)], dtype=torch.int32)
+            decided = Vote(int(self._buffer.item()))
+        self._buffer = torch.tensor([int(local)], dtype=torch.int32)
         self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, group=self.ctx.control_group,
                                      async_op=True)
         return decided

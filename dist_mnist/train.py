@@ -60,7 +60,7 @@ from dist_mnist.metrics import (
     resolve_phase_timers,
 )
 from dist_mnist.model import MnistCNN
-from dist_mnist.preemption import StopRequest, StopVote
+from dist_mnist.preemption import StopRequest, StopVote, Vote
 from dist_mnist.profiling import (
     build_summary,
     cuda_memory_snapshot,
@@ -865,8 +865,8 @@ class Trainer:
                                            self.cfg.keep_checkpoints, started)
 
         # Nobody moves on before rank 0 holds the snapshot; its file is written while training goes on, and a failed
-        # write (a full disk) ends every rank at the next checkpoint or at the end (wait_for_checkpoint). The write
-        # before it is on disk now.
+        # write (a full disk) ends every rank within a step (the stop vote's Vote.WRITE_FAILED). The write before it
+        # is on disk now.
         submitted = self.checkpoint_outcome(lambda: self.ctx.on_main(write))
         self.confirmed_checkpoint, self.last_checkpoint = self.last_checkpoint, submitted
 
@@ -1194,7 +1194,12 @@ class Trainer:
                     if state.step % cfg.log_every == 0:
                         self.log_progress()
                     with self.phase("the stop vote"):
-                        stop_now = self.vote.poll(self.stop.requested)
+                        vote = self.vote.poll(self.local_vote())
+                    if vote is Vote.WRITE_FAILED:
+                        with self.phase("the stop vote"):
+                            self.vote.finish()
+                        self.wait_for_checkpoint()  # raises rank 0's write error on every rank
+                    stop_now = vote is Vote.STOP
                     at_limit = self.at_max_steps()
                     end_of_epoch = state.batch_in_epoch == self.batches_per_epoch
                     if state.evaluation_due(cfg.eval_every) and not end_of_epoch:
@@ -1229,6 +1234,13 @@ class Trainer:
                 self.vote.finish()
             self.wait_for_checkpoint()  # in here, where a stop signal during the wait is noted, not fatal
         self.finish(stopped_by, profiler.outcome())
+
+    def local_vote(self) -> Vote:
+        """This rank's part in the stop vote: rank 0's failed checkpoint write (looked at without waiting) first, a
+        stop signal next."""
+        if self.checkpoints.failed:
+            return Vote.WRITE_FAILED
+        return Vote.STOP if self.stop.requested else Vote.GO_ON
 
     def begin_step(self) -> None:
         now = self.clock.begin()

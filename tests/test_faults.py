@@ -713,6 +713,31 @@ def test_a_full_disk_while_the_job_stops_on_a_signal_is_advised_a_rerun_not_a_re
     assert "; torchrun restarts the workers (restart 1 of 3) from the last checkpoint" in capsys.readouterr().err
 
 
+def test_a_failed_background_write_stops_the_run_within_a_step_not_at_the_next_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --checkpoint-every 0 (the cuda recipe's) the error of epoch 1's failed write came at epoch 2's end: a
+    whole epoch trained and evaluated on top of a checkpoint that did not exist, and epoch 2's save not tried."""
+    submit = checkpoint_module.BackgroundWriter.submit
+
+    def submit_and_let_it_end(self: Any, *args: Any) -> Any:
+        submitted = submit(self, *args)
+        self._finished.wait()  # the failure is there to see from the next step on, whatever the threads' timing
+        return submitted
+
+    def full(data: bytes, folder: Path, step: int, keep: int) -> Path:
+        raise write_failed(checkpoint_path(folder, step), len(data), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(checkpoint_module.BackgroundWriter, "submit", submit_and_let_it_end)
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", full)
+    assert train_module.main([*SMOKE_FLAGS, "--epochs", "3", "--checkpoint-every", "0", "--output-dir", str(tmp_path),
+                              "--run-name", "full"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: could not write step00000032.pt to {tmp_path / 'full' / 'checkpoints'}: No space "
+                           "left on device")
+    assert metrics_steps(tmp_path / "full") == [32]  # epoch 1's evaluation; none of epoch 2
+    assert max(json.loads(r)["step"] for r in (tmp_path / "full" / "progress.jsonl").read_text().splitlines()) <= 33
+
+
 def test_a_full_disk_at_the_summary_of_a_complete_run_says_the_training_is_complete(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The last checkpoint written, summary.json found the disk full: the line said "Free space there, then rerun
