@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import importlib
 import os
+import re
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +34,16 @@ def process_start_unix() -> float:
     return time.time() - age
 
 
+def inductor_cache_dir() -> str:
+    """torch._inductor's default cache folder (torch/_inductor/runtime/cache_dir_utils.py: default_cache_dir), which
+    cannot be imported without importing torch._dynamo."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):  # no name for this uid (a container): torch's fallback
+        user = f"uid_{os.getuid()}"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
 class StartupTimer:
     """Created as `main` starts, so its first phase is the interpreter and the imports; the loop's first step ends
     it. What no phase covers (run folder, config.json, ...) is reported as `other`, so the phases add up to
@@ -53,6 +66,11 @@ class StartupTimer:
         (torch.use_deterministic_algorithms does): torch._inductor and torch._dynamo import each other, and two
         threads entering that cycle from opposite ends make one of the imports fail (tests/test_e2e.py).
         """
+        # torch._dynamo's import sets TORCHINDUCTOR_CACHE_DIR (torch._inductor's cache_dir()). glibc's setenv of a
+        # name new to the environment reallocates the environ array, which the main thread's C code (OpenMP, cuBLAS,
+        # NCCL initialisation) may be walking in getenv meanwhile, without a lock: a segmentation fault. Made here,
+        # in the main thread, with the value torch would choose, the thread's write only replaces an entry's value.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
         self._imported = threading.Event()
         self._importer = threading.Thread(target=self._import, args=(modules,), name="imports", daemon=True)
         self._importer.start()

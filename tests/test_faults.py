@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import getpass
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -20,6 +21,7 @@ import resource
 import signal
 import socket
 import sys
+import tempfile
 import time
 import types
 import uuid
@@ -1082,6 +1084,40 @@ def test_an_import_whose_join_a_raising_signal_handler_interrupted_is_still_wait
     finally:
         interrupt.give_up()
     assert imported == [name]
+
+
+ENV_WATCH = """
+import os, threading
+import dist_mnist.train  # what main() has imported when it starts the thread (torch, numpy)
+from dist_mnist.startup import StartupTimer
+_putenv, _unsetenv, grown = os.putenv, os.unsetenv, []
+def putenv(key, value):  # os.environ calls it before it records the key: `key in os.environ` is "not new"
+    if threading.current_thread() is not threading.main_thread() and os.fsdecode(key) not in os.environ:
+        grown.append(("set", os.fsdecode(key), threading.current_thread().name))
+    _putenv(key, value)
+def unsetenv(key):
+    if threading.current_thread() is not threading.main_thread():
+        grown.append(("unset", os.fsdecode(key), threading.current_thread().name))
+    _unsetenv(key)
+os.putenv, os.unsetenv = putenv, unsetenv
+startup = StartupTimer()
+startup.import_in_background("torch._dynamo")
+startup.join_background_imports()
+print(grown, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+"""
+
+
+def test_the_import_thread_adds_no_variable_to_the_environment() -> None:
+    """glibc's setenv of a new name reallocates the environment array while the main thread's C code may read it
+    (getenv takes no lock): torch._dynamo's import added TORCHINDUCTOR_CACHE_DIR from the import thread."""
+    env = cpu_env(PYTHONPATH=str(REPO))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    result = run([sys.executable, "-c", ENV_WATCH], env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grown, cache_dir = result.stdout.split(" ", 1)[0], result.stdout.split("] ", 1)[1].strip()
+    assert grown == "[]", result.stdout
+    user = getpass.getuser()
+    assert cache_dir == os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")  # torch's own default
 
 
 def interrupted_early_line(name: str) -> str:
