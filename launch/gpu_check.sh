@@ -56,6 +56,9 @@ bundle=${bundle:-$out/gpu_check.tar.gz}
 [ -d "$(dirname "$bundle")" ] || fail "GPU_CHECK_BUNDLE $bundle: no folder $(dirname "$bundle")"
 cd "$(dirname "$0")/.." || exit 1
 repo=$(pwd)
+# The checkout's dist_mnist for every `python -m dist_mnist.*` below: the current directory is on the path only
+# without PYTHONSAFEPATH (else an installed copy, or none, would answer).
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 status=0
 want() { [[ " $parts " == *" $1 "* ]]; }

@@ -252,7 +252,8 @@ for _ in $(seq 300); do sleep 0.1; done
 """
 
 
-def submit_to_fake_slurm(tmp_path: Path, mode: str, *train_flags: str) -> tuple[Result, Path]:
+def submit_to_fake_slurm(tmp_path: Path, mode: str, *train_flags: str,
+                         submit_dir: Path = REPO) -> tuple[Result, Path]:
     """Run the batch script as sbatch would on the first node of a 2-node allocation, with SLURM's commands faked."""
     bin_dir, log_dir = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
@@ -262,8 +263,21 @@ def submit_to_fake_slurm(tmp_path: Path, mode: str, *train_flags: str) -> tuple[
         (bin_dir / name).chmod(0o755)
     env = cpu_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log_dir), FAKE_SRUN_MODE=mode,
                   SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node-[a-b]",
-                  SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="8")
+                  SLURM_SUBMIT_DIR=str(submit_dir), SLURM_CPUS_PER_TASK="8")
     return run(["bash", str(SLURM_SCRIPT), *train_flags], timeout=60, env=env), log_dir
+
+
+@pytest.mark.timeout(60)
+def test_slurm_script_refuses_a_submit_folder_other_than_the_checkout(tmp_path: Path) -> None:
+    """The script starts launch/train.py relative to the submit folder: from elsewhere every torchrun failed with
+    "can't open file", once per node and restart."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result, logs = submit_to_fake_slurm(tmp_path, "exit", submit_dir=elsewhere)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("error: submit from the dist_mnist checkout (cd to it, then sbatch launch/slurm.sbatch "
+                             f"...), not {elsewhere}\n")
+    assert not (logs / "srun").exists()
 
 
 def test_slurm_script_is_valid_bash() -> None:

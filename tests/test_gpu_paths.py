@@ -379,6 +379,19 @@ def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_prints_the_table_a
     assert again.stdout.strip() and again.stdout.strip() in result.stdout
 
 
+def test_gpu_check_runs_its_checkouts_package_whatever_the_path(tmp_path: Path) -> None:
+    """Its `python -m dist_mnist.*` calls relied on the current directory being on sys.path; under PYTHONSAFEPATH=1
+    they imported an installed copy, or none. The checkout now leads PYTHONPATH for every Python it starts."""
+    log = tmp_path / "pythonpath.log"
+    python = tmp_path / "python"  # answers the script's first check as a Python without a GPU would
+    python.write_text(f'#!/bin/bash\nprintf "%s\\n" "${{PYTHONPATH:-}}" >> {log}\nexit 3\n')
+    python.chmod(0o755)
+    make_mnist_dir(tmp_path / "data")
+    result = gpu_check("data", "out", cwd=tmp_path, PYTHON=str(python), PYTHONSAFEPATH="1", PYTHONPATH="/elsewhere")
+    assert result.returncode == 2 and "no CUDA GPU here" in result.stderr, result.stderr
+    assert log.read_text().splitlines() == [f"{REPO}:/elsewhere"]
+
+
 def gpu_check(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), *args], capture_output=True, text=True,
                           timeout=60, cwd=cwd, env={**cpu_env(), "PYTHON": sys.executable, **env})
