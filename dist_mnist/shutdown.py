@@ -62,17 +62,26 @@ def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit,
         # there and the job's log read -15 (SIGTERM) for a rank that had written its error line and was exiting 1.
         # Ignored, the teardown ends with `code`; torchrun's SIGKILL after its --shutdown-timeout still ends one that
         # hangs.
-        if threading.current_thread() is threading.main_thread():
-            for sig in TERMINATING_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+        ignore(TERMINATING_SIGNALS)
         sys.exit(code)
     # What the interpreter's exit runs before its teardown: logging's shutdown (flushes and closes its handlers),
     # multiprocessing's finalizers (the semaphores above). atexit has no public way to run them; this one is what
     # CPython's own exit calls, in the module since Python 2.
+    # The exit status is decided here too: a scheduler's SIGTERM or a Ctrl-C in those milliseconds raised in an exit
+    # function (launch/train.py's handler, KeyboardInterrupt), a traceback after a run that ended well, the
+    # function cut short (a semaphore left, logging not shut down).
+    ignore((*TERMINATING_SIGNALS, signal.SIGINT))
     run_exit_functions()
     sys.stdout.flush()
     sys.stderr.flush()
     exit_now(0)
+
+
+def ignore(signals: tuple[int, ...]) -> None:
+    """Ignore `signals` from here on; only the main thread may set handlers (elsewhere the process keeps them)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class FailurePath:

@@ -47,6 +47,7 @@ from dist_mnist.agreement import code_version
 from dist_mnist.checkpoint import checkpoint_path
 from dist_mnist.collectives import FLIGHT_RECORDER_FOLDER
 from dist_mnist.data import MNIST_FILES, mnist_raw_dir
+from dist_mnist.errors import TERMINATING_SIGNALS, raise_terminated
 from dist_mnist.progress import PROGRESS_FILE
 from dist_mnist.report import PICTURE_FILE
 from dist_mnist.rundir import LOCK_FILE
@@ -507,12 +508,37 @@ def test_one_epoch_on_real_mnist_reaches_98_5_percent(tmp_path: Path) -> None:
 
 def test_a_finished_run_ends_at_once_with_its_output_flushed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutdown, "watched", lambda: False)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # this process keeps its handlers
     flushed: list[str] = []
     monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append("stdout"))
     monkeypatch.setattr(sys.stderr, "flush", lambda: flushed.append("stderr"))
     exits: list[int] = []
     shutdown.end_process(0, exit_now=exits.append, run_exit_functions=lambda: flushed.append("atexit"))
     assert exits == [0] and flushed == ["atexit", "stdout", "stderr"]  # last, after logging's handlers
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_in_a_finished_runs_exit_functions_is_ignored(monkeypatch: pytest.MonkeyPatch,
+                                                                    name: str) -> None:
+    """A scheduler's time-limit SIGTERM or a Ctrl-C as a run ends, in its exit functions: launch/train.py's handler
+    (or Python's) raised there, a traceback after a successful run, the exit function cut short."""
+    monkeypatch.setattr(shutdown, "watched", lambda: False)
+    sig = signal.Signals[name]
+    previous = {s: signal.signal(s, raise_terminated) for s in TERMINATING_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    ran: list[str] = []
+    exits: list[int] = []
+
+    def exit_functions() -> None:
+        signal.raise_signal(sig)  # its Python handler runs before raise_signal returns
+        ran.append("the rest")
+
+    try:
+        shutdown.end_process(0, exit_now=exits.append, run_exit_functions=exit_functions)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert ran == ["the rest"] and exits == [0]
 
 
 # A process that holds a multiprocessing lock, as a DataLoader's worker queues do until the garbage collector frees
