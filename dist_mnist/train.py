@@ -477,6 +477,9 @@ class RunClock:
         self.step_follows_sync = False
         self._synced = False  # since the last step began
         self._sync = sync
+        # perf_counter at the start of the pause in progress (the outermost one), None outside pauses: a clock read
+        # inside one (the progress report's, after its loss gather) leaves that pause's time so far out too.
+        self._pause_start: float | None = None
 
     def begin(self) -> float:
         """Called at every step start; starts the clock at the first one. Returns the perf_counter reading."""
@@ -503,15 +506,21 @@ class RunClock:
             self._sync()
             self._synced = True
         start = time.perf_counter()
+        outer = self._pause_start
+        self._pause_start = start if outer is None else outer
         try:
             yield
         finally:
             self.pauses_s[kind] = self.pauses_s.get(kind, 0.0) + time.perf_counter() - start
+            self._pause_start = outer
 
     @property
     def paused_s(self) -> float:
-        """This process's seconds in pauses, of every kind."""
-        return sum(self.pauses_s.values())
+        """This process's seconds in pauses, of every kind, the one in progress so far included: a progress report
+        reads training time inside its pause, which counted as training in its interval and came off the next one
+        (review_longrun finding 1); a checkpoint's clock is taken inside its pause."""
+        open_s = 0.0 if self._pause_start is None else time.perf_counter() - self._pause_start
+        return sum(self.pauses_s.values()) + open_s
 
     @property
     def wall_per_step(self) -> bool:

@@ -65,6 +65,7 @@ from dist_mnist.profiling import (
     make_profiler,
     rank_stats,
 )
+from dist_mnist.progress import Progress
 from dist_mnist.train import RunClock
 from dist_mnist.train import main as train_main
 
@@ -382,6 +383,31 @@ def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> N
     older = RunClock()
     older.load_state_dict({"elapsed_s": 5.0})
     assert (older.elapsed_s(), older.paused_total_s()) == (5.0, 0.0)
+
+
+def test_a_progress_report_leaves_its_own_pause_out_of_each_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock read inside a pause (the progress report reads it after its loss gather) stops at the pause's
+    start: the pause in flight counted as training in one interval and came off the next (review_longrun 1)."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = RunClock()
+    clock.begin()
+    progress = Progress(Path("unused"), False, 100, global_batch=16)
+    rates: list[float] = []
+    for _ in range(2):
+        now[0] += 1.0  # a step of training
+        with clock.paused("progress report"):
+            now[0] += 5.0  # the loss gather waits for the slowest rank
+            assert clock.training_seconds() == clock.elapsed_s() - clock.paused_s
+            rates.append(progress.report(1, len(rates) + 1, clock.elapsed_s(), clock.training_seconds(), 0.0,
+                                         []).samples_per_sec)
+    assert rates == [16.0, 16.0]  # 16 samples in 1 s of training each time
+    assert clock.training_seconds() == 2.0 and clock.pauses_s == {"progress report": 10.0}
+    # A checkpoint's clock, taken inside its pause, carries the same training time over a resume.
+    with clock.paused("checkpoint"):
+        now[0] += 3.0
+        saved = clock.state_dict()
+    assert saved["elapsed_s"] - saved["paused_s"] == 2.0
 
 
 @pytest.mark.timeout(120)
