@@ -15,6 +15,8 @@ from typing import Any
 
 import psutil
 
+from dist_mnist.errors import UserError
+
 
 def process_start_unix() -> float:
     """The Unix time this process started, to the clock tick (10 ms).
@@ -42,6 +44,15 @@ def inductor_cache_dir() -> str:
     except (KeyError, ModuleNotFoundError, OSError):  # no name for this uid (a container): torch's fallback
         user = f"uid_{os.getuid()}"
     return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
+def import_failure(module: str, exc: Exception) -> UserError:
+    """A background import's failure as one line: TensorBoard missing (GPU images often have torch and no index to
+    install from; --tensorboard is the default), or whatever else broke the import."""
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "tensorboard":
+        return UserError("--tensorboard needs the tensorboard package (pip install tensorboard), or run with "
+                         "--no-tensorboard")
+    return UserError(f"background import of {module} (thread 'imports') failed: {type(exc).__name__}: {exc}")
 
 
 class StartupTimer:
@@ -76,10 +87,13 @@ class StartupTimer:
         self._importer.start()
 
     def _import(self, modules: tuple[str, ...]) -> None:
+        name = ""
         try:
             for name in modules:
                 importlib.import_module(name)
-        except BaseException as exc:  # raised in the main thread by join_background_imports
+        except Exception as exc:  # raised in the main thread by join_background_imports, as one line
+            self._import_error = import_failure(name, exc)
+        except BaseException as exc:  # a SystemExit: raised as it is
             self._import_error = exc
         finally:
             self._imported.set()

@@ -12,7 +12,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -1393,8 +1393,16 @@ def _main(argv: list[str] | None) -> int:
                 startup.import_in_background("torch._dynamo",
                                              *(["torch.utils.tensorboard"] if cfg.tensorboard else []))
                 run_training(cfg, ctx, startup)
-        finally:
-            startup.join_background_imports()  # a thread still importing while the interpreter shuts down can crash
+        except BaseException:
+            # A thread still importing while the interpreter shuts down can crash: joined, as the failure's own. It
+            # is failing first, so torchrun's SIGTERM to every rank (one failed the same way) in the join is noted,
+            # not a Terminated that replaced this failure's line and exit code; the import's own error is the lesser
+            # news.
+            failure_path.begin()
+            with suppress(UserError):
+                startup.join_background_imports()
+            raise
+        startup.join_background_imports()
     except UserError as exc:
         return report_failure(rank, str(exc), exc.exit_code)
     except (KeyboardInterrupt, Terminated) as exc:  # before the Trainer's loop (Trainer.failure_line words those after)

@@ -1086,6 +1086,46 @@ def test_an_import_whose_join_a_raising_signal_handler_interrupted_is_still_wait
     assert imported == [name]
 
 
+def test_a_sigterm_while_a_failed_start_joins_the_import_thread_leaves_the_failures_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """torchrun SIGTERMs every rank the moment one fails; the others, failing the same way (missing data), got it
+    while their failure joined the import thread: "interrupted (SIGTERM) during start-up" and exit 143 replaced the
+    missing-data line and its exit 1."""
+    from dist_mnist.startup import StartupTimer
+
+    join = StartupTimer.join_background_imports
+
+    def signalled_join(self: StartupTimer) -> None:
+        signal.raise_signal(signal.SIGTERM)  # its Python handler runs before raise_signal returns
+        join(self)
+
+    monkeypatch.setattr(StartupTimer, "join_background_imports", signalled_join)
+    data = tmp_path / "none"
+    assert train_module.main(["--data-dir", str(data), "--no-download", "--no-tensorboard", "--output-dir",
+                              str(tmp_path), "--run-name", "nodata"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: MNIST files missing in "), line
+
+
+class NoTensorBoard(importlib.abc.MetaPathFinder):
+    """TensorBoard not installed, as on a GPU image with torch and nothing else."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.split(".")[0] == "tensorboard":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def test_tensorboard_missing_is_one_line_not_the_import_threads_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in [m for m in sys.modules if m.split(".")[0] == "tensorboard" or m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [NoTensorBoard(), *sys.meta_path])
+    assert train_module.main([*SMOKE_FLAGS, "--tensorboard", "--max-steps", "2", "--output-dir", str(tmp_path),
+                              "--run-name", "tb"]) == 1
+    assert capsys.readouterr().err == ("error: --tensorboard needs the tensorboard package (pip install tensorboard), "
+                                       "or run with --no-tensorboard\n")
+
+
 ENV_WATCH = """
 import os, threading
 import dist_mnist.train  # what main() has imported when it starts the thread (torch, numpy)
