@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_mnist.checkpoint import list_checkpoints, remove_partial_writes
+from dist_mnist.checkpoint import list_checkpoints, partial_writes, remove_partial_writes
 from dist_mnist.config import TrainConfig
 from dist_mnist.console import rank_line
 from dist_mnist.distributed import DistContext
@@ -180,7 +180,8 @@ def is_restart() -> bool:
 
 
 def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    checkpoints = list_checkpoints(checkpoint_dir(cfg, run_dir))
+    checkpoints_in = checkpoint_dir(cfg, run_dir)
+    checkpoints = list_checkpoints(checkpoints_in)
     # A folder without files is what a run that failed during start-up (say, on missing data) leaves: reuse it.
     if any(p.is_file() and p.name != LOCK_FILE for p in run_dir.rglob("*")):
         if cfg.resume == "never":
@@ -193,8 +194,14 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
         # only a run with checkpoints of its own is continued, from its newest (`auto`) or from a file no older than
         # them (`--resume PATH`, checkpoint.resume_from_path): another run's records are never replaced.
         if not (is_restart() or checkpoints):
+            # A process killed by a second signal during its first checkpoint's write: the temp file is all there
+            # is, and the refusal comes before the holder's cleanup of such files, so the user learns of it here.
+            partial = [f"{tmp.name} ({tmp.lstat().st_size / 2**20:.1f} MiB), a partial write of {tmp.name[1:-4]} "
+                       "left by a process that died while writing it" for tmp in partial_writes(checkpoints_in)]
+            left = (f"; its checkpoints folder {checkpoints_in} holds only {', '.join(partial)}, which nothing resumes "
+                    "from: remove the run folder to use this name again" if partial else "")
             raise UserError(f"run folder {run_dir} already exists and holds no checkpoint to resume; "
-                            "pick another --run-name (nothing was overwritten)")
+                            f"pick another --run-name (nothing was overwritten){left}")
     elif cfg.resume == "never" and checkpoints:  # a --checkpoint-dir outside the run folder, another run's
         raise UserError(f"--checkpoint-dir {checkpoint_dir(cfg, run_dir)} already holds checkpoints (the newest "
                         f"{checkpoints[0].name}) and --resume never would write over them; pick another "

@@ -439,6 +439,24 @@ def test_a_checkpoint_write_cut_short_by_a_dead_process_is_removed_by_the_next_h
                                                             "step00000006.pt"]
 
 
+def test_a_run_killed_during_its_first_write_is_refused_naming_the_partial_write_it_left(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second SIGTERM during the first checkpoint's write kills the process as designed, leaving only the temp
+    file; the rerun's refusal ("holds no checkpoint to resume") came before the cleanup of such files and said
+    nothing of it, so it stayed for good."""
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (tmp_path / "killed" / "config.json").write_text("{}")
+    (checkpoints / ".step00000003.pt.tmp").write_bytes(b"\0" * 2**20)
+    assert train_module.main([*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--run-name", "killed"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: run folder {tmp_path / 'killed'} already exists and holds no checkpoint to resume; pick another "
+        f"--run-name (nothing was overwritten); its checkpoints folder {checkpoints} holds only .step00000003.pt.tmp "
+        "(1.0 MiB), a partial write of step00000003.pt left by a process that died while writing it, which nothing "
+        "resumes from: remove the run folder to use this name again\n")
+    assert (checkpoints / ".step00000003.pt.tmp").stat().st_size == 2**20
+
+
 def test_a_complete_runs_checkpoint_resumed_into_a_new_folder_says_whose_it_is_and_leaves_no_folder(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """It said "run NEW is already complete ...; nothing to do (it has no summary.json: the process that finished
