@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 from dist_mnist.errors import UserError
@@ -331,10 +333,16 @@ def _recipe_help(name: str, help: str) -> str:
     return f"{help} (default: %(default)s; {others})"
 
 
+def _prog() -> str:
+    """How the user started training, for the usage line: `python -m dist_mnist` (an installed package; Python sets
+    argv[0] to the package's __main__.py) or the checkout's launcher."""
+    return "python -m dist_mnist" if Path(sys.argv[0]).name == "__main__.py" else "launch/train.py"
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The command line; with `suppress_defaults` a flag left out is absent from the result (explicit-flag check)."""
     parser = _Parser(
-        prog="launch/train.py",
+        prog=_prog(),
         description="Train the MNIST CNN with DistributedDataParallel. Run as `torchrun --nproc_per_node=N "
                     "launch/train.py` for N processes, or `python launch/train.py` for a world of one.",
         formatter_class=DefaultsHelpFormatter,

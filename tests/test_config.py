@@ -386,3 +386,13 @@ def test_env_whole_number_reads_a_launchers_numbers() -> None:
     assert torchrun_restarts({}) == (0, 0)
     with pytest.raises(UserError, match=r"^environment variable TORCHELASTIC_RESTART_COUNT='abc' must be"):
         torchrun_restarts({"TORCHELASTIC_RESTART_COUNT": "abc"})
+
+
+@pytest.mark.parametrize(("argv0", "prog"), [("/repo/launch/train.py", "launch/train.py"),
+                                             ("/site-packages/dist_mnist/__main__.py", "python -m dist_mnist")])
+def test_the_usage_line_names_the_command_the_user_ran(monkeypatch: pytest.MonkeyPatch, argv0: str,
+                                                       prog: str) -> None:
+    """`python -m dist_mnist --help` (and its errors' usage line) named launch/train.py, which an installed package
+    does not have."""
+    monkeypatch.setattr("sys.argv", [argv0])
+    assert build_parser().format_usage().startswith(f"usage: {prog} ")
