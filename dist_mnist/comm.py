@@ -29,7 +29,7 @@ from dist_mnist.checkpoint import MT19937State
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
-from dist_mnist.metrics import Marks, seconds_between
+from dist_mnist.metrics import Marks, StepSample, seconds_between
 
 # PowerSGD: rank-2 factors, error feedback and warm start (torch's recommended settings); compression starts after
 # the learning-rate warm-up, when gradients have settled (torch's advice for start_powerSGD_iter).
@@ -223,7 +223,7 @@ class CommRecorder:
         self.timing = True  # whether the step in progress is timed (accumulation_step sets it from the StepTimer)
         self._current: list[BucketRecord] = []
         self._pending: list[list[BucketRecord]] = []
-        self.steps: list[CommStep] = []
+        self.steps: StepSample[CommStep] = StepSample()  # the timed steps' records, a sample past its cap
         # The hook's state, a checkpoint part: PowerSGD's; the other hooks have none.
         self.powersgd = PowerSGDHookState(ddp.module, ctx, powersgd_start) if hook_name == "powersgd" else None
         ddp.register_comm_hook(None, self._hook)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psutil
 import torch
@@ -25,6 +25,40 @@ from dist_mnist.runfiles import METRICS_FILE
 PHASES = ("data", "to_device", "forward", "backward", "optimizer")
 # --phase-timers after "auto" is resolved: time every step, every Nth step, or no step.
 PHASE_TIMER_MODES = ("every", "sample", "off")
+# The most per-step entries a series keeps (StepSample): 2^17, above the 100,000 timed steps of a long run, which
+# keeps them all; about 40 MB for the step timer's dicts at that count, whatever the run's length.
+STEP_SAMPLE_CAP = 1 << 17
+
+T = TypeVar("T")
+
+
+class StepSample(Generic[T]):
+    """A per-step series (summary.json's step figures are made of it) in bounded memory: every entry up to `cap`,
+    then every 2^k-th. When full, every other entry kept is dropped and the stride doubles.
+
+    A sample of every k-th step, not a random reservoir: deterministic, and two series of the same steps keep the
+    same ones (the step timer's and the comm recorder's, which the summary pairs step by step; the wall intervals
+    between step starts, which it pairs with the timed steps). Kept whole, one dict per step, the series grew by
+    0.35-0.6 MB per 1000 steps per rank for the whole run (review_longrun finding 3). `count` is exact.
+    """
+
+    def __init__(self, cap: int = STEP_SAMPLE_CAP) -> None:
+        self.cap = cap
+        self.count = 0  # entries appended, kept or not
+        self.stride = 1  # entries kept: those whose index is a multiple of this
+        self.items: list[T] = []
+
+    def append(self, entry: T) -> None:
+        if self.count % self.stride == 0:
+            self.items.append(entry)
+            if len(self.items) > self.cap:
+                del self.items[1::2]
+                self.stride *= 2
+        self.count += 1
+
+    def extend(self, entries: Iterable[T]) -> None:
+        for entry in entries:
+            self.append(entry)
 
 
 class Marks:
@@ -82,7 +116,7 @@ class StepTimer:
 
     def __init__(self, device: torch.device, mode: str = "every", every_n: int = 1,
                  label: Callable[[], bool] = torch.autograd._profiler_enabled,
-                 new_event: Callable[[], Any] | None = None) -> None:
+                 new_event: Callable[[], Any] | None = None, sample_cap: int = STEP_SAMPLE_CAP) -> None:
         if mode not in PHASE_TIMER_MODES:
             raise ValueError(f"unknown phase timer mode {mode!r}")
         self.mode = mode
@@ -93,7 +127,7 @@ class StepTimer:
         self._next_sample = 0  # with `sample`: the first step (by `_finished`) that may be timed next
         self._marks: list[tuple[str, Any]] = []
         self._pending: list[list[tuple[str, Any]]] = []
-        self.steps: list[dict[str, float]] = []  # seconds per phase, one dict per timed step
+        self.steps: StepSample[dict[str, float]] = StepSample(sample_cap)  # seconds per phase, per timed step
 
     def begin_step(self, after_sync: bool = False) -> None:
         """`after_sync`: a pause waited for the device just before this step (an evaluation, a progress report, a
@@ -136,7 +170,8 @@ class StepTimer:
         self._finished += 1
 
     def drain(self) -> list[dict[str, float]]:
-        """Resolve the timed steps finished since the last call; returns them (also kept in `steps`)."""
+        """Resolve the timed steps finished since the last call; returns them (also kept in `steps`, a sample
+        past its cap)."""
         if not self._pending:
             return []
         if self._clock.events:
@@ -155,7 +190,7 @@ class StepTimer:
     def describe(self) -> dict[str, Any]:
         """summary.json's `phase_timing`: how the phase figures were obtained."""
         return {"mode": self.mode, "every_n_steps": self.every_n if self.mode != "off" else None,
-                "steps_timed": len(self.steps)}
+                "steps_timed": self.steps.count}
 
 
 def resolve_phase_timers(setting: str, device: torch.device) -> str:

@@ -369,13 +369,17 @@ def warmup_steps(timed: int) -> int:
 
 def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, measured_step_s: list[float],
                peak_rss_bytes: int, cuda_peak_bytes: int | None, params_digest: str,
-               comm: list[CommStep] | None = None, wall_per_step: bool = True) -> dict[str, Any]:
+               comm: list[CommStep] | None = None, wall_per_step: bool = True,
+               steps_timed: int | None = None) -> dict[str, Any]:
     """This rank's figures for summary.json from its timed steps (`steps`: all, a sample, or none with
     --phase-timers off, where the step times come from the wall clock and the phase and comm figures are None).
     `comm` holds the gradient all-reduce of each step of `steps`, or None. The first steps (warm-up, lazy init) are
     left out. `wall_per_step=False` (CUDA): a wall interval between step starts is not that step's time, since the
     host runs ahead of the GPU and the steps it queued are waited for by whichever step or pause reads a result
-    first; only their mean is a step time, so with the timers off the percentiles are that mean."""
+    first; only their mean is a step time, so with the timers off the percentiles are that mean.
+
+    Past metrics.STEP_SAMPLE_CAP entries the lists are a sample of every 2^k-th step (metrics.StepSample), and every
+    figure is of that sample; `steps_timed` is then the count of all the timed steps (default: `len(steps)`)."""
     skip = warmup_steps(len(steps))
     timed = steps[skip:] or steps
     timed_comm = (comm[skip:] or comm) if comm else None
@@ -418,7 +422,7 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
         }
     return {
         "rank": rank,
-        "steps": len(steps),
+        "steps": len(steps) if steps_timed is None else steps_timed,
         "step_time_p50_s": percentile(step_times, 0.5) if step_times else 0.0,
         "step_time_p90_s": percentile(step_times, 0.9) if step_times else 0.0,
         "samples_per_sec": samples_per_step * len(step_times) / total,

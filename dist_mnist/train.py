@@ -54,6 +54,7 @@ from dist_mnist.graphs import GraphDecision, GraphedStep, capture_failure_note, 
 from dist_mnist.metrics import (
     MemoryTracker,
     RunWriter,
+    StepSample,
     StepTimer,
     format_eval,
     phase_timer_every_note,
@@ -409,6 +410,8 @@ class TrainState:
     epoch: int = 0
     step: int = 0  # optimizer steps done
     batch_in_epoch: int = 0  # batches of `epoch` already done on each rank
+    # Whole, not a sample like the step figures (metrics.StepSample): a resume writes metrics.jsonl again from it
+    # and `complete` looks in it for a met --stop-at-accuracy; one record per evaluation, a few hundred bytes each.
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -633,7 +636,7 @@ class Trainer:
         self.clock = RunClock(partial(torch.cuda.synchronize, ctx.device) if ctx.device.type == "cuda" else None)
         self.timeout = collectives.CollectiveTimeout(cfg.timeout_s, cfg.train_timeout_s)
         self.prev_step_start: tuple[float, float] | None = None  # (wall clock, paused_s) when it began
-        self.measured_step_s: list[float] = []
+        self.measured_step_s: StepSample[float] = StepSample()  # wall seconds between step starts, pauses left out
         self.checkpoints = checkpoint.BackgroundWriter()  # rank 0 writes the files in a thread
         # The newest checkpoint, on disk or being written (a failure lets that write finish): every rank knows it.
         self.last_checkpoint: checkpoint.WrittenCheckpoint | None = None
@@ -1269,10 +1272,11 @@ class Trainer:
             self.parts.comm.drain()
         self.memory.sample()
         cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
-        stats = rank_stats(ctx.rank, self.timer.steps, self.cfg.batch_size * self.cfg.grad_accum_steps,
-                           self.measured_step_s, self.memory.peak_rss_bytes, cuda_peak,
-                           parameter_digest(self.parts.module), self.parts.comm.steps if self.parts.comm else None,
-                           wall_per_step=self.clock.wall_per_step)
+        stats = rank_stats(ctx.rank, self.timer.steps.items, self.cfg.batch_size * self.cfg.grad_accum_steps,
+                           self.measured_step_s.items, self.memory.peak_rss_bytes, cuda_peak,
+                           parameter_digest(self.parts.module),
+                           self.parts.comm.steps.items if self.parts.comm else None,
+                           wall_per_step=self.clock.wall_per_step, steps_timed=self.timer.steps.count)
         stats["traces"] = traces
         # A peer lost after the last step of a complete run costs only what was not yet written: rank 0 may have
         # written summary.json before the broadcast that failed, the others cannot know.
@@ -1305,7 +1309,7 @@ class Trainer:
     def write_summary(self, all_stats: list[dict[str, Any]], complete: str | None = None) -> None:
         """Rank 0: summary.json and the table; `complete`: why the training is complete, where it is (a failed
         write then has nothing to resume: "rerun to resume from the last checkpoint" was wrong)."""
-        if not (self.timer.steps or self.measured_step_s):
+        if not (self.timer.steps.count or self.measured_step_s.count):
             return
         peak_source = "--peak-tflops"
         peak = self.cfg.peak_tflops * 1e12

@@ -37,6 +37,7 @@ from dist_mnist.graphs import GraphDecision, GraphedStep, capture_eagerly
 from dist_mnist.metrics import (
     PHASES,
     MemoryTracker,
+    StepSample,
     StepTimer,
     format_eval,
     phase_timer_every_note,
@@ -745,6 +746,42 @@ def test_explained_fraction_compares_each_interval_with_its_own_step() -> None:
     assert sample["explained_fraction"] == pytest.approx(0.9)
 
 
+def test_the_per_step_series_hold_a_bounded_sample_and_a_short_run_all_of_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory per rank does not grow with the run's length (review_longrun finding 3): past its cap a series keeps
+    every 2^k-th step, the count exact; under it (any run of ordinary length) it keeps every step, so the summary's
+    figures are those of the whole list."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    timer = StepTimer(torch.device("cpu"), "every", label=lambda: False, sample_cap=64)
+    whole = StepTimer(torch.device("cpu"), "every", label=lambda: False)
+    every: list[dict[str, float]] = []
+    for i in range(1000):
+        for t in (timer, whole):
+            t.begin_step()
+        for phase in PHASES:
+            now[0] += 0.001 * (1 + i % 7)
+            for t in (timer, whole):
+                with t.phase(phase):
+                    pass
+        for t in (timer, whole):
+            t.end_step()
+        if i % 10 == 9:
+            every.extend(whole.drain())
+            assert timer.drain() == every[-10:]  # progress lines see every step still
+    assert len(timer.steps.items) <= 64 and timer.describe()["steps_timed"] == 1000
+    assert timer.steps.items == every[::timer.steps.stride]  # every 2^k-th step, those of the comm recorder too
+    assert whole.steps.items == every and whole.steps.count == 1000
+    measured: StepSample[float] = StepSample(cap=64)
+    measured.extend(float(i) for i in range(1000))
+    assert len(measured.items) <= 64 and measured.count == 1000 and measured.items == [float(i) for i in
+                                                                                        range(0, 1000, 16)]
+    # A short run's figures are those of all its steps, as before the sample.
+    intervals = [sum(s.values()) + 0.001 for s in every[:-1]]
+    assert rank_stats(0, whole.steps.items, 16, intervals, 0, None, "digest", steps_timed=whole.steps.count) == \
+        rank_stats(0, every, 16, intervals, 0, None, "digest")
+
+
 @pytest.mark.parametrize(("peak_flops", "mfu", "shown"), [
     (1e12, 0.0016, "MFU 0.2% of 1.000 TFLOP/s"),
     # 1.6 GFLOP/s achieved against a 1 GFLOP/s yardstick (a --peak-tflops too low, a matmul timed on busy cores).
@@ -922,7 +959,7 @@ def test_the_step_timer_records_its_events_again_once_a_drain_has_read_them() ->
         if step % 10 == 9:
             timed = timer.drain()
             assert len(timed) == 5 and all(s["backward"] == 0.0 and s["forward"] >= 0.0 for s in timed)
-    assert len(timer.steps) == 20
+    assert len(timer.steps.items) == 20
     # 5 timed steps of 4 marks between drains: the first stretch's events serve all the others.
     assert FakeEvent.made == 5 * 4
 
