@@ -413,27 +413,42 @@ class TrainState:
     # Whole, not a sample like the step figures (metrics.StepSample): a resume writes metrics.jsonl again from it
     # and `complete` looks in it for a met --stop-at-accuracy; one record per evaluation, a few hundred bytes each.
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    # The step --eval-every counts from: the last evaluation of the cadence (an --eval-every step, an epoch's end).
+    # Not the last record: the evaluation at a --max-steps limit (or a met target) ends an invocation, and counting
+    # from it moved every later evaluation of a run extended past it (review_longrun finding 4).
+    eval_anchor_step: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-                "metrics": list(self.metrics)}
+                "metrics": list(self.metrics), "eval_anchor_step": self.eval_anchor_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.metrics = list(state["metrics"])
+        # Checkpoints before the anchor was saved counted from their last record, as they did then.
+        self.eval_anchor_step = state.get("eval_anchor_step", self.metrics[-1]["step"] if self.metrics else 0)
+
+    def record_evaluation(self, record: dict[str, Any], cadence: bool) -> None:
+        """Keep an evaluation's record; `cadence`: one of --eval-every's or an epoch's end, which --eval-every
+        counts from."""
+        self.metrics.append(record)
+        if cadence:
+            self.eval_anchor_step = record["step"]
 
     def steps_since_evaluation(self) -> int:
-        """Optimizer steps done since the last evaluation (since step 0 before the first).
+        """Optimizer steps done since the last evaluation record (since step 0 before the first).
 
-        --eval-every counts from here, not from step 0: each epoch's end evaluates too, and a count from step 0 put
-        a second evaluation a few steps after it (steps 117 and 120 of the cuda recipe's 117-step epochs), one more
-        pause before 99.0% for an accuracy the run had just read (8.5 ms on the H200, six steps' worth).
+        --eval-every counts from the last evaluation of its cadence (`eval_anchor_step`), not from step 0: each
+        epoch's end evaluates too, and a count from step 0 put a second evaluation a few steps after it (steps 117
+        and 120 of the cuda recipe's 117-step epochs), one more pause before 99.0% for an accuracy the run had just
+        read (8.5 ms on the H200, six steps' worth).
         """
         return self.step - (self.metrics[-1]["step"] if self.metrics else 0)
 
     def evaluation_due(self, eval_every: int) -> bool:
-        """Whether --eval-every asks for an evaluation after this step (an epoch's end evaluates in any case)."""
-        return bool(eval_every) and self.steps_since_evaluation() >= eval_every
+        """Whether --eval-every asks for an evaluation after this step (an epoch's end evaluates in any case),
+        counting from the last evaluation of the cadence (`eval_anchor_step`)."""
+        return bool(eval_every) and self.step - self.eval_anchor_step >= eval_every
 
     def epoch_number(self) -> int:
         """The epoch of the last step done, counted from 1 as people do: what every message and file shows.
@@ -979,7 +994,9 @@ class Trainer:
         end = self.state.step + steps_left
         return min(self.cfg.max_steps, end) if self.cfg.max_steps else end
 
-    def evaluate_and_record(self) -> dict[str, Any]:
+    def evaluate_and_record(self, cadence: bool = True) -> dict[str, Any]:
+        """`cadence`: an --eval-every step or an epoch's end, which later --eval-every steps count from
+        (TrainState.record_evaluation)."""
         # The loss gather in flush_losses waits for the slowest rank: not a step's time.
         with self.paused("evaluation"), self.phase("evaluation"):
             self.flush_losses()
@@ -1003,7 +1020,7 @@ class Trainer:
             # progress reports, trace writing); the rest is training.
             "eval_s": eval_s, "paused_s": self.clock.paused_total_s(),
         }
-        self.state.metrics.append(record)
+        self.state.record_evaluation(record, cadence)
         # Its own writing is a pause too (the GPU is idle since the evaluation), after the figures it records.
         with self.paused("evaluation", sync=False), self.phase("evaluation"):
             self.ctx.on_main(lambda: self.writer.append_metrics(record))
@@ -1238,7 +1255,7 @@ class Trainer:
                 # case every later --eval-every step shifted).
                 run_done = self.at_max_steps()
                 if (stopped_by is None or epoch_done or run_done) and self.target_reached is None and not evaluated:
-                    self.evaluate_and_record()
+                    self.evaluate_and_record(cadence=epoch_done)
                 self.save_checkpoint()
                 if run_done or self.target_reached:
                     break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gc
 import io
+import json
 import os
 import pickle
 import random
@@ -31,7 +32,7 @@ from dist_mnist.errors import UserError
 from dist_mnist.model import MnistCNN
 from dist_mnist.recipes import RECIPES
 from dist_mnist.rundir import LOCK_FILE
-from dist_mnist.train import Trainer, main
+from dist_mnist.train import Trainer, TrainState, main
 
 # A short single-process run with a checkpoint every 4 steps: most tests below resume from a copy of it.
 BASE_STEPS, BASE_INTERVAL = 8, 4
@@ -878,3 +879,30 @@ def test_a_powersgd_state_that_does_not_fit_is_refused_on_load(change: Callable[
     hook_state, state = _powersgd_checkpoint(change)
     with pytest.raises(ValueError, match=said):
         hook_state.load_state_dict(state)
+
+
+def test_an_evaluation_at_a_max_steps_limit_leaves_the_eval_every_cadence_where_it_was(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A run extended past a --max-steps limit evaluates at the steps the uninterrupted run does, the limit's record
+    kept as that invocation's end (review_longrun finding 4: 4, 5, 9, 13, 16, ...)."""
+    flags = ("--synthetic-train-size", "256", "--epochs", "2", "--eval-every", "4", "--checkpoint-every", "0")
+    for max_steps in ("5", "0"):
+        code, _, err = train_in_process(capsys, tmp_path, *flags, "--max-steps", max_steps)
+        assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 5, 8, 12, 16, 20, 24, 28, 32]
+
+
+def test_the_evaluation_anchor_is_saved_and_an_older_checkpoint_counts_from_its_last_record() -> None:
+    state = TrainState(step=5)
+    state.record_evaluation({"step": 4}, cadence=True)
+    state.record_evaluation({"step": 5}, cadence=False)  # the --max-steps limit's
+    assert state.steps_since_evaluation() == 0 and not state.evaluation_due(4)
+    resumed = TrainState()
+    resumed.load_state_dict(state.state_dict())
+    resumed.step = 8
+    assert resumed.eval_anchor_step == 4 and resumed.evaluation_due(4)
+    older = {k: v for k, v in state.state_dict().items() if k != "eval_anchor_step"}
+    resumed.load_state_dict(older)
+    assert resumed.eval_anchor_step == 5
+
