@@ -197,6 +197,13 @@ def warmup_cosine(total_steps: int, warmup_frac: float) -> Any:
     return factor
 
 
+def lr_of_last_step(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate the step just done trained at (of the first parameter group): the scheduler has already
+    stepped to the next one, whose rate get_last_lr() gives (the line of the run's last step said 0). From the
+    schedule on the host, not the group's lr, a device tensor under CUDA graphs."""
+    return float(scheduler.base_lrs[0]) * scheduler.lr_lambdas[0](scheduler.last_epoch - 1)
+
+
 @dataclass
 class TrainParts:
     module: MnistCNN  # the plain model: what checkpoints hold and evaluation runs
@@ -965,8 +972,7 @@ class Trainer:
     def _log_progress(self) -> None:
         self.flush_losses()
         record = self.progress.report(self.state.epoch_number(), self.state.step, self.elapsed_s(),
-                                      # a device tensor under CUDA graphs: read once per log interval
-                                      self.training_seconds(), float(self.parts.scheduler.get_last_lr()[0]),
+                                      self.training_seconds(), lr_of_last_step(self.parts.scheduler),
                                       self.timer.drain())
         if self.parts.comm:
             self.parts.comm.drain()  # resolves its marks while they are few (CUDA events)

@@ -182,3 +182,17 @@ def test_a_damaged_line_is_dropped_with_a_warning_not_a_traceback_at_every_resum
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
     assert capsys.readouterr().err == (f"warning: {path} line 3 is damaged and was dropped: "
                                        "'{\"epoch\": 1, \"step\": 3'\n")
+
+
+def test_a_progress_record_shows_the_learning_rate_its_step_trained_at(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Step S's line, record and TensorBoard scalar (one value) carry step S's rate, not step S+1's: the first
+    step trains at half the peak under a 2-step warm-up, and the last one above 0 (review_longrun finding 6)."""
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "64", "--epochs", "1", "--warmup-frac", "0.5", "--log-every",
+             "1", "--eval-every", "0", "--lr", "2e-3", "--output-dir", str(tmp_path), "--run-name", "lr"]
+    assert train_module.main(flags) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "lr" / PROGRESS_FILE).read_text().splitlines()]
+    factor = train_module.warmup_cosine(4, 0.5)
+    assert [r["lr"] for r in records] == pytest.approx([2e-3 * factor(step) for step in range(4)])
+    assert records[0]["lr"] == pytest.approx(1e-3) and records[-1]["lr"] > 0
+    assert f"lr {records[-1]['lr']:.2e} " in capsys.readouterr().out
