@@ -30,6 +30,20 @@ class StopRequest:
         self.signal_name: str | None = None
         self._first_at = 0.0
         self._previous: dict[int, SignalHandler] = {}
+        # Under torchrun, the agent that started this worker (its parent); None in a process of its own, which a
+        # shell's exit (`nohup python launch/train.py &`) must leave training.
+        self._agent_pid = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
+
+    def check_agent(self) -> None:
+        """A worker whose torchrun agent is gone (a SIGKILL, an OOM kill) stops as on a stop signal: it starts its
+        workers in sessions of their own, so they trained on unsupervised, holding the run folder a requeue needs
+        (review_longrun finding 2). Looked at by the loop at each step's stop vote, one getppid call: not
+        prctl(PR_SET_PDEATHSIG), whose signal comes from the kernel when the parent thread ends (torchrun's may be
+        any of its threads) and whose SIGKILL would leave no checkpoint; a SIGTERM from it would be a stop request
+        like this one, a step later at most, at the cost of a ctypes call and its race with the parent's death."""
+        if self.signal_name is None and self._agent_pid is not None and os.getppid() != self._agent_pid:
+            self.signal_name = f"the end of its torchrun agent (process {self._agent_pid})"
+            self._first_at = time.monotonic()
 
     @property
     def requested(self) -> bool:

@@ -1275,6 +1275,7 @@ class Trainer:
         stop signal next."""
         if self.checkpoints.failed:
             return Vote.WRITE_FAILED
+        self.stop.check_agent()
         return Vote.STOP if self.stop.requested else Vote.GO_ON
 
     def begin_step(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import SMOKE_FLAGS, TRAIN_SCRIPT, Result, kill_tree, start, torchrun
+from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, kill_tree, start, torchrun
 
 import dist_mnist.train as train_module
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints
@@ -706,3 +707,59 @@ def test_dataloader_worker_ignores_stop_signals_unless_its_rank_sends_them(tmp_p
     go_on.touch()
     result = rank.result(timeout=60)
     assert result.stdout.splitlines()[1:] == ["ready", "alive True", f"exit code {128 + signal.SIGTERM}"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A torchrun agent that is gone
+
+
+@pytest.mark.parametrize("torchrun_worker", [True, False])
+def test_a_worker_whose_agent_is_gone_stops_and_a_process_of_its_own_trains_on(
+        torchrun_worker: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun a new parent (the agent SIGKILLed, the worker handed to init) is a stop request; a plain
+    `nohup python launch/train.py &` whose shell exits is reparented too, and trains on."""
+    if torchrun_worker:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(os, "getppid", lambda: 4242)
+    stop = StopRequest()
+    stop.check_agent()
+    assert not stop.requested  # the agent (or shell) is still there
+    monkeypatch.setattr(os, "getppid", lambda: 1)
+    stop.check_agent()
+    assert stop.requested is torchrun_worker
+    assert stop.signal_name == ("the end of its torchrun agent (process 4242)" if torchrun_worker else None)
+
+
+@pytest.mark.scenario
+@pytest.mark.timeout(300)
+def test_workers_of_a_killed_torchrun_agent_stop_with_a_checkpoint_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """SIGKILL to the agent alone: its workers (in sessions of their own) trained on and held the run folder, and
+    the requeued job was refused as "in use" (review_longrun finding 2)."""
+    checkpoints = tmp_path / "orphan" / "checkpoints"
+    command = [*TORCHRUN, TRAIN_SCRIPT, *SMOKE_FLAGS, "--epochs", "2", "--checkpoint-every", "0", "--log-every", "1",
+               *PG_TIMEOUT, "--output-dir", str(tmp_path), "--run-name", "orphan"]
+    job = LiveRun(command, env=cpu_env(PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "inject"), str(REPO)]),
+                                       DIST_MNIST_TEST_DELAY="all:data:0.05"))
+    job.wait_until(lambda: job.progress_step() > 0, "the first progress line")
+    workers = [pid for pid in (worker_pid(job.proc.pid, rank) for rank in (0, 1)) if pid is not None]
+    assert len(workers) == 2
+    try:
+        os.kill(job.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):
+            assert time.monotonic() < deadline, "the workers trained on without their agent"
+            time.sleep(0.1)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    killed = job.result()
+    match = re.search(STOPPED.format(signal=r"the end of its torchrun agent \(process \d+\)"), killed.stdout,
+                      re.MULTILINE)
+    assert match, f"no stop line\nstdout:\n{killed.stdout}\nstderr:\n{killed.stderr[-3000:]}"
+    assert list_checkpoints(checkpoints)[0] == checkpoint_path(checkpoints, int(match.group(1)))
+    rerun = torchrun(2, *command[len(TORCHRUN) + 1:], timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from step {match.group(1)} " in rerun.stdout
