@@ -235,8 +235,8 @@ def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name:
             timeout: float = 900) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """Run `python -m dist_mnist` (under torchrun when nproc > 1); returns summary.json, metrics.jsonl, launch time."""
     # A checkout's package first on the path, as launch/train.py puts it: `-m` would otherwise import an installed
-    # copy, or a dist_mnist folder in the current directory, before it. Not site-packages, where an installed copy
-    # is found anyway: PYTHONPATH's entries come before the standard library's.
+    # copy before it (a dist_mnist folder in the current directory, which `-m` puts first, still wins). Not
+    # site-packages, where an installed copy is found anyway: PYTHONPATH's entries come before the standard library's.
     checkout = [str(PACKAGE_ROOT)] if (PACKAGE_ROOT / "launch" / "train.py").is_file() else []
     python_path = os.pathsep.join(filter(None, [*checkout, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path,

@@ -59,10 +59,16 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), reverse=True)
 
 
-def partial_writes(folder: Path) -> list[Path]:
-    """The checkpoints' temp files (durable.temp_path) in `folder`: what a process killed mid-write left."""
-    return [tmp for tmp in (folder.iterdir() if folder.is_dir() else ())
-            if tmp.name.startswith(".") and tmp.name.endswith(".tmp") and _NAME.match(tmp.name[1:-4])]
+def partial_writes(folder: Path) -> list[tuple[Path, int]]:
+    """The checkpoints' temp files (durable.temp_path) in `folder`, with their sizes: what a process killed mid-write
+    left. One gone before its size was read (a live writer's on a folder no lock guards: NFS without a lock manager)
+    is left out."""
+    found = []
+    for tmp in (folder.iterdir() if folder.is_dir() else ()):
+        if tmp.name.startswith(".") and tmp.name.endswith(".tmp") and _NAME.match(tmp.name[1:-4]):
+            with contextlib.suppress(FileNotFoundError):
+                found.append((tmp, tmp.lstat().st_size))
+    return found
 
 
 def remove_partial_writes(folder: Path) -> list[tuple[Path, int]]:
@@ -71,9 +77,8 @@ def remove_partial_writes(folder: Path) -> list[tuple[Path, int]]:
     rotated away, each up to a whole checkpoint's size (14 MiB) for good. Only for the folder's holder (rundir's
     lock): no other process writes there."""
     removed = []
-    for tmp in partial_writes(folder):
+    for tmp, size in partial_writes(folder):
         with contextlib.suppress(OSError):
-            size = tmp.lstat().st_size
             tmp.unlink()
             removed.append((tmp, size))
     return removed

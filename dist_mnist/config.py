@@ -341,10 +341,13 @@ def _prog() -> str:
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The command line; with `suppress_defaults` a flag left out is absent from the result (explicit-flag check)."""
+    prog = _prog()
+    torchrun_target = "-m dist_mnist" if prog.startswith("python -m") else prog
+    one = prog if prog.startswith("python") else f"python {prog}"
     parser = _Parser(
-        prog=_prog(),
+        prog=prog,
         description="Train the MNIST CNN with DistributedDataParallel. Run as `torchrun --nproc_per_node=N "
-                    "launch/train.py` for N processes, or `python launch/train.py` for a world of one.",
+                    f"{torchrun_target}` for N processes, or `{one}` for a world of one.",
         formatter_class=DefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,6 +35,8 @@ class DistContext:
     # A gloo group for small CPU-side messages (stop flags, stats, run name). On nccl this keeps control traffic
     # off the GPU stream, so checking for a stop request every step never forces a CUDA synchronize.
     control_group: Any
+    # Under torchrun, the agent that started this process (its parent as the session began); None otherwise.
+    agent_pid: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -164,6 +166,15 @@ def _launch_position() -> tuple[int | None, int | None]:
     return rank, world_size
 
 
+def torchrun_agent_pid(environ: Mapping[str, str]) -> int | None:
+    """The torchrun agent that started this process: its parent, read before the rendezvous (an agent lost during
+    the start-up's minutes is seen too). Only where the agent's own variables say a torchrun agent started it:
+    TORCHELASTIC_RUN_ID alone a user may export to name a run (rundir reads it), and a process of its own is
+    reparented when its shell exits (`nohup python launch/train.py &`), which must not stop it."""
+    launched_by_agent = "TORCHELASTIC_RUN_ID" in environ and "TORCHELASTIC_USE_AGENT_STORE" in environ
+    return os.getppid() if launched_by_agent else None
+
+
 def _check_later_numbers() -> None:
     """The launcher's other whole numbers, read at start-up before anything is written: later code reads them
     where a bad one ended a rank part-way (LOCAL_WORLD_SIZE in the --num-workers note, the restart counts in the run
@@ -199,6 +210,7 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
     """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""
     timer = startup or StartupTimer()
     rank, world_size = _launch_position()
+    agent_pid = torchrun_agent_pid(os.environ)
     # This process's GPU (cuda:LOCAL_RANK) on a GPU host: a negative one named no device.
     local_rank = env_whole_number("LOCAL_RANK")
     _check_later_numbers()
@@ -259,6 +271,6 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
             except dist.DistError as exc:  # the same wait, for a peer that stopped between the two groups
                 raise _peers_missing(exc, rank, world_size, cfg.timeout_s) from None
         yield DistContext(rank=rank, world_size=world_size, device=device,
-                          backend=backend, control_group=control_group)
+                          backend=backend, control_group=control_group, agent_pid=agent_pid)
     finally:
         dist.destroy_process_group()

@@ -56,8 +56,8 @@ def signal_exit_code(sig: signal.Signals) -> int:
 
 
 def interrupted_early(exc: KeyboardInterrupt | Terminated) -> UserError:
-    """The error for a stop signal before a run has written anything (launch/train.py's imports included): the run
-    folder, if made, is empty, and the same command reuses it."""
+    """The error for a stop signal before a run has written anything (dist_mnist/__main__.py's imports included): the
+    run folder, if made, is empty, and the same command reuses it."""
     sig = stop_signal(exc)
     return UserError(f"interrupted ({sig.name}) during start-up, before the first step; this process wrote nothing "
                      "to resume from: rerun the same command to start again (a run with checkpoints resumes from "

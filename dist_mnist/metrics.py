@@ -38,8 +38,9 @@ class StepSample(Generic[T]):
 
     A sample of every k-th step, not a random reservoir: deterministic, and two series of the same steps keep the
     same ones (the step timer's and the comm recorder's, which the summary pairs step by step; the wall intervals
-    between step starts, which it pairs with the timed steps). Kept whole, one dict per step, the series grew by
-    0.35-0.6 MB per 1000 steps per rank for the whole run (review_longrun finding 3). `count` is exact.
+    between step starts are sampled alike, the interval after each kept step). Kept whole, one dict per step, the
+    series grew by 0.35-0.6 MB per 1000 steps per rank for the whole run (review_longrun finding 3). `count` is
+    exact.
     """
 
     def __init__(self, cap: int = STEP_SAMPLE_CAP) -> None:

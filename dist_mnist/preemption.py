@@ -26,13 +26,13 @@ STOP_SIGNALS = (*TERMINATING_SIGNALS, signal.SIGINT)
 class StopRequest:
     """Signal handlers that record a stop request; used as a context manager that restores the old handlers."""
 
-    def __init__(self) -> None:
+    def __init__(self, agent_pid: int | None = None) -> None:
         self.signal_name: str | None = None
         self._first_at = 0.0
         self._previous: dict[int, SignalHandler] = {}
-        # Under torchrun, the agent that started this worker (its parent); None in a process of its own, which a
-        # shell's exit (`nohup python launch/train.py &`) must leave training.
-        self._agent_pid = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
+        # Under torchrun, the agent that started this worker (distributed.torchrun_agent_pid); None in a process of
+        # its own, which a shell's exit (`nohup python launch/train.py &`) must leave training.
+        self._agent_pid = agent_pid
 
     def check_agent(self) -> None:
         """A worker whose torchrun agent is gone (a SIGKILL, an OOM kill) stops as on a stop signal: it starts its

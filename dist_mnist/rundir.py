@@ -196,8 +196,8 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
         if not (is_restart() or checkpoints):
             # A process killed by a second signal during its first checkpoint's write: the temp file is all there
             # is, and the refusal comes before the holder's cleanup of such files, so the user learns of it here.
-            partial = [f"{tmp.name} ({tmp.lstat().st_size / 2**20:.1f} MiB), a partial write of {tmp.name[1:-4]} "
-                       "left by a process that died while writing it" for tmp in partial_writes(checkpoints_in)]
+            partial = [f"{tmp.name} ({size / 2**20:.1f} MiB), a partial write of {tmp.name[1:-4]} left by a "
+                       "process that died while writing it" for tmp, size in partial_writes(checkpoints_in)]
             left = (f"; its checkpoints folder {checkpoints_in} holds only {', '.join(partial)}, which nothing resumes "
                     "from: remove the run folder to use this name again" if partial else "")
             raise UserError(f"run folder {run_dir} already exists and holds no checkpoint to resume; "

@@ -62,13 +62,15 @@ def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit,
         # there and the job's log read -15 (SIGTERM) for a rank that had written its error line and was exiting 1.
         # Ignored, the teardown ends with `code`; torchrun's SIGKILL after its --shutdown-timeout still ends one that
         # hangs.
-        ignore(TERMINATING_SIGNALS)
+        # After a run that ended well (child processes left, or a tool watching), a Ctrl-C there is no request either:
+        # it would be a KeyboardInterrupt traceback in an exit function.
+        ignore(TERMINATING_SIGNALS if code else (*TERMINATING_SIGNALS, signal.SIGINT))
         sys.exit(code)
     # What the interpreter's exit runs before its teardown: logging's shutdown (flushes and closes its handlers),
     # multiprocessing's finalizers (the semaphores above). atexit has no public way to run them; this one is what
     # CPython's own exit calls, in the module since Python 2.
     # The exit status is decided here too: a scheduler's SIGTERM or a Ctrl-C in those milliseconds raised in an exit
-    # function (launch/train.py's handler, KeyboardInterrupt), a traceback after a run that ended well, the
+    # function (dist_mnist/__main__.py's handler, KeyboardInterrupt), a traceback after a run that ended well, the
     # function cut short (a semaphore left, logging not shut down).
     ignore((*TERMINATING_SIGNALS, signal.SIGINT))
     run_exit_functions()
@@ -110,7 +112,8 @@ class FailurePath:
         self.failing = True
 
     def _ends_process(self, signum: int) -> bool:
-        """Whether the signal would have ended the process before this handler: its default, or launch/train.py's."""
+        """Whether the signal would have ended the process before this handler: its default, or the one
+        dist_mnist/__main__.py sets."""
         return self._previous.get(signum, signal.SIG_DFL) in (signal.SIG_DFL, raise_terminated)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

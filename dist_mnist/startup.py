@@ -41,7 +41,8 @@ def inductor_cache_dir() -> str:
     cannot be imported without importing torch._dynamo."""
     try:
         user = getpass.getuser()
-    except (KeyError, ModuleNotFoundError, OSError):  # no name for this uid (a container): torch's fallback
+    except (KeyError, ModuleNotFoundError, OSError):  # no name for this uid (a container): torch 2.14's fallback
+        # (2.11 has none: its own default raised there, so this value also spares 2.11 that error)
         user = f"uid_{os.getuid()}"
     return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 

@@ -443,18 +443,19 @@ class TrainState:
             self.eval_anchor_step = record["step"]
 
     def steps_since_evaluation(self) -> int:
-        """Optimizer steps done since the last evaluation record (since step 0 before the first).
-
-        --eval-every counts from the last evaluation of its cadence (`eval_anchor_step`), not from step 0: each
-        epoch's end evaluates too, and a count from step 0 put a second evaluation a few steps after it (steps 117
-        and 120 of the cuda recipe's 117-step epochs), one more pause before 99.0% for an accuracy the run had just
-        read (8.5 ms on the H200, six steps' worth).
-        """
+        """Optimizer steps done since the last evaluation record (since step 0 before the first): 0 where this step
+        was evaluated. The --eval-every cadence counts from its own anchor instead (`evaluation_due`)."""
         return self.step - (self.metrics[-1]["step"] if self.metrics else 0)
 
     def evaluation_due(self, eval_every: int) -> bool:
-        """Whether --eval-every asks for an evaluation after this step (an epoch's end evaluates in any case),
-        counting from the last evaluation of the cadence (`eval_anchor_step`)."""
+        """Whether --eval-every asks for an evaluation after this step (an epoch's end evaluates in any case).
+
+        Counted from the last evaluation of the cadence (`eval_anchor_step`: an --eval-every step or an epoch's
+        end), not from step 0: a count from step 0 put a second evaluation a few steps after an epoch's end (steps
+        117 and 120 of the cuda recipe's 117-step epochs), one more pause before 99.0% for an accuracy the run had
+        just read (8.5 ms on the H200, six steps' worth); nor from the evaluation at a --max-steps limit, which an
+        uninterrupted run does not make.
+        """
         return bool(eval_every) and self.step - self.eval_anchor_step >= eval_every
 
     def epoch_number(self) -> int:
@@ -502,9 +503,10 @@ class RunClock:
         self.step_follows_sync = False
         self._synced = False  # since the last step began
         self._sync = sync
-        # perf_counter at the start of the pause in progress (the outermost one), None outside pauses: a clock read
-        # inside one (the progress report's, after its loss gather) leaves that pause's time so far out too.
-        self._pause_start: float | None = None
+        # The pauses in progress, outermost first: [perf_counter at its start, seconds of the pauses that ended
+        # inside it]. A clock read inside one (the progress report's, after its loss gather) leaves its time so far
+        # out too (paused_s).
+        self._open: list[list[float]] = []
 
     def begin(self) -> float:
         """Called at every step start; starts the clock at the first one. Returns the perf_counter reading."""
@@ -530,21 +532,25 @@ class RunClock:
         if sync and self._sync is not None:
             self._sync()
             self._synced = True
-        start = time.perf_counter()
-        outer = self._pause_start
-        self._pause_start = start if outer is None else outer
+        frame = [time.perf_counter(), 0.0]
+        self._open.append(frame)
         try:
             yield
         finally:
-            self.pauses_s[kind] = self.pauses_s.get(kind, 0.0) + time.perf_counter() - start
-            self._pause_start = outer
+            self._open.pop()
+            took = time.perf_counter() - frame[0]
+            # A pause inside another counts under its own kind only, so the kinds add up to the time paused.
+            self.pauses_s[kind] = self.pauses_s.get(kind, 0.0) + took - frame[1]
+            if self._open:
+                self._open[-1][1] += took
 
     @property
     def paused_s(self) -> float:
         """This process's seconds in pauses, of every kind, the one in progress so far included: a progress report
         reads training time inside its pause, which counted as training in its interval and came off the next one
         (review_longrun finding 1); a checkpoint's clock is taken inside its pause."""
-        open_s = 0.0 if self._pause_start is None else time.perf_counter() - self._pause_start
+        # Of the pauses in progress, the time not yet in pauses_s: the pauses that ended inside them are.
+        open_s = time.perf_counter() - self._open[0][0] - sum(inner for _, inner in self._open) if self._open else 0.0
         return sum(self.pauses_s.values()) + open_s
 
     @property
@@ -652,7 +658,7 @@ class Trainer:
         self.timer = StepTimer(ctx.device, timer_mode, cfg.phase_timer_every)
         self.timer_note = phase_timer_every_note(cfg.explicit(), cfg.phase_timers, timer_mode)
         self.memory = MemoryTracker(workers=self.data.workers)
-        self.stop = StopRequest()
+        self.stop = StopRequest(ctx.agent_pid)
         stop_agreed(False)  # an earlier run's stop in this process (main() called again) is not this one's
         self.vote = StopVote(ctx)
         self.clock = RunClock(partial(torch.cuda.synchronize, ctx.device) if ctx.device.type == "cuda" else None)
@@ -1240,7 +1246,7 @@ class Trainer:
                     if state.evaluation_due(cfg.eval_every) and not end_of_epoch:
                         self.evaluate_and_record()
                     if stop_now:
-                        stopped_by = self.stop.signal_name or "a signal on another rank"
+                        stopped_by = self.stop.signal_name or "a stop request on another rank"
                         stop_agreed()  # a failure from here on is followed by no torchrun restart
                     if stop_now or at_limit or self.target_reached:
                         if profiler.window_open:  # stopped inside a window: its trace ends with this step

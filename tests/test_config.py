@@ -388,11 +388,16 @@ def test_env_whole_number_reads_a_launchers_numbers() -> None:
         torchrun_restarts({"TORCHELASTIC_RESTART_COUNT": "abc"})
 
 
-@pytest.mark.parametrize(("argv0", "prog"), [("/repo/launch/train.py", "launch/train.py"),
-                                             ("/site-packages/dist_mnist/__main__.py", "python -m dist_mnist")])
-def test_the_usage_line_names_the_command_the_user_ran(monkeypatch: pytest.MonkeyPatch, argv0: str,
-                                                       prog: str) -> None:
+@pytest.mark.parametrize(("argv0", "prog", "commands"), [
+    ("/repo/launch/train.py", "launch/train.py", "`torchrun --nproc_per_node=N launch/train.py` for N processes, or "
+                                                 "`python launch/train.py` for a world of one"),
+    ("/site-packages/dist_mnist/__main__.py", "python -m dist_mnist",
+     "`torchrun --nproc_per_node=N -m dist_mnist` for N processes, or `python -m dist_mnist` for a world of one")])
+def test_the_usage_line_names_the_command_the_user_ran(monkeypatch: pytest.MonkeyPatch, argv0: str, prog: str,
+                                                       commands: str) -> None:
     """`python -m dist_mnist --help` (and its errors' usage line) named launch/train.py, which an installed package
     does not have."""
     monkeypatch.setattr("sys.argv", [argv0])
-    assert build_parser().format_usage().startswith(f"usage: {prog} ")
+    parser = build_parser()
+    assert parser.format_usage().startswith(f"usage: {prog} ")
+    assert commands in " ".join(parser.format_help().split())

@@ -561,13 +561,19 @@ def test_a_finished_runs_fast_end_leaves_no_semaphore_to_the_resource_tracker() 
 
 
 def test_a_failed_run_or_one_with_child_processes_ends_the_usual_way(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failure's error path may hold open files, and DataLoader workers are stopped by the interpreter's exit."""
+    """A failure's error path may hold open files, and DataLoader workers are stopped by the interpreter's exit.
+    Either way the exit status is decided: a stop signal in the teardown is ignored, and after a run that ended
+    well a Ctrl-C too (a KeyboardInterrupt traceback there, as on the fast end)."""
     monkeypatch.setattr(shutdown, "watched", lambda: False)
-    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # this process keeps its SIGTERM handler
+    ignored: list[int] = []
+    # This process keeps its handlers; which ones the end ignores is recorded.
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: ignored.append(signum))
     exits: list[int] = []
     with pytest.raises(SystemExit) as failed:
         shutdown.end_process(1, exit_now=exits.append)
     assert failed.value.code == 1
+    assert set(ignored) == set(TERMINATING_SIGNALS)
+    ignored.clear()
     # forkserver, not fork: pytest's process runs threads, whose held locks a forked child would inherit (3.12 warns).
     child = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(60,))
     child.start()
@@ -575,6 +581,7 @@ def test_a_failed_run_or_one_with_child_processes_ends_the_usual_way(monkeypatch
         with pytest.raises(SystemExit) as with_child:
             shutdown.end_process(0, exit_now=exits.append)
         assert with_child.value.code == 0
+        assert set(ignored) == {*TERMINATING_SIGNALS, signal.SIGINT}
     finally:
         child.kill()
         child.join()

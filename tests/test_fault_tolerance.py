@@ -23,6 +23,7 @@ from conftest import REPO, SMOKE_FLAGS, TRAIN_SCRIPT, Result, cpu_env, kill_tree
 
 import dist_mnist.train as train_module
 from dist_mnist.checkpoint import checkpoint_path, list_checkpoints
+from dist_mnist.distributed import torchrun_agent_pid
 from dist_mnist.errors import Terminated, signal_exit_code, stop_signal
 from dist_mnist.preemption import STOP_SIGNALS, StopRequest
 from dist_mnist.shutdown import FailurePath
@@ -713,21 +714,20 @@ def test_dataloader_worker_ignores_stop_signals_unless_its_rank_sends_them(tmp_p
 # A torchrun agent that is gone
 
 
-@pytest.mark.parametrize("torchrun_worker", [True, False])
+@pytest.mark.parametrize("environ", [{"TORCHELASTIC_RUN_ID": "job", "TORCHELASTIC_USE_AGENT_STORE": "False"}, {},
+                                     {"TORCHELASTIC_RUN_ID": "job"}], ids=["torchrun-worker", "own", "run-id-exported"])
 def test_a_worker_whose_agent_is_gone_stops_and_a_process_of_its_own_trains_on(
-        torchrun_worker: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        environ: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun a new parent (the agent SIGKILLed, the worker handed to init) is a stop request; a plain
-    `nohup python launch/train.py &` whose shell exits is reparented too, and trains on."""
-    if torchrun_worker:
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
-    else:
-        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    `nohup python launch/train.py &` whose shell exits is reparented too, and trains on, as does one whose user
+    exported TORCHELASTIC_RUN_ID to name the run (only the agent sets TORCHELASTIC_USE_AGENT_STORE)."""
     monkeypatch.setattr(os, "getppid", lambda: 4242)
-    stop = StopRequest()
+    stop = StopRequest(torchrun_agent_pid(environ))  # as the session begins, before the rendezvous
     stop.check_agent()
     assert not stop.requested  # the agent (or shell) is still there
     monkeypatch.setattr(os, "getppid", lambda: 1)
     stop.check_agent()
+    torchrun_worker = "TORCHELASTIC_USE_AGENT_STORE" in environ
     assert stop.requested is torchrun_worker
     assert stop.signal_name == ("the end of its torchrun agent (process 4242)" if torchrun_worker else None)
 
@@ -741,7 +741,7 @@ def test_workers_of_a_killed_torchrun_agent_stop_with_a_checkpoint_and_the_rerun
     command = [*TORCHRUN, TRAIN_SCRIPT, *SMOKE_FLAGS, "--epochs", "2", "--checkpoint-every", "0", "--log-every", "1",
                *PG_TIMEOUT, "--output-dir", str(tmp_path), "--run-name", "orphan"]
     job = LiveRun(command, env=cpu_env(PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "inject"), str(REPO)]),
-                                       DIST_MNIST_TEST_DELAY="all:data:0.05"))
+                                       DIST_MNIST_TEST_DELAY="all:data:0.3"))
     job.wait_until(lambda: job.progress_step() > 0, "the first progress line")
     workers = [pid for pid in (worker_pid(job.proc.pid, rank) for rank in (0, 1)) if pid is not None]
     assert len(workers) == 2

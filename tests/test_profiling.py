@@ -411,6 +411,25 @@ def test_a_progress_report_leaves_its_own_pause_out_of_each_interval(monkeypatch
     assert saved["elapsed_s"] - saved["paused_s"] == 2.0
 
 
+def test_a_pause_inside_another_counts_once_under_its_own_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kinds add up to the time paused, and the clock read inside the outer pause after the inner one ended
+    leaves both out once: the inner pause's time was counted in both."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = RunClock()
+    clock.begin()
+    now[0] += 1.0
+    with clock.paused("evaluation"):
+        now[0] += 2.0
+        with clock.paused("checkpoint"):
+            now[0] += 3.0
+            assert clock.paused_s == 5.0
+        now[0] += 4.0
+        assert (clock.paused_s, clock.training_seconds()) == (9.0, 1.0)
+    assert clock.pauses_s == {"evaluation": 6.0, "checkpoint": 3.0}
+    assert (clock.paused_s, clock.training_seconds()) == (9.0, 1.0)
+
+
 @pytest.mark.timeout(120)
 def test_heavy_profiler_options_record_memory_shapes_and_stacks(tmp_path: Path) -> None:
     result = train_in_process(*RUN_FLAGS, "--max-steps", "3", "--output-dir", str(tmp_path), "--run-name", "heavy",
