@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.errors import UserError, first_line
-from dist_mnist.restarts import next_restart, restart_advice
+from dist_mnist.restarts import env_whole_number, next_restart, restart_advice, torchrun_restarts
 from dist_mnist.runfiles import run_id_file_name
 from dist_mnist.shutdown import failure_path
 
@@ -199,11 +199,19 @@ def phase(name: str, step: int | None, timeout_s: float, last_checkpoint: Path |
 
 def flight_recorder_dir(cfg: TrainConfig, environ: Mapping[str, str]) -> Path:
     """Where NCCL dumps its flight recorder, known before the process group opens (the run folder is not, unless
-    --run-name names it): in the run folder, or under --output-dir keyed by torchrun's run id."""
+    --run-name names it): in the run folder, or under --output-dir keyed by torchrun's run id; then a folder per
+    launch attempt (`attempt_<torchrun's restart count>`, as torchrun names its own log folders; a Slurm requeue,
+    which starts the count again under the same job id, `requeue_<SLURM_RESTART_COUNT>_attempt_<N>`). A timeout
+    in a restarted attempt overwrote the dumps of the one before, and fr_trace reads a folder and every folder below
+    it as one set of ranks, so each attempt's dumps stand apart."""
     if cfg.run_name:
-        return Path(cfg.output_dir) / cfg.run_name / FLIGHT_RECORDER_FOLDER
-    run_id = environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
-    return Path(cfg.output_dir) / FLIGHT_RECORDER_FOLDER / run_id_file_name(run_id)
+        base = Path(cfg.output_dir) / cfg.run_name / FLIGHT_RECORDER_FOLDER
+    else:
+        run_id = environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
+        base = Path(cfg.output_dir) / FLIGHT_RECORDER_FOLDER / run_id_file_name(run_id)
+    restart, _ = torchrun_restarts(environ)
+    requeue = env_whole_number("SLURM_RESTART_COUNT", 0, environ=environ)
+    return base / f"{f'requeue_{requeue}_' if requeue else ''}attempt_{restart}"
 
 
 def flight_recorder_env(dump_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:

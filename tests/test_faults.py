@@ -865,7 +865,12 @@ def test_a_killed_peers_collective_failure_reads_as_gloos_own_words() -> None:
 def test_flight_recorder_dumps_into_the_run_folder_and_respects_the_users_settings(tmp_path: Path) -> None:
     named = TrainConfig(output_dir=str(tmp_path), run_name="run")
     dump_dir = collectives.flight_recorder_dir(named, {})
-    assert dump_dir == tmp_path / "run" / "flight_recorder"
+    assert dump_dir == tmp_path / "run" / "flight_recorder" / "attempt_0"
+    # Each launch attempt dumps apart: a timeout after torchrun's restart overwrote the first attempt's dumps, and
+    # fr_trace reads a folder with every folder below it as one set of ranks. A Slurm requeue counts again from 0.
+    assert collectives.flight_recorder_dir(named, {"TORCHELASTIC_RESTART_COUNT": "2"}).name == "attempt_2"
+    assert collectives.flight_recorder_dir(named, {"TORCHELASTIC_RESTART_COUNT": "0", "SLURM_RESTART_COUNT": "1"}
+                                           ).name == "requeue_1_attempt_0"
     assert collectives.flight_recorder_env(dump_dir, {}) == {
         "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
         "TORCH_FR_DUMP_TEMP_FILE": f"{dump_dir}/nccl_trace_rank_"}
@@ -878,10 +883,10 @@ def test_flight_recorder_dumps_into_the_run_folder_and_respects_the_users_settin
     # Without --run-name the folder is named only after the process group opens: a folder per torchrun job.
     unnamed = TrainConfig(output_dir=str(tmp_path))
     assert collectives.flight_recorder_dir(unnamed, {"TORCHELASTIC_RUN_ID": "job7"}) == (
-        tmp_path / "flight_recorder" / "job7")
+        tmp_path / "flight_recorder" / "job7" / "attempt_0")
     # A run id that is no plain name (torchrun's --rdzv-id takes any string) put the dumps outside --output-dir.
     for run_id in ("../../escaped", "/tmp/abs", ".."):
-        dump = collectives.flight_recorder_dir(unnamed, {"TORCHELASTIC_RUN_ID": run_id})
+        dump = collectives.flight_recorder_dir(unnamed, {"TORCHELASTIC_RUN_ID": run_id}).parent
         assert dump.parent == tmp_path / "flight_recorder" and dump.name.startswith("sha256-")
 
 
