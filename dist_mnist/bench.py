@@ -55,6 +55,7 @@ from dist_mnist.profiler_bench import (
 from dist_mnist.profiling import flops_per_sample, measure_matmul_peak
 from dist_mnist.recipes import RECIPES
 from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE
+from dist_mnist.runjson import json_text
 from dist_mnist.train import SpeedSettings, build_train_parts, dtype_name, resolve_speed_settings, train_step
 
 # The folder holding this package: a checkout, or site-packages for an installed copy.
@@ -584,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     try:
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            Path(args.json).write_text(json_text(results, indent=2))
         if args.output:
             with open(args.output, "a") as f:
                 f.write("\n" + table)

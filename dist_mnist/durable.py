@@ -90,6 +90,41 @@ def write_durably(path: Path, data: bytes) -> None:
         raise write_failed(path, len(data), exc) from None
 
 
+def keep_records(path: Path, data: bytes) -> None:
+    """Make the line-per-record file `path` hold exactly `data`: the records a run keeps as a process starts.
+
+    Where the file already begins with `data` it is cut there in place (nothing is done where it holds no more), not
+    replaced by a rename: a follower holding the file open (`tail -f`, a log shipper) then reads on past the cut,
+    where after a rename it read the old, unlinked file for ever, and one that reopens by name (`tail -F`) read every
+    kept record again. Crash-safe as write_durably is: a truncation changes only the file's length, in one update of
+    its inode, so after a crash the file has its old length or the new one, and both end at a whole record (`data`
+    is whole records, and so is what was appended after it); the fsync makes the new length durable before the run
+    appends after it. Any other content (a damaged line dropped, records that are not the file's start) is written
+    with write_durably."""
+    try:
+        with open(path, "rb") as f:
+            current: bytes | None = f.read()
+    except FileNotFoundError:
+        current = None
+    except OSError as exc:
+        raise write_failed(path, None, exc) from None
+    if current == data:
+        return
+    if current is None or not current.startswith(data):
+        write_durably(path, data)
+        return
+    try:
+        # O_NOFOLLOW: a record file replaced by a symlink is refused, not cut wherever it points.
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise write_failed(path, None, exc) from None
+
+
 def open_for_appending(path: Path) -> int:
     """A descriptor for append_whole_to; a failure (no space for a new file, no permission) is one line."""
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import os
 import socket
 import time
@@ -18,8 +17,9 @@ import psutil
 import torch
 from torch.profiler import record_function
 
-from dist_mnist.durable import append_whole, append_whole_to, open_for_appending, write_durably
+from dist_mnist.durable import append_whole, append_whole_to, keep_records, open_for_appending, write_durably
 from dist_mnist.runfiles import METRICS_FILE
+from dist_mnist.runjson import json_text
 
 # The phases of one training step, in order. Their trace labels are "train/<phase>".
 PHASES = ("data", "to_device", "forward", "backward", "optimizer")
@@ -335,16 +335,17 @@ class RunWriter:
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.enabled:
-            write_durably(self.run_dir / name, (json.dumps(obj, indent=2) + "\n").encode())
+            write_durably(self.run_dir / name, json_text(obj, indent=2).encode())
 
     def reset_metrics(self, records: list[dict[str, Any]]) -> None:
-        """Start metrics.jsonl over with `records` (those of the checkpoint a run resumes from)."""
+        """Start metrics.jsonl over with `records` (those of the checkpoint a run resumes from): cut in place where
+        the file begins with them (keep_records)."""
         if self.enabled:
-            write_durably(self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+            keep_records(self.run_dir / METRICS_FILE, "".join(json_text(r) for r in records).encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            append_whole(self.run_dir / METRICS_FILE, (json.dumps(record) + "\n").encode())
+            append_whole(self.run_dir / METRICS_FILE, json_text(record).encode())
             self.scalars("eval", record, record["step"])
 
     def resume_at(self, step: int) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TextIO
 
 from dist_mnist.console import OPEN_LINE
-from dist_mnist.durable import append_whole, write_durably
+from dist_mnist.durable import append_whole, keep_records
+from dist_mnist.runjson import json_text
 
 PROGRESS_FILE = "progress.jsonl"
 
@@ -77,7 +78,7 @@ class Progress:
                     # that no longer reads, not a reason to stop every later resume.
                     print(f"warning: {self.path} line {number} is damaged and was dropped: {line[:80]!r}",
                           file=sys.stderr, flush=True)
-        write_durably(self.path, "".join(line + "\n" for line in kept).encode())
+        keep_records(self.path, "".join(line + "\n" for line in kept).encode())
 
     def state_dict(self) -> dict[str, float]:
         """The loss since the previous line (rank 0's, as checkpoints hold it): a resumed run's next line still
@@ -106,7 +107,7 @@ class Progress:
         self._last_step, self._last_training_s = step, training_s
         if self.enabled:
             self._print(self.format(record))
-            append_whole(self.path, (json.dumps(dataclasses.asdict(record)) + "\n").encode())
+            append_whole(self.path, json_text(dataclasses.asdict(record)).encode())
         return record
 
     def eta_s(self, step: int, elapsed_s: float) -> float:

@@ -960,16 +960,20 @@ class Trainer:
         bad = [s for s, v in zip(steps, values.tolist()) if not math.isfinite(v)]
         first_bad = min((b for b in self.ctx.gather_objects(bad[0] if bad else None) if b is not None), default=None)
         if first_bad is not None:
-            # Not a listing of the folder: a write in flight (of a step before this one, so good) is the newest once
-            # it is done, and the rotation after it removes the file listed now.
-            newest = self.settled_checkpoint()
-            kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written"
-            raise UserError(f"training loss became non-finite at step {first_bad}; stopped ({kept}). Lower --lr, "
-                            "or use --grad-clip")
+            raise self.non_finite(f"training loss became non-finite at step {first_bad}")
         total = float(values.sum())
         self.train_loss_sum += total
         self.train_loss_count += len(values)
         self.progress.add_losses(total, len(values))
+
+    def non_finite(self, what: str) -> UserError:
+        """The line that stops every rank at a non-finite loss (`what` says which, where), before it reaches a
+        record or a checkpoint."""
+        # Not a listing of the folder: a write in flight (of a step before this one, so good) is the newest once
+        # it is done, and the rotation after it removes the file listed now.
+        newest = self.settled_checkpoint()
+        kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written"
+        return UserError(f"{what}; stopped ({kept}). Lower --lr, or use --grad-clip")
 
     def log_progress(self) -> None:
         with self.paused("progress report"), self.phase("the loss flush of the progress report"):
@@ -1015,6 +1019,10 @@ class Trainer:
             start = time.perf_counter()
             result = evaluate(self.parts, self.data.test_loader)  # ends reading its totals: the GPU is done
             eval_s = time.perf_counter() - start
+            # The training losses were finite, yet the last update can break the model (parameters that overflow
+            # in the test forward): stop as flush_losses does. The loss is all-reduced, so every rank stops here.
+            if not math.isfinite(result["test_loss"]):
+                raise self.non_finite(f"test loss became non-finite after step {self.state.step}")
             # The mean training loss since the last record, over all ranks.
             loss = torch.tensor([self.train_loss_sum, float(self.train_loss_count)], dtype=torch.float64)
             self.ctx.all_reduce(loss)

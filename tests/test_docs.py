@@ -6,7 +6,7 @@ import argparse
 import re
 
 import pytest
-from conftest import REPO
+from conftest import REPO, readme_table_row
 
 from dist_mnist.checkpoint import RESUME_FIELDS
 from dist_mnist.config import build_parser
@@ -257,3 +257,12 @@ def test_docs_benchmarks_states_the_profiler_run_steps_the_bench_refuses() -> No
     text = " ".join(DOCS["docs/benchmarks.md"].split())
     assert (f"`--profiler-run-steps` from 1 to {end - 1} (the profiled runs would end before their window, steps "
             f"{wait + 1}-{end}, closes; 0 means the recipe's whole schedule)") in text
+
+
+def test_the_readme_defines_the_metrics_records_train_loss_and_samples_per_sec_as_the_code_computes_them() -> None:
+    """README called samples_per_sec "global training throughput" and left train_loss undefined; both are of the
+    interval since the previous evaluation (Trainer.evaluate_and_record), and the record files stay strict JSON."""
+    row = readme_table_row("metrics.jsonl")
+    assert "`train_loss` (the mean training loss over all ranks since the previous evaluation)" in row
+    assert "`samples_per_sec` (global training throughput since the previous evaluation" in row
+    assert "never as a bare `NaN`" in README and "so `tail -f` reads on" in README

@@ -1457,6 +1457,28 @@ def test_a_non_finite_loss_while_the_last_good_checkpoint_is_written_names_it(
     assert load_checkpoint(written)["train_state"]["step"] == 1
 
 
+def test_a_non_finite_test_loss_stops_the_run_before_its_record_and_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The last update can break the model while every training loss was finite (--lr 1e30: parameters that
+    overflow in the test forward): the run wrote "test_loss": NaN to metrics.jsonl and a checkpoint of the broken
+    model, and ended complete with rc 0 (review_outputs F1). It stops as a non-finite training loss does."""
+    real_evaluate = train_module.evaluate
+
+    def nan_after_step_2(parts: Any, loader: Any) -> dict[str, Any]:
+        result = real_evaluate(parts, loader)
+        return {**result, "test_loss": math.nan} if parts.scheduler.last_epoch == 2 else result
+
+    monkeypatch.setattr(train_module, "evaluate", nan_after_step_2)
+    assert train_module.main([*SMOKE_FLAGS, "--max-steps", "2", "--eval-every", "1", "--checkpoint-every", "1",
+                              "--log-every", "1", "--output-dir", str(tmp_path), "--run-name", "nan"]) == 1
+    checkpoints = tmp_path / "nan" / "checkpoints"
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"error: test loss became non-finite after step 2; stopped (the last good checkpoint is "
+                    f"{checkpoints / 'step00000001.pt'}). Lower --lr, or use --grad-clip")
+    assert [json.loads(r)["step"] for r in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [p.name for p in checkpoints.glob("*.pt")] == ["step00000001.pt"]
+
+
 def test_a_dead_workers_signal_that_comes_as_the_failure_is_handled_still_gets_the_trainers_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A killed worker first breaks its batch's connection (the loop fails with that), and torch's SIGCHLD handler

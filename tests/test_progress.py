@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SMOKE_FLAGS, readme_table_row
@@ -15,7 +17,9 @@ from conftest import SMOKE_FLAGS, readme_table_row
 import dist_mnist.train as train_module
 from dist_mnist.console import rank_line, warnings_end_open_line
 from dist_mnist.errors import UserError
+from dist_mnist.metrics import RunWriter
 from dist_mnist.progress import PROGRESS_FILE, Progress, format_duration
+from dist_mnist.runfiles import METRICS_FILE
 
 # The documented schema of a progress.jsonl line, in order (README, "Run output").
 SCHEMA = {"epoch": int, "step": int, "elapsed_s": float, "train_loss": float, "lr": float, "samples_per_sec": float,
@@ -196,3 +200,63 @@ def test_a_progress_record_shows_the_learning_rate_its_step_trained_at(
     assert [r["lr"] for r in records] == pytest.approx([2e-3 * factor(step) for step in range(4)])
     assert records[0]["lr"] == pytest.approx(1e-3) and records[-1]["lr"] > 0
     assert f"lr {records[-1]['lr']:.2e} " in capsys.readouterr().out
+
+
+def _strict_json(text: str) -> Any:
+    """`text` read as strict JSON: the bare NaN and Infinity tokens Python writes by default are refused."""
+    def refuse(token: str) -> None:
+        raise ValueError(f"{token} is no JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_file_a_run_writes_is_strict_json_with_null_for_a_non_finite_figure(tmp_path: Path) -> None:
+    """A NaN test loss reached metrics.jsonl as the bare token NaN, which JSON.parse, Go, serde_json and DuckDB
+    refuse (review_outputs F1). The run stops at a non-finite loss first (test_faults); this is the backstop."""
+    writer = RunWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.write_json("summary.json", {"mfu": math.inf, "ranks": [{"share": math.nan, "p50": (0.5, -math.inf)}]})
+    writer.reset_metrics([{"step": 1, "test_loss": math.nan}])
+    writer.append_metrics({"step": 2, "test_loss": -math.inf})
+    p = progress(tmp_path, io.StringIO())
+    p.add_losses(math.nan, 1)
+    p.report(epoch=1, step=3, elapsed_s=1.0, training_s=1.0, lr=1e-3, steps=[])
+    assert _strict_json((tmp_path / "summary.json").read_text()) == {"mfu": None,
+                                                                     "ranks": [{"share": None, "p50": [0.5, None]}]}
+    assert [_strict_json(line)["test_loss"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()] == [
+        None, None]
+    [record] = (tmp_path / PROGRESS_FILE).read_text().splitlines()
+    assert _strict_json(record)["train_loss"] is None
+
+
+def test_a_restart_cuts_the_record_files_in_place_so_a_follower_reads_on(tmp_path: Path) -> None:
+    """progress.jsonl and metrics.jsonl were replaced by a rename at every process start: `tail -f` (a held
+    descriptor) went silent on the old, unlinked file, and `tail -F` replayed every kept record (review_outputs
+    F3). Now the file keeps its inode, cut where records must go and untouched where none must."""
+    p = progress(tmp_path, io.StringIO())
+    for step in (5, 10, 15):
+        report(p, step, elapsed_s=step / 10, training_s=step / 10)
+    path = tmp_path / PROGRESS_FILE
+    before = path.stat()
+    with path.open("rb") as follower:
+        Progress(tmp_path, enabled=True, step_limit=100, global_batch=32, stream=io.StringIO()).start(15, 1.5)
+        assert path.stat().st_mtime_ns == before.st_mtime_ns  # every record kept: the file is left alone
+        resumed = Progress(tmp_path, enabled=True, step_limit=100, global_batch=32, stream=io.StringIO())
+        resumed.start(10, 1.0)
+        report(resumed, 15, elapsed_s=9.0, training_s=9.0)  # step 15 again, as the resumed process trained it
+        assert path.stat().st_ino == before.st_ino
+        assert follower.read() == path.read_bytes()  # the follower's descriptor reads the live file
+    assert [(r["step"], r["elapsed_s"]) for r in map(json.loads, path.read_text().splitlines())] == [
+        (5, 0.5), (10, 1.0), (15, 9.0)]
+
+    writer = RunWriter(tmp_path, enabled=True, tensorboard=False)
+    records = [{"step": step, "test_loss": 1.0 / step} for step in (5, 10, 15)]
+    for record in records:
+        writer.append_metrics(record)
+    metrics = tmp_path / METRICS_FILE
+    before = metrics.stat()
+    with metrics.open("rb") as follower:
+        writer.reset_metrics(records)
+        assert metrics.stat().st_mtime_ns == before.st_mtime_ns
+        writer.reset_metrics(records[:2])
+        writer.append_metrics({"step": 15, "test_loss": 0.5})
+        assert metrics.stat().st_ino == before.st_ino and follower.read() == metrics.read_bytes()
+    assert [json.loads(line)["test_loss"] for line in metrics.read_text().splitlines()] == [0.2, 0.1, 0.5]
