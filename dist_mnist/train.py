@@ -596,12 +596,13 @@ def missing_summary_note(run_dir: Path, step: int) -> str:
 
 
 def world_size_warning(old_world_size: int, world_size: int, epoch: int, continue_at: int, samples_done: int,
-                       progress: float) -> str:
+                       progress: float, at_end: bool = False) -> str:
     """The `warning:` a resume under another number of processes prints (Trainer.adapt_to_world_size): where in the
-    epoch (`epoch` counted from 0) and the schedule it goes on, against how far the checkpoint's processes got."""
+    epoch (`epoch` counted from 0) and the schedule it goes on, against how far the checkpoint's processes got;
+    `at_end`: at the epoch's end, which in this world comes at or before where they got."""
     return (f"the checkpoint was written by {old_world_size} process{'' if old_world_size == 1 else 'es'}, this run "
-            f"has {world_size}: "
-            f"continuing epoch {epoch + 1} at sample {continue_at} of its order (it had reached {samples_done}), "
+            f"has {world_size}: continuing epoch {epoch + 1} at {'its end, ' if at_end else ''}sample {continue_at} "
+            f"of its order (it had reached {samples_done}), "
             f"learning-rate schedule at {progress:.1%}")
 
 
@@ -853,8 +854,19 @@ class Trainer:
         state, accum = self.state, self.cfg.grad_accum_steps
         samples_done = state.batch_in_epoch * self.cfg.batch_size * old_world_size
         state.batch_in_epoch = samples_done // self.global_batch * accum  # whole optimizer steps only
-        if state.batch_in_epoch >= self.batches_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        at_end = state.batch_in_epoch >= self.batches_per_epoch
+        if at_end:
+            # Past this world's epoch (it leaves out more leftover images, or pads differently): stay at its end, so
+            # the loop ends the epoch as after its last step, evaluating and checkpointing it. Moved on to the next
+            # epoch, the run had no record of this one's end, and one in its last epoch was "already complete" with
+            # no evaluation at all (review_repro finding 1). That checkpoint has this step's number: in this run's
+            # folder it replaces the one resumed from, as it should, since a resume rewrites metrics.jsonl from the
+            # newest checkpoint and `complete` reads its position (the step's record and the epoch's end are kept).
+            state.batch_in_epoch = self.batches_per_epoch
+            if state.metrics and state.steps_since_evaluation() == 0:
+                # This step was evaluated (the old run's --max-steps limit), so the loop does not evaluate it again;
+                # that record now ends an epoch, and --eval-every counts from an epoch's end.
+                state.eval_anchor_step = state.step
         scheduler = self.parts.scheduler
         # The step of this world's schedule that the data position is at, so the schedule ends on the run's last
         # step. The old position's fraction of training, rounded apart from the data's, was up to 5 steps off: the
@@ -870,7 +882,7 @@ class Trainer:
         continue_at = state.batch_in_epoch * self.cfg.batch_size * self.ctx.world_size
         if self.ctx.is_main:  # on stderr with the other warnings; rank_line ends the open progress line
             rank_line(0, "warning", world_size_warning(old_world_size, self.ctx.world_size, state.epoch, continue_at,
-                                                       samples_done, progress))
+                                                       samples_done, progress, at_end=at_end))
 
     def save_checkpoint(self) -> None:
         with self.paused("checkpoint"), self.phase("the checkpoint"):

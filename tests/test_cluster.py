@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -450,6 +451,70 @@ def test_a_world_size_change_puts_the_schedule_where_the_data_are_so_it_ends_on_
     assert scheduler.last_epoch == 20
     assert optimizer.param_groups[0]["lr"] == pytest.approx(warmup_cosine(36, 0.1)(20))
     assert "learning-rate schedule at 55.6%" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("records", "anchor"), [
+    ([], 0),  # stopped mid-epoch: unevaluated, the loop evaluates the epoch's end
+    ([{"step": 30}], 30),  # stopped by a --max-steps 30 limit, evaluated there: that record ends the epoch
+])
+def test_a_world_size_whose_epoch_ends_before_the_checkpoint_stays_at_that_end(
+        records: list[dict[str, Any]], anchor: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """500 images, batch 16: 1 process did 30 of its 31 steps an epoch (480 images). 2 ranks have 15 steps an epoch
+    (480 images): the run stays at that epoch's end, where the loop evaluates and checkpoints it. It moved on to
+    the next epoch, so that epoch's end had no record, and a run in its last epoch was "already complete" with no
+    evaluation (review_repro finding 1)."""
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(30, 0.1))
+    trainer = SimpleNamespace(
+        state=TrainState(epoch=0, step=30, batch_in_epoch=30, metrics=records),
+        cfg=TrainConfig(batch_size=16, grad_accum_steps=1, epochs=2, seed=0),
+        data=SimpleNamespace(train_size=500), ctx=SimpleNamespace(rank=0, world_size=2, is_main=True),
+        global_batch=32, batches_per_epoch=15, steps_per_epoch=15, total_steps=30,
+        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
+    Trainer.adapt_to_world_size(trainer, 1)  # type: ignore[arg-type]
+    assert (trainer.state.epoch, trainer.state.batch_in_epoch) == (0, 15)
+    # The schedule and the step limit as at the start of the next epoch: the epoch's end trains no step.
+    assert scheduler.last_epoch == 15
+    assert Trainer.step_limit(trainer) == 45  # type: ignore[arg-type]
+    assert trainer.state.eval_anchor_step == anchor
+    assert ("continuing epoch 1 at its end, sample 480 of its order (it had reached 480), learning-rate schedule at "
+            "50.0%") in capsys.readouterr().err
+
+
+@pytest.mark.scenario
+@pytest.mark.timeout(240)
+def test_resume_with_another_world_size_past_its_epoch_evaluates_the_epoch_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The loop's side of the test above: 1 process stopped at step 30 (no evaluation: mid-epoch for it) and resumed
+    on 2 ranks, whose only epoch ends there. They said "already complete ... it has no evaluation"."""
+    flags = [*SMOKE_FLAGS, "--synthetic-train-size", "500", "--epochs", "1", "--output-dir", str(tmp_path),
+             "--run-name", "elastic", "--timeout-s", "60"]
+    begin_step = Trainer.begin_step
+
+    def stop_after_step_29(self: Trainer) -> None:
+        if self.state.step == 29:
+            os.kill(os.getpid(), signal.SIGTERM)  # step 30 runs, then the stop
+        begin_step(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "begin_step", stop_after_step_29)
+        assert main(flags) == 0
+    assert "stopped by SIGTERM at step 30;" in capsys.readouterr().out
+    assert not (tmp_path / "elastic" / "metrics.jsonl").read_text()
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", TRAIN_SCRIPT,
+                  *flags], timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already complete" not in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "elastic" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["test_samples"]) for r in records] == [(1, 30, 203)]
+    assert "continuing epoch 1 at its end, sample 480 of its order (it had reached 480)" in result.stderr
+    # The epoch-end checkpoint replaced the one resumed from, under its name: a rerun finds the run complete.
+    [newest] = (tmp_path / "elastic" / "checkpoints").glob("step*.pt")
+    saved = torch.load(newest, weights_only=True)
+    assert newest.name == "step00000030.pt" and saved["world_size"] == 2
+    assert {k: saved["train_state"][k] for k in ("epoch", "step", "batch_in_epoch", "eval_anchor_step")} == \
+        {"epoch": 1, "step": 30, "batch_in_epoch": 0, "eval_anchor_step": 30}
 
 
 # torchrun 2.14 shares its rendezvous TCPStore with the workers and caches the store's address after the first
