@@ -387,7 +387,12 @@ def evaluate(parts: TrainParts, loader: Any) -> dict[str, float]:
             x = normalize(images, parts.device, parts.settings.channels_last)
             y = to_device(labels, parts.device)
             logits = module(x).float()
-            totals[0] += F.cross_entropy(logits, y, reduction="sum")
+            # Each image's float32 loss added in float64, not a float32 sum per batch: that rounding depended on
+            # how the shard was cut into batches, so test_loss changed in its last bits with --eval-batch-size
+            # and the world size. Added this way the sum is exact (so independent of the cut) while the spread of
+            # the losses' magnitudes in bits plus log2 of their count stays under 29, as in flush_losses; past
+            # that (a model sure of most images: losses near 0) it can differ only in float64's last bits.
+            totals[0] += F.cross_entropy(logits, y, reduction="none").double().sum()
             totals[1] += (logits.argmax(dim=1) == y).sum()
             totals[2] += y.numel()
     module.train()

@@ -4,6 +4,7 @@ evaluation counts every test image once with the same result on every rank."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import os
@@ -24,6 +25,7 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.data import DataPipeline, build_pipeline, load_splits
 from dist_mnist.distributed import DistContext
 from dist_mnist.metrics import StepTimer
+from dist_mnist.model import MnistCNN
 from dist_mnist.train import TrainParts, build_train_parts, evaluate, resolve_speed_settings, train_step
 
 TEST_SIZE = 203  # odd, and divides by neither 2 nor 3: evaluation shards are uneven
@@ -208,6 +210,35 @@ def test_evaluation_is_exact_and_identical_on_every_rank(
         assert_same_eval(results[0], expected)
     trained = [result["dropout"]["final_eval"] for result in two_ranks]
     assert trained[0] == trained[1]
+
+
+class PixelLogits(MnistCNN):
+    """Ten of an image's normalized pixels as its logits: elementwise, so bit for bit the same in a batch of any
+    size (the network's own logits may not be: its kernels are chosen by the batch's shape, and 3 of 203 images
+    differed in their last bit between batches of 203 and 50 on the 2-core CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, 400:410] * 4
+
+
+def evaluate_in_batches_of(ctx: DistContext, batch_size: int) -> dict[str, Any]:
+    """One model's evaluation with --eval-batch-size 7, 50 and the whole test set."""
+    _, parts = _build(ctx, batch_size)
+    parts.module = PixelLogits()
+    results = {}
+    for eval_batch in (7, 50, TEST_SIZE):
+        cfg = dataclasses.replace(_cfg(batch_size), eval_batch_size=eval_batch)
+        data = build_pipeline(cfg, ctx, *load_splits(cfg, ctx), on_device=False)
+        results[f"batch {eval_batch}"] = evaluate(parts, data.test_loader)
+    return results
+
+
+def test_the_test_loss_does_not_depend_on_the_eval_batch_size() -> None:
+    """The images' losses add up in float64: summed in float32 per batch first, the test loss changed in its last
+    bits with --eval-batch-size (5.507894628740884 at 7, 5.507894788469587 at 50, 5.507894281096059 at 203), and
+    with the world size, which cuts the test set into other batches (review_repro finding 2)."""
+    results = in_process_world(evaluate_in_batches_of, PER_RANK_BATCH)
+    assert results["batch 7"] == results["batch 50"] == results[f"batch {TEST_SIZE}"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
