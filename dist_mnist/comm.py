@@ -307,7 +307,9 @@ def ddp_bucket_kwargs(hook_name: str, bucket_cap_mb: float, ctx: DistContext, mo
 def note_ignored_comm_flags(cfg: TrainConfig, ctx: DistContext) -> str | None:
     """A world of one has no DDP and nothing to all-reduce: comm flags the user gave are ignored, with this note.
     Only flags given: the recipe's own values (the cuda recipe's hook is `none`) are no choice of the user's."""
-    if ctx.world_size == 1 and {"ddp_comm_hook", "bucket_cap_mb"} & cfg.explicit():
-        return ("note: --ddp-comm-hook and --bucket-cap-mb have no effect in a world of one process (no DDP, "
-                "nothing is all-reduced)")
-    return None
+    given = [flag for name, flag in (("ddp_comm_hook", "--ddp-comm-hook"), ("bucket_cap_mb", "--bucket-cap-mb"))
+             if name in cfg.explicit()]
+    if ctx.world_size > 1 or not given:
+        return None
+    return (f"note: {' and '.join(given)} {'has' if len(given) == 1 else 'have'} no effect in a world of one process "
+            "(no DDP, nothing is all-reduced)")

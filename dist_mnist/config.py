@@ -248,7 +248,10 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         if not 0 <= self.stop_at_accuracy <= 1:
-            raise UserError(f"--stop-at-accuracy must be in (0, 1] (0: off), got {self.stop_at_accuracy}")
+            # A value up to 100 is almost surely a percentage, as the evaluation lines print accuracy.
+            hint = (f"; for {self.stop_at_accuracy:g}% give {self.stop_at_accuracy / 100:g}"
+                    if 1 < self.stop_at_accuracy <= 100 else "")
+            raise UserError(f"--stop-at-accuracy must be in (0, 1] (0: off), got {self.stop_at_accuracy}{hint}")
         # An empty path is no folder or file: Path("") is the current directory, so --output-dir "" wrote runs
         # there, and --resume "" was read as a checkpoint file named ".".
         if not self.resume:

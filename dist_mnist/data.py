@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from dist_mnist.config import TrainConfig
-from dist_mnist.distributed import DistContext
+from dist_mnist.distributed import DistContext, beyond_host_cpus
 from dist_mnist.durable import missing_folders, remove_empty_folders
 from dist_mnist.errors import UserError
 from dist_mnist.preemption import DataWorkerContext, leave_stop_signals_to_the_rank
@@ -362,14 +362,51 @@ def worker_count_note(workers: int, cpus: int, ranks_on_host: int) -> str | None
     worker is a spawned Python process with torch loaded: on the 2-core CPU 64 of them took over 3 minutes without
     finishing 5 steps, and over 14 GiB (PSS) before the evaluation's 64 started.
     """
-    on_host = workers * ranks_on_host
-    if on_host <= cpus:
+    if (count := beyond_host_cpus(workers, ranks_on_host, cpus, "DataLoader processes")) is None:
         return None
-    ranks = f" ({workers} per rank x {ranks_on_host} ranks)" if ranks_on_host > 1 else ""
-    return (f"note: --num-workers {workers} starts {on_host} DataLoader processes on this host's {cpus} CPUs{ranks}, "
+    return (f"note: --num-workers {workers} starts {count}, "
             "and as many again at the first evaluation: more workers than CPUs load no faster, and each costs seconds "
             "of start-up and hundreds of MB (a process with torch loaded)")
 
+
+
+def accumulation_note(train_size: int, world_size: int, batch_size: int, batches_per_rank: int,
+                      accumulation_steps: int) -> str | None:
+    """A `note:` when --grad-accum-steps leaves an epoch's last batches of each rank out (they fill no whole round
+    of `accumulation_steps`); None when the rounds use them all.
+
+    It counts the images an epoch then leaves out, beside those the sampler already does (a share's last images that
+    fill no batch, README's "Training covers an epoch"): the ranks train the first W x (trained batches) x B places
+    of the epoch's order, and places past the training set are the padding's repeats of its first images, so
+    max(0, N - W x batches x B) images are left out."""
+    used = batches_per_rank // accumulation_steps * accumulation_steps
+    if used == batches_per_rank:
+        return None
+
+    def left_out(batches: int) -> int:
+        return max(0, train_size - world_size * batches * batch_size)
+
+    by_batches, total = left_out(batches_per_rank), left_out(used)
+    return (f"note: --grad-accum-steps {accumulation_steps} trains whole rounds only: {used:,} of each rank's "
+            f"{batches_per_rank:,} batches an epoch, so an epoch leaves out {total:,} of the {train_size:,} training "
+            f"images ({total - by_batches:,} in the batches that fill no round, {by_batches:,} that fill no batch)")
+
+
+def synthetic_data_note(cfg: TrainConfig) -> str | None:
+    """A `note:` when --data-dir or --no-download is given with --dataset synthetic, which reads no files.
+
+    A note, not the refusal that --synthetic-train-size gets without --dataset synthetic (config._DEPENDENT_FLAGS):
+    that run would train on other data than the flag asks for, while this one trains on exactly what --dataset asks
+    for, and the flags only say where MNIST is and whether it may be fetched. A job script that passes them on every
+    run (launch/gpu_check.sh's smoke runs do) stays usable for a synthetic smoke run, and an empty --data-dir is
+    accepted there for the same reason (tests/test_config.py)."""
+    given = [flag for name, flag in (("data_dir", "--data-dir"), ("no_download", "--no-download"))
+             if name in cfg.explicit()]
+    if cfg.dataset != "synthetic" or not given:
+        return None
+    listed = " and ".join(given)
+    return (f"note: {listed} {'has' if len(given) == 1 else 'have'} no effect with --dataset synthetic (it makes its "
+            "data, and reads or downloads no files)")
 
 def build_pipeline(cfg: TrainConfig, ctx: DistContext, train: Split, test: Split, on_device: bool) -> DataPipeline:
     cuda = ctx.device.type == "cuda"

@@ -205,6 +205,28 @@ def loopback_only(alone: bool) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+def beyond_host_cpus(per_rank: int, ranks_on_host: int, cpus: int, what: str) -> str | None:
+    """'N {what} on this host's C CPUs' (with the split by rank where there are several) when `per_rank` of them
+    for each of the host's ranks are more than its `cpus`; None when they fit. The shared part of the notes on
+    oversubscribed CPUs (data.worker_count_note, thread_count_note)."""
+    on_host = per_rank * ranks_on_host
+    if on_host <= cpus:
+        return None
+    ranks = f" ({per_rank} per rank x {ranks_on_host} ranks)" if ranks_on_host > 1 else ""
+    return f"{on_host} {what} on this host's {cpus} CPUs{ranks}"
+
+
+def thread_count_note(threads: int, ranks_on_host: int, cpus: int) -> str | None:
+    """A `note:` when --threads times the ranks on this host is more than its CPUs; None otherwise (and for 0,
+    torch's own choice). Config refuses --threads above the CPUs of one process; with several ranks on the host each
+    may stay under them while all together do not, which slowed 2 ranks of --threads 2 on 2 CPUs by a third."""
+    if not threads or (count := beyond_host_cpus(threads, ranks_on_host, cpus, "intra-op threads")) is None:
+        return None
+    return (f"note: --threads {threads} runs {count}: threads beyond the CPUs wait for each other in every "
+            "parallel kernel and slow each step; --threads 0 leaves the count to torch (and torchrun's "
+            "OMP_NUM_THREADS)")
+
+
 @contextmanager
 def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -> Iterator[DistContext]:
     """Open the process group (torchrun's env:// rendezvous, or an in-process world of one) and always close it."""

@@ -63,7 +63,19 @@ def graph_decision(mode: str, device_type: str, world_size: int, amp_dtype: torc
     reasons = ", ".join(blockers)
     if mode == "on":
         raise UserError(f"--cuda-graphs on cannot capture this run's step ({reasons}); use --cuda-graphs auto or off")
-    return GraphDecision(False, f"note: CUDA graphs off, eager steps ({reasons})")
+    # Under --compile the steps that run instead are compiled ones, not eager.
+    return GraphDecision(False, f"note: CUDA graphs off, {'compiled' if compile else 'eager'} steps ({reasons})")
+
+
+def reduce_overhead_note(compile_mode: str, device_type: str) -> str | None:
+    """A `note:` for --compile-mode reduce-overhead off CUDA; None otherwise. Inductor's reduce-overhead mode is its
+    default mode plus CUDA graphs (torch._inductor.list_mode_options(): triton.cudagraphs), so a run on the CPU
+    compiles as the default mode does and captures nothing. Config refuses the mode without --compile on inductor,
+    where it is never read."""
+    if compile_mode != "reduce-overhead" or device_type == "cuda":
+        return None
+    return (f"note: --compile-mode reduce-overhead adds CUDA graphs to inductor's default mode, and a run on "
+            f"{device_type} has none: its steps compile as --compile-mode default's do")
 
 
 def capture_failure_note(exc: RuntimeError, mode: str) -> str:

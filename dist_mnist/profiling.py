@@ -247,14 +247,21 @@ class _NoProfiler(nullcontext):
         """No --profile: no traces to speak of (summary.json's `traces` is null)."""
 
 
+def profile_records_nothing(cfg: TrainConfig, steps: int) -> bool:
+    """Whether --profile's first window never records in `steps` steps: it records after --profile-wait and
+    --profile-warmup."""
+    return cfg.profile and steps <= cfg.profile_wait + cfg.profile_warmup
+
+
 def make_profiler(cfg: TrainConfig, ctx: DistContext, run_dir: Path, first_step: int,
                   step_limit: int) -> WindowedProfiler | _NoProfiler:
     """The --profile windows (traces in <run folder>/traces/), or a no-op: see WindowedProfiler for its calls."""
     if not cfg.profile:
         return _NoProfiler()
     steps_left = step_limit - first_step
-    if ctx.is_main and steps_left <= cfg.profile_wait + cfg.profile_warmup:
-        # A warning, not an error: a resumed run may legitimately have only a few steps left.
+    if ctx.is_main and profile_records_nothing(cfg, steps_left):
+        # A warning, not an error: a resumed run may legitimately have only a few steps left (a run from step 0 is
+        # refused before it starts, Trainer.resume_and_train).
         rank_line(ctx.rank, "warning", f"--profile records nothing: {steps_left} "
                   f"{'step is' if steps_left == 1 else 'steps are'} left, and the first "
                   f"window only starts recording after --profile-wait {cfg.profile_wait} + --profile-warmup "
@@ -392,8 +399,11 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
     # over the same steps: the run's last step has no interval, and N steps and N-1 intervals lose different warm-up
     # steps, so the two means were of different steps (97.7% for steps that each measured 99.6%, over 100% after a
     # resume). A sample (--phase-timers sample, or on CUDA) against the mean of all intervals.
+    # A sample too short to leave its warm-up out (fewer than 5 timed steps) is mostly its cold first step, against
+    # the mean of every interval: "explained 137.9%" for a 5-step run sampled once. No figure there (the table's
+    # sampling line says why) rather than that one.
     explained = ([sum(s.values()) for s in steps[:len(measured_step_s)]][wall_skip:]
-                 if len(steps) == len(measured_step_s) + 1 else step_times)
+                 if len(steps) == len(measured_step_s) + 1 else step_times if skip else [])
     total = sum(step_times) or 1e-12
     figures: dict[str, Any] = {**{f"{phase}_share": None for phase in PHASES}, "backward_compute_share": None,
                                **comm_stats(timed, None), "phase_time_per_step_s": None, "own_time_p50_s": None,
@@ -418,7 +428,7 @@ def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, 
             # Own work per step: what a slow rank makes the others wait for in the all-reduce.
             "own_time_p50_s": percentile([t - e for t, e in zip(step_times, exposed)], 0.5),
             # The share of the wall time between step starts (eval and checkpoints left out) the phases explain.
-            "explained_fraction": statistics.fmean(explained) / measured if measured else None,
+            "explained_fraction": statistics.fmean(explained) / measured if measured and explained else None,
         }
     return {
         "rank": rank,
@@ -620,8 +630,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             " (p50 and p90 are the mean step: on CUDA a single step is not timed without waiting for the GPU)")
         lines.append(f"phase timers off (--phase-timers off): no phase shares; step times are wall-clock{per_step}")
     elif timing and timing["mode"] == "sample":
-        lines.append(f"phase shares from one step in {timing['every_n_steps']} ({timing['steps_timed']} "
-                     f"step{'' if timing['steps_timed'] == 1 else 's'} timed on rank 0)")
+        timed = timing["steps_timed"]
+        cold = "" if warmup_steps(timed) or not timed else (
+            ": too few to leave the first, cold step out, so nothing is set against the measured step (explained n/a)")
+        lines.append(f"phase shares from one step in {timing['every_n_steps']} ({timed} "
+                     f"step{'' if timed == 1 else 's'} timed on rank 0{cold})")
     lines.extend(_trace_failures(summary["ranks"]))
     mfu = f"{summary['mfu']:.1%}" if summary["mfu"] is not None else "n/a"
     achieved = summary["achieved_tflops"]

@@ -35,13 +35,15 @@ from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse
 from dist_mnist.console import kept_stdout, one_line, rank_line, warnings_end_open_line
 from dist_mnist.data import (
     DataPipeline,
+    accumulation_note,
     build_pipeline,
     load_splits,
     normalize,
+    synthetic_data_note,
     to_device,
     worker_count_note,
 )
-from dist_mnist.distributed import DistContext, distributed_session
+from dist_mnist.distributed import DistContext, distributed_session, thread_count_note
 from dist_mnist.durable import WriteFailed
 from dist_mnist.errors import (
     Terminated,
@@ -50,7 +52,7 @@ from dist_mnist.errors import (
     signal_exit_code,
     stop_signal,
 )
-from dist_mnist.graphs import GraphDecision, GraphedStep, capture_failure_note, graph_decision
+from dist_mnist.graphs import GraphDecision, GraphedStep, capture_failure_note, graph_decision, reduce_overhead_note
 from dist_mnist.metrics import (
     MemoryTracker,
     RunWriter,
@@ -70,6 +72,7 @@ from dist_mnist.profiling import (
     make_profiler,
     measure_matmul_peak,
     parameter_digest,
+    profile_records_nothing,
     rank_stats,
 )
 from dist_mnist.progress import Progress
@@ -184,9 +187,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 # Model, optimizer and one training step
 
 
+def lr_warmup_steps(total_steps: int, warmup_frac: float) -> int:
+    """The learning-rate warm-up's length in optimizer steps: `warmup_frac` of the schedule's, at least 1."""
+    return max(1, int(total_steps * warmup_frac))
+
+
 def warmup_cosine(total_steps: int, warmup_frac: float) -> Any:
     """LR multiplier: linear warm-up to 1 over `warmup_frac` of the steps, then cosine down to 0."""
-    warmup = max(1, int(total_steps * warmup_frac))
+    warmup = lr_warmup_steps(total_steps, warmup_frac)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -195,6 +203,27 @@ def warmup_cosine(total_steps: int, warmup_frac: float) -> Any:
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def short_schedule_note(cfg: TrainConfig, total_steps: int, powersgd_start: int | None) -> str | None:
+    """A `note:` when --max-steps ends the run within the learning-rate warm-up: the schedule spans --epochs (so a
+    run stopped by --max-steps resumes to the parameters of an uninterrupted one, docs/pitfalls.md), so such a run
+    never trains at --lr, and PowerSGD (`powersgd_start`: the step count it compresses from; None without it) may
+    never compress. None otherwise."""
+    warmup = lr_warmup_steps(total_steps, cfg.warmup_frac)
+    if not 0 < cfg.max_steps < total_steps:
+        return None
+    missed = []
+    if cfg.max_steps < warmup:
+        # Step S trains at the multiplier of the scheduler's count S - 1.
+        peak = cfg.lr * warmup_cosine(total_steps, cfg.warmup_frac)(cfg.max_steps - 1)
+        missed.append(f"its learning rate reaches {peak:.3g} of --lr {cfg.lr:g}")
+    if powersgd_start is not None and cfg.max_steps <= powersgd_start:
+        missed.append(f"--ddp-comm-hook powersgd never compresses (it starts after step {powersgd_start})")
+    if not missed:
+        return None
+    return (f"note: --max-steps {cfg.max_steps} ends within the learning-rate warm-up ({warmup} of the schedule's "
+            f"{total_steps} steps, which span --epochs {cfg.epochs}): {', and '.join(missed)}")
 
 
 def lr_of_last_step(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
@@ -636,8 +665,9 @@ class Trainer:
             self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
         agree_on_data(ctx, len(train_split), len(test_split))
         # The CPUs DataLoader's own check counts (those this process may run on); torchrun names the host's ranks.
-        self.workers_note = worker_count_note(self.data.num_workers, usable_cpus(),
-                                              env_whole_number("LOCAL_WORLD_SIZE", 1, least=1))
+        ranks_on_host = env_whole_number("LOCAL_WORLD_SIZE", 1, least=1)
+        self.workers_note = worker_count_note(self.data.num_workers, usable_cpus(), ranks_on_host)
+        self.threads_note = thread_count_note(cfg.threads, ranks_on_host, usable_cpus())
         # Optimizer steps; an epoch's batches beyond a whole number of accumulation rounds are left out.
         self.steps_per_epoch = self.data.steps_per_epoch // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
@@ -1178,6 +1208,15 @@ class Trainer:
                 self.log(f"run {self.run_dir} is already complete at step {state.step} ({done}); nothing to do"
                          + self.unevaluated_end_note() + missing_summary_note(self.run_dir, state.step))
             return
+        if self.resumed_from is None and profile_records_nothing(cfg, self.step_limit()):
+            # Before the run's files: a run from step 0 can never record, while a resumed one's few steps left are
+            # only warned about (make_profiler).
+            steps, wait = self.step_limit(), cfg.profile_wait + cfg.profile_warmup
+            longer = f"raise --max-steps above {wait}" if cfg.max_steps else "train more --epochs"
+            raise UserError(f"--profile records nothing in this run: it has {steps} step{'' if steps == 1 else 's'}, "
+                            f"and the first window records only after --profile-wait {cfg.profile_wait} + "
+                            f"--profile-warmup {cfg.profile_warmup} steps; {longer}, or lower --profile-wait or "
+                            "--profile-warmup")
         if self.numerics_note:
             self.log(self.numerics_note)
         resolved = {
@@ -1204,10 +1243,17 @@ class Trainer:
         self.first_step = state.step
         self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "
                  f"({ctx.backend}), {self.data.train_size} training images, global batch {self.global_batch}, "
-                 f"{self.steps_per_epoch} steps/epoch, "
+                 f"{self.steps_per_epoch} step{'' if self.steps_per_epoch == 1 else 's'}/epoch, "
                  + ", ".join(f"{name} {on_off(value)}" for name, value in
                              {**self.settings.describe(), "cuda_graphs": self.graphs.enabled}.items()))
-        for note in (self.comm_note, self.timer_note, self.workers_note, emulated_bf16_note(self.settings)):
+        powersgd = self.parts.comm.powersgd if self.parts.comm else None
+        for note in (self.comm_note, self.timer_note, self.workers_note, self.threads_note,
+                     emulated_bf16_note(self.settings), synthetic_data_note(cfg),
+                     accumulation_note(self.data.train_size, ctx.world_size, cfg.batch_size,
+                                       self.data.steps_per_epoch, cfg.grad_accum_steps),
+                     short_schedule_note(cfg, self.total_steps,
+                                         powersgd.state.start_powerSGD_iter if powersgd else None),
+                     reduce_overhead_note(cfg.compile_mode, ctx.device.type) if cfg.compile else None):
             if note:
                 self.log(note)
         if self.graphs.note:

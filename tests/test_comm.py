@@ -170,7 +170,7 @@ def test_slow_data_on_every_rank_is_diagnosed_input_bound_and_a_world_of_one_rep
     result = train(*RUN_FLAGS, "--max-steps", "8", "--ddp-comm-hook", "powersgd", "--output-dir", str(tmp_path),
                    "--run-name", "input", env=_inject_env(f"all:data:{DELAY_S}"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "note: --ddp-comm-hook and --bucket-cap-mb have no effect in a world of one process" in result.stdout
+    assert "note: --ddp-comm-hook has no effect in a world of one process" in result.stdout
     summary = json.loads((tmp_path / "input" / "summary.json").read_text())
     assert summary["diagnosis"].startswith("input-bound: the ranks wait for data")
     (rank,) = summary["ranks"]
@@ -190,6 +190,16 @@ def test_a_world_of_one_notes_only_the_comm_flags_the_user_gave(argv: list[str],
     one, two = SimpleNamespace(world_size=1), SimpleNamespace(world_size=2)
     assert (note_ignored_comm_flags(cfg, cast(DistContext, one)) is not None) == noted
     assert note_ignored_comm_flags(cfg, cast(DistContext, two)) is None
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--bucket-cap-mb", "5"], "--bucket-cap-mb has"), (["--ddp-comm-hook", "fp16"], "--ddp-comm-hook has"),
+    (["--ddp-comm-hook", "fp16", "--bucket-cap-mb", "5"], "--ddp-comm-hook and --bucket-cap-mb have")])
+def test_the_world_of_one_note_names_the_comm_flags_given_and_no_other(argv: list[str], named: str) -> None:
+    """review_combos finding 9: --bucket-cap-mb alone drew a note naming --ddp-comm-hook too."""
+    cfg = apply_recipe(parse_args(argv), "cpu").config
+    assert note_ignored_comm_flags(cfg, cast(DistContext, SimpleNamespace(world_size=1))) == (
+        f"note: {named} no effect in a world of one process (no DDP, nothing is all-reduced)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,6 +82,15 @@ def test_an_empty_path_is_refused(flag: str, message: str) -> None:
         parse_args([flag, ""])
 
 
+@pytest.mark.parametrize(("value", "hint"), [("99", "; for 99% give 0.99"), ("99.5", "; for 99.5% give 0.995"),
+                                             ("100", "; for 100% give 1"), ("101", ""), ("-1", "")])
+def test_a_stop_at_accuracy_above_1_is_refused_with_the_fraction_a_percentage_means(value: str, hint: str) -> None:
+    """review_combos finding 9: --stop-at-accuracy 99 is a percentage; the refusal says which fraction it means."""
+    with pytest.raises(UserError) as refused:
+        parse_args(["--stop-at-accuracy", value])
+    assert str(refused.value) == f"--stop-at-accuracy must be in (0, 1] (0: off), got {float(value)}{hint}"
+
+
 def test_an_empty_data_dir_is_no_matter_for_synthetic_data() -> None:
     assert parse_args(["--dataset", "synthetic", "--data-dir", ""]).data_dir == ""
 

@@ -17,7 +17,7 @@ from conftest import make_mnist_dir, write_idx
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision import datasets, transforms
 
-from dist_mnist.config import TrainConfig, usable_cpus
+from dist_mnist.config import TrainConfig, parse_args, usable_cpus
 from dist_mnist.data import (
     MNIST_FILES,
     MNIST_MEAN,
@@ -26,16 +26,18 @@ from dist_mnist.data import (
     ResumableBatchSampler,
     ShardSampler,
     Split,
+    accumulation_note,
     build_pipeline,
     load_mnist,
     mnist_raw_dir,
     normalize,
     sampler_order,
+    synthetic_data_note,
     synthetic_splits,
     to_device,
     worker_count_note,
 )
-from dist_mnist.distributed import DistContext
+from dist_mnist.distributed import DistContext, thread_count_note
 from dist_mnist.errors import UserError
 
 WORLD_SIZES = [1, 2, 3, 7]
@@ -386,6 +388,70 @@ def test_more_workers_than_the_hosts_cpus_draws_one_note(workers: int, cpus: int
     per_rank = f" ({workers} per rank x {ranks} ranks)" if ranks > 1 else ""
     assert note.startswith(f"note: --num-workers {workers} starts {on_host}{per_rank}, and as many again at the "
                            "first evaluation: more workers than CPUs load no faster"), note
+
+
+@pytest.mark.parametrize(("threads", "ranks", "cpus", "expected"), [
+    (2, 2, 2, "note: --threads 2 runs 4 intra-op threads on this host's 2 CPUs (2 per rank x 2 ranks): threads "
+              "beyond the CPUs wait for each other"),
+    (3, 1, 2, "note: --threads 3 runs 3 intra-op threads on this host's 2 CPUs: threads"),
+    (1, 2, 2, None), (2, 1, 2, None), (0, 8, 2, None)])  # 0: torch's own count (torchrun's OMP_NUM_THREADS)
+def test_threads_times_the_hosts_ranks_beyond_its_cpus_draw_one_note(threads: int, ranks: int, cpus: int,
+                                                                      expected: str | None) -> None:
+    """review_combos finding 6: the --num-workers note's count, for --threads (2 ranks of --threads 2 on 2 CPUs ran
+    a third slower, without a word)."""
+    note = thread_count_note(threads, ranks, cpus)
+    assert note == expected if expected is None else note is not None and note.startswith(expected)
+
+
+@pytest.mark.parametrize(("size", "world", "batch", "accumulation", "expected"), [
+    # review_combos' example: 31 batches, one round of 16; every image of the share fills a batch.
+    (496, 1, 16, 16, "note: --grad-accum-steps 16 trains whole rounds only: 16 of each rank's 31 batches an epoch, "
+                     "so an epoch leaves out 240 of the 496 training images (240 in the batches that fill no round, 0 "
+                     "that fill no batch)"),
+    # 8 ranks of the cuda recipe's 512: 14 batches each, and the 2,656 images README's sampler count gives for them.
+    (60_000, 8, 512, 4, "note: --grad-accum-steps 4 trains whole rounds only: 12 of each rank's 14 batches an epoch, "
+                        "so an epoch leaves out 10,848 of the 60,000 training images (8,192 in the batches that fill "
+                        "no round, 2,656 that fill no batch)"),
+    (60_000, 2, 16, 3, None),  # 1,875 batches a rank: whole rounds of 3
+    (60_000, 4, 16, 1, None),
+])
+def test_accumulation_note_counts_the_images_an_epoch_leaves_out(size: int, world: int, batch: int,
+                                                                  accumulation: int, expected: str | None) -> None:
+    """review_combos finding 3: batches beyond whole rounds were left out of every epoch without a word; the count
+    stands beside the sampler's own (README's "Training covers an epoch"), which the run's samplers agree with."""
+    images = TensorDataset(torch.arange(size))
+    ranks = [ResumableBatchSampler(DistributedSampler(images, num_replicas=world, rank=r, shuffle=False), batch)
+             for r in range(world)]
+    per_rank = len(ranks[0].batches)
+    assert accumulation_note(size, world, batch, per_rank, accumulation) == expected
+    used = per_rank // accumulation * accumulation
+    trained = {i for sampler in ranks for batch_ in list(sampler.batches)[:used] for i in batch_}
+    if expected:
+        assert f"leaves out {size - len(trained):,} of" in expected
+
+
+def test_a_run_with_accumulation_notes_what_it_leaves_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_mnist.train import main
+    assert main(["--dataset", "synthetic", "--synthetic-train-size", "496", "--synthetic-test-size", "20",
+                 "--batch-size", "16", "--grad-accum-steps", "16", "--epochs", "1", "--peak-tflops", "1",
+                 "--no-tensorboard", "--output-dir", str(tmp_path), "--run-name", "ga"]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 256, 1 step/epoch," in out  # not "1 steps/epoch"
+    assert "note: --grad-accum-steps 16 trains whole rounds only: 16 of each rank's 31 batches" in out
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--data-dir", "/nonexistent"], "note: --data-dir has no effect with --dataset synthetic (it makes its data, and "
+                                     "reads or downloads no files)"),
+    (["--no-download", "--data-dir", ""], "note: --data-dir and --no-download have no effect with --dataset "
+                                          "synthetic"),
+    ([], None),
+])
+def test_mnist_file_flags_with_synthetic_data_draw_a_note(flags: list[str], expected: str | None) -> None:
+    """review_combos finding 5: a note, not a refusal (synthetic_data_note says why); with mnist there is none."""
+    note = synthetic_data_note(parse_args(["--dataset", "synthetic", *flags]))
+    assert note == expected if expected is None else note is not None and note.startswith(expected)
+    assert synthetic_data_note(parse_args(["--data-dir", "/x", "--no-download"])) is None
 
 
 def test_torchs_own_paragraph_on_too_many_workers_is_left_to_the_note() -> None:

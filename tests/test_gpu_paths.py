@@ -34,6 +34,7 @@ from dist_mnist.graphs import (
     capture_eagerly,
     capture_failure_note,
     graph_decision,
+    reduce_overhead_note,
     use_tensor_learning_rates,
 )
 from dist_mnist.metrics import StepTimer
@@ -42,6 +43,7 @@ from dist_mnist.train import (
     build_train_parts,
     main,
     resolve_speed_settings,
+    short_schedule_note,
     software_and_device,
     train_step,
     warmup_cosine,
@@ -104,6 +106,24 @@ def test_graph_decision_auto(kwargs: dict, enabled: bool, note: str) -> None:
     decision = graph_decision(**args)
     assert decision.enabled is enabled
     assert note in decision.note and (decision.note.startswith("note: CUDA graphs off") or not note)
+
+
+@pytest.mark.parametrize(("compile", "steps"), [(False, "eager"), (True, "compiled")])
+def test_the_graphs_note_names_the_steps_that_run_instead(compile: bool, steps: str) -> None:
+    """review_combos finding 9: under --compile the note said "eager steps"."""
+    note = graph_decision("auto", "cuda", 2, torch.bfloat16, compile).note
+    assert note.startswith(f"note: CUDA graphs off, {steps} steps (DDP across 2 processes")
+
+
+@pytest.mark.parametrize(("mode", "device_type", "noted"), [
+    ("reduce-overhead", "cpu", True), ("reduce-overhead", "cuda", False), ("default", "cpu", False),
+    ("max-autotune", "cpu", False)])  # max-autotune also tunes kernels on CPU: not the same as default there
+def test_reduce_overhead_off_cuda_draws_a_note(mode: str, device_type: str, noted: bool) -> None:
+    """review_combos finding 7: the mode's CUDA graphs silently did not exist on CPU."""
+    note = reduce_overhead_note(mode, device_type)
+    assert (note is not None) == noted
+    assert note is None or note.startswith("note: --compile-mode reduce-overhead adds CUDA graphs to inductor's "
+                                           "default mode, and a run on cpu has none")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -179,6 +199,37 @@ def test_graphed_step_trains_like_the_eager_step(world_of_one: DistContext, grad
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no training here
+@pytest.mark.parametrize(("max_steps", "powersgd_start", "expected"), [
+    # The review's run: 64 steps over --epochs 2, a 32-step warm-up; step 5 trains at 5/32 of --lr.
+    (5, None, "note: --max-steps 5 ends within the learning-rate warm-up (32 of the schedule's 64 steps, which span "
+              "--epochs 2): its learning rate reaches 0.000313 of --lr 0.002"),
+    (5, 32, "...: its learning rate reaches 0.000313 of --lr 0.002, and --ddp-comm-hook powersgd never compresses "
+            "(it starts after step 32)"),
+    (32, 32, "note: --max-steps 32 ends within the learning-rate warm-up (32 of the schedule's 64 steps, which span "
+             "--epochs 2): --ddp-comm-hook powersgd never compresses (it starts after step 32)"),
+    (32, None, None),  # its last step trains at --lr
+    (0, 32, None), (100, 32, None),  # no limit, or one past the schedule's end
+])
+def test_max_steps_within_the_warmup_draws_a_note(max_steps: int, powersgd_start: int | None,
+                                                  expected: str | None) -> None:
+    """review_combos finding 4: a --max-steps run inside the warm-up never trained at --lr without a word."""
+    cfg = TrainConfig(max_steps=max_steps, epochs=2, lr=0.002, warmup_frac=0.5)
+    note = short_schedule_note(cfg, 64, powersgd_start)
+    if expected is None or not expected.startswith("..."):
+        assert note == expected
+    else:
+        assert note is not None and note.endswith(expected.removeprefix("..."))
+    if note and "reaches" in note:
+        assert f"{0.002 * warmup_cosine(64, 0.5)(max_steps - 1):.3g}" in note
+
+
+def test_a_run_ended_within_the_warmup_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*SMOKE_FLAGS, "--max-steps", "3", "--warmup-frac", "0.5", "--output-dir", str(tmp_path),
+                 "--run-name", "wu"]) == 0
+    assert "note: --max-steps 3 ends within the learning-rate warm-up (32 of the schedule's 64 steps, which span " \
+           "--epochs 2): its learning rate reaches 0.000188 of --lr 0.002" in capsys.readouterr().out
+
+
 def test_tensor_learning_rate_follows_warmup_cosine_and_checkpoints_as_a_float() -> None:
     total, peak = 50, 4e-3
     model = torch.nn.Linear(2, 2)

@@ -21,7 +21,7 @@ from test_data import cpu_ctx, mnist_cfg
 from dist_mnist import agreement, collectives, console, distributed
 from dist_mnist.checkpoint import numerics_changes
 from dist_mnist.config import TrainConfig
-from dist_mnist.data import load_mnist, worker_count_note
+from dist_mnist.data import accumulation_note, load_mnist, worker_count_note
 from dist_mnist.distributed import DistContext
 from dist_mnist.durable import write_failed
 from dist_mnist.errors import Terminated, UserError, interrupted_early
@@ -162,6 +162,7 @@ def missing_mnist(s: Situation) -> str:
 PRODUCERS: dict[str, Callable[[Situation], str]] = {
     "note: standard output was closed": lambda s: console.READER_GONE,
     "note: --num-workers 64 starts": lambda s: worker_count_note(64, 2, 1) or "",
+    "note: --grad-accum-steps 4 trains whole rounds only": lambda s: accumulation_note(60_000, 2, 16, 1875, 4) or "",
     "note: this run continues with other settings": lambda s: numerics_changes(
         {"amp": "bfloat16", "channels_last": True}, {"amp": "off", "channels_last": False}) or "",
     "error: interrupted (SIGTERM) during start-up": lambda s: f"error: {interrupted_early(Terminated())}",

@@ -445,9 +445,20 @@ def test_heavy_profiler_options_record_memory_shapes_and_stacks(tmp_path: Path) 
 
 
 @pytest.mark.timeout(120)
-def test_profile_window_beyond_the_run_warns_and_records_nothing(tmp_path: Path) -> None:
-    result = train_in_process(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "short",
+def test_profile_window_beyond_a_fresh_run_is_refused_and_beyond_a_resumed_one_warned(tmp_path: Path) -> None:
+    """review_combos finding 8: a run from step 0 whose steps end before the first window records can never record:
+    refused before its folder exists. A resumed run with few steps left keeps the warning."""
+    result = train_in_process(*RUN_FLAGS, "--max-steps", "3", "--output-dir", str(tmp_path), "--run-name", "short",
                               "--profile")  # default schedule: 5 steps wait + 2 warm-up
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == ("error: --profile records nothing in this run: it has 3 steps, and the first window "
+                             "records only after --profile-wait 5 + --profile-warmup 2 steps; raise --max-steps above "
+                             "7, or lower --profile-wait or --profile-warmup\n")
+    assert not (tmp_path / "short").exists()
+    assert train_in_process(*RUN_FLAGS, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "short"
+                            ).returncode == 0
+    result = train_in_process(*RUN_FLAGS, "--max-steps", "4", "--output-dir", str(tmp_path), "--run-name", "short",
+                              "--profile")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: --profile records nothing: 2 steps are left" in result.stderr
     assert _traces(tmp_path / "short") == []
@@ -760,9 +771,22 @@ def test_explained_fraction_compares_each_interval_with_its_own_step() -> None:
     steps = [step(3.0), step(1.8), *[step(0.9)] * 7, step(5.0)]  # warm-up first, a slow last step
     intervals = [3.2, 2.0, *[1.0] * 7]  # each step's phases 0.9 of its interval after the warm-up
     assert rank_stats(0, steps, 16, intervals, 0, None, "digest")["explained_fraction"] == pytest.approx(0.9)
-    # A sample (every 4th step timed) against all intervals: their means, as before.
-    sample = rank_stats(0, [step(0.9)] * 3, 16, [1.0] * 11, 0, None, "digest")
+    # A sample (every 4th step timed) against all intervals: their means, the sample's cold first step left out.
+    sample = rank_stats(0, [step(2.0), *[step(0.9)] * 5], 16, [1.0] * 23, 0, None, "digest")
     assert sample["explained_fraction"] == pytest.approx(0.9)
+
+
+def test_a_sample_too_short_to_leave_its_cold_step_out_explains_nothing() -> None:
+    """review_combos finding 9: --phase-timer-every 100 in a 5-step run timed only the cold first step, set against
+    the mean of all intervals: "explained 137.9%". No figure, and the table's sampling line says why."""
+    cold = {phase: 0.040 / len(PHASES) for phase in PHASES}
+    stats = rank_stats(0, [cold], 16, [0.040, 0.025, 0.025, 0.025], 0, None, "digest")
+    assert stats["explained_fraction"] is None and stats["forward_share"] is not None
+    summary = build_summary([stats], global_samples_per_sec=1600, epoch_time_s=None, flops=1e6,
+                            peak_flops_per_process=1e12, peak_source="--peak-tflops")
+    summary["phase_timing"] = {"mode": "sample", "every_n_steps": 100, "steps_timed": 1, "wall_per_step": True}
+    table = format_summary(summary)
+    assert "explained n/a" in table and "137.9%" not in table
 
 
 def test_the_per_step_series_hold_a_bounded_sample_and_a_short_run_all_of_it(
