@@ -31,7 +31,7 @@ from typing import Any
 from dist_mnist.argtypes import whole_number_at_least
 from dist_mnist.config import RawDescriptionDefaultsHelpFormatter
 from dist_mnist.console import kept_stdout, rank_line
-from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACES_DIR
+from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACE_FILES, TRACES_DIR
 
 TARGET = 0.99  # issue 9's accuracy bar
 TIME_TO_TARGET_S = 0.5
@@ -316,7 +316,7 @@ def _trace_files(run_dir: Path) -> list[Path]:
     """The run's trace files; UnreadableTrace when there is no run folder or it holds none."""
     if not run_dir.is_dir():
         raise UnreadableTrace(f"no run folder {run_dir}")
-    traces = sorted((run_dir / TRACES_DIR).glob("*.pt.trace.json.gz"))
+    traces = sorted((run_dir / TRACES_DIR).glob(TRACE_FILES))
     if not traces:
         raise UnreadableTrace(f"no traces in {run_dir / TRACES_DIR}: only a run with --profile writes them")
     return traces
@@ -345,7 +345,7 @@ def trace_kernels(run_dir: Path) -> tuple[str, bool]:
     and a run whose capture failed runs eager, so its traces hold no launch to look for.
     """
     trace_dir = run_dir / TRACES_DIR
-    traces = sorted(trace_dir.glob("*.pt.trace.json.gz"))
+    traces = sorted(trace_dir.glob(TRACE_FILES))
     try:
         graphed = bool(json.loads((run_dir / SUMMARY_FILE).read_text())["cuda_graphs"])
     except (OSError, ValueError, KeyError) as exc:
@@ -361,7 +361,8 @@ def trace_kernels(run_dir: Path) -> tuple[str, bool]:
         kernels = [e for e in events if e.get("cat") == "kernel"]
         in_graphs = sum(_in_graph(k, launches) for k in kernels)
         steps = sorted({e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")})
-        lines.append(f"{path.name}: {len(kernels)} kernel events, {len(launches)} graph launches with {in_graphs} "
+        window = path.relative_to(trace_dir)  # step<N>/rank<R>.pt.trace.json.gz
+        lines.append(f"{window}: {len(kernels)} kernel events, {len(launches)} graph launches with {in_graphs} "
                      f"kernels, {steps}")
         ok = ok and bool(kernels) and (not graphed or (bool(launches) and in_graphs > 0))
     lines.append("PASS trace kernels" if ok else f"FAIL trace kernels: no trace in {trace_dir}, one without kernels, "
@@ -406,6 +407,7 @@ def step_kernels(run_dir: Path, top: int = 15) -> tuple[str, bool]:
     read (the others are still shown); UnreadableTrace when there is no trace at all."""
     lines, ok = [], True
     for path in _trace_files(run_dir):
+        window = path.relative_to(run_dir / TRACES_DIR)  # step<N>/rank<R>.pt.trace.json.gz
         try:
             events = [e for e in _trace_events(path) if e.get("ph") == "X"]
         except UnreadableTrace as exc:
@@ -427,7 +429,7 @@ def step_kernels(run_dir: Path, top: int = 15) -> tuple[str, bool]:
         else:
             outside_us, what = 0.0, "eager steps"
         if not gpu or not steps:
-            lines.append(f"{path.name}: no GPU kernels in its steps")
+            lines.append(f"{window}: no GPU kernels in its steps")
             continue
         by_name: dict[str, list[float]] = {}
         for e in gpu:
@@ -435,7 +437,7 @@ def step_kernels(run_dir: Path, top: int = 15) -> tuple[str, bool]:
             entry[0] += 1
             entry[1] += e["dur"]
         total = sum(us for _, us in by_name.values())
-        lines.append(f"{path.name}: {steps} {what}, {total / steps:.0f} us of GPU time each in {len(gpu) / steps:.3g} "
+        lines.append(f"{window}: {steps} {what}, {total / steps:.0f} us of GPU time each in {len(gpu) / steps:.3g} "
                      f"kernels" + (f" (+{outside_us / steps:.0f} us a step outside the graph)" if launches else ""))
         lines.append("| us per step | share | kernels per step | kernel |")
         lines.append("|---|---|---|---|")

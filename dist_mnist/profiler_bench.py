@@ -42,6 +42,7 @@ from dist_mnist.distributed import DistContext
 from dist_mnist.graphs import GraphedStep, graph_decision
 from dist_mnist.metrics import StepTimer, resolve_phase_timers
 from dist_mnist.profiling import TRACES_DIR, WindowedProfiler, make_profiler
+from dist_mnist.runfiles import trace_window_dir
 from dist_mnist.train import TrainParts, build_train_parts, resolve_speed_settings, train_step
 
 WARMUP, ACTIVE = 2, 3  # the window: --profile-warmup and --profile-active as in the default schedule
@@ -147,8 +148,10 @@ class _LongLivedProfiler(AbstractContextManager):
         self.profiler = profile(
             activities=activities,
             schedule=schedule(wait=cfg.profile_wait, warmup=cfg.profile_warmup, active=cfg.profile_active, repeat=1),
-            on_trace_ready=(tensorboard_trace_handler(str(trace_dir), worker_name=f"rank{ctx.rank}", use_gzip=True)
-                            if write_trace else None))
+            # Into the one window's folder, as the run's traces are laid out (its first recorded step names it).
+            on_trace_ready=(tensorboard_trace_handler(
+                str(trace_dir / trace_window_dir(cfg.profile_wait + cfg.profile_warmup + 1)),
+                worker_name=f"rank{ctx.rank}", use_gzip=True) if write_trace else None))
 
     def __enter__(self) -> _LongLivedProfiler:
         self.profiler.__enter__()

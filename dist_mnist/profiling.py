@@ -24,7 +24,7 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.console import rank_line
 from dist_mnist.distributed import DistContext
 from dist_mnist.metrics import PHASES
-from dist_mnist.runfiles import TRACES_DIR
+from dist_mnist.runfiles import TRACES_DIR, trace_file_name, trace_window_dir
 
 # A rank is a straggler when its own work per step (the step less the time it waited for the gradient
 # all-reduce after its backward compute: a slow rank waits least, the others wait for it) is this much above the
@@ -38,9 +38,10 @@ OWN_PHASES = ("data", "to_device", "forward", "backward_compute", "optimizer")
 # a step (averaged over ranks) is at least this; otherwise it is compute-bound.
 BOUND_SHARE = 0.25
 
-# Traces go into a folder of their own inside the run folder (TRACES_DIR): HTA's TraceAnalysis(trace_dir=...) takes
-# every JSON file it finds there for a trace (summary.json included), and TensorBoard's profiler plugin lists it as a
-# run.
+# Traces go into a folder per window inside the run folder (TRACES_DIR/trace_window_dir): HTA's
+# TraceAnalysis(trace_dir=...) takes every JSON file it finds there for a trace (summary.json included) and keeps an
+# arbitrary one per rank, so one folder for all windows mixed windows of different steps, and of different processes
+# of a resumed run, across ranks; TensorBoard's profiler plugin lists each window's folder as a run.
 
 
 def configure_kineto(device: torch.device) -> None:
@@ -114,6 +115,7 @@ class WindowedProfiler:
         self.steps_done = 0  # by this process
         self.window: profile | None = None
         self.window_steps = 0
+        self.window_first_step = 0  # the open (or last) window's first recorded step, as progress.jsonl counts
         self.step_owed = False  # window.step() for the next step, which begin_step() makes once that step begins
         self.traces_written = 0
         self.write_failure: str | None = None  # why a trace could not be written; no window opens after it
@@ -181,12 +183,18 @@ class WindowedProfiler:
         rank<N>.<ns>.pt.trace.json.gz, which TensorBoard and HTA then fail to read (they take every file so named).
         Here the trace is written under a hidden name that ends in .gz (export_chrome_trace gzips by the suffix)
         but not in .json.gz, which readers skip, and renamed when complete; a failed write removes it, says so in
-        one line and ends profiling for the rest of this process (`write_failure`).
+        one line and ends profiling for the rest of this process (`write_failure`). It goes into its window's
+        folder (trace_window_dir), named by its global rank; a resumed process that records a window's steps again
+        replaces the earlier process's trace of them.
+
+        The trace's `traceName` is the temporary file torch's .gz export writes and deletes: torch takes no name for
+        it (kineto writes the path it exports to), and setting it would mean parsing and writing the trace again.
         """
-        final = self.trace_dir / f"rank{self.rank}.{time.time_ns()}.pt.trace.json.gz"
+        folder = self.trace_dir / trace_window_dir(self.window_first_step)
+        final = folder / trace_file_name(self.rank)
         partial = final.with_name(f".{final.name.removesuffix('.json.gz')}.partial.gz")
         try:
-            self.trace_dir.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             window.export_chrome_trace(str(partial))
             os.replace(partial, final)
         except OSError as exc:
@@ -226,6 +234,8 @@ class WindowedProfiler:
         window.step_num = start  # ProfilerStep#<the job's step>, as torchtitan does
         window.__enter__()
         self.window, self.window_steps = window, 0
+        # ProfilerStep#start + warmup is the first recorded step, which progress.jsonl calls one more.
+        self.window_first_step = start + self.cfg.profile_warmup + 1
 
 
 class _NoProfiler(nullcontext):

@@ -58,9 +58,9 @@ def _not_a_run_folder(path: Path) -> str:
     --output-dir, the folder that holds the runs (whose missing summary.json would otherwise read as a crashed run)."""
     run = next((folder for folder in path.parents if (folder / SUMMARY_FILE).is_file()
                 or (folder / CONFIG_FILE).is_file()), None)
-    if path.is_file():  # summary.json, or a trace two folders down: traces/rank0.<ns>.pt.trace.json.gz
+    if path.is_file():  # summary.json, or a trace three folders down: traces/step<N>/rank0.pt.trace.json.gz
         return f"{path} is a file, not a run folder; pass the run folder that holds it, {run or path.parent}"
-    if run is not None:  # traces/, checkpoints/
+    if run is not None:  # traces/, a window's traces/step<N>/, checkpoints/
         return f"{path} is a folder inside the run folder {run}; pass that"
     try:
         # Finished runs or not: a folder of runs that are all still going or crashed is still --output-dir.

@@ -8,7 +8,22 @@ import os
 CONFIG_FILE = "config.json"  # the resolved config and what the run resolved (world size, device, versions)
 SUMMARY_FILE = "summary.json"  # rank 0's end-of-run figures
 METRICS_FILE = "metrics.jsonl"  # one record per evaluation (also read by `python -m dist_mnist.report` and the bench)
-TRACES_DIR = "traces"  # the profiler's traces, one per rank and window
+TRACES_DIR = "traces"  # the profiler's traces: a folder per window (trace_window_dir), in it a file per rank
+# Every trace of a run, relative to TRACES_DIR.
+TRACE_FILES = "step*/rank*.pt.trace.json.gz"
+
+
+def trace_window_dir(step: int) -> str:
+    """The folder, inside TRACES_DIR, of the profiler window whose first recorded step is `step` (as progress.jsonl
+    and the checkpoints count steps; its ProfilerStep# is `step` - 1). Every rank records the job's same steps, so a
+    window's folder holds one trace per rank: what HTA reads as one set of ranks, and TensorBoard's profiler plugin
+    lists as a run."""
+    return f"step{step:08d}"
+
+
+def trace_file_name(rank: int) -> str:
+    """Global rank `rank`'s trace in its window's folder; the profiler plugin names the worker `rank<N>`."""
+    return f"rank{rank}.pt.trace.json.gz"
 CHECKPOINTS_DIR = "checkpoints"  # without --checkpoint-dir; a --resume given a run folder looks in it
 
 

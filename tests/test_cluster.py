@@ -121,8 +121,8 @@ def assert_trained_together(results: list[Result], run_dir: Path) -> None:
     assert json.loads((run_dir / "config.json").read_text())["resolved"]["world_size"] == 2
     # Both workers have LOCAL_RANK 0; only the agent holding global rank 0 may print the summary.
     assert sum("parameters identical on all ranks" in r.stdout for r in results) == 1
-    traces = sorted((run_dir / "traces").glob("*.pt.trace.json.gz"))
-    assert [p.name.split(".")[0] for p in traces] == ["rank0", "rank1"]
+    traces = sorted((run_dir / "traces").glob("step*/rank*.pt.trace.json.gz"))
+    assert [p.name for p in traces] == ["rank0.pt.trace.json.gz", "rank1.pt.trace.json.gz"]
     for rank, path in enumerate(traces):
         with gzip.open(path, "rt") as f:
             info = json.load(f)["distributedInfo"]

@@ -11,6 +11,7 @@ from conftest import REPO, readme_table_row
 from dist_mnist.checkpoint import RESUME_FIELDS
 from dist_mnist.config import build_parser
 from dist_mnist.profiling import BOUND_SHARE, STRAGGLER_MIN_STEP_SHARE, STRAGGLER_RATIO, warmup_steps
+from dist_mnist.runfiles import trace_window_dir
 
 README = (REPO / "README.md").read_text()
 ACTIONS = build_parser()._option_string_actions
@@ -266,3 +267,15 @@ def test_the_readme_defines_the_metrics_records_train_loss_and_samples_per_sec_a
     assert "`train_loss` (the mean training loss over all ranks since the previous evaluation)" in row
     assert "`samples_per_sec` (global training throughput since the previous evaluation" in row
     assert "never as a bare `NaN`" in README and "so `tail -f` reads on" in README
+
+
+def test_the_readme_gives_each_viewer_the_trace_folder_it_reads_as_the_profiler_writes_them() -> None:
+    """A folder per window (runfiles.trace_window_dir): HTA takes one window's folder, TensorBoard's plugin lists each
+    window as a run and reads it once (restart it to see later windows), HTA drops each trace's last step, and the
+    memory scalars are MiB (review_outputs F2, F4, F7)."""
+    hta = next(line for line in README.splitlines() if line.startswith("| Holistic Trace Analysis |"))
+    assert 'trace_dir="profiles/<run-name>/traces/step<S>"' in hta
+    tensorboard = next(line for line in README.splitlines() if line.startswith("| TensorBoard, PyTorch Profiler tab |"))
+    assert "each window is listed as a run" in tensorboard and "restart" in tensorboard
+    assert "include_last_profiler_step=True" in README and "both in MiB" in README
+    assert trace_window_dir(3) == "step00000003" and "`traces/step<S>/rank<N>.pt.trace.json.gz`" in README

@@ -184,7 +184,8 @@ def test_trace_kernels_wants_the_kernels_of_each_graph_replay(out: Path, tmp_pat
     # 0-based step numbers (README, "Profiling"): step 0 waits, step 1 warms up, 2 and 3 are recorded.
     assert "0 kernel events, 0 graph launches with 0 kernels, ['ProfilerStep#2', 'ProfilerStep#3']" in cpu.stdout
     assert cpu.stdout.splitlines()[-1].startswith("FAIL trace kernels")
-    [source] = (run_dir / gpucheck.TRACES_DIR).glob("*.pt.trace.json.gz")
+    [source] = (run_dir / gpucheck.TRACES_DIR).glob(gpucheck.TRACE_FILES)
+    window = source.relative_to(run_dir / gpucheck.TRACES_DIR)  # step<N>/rank0.pt.trace.json.gz
     with gzip.open(source, "rt") as f:
         trace = json.load(f)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -192,9 +193,9 @@ def test_trace_kernels_wants_the_kernels_of_each_graph_replay(out: Path, tmp_pat
     def check(name: str, graphed: bool, *events: dict[str, Any]) -> Result:
         """The CPU run with `events` added to its trace, as a CUDA run's trace has them."""
         folder = tmp_path / name
-        (folder / gpucheck.TRACES_DIR).mkdir(parents=True)
+        (folder / gpucheck.TRACES_DIR / window).parent.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps({**summary, "cuda_graphs": graphed}))
-        with gzip.open(folder / gpucheck.TRACES_DIR / source.name, "wt") as f:
+        with gzip.open(folder / gpucheck.TRACES_DIR / window, "wt") as f:
             json.dump({**trace, "traceEvents": [*trace["traceEvents"], *events]}, f)
         return run([*GPUCHECK, "trace-kernels", str(folder)], timeout=60)
 
@@ -300,7 +301,8 @@ def test_step_kernels_splits_a_steps_gpu_time_by_kernel(out: Path, tmp_path: Pat
     """Per graph replay (or per profiled eager step), each kernel's time, largest first, named without its
     template arguments; ATen's generic kernels by the operation they run."""
     run_dir = out / "runs" / "default"
-    [source] = (run_dir / gpucheck.TRACES_DIR).glob("*.pt.trace.json.gz")
+    [source] = (run_dir / gpucheck.TRACES_DIR).glob(gpucheck.TRACE_FILES)
+    window = source.relative_to(run_dir / gpucheck.TRACES_DIR)  # step<N>/rank0.pt.trace.json.gz
     with gzip.open(source, "rt") as f:
         trace = json.load(f)
     copy = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
@@ -318,25 +320,25 @@ def test_step_kernels_splits_a_steps_gpu_time_by_kernel(out: Path, tmp_path: Pat
                event("kernel", "index_elementwise_kernel", 3, 4),  # the loop's gather, outside the graph
                event("kernel", "leftover_from_before_the_window", 1, 50)]  # its launch is not in the trace
     folder = tmp_path / "graphed" / gpucheck.TRACES_DIR
-    folder.mkdir(parents=True)
-    with gzip.open(folder / source.name, "wt") as f:
+    (folder / window).parent.mkdir(parents=True)
+    with gzip.open(folder / window, "wt") as f:
         json.dump({**trace, "traceEvents": [*trace["traceEvents"], *graphed]}, f)
     result = run([*GPUCHECK, "step-kernels", str(tmp_path / "graphed"), "--top", "5"], timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"{source.name}: 2 graph replays, 100 us of GPU time each in 2 kernels (+2 us a step outside " \
+    assert lines[0] == f"{window}: 2 graph replays, 100 us of GPU time each in 2 kernels (+2 us a step outside " \
                        "the graph)"
     assert lines[3:] == ["| 80.0 | 80.0% | 1 | `max_pool_backward_nhwc` |",
                          "| 20.0 | 20.0% | 1 | `elementwise_kernel<direct_copy_kernel_cuda>` |"]
     # An eager run: every kernel of the window, per ProfilerStep (the CPU run recorded steps 2 and 3).
     eager = tmp_path / "eager" / gpucheck.TRACES_DIR
-    eager.mkdir(parents=True)
-    with gzip.open(eager / source.name, "wt") as f:
+    (eager / window).parent.mkdir(parents=True)
+    with gzip.open(eager / window, "wt") as f:
         json.dump({**trace, "traceEvents": [*trace["traceEvents"], event("kernel", pool, 3, 40)]}, f)
     result = run([*GPUCHECK, "step-kernels", str(tmp_path / "eager")], timeout=60)
-    assert result.stdout.splitlines()[0] == f"{source.name}: 2 eager steps, 20 us of GPU time each in 0.5 kernels"
+    assert result.stdout.splitlines()[0] == f"{window}: 2 eager steps, 20 us of GPU time each in 0.5 kernels"
     cpu = run([*GPUCHECK, "step-kernels", str(run_dir)], timeout=60)
-    assert cpu.returncode == 0 and cpu.stdout.strip() == f"{source.name}: no GPU kernels in its steps"
+    assert cpu.returncode == 0 and cpu.stdout.strip() == f"{window}: no GPU kernels in its steps"
 
 
 def test_step_kernels_without_traces_or_with_a_damaged_one_fails(out: Path, tmp_path: Path) -> None:
@@ -353,12 +355,13 @@ def test_step_kernels_without_traces_or_with_a_damaged_one_fails(out: Path, tmp_
     assert top.returncode == 2 and "--top: must be at least 1" in top.stderr
     damaged = tmp_path / "damaged"
     shutil.copytree(out / "runs" / "default", damaged)
-    [good] = (damaged / gpucheck.TRACES_DIR).glob("*.pt.trace.json.gz")
+    [good] = (damaged / gpucheck.TRACES_DIR).glob(gpucheck.TRACE_FILES)
     cut = good.with_name(good.name.replace("rank0", "rank1"))
     cut.write_bytes(good.read_bytes()[:2000])
     result = run([*GPUCHECK, "step-kernels", str(damaged)], timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stdout.splitlines() == [f"{good.name}: no GPU kernels in its steps",
+    window = good.relative_to(damaged / gpucheck.TRACES_DIR)
+    assert result.stdout.splitlines() == [f"{window}: no GPU kernels in its steps",
                                           f"FAIL {cut} is not a readable profiler trace (EOFError: Compressed file "
                                           "ended before the end-of-stream marker was reached)"]
     kernels = run([*GPUCHECK, "trace-kernels", str(damaged)], timeout=60)

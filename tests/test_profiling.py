@@ -67,6 +67,7 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.progress import Progress
+from dist_mnist.runfiles import TRACE_FILES
 from dist_mnist.train import RunClock
 from dist_mnist.train import main as train_main
 
@@ -103,7 +104,7 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
 
 
 def _traces(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / TRACES_DIR).glob("*.pt.trace.json.gz"))
+    return sorted((run_dir / TRACES_DIR).glob(TRACE_FILES))
 
 
 def _load_trace(path: Path) -> dict[str, Any]:
@@ -128,9 +129,11 @@ def _annotations(trace: dict[str, Any]) -> set[str]:
 def test_profile_writes_one_gzipped_trace_per_rank_with_phase_labels(profiled_run: tuple[Path, Result]) -> None:
     run_dir, _ = profiled_run
     traces = _traces(run_dir)
-    assert [p.name.split(".")[0] for p in traces] == ["rank0", "rank1"]
-    # Nothing else in the traces folder (HTA reads every JSON file there), no trace outside it.
-    assert sorted((run_dir / TRACES_DIR).iterdir()) == traces
+    assert [p.name for p in traces] == ["rank0.pt.trace.json.gz", "rank1.pt.trace.json.gz"]
+    # The window's folder, named by its first recorded step (3: ProfilerStep#2), holds nothing else (HTA reads every
+    # JSON file there), and there is no trace outside it.
+    assert list((run_dir / TRACES_DIR).iterdir()) == [run_dir / TRACES_DIR / "step00000003"]
+    assert sorted((run_dir / TRACES_DIR / "step00000003").iterdir()) == traces
     assert list(run_dir.glob("*.pt.trace.json*")) == []
     for rank, path in enumerate(traces):
         trace = _load_trace(path)
@@ -159,7 +162,7 @@ HTA_FORKS = pytest.mark.filterwarnings(r"ignore:This process \(pid=\d+\) is mult
 def test_hta_reads_both_ranks_and_the_phase_labels(profiled_run: tuple[Path, Result]) -> None:
     trace_analysis = pytest.importorskip("hta.trace_analysis", reason="HolisticTraceAnalysis is a test extra")
     run_dir, _ = profiled_run
-    analysis = trace_analysis.TraceAnalysis(trace_dir=str(run_dir / TRACES_DIR))
+    analysis = trace_analysis.TraceAnalysis(trace_dir=str(run_dir / TRACES_DIR / "step00000003"))  # one window
     assert sorted(analysis.t.traces) == [0, 1]
     for events in analysis.t.traces.values():
         names = {analysis.t.symbol_table.sym_table[i] for i in events["name"].unique()}
@@ -176,7 +179,7 @@ def test_hta_on_cpu_traces_is_read_as_readme_says(profiled_run: tuple[Path, Resu
     phase label."""
     trace_analysis = pytest.importorskip("hta.trace_analysis", reason="HolisticTraceAnalysis is a test extra")
     run_dir, _ = profiled_run
-    analysis = trace_analysis.TraceAnalysis(trace_dir=str(run_dir / TRACES_DIR))
+    analysis = trace_analysis.TraceAnalysis(trace_dir=str(run_dir / TRACES_DIR / "step00000003"))
     with pytest.raises(IndexError):
         analysis.get_temporal_breakdown(visualize=False)
     names = analysis.t.symbol_table.get_sym_table()
@@ -196,8 +199,36 @@ def test_resumed_run_continues_the_trace_step_numbers(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 6" in result.stdout
     traces = _traces(tmp_path / "job")
-    assert len(traces) == 2  # distinct names: the second run's trace did not replace the first one's
-    assert sorted(_profiler_steps(_load_trace(path)) for path in traces) == [[2, 3], [8, 9]]
+    # A folder per window, named by its first recorded step: the second run's trace did not replace the first one's.
+    assert [path.relative_to(tmp_path / "job" / TRACES_DIR).as_posix() for path in traces] == [
+        "step00000003/rank0.pt.trace.json.gz", "step00000009/rank0.pt.trace.json.gz"]
+    assert [_profiler_steps(_load_trace(path)) for path in traces] == [[2, 3], [8, 9]]
+
+
+@pytest.mark.timeout(300)
+@HTA_FORKS
+def test_a_resumed_2_rank_runs_windows_lie_apart_one_folder_each(tmp_path: Path) -> None:
+    """All windows in one folder: HTA kept an arbitrary trace per rank, rank 0's of the first process and rank 1's
+    of the resumed one (ProfilerStep#4 against #46), and compared unrelated steps (review_outputs F2). Each window's
+    folder holds one trace per rank of the same steps, and HTA reads one window."""
+    for max_steps in ("4", "8"):  # the second process resumes at step 4 and opens a window of its own
+        _run_2_ranks(tmp_path, "resumed", *PROFILE_FLAGS, "--eval-every", "0", "--max-steps", max_steps)
+    traces = tmp_path / "resumed" / TRACES_DIR
+    windows = sorted(traces.iterdir())
+    assert [w.name for w in windows] == ["step00000003", "step00000007"]
+    for window, steps in zip(windows, ([2, 3], [6, 7])):
+        files = sorted(window.iterdir())
+        assert [f.name for f in files] == ["rank0.pt.trace.json.gz", "rank1.pt.trace.json.gz"]
+        for rank, path in enumerate(files):
+            trace = _load_trace(path)
+            assert (trace["distributedInfo"]["rank"], _profiler_steps(trace)) == (rank, steps)
+    trace_analysis = pytest.importorskip("hta.trace_analysis", reason="HolisticTraceAnalysis is a test extra")
+    analysis = trace_analysis.TraceAnalysis(trace_dir=str(windows[1]))
+    names = analysis.t.symbol_table.get_sym_table()
+    for rank in (0, 1):
+        labels = set(analysis.t.get_trace(rank)["name"].map(lambda i: names[i]))
+        # HTA leaves out each trace's last ProfilerStep by default (include_last_profiler_step=False).
+        assert {label for label in labels if label.startswith("ProfilerStep#")} == {"ProfilerStep#6"}
 
 
 @pytest.mark.timeout(60)
@@ -343,12 +374,12 @@ def test_a_trace_the_disk_cannot_take_is_a_note_and_training_goes_on_without_pro
                        "--run-name", "traced"]) == 0
     run_dir = tmp_path / "traced"
     traces = run_dir / TRACES_DIR
-    failure = (rf"could not write rank0\.\d+\.pt\.trace\.json\.gz to {re.escape(str(traces))}: No space left on "
-               "device")
+    failure = (rf"could not write rank0\.pt\.trace\.json\.gz to {re.escape(str(traces / 'step00000003'))}: No space "
+               "left on device")
     out, err = capsys.readouterr()
     assert re.fullmatch(rf"note: {failure}; no more traces are recorded in this run, training goes on\n", err), err
     assert len(exports) == 1
-    assert list(traces.iterdir()) == []  # under no name, final or temporary
+    assert [path for path in traces.rglob("*") if not path.is_dir()] == []  # under no name, final or temporary
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [8]
     (rank,) = json.loads((run_dir / "summary.json").read_text())["ranks"]
     assert rank["traces"]["written"] == 0 and re.fullmatch(failure, rank["traces"]["write_failure"])
@@ -562,7 +593,7 @@ def test_tensorboard_profiler_plugin_lists_the_run_and_both_workers(profiled_run
                                                                     tmp_path: Path) -> None:
     run_dir, _ = profiled_run
     # The plugin names a run after the folder holding its traces, relative to --logdir.
-    run_name = f"{run_dir.name}/{TRACES_DIR}"
+    run_name = f"{run_dir.name}/{TRACES_DIR}/step00000003"  # the window's folder
     log = tmp_path / "tensorboard.log"
     for _ in range(3):  # a new port where another process took the free one before the server bound it
         port = free_port()

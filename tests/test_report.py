@@ -317,8 +317,12 @@ def test_report_on_the_output_dir_or_a_file_of_a_run_names_the_folder_to_pass(
     traces.mkdir()
     assert_report_fails_in_one_line(
         traces, f"{traces} is a folder inside the run folder {traces.parent}; pass that", capsys)
-    # Two folders down: the line named traces/ as the run folder, which then drew the line above.
-    trace = traces / "rank0.1795952802808914008.pt.trace.json.gz"
+    # Three folders down, in a window's folder: the nearest folder holding a run's file is named, not the window's.
+    window = traces / "step00000003"
+    window.mkdir()
+    assert_report_fails_in_one_line(
+        window, f"{window} is a folder inside the run folder {traces.parent}; pass that", capsys)
+    trace = window / "rank0.pt.trace.json.gz"
     trace.write_bytes(b"")
     assert_report_fails_in_one_line(
         trace, f"{trace} is a file, not a run folder; pass the run folder that holds it, {traces.parent}", capsys)
