@@ -97,6 +97,28 @@ def _generic(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.4g} s"
+
+
+def _megabytes(value: float) -> str:
+    return f"{value / 1e6:,.2f} MB"  # decimal, as the run's table gives the all-reduce's MB/step and MB/s
+
+
+def _shown_by_name(key: str) -> Callable[[float], str]:
+    """How a field without a Figure of its own reads, by the unit its name gives (the summary's naming): a share as
+    a percent, bytes and bytes/s in MB, seconds with "s"; the raw number was a fraction to compare with % rows."""
+    if key.endswith("_share"):
+        return _percent
+    if key.endswith("bytes_per_s"):
+        return lambda value: f"{_megabytes(value)}/s"
+    if key.endswith(("_bytes", "_bytes_per_step")):
+        return _megabytes
+    if key.endswith("_s") or key.split(".", 1)[0] in ("startup", "pauses_s"):
+        return _seconds
+    return _generic
+
+
 RANK_FIGURES = {
     "step_time_p50_s": Figure("step p50 ms", _ms),
     "step_time_p90_s": Figure("step p90 ms", _ms),
@@ -186,7 +208,10 @@ def _figure_rows(section: str, a: dict[str, Any], b: dict[str, Any], figures: di
              for key, label in _COUNTS.items() if a.get(key) is not None or b.get(key) is not None]
     others = [k for k in dict.fromkeys([*a, *b])
               if k not in figures and k not in skip and k not in _NOT_COMPARED and k not in _COUNTS]
-    rows += [_row(section, key, _number(a, key), _number(b, key), _generic) for key in others
+    # A block's fields together (a startup part only B has came after A's pauses), blocks in the order met.
+    blocks = list(dict.fromkeys(key.split(".", 1)[0] for key in others))
+    others.sort(key=lambda key: blocks.index(key.split(".", 1)[0]))
+    rows += [_row(section, key, _number(a, key), _number(b, key), _shown_by_name(key)) for key in others
              if _number(a, key) is not None or _number(b, key) is not None]
     return rows
 

@@ -60,9 +60,13 @@ def bar_segments(ranks: list[dict[str, Any]]) -> list[dict[str, float]]:
     return segments
 
 
-def _phase_bars(ax: Axes, summary: dict[str, Any]) -> None:
-    ranks = summary["ranks"]
+def _phase_bars(ax: Axes, summary: dict[str, Any] | None) -> None:
+    """`summary` None: the run wrote none (it did not finish), so there are no phase shares to draw."""
     ax.set_title("where a step's time goes, per rank")
+    if summary is None:
+        _no_data(ax, "no summary.json: the run did not finish")
+        return
+    ranks = summary["ranks"]
     if not ranks or not phase_names(ranks):
         _no_data(ax, "summary.json has no per-rank phase shares\n(--phase-timers off times no phase)")
         return
@@ -131,7 +135,7 @@ def _accuracy(ax: Axes, metrics: list[dict[str, Any]]) -> None:
     ax.set_ylabel("%")
 
 
-def write_run_picture(path: Path, title: str, summary: dict[str, Any], progress: list[dict[str, Any]],
+def write_run_picture(path: Path, title: str, summary: dict[str, Any] | None, progress: list[dict[str, Any]],
                       metrics: list[dict[str, Any]]) -> None:
     """Draw the four panels under `title` into a PNG at `path` (written to a temporary name first, so a failure
     keeps the old)."""

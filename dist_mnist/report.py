@@ -195,20 +195,42 @@ def picture_title(run_dir: Path, summary: dict[str, Any]) -> str:
     return f"{run_dir.name}: {ranks} rank{'s' if ranks != 1 else ''}{rate}{since}"
 
 
-def picture(run_dir: Path) -> Path:
-    """Write the run's picture (`report.png` in the run folder, replaced on every call); returns its path."""
-    summary = read_summary(run_dir)
+def picture(run_dir: Path, finished: bool = True) -> Path:
+    """Write the run's picture (`report.png` in the run folder, replaced on every call); returns its path. Not
+    `finished` (no summary.json): the curves of its records only."""
+    summary = read_summary(run_dir) if finished else None
     progress = read_records(run_dir / PROGRESS_FILE, PROGRESS_FIELDS)
     metrics = read_records(run_dir / METRICS_FILE, METRICS_FIELDS)
     path = run_dir / PICTURE_FILE
+    title = (picture_title(run_dir, summary) if summary is not None
+             else f"{run_dir.name}: did not finish (no {SUMMARY_FILE}), its records up to the last")
     try:
-        write_run_picture(path, picture_title(run_dir, summary), summary, progress, metrics)
+        write_run_picture(path, title, summary, progress, metrics)
     except ImportError as exc:
         raise UserError(f"cannot draw the picture: {exc} (pip install -e . installs matplotlib); pass --no-picture "
                         "to skip it") from None
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}; pass --no-picture to skip it") from None
     return path
+
+
+def unfinished(run_dir: Path) -> bool:
+    """Whether `run_dir` is a run that wrote records but no summary.json: it failed, was killed, or is still going."""
+    return (run_dir.is_dir() and not (run_dir / SUMMARY_FILE).exists()
+            and any(_recorded_steps(run_dir / name) for name in (PROGRESS_FILE, METRICS_FILE)))
+
+
+def unfinished_report(run_dir: Path) -> str:
+    """What an unfinished run's records hold: the last evaluation line and the last progress record."""
+    metrics_path, progress_path = run_dir / METRICS_FILE, run_dir / PROGRESS_FILE
+    metrics = read_records(metrics_path, METRICS_FIELDS)
+    progress = read_records(progress_path, PROGRESS_FIELDS)
+    lines = [_format_or_fail(metrics_path, format_eval, metrics[-1])] if metrics else []
+    if progress:
+        last = progress[-1]
+        loss = "n/a" if last["train_loss"] is None else f"{last['train_loss']:.4f}"
+        lines.append(f"{PROGRESS_FILE}: {len(progress)} records, the last of step {last['step']}, train loss {loss}")
+    return "\n".join(lines)
 
 
 def _read_config(run_dir: Path) -> dict[str, Any] | None:
@@ -249,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_b is not None:
             print(compare(args.run_dir, args.run_b))
             return 0
+        if unfinished(args.run_dir):
+            # A failed run's records are what there is to see, its loss curve above all; still exit 1 with the
+            # line for a run without summary.json, as for one that wrote no records.
+            print(unfinished_report(args.run_dir), flush=True)
+            if not args.no_picture:
+                print(f"picture: {picture(args.run_dir, finished=False)}")
+            raise UserError(_not_a_run_folder(args.run_dir))
         print(report(args.run_dir), flush=True)
         if not args.no_picture:
             print(f"picture: {picture(args.run_dir)}")

@@ -95,6 +95,7 @@ def test_comparison_shows_the_summarys_own_phase_times_and_its_blocks_numbers() 
     assert rows[("global", "startup.imports")].ratio == pytest.approx(1.5)
     assert rows[("global", "pauses_s.evaluation")].ratio == pytest.approx(0.5)
     assert rows[("global", "pauses_s.checkpoint")].shown_a == "-"
+    assert rows[("global", "startup.imports")].shown_a == "2 s"
     # Settings and counts, not measurements: no rows.
     assert not [label for _, label in rows if label.startswith(("phase_timing", "traces", "phase_time_per_step"))]
 
@@ -139,7 +140,7 @@ def test_comparison_ratios_are_b_over_a_for_every_figure() -> None:
     assert ("global", "first_step_unix") not in rows  # a timestamp, not a figure
     assert ("rank 0", "steps") not in rows  # how many steps the timers timed: no figure to take a ratio of
     # A share that is not a step phase (it may overlap one) is a plain number, not a phase with ms.
-    assert rows[("rank 0", "exposed_comm_share")].shown_b == "0.1"
+    assert rows[("rank 0", "exposed_comm_share")].shown_b == "10.0%"
     assert ("rank 0", "exposed_comm ms") not in rows
 
 
@@ -159,7 +160,7 @@ def test_report_prints_two_runs_side_by_side_with_the_config_diff(tmp_path: Path
     assert row("samples/s") == ["1,600", "4,000", "2.50x"]  # the first samples/s row is the global one
     assert row("step p50 ms") == ["10.00", "15.00", "1.50x"]
     assert row("backward ms") == ["9.00", "7.20", "0.80x"]
-    assert row("comm_time_s") == ["-", "0.004", "-"]
+    assert next(line for line in out if line.startswith("  comm_time_s  ")).split()[-4:] == ["-", "0.004", "s", "-"]
     assert not (tmp_path / "a" / report.PICTURE_FILE).exists()  # comparing draws nothing into the runs
 
 
@@ -454,3 +455,43 @@ def test_the_report_of_a_resumed_run_says_its_figures_are_of_the_last_process_on
     compared = report.compare(tmp_path / "resumed", tmp_path / "resumed").splitlines()
     assert compared[0] == f"A: {tmp_path / 'resumed'} (figures of steps 9-12 only: resumed there)"
     assert not [row for row in compared if row.split()[:1] in (["first_step"], ["last_step"])]
+
+
+def test_a_run_without_summary_json_still_shows_and_draws_its_records(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A failed run (a non-finite loss, rc 1) has progress.jsonl and metrics.jsonl but no summary.json: the report
+    gave only its one line, and no picture of the loss curve a user wants most then (review_outputs F8). It prints
+    what the records hold and draws the curves, then ends as before: exit 1 with the one line."""
+    run_dir = tmp_path / "failed"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(CONFIG_A))
+    (run_dir / "progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _progress([10, 20, 30])))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _metrics([20])))
+    assert report.main([str(run_dir)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        "eval  epoch 1 step 20: test loss 0.0250, accuracy 99.50% of 10000 images, 0.2 s since the first step",
+        "progress.jsonl: 3 records, the last of step 30, train loss 0.0667",
+        f"picture: {run_dir / 'report.png'}"]
+    assert captured.err.startswith(f"error: {run_dir} has no summary.json: ") and len(captured.err.splitlines()) == 1
+    _assert_png(run_dir / "report.png")
+    assert report.main([str(run_dir), "--no-picture"]) == 1
+    assert "picture:" not in capsys.readouterr().out
+
+
+def test_the_comparison_shows_shares_bytes_and_seconds_in_their_units_and_keeps_a_blocks_rows_together() -> None:
+    """Fields without a figure of their own were raw: comm_exposed_share 0.09116 among % rows, 2.4e+06 bytes per
+    step, startup seconds without "s", and a startup part only B had after the pauses (review_outputs F7)."""
+    ranks = [_rank(0, 0.015, 2400.0, SHARES_B, comm_exposed_share=0.09116, allreduce_bytes_per_step=2_400_000,
+                   allreduce_bandwidth_bytes_per_s=6.235e7)]
+    a = {**_summary(ranks, 4000.0, 0.1), "startup": {"imports": 2.0}, "pauses_s": {"evaluation": 1.0}}
+    b = {**a, "startup": {"imports": 3.0, "rendezvous": 0.5}}
+    rows = compare_summaries(a, b)
+    shown = {(r.section, r.label): (r.shown_a, r.shown_b) for r in rows}
+    assert shown[("rank 0", "comm_exposed_share")] == ("9.1%", "9.1%")
+    assert shown[("rank 0", "allreduce_bytes_per_step")] == ("2.40 MB", "2.40 MB")
+    assert shown[("rank 0", "allreduce_bandwidth_bytes_per_s")] == ("62.35 MB/s", "62.35 MB/s")
+    assert shown[("global", "startup.rendezvous")] == ("-", "0.5 s")
+    labels = [r.label for r in rows if r.section == "global"]
+    assert labels.index("startup.rendezvous") < labels.index("pauses_s.evaluation")
+    assert not [r for r in rows if r.label.endswith("_share") and not r.shown_a.endswith("%")]
