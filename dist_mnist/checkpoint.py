@@ -435,17 +435,20 @@ def resume_from_path(requested: Path, own_folder: Path, restarted: bool) -> Resu
     newest checkpoint that loads where that is further than PATH (or PATH no longer loads: the rotation may have
     removed it), as `--resume auto` would, or each restart would train from PATH again. A launch by hand into a
     folder whose checkpoints go further is refused: it would train those steps again and overwrite their files and
-    records (a branch from PATH belongs in a folder of its own).
+    records (a branch from PATH belongs in a folder of its own). So is one into a folder whose checkpoints are of
+    another run (_refuse_another_run).
     """
     if restarted and (own := find_resume_checkpoint(own_folder)) is not None:
         own_step = int(own[1]["train_state"]["step"])
         try:
             state = load_checkpoint(requested)
-            if own_step <= int(state["train_state"]["step"]):
-                return ResumeSource(requested, state, "")
-            why = f"step {state['train_state']['step']}"
         except UserError as exc:
             why = str(exc)
+        else:
+            if own_step <= int(state["train_state"]["step"]):
+                _refuse_another_run(requested, state, own_folder)
+                return ResumeSource(requested, state, "")
+            why = f"step {state['train_state']['step']}"
         return ResumeSource(*own, f"note: a restart continues from this run's newest checkpoint, step {own_step}, not "
                                   f"from --resume {requested} ({why})")
     state = load_checkpoint(requested)
@@ -458,15 +461,50 @@ def resume_from_path(requested: Path, own_folder: Path, restarted: bool) -> Resu
                         f"{requested} (step {step}) would train the steps after it again and overwrite them. Use "
                         "--resume auto to continue from the newest, or a new --run-name to branch from that file "
                         "(nothing was changed)")
+    _refuse_another_run(requested, state, own_folder)
     return ResumeSource(requested, state, "")
 
 
-def find_resume_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in `folder` that loads, and its path; unreadable ones are reported and set aside."""
+def _refuse_another_run(requested: Path, state: dict[str, Any], own_folder: Path) -> None:
+    """Refuse `--resume PATH` (`state`, no further than them) into a folder whose own checkpoints are not an earlier
+    point of PATH's run: the resume rewrites the run's metrics.jsonl and config.json from PATH and puts its
+    checkpoints beside theirs, where the rotation removes them (review_combos finding 1).
+
+    A run's evaluation records only grow along it, and their times make each run's its own: the folder's newest
+    checkpoint (that loads) must hold records, and they must begin PATH's (or, at PATH's own step, PATH's begin
+    them: a process resumed from PATH evaluated that step, adapt_to_world_size's epoch end). A checkpoint without
+    records cannot be told apart from another run's, so it is refused too. PATH in the folder itself is its own.
+    """
+    own_checkpoints = list_checkpoints(own_folder)
+    if not own_checkpoints or requested.resolve().parent == own_folder.resolve():
+        return
+    step, records = int(state["train_state"]["step"]), state["train_state"]["metrics"]
+    # Read only: the refusal must change nothing, and --resume auto sets the unreadable ones aside.
+    own = find_resume_checkpoint(own_folder, set_aside=False)
+    if own is None:
+        why = "none of them loads"
+    else:
+        own_step, own_records = int(own[1]["train_state"]["step"]), own[1]["train_state"]["metrics"]
+        if own_records and (records[:len(own_records)] == own_records
+                            or (own_step == step and own_records[:len(records)] == records)):
+            return
+        why = (f"the newest that loads, {own[0].name}, has no evaluation record to show it" if not own_records
+               else f"the evaluation records of the newest that loads, {own[0].name}, are not those of that run")
+    raise UserError(f"this run's checkpoints (up to {own_checkpoints[0]}) are not an earlier point of the run of "
+                    f"--resume {requested} (step {step}): {why}; resuming that file here would replace this run's "
+                    "records. Use --resume auto to continue this run, or a new --run-name to branch from that file "
+                    "(nothing was changed)")
+
+
+def find_resume_checkpoint(folder: Path, set_aside: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in `folder` that loads, and its path; unreadable ones are reported and set aside
+    (`set_aside` False: passed over in silence, for a check that must leave the folder as it is)."""
     for path in list_checkpoints(folder):
         try:
             return path, load_checkpoint(path)
         except UserError as exc:
+            if not set_aside:
+                continue
             # Left under its name, a broken file would be retried on every restart and, having the highest step,
             # outlive the good checkpoints written after it in the rotation.
             aside = path.with_name(f"{path.name}.unreadable")

@@ -555,6 +555,13 @@ def folder_snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+def run_files(output_dir: Path) -> dict[str, tuple[int, int]]:
+    """folder_snapshot of the files in the run folder "run" but its locks, whose holder line is signed by whoever
+    holds the folder."""
+    return {name: stat for name, stat in folder_snapshot(output_dir / "run").items()
+            if (output_dir / "run" / name).is_file() and Path(name).name != LOCK_FILE}
+
+
 @pytest.mark.timeout(120)
 def test_resume_never_on_existing_run_fails_without_touching_it(capsys: pytest.CaptureFixture[str], run_copy: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -581,12 +588,7 @@ def test_resume_path_behind_the_runs_own_checkpoints_is_refused_and_a_restart_ta
     torchrun restart runs the same command, PATH included, and must not go back to PATH every time."""
     older = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_INTERVAL)
     branch = Path(shutil.copy(older, run_copy / "branch.pt"))  # the rotation removes `older` once the run goes on
-
-    def files() -> dict[str, tuple[int, int]]:  # the lock's holder line is signed by whoever holds the folder
-        return {name: stat for name, stat in folder_snapshot(run_copy / "run").items()
-                if (run_copy / "run" / name).is_file() and Path(name).name != LOCK_FILE}
-
-    before = files()
+    before = run_files(run_copy)
     code, _, err = train_in_process(capsys, run_copy, "--resume", str(older), "--max-steps", str(BASE_STEPS + 4))
     assert code == 1
     assert single_error_line(err) == (
@@ -594,7 +596,7 @@ def test_resume_path_behind_the_runs_own_checkpoints_is_refused_and_a_restart_ta
         f"({checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)}); --resume {older} (step "
         f"{BASE_INTERVAL}) would train the steps after it again and overwrite them. Use --resume auto to continue "
         "from the newest, or a new --run-name to branch from that file (nothing was changed)")
-    assert files() == before
+    assert run_files(run_copy) == before
     # The newest itself is what `auto` would take: accepted.
     newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
     code, out, err = train_in_process(capsys, run_copy, "--resume", str(newest), "--max-steps", str(BASE_STEPS + 2))
@@ -613,6 +615,38 @@ def test_resume_path_behind_the_runs_own_checkpoints_is_refused_and_a_restart_ta
     assert code == 0, err
     assert (f"note: a restart continues from this run's newest checkpoint, step {BASE_STEPS + 4}, not from "
             f"--resume {older} (checkpoint {older} does not exist)") in out.splitlines()
+
+
+@pytest.mark.timeout(120)
+def test_resume_path_into_another_runs_folder_is_refused_and_one_of_the_same_run_is_not(
+        capsys: pytest.CaptureFixture[str], run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--resume PATH` of another run, with --run-name of a run behind PATH's step, replaced that run's
+    metrics.jsonl, config.json and summary.json with PATH's run's and put its checkpoints beside the folder's own,
+    with no word (review_combos finding 1)."""
+    code, _, err = train_in_process(capsys, run_copy, "--run-name", "other", "--max-steps", str(BASE_STEPS + 2))
+    assert code == 0, err
+    path = checkpoint.checkpoint_path(run_copy / "other" / "checkpoints", BASE_STEPS + 2)
+    before = run_files(run_copy)
+    for restarted in ("0", "1"):  # a torchrun restart runs the same command again
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restarted)
+        code, _, err = train_in_process(capsys, run_copy, "--resume", str(path), "--max-steps", str(BASE_STEPS + 4))
+        assert code == 1
+        assert single_error_line(err) == (
+            f"error: this run's checkpoints (up to {checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)})"
+            f" are not an earlier point of the run of --resume {path} (step {BASE_STEPS + 2}): the evaluation records "
+            f"of the newest that loads, step{BASE_STEPS:08d}.pt, are not those of that run; resuming that file here "
+            "would replace this run's records. Use --resume auto to continue this run, or a new --run-name to branch "
+            "from that file (nothing was changed)")
+        assert run_files(run_copy) == before
+    # A later checkpoint of the run itself, kept elsewhere, continues it.
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    code, _, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 2))
+    assert code == 0, err
+    later = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS + 2)
+    kept = Path(shutil.move(later, run_copy / "kept.pt"))
+    code, out, err = train_in_process(capsys, run_copy, "--resume", str(kept), "--max-steps", str(BASE_STEPS + 3))
+    assert code == 0, err
+    assert f"resumed from step {BASE_STEPS + 2} (epoch 1, batch {BASE_STEPS + 2}) of {kept}" in out
 
 
 @pytest.mark.timeout(120)
