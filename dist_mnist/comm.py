@@ -304,6 +304,23 @@ def ddp_bucket_kwargs(hook_name: str, bucket_cap_mb: float, ctx: DistContext, mo
     return {"bucket_cap_mb": bucket_cap_mb or max(grad_mib, 25.0)}
 
 
+def refuse_powersgd_with_fp16(hook_name: str, amp_flag: str, amp_dtype: torch.dtype | None, world_size: int) -> None:
+    """Refuse PowerSGD under fp16's GradScaler where DDP runs (a world of one has no hook, and gets its note).
+
+    The GradScaler overflows now and then by design: at its start, and each time it doubles the scale (every 2000
+    clean steps). Once PowerSGD compresses, an overflowed step's inf gradients enter its error feedback, which keeps
+    each bucket's gradient minus its approximation and adds it to the next step's: the residual (and the warm-start
+    factors) stay non-finite for good, every later step's gradients are NaN and the scaler skips every step. The
+    weights never change again while the forward loss stays finite and the ranks agree, so nothing else stops the
+    run (review_combos finding 2).
+    """
+    if hook_name == "powersgd" and amp_dtype == torch.float16 and world_size > 1:
+        how = "--amp fp16" if amp_flag == "fp16" else f"--amp {amp_flag} on this GPU without native bf16"
+        raise UserError(f"--ddp-comm-hook powersgd cannot train under fp16's GradScaler ({how}): one overflowed step "
+                        "leaves PowerSGD's error feedback non-finite and every later step is skipped; use --amp off "
+                        "(or bf16 on a GPU that has it), or --ddp-comm-hook fp16 or none")
+
+
 def note_ignored_comm_flags(cfg: TrainConfig, ctx: DistContext) -> str | None:
     """A world of one has no DDP and nothing to all-reduce: comm flags the user gave are ignored, with this note.
     Only flags given: the recipe's own values (the cuda recipe's hook is `none`) are no choice of the user's."""

@@ -30,7 +30,7 @@ from torch.profiler import record_function
 from dist_mnist import checkpoint, collectives
 from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync, code_version
 from dist_mnist.argtypes import on_off
-from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags
+from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags, refuse_powersgd_with_fp16
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args, usable_cpus
 from dist_mnist.console import kept_stdout, one_line, rank_line, warnings_end_open_line
 from dist_mnist.data import (
@@ -1467,6 +1467,7 @@ def run_training(cfg: TrainConfig, ctx: DistContext, startup: StartupTimer | Non
     # exists: a refused command leaves nothing behind.
     run_cfg = resolution.config
     settings = resolve_speed_settings(run_cfg, ctx.device)
+    refuse_powersgd_with_fp16(run_cfg.ddp_comm_hook, run_cfg.amp, settings.amp_dtype, ctx.world_size)
     graphs = graph_decision(run_cfg.cuda_graphs, ctx.device.type, ctx.world_size, settings.amp_dtype,
                             run_cfg.compile, run_cfg.grad_accum_steps)
     with open_run_dir(run_cfg, ctx) as run_dir:

@@ -23,6 +23,7 @@ from dist_mnist.comm import (
     PowerSGDHookState,
     ddp_bucket_kwargs,
     note_ignored_comm_flags,
+    refuse_powersgd_with_fp16,
     resolve_step,
 )
 from dist_mnist.config import TrainConfig, apply_recipe, parse_args
@@ -433,3 +434,43 @@ def test_powersgd_state_is_gathered_from_host_memory(monkeypatch: pytest.MonkeyP
     (gathered,) = state.state_dict()["ranks"]
     for part in ("error", "p", "q"):
         assert any(gathered[part][0] is t for t in to_host), part
+
+
+@pytest.mark.parametrize(("hook", "amp", "dtype", "world_size", "refused"), [
+    ("powersgd", "fp16", torch.float16, 2, "(--amp fp16)"),
+    ("powersgd", "auto", torch.float16, 8, "(--amp auto on this GPU without native bf16)"),
+    ("powersgd", "auto", torch.bfloat16, 2, None),
+    ("powersgd", "off", None, 2, None),
+    ("powersgd", "fp16", torch.float16, 1, None),  # no DDP, no hook: the world-of-one note says so
+    ("fp16", "fp16", torch.float16, 2, None),
+    ("none", "fp16", torch.float16, 2, None),
+])
+def test_powersgd_under_fp16s_grad_scaler_is_refused_where_ddp_runs(
+        hook: str, amp: str, dtype: torch.dtype | None, world_size: int, refused: str | None) -> None:
+    """After one overflowed fp16 step PowerSGD's error feedback stays non-finite and the GradScaler skips every step
+    from then on: the weights stop changing for good, with no word (review_combos finding 2)."""
+    if refused is None:
+        refuse_powersgd_with_fp16(hook, amp, dtype, world_size)
+        return
+    with pytest.raises(UserError) as caught:
+        refuse_powersgd_with_fp16(hook, amp, dtype, world_size)
+    assert str(caught.value) == (
+        f"--ddp-comm-hook powersgd cannot train under fp16's GradScaler {refused}: one overflowed step leaves "
+        "PowerSGD's error feedback non-finite and every later step is skipped; use --amp off (or bf16 on a GPU that "
+        "has it), or --ddp-comm-hook fp16 or none")
+
+
+def test_powersgd_under_fp16_is_refused_before_the_run_folder_opens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--amp auto resolving to fp16 (a GPU without native bf16, forced here) on two ranks: the refusal comes with the
+    device's other ones, so the command leaves nothing behind."""
+    import dist_mnist.train as train_module
+    resolve = train_module.resolve_speed_settings
+    monkeypatch.setattr(train_module, "resolve_speed_settings",
+                        lambda cfg, device: dataclasses.replace(resolve(cfg, device), amp_dtype=torch.float16))
+    monkeypatch.setattr(train_module, "agree_on_recipe", lambda config, ctx: None)  # no peers to compare with
+    cfg = parse_args([*SMOKE_FLAGS, "--ddp-comm-hook", "powersgd", "--amp", "auto", "--output-dir", str(tmp_path)])
+    ctx = cast(DistContext, SimpleNamespace(device=torch.device("cpu"), world_size=2))
+    with pytest.raises(UserError, match="^--ddp-comm-hook powersgd cannot train under fp16's GradScaler"):
+        run_training(cfg, ctx)
+    assert list(tmp_path.iterdir()) == []
