@@ -94,13 +94,14 @@ def keep_records(path: Path, data: bytes) -> None:
     """Make the line-per-record file `path` hold exactly `data`: the records a run keeps as a process starts.
 
     Where the file already begins with `data` it is cut there in place (nothing is done where it holds no more), not
-    replaced by a rename: a follower holding the file open (`tail -f`, a log shipper) then reads on past the cut,
-    where after a rename it read the old, unlinked file for ever, and one that reopens by name (`tail -F`) read every
-    kept record again. Crash-safe as write_durably is: a truncation changes only the file's length, in one update of
-    its inode, so after a crash the file has its old length or the new one, and both end at a whole record (`data`
-    is whole records, and so is what was appended after it); the fsync makes the new length durable before the run
-    appends after it. Any other content (a damaged line dropped, records that are not the file's start) is written
-    with write_durably."""
+    replaced by a rename: a follower holding the file open sees the same file shrink and can follow on (GNU `tail -f`
+    says `file truncated` and reads it again from its start), where after a rename it read the old, unlinked file for
+    ever. A follower that keeps its byte offset without checking the size reads from the middle of a record: the
+    README says so. A hard link to the file is cut too. Crash-safe as write_durably is: a truncation changes only
+    the file's length, in one update of its inode, so after a crash the file has its old length or the new one, and
+    both end at a whole record (`data` is whole records, and so is what was appended after it); the fsync makes the
+    new length durable before the run appends after it. Any other content (a damaged line dropped, records that are
+    not the file's start) is written with write_durably."""
     try:
         with open(path, "rb") as f:
             current: bytes | None = f.read()

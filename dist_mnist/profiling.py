@@ -24,7 +24,7 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.console import rank_line
 from dist_mnist.distributed import DistContext
 from dist_mnist.metrics import PHASES
-from dist_mnist.runfiles import TRACES_DIR, trace_file_name, trace_window_dir
+from dist_mnist.runfiles import TRACES_DIR, trace_file_name, trace_file_rank, trace_window_dir
 
 # A rank is a straggler when its own work per step (the step less the time it waited for the gradient
 # all-reduce after its backward compute: a slow rank waits least, the others wait for it) is this much above the
@@ -100,7 +100,7 @@ class WindowedProfiler:
         configure_kineto(ctx.device)
         self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
         self.trace_dir = trace_dir
-        self.rank = ctx.rank
+        self.rank, self.world_size = ctx.rank, ctx.world_size
         # None writes no trace (dist_mnist.profiler_bench times the windows without it).
         self.trace_handler: Callable[[profile], None] | None = self._write_trace
         with warnings.catch_warnings():
@@ -185,7 +185,8 @@ class WindowedProfiler:
         but not in .json.gz, which readers skip, and renamed when complete; a failed write removes it, says so in
         one line and ends profiling for the rest of this process (`write_failure`). It goes into its window's
         folder (trace_window_dir), named by its global rank; a resumed process that records a window's steps again
-        replaces the earlier process's trace of them.
+        replaces the earlier process's trace of them, and rank 0 removes the traces of ranks this world lacks (an
+        earlier, larger world's), which HTA would read as ranks of this window.
 
         The trace's `traceName` is the temporary file torch's .gz export writes and deletes: torch takes no name for
         it (kineto writes the path it exports to), and setting it would mean parsing and writing the trace again.
@@ -197,6 +198,11 @@ class WindowedProfiler:
             folder.mkdir(parents=True, exist_ok=True)
             window.export_chrome_trace(str(partial))
             os.replace(partial, final)
+            if self.rank == 0:
+                for other in folder.iterdir():
+                    rank = trace_file_rank(other.name)
+                    if rank is not None and rank >= self.world_size:
+                        other.unlink(missing_ok=True)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)

@@ -222,8 +222,10 @@ def short_schedule_note(cfg: TrainConfig, total_steps: int, powersgd_start: int 
         missed.append(f"--ddp-comm-hook powersgd never compresses (it starts after step {powersgd_start})")
     if not missed:
         return None
-    return (f"note: --max-steps {cfg.max_steps} ends within the learning-rate warm-up ({warmup} of the schedule's "
-            f"{total_steps} steps, which span --epochs {cfg.epochs}): {', and '.join(missed)}")
+    # PowerSGD's start may come after the warm-up's end: a run ending between the two is past the warm-up.
+    where = (f"ends within the learning-rate warm-up ({warmup} of the schedule's {total_steps} steps, which span "
+             f"--epochs {cfg.epochs})" if cfg.max_steps < warmup else f"ends by step {powersgd_start}")
+    return f"note: --max-steps {cfg.max_steps} {where}: {', and '.join(missed)}"
 
 
 def lr_of_last_step(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:

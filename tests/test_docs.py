@@ -266,7 +266,7 @@ def test_the_readme_defines_the_metrics_records_train_loss_and_samples_per_sec_a
     row = readme_table_row("metrics.jsonl")
     assert "`train_loss` (the mean training loss over all ranks since the previous evaluation)" in row
     assert "`samples_per_sec` (global training throughput since the previous evaluation" in row
-    assert "never as a bare `NaN`" in README and "so `tail -f` reads on" in README
+    assert "never as a bare `NaN`" in README and "so `tail -f` follows on" in README
 
 
 def test_the_readme_gives_each_viewer_the_trace_folder_it_reads_as_the_profiler_writes_them() -> None:

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -1334,13 +1335,15 @@ def test_only_a_dead_dataloader_worker_counts_as_one() -> None:
 @pytest.mark.scenario
 @pytest.mark.timeout(240)
 def test_a_killed_dataloader_worker_is_one_line_naming_the_checkpoint_to_resume_from(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> None:
     flags = [*SMOKE_FLAGS, "--epochs", "1000", "--checkpoint-every", "4", "--log-every", "1",
              "--output-dir", str(tmp_path), "--run-name", "lost"]
     checkpoints = tmp_path / "lost" / "checkpoints"
-    # The worker's multiprocessing temp folder (pymp-*) outlives a SIGKILL: in the test's folder, not in /tmp.
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    # The worker's multiprocessing temp folder (pymp-*) outlives a SIGKILL: in a folder of the test's own, removed
+    # after it. A short one: the worker's socket for handing a batch's shared memory over is made in it, and a path
+    # in pytest's tmp_path (under xdist, once pytest numbers its folders past 99) passed AF_UNIX's 107 characters.
+    temp = Path(tempfile.mkdtemp(prefix="dm-"))
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
     live = LiveRun([sys.executable, TRAIN_SCRIPT, *flags, "--num-workers", "1"], env=cpu_env(TMPDIR=str(temp)))
     live.wait_until(lambda: bool(list_checkpoints(checkpoints)), "the first checkpoint")
     workers = [child for child in psutil.Process(live.proc.pid).children()

@@ -205,8 +205,9 @@ def test_graphed_step_trains_like_the_eager_step(world_of_one: DistContext, grad
               "--epochs 2): its learning rate reaches 0.000313 of --lr 0.002"),
     (5, 32, "...: its learning rate reaches 0.000313 of --lr 0.002, and --ddp-comm-hook powersgd never compresses "
             "(it starts after step 32)"),
-    (32, 32, "note: --max-steps 32 ends within the learning-rate warm-up (32 of the schedule's 64 steps, which span "
-             "--epochs 2): --ddp-comm-hook powersgd never compresses (it starts after step 32)"),
+    # Past the warm-up (its last step trains at --lr), not past PowerSGD's start: the note says which it ends by.
+    (32, 32, "note: --max-steps 32 ends by step 32: --ddp-comm-hook powersgd never compresses (it starts after step "
+             "32)"),
     (32, None, None),  # its last step trains at --lr
     (0, 32, None), (100, 32, None),  # no limit, or one past the schedule's end
 ])

@@ -67,7 +67,7 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.progress import Progress
-from dist_mnist.runfiles import TRACE_FILES
+from dist_mnist.runfiles import TRACE_FILES, trace_file_name, trace_file_rank, trace_window_dir
 from dist_mnist.train import RunClock
 from dist_mnist.train import main as train_main
 
@@ -459,6 +459,22 @@ def test_a_pause_inside_another_counts_once_under_its_own_kind(monkeypatch: pyte
         assert (clock.paused_s, clock.training_seconds()) == (9.0, 1.0)
     assert clock.pauses_s == {"evaluation": 6.0, "checkpoint": 3.0}
     assert (clock.paused_s, clock.training_seconds()) == (9.0, 1.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_window_recorded_again_by_a_smaller_world_keeps_no_trace_of_a_rank_it_lacks(tmp_path: Path) -> None:
+    """A window's folder is named by its steps: a process resumed from an earlier checkpoint under fewer ranks
+    records the same steps there, and the larger world's rank1 trace stayed beside the new rank0 one, which HTA
+    reads as one window of two ranks (review_diff2 finding 3)."""
+    flags = [*RUN_FLAGS, "--output-dir", str(tmp_path), "--run-name", "smaller", "--checkpoint-every", "1"]
+    assert train_in_process(*flags, "--max-steps", "1").returncode == 0
+    window = tmp_path / "smaller" / TRACES_DIR / trace_window_dir(3)  # wait 0, warm-up 1 (step 2), active step 3
+    window.mkdir(parents=True)
+    (window / trace_file_name(1)).write_bytes(b"an earlier world's rank 1")
+    result = train_in_process(*flags, "--max-steps", "4", "--profile", "--profile-wait", "0", "--profile-warmup",
+                              "1", "--profile-active", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [trace_file_rank(p.name) for p in window.iterdir()] == [0]
 
 
 @pytest.mark.timeout(120)
