@@ -31,7 +31,7 @@ from typing import Any
 from dist_mnist.argtypes import whole_number_at_least
 from dist_mnist.config import RawDescriptionDefaultsHelpFormatter
 from dist_mnist.console import kept_stdout, rank_line
-from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACE_FILES, TRACES_DIR
+from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACE_FILES, TRACE_SUFFIX, TRACES_DIR
 
 TARGET = 0.99  # issue 9's accuracy bar
 TIME_TO_TARGET_S = 0.5
@@ -316,7 +316,10 @@ def _trace_files(run_dir: Path) -> list[Path]:
     """The run's trace files; UnreadableTrace when there is no run folder or it holds none."""
     if not run_dir.is_dir():
         raise UnreadableTrace(f"no run folder {run_dir}")
-    traces = sorted((run_dir / TRACES_DIR).glob(TRACE_FILES))
+    # Before 2026-11-29 the traces lay in the traces folder itself (rank<N>.<time>.pt.trace.json.gz), as in
+    # docs/gpu_runs' bundles: read as they are.
+    traces = (sorted((run_dir / TRACES_DIR).glob(TRACE_FILES))
+              or sorted((run_dir / TRACES_DIR).glob(f"*{TRACE_SUFFIX}")))
     if not traces:
         raise UnreadableTrace(f"no traces in {run_dir / TRACES_DIR}: only a run with --profile writes them")
     return traces

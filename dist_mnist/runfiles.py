@@ -21,18 +21,18 @@ def trace_window_dir(step: int) -> str:
     return f"step{step:08d}"
 
 
-_TRACE_SUFFIX = ".pt.trace.json.gz"
+TRACE_SUFFIX = ".pt.trace.json.gz"
 
 
 def trace_file_name(rank: int) -> str:
     """Global rank `rank`'s trace in its window's folder; the profiler plugin names the worker `rank<N>`."""
-    return f"rank{rank}{_TRACE_SUFFIX}"
+    return f"rank{rank}{TRACE_SUFFIX}"
 
 
 def trace_file_rank(name: str) -> int | None:
     """The global rank whose trace a file named `name` is (trace_file_name); None for any other name."""
-    number = name.removeprefix("rank").removesuffix(_TRACE_SUFFIX)
-    return int(number) if name.startswith("rank") and name.endswith(_TRACE_SUFFIX) and number.isdigit() else None
+    number = name.removeprefix("rank").removesuffix(TRACE_SUFFIX)
+    return int(number) if name.startswith("rank") and name.endswith(TRACE_SUFFIX) and number.isdigit() else None
 CHECKPOINTS_DIR = "checkpoints"  # without --checkpoint-dir; a --resume given a run folder looks in it
 
 

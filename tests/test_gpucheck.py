@@ -339,6 +339,13 @@ def test_step_kernels_splits_a_steps_gpu_time_by_kernel(out: Path, tmp_path: Pat
     assert result.stdout.splitlines()[0] == f"{window}: 2 eager steps, 20 us of GPU time each in 0.5 kernels"
     cpu = run([*GPUCHECK, "step-kernels", str(run_dir)], timeout=60)
     assert cpu.returncode == 0 and cpu.stdout.strip() == f"{window}: no GPU kernels in its steps"
+    # A run folder from before a folder per window (docs/gpu_runs' bundles): its traces lie in the traces folder.
+    older = tmp_path / "older" / gpucheck.TRACES_DIR
+    older.mkdir(parents=True)
+    shutil.copy(folder / window, older / "rank0.1795795683935782004.pt.trace.json.gz")
+    result = run([*GPUCHECK, "step-kernels", str(tmp_path / "older"), "--top", "5"], timeout=60)
+    assert result.stdout.splitlines()[0] == ("rank0.1795795683935782004.pt.trace.json.gz: 2 graph replays, 100 us "
+                                             "of GPU time each in 2 kernels (+2 us a step outside the graph)")
 
 
 def test_step_kernels_without_traces_or_with_a_damaged_one_fails(out: Path, tmp_path: Path) -> None:
