@@ -404,6 +404,21 @@ def test_resume_with_another_world_size_continues_the_epoch(tmp_path: Path, caps
     assert summary["world_size"] == then and summary["ranks_in_sync"]
 
 
+def world_size_trainer(state: TrainState, cfg: TrainConfig, train_size: int, world_size: int,
+                       batches_per_epoch: int, steps_per_epoch: int) -> Any:
+    """What Trainer.adapt_to_world_size reads of a trainer, for a world of `world_size` ranks (the new world), with
+    the run's warm-up and cosine schedule over --epochs."""
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, 0.1))
+    return SimpleNamespace(
+        state=state, cfg=cfg, data=SimpleNamespace(train_size=train_size),
+        ctx=SimpleNamespace(rank=0, world_size=world_size, is_main=True),
+        global_batch=cfg.batch_size * world_size * cfg.grad_accum_steps, batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
+
+
 @pytest.mark.parametrize(("accum", "expected_batch", "expected_sample"), [
     # 2 ranks did 10 batches each (320 samples). 3 ranks, batch 16: whole optimizer steps of 48 (accum 1) or 96
     # (accum 2) samples: 6 batches each, 288 samples, either way.
@@ -415,17 +430,12 @@ def test_a_world_size_change_names_the_sample_it_continues_at(accum: int, expect
     # With --grad-accum-steps 2 the line said "continuing epoch 1 at sample 576 (it had reached 320)": a skip of
     # samples never trained, where the run repeats 32 of them (the micro-batches were multiplied by the global
     # batch, which holds the accumulation once more).
-    model = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     steps_per_epoch = 1024 // 3 // 16 // accum
-    trainer = SimpleNamespace(
-        state=TrainState(epoch=0, step=10 // accum, batch_in_epoch=10),
-        cfg=TrainConfig(batch_size=16, grad_accum_steps=accum, epochs=2, seed=0),
-        data=SimpleNamespace(train_size=1024), ctx=SimpleNamespace(rank=0, world_size=3, is_main=True),
-        global_batch=16 * 3 * accum, batches_per_epoch=steps_per_epoch * accum, steps_per_epoch=steps_per_epoch,
-        total_steps=2 * steps_per_epoch, parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
-    Trainer.adapt_to_world_size(trainer, 2)  # type: ignore[arg-type]
+    trainer = world_size_trainer(TrainState(epoch=0, step=10 // accum, batch_in_epoch=10),
+                                 TrainConfig(batch_size=16, grad_accum_steps=accum, epochs=2, seed=0), train_size=1024,
+                                 world_size=3, batches_per_epoch=steps_per_epoch * accum,
+                                 steps_per_epoch=steps_per_epoch)
+    Trainer.adapt_to_world_size(trainer, 2)
     assert trainer.state.batch_in_epoch == expected_batch
     said = capsys.readouterr().err
     assert f"continuing epoch 1 at sample {expected_sample} of its order (it had reached 320)" in said
@@ -437,16 +447,11 @@ def test_a_world_size_change_puts_the_schedule_where_the_data_are_so_it_ends_on_
     7 steps an epoch, 21 in all. On 3 ranks an epoch is 12 steps, 36 in all, and 675 samples are 8 whole steps of
     81: the run goes on at step 12 + 8 = 20 of 36 and has 16 left. The old fraction (12/21 of 36, 20.6) rounded
     to 21, so the last step trained at lr 0."""
-    model = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(36, 0.1))
-    trainer = SimpleNamespace(
-        state=TrainState(epoch=1, step=12, batch_in_epoch=15),
-        cfg=TrainConfig(batch_size=9, grad_accum_steps=3, epochs=3, seed=0),
-        data=SimpleNamespace(train_size=1003), ctx=SimpleNamespace(rank=0, world_size=3, is_main=True),
-        global_batch=81, batches_per_epoch=36, steps_per_epoch=12, total_steps=36,
-        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
-    Trainer.adapt_to_world_size(trainer, 5)  # type: ignore[arg-type]
+    trainer = world_size_trainer(TrainState(epoch=1, step=12, batch_in_epoch=15),
+                                 TrainConfig(batch_size=9, grad_accum_steps=3, epochs=3, seed=0), train_size=1003,
+                                 world_size=3, batches_per_epoch=36, steps_per_epoch=12)
+    scheduler, optimizer = trainer.parts.scheduler, trainer.parts.optimizer
+    Trainer.adapt_to_world_size(trainer, 5)
     assert (trainer.state.epoch, trainer.state.batch_in_epoch) == (1, 24)
     assert scheduler.last_epoch == 20
     assert optimizer.param_groups[0]["lr"] == pytest.approx(warmup_cosine(36, 0.1)(20))
@@ -463,20 +468,15 @@ def test_a_world_size_whose_epoch_ends_before_the_checkpoint_stays_at_that_end(
     (480 images): the run stays at that epoch's end, where the loop evaluates and checkpoints it. It moved on to
     the next epoch, so that epoch's end had no record, and a run in its last epoch was "already complete" with no
     evaluation (review_repro finding 1)."""
-    model = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(30, 0.1))
-    trainer = SimpleNamespace(
-        state=TrainState(epoch=0, step=30, batch_in_epoch=30, metrics=records),
-        cfg=TrainConfig(batch_size=16, grad_accum_steps=1, epochs=2, seed=0),
-        data=SimpleNamespace(train_size=500), ctx=SimpleNamespace(rank=0, world_size=2, is_main=True),
-        global_batch=32, batches_per_epoch=15, steps_per_epoch=15, total_steps=30,
-        parts=SimpleNamespace(optimizer=optimizer, scheduler=scheduler))
-    Trainer.adapt_to_world_size(trainer, 1)  # type: ignore[arg-type]
+    trainer = world_size_trainer(TrainState(epoch=0, step=30, batch_in_epoch=30, metrics=records),
+                                 TrainConfig(batch_size=16, grad_accum_steps=1, epochs=2, seed=0), train_size=500,
+                                 world_size=2, batches_per_epoch=15, steps_per_epoch=15)
+    scheduler = trainer.parts.scheduler
+    Trainer.adapt_to_world_size(trainer, 1)
     assert (trainer.state.epoch, trainer.state.batch_in_epoch) == (0, 15)
     # The schedule and the step limit as at the start of the next epoch: the epoch's end trains no step.
     assert scheduler.last_epoch == 15
-    assert Trainer.step_limit(trainer) == 45  # type: ignore[arg-type]
+    assert Trainer.step_limit(trainer) == 45
     assert trainer.state.eval_anchor_step == anchor
     assert ("continuing epoch 1 at its end, sample 480 of its order (it had reached 480), learning-rate schedule at "
             "50.0%") in capsys.readouterr().err
