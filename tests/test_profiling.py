@@ -234,7 +234,7 @@ def test_a_resumed_2_rank_runs_windows_lie_apart_one_folder_each(tmp_path: Path)
 @pytest.mark.timeout(60)
 def test_profiler_exists_only_inside_windows_and_labels_only_while_recording(tmp_path: Path) -> None:
     cfg = TrainConfig(profile=True, profile_wait=2, profile_warmup=1, profile_active=2, profile_repeat=2)
-    ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
     timer = StepTimer(torch.device("cpu"))
     seen = []
     with make_profiler(cfg, ctx, tmp_path, first_step=40, step_limit=100) as profiler:  # type: ignore[arg-type]
@@ -279,7 +279,7 @@ def test_window_opens_and_closes_next_name_exactly_the_steps_that_open_or_close_
     """The loop waits for the GPU before those steps only (RunClock): a wait at any other step would stall the
     queue every step, and a missed edge would book the queued steps' GPU time to the trace writing."""
     cfg = TrainConfig(profile=True, profile_wait=2, profile_warmup=1, profile_active=2, profile_repeat=2)
-    ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
     with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=100) as profiler:  # type: ignore[arg-type]
         # Opened as steps 2 and 7 begin (0-based), closed after steps 4 and 9.
         assert _window_edges(profiler, 14, tmp_path) == ([2, 7], [4, 9])
@@ -290,7 +290,7 @@ def test_a_window_open_at_the_runs_last_step_ends_with_it_and_none_opens_after_i
     """torch's step() begins the next ProfilerStep# range at once: a window closed only when training ended held a
     step that never ran (the final evaluation and checkpoint), and a window due after the last step nothing else."""
     cfg = TrainConfig(profile=True, profile_wait=0, profile_warmup=0, profile_active=3, profile_repeat=0)
-    ctx = SimpleNamespace(rank=0, device=torch.device("cpu"), is_main=True)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
     # Steps 10-14 of a run resumed at step 10: the first window records 10-12, the second 13-14, then training ends.
     with make_profiler(cfg, ctx, tmp_path, first_step=10, step_limit=15) as profiler:  # type: ignore[arg-type]
         assert isinstance(profiler, WindowedProfiler)  # cfg.profile is on
@@ -306,7 +306,7 @@ def test_a_profile_warmup_of_zero_is_one_note_not_torchs_warnings(tmp_path: Path
     process here); the run says it once, as a note, on rank 0."""
     for rank in (0, 1):
         cfg = TrainConfig(profile=True, profile_warmup=0)
-        ctx = SimpleNamespace(rank=rank, device=torch.device("cpu"), is_main=rank == 0)
+        ctx = SimpleNamespace(rank=rank, world_size=2, device=torch.device("cpu"), is_main=rank == 0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=20)  # type: ignore[arg-type]
