@@ -84,6 +84,13 @@ def single_error_line(stderr: str) -> str:
     return lines[0]
 
 
+def refused(capsys: pytest.CaptureFixture[str], output_dir: Path, *flags: str) -> str:
+    """`main()` in this process, refused: exit code 1 and one error line, which is returned."""
+    code, _, err = train_in_process(capsys, output_dir, *flags)
+    assert code == 1
+    return single_error_line(err)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The file layer
 
@@ -470,18 +477,14 @@ def test_checkpoint_of_another_model_is_refused(capsys: pytest.CaptureFixture[st
     state["model"]["fc1.weight"] = torch.zeros(64, 9216)  # a narrower hidden layer
     other = run_copy / "other.pt"
     torch.save(state, other)
-    code, _, err = train_in_process(capsys, run_copy, "--resume", str(other))
-    assert code == 1
-    line = single_error_line(err)
+    line = refused(capsys, run_copy, "--resume", str(other))
     assert "does not fit the model" in line and "fc1.weight" in line
 
 
 @pytest.mark.timeout(120)
 def test_checkpoint_of_another_recipe_is_refused(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
     before = sorted(p.name for p in checkpoints_of(run_copy).iterdir())
-    code, _, err = train_in_process(capsys, run_copy, "--batch-size", "32")
-    assert code == 1
-    line = single_error_line(err)
+    line = refused(capsys, run_copy, "--batch-size", "32")
     assert "--batch-size 16 (recipe cpu), this run has 32 (recipe cpu)" in line
     assert sorted(p.name for p in checkpoints_of(run_copy).iterdir()) == before
 
@@ -490,9 +493,8 @@ def test_checkpoint_trained_without_grad_clip_is_refused_under_one(capsys: pytes
                                                                    run_copy: Path) -> None:
     # Clipping rescales the gradients of every step whose norm exceeds it: resumed under another value the run
     # silently trained a model neither value would give.
-    code, _, err = train_in_process(capsys, run_copy, "--grad-clip", "0.5")
-    assert code == 1
-    assert "--grad-clip 0.0 (recipe cpu), this run has 0.5 (recipe cpu)" in single_error_line(err)
+    line = refused(capsys, run_copy, "--grad-clip", "0.5")
+    assert "--grad-clip 0.0 (recipe cpu), this run has 0.5 (recipe cpu)" in line
 
 
 def test_checkpoint_of_another_named_recipe_is_refused(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
@@ -572,9 +574,8 @@ def test_resume_never_on_existing_run_fails_without_touching_it(capsys: pytest.C
     assert folder_snapshot(run_copy / "run") == before
     # A SLURM requeue runs the job's command again: with `never` it would start over the first attempt's files.
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    code, _, err = train_in_process(capsys, run_copy, "--resume", "never")
-    assert code == 1
-    assert single_error_line(err) == (
+    line = refused(capsys, run_copy, "--resume", "never")
+    assert line == (
         f"error: run folder {run_copy / 'run'} already exists and --resume never would start again from step 0 over "
         "it (this is a restart of the job, which runs the same command again: --resume auto continues from the last "
         "checkpoint); pick another --run-name (nothing was overwritten)")
@@ -589,9 +590,7 @@ def test_resume_path_behind_the_runs_own_checkpoints_is_refused_and_a_restart_ta
     older = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_INTERVAL)
     branch = Path(shutil.copy(older, run_copy / "branch.pt"))  # the rotation removes `older` once the run goes on
     before = run_files(run_copy)
-    code, _, err = train_in_process(capsys, run_copy, "--resume", str(older), "--max-steps", str(BASE_STEPS + 4))
-    assert code == 1
-    assert single_error_line(err) == (
+    assert refused(capsys, run_copy, "--resume", str(older), "--max-steps", str(BASE_STEPS + 4)) == (
         f"error: this run's checkpoints go up to step {BASE_STEPS} "
         f"({checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)}); --resume {older} (step "
         f"{BASE_INTERVAL}) would train the steps after it again and overwrite them. Use --resume auto to continue "
@@ -629,9 +628,7 @@ def test_resume_path_into_another_runs_folder_is_refused_and_one_of_the_same_run
     before = run_files(run_copy)
     for restarted in ("0", "1"):  # a torchrun restart runs the same command again
         monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restarted)
-        code, _, err = train_in_process(capsys, run_copy, "--resume", str(path), "--max-steps", str(BASE_STEPS + 4))
-        assert code == 1
-        assert single_error_line(err) == (
+        assert refused(capsys, run_copy, "--resume", str(path), "--max-steps", str(BASE_STEPS + 4)) == (
             f"error: this run's checkpoints (up to {checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)})"
             f" are not an earlier point of the run of --resume {path} (step {BASE_STEPS + 2}): the evaluation records "
             f"of the newest that loads, step{BASE_STEPS:08d}.pt, are not those of that run; resuming that file here "
@@ -828,9 +825,8 @@ def test_a_checkpoint_whose_parts_do_not_fit_this_run_is_one_line_and_leaves_not
         change: Callable[[dict[str, Any]], object], said: str) -> None:
     path = crafted_copy(base_run, tmp_path, change)
     output_dir = tmp_path / "out"
-    code, _, err = train_in_process(capsys, output_dir, "--run-name", "new", "--resume", str(path))
-    assert code == 1
-    assert re.match(rf"error: checkpoint {re.escape(str(path))} .*{said}", single_error_line(err)), err
+    line = refused(capsys, output_dir, "--run-name", "new", "--resume", str(path))
+    assert re.match(rf"error: checkpoint {re.escape(str(path))} .*{said}", line), line
     assert not (output_dir / "new").exists()  # a failed start leaves nothing behind: the same command can run again
 
 
