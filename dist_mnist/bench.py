@@ -75,9 +75,14 @@ def default_output(package_root: Path = PACKAGE_ROOT) -> str:
     return str(checkout_record) if checkout_record.is_file() else "benchmarks.md"
 
 
+def from_checkout(package_root: Path = PACKAGE_ROOT) -> bool:
+    """Whether the package runs from a checkout (with its launcher), not from an installed copy."""
+    return (package_root / "launch" / "train.py").is_file()
+
+
 def train_command(package_root: Path = PACKAGE_ROOT) -> str:
     """The training command as the user has it: the checkout's launcher, else the installed package's entry point."""
-    return "python launch/train.py" if (package_root / "launch" / "train.py").is_file() else "python -m dist_mnist"
+    return "python launch/train.py" if from_checkout(package_root) else "python -m dist_mnist"
 
 
 def _sync(device: torch.device) -> None:
@@ -238,7 +243,7 @@ def _launch(nproc: int, flags: list[str], threads: int, out_dir: Path, run_name:
     # A checkout's package first on the path, as launch/train.py puts it: `-m` would otherwise import an installed
     # copy before it (a dist_mnist folder in the current directory, which `-m` puts first, still wins). Not
     # site-packages, where an installed copy is found anyway: PYTHONPATH's entries come before the standard library's.
-    checkout = [str(PACKAGE_ROOT)] if (PACKAGE_ROOT / "launch" / "train.py").is_file() else []
+    checkout = [str(PACKAGE_ROOT)] if from_checkout() else []
     python_path = os.pathsep.join(filter(None, [*checkout, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path,
            **({"OMP_NUM_THREADS": str(threads)} if threads else {})}

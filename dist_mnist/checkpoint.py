@@ -24,7 +24,7 @@ import torch
 from numpy.typing import NDArray
 
 from dist_mnist.argtypes import on_off
-from dist_mnist.durable import write_durably
+from dist_mnist.durable import temp_path, write_durably
 from dist_mnist.errors import UserError, first_line
 from dist_mnist.runfiles import CHECKPOINTS_DIR
 
@@ -59,28 +59,44 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), reverse=True)
 
 
-def partial_writes(folder: Path) -> list[tuple[Path, int]]:
-    """The checkpoints' temp files (durable.temp_path) in `folder`, with their sizes: what a process killed mid-write
-    left. One gone before its size was read (a live writer's on a folder no lock guards: NFS without a lock manager)
-    is left out."""
+@dataclass(frozen=True)
+class PartialWrite:
+    """A checkpoint's temp file (durable.temp_path) that a process killed mid-write left."""
+    path: Path
+    size: int
+    checkpoint: str  # the name of the checkpoint it was to become
+
+    @property
+    def sized(self) -> str:
+        return f"{self.path.name} ({self.size / 2**20:.1f} MiB)"
+
+    @property
+    def cause(self) -> str:
+        return f"a partial write of {self.checkpoint} left by a process that died while writing it"
+
+
+def partial_writes(folder: Path) -> list[PartialWrite]:
+    """The checkpoints' temp files in `folder`. One gone before its size was read (a live writer's on a folder no
+    lock guards: NFS without a lock manager) is left out."""
     found = []
     for tmp in (folder.iterdir() if folder.is_dir() else ()):
-        if tmp.name.startswith(".") and tmp.name.endswith(".tmp") and _NAME.match(tmp.name[1:-4]):
+        name = tmp.name[1:-4]  # temp_path's ".NAME.tmp"
+        if _NAME.match(name) and temp_path(tmp.with_name(name)) == tmp:
             with contextlib.suppress(FileNotFoundError):
-                found.append((tmp, tmp.lstat().st_size))
+                found.append(PartialWrite(tmp, tmp.lstat().st_size, name))
     return found
 
 
-def remove_partial_writes(folder: Path) -> list[tuple[Path, int]]:
+def remove_partial_writes(folder: Path) -> list[PartialWrite]:
     """Remove the checkpoints' temp files (durable.temp_path) in `folder`, with their sizes: what a process killed
     mid-write left (SIGKILL, the out-of-memory killer, a lost node). Never renamed into place, never read, and never
     rotated away, each up to a whole checkpoint's size (14 MiB) for good. Only for the folder's holder (rundir's
     lock): no other process writes there."""
     removed = []
-    for tmp, size in partial_writes(folder):
+    for partial in partial_writes(folder):
         with contextlib.suppress(OSError):
-            tmp.unlink()
-            removed.append((tmp, size))
+            partial.path.unlink()
+            removed.append(partial)
     return removed
 
 
@@ -294,12 +310,11 @@ def _whole(value: object, name: str, least: int = 0) -> int:
     return value
 
 
-def _real(value: object, name: str, least: float | None = 0.0) -> float:
+def _real(value: object, name: str, least: float | None = 0.0) -> None:
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or (isinstance(value, float) and not math.isfinite(value)) or (least is not None and value < least)):
         bound = "" if least is None else f" >= {least:g}"
         raise _Malformed(f"{name} is {_show(value)}, not a finite number{bound}")
-    return float(value)
 
 
 def _dict(value: object, name: str) -> dict[str, Any]:
@@ -446,7 +461,7 @@ def resume_from_path(requested: Path, own_folder: Path, restarted: bool) -> Resu
             why = str(exc)
         else:
             if own_step <= int(state["train_state"]["step"]):
-                _refuse_another_run(requested, state, own_folder)
+                _refuse_another_run(requested, state, own_folder, own)
                 return ResumeSource(requested, state, "")
             why = f"step {state['train_state']['step']}"
         return ResumeSource(*own, f"note: a restart continues from this run's newest checkpoint, step {own_step}, not "
@@ -465,7 +480,8 @@ def resume_from_path(requested: Path, own_folder: Path, restarted: bool) -> Resu
     return ResumeSource(requested, state, "")
 
 
-def _refuse_another_run(requested: Path, state: dict[str, Any], own_folder: Path) -> None:
+def _refuse_another_run(requested: Path, state: dict[str, Any], own_folder: Path,
+                        own: tuple[Path, dict[str, Any]] | None = None) -> None:
     """Refuse `--resume PATH` (`state`, no further than them) into a folder whose own checkpoints are not an earlier
     point of PATH's run: the resume rewrites the run's metrics.jsonl and config.json from PATH and puts its
     checkpoints beside theirs, where the rotation removes them (review_combos finding 1).
@@ -474,13 +490,14 @@ def _refuse_another_run(requested: Path, state: dict[str, Any], own_folder: Path
     checkpoint (that loads) must hold records, and they must begin PATH's (or, at PATH's own step, PATH's begin
     them: a process resumed from PATH evaluated that step, adapt_to_world_size's epoch end). A checkpoint without
     records cannot be told apart from another run's, so it is refused too. PATH in the folder itself is its own.
+    `own` is the folder's newest checkpoint that loads where the caller has loaded it already (a restart's search).
     """
     own_checkpoints = list_checkpoints(own_folder)
     if not own_checkpoints or requested.resolve().parent == own_folder.resolve():
         return
     step, records = int(state["train_state"]["step"]), state["train_state"]["metrics"]
     # Read only: the refusal must change nothing, and --resume auto sets the unreadable ones aside.
-    own = find_resume_checkpoint(own_folder, set_aside=False)
+    own = own or find_resume_checkpoint(own_folder, set_aside=False)
     if own is None:
         why = "none of them loads"
     else:

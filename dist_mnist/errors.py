@@ -26,6 +26,8 @@ def first_line(exc: BaseException) -> str:
 # SIGQUIT). SIGHUP is what a closed terminal or ssh session sends, SIGQUIT a Ctrl-\. Handled only as SIGTERM, the
 # other two killed every worker where it stood: no checkpoint, no line, the last interval's steps lost.
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# Every signal that asks a run to stop: those and Ctrl-C's.
+STOP_SIGNALS = (*TERMINATING_SIGNALS, signal.SIGINT)
 
 
 class Terminated(BaseException):

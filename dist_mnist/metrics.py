@@ -117,7 +117,7 @@ class StepTimer:
 
     def __init__(self, device: torch.device, mode: str = "every", every_n: int = 1,
                  label: Callable[[], bool] = torch.autograd._profiler_enabled,
-                 new_event: Callable[[], Any] | None = None, sample_cap: int = STEP_SAMPLE_CAP) -> None:
+                 new_event: Callable[[], Any] | None = None) -> None:
         if mode not in PHASE_TIMER_MODES:
             raise ValueError(f"unknown phase timer mode {mode!r}")
         self.mode = mode
@@ -128,7 +128,7 @@ class StepTimer:
         self._next_sample = 0  # with `sample`: the first step (by `_finished`) that may be timed next
         self._marks: list[tuple[str, Any]] = []
         self._pending: list[list[tuple[str, Any]]] = []
-        self.steps: StepSample[dict[str, float]] = StepSample(sample_cap)  # seconds per phase, per timed step
+        self.steps: StepSample[dict[str, float]] = StepSample()  # seconds per phase, per timed step
 
     def begin_step(self, after_sync: bool = False) -> None:
         """`after_sync`: a pause waited for the device just before this step (an evaluation, a progress report, a

@@ -17,10 +17,8 @@ import torch
 import torch.distributed as dist
 
 from dist_mnist.distributed import DistContext
-from dist_mnist.errors import TERMINATING_SIGNALS
+from dist_mnist.errors import STOP_SIGNALS
 from dist_mnist.shutdown import REPEAT_GRACE_S, SignalHandler
-
-STOP_SIGNALS = (*TERMINATING_SIGNALS, signal.SIGINT)
 
 
 class StopRequest:

@@ -196,17 +196,16 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
         if not (is_restart() or checkpoints):
             # A process killed by a second signal during its first checkpoint's write: the temp file is all there
             # is, and the refusal comes before the holder's cleanup of such files, so the user learns of it here.
-            partial = [f"{tmp.name} ({size / 2**20:.1f} MiB), a partial write of {tmp.name[1:-4]} left by a "
-                       "process that died while writing it" for tmp, size in partial_writes(checkpoints_in)]
+            partial = [f"{write.sized}, {write.cause}" for write in partial_writes(checkpoints_in)]
             left = (f"; its checkpoints folder {checkpoints_in} holds only {', '.join(partial)}, which nothing resumes "
                     "from: remove the run folder to use this name again" if partial else "")
             raise UserError(f"run folder {run_dir} already exists and holds no checkpoint to resume; "
                             f"pick another --run-name (nothing was overwritten){left}")
     elif cfg.resume == "never" and checkpoints:  # a --checkpoint-dir outside the run folder, another run's
-        raise UserError(f"--checkpoint-dir {checkpoint_dir(cfg, run_dir)} already holds checkpoints (the newest "
+        raise UserError(f"--checkpoint-dir {checkpoints_in} already holds checkpoints (the newest "
                         f"{checkpoints[0].name}) and --resume never would write over them; pick another "
                         "--checkpoint-dir, or --resume auto to continue from them (nothing was overwritten)")
-    _ensure_writable(checkpoint_dir(cfg, run_dir), "--checkpoint-dir")
+    _ensure_writable(checkpoints_in, "--checkpoint-dir")
 
 
 @dataclass
@@ -330,9 +329,8 @@ def _choose_run_dir(cfg: TrainConfig) -> HeldRunDir:
         raise
     if checkpoints_held_as in held.locks:
         # Held, so no write of another process is in flight there: a temp file is a dead process's.
-        for tmp, size in remove_partial_writes(checkpoints):
-            rank_line(0, "note", f"removed {tmp.name} ({size / 2**20:.1f} MiB) from {tmp.parent}: a partial write of "
-                      f"{tmp.name[1:-4]} left by a process that died while writing it")
+        for write in remove_partial_writes(checkpoints):
+            rank_line(0, "note", f"removed {write.sized} from {write.path.parent}: {write.cause}")
     return held
 
 

@@ -9,8 +9,9 @@ CONFIG_FILE = "config.json"  # the resolved config and what the run resolved (wo
 SUMMARY_FILE = "summary.json"  # rank 0's end-of-run figures
 METRICS_FILE = "metrics.jsonl"  # one record per evaluation (also read by `python -m dist_mnist.report` and the bench)
 TRACES_DIR = "traces"  # the profiler's traces: a folder per window (trace_window_dir), in it a file per rank
+TRACE_SUFFIX = ".pt.trace.json.gz"  # what TensorBoard's profiler plugin and HTA look for
 # Every trace of a run, relative to TRACES_DIR.
-TRACE_FILES = "step*/rank*.pt.trace.json.gz"
+TRACE_FILES = f"step*/rank*{TRACE_SUFFIX}"
 
 
 def trace_window_dir(step: int) -> str:
@@ -19,9 +20,6 @@ def trace_window_dir(step: int) -> str:
     window's folder holds one trace per rank: what HTA reads as one set of ranks, and TensorBoard's profiler plugin
     lists as a run."""
     return f"step{step:08d}"
-
-
-TRACE_SUFFIX = ".pt.trace.json.gz"
 
 
 def trace_file_name(rank: int) -> str:

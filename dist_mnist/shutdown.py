@@ -31,7 +31,7 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
-from dist_mnist.errors import TERMINATING_SIGNALS, Terminated, raise_terminated
+from dist_mnist.errors import STOP_SIGNALS, TERMINATING_SIGNALS, Terminated, raise_terminated
 
 # A repeat of a stop signal this soon after the first is the same request delivered twice, not a user insisting: Slurm
 # signals every process of a job step and torchrun forwards its own copy to the workers a moment later.
@@ -56,23 +56,19 @@ def end_process(code: int | None, exit_now: Callable[[int], object] = os._exit,
     """End the process with exit status `code`: at once after a successful run with no child processes left and
     nothing watching it, else through the interpreter's usual exit (`sys.exit`). None is torchrun's `record` saying
     the run ended in a SystemExit(0) (`--help`): status 0, the usual way."""
+    # The exit status is decided. The interpreter's teardown (0.7 s) puts SIGTERM's default action back in place of
+    # any Python handler, so torchrun's SIGTERM, which it sends every worker the moment one fails, landed there and
+    # the job's log read -15 (SIGTERM) for a rank that had written its error line and was exiting 1. Ignored, the
+    # teardown ends with `code`; torchrun's SIGKILL after its --shutdown-timeout still ends one that hangs. After a
+    # run that ended well a Ctrl-C is no request either: a scheduler's SIGTERM or a Ctrl-C in the exit functions
+    # raised there (dist_mnist/__main__.py's handler, KeyboardInterrupt), a traceback after a run that ended well,
+    # the function cut short (a semaphore left, logging not shut down).
+    ignore(TERMINATING_SIGNALS if code else STOP_SIGNALS)
     if code != 0 or multiprocessing.active_children() or watched():
-        # The exit status is decided. The interpreter's teardown (0.7 s) puts SIGTERM's default action back in place
-        # of any Python handler, so torchrun's SIGTERM, which it sends every worker the moment one fails, landed
-        # there and the job's log read -15 (SIGTERM) for a rank that had written its error line and was exiting 1.
-        # Ignored, the teardown ends with `code`; torchrun's SIGKILL after its --shutdown-timeout still ends one that
-        # hangs.
-        # After a run that ended well (child processes left, or a tool watching), a Ctrl-C there is no request either:
-        # it would be a KeyboardInterrupt traceback in an exit function.
-        ignore(TERMINATING_SIGNALS if code else (*TERMINATING_SIGNALS, signal.SIGINT))
         sys.exit(code)
     # What the interpreter's exit runs before its teardown: logging's shutdown (flushes and closes its handlers),
     # multiprocessing's finalizers (the semaphores above). atexit has no public way to run them; this one is what
     # CPython's own exit calls, in the module since Python 2.
-    # The exit status is decided here too: a scheduler's SIGTERM or a Ctrl-C in those milliseconds raised in an exit
-    # function (dist_mnist/__main__.py's handler, KeyboardInterrupt), a traceback after a run that ended well, the
-    # function cut short (a semaphore left, logging not shut down).
-    ignore((*TERMINATING_SIGNALS, signal.SIGINT))
     run_exit_functions()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -66,7 +66,7 @@ class StartupTimer:
         self.phases: dict[str, float] = {"imports": time.time() - self.process_start}
         self._importer: threading.Thread | None = None
         self._import_error: BaseException | None = None
-        self._imported = threading.Event()  # set by the import thread as it ends, either way
+        self._imported = threading.Event()  # set by the import thread as it ends, either way (one thread a timer)
 
     def import_in_background(self, *modules: str) -> None:
         """Import `modules` in a thread, overlapping the data loading and (on CUDA) the kernel warm-up.
@@ -83,7 +83,6 @@ class StartupTimer:
         # NCCL initialisation) may be walking in getenv meanwhile, without a lock: a segmentation fault. Made here,
         # in the main thread, with the value torch would choose, the thread's write only replaces an entry's value.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
-        self._imported = threading.Event()
         self._importer = threading.Thread(target=self._import, args=(modules,), name="imports", daemon=True)
         self._importer.start()
 

@@ -30,7 +30,13 @@ from torch.profiler import record_function
 from dist_mnist import checkpoint, collectives
 from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync, code_version
 from dist_mnist.argtypes import on_off
-from dist_mnist.comm import CommRecorder, ddp_bucket_kwargs, note_ignored_comm_flags, refuse_powersgd_with_fp16
+from dist_mnist.comm import (
+    CommRecorder,
+    PowerSGDHookState,
+    ddp_bucket_kwargs,
+    note_ignored_comm_flags,
+    refuse_powersgd_with_fp16,
+)
 from dist_mnist.config import RecipeResolution, TrainConfig, apply_recipe, parse_args, usable_cpus
 from dist_mnist.console import kept_stdout, one_line, rank_line, warnings_end_open_line
 from dist_mnist.data import (
@@ -250,6 +256,11 @@ class TrainParts:
     label_smoothing: float
     ddp: DDP | None = None  # the DDP wrapper (world > 1): its no_sync() skips the all-reduce of a micro-batch
     comm: CommRecorder | None = None  # times and counts DDP's gradient all-reduce (world > 1)
+
+    @property
+    def powersgd(self) -> PowerSGDHookState | None:
+        """PowerSGD's state, where --ddp-comm-hook powersgd compresses DDP's gradients; None otherwise."""
+        return self.comm.powersgd if self.comm else None
 
 
 def make_model(settings: SpeedSettings, device: torch.device) -> MnistCNN:
@@ -667,9 +678,9 @@ class Trainer:
             self.data: DataPipeline = build_pipeline(cfg, ctx, train_split, test_split, self.settings.data_on_device)
         agree_on_data(ctx, len(train_split), len(test_split))
         # The CPUs DataLoader's own check counts (those this process may run on); torchrun names the host's ranks.
-        ranks_on_host = env_whole_number("LOCAL_WORLD_SIZE", 1, least=1)
-        self.workers_note = worker_count_note(self.data.num_workers, usable_cpus(), ranks_on_host)
-        self.threads_note = thread_count_note(cfg.threads, ranks_on_host, usable_cpus())
+        ranks_on_host, cpus = env_whole_number("LOCAL_WORLD_SIZE", 1, least=1), usable_cpus()
+        self.workers_note = worker_count_note(self.data.num_workers, cpus, ranks_on_host)
+        self.threads_note = thread_count_note(cfg.threads, ranks_on_host, cpus)
         # Optimizer steps; an epoch's batches beyond a whole number of accumulation rounds are left out.
         self.steps_per_epoch = self.data.steps_per_epoch // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
@@ -766,7 +777,7 @@ class Trainer:
 
     def stateful(self) -> dict[str, checkpoint.Stateful]:
         """Everything a checkpoint holds and a resume restores, by name: one list, so the two cannot drift."""
-        comm_state = self.parts.comm.powersgd if self.parts.comm else None
+        comm_state = self.parts.powersgd
         return {"model": self.parts.module, "optimizer": self.parts.optimizer, "scheduler": self.parts.scheduler,
                 "scaler": self.parts.scaler, "train_state": self.state, "clock": self.clock, "progress": self.progress,
                 **({"comm_hook": comm_state} if comm_state else {})}
@@ -830,7 +841,7 @@ class Trainer:
             else:
                 applying = "train_state"
                 self.adapt_to_world_size(state["world_size"])
-            powersgd = self.parts.comm.powersgd if self.parts.comm else None
+            powersgd = self.parts.powersgd
             if powersgd and (not state.get("comm_hook") or state["world_size"] != ctx.world_size):
                 # PowerSGD starts compressing once its count of steps reaches the LR warm-up's end. A run switched to
                 # it on this resume has no count saved, and one resumed at another world size is at another step of
@@ -977,8 +988,8 @@ class Trainer:
 
     def confirm_checkpoint(self) -> None:
         """This rank's write in flight (rank 0's; none elsewhere) waited for: on disk, the run's newest checkpoint,
-        or its error raised."""
-        if done := self.checkpoint_outcome(self.checkpoints.wait):
+        or its error raised (each caller takes it through checkpoint_outcome, on every rank)."""
+        if done := self.checkpoints.wait():
             self.last_checkpoint = self.confirmed_checkpoint = done
             if done.note:
                 rank_line(self.ctx.rank, "warning", done.note)
@@ -989,7 +1000,7 @@ class Trainer:
         checkpoint even where the failure came before the save returned it (a signal handler's error raised mid-save),
         so the failure line names that file, not the one before."""
         try:
-            self.confirm_checkpoint()
+            self.checkpoint_outcome(self.confirm_checkpoint)
         except UserError as exc:
             rank_line(self.ctx.rank, "warning", str(exc))  # ends rank 0's open progress line first, as errors do
 
@@ -1248,7 +1259,7 @@ class Trainer:
                  f"{self.steps_per_epoch} step{'' if self.steps_per_epoch == 1 else 's'}/epoch, "
                  + ", ".join(f"{name} {on_off(value)}" for name, value in
                              {**self.settings.describe(), "cuda_graphs": self.graphs.enabled}.items()))
-        powersgd = self.parts.comm.powersgd if self.parts.comm else None
+        powersgd = self.parts.powersgd
         for note in (self.comm_note, self.timer_note, self.workers_note, self.threads_note,
                      emulated_bf16_note(self.settings), synthetic_data_note(cfg),
                      accumulation_note(self.data.train_size, ctx.world_size, cfg.batch_size,
@@ -1310,9 +1321,7 @@ class Trainer:
                     with self.phase("the stop vote"):
                         vote = self.vote.poll(self.local_vote())
                     if vote is Vote.WRITE_FAILED:
-                        with self.phase("the stop vote"):
-                            self.vote.finish()
-                        self.wait_for_checkpoint()  # raises rank 0's write error on every rank
+                        self.end_vote_and_wait()  # raises rank 0's write error on every rank
                     stop_now = vote is Vote.STOP
                     at_limit = self.at_max_steps()
                     end_of_epoch = state.batch_in_epoch == self.batches_per_epoch
@@ -1344,9 +1353,7 @@ class Trainer:
                 self.save_checkpoint()
                 if run_done or self.target_reached:
                     break
-            with self.phase("the stop vote"):
-                self.vote.finish()
-            self.wait_for_checkpoint()  # in here, where a stop signal during the wait is noted, not fatal
+            self.end_vote_and_wait()  # in here, where a stop signal during the wait is noted, not fatal
         self.finish(stopped_by, profiler.outcome())
 
     def local_vote(self) -> Vote:
@@ -1357,12 +1364,19 @@ class Trainer:
         self.stop.check_agent()
         return Vote.STOP if self.stop.requested else Vote.GO_ON
 
+    def end_vote_and_wait(self) -> None:
+        """Wait for the stop vote in flight, then for the checkpoint write in flight (its error raised on every
+        rank)."""
+        with self.phase("the stop vote"):
+            self.vote.finish()
+        self.wait_for_checkpoint()
+
     def begin_step(self) -> None:
-        now = self.clock.begin()
+        now, paused_now = self.clock.begin(), self.clock.paused_s
         if self.prev_step_start is not None:
             start, paused = self.prev_step_start
-            self.measured_step_s.append(now - start - (self.clock.paused_s - paused))
-        self.prev_step_start = (now, self.clock.paused_s)
+            self.measured_step_s.append(now - start - (paused_now - paused))
+        self.prev_step_start = (now, paused_now)
         self.timer.begin_step(after_sync=self.clock.step_follows_sync)
 
     def finish(self, stopped_by: str | None, traces: dict[str, Any] | None) -> None:

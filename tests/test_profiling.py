@@ -843,7 +843,8 @@ def test_the_per_step_series_hold_a_bounded_sample_and_a_short_run_all_of_it(
     figures are those of the whole list."""
     now = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    timer = StepTimer(torch.device("cpu"), "every", label=lambda: False, sample_cap=64)
+    timer = StepTimer(torch.device("cpu"), "every", label=lambda: False)
+    timer.steps = StepSample(cap=64)
     whole = StepTimer(torch.device("cpu"), "every", label=lambda: False)
     every: list[dict[str, float]] = []
     for i in range(1000):
