@@ -324,8 +324,7 @@ def refuse_powersgd_with_fp16(hook_name: str, amp_flag: str, amp_dtype: torch.dt
 def note_ignored_comm_flags(cfg: TrainConfig, ctx: DistContext) -> str | None:
     """A world of one has no DDP and nothing to all-reduce: comm flags the user gave are ignored, with this note.
     Only flags given: the recipe's own values (the cuda recipe's hook is `none`) are no choice of the user's."""
-    given = [flag for name, flag in (("ddp_comm_hook", "--ddp-comm-hook"), ("bucket_cap_mb", "--bucket-cap-mb"))
-             if name in cfg.explicit()]
+    given = cfg.given_flags("ddp_comm_hook", "bucket_cap_mb")
     if ctx.world_size > 1 or not given:
         return None
     return (f"note: {' and '.join(given)} {'has' if len(given) == 1 else 'have'} no effect in a world of one process "

@@ -287,6 +287,12 @@ class TrainConfig:
         return frozenset(f.name for f in dataclasses.fields(self)
                          if f.metadata.get("cli", True) and getattr(self, f.name) != f.default)
 
+    def given_flags(self, *names: str) -> list[str]:
+        """The flags among `names` (field names) the command line gave, spelled as flags (--data-dir). A switch
+        given as off (--no-profile-memory) asks for nothing, so it is left out."""
+        explicit = self.explicit()
+        return [f"--{_flag(n)}" for n in names if n in explicit and getattr(self, n) is not False]
+
 
 @dataclass(frozen=True)
 class RecipeResolution:
@@ -391,10 +397,9 @@ def _refuse_flags_without_effect(cfg: TrainConfig) -> None:
     """Command-line flags given without the flag they depend on. Only what the command line gave: code (the
     benchmarks) builds configs with schedule values whose --profile it switches per measurement."""
     for names, applies, needs in _DEPENDENT_FLAGS:
-        # A switch given as off (--no-profile-memory) asks for nothing, so it has nothing to lose.
-        given = [n for n in names if n in cfg.explicit() and getattr(cfg, n) is not False]
+        given = cfg.given_flags(*names)
         if given and not applies(cfg):
-            listed = " and ".join(f"--{_flag(n)}" for n in given)
+            listed = " and ".join(given)
             raise UserError(f"{listed} {'has' if len(given) == 1 else 'have'} no effect without {needs}; "
                             f"add it or drop {listed}")
 

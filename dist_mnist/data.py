@@ -400,8 +400,7 @@ def synthetic_data_note(cfg: TrainConfig) -> str | None:
     for, and the flags only say where MNIST is and whether it may be fetched. A job script that passes them on every
     run (launch/gpu_check.sh's smoke runs do) stays usable for a synthetic smoke run, and an empty --data-dir is
     accepted there for the same reason (tests/test_config.py)."""
-    given = [flag for name, flag in (("data_dir", "--data-dir"), ("no_download", "--no-download"))
-             if name in cfg.explicit()]
+    given = cfg.given_flags("data_dir", "no_download")
     if cfg.dataset != "synthetic" or not given:
         return None
     listed = " and ".join(given)
