@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import TextIO
 
 from dist_mnist.console import OPEN_LINE
 from dist_mnist.durable import append_whole, keep_records
-from dist_mnist.runjson import json_text
+from dist_mnist.runjson import json_text, loads
 
 PROGRESS_FILE = "progress.jsonl"
 
@@ -70,10 +69,10 @@ class Progress:
         if self.path.is_file():
             for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
                 try:
-                    record = json.loads(line) if line.strip() else None
+                    record = loads(line) if line.strip() else None
                     if record is not None and int(record["step"]) <= step:
                         kept.append(line)
-                except (ValueError, TypeError, KeyError, RecursionError):
+                except (ValueError, TypeError, KeyError):
                     # A line cut short (a crash or a full disk in mid-append) or edited by hand: a record of the past
                     # that no longer reads, not a reason to stop every later resume.
                     print(f"warning: {self.path} line {number} is damaged and was dropped: {line[:80]!r}",

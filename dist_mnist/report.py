@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_mnist import runjson
 from dist_mnist.compare import compare_summaries, config_changes, format_comparison, resumed_steps, run_label
 from dist_mnist.console import kept_stdout, rank_line
 from dist_mnist.errors import UserError
@@ -28,11 +29,9 @@ PROGRESS_FIELDS = ("step", "train_loss", "step_time_ms")
 
 def _read_json(path: Path, text: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
+        return runjson.loads(text)
+    except ValueError as exc:  # json's JSONDecodeError, or runjson.NestedTooDeep
         raise UserError(f"{path} is corrupt: {exc}") from None
-    except RecursionError:  # arrays nested past Python's recursion limit: no file a run writes
-        raise UserError(f"{path} is corrupt: nested too deep to read") from None
 
 
 def _format_or_fail(path: Path, formatter: Callable[[Any], str], record: Any) -> str:
@@ -102,9 +101,9 @@ def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except RecursionError:
-            raise UserError(f"{path} line {number} is corrupt: nested too deep to read") from None
+            record = runjson.loads(line)
+        except runjson.NestedTooDeep as exc:
+            raise UserError(f"{path} line {number} is corrupt: {exc}") from None
         except json.JSONDecodeError as exc:
             # A last line without its newline is what a process killed in mid-append leaves.
             cut = " (cut short: the run stopped while writing it)" if number == len(lines) and not text.endswith(
@@ -152,8 +151,8 @@ def _recorded_steps(path: Path) -> list[int]:
     steps = []
     for line in (_read_text(path) or "").splitlines():
         try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+            record = runjson.loads(line)
+        except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             steps.append(record["step"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import math
 import os
 import platform
@@ -27,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
-from dist_mnist import checkpoint, collectives
+from dist_mnist import checkpoint, collectives, runjson
 from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync, code_version
 from dist_mnist.argtypes import on_off
 from dist_mnist.comm import (
@@ -632,10 +631,10 @@ def missing_summary_note(run_dir: Path, step: int) -> str:
     """What the "already complete" line adds when summary.json is not of the run's end at `step`: absent, or of an
     earlier process's steps (a resumed process ended the run without writing its own)."""
     try:
-        last_step = json.loads((run_dir / SUMMARY_FILE).read_text()).get("last_step")
+        last_step = runjson.loads((run_dir / SUMMARY_FILE).read_text()).get("last_step")
     except FileNotFoundError:
         return f" (it has no {SUMMARY_FILE}: {NO_SUMMARY_WHY})"
-    except (OSError, ValueError, AttributeError, RecursionError):
+    except (OSError, ValueError, AttributeError):
         return ""  # damaged: `python -m dist_mnist.report` says so
     if isinstance(last_step, int) and last_step < step:
         return f" (its {SUMMARY_FILE} is an earlier process's, of the steps up to {last_step}: {NO_SUMMARY_WHY})"
