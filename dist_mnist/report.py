@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -90,36 +91,62 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def read_records(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (none when it does not exist), each checked to have `fields`.
+@dataclass(frozen=True)
+class Records:
+    """A JSON-lines run file, parsed once for both kinds of reader: the stale-summary check takes the steps of the
+    lines that parse, the report and the picture take every record and stop at the first damaged line."""
+    path: Path
+    # Each non-blank line's number and record; a line that does not parse holds the UserError that names it.
+    lines: list[tuple[int, Any]]
+
+    @property
+    def steps(self) -> list[int]:
+        """The records' steps; a damaged line (a killed process's cut last line) is skipped, not an error: the
+        table is still worth showing, and checked() names the line for the picture."""
+        return [record["step"] for _, record in self.lines
+                if isinstance(record, dict) and isinstance(record.get("step"), int)]
+
+    def checked(self, fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Every record, each checked to have `fields`; the first damaged line or record raises a UserError."""
+        records = []
+        for number, record in self.lines:
+            if isinstance(record, UserError):
+                raise record
+            missing = [f for f in fields if not isinstance(record, dict) or f not in record]
+            if missing:
+                raise UserError(f"{self.path} is not a dist_mnist run file (line {number} lacks {', '.join(missing)})")
+            # What the picture draws: a step as a whole number, the rest numbers or null ("step": [1] was a traceback).
+            wrong = [f for f in fields if not (isinstance(record[f], int) if f == "step" else
+                                               record[f] is None or isinstance(record[f], (int, float)))
+                     or isinstance(record[f], bool)]
+            if wrong:
+                raise UserError(f"{self.path} is not a dist_mnist run file (line {number}: {', '.join(wrong)} not a "
+                                "number)")
+            records.append(record)
+        return records
+
+
+def read_records(path: Path) -> Records:
+    """The records of a JSON-lines file (none when it does not exist).
 
     Errors name the file's line: json's own position is within the one line it was given, always "line 1"."""
     text = _read_text(path) or ""
     lines = text.splitlines()
-    records = []
+    parsed = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = runjson.loads(line)
         except runjson.NestedTooDeep as exc:
-            raise UserError(f"{path} line {number} is corrupt: {exc}") from None
+            record = UserError(f"{path} line {number} is corrupt: {exc}")
         except json.JSONDecodeError as exc:
             # A last line without its newline is what a process killed in mid-append leaves.
             cut = " (cut short: the run stopped while writing it)" if number == len(lines) and not text.endswith(
                 "\n") else ""
-            raise UserError(f"{path} line {number} is corrupt: {exc.msg}: column {exc.colno}{cut}") from None
-        missing = [f for f in fields if not isinstance(record, dict) or f not in record]
-        if missing:
-            raise UserError(f"{path} is not a dist_mnist run file (line {number} lacks {', '.join(missing)})")
-        # What the picture draws: a step as a whole number, the rest numbers or null ("step": [1] was a traceback).
-        wrong = [f for f in fields if not (isinstance(record[f], int) if f == "step" else
-                                           record[f] is None or isinstance(record[f], (int, float)))
-                 or isinstance(record[f], bool)]
-        if wrong:
-            raise UserError(f"{path} is not a dist_mnist run file (line {number}: {', '.join(wrong)} not a number)")
-        records.append(record)
-    return records
+            record = UserError(f"{path} line {number} is corrupt: {exc.msg}: column {exc.colno}{cut}")
+        parsed.append((number, record))
+    return Records(path, parsed)
 
 
 @dataclass(frozen=True)
@@ -135,74 +162,79 @@ class StaleSummary:
         return f"steps {self.first_step + 1}-{self.last_step}"
 
 
-def stale_summary(run_dir: Path, summary: dict[str, Any]) -> StaleSummary | None:
-    """Whether `summary` is an earlier process's; None when it is of the run's last step, or was written before
-    summaries recorded their steps."""
-    last_step = summary.get("last_step")
-    if not isinstance(last_step, int):
-        return None
-    run_step = max([last_step, *_recorded_steps(run_dir / PROGRESS_FILE), *_recorded_steps(run_dir / METRICS_FILE)])
-    return StaleSummary(summary.get("first_step") or 0, last_step, run_step) if run_step > last_step else None
+@dataclass(frozen=True)
+class Run:
+    """A run folder whose files are each read and parsed once, when first needed (so in the order the checks ask
+    for them: of several damaged files, the first the checks meet is the one named)."""
+    path: Path
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        return read_summary(self.path)
+
+    @cached_property
+    def metrics(self) -> Records:
+        return read_records(self.path / METRICS_FILE)
+
+    @cached_property
+    def progress(self) -> Records:
+        return read_records(self.path / PROGRESS_FILE)
+
+    @cached_property
+    def stale(self) -> StaleSummary | None:
+        """Whether the summary is an earlier process's; None when it is of the run's last step, or was written
+        before summaries recorded their steps."""
+        last_step = self.summary.get("last_step")
+        if not isinstance(last_step, int):
+            return None
+        run_step = max([last_step, *self.progress.steps, *self.metrics.steps])
+        return StaleSummary(self.summary.get("first_step") or 0, last_step, run_step) if run_step > last_step else None
 
 
-def _recorded_steps(path: Path) -> list[int]:
-    """The steps of a JSON-lines file's records; lines that do not parse (a killed process's cut last line) are
-    skipped, not errors: the table is still worth showing, and the picture's reader names a damaged line."""
-    steps = []
-    for line in (_read_text(path) or "").splitlines():
-        try:
-            record = runjson.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            steps.append(record["step"])
-    return steps
-
-
-def report(run_dir: Path) -> str:
+def report(run: Run) -> str:
     """The last evaluation line (when metrics.jsonl has one) and the summary table, as the run printed them; a
     summary of an earlier process than the one that ran the last steps says so."""
-    summary = read_summary(run_dir)
-    metrics_path = run_dir / METRICS_FILE
-    records = read_records(metrics_path, ())
-    lines = [_format_or_fail(metrics_path, format_eval, records[-1])] if records else []
+    summary = run.summary
+    records = run.metrics.checked()
+    lines = [_format_or_fail(run.metrics.path, format_eval, records[-1])] if records else []
     lines.append(format_summary(summary))
-    if stale := stale_summary(run_dir, summary):
+    if stale := run.stale:
         lines.append(f"{SUMMARY_FILE} is of {stale.steps}, an earlier process's: the run went on to step "
                      f"{stale.run_step}, and the process that ran those steps wrote none (it is still running, or was "
                      "stopped or crashed first)")
     return "\n".join(lines)
 
 
-def _label(run_dir: Path, summary: dict[str, Any]) -> str:
+def _label(run: Run) -> str:
     """A run's name in the comparison's header, with the steps its summary is of where that is not the whole run."""
-    if stale := stale_summary(run_dir, summary):
-        return f"{run_dir} (its summary is of {stale.steps} only: the run went on to step {stale.run_step})"
-    return run_label(str(run_dir), summary)
+    if stale := run.stale:
+        return f"{run.path} (its summary is of {stale.steps} only: the run went on to step {stale.run_step})"
+    return run_label(str(run.path), run.summary)
 
 
-def picture_title(run_dir: Path, summary: dict[str, Any]) -> str:
+def picture_title(run: Run) -> str:
     """The picture's title: the run, its ranks and samples/s, and the steps the summary's figures (the bars and
     samples/s) are of where those are not the whole run's, as the curves (progress.jsonl, metrics.jsonl) are."""
+    summary = run.summary
     ranks = len(summary["ranks"])
     rate = "" if summary["samples_per_sec"] is None else f", {summary['samples_per_sec']:,.0f} samples/s"
-    if stale := stale_summary(run_dir, summary):
+    if stale := run.stale:
         since = (f" (phases and samples/s: {stale.steps} only, an earlier process's; the run went on to step "
                  f"{stale.run_step})")
     else:
         since = f" (phases and samples/s: {steps}, after a resume)" if (steps := resumed_steps(summary)) else ""
-    return f"{run_dir.name}: {ranks} rank{'s' if ranks != 1 else ''}{rate}{since}"
+    return f"{run.path.name}: {ranks} rank{'s' if ranks != 1 else ''}{rate}{since}"
 
 
-def picture(run_dir: Path, finished: bool = True) -> Path:
+def picture(run: Run, finished: bool = True) -> Path:
     """Write the run's picture (`report.png` in the run folder, replaced on every call); returns its path. Not
     `finished` (no summary.json): the curves of its records only."""
-    summary = read_summary(run_dir) if finished else None
-    progress = read_records(run_dir / PROGRESS_FILE, PROGRESS_FIELDS)
-    metrics = read_records(run_dir / METRICS_FILE, METRICS_FIELDS)
-    path = run_dir / PICTURE_FILE
-    title = (picture_title(run_dir, summary) if summary is not None
-             else f"{run_dir.name}: did not finish (no {SUMMARY_FILE}), its records up to the last")
+    summary = run.summary if finished else None
+    progress = run.progress.checked(PROGRESS_FIELDS)
+    metrics = run.metrics.checked(METRICS_FIELDS)
+    path = run.path / PICTURE_FILE
+    title = (picture_title(run) if summary is not None
+             else f"{run.path.name}: did not finish (no {SUMMARY_FILE}), its records up to the last")
     try:
         write_run_picture(path, title, summary, progress, metrics)
     except ImportError as exc:
@@ -213,18 +245,17 @@ def picture(run_dir: Path, finished: bool = True) -> Path:
     return path
 
 
-def unfinished(run_dir: Path) -> bool:
-    """Whether `run_dir` is a run that wrote records but no summary.json: it failed, was killed, or is still going."""
-    return (run_dir.is_dir() and not (run_dir / SUMMARY_FILE).exists()
-            and any(_recorded_steps(run_dir / name) for name in (PROGRESS_FILE, METRICS_FILE)))
+def unfinished(run: Run) -> bool:
+    """Whether `run` is a run that wrote records but no summary.json: it failed, was killed, or is still going."""
+    return (run.path.is_dir() and not (run.path / SUMMARY_FILE).exists()
+            and bool(run.progress.steps or run.metrics.steps))
 
 
-def unfinished_report(run_dir: Path) -> str:
+def unfinished_report(run: Run) -> str:
     """What an unfinished run's records hold: the last evaluation line and the last progress record."""
-    metrics_path, progress_path = run_dir / METRICS_FILE, run_dir / PROGRESS_FILE
-    metrics = read_records(metrics_path, METRICS_FIELDS)
-    progress = read_records(progress_path, PROGRESS_FIELDS)
-    lines = [_format_or_fail(metrics_path, format_eval, metrics[-1])] if metrics else []
+    metrics = run.metrics.checked(METRICS_FIELDS)
+    progress = run.progress.checked(PROGRESS_FIELDS)
+    lines = [_format_or_fail(run.metrics.path, format_eval, metrics[-1])] if metrics else []
     if progress:
         last = progress[-1]
         loss = "n/a" if last["train_loss"] is None else f"{last['train_loss']:.4f}"
@@ -245,13 +276,13 @@ def _read_config(run_dir: Path) -> dict[str, Any] | None:
 
 def compare(run_a: Path, run_b: Path) -> str:
     """Two runs side by side: which settings differ, and every figure of their summaries with its B/A ratio."""
-    summary_a, summary_b = read_summary(run_a), read_summary(run_b)
-    rows = compare_summaries(summary_a, summary_b)
+    a, b = Run(run_a), Run(run_b)
+    rows = compare_summaries(a.summary, b.summary)
     # The settings the summary's own process ran under; config.json where the summary predates that record.
-    config_a, config_b = (summary["config"] if isinstance(summary.get("config"), dict) else _read_config(run)
-                          for summary, run in ((summary_a, run_a), (summary_b, run_b)))
+    config_a, config_b = (run.summary["config"] if isinstance(run.summary.get("config"), dict)
+                          else _read_config(run.path) for run in (a, b))
     changes = config_changes(config_a, config_b) if config_a is not None and config_b is not None else None
-    return format_comparison(_label(run_a, summary_a), _label(run_b, summary_b), rows, changes)
+    return format_comparison(_label(a), _label(b), rows, changes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,16 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_b is not None:
             print(compare(args.run_dir, args.run_b))
             return 0
-        if unfinished(args.run_dir):
+        run = Run(args.run_dir)
+        if unfinished(run):
             # A failed run's records are what there is to see, its loss curve above all; still exit 1 with the
             # line for a run without summary.json, as for one that wrote no records.
-            print(unfinished_report(args.run_dir), flush=True)
+            print(unfinished_report(run), flush=True)
             if not args.no_picture:
-                print(f"picture: {picture(args.run_dir, finished=False)}")
+                print(f"picture: {picture(run, finished=False)}")
             raise UserError(_not_a_run_folder(args.run_dir))
-        print(report(args.run_dir), flush=True)
+        print(report(run), flush=True)
         if not args.no_picture:
-            print(f"picture: {picture(args.run_dir)}")
+            print(f"picture: {picture(run)}")
     except UserError as exc:
         rank_line(0, "error", str(exc))
         return 1

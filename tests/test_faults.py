@@ -1295,15 +1295,15 @@ def test_a_resumed_process_stopped_while_finishing_leaves_a_summary_both_rerun_a
         "summary.json is an earlier process's, of the steps up to 6: the process that finished it ended before "
         "writing one (it was stopped, or could not write it), and the step times it is made of ended with that "
         "process; metrics.jsonl holds the run's evaluations)")
-    assert report.report(tmp_path / "stale").splitlines()[-1] == (
+    assert report.report(report.Run(tmp_path / "stale")).splitlines()[-1] == (
         "summary.json is of steps 1-6, an earlier process's: the run went on to step 10, and the process that ran "
         "those steps wrote none (it is still running, or was stopped or crashed first)")
     assert report.compare(tmp_path / "stale", tmp_path / "stale").splitlines()[0] == (
         f"A: {tmp_path / 'stale'} (its summary is of steps 1-6 only: the run went on to step 10)")
     # The picture's curves run to step 10; its title says the bars and samples/s do not.
-    summary = report.read_summary(tmp_path / "stale")
     assert re.fullmatch(r"stale: 1 rank, [\d,]+ samples/s \(phases and samples/s: steps 1-6 only, an earlier "
-                        r"process's; the run went on to step 10\)", report.picture_title(tmp_path / "stale", summary))
+                        r"process's; the run went on to step 10\)",
+                        report.picture_title(report.Run(tmp_path / "stale")))
 
 
 def test_only_a_dead_dataloader_worker_counts_as_one() -> None:

@@ -787,7 +787,7 @@ def test_summary_and_report_say_how_phases_were_timed(mode: str, tmp_path: Path)
                                            "wall_per_step": True}
         assert shares == [None] * len(PHASES) and rank["explained_fraction"] is None
         assert rank["step_time_p50_s"] > 0 and rank["samples_per_sec"] > 0  # from the wall clock
-    table = report.report(tmp_path / mode)
+    table = report.report(report.Run(tmp_path / mode))
     assert format_summary(summary) in table and format_summary(summary) in result.stdout
     assert ("phase timers off" in table) == (mode == "off")
 

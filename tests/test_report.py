@@ -247,8 +247,8 @@ def test_the_pictures_backward_bar_splits_off_the_all_reduce_it_waited_for() -> 
 def test_no_picture_prints_the_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = _write_run(tmp_path / "run", SUMMARY_B, CONFIG_B, _metrics([50]))
     assert report.main([str(run_dir), "--no-picture"]) == 0
-    assert capsys.readouterr().out == report.report(run_dir) + "\n"
-    assert report.report(run_dir).endswith(format_summary(SUMMARY_B))
+    assert capsys.readouterr().out == report.report(report.Run(run_dir)) + "\n"
+    assert report.report(report.Run(run_dir)).endswith(format_summary(SUMMARY_B))
     assert not (run_dir / "report.png").exists()
 
 
@@ -381,7 +381,7 @@ def test_the_picture_is_not_written_through_a_symlink_at_its_temp_name(tmp_path:
     victim = tmp_path / "victim.txt"
     victim.write_text("the user's own")
     (run / ".report.png.tmp").symlink_to(victim)
-    assert report.picture(run).read_bytes().startswith(b"\x89PNG")
+    assert report.picture(report.Run(run)).read_bytes().startswith(b"\x89PNG")
     assert victim.read_text() == "the user's own" and not (run / ".report.png.tmp").exists()
 
 
@@ -448,8 +448,8 @@ def test_the_report_of_a_resumed_run_says_its_figures_are_of_the_last_process_on
     line = ("resumed at step 8: these figures are of steps 9-12, run by the process that resumed the run, not of its "
             "earlier steps")
     assert line in again.stdout.splitlines()
-    assert report.report(tmp_path / "resumed").splitlines()[-1] == line
-    assert report.picture_title(tmp_path / "resumed", summary).endswith(
+    assert report.report(report.Run(tmp_path / "resumed")).splitlines()[-1] == line
+    assert report.picture_title(report.Run(tmp_path / "resumed")).endswith(
         " samples/s (phases and samples/s: steps 9-12, after a resume)")
     # Compared with another run: named in the header, not a row of step numbers with a ratio.
     compared = report.compare(tmp_path / "resumed", tmp_path / "resumed").splitlines()
