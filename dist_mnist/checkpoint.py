@@ -36,8 +36,21 @@ _NAME = re.compile(r"^step(\d{8})\.pt$")
 RESUME_FIELDS = ("dataset", "synthetic_train_size", "batch_size", "epochs", "lr", "weight_decay", "warmup_frac",
                  "label_smoothing", "grad_clip", "seed", "grad_accum_steps")
 # numpy's MT19937 generator state as get_state() returns it by default (legacy=True). numpy's stubs type a call
-# without `legacy` as the dict form (their first overload matches it), so the callers cast to this.
+# without `legacy` as the dict form (their first overload matches it), so numpy_parts casts to this.
 MT19937State = tuple[str, NDArray[np.uint32], int, int, float]
+
+
+def numpy_parts(state: object) -> tuple[NDArray[np.uint32], int, int, float]:
+    """What a checkpoint saves of a numpy generator's state (get_state()'s tuple): all but its name, as Python
+    numbers, for the global generator (rng_state) and PowerSGD's (comm)."""
+    _, keys, pos, has_gauss, cached = cast(MT19937State, state)
+    return keys, int(pos), int(has_gauss), float(cached)
+
+
+def numpy_state(keys: Any, pos: Any, has_gauss: Any, cached: Any) -> MT19937State:
+    """numpy_parts back into the state that set_state takes (the keys as any array of whole numbers); set_state
+    refuses one that is not a generator state."""
+    return ("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
 
 
 class Stateful(Protocol):
@@ -394,15 +407,15 @@ def _check_rng(entry: object, name: str) -> None:
     cuda = _list(entry.get("cuda"), f"{name}.cuda")
     if any(not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 for t in cuda):
         raise _Malformed(f"{name}.cuda holds {_show(cuda)}, not generator states (uint8 tensors)")
-    numpy_state = _list(entry.get("numpy"), f"{name}.numpy")
+    saved_numpy = _list(entry.get("numpy"), f"{name}.numpy")
     python_state = entry.get("python")
     try:
         torch.Generator().set_state(cpu)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise _Malformed(f"{name}.torch is not a generator state ({first_line(exc)})") from None
     try:
-        keys, pos, has_gauss, cached = numpy_state
-        np.random.RandomState().set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        keys, pos, has_gauss, cached = saved_numpy
+        np.random.RandomState().set_state(numpy_state(keys, pos, has_gauss, cached))
     except (TypeError, ValueError, OverflowError, IndexError) as exc:
         raise _Malformed(f"{name}.numpy is not numpy's generator state ({first_line(exc)})") from None
     try:
@@ -716,11 +729,11 @@ def _other_dropout_masks(saved: dict[str, Any], current: dict[str, Any]) -> bool
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random generators, in types that weights_only loading accepts. On CUDA the generator of this
     process's own GPU only: a resume may see fewer GPUs per process (one per task under SLURM, say)."""
-    _, keys, pos, has_gauss, cached = cast(MT19937State, np.random.get_state())
+    keys, pos, has_gauss, cached = numpy_parts(np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-        "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "numpy": [keys.tolist(), pos, has_gauss, cached],
         "python": random.getstate(),
     }
 
@@ -729,6 +742,5 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"][0], device)
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    np.random.set_state(numpy_state(*state["numpy"]))
     random.setstate(state["python"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_mnist.checkpoint import MT19937State
+from dist_mnist.checkpoint import numpy_parts, numpy_state
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
@@ -121,14 +121,14 @@ class PowerSGDHookState:
 
     def _local(self) -> dict[str, Any]:
         s = self.state
-        _, keys, pos, has_gauss, cached = cast(MT19937State, s.rng.get_state())
+        keys, pos, has_gauss, cached = numpy_parts(s.rng.get_state())
         # On the host: every rank unpickles every other rank's part of the gather, and a CUDA tensor comes back on
         # the GPU it left (rank 0 made a context on rank 1's GPU, or failed where each process sees its own only).
         host = torch.device("cpu")
         return {"iter": s.iter, "orders": dict(self.orders), "error": _tensors_to(s.error_dict, host),
                 "p": _tensors_to(s.p_memory_dict, host), "q": _tensors_to(s.q_memory_dict, host),
-                "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                        "cached_gaussian": cached},
                 "numel_before": s.total_numel_before_compression, "numel_after": s.total_numel_after_compression,
                 "next_stats_report": s.next_stats_report}
 
@@ -177,9 +177,8 @@ class PowerSGDHookState:
             try:
                 if not isinstance(rng, dict) or not isinstance(keys, torch.Tensor):
                     raise TypeError("not a dict with a tensor of keys")
-                np.random.RandomState().set_state(cast(MT19937State, (  # refused unless it is one
-                    "MT19937", keys.numpy().astype(np.uint32), rng.get("pos"), rng.get("has_gauss"),
-                    rng.get("cached_gaussian"))))
+                np.random.RandomState().set_state(numpy_state(  # refused unless it is one
+                    keys.numpy(), rng.get("pos"), rng.get("has_gauss"), rng.get("cached_gaussian")))
             except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
                 raise ValueError(f"{name}.rng is not numpy's generator state ({exc})") from None
         # Another world size (an elastic restart): the factors and counters are the same on every rank, the
@@ -195,8 +194,7 @@ class PowerSGDHookState:
         s.error_dict = _tensors_to(mine["error"], device) if same_world else {}
         s.p_memory_dict, s.q_memory_dict = _tensors_to(mine["p"], device), _tensors_to(mine["q"], device)
         rng = mine["rng"]
-        s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
-                         rng["cached_gaussian"]))
+        s.rng.set_state(numpy_state(rng["keys"].numpy(), rng["pos"], rng["has_gauss"], rng["cached_gaussian"]))
         s.total_numel_before_compression, s.total_numel_after_compression = mine["numel_before"], mine["numel_after"]
         s.next_stats_report = mine["next_stats_report"]
 
