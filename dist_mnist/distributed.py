@@ -6,7 +6,7 @@ import datetime
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -190,19 +190,28 @@ SOCKET_INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 @contextmanager
-def loopback_only(alone: bool) -> Iterator[None]:
+def temporary_env(values: Mapping[str, str]) -> Iterator[None]:
+    """The environment variables in `values` set for the duration, then put back as they were (unset again where
+    they were unset)."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def loopback_only(alone: bool) -> AbstractContextManager[None]:
     """For a world of one (`alone`), the process group's sockets on the loopback interface while it opens: gloo's
     device listens for peers on the host name's address, so a single-process run listened on the machine's public
     address where the host name resolves to one (servers bind to 127.0.0.1 unless asked). A world of one has no
     peer to reach it. An interface the user chose stays; the variables are put back after, so nothing a later group
     or process inherits changes."""
-    chosen = {name: "lo" for name in SOCKET_INTERFACE_VARIABLES if alone and name not in os.environ}
-    os.environ.update(chosen)
-    try:
-        yield
-    finally:
-        for name in chosen:
-            os.environ.pop(name, None)
+    return temporary_env({name: "lo" for name in SOCKET_INTERFACE_VARIABLES if alone and name not in os.environ})
 
 
 def beyond_host_cpus(per_rank: int, ranks_on_host: int, cpus: int, what: str) -> str | None:

@@ -23,12 +23,11 @@ mean of a short stretch cannot tell from noise.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
 from dist_mnist.config import TrainConfig
-from dist_mnist.distributed import DistContext
+from dist_mnist.distributed import DistContext, temporary_env
 from dist_mnist.graphs import GraphedStep, graph_decision
 from dist_mnist.metrics import StepTimer, resolve_phase_timers
 from dist_mnist.profiling import TRACES_DIR, WindowedProfiler, make_profiler
@@ -124,22 +123,6 @@ def _batches(batch_size: int, device: torch.device, count: int = 8) -> Iterator[
         yield from data
 
 
-@contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """Set (or, with None, leave alone) an environment variable for the duration."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
 class _LongLivedProfiler(AbstractContextManager):
     """--profile before issue 10: one torch.profiler.profile driven by its schedule, open for the whole loop."""
 
@@ -189,7 +172,7 @@ def measure_arrangement(arrangement: Arrangement, cfg: TrainConfig, ctx: DistCon
     clock = step_clock(ctx.device)
     step_s: list[float] = []
     profiler_s = 0.0
-    with _env("TEARDOWN_CUPTI", ("1" if arrangement.teardown_cupti else "0") if cuda else None):
+    with temporary_env({"TEARDOWN_CUPTI": "1" if arrangement.teardown_cupti else "0"} if cuda else {}):
         started = clock()
         with _profiler(arrangement, cfg, ctx, run_dir) as profiler:
             profiler_s += clock() - started
