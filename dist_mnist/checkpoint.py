@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 
 from dist_mnist.argtypes import on_off
 from dist_mnist.durable import temp_path, write_durably
-from dist_mnist.errors import UserError, first_line
+from dist_mnist.errors import UserError, first_line, join_thread
 from dist_mnist.runfiles import CHECKPOINTS_DIR
 
 FORMAT_VERSION = 2  # 2: one entry per stateful part (model, optimizer, ..., train_state, clock)
@@ -225,12 +225,7 @@ class BackgroundWriter:
         """Block until the write in flight is on disk; returns it (None if there was none), or raises its error."""
         if self._thread is None:
             return None
-        # Not Thread.join alone: a signal handler that raises in it (torch's SIGCHLD one, for a dead DataLoader
-        # worker) marks the thread finished on CPython 3.10-3.12 (cpython#90882), so the next wait and the
-        # interpreter's exit no longer waited for the write: a half-written temp file, and a failure line naming a
-        # checkpoint never on disk. An Event's wait raises the same exception but leaves the write to be waited for.
-        self._finished.wait()
-        self._thread.join()  # the thread is past its last line: at once
+        join_thread(self._thread, self._finished)
         self._thread = None
         done, error, self._done, self._error = self._done, self._error, None, None
         if error is not None:

@@ -1,7 +1,8 @@
-"""The one exception type for mistakes a user can fix, reported as a single line, never a traceback; and what a stop
-signal raises where the run cannot stop at a step boundary."""
+"""The one exception type for mistakes a user can fix, reported as a single line, never a traceback; what a stop
+signal raises where the run cannot stop at a step boundary; and a wait for a thread that such a raise cannot cut."""
 
 import signal
+import threading
 from types import FrameType
 from typing import NoReturn
 
@@ -64,3 +65,13 @@ def interrupted_early(exc: KeyboardInterrupt | Terminated) -> UserError:
     return UserError(f"interrupted ({sig.name}) during start-up, before the first step; this process wrote nothing "
                      "to resume from: rerun the same command to start again (a run with checkpoints resumes from "
                      "them)", exit_code=signal_exit_code(sig))
+
+
+def join_thread(thread: threading.Thread, ended: threading.Event) -> None:
+    """Wait for `thread`, which sets `ended` as its last act, however it ends. Not Thread.join alone: a signal handler
+    that raises in it (torch's SIGCHLD one, for a dead DataLoader worker) marks the thread finished on CPython
+    3.10-3.12 (cpython#90882), so the next join, and the interpreter's exit, no longer waited for it: a half-written
+    checkpoint and a failure line naming it as on disk, or imports still running as the process ended. An Event's
+    wait raises the same exception but leaves the thread to be waited for."""
+    ended.wait()
+    thread.join()  # the thread is past its last line: at once

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from dist_mnist.errors import UserError
+from dist_mnist.errors import UserError, join_thread
 
 
 def process_start_unix() -> float:
@@ -103,11 +103,7 @@ class StartupTimer:
         if self._importer is None:
             return
         with self.phase("background_imports"):
-            # As checkpoint.BackgroundWriter.wait: a signal handler raising in Thread.join marks the thread finished
-            # on CPython 3.10-3.12 (cpython#90882), and the next join, the one _main makes before the process ends,
-            # returned at once while the thread still imported (a daemon thread at the interpreter's exit).
-            self._imported.wait()
-            self._importer.join()
+            join_thread(self._importer, self._imported)
         self._importer = None
         if self._import_error is not None:
             raise self._import_error
