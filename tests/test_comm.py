@@ -166,6 +166,7 @@ def test_a_rank_slow_in_one_phase_is_named_with_that_phase(phase: str, words: st
     assert f"diagnosis: {summary['diagnosis']}" in result.stdout
 
 
+@pytest.mark.cli
 @pytest.mark.timeout(120)
 def test_slow_data_on_every_rank_is_diagnosed_input_bound_and_a_world_of_one_reports_no_comm(tmp_path: Path) -> None:
     result = train(*RUN_FLAGS, "--max-steps", "8", "--ddp-comm-hook", "powersgd", "--output-dir", str(tmp_path),

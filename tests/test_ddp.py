@@ -348,6 +348,7 @@ def test_bench_table_says_when_the_graphs_section_was_skipped() -> None:
         "| CUDA graphs section | skipped: CUDA graphs are measured on one CUDA process only |"
 
 
+@pytest.mark.cli
 def test_bench_says_why_its_training_run_failed_in_one_line(tmp_path: Path) -> None:
     """A damaged MNIST file met by a section that launches training runs: their error line, not a traceback around
     it."""

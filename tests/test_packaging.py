@@ -14,6 +14,8 @@ from conftest import REPO, SMOKE_FLAGS, cpu_env, make_mnist_dir, run
 
 from dist_mnist import bench
 
+pytestmark = pytest.mark.cli
+
 
 def installed_copy(tmp_path: Path) -> Path:
     """A folder holding what a wheel installs, the package alone, to put on PYTHONPATH (before the test environment's

@@ -205,6 +205,7 @@ def test_resumed_run_continues_the_trace_step_numbers(tmp_path: Path) -> None:
     assert [_profiler_steps(_load_trace(path)) for path in traces] == [[2, 3], [8, 9]]
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(300)
 @HTA_FORKS
 def test_a_resumed_2_rank_runs_windows_lie_apart_one_folder_each(tmp_path: Path) -> None:
@@ -998,6 +999,7 @@ def test_unwritable_output_dir_is_one_line_error_before_training(tmp_path: Path)
 # python -m dist_mnist.report
 
 
+@pytest.mark.cli
 @pytest.mark.timeout(300)
 def test_report_prints_the_table_the_run_printed(profiled_run: tuple[Path, Result]) -> None:
     run_dir, train_result = profiled_run
