@@ -235,17 +235,17 @@ class BackgroundWriter:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True: tensors and plain containers only, so a crafted pickle is refused, never run."""
-    if path.is_dir():
-        newest = list_checkpoints(path) or list_checkpoints(path / CHECKPOINTS_DIR)  # a checkpoints or a run folder
-        hint = (f"a checkpoint file in it (the newest is {newest[0].relative_to(path)})" if newest
-                else "a checkpoint file")
-        raise UserError(f"checkpoint {path} is a folder; give {hint}, or --resume auto for this run's own newest")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except OSError as exc:
         raise UserError(f"checkpoint {path} is unreadable ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        newest = list_checkpoints(path) or list_checkpoints(path / CHECKPOINTS_DIR)  # a checkpoints or a run folder
+        hint = (f"a checkpoint file in it (the newest is {newest[0].relative_to(path)})" if newest
+                else "a checkpoint file")
+        raise UserError(f"checkpoint {path} is a folder; give {hint}, or --resume auto for this run's own newest")
     if not stat.S_ISREG(mode):
         # A FIFO blocked the open below until something wrote to it (the resume hung); a device read on and on.
         raise UserError(f"checkpoint {path} is not a regular file (a {_file_kind(mode)}); the files are <run "
