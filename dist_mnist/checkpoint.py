@@ -287,7 +287,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         _check_structure(state)
     except _Malformed as exc:
         raise UserError(f"checkpoint {path} is malformed: {exc} (not as this program writes it)") from None
+    if bad := non_finite_entry(state):
+        # A NaN weight makes every later loss NaN: the resume stopped at its first step with "training loss became
+        # non-finite ... (the last good checkpoint is <this file>). Lower --lr", advice that cannot help.
+        raise UserError(f"checkpoint {path} holds non-finite values ({bad}): a run resumed from it would compute NaN "
+                        "from its first step")
     return state
+
+
+def non_finite_entry(state: Any, name: str = "") -> str | None:
+    """Where `state` (a checkpoint, or a part's state_dict: dicts, lists and tuples of tensors and plain values)
+    holds a floating-point tensor with a NaN or an infinity, as "model.fc1.weight holds NaN"; None where every one
+    is finite. The weights and the optimizer's moments above all: a run's checks look at its losses only, and the
+    update after the last finite loss can still overflow them."""
+    if isinstance(state, torch.Tensor):
+        if not (state.is_floating_point() or state.is_complex()) or bool(torch.isfinite(state).all()):
+            return None
+        return f"{name} holds {'NaN' if bool(torch.isnan(state).any()) else 'an infinity'}"
+    if isinstance(state, dict):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        if found := non_finite_entry(value, f"{name}.{key}" if name else str(key)):
+            return found
+    return None
 
 
 def _file_kind(mode: int) -> str:

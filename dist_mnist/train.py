@@ -938,12 +938,19 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         started = time.perf_counter()
         self.flush_losses()  # a non-finite loss stops us before it can reach a checkpoint
-        # Each rank's random generators and its training-loss sum since the last evaluation: the next evaluation's
-        # train_loss is the mean over that whole interval, steps before the checkpoint included.
-        per_rank = self.ctx.gather_objects((checkpoint.rng_state(self.ctx.device),
-                                            [self.train_loss_sum, self.train_loss_count]))
         # On every rank: a part may gather per-rank state (PowerSGD's residuals).
         parts = {name: part.state_dict() for name, part in self.stateful().items()}
+        # Each rank's random generators and its training-loss sum since the last evaluation: the next evaluation's
+        # train_loss is the mean over that whole interval, steps before the checkpoint included. And where its state
+        # is not finite: the losses were, yet the update after the last of them can overflow the weights or the
+        # optimizer's moments. Such a checkpoint was written, rotated a good one away, and was named "the last good
+        # checkpoint" when the next step's loss stopped the run.
+        per_rank = self.ctx.gather_objects((checkpoint.rng_state(self.ctx.device),
+                                            [self.train_loss_sum, self.train_loss_count],
+                                            checkpoint.non_finite_entry(parts)))
+        if bad := next((entry for _, _, entry in per_rank if entry), None):
+            raise self.non_finite(f"the model's state became non-finite by step {self.state.step} ({bad}) while its "
+                                  "training loss stayed finite")
 
         def write() -> checkpoint.WrittenCheckpoint:
             # The write before this one first (submit would wait for it too): known on disk from here, even where
@@ -953,8 +960,8 @@ class Trainer:
                 "format_version": checkpoint.FORMAT_VERSION,
                 "model_class": type(self.parts.module).__name__,
                 "world_size": self.ctx.world_size,
-                "rng": [rng for rng, _ in per_rank],
-                "train_loss": [loss for _, loss in per_rank],  # [sum, count] per rank
+                "rng": [rng for rng, _, _ in per_rank],
+                "train_loss": [loss for _, loss, _ in per_rank],  # [sum, count] per rank
                 "config": self.cfg.to_json(),
                 "recipe": self.recipe.name,
                 "numerics": self.numerics(),
@@ -1026,8 +1033,8 @@ class Trainer:
         self.progress.add_losses(total, len(values))
 
     def non_finite(self, what: str) -> UserError:
-        """The line that stops every rank at a non-finite loss (`what` says which, where), before it reaches a
-        record or a checkpoint."""
+        """The line that stops every rank at a non-finite loss or model state (`what` says which, where), before it
+        reaches a record or a checkpoint."""
         # Not a listing of the folder: a write in flight (of a step before this one, so good) is the newest once
         # it is done, and the rotation after it removes the file listed now.
         newest = self.settled_checkpoint()

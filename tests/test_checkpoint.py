@@ -549,6 +549,70 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(capsys: pytest.Cap
     assert checkpoint.list_checkpoints(checkpoints_of(run_copy))[0] == newest
 
 
+@pytest.mark.timeout(120)
+def test_weights_an_update_made_non_finite_are_never_checkpointed(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 4's loss is finite, its update leaves a NaN weight (an overflow): the checkpoint of step 4 is not
+    written, the one of step 2 (the only one kept, --keep-checkpoints 1) stays, and the line says why. Before, that
+    checkpoint was written, rotated step 2's away, and the next step's NaN loss named it "the last good
+    checkpoint"."""
+    import dist_mnist.train
+
+    update = dist_mnist.train.accumulation_step
+
+    def overflowing_update(parts: Any, micro_batches: Any, timer: Any) -> torch.Tensor:
+        loss = update(parts, micro_batches, timer)
+        if parts.scheduler.last_epoch == 4:  # the step just taken
+            with torch.no_grad():
+                parts.module.fc1.weight[0, 0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(dist_mnist.train, "accumulation_step", overflowing_update)
+    code, _, err = train_in_process(capsys, tmp_path, "--max-steps", "12", "--checkpoint-every", "2",
+                                    "--keep-checkpoints", "1")
+    assert code == 1
+    folder = checkpoints_of(tmp_path)
+    good = checkpoint.checkpoint_path(folder, 2)
+    assert single_error_line(err) == (
+        "error: the model's state became non-finite by step 4 (model.fc1.weight holds NaN) while its training loss "
+        f"stayed finite; stopped (the last good checkpoint is {good}). Lower --lr, or use --grad-clip")
+    assert checkpoint.list_checkpoints(folder) == [good]
+    checkpoint.load_checkpoint(good)
+
+
+def _poison(state: dict[str, Any], where: str) -> None:
+    with torch.no_grad():
+        if where == "weight":
+            state["model"]["fc1.weight"][0, 0] = float("nan")
+        else:
+            state["optimizer"]["state"][4]["exp_avg_sq"][0, 0] = float("inf")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("where", "said"), [("weight", "model.fc1.weight holds NaN"),
+                                             ("moment", "optimizer.state.4.exp_avg_sq holds an infinity")])
+def test_a_checkpoint_holding_non_finite_values_is_set_aside_or_refused(
+        capsys: pytest.CaptureFixture[str], run_copy: Path, tmp_path: Path, where: str, said: str) -> None:
+    """A checkpoint whose weights or optimizer moments are not finite (written by an older version, or edited), saved
+    whole with valid CRCs: --resume auto sets it aside and resumes from the previous one, --resume PATH refuses it.
+    Before, both resumed it and stopped at the first step's NaN loss, naming it "the last good checkpoint"."""
+    newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
+    state = torch.load(newest, weights_only=True)
+    _poison(state, where)
+    torch.save(state, newest)
+    kept = tmp_path / "kept.pt"
+    shutil.copy(newest, kept)
+    problem = f"holds non-finite values ({said}): a run resumed from it would compute NaN from its first step"
+    code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 2))
+    assert code == 0, err
+    assert f"warning: checkpoint {newest} {problem}; renamed it to step00000008.pt.unreadable, trying the previous " \
+        "checkpoint" in err
+    assert f"resumed from step {BASE_STEPS - BASE_INTERVAL} " in out
+    assert newest.with_name("step00000008.pt.unreadable").is_file()
+    line = refused(capsys, tmp_path / "branch", "--resume", str(kept))
+    assert line == f"error: checkpoint {kept} {problem}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Run folders
 
