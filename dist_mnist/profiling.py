@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import statistics
 import time
@@ -24,7 +25,7 @@ from dist_mnist.config import TrainConfig
 from dist_mnist.console import rank_line
 from dist_mnist.distributed import DistContext
 from dist_mnist.metrics import PHASES
-from dist_mnist.runfiles import TRACES_DIR, trace_file_name, trace_file_rank, trace_window_dir
+from dist_mnist.runfiles import TRACES_DIR, trace_file_name, trace_file_rank, trace_window_dir, trace_window_step
 
 # A rank is a straggler when its own work per step (the step less the time it waited for the gradient
 # all-reduce after its backward compute: a slow rank waits least, the others wait for it) is this much above the
@@ -185,8 +186,9 @@ class WindowedProfiler:
         but not in .json.gz, which readers skip, and renamed when complete; a failed write removes it, says so in
         one line and ends profiling for the rest of this process (`write_failure`). It goes into its window's
         folder (trace_window_dir), named by its global rank; a resumed process that records a window's steps again
-        replaces the earlier process's trace of them, and rank 0 removes the traces of ranks this world lacks (an
-        earlier, larger world's), which HTA would read as ranks of this window.
+        replaces the earlier process's trace of them (and where it cannot, sets that one aside:
+        _set_aside_earlier_traces), and rank 0 removes the traces of ranks this world lacks (an earlier, larger
+        world's), which HTA would read as ranks of this window.
 
         The trace's `traceName` is the temporary file torch's .gz export writes and deletes: torch takes no name for
         it (kineto writes the path it exports to), and setting it would mean parsing and writing the trace again.
@@ -208,9 +210,59 @@ class WindowedProfiler:
                 partial.unlink(missing_ok=True)
             self.write_failure = f"could not write {final.name} to {final.parent}: {exc.strerror or exc}"
             rank_line(self.rank, "note", f"{self.write_failure}; no more traces are recorded in this run, training "
-                      "goes on")
+                      f"goes on{self._set_aside_earlier_traces()}")
             return
         self.traces_written += 1
+
+    def _set_aside_earlier_traces(self) -> str:
+        """After a failed write: this rank's traces that an earlier process of the run (a crashed attempt, the
+        process a resume went back behind) left in this window's folder and in the later ones this process's
+        schedule has, each renamed to `<name>.earlier` (a name no viewer reads: HTA takes *.json and *.gz, the
+        profiler plugin and gpucheck *.pt.trace.json.gz). This process has written none of them, and writes none
+        now, while the other ranks write theirs: left in place, each was taken for this process's trace of that
+        window, beside the other ranks' of another process (HTA merges the ranks of a folder). Returns what the note
+        adds."""
+        name = trace_file_name(self.rank)
+        try:
+            folders = sorted(self.trace_dir.iterdir())
+        except OSError:  # the traces folder itself could not be made
+            folders = []
+        moved, stuck = [], []
+        for folder in folders:
+            step = trace_window_step(folder.name)
+            earlier = folder / name
+            if step is None or step < self.window_first_step or not self._schedule_has(step) or not earlier.exists():
+                continue
+            aside = earlier.with_name(f"{name}.earlier")
+            for number in itertools.count(2):  # an older one set aside before stays too
+                if not aside.exists():
+                    break
+                aside = earlier.with_name(f"{name}.earlier{number}")
+            try:
+                os.replace(earlier, aside)
+                moved.append(f"{folder.name}/{aside.name}")
+            except OSError as exc:
+                stuck.append(f"{folder.name}/{name} ({exc.strerror or exc})")
+        said = ""
+        if moved:
+            one = len(moved) == 1
+            said += (f"; {'the trace' if one else 'the traces'} an earlier process left for this rank in this window"
+                     f"{'' if one else ' and later ones'}, which viewers would take for this process's, "
+                     f"{'is' if one else 'are'} renamed to {', '.join(moved)}")
+        if stuck:
+            one = len(stuck) == 1
+            said += (f"; {'the trace' if one else 'the traces'} an earlier process left for this rank could not be "
+                     f"renamed and {'is' if one else 'are'} not this process's: {', '.join(stuck)}")
+        return said
+
+    def _schedule_has(self, window_step: int) -> bool:
+        """Whether this process's schedule opens a window whose first recorded step is `window_step` (see
+        _open_if_due): the k-th opens after --profile-wait more steps of each cycle, counted from its first step."""
+        cfg = self.cfg
+        period = cfg.profile_wait + cfg.profile_warmup + cfg.profile_active
+        k, off = divmod(window_step - (self.first_step + cfg.profile_wait + cfg.profile_warmup + 1), period)
+        return (off == 0 and k >= 0 and (cfg.profile_repeat == 0 or k < cfg.profile_repeat)
+                and self.first_step + k * period + cfg.profile_wait < self.step_limit)
 
     def _close(self, *exc_info: Any) -> None:
         self.step_owed = False

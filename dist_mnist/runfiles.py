@@ -22,6 +22,13 @@ def trace_window_dir(step: int) -> str:
     return f"step{step:08d}"
 
 
+def trace_window_step(name: str) -> int | None:
+    """The first recorded step of the window whose folder is named `name` (trace_window_dir); None for any other
+    name."""
+    number = name.removeprefix("step")
+    return int(number) if name.startswith("step") and len(number) == 8 and number.isdigit() else None
+
+
 def trace_file_name(rank: int) -> str:
     """Global rank `rank`'s trace in its window's folder; the profiler plugin names the worker `rank<N>`."""
     return f"rank{rank}{TRACE_SUFFIX}"

@@ -388,6 +388,53 @@ def test_a_trace_the_disk_cannot_take_is_a_note_and_training_goes_on_without_pro
                      r"written by all ranks, in traces/\)$", out, re.MULTILINE), out
 
 
+def test_a_trace_that_cannot_be_written_leaves_no_earlier_processs_trace_under_its_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A window every 3 steps (3, 6, 9, 12, 15). The first process crashes in step 16, after writing all five; the
+    rerun resumes from step 9's checkpoint and records 12 and 15 again, but the disk is full. The first process's
+    traces of 12 and 15 are not this run's record of those steps (it went back behind them): left under their names,
+    viewers took them for the rerun's, and on more ranks HTA merged them with the other ranks' new ones. They are
+    renamed aside, kept; the traces of 3, 6 and 9, steps the rerun kept, stay as they are."""
+    import dist_mnist.train
+
+    flags = [*RUN_FLAGS, "--profile", "--profile-wait", "1", "--profile-warmup", "1", "--profile-active", "1",
+             "--profile-repeat", "0", "--max-steps", "16", "--checkpoint-every", "9", "--output-dir", str(tmp_path),
+             "--run-name", "traced"]
+    update, steps = dist_mnist.train.accumulation_step, []
+
+    def crash_in_step_16(*args: Any) -> torch.Tensor:
+        steps.append(1)
+        if len(steps) == 16:
+            raise RuntimeError("the process crashed")
+        return update(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dist_mnist.train, "accumulation_step", crash_in_step_16)
+        with pytest.raises(RuntimeError, match="the process crashed"):
+            train_main(flags)
+    traces = tmp_path / "traced" / TRACES_DIR
+    earlier = {trace.parent.name: trace.read_bytes() for trace in _traces(tmp_path / "traced")}
+    assert sorted(earlier) == [trace_window_dir(step) for step in (3, 6, 9, 12, 15)]
+    capsys.readouterr()
+
+    def full_disk(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
+    assert train_main(flags) == 0
+    _, err = capsys.readouterr()
+    assert {trace.parent.name: trace.read_bytes() for trace in _traces(tmp_path / "traced")} == {
+        name: data for name, data in earlier.items() if name in [trace_window_dir(step) for step in (3, 6, 9)]}
+    renamed = [f"{trace_window_dir(step)}/rank0.pt.trace.json.gz.earlier" for step in (12, 15)]
+    assert {name: (traces / name).read_bytes() for name in renamed} == {
+        name: earlier[name.split("/")[0]] for name in renamed}
+    assert re.search(
+        rf"^note: could not write rank0\.pt\.trace\.json\.gz to {re.escape(str(traces / trace_window_dir(12)))}: No "
+        "space left on device; no more traces are recorded in this run, training goes on; the traces an earlier "
+        "process left for this rank in this window and later ones, which viewers would take for this process's, are "
+        f"renamed to {re.escape(', '.join(renamed))}$", err, re.MULTILINE), err
+
+
 def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> None:
     """RunClock's `sync` stands for torch.cuda.synchronize: its wait is training time, the pause's own work is not;
     `sync=False` (the profiler step between windows) does not wait."""
