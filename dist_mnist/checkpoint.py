@@ -15,6 +15,7 @@ import threading
 import time
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -295,25 +296,36 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def non_finite_entry(state: Any, name: str = "") -> str | None:
+def non_finite_entry(state: Any) -> str | None:
     """Where `state` (a checkpoint, or a part's state_dict: dicts, lists and tuples of tensors and plain values)
     holds a floating-point tensor with a NaN or an infinity, as "model.fc1.weight holds NaN"; None where every one
     is finite. The weights and the optimizer's moments above all: a run's checks look at its losses only, and the
     update after the last finite loss can still overflow them."""
+    tensors = dict(_float_tensors(state, ""))
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors.values():
+        by_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+    # One host sync per device, not one per tensor: on a GPU each would wait for the queue, at every checkpoint.
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return None
+    name, tensor = next((name, t) for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    return f"{name} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'an infinity'}"
+
+
+def _float_tensors(state: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every floating-point (or complex) tensor in `state`, under its dotted name, in the state's own order."""
     if isinstance(state, torch.Tensor):
-        if not (state.is_floating_point() or state.is_complex()) or bool(torch.isfinite(state).all()):
-            return None
-        return f"{name} holds {'NaN' if bool(torch.isnan(state).any()) else 'an infinity'}"
+        if state.is_floating_point() or state.is_complex():
+            yield name, state
+        return
     if isinstance(state, dict):
         items: Any = state.items()
     elif isinstance(state, (list, tuple)):
         items = enumerate(state)
     else:
-        return None
+        return
     for key, value in items:
-        if found := non_finite_entry(value, f"{name}.{key}" if name else str(key)):
-            return found
-    return None
+        yield from _float_tensors(value, f"{name}.{key}" if name else str(key))
 
 
 def _file_kind(mode: int) -> str:
