@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dist_mnist.metrics import PHASES
+from dist_mnist.runtext import PHASES, resumed_steps
 
 # Numbers that identify or count rather than measure: a ratio of them means nothing (the steps a summary covers are
 # named with the run instead, by run_label). A rank's `steps` is how many steps its phase timers timed, the size of
@@ -19,15 +19,6 @@ _NOT_COMPARED = {"rank", "first_step_unix", "first_step", "last_step", "steps", 
 # Counts worth seeing side by side, without a ratio, by label: the world size, and DDP's gradient buckets
 # (--bucket-cap-mb sets them).
 _COUNTS = {"world_size": "ranks", "allreduce_buckets": "allreduce_buckets"}
-
-
-def resumed_steps(summary: dict[str, Any]) -> str | None:
-    """"steps A-B", the steps a resumed process ran and its summary's figures are of; None for a run not resumed
-    (and for summaries written before `first_step` was recorded). The run's table, the comparison's header and the
-    picture's title all say it."""
-    if not summary.get("first_step"):
-        return None
-    return f"steps {summary['first_step'] + 1}-{summary['last_step']}"
 
 
 def run_label(name: str, summary: dict[str, Any]) -> str:
@@ -158,7 +149,7 @@ def _flat_numbers(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def phase_names(ranks: list[dict[str, Any]]) -> list[str]:
-    """The step phases (metrics.PHASES, which add up to the step) the summaries have a `<phase>_share` for.
+    """The step phases (runtext.PHASES, which add up to the step) the summaries have a `<phase>_share` for.
 
     Other `*_share` fields are not phases (they may overlap one) and are compared as plain numbers. A share of None
     (--phase-timers off writes every one so) is no share: it has no bar and no ms.

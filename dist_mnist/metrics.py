@@ -20,9 +20,8 @@ from torch.profiler import record_function
 from dist_mnist.durable import append_whole, append_whole_to, keep_records, open_for_appending, write_durably
 from dist_mnist.runfiles import METRICS_FILE
 from dist_mnist.runjson import json_text
+from dist_mnist.runtext import PHASES
 
-# The phases of one training step, in order. Their trace labels are "train/<phase>".
-PHASES = ("data", "to_device", "forward", "backward", "optimizer")
 # --phase-timers after "auto" is resolved: time every step, every Nth step, or no step.
 PHASE_TIMER_MODES = ("every", "sample", "off")
 # The most per-step entries a series keeps (StepSample): 2^17, above the 100,000 timed steps of a long run, which
@@ -258,13 +257,6 @@ class MemoryTracker:
         rss = process_rss_bytes(children=self.workers)
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss, own_peak_rss_bytes())
         return rss
-
-
-def format_eval(record: dict[str, Any]) -> str:
-    """One metrics.jsonl record as the progress line the run printed (also used by `python -m dist_mnist.report`)."""
-    return (f"eval  epoch {record['epoch']} step {record['step']}: test loss {record['test_loss']:.4f}, "
-            f"accuracy {record['test_accuracy']:.2%} of {record['test_samples']} images, "
-            f"{record['elapsed_s']:.1f} s since the first step")
 
 
 _EVENT_FILES = itertools.count()

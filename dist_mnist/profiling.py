@@ -20,12 +20,11 @@ from torch import nn
 from torch.profiler import ProfilerAction, ProfilerActivity, profile, schedule
 
 from dist_mnist.comm import CommStep
-from dist_mnist.compare import resumed_steps
 from dist_mnist.config import TrainConfig
 from dist_mnist.console import rank_line
 from dist_mnist.distributed import DistContext
-from dist_mnist.metrics import PHASES
 from dist_mnist.runfiles import TRACES_DIR, trace_file_name, trace_file_rank, trace_window_dir, trace_window_step
+from dist_mnist.runtext import PHASES, warmup_steps
 
 # A rank is a straggler when its own work per step (the step less the time it waited for the gradient
 # all-reduce after its backward compute: a slow rank waits least, the others wait for it) is this much above the
@@ -435,13 +434,6 @@ def comm_stats(timed: list[dict[str, float]], comm: list[CommStep] | None) -> di
     }
 
 
-def warmup_steps(timed: int) -> int:
-    """How many of a rank's first timed steps its figures leave out: a fifth, at most 5. The first steps pay for
-    what happens once (DataLoader workers starting, the first use of each kernel, lazy allocations); under 5 timed
-    steps there is nothing else, the figures include them and the summary makes no diagnosis from them."""
-    return min(timed // 5, 5)
-
-
 def rank_stats(rank: int, steps: list[dict[str, float]], samples_per_step: int, measured_step_s: list[float],
                peak_rss_bytes: int, cuda_peak_bytes: int | None, params_digest: str,
                comm: list[CommStep] | None = None, wall_per_step: bool = True,
@@ -643,83 +635,3 @@ def build_summary(ranks: list[dict[str, Any]], global_samples_per_sec: float | N
         "ranks": ranks,
         "diagnosis": diagnose(ranks, comm_hook, amp, device_type, native_bf16, num_workers),
     }
-
-
-TABLE_SHARES = (("data", "data"), ("to_device", "to_device"), ("forward", "forward"),
-                ("backward_compute", "bwd comp"), ("comm_exposed", "comm wait"), ("optimizer", "optimizer"))
-
-
-def _percent(value: float | None) -> str:
-    return f"{'n/a':>9}" if value is None else f"{value:>9.1%}"
-
-
-def _trace_failures(ranks: list[dict[str, Any]]) -> list[str]:
-    """A line for each rank that could not write a profiler trace, so the table of a run whose traces folder is short
-    says why. Summaries written without --profile hold `traces` null, older ones no `traces` at all."""
-    traced = [r for r in ranks if r.get("traces")]
-    written = sum(r["traces"]["written"] for r in traced)
-    return [f"profiler: rank {r['rank']} {r['traces']['write_failure']}, and recorded no more traces; training went "
-            f"on ({written} traces written by all ranks, in {TRACES_DIR}/)"
-            for r in traced if r["traces"]["write_failure"]]
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a table for the terminal (also used by `python -m dist_mnist.report`).
-
-    The six share columns add up to 100%: backward is split into its compute and the all-reduce it waited for.
-    """
-    head = (f"{'rank':>4} {'p50 ms':>8} {'p90 ms':>8} {'samples/s':>10} " +
-            " ".join(f"{title:>9}" for _, title in TABLE_SHARES) +
-            f" {'comm ms':>8} {'overlap':>7} {'MB/step':>8} {'MB/s':>7}"
-            f" {'explained':>9} {'peak RSS':>9} {'straggler':>9}")
-    lines = [head]
-    for r in summary["ranks"]:
-        # Summaries written before the all-reduce was measured lack the comm fields: shown as "-".
-        timed = r["backward_share"] is not None
-        shares = {"backward_compute": r.get("backward_compute_share", r["backward_share"]),
-                  "comm_exposed": (r.get("comm_exposed_share") or 0.0) if timed else None,
-                  **{p: r[f"{p}_share"] for p in ("data", "to_device", "forward", "optimizer")}}
-        comm_s = r.get("allreduce_time_per_step_s")
-        if comm_s is None:
-            comm = f" {'-':>8} {'-':>7} {'-':>8} {'-':>7}"
-        else:
-            overlap = r["allreduce_overlapped_per_step_s"] / comm_s if comm_s else 0.0
-            bandwidth = r["allreduce_bandwidth_bytes_per_s"] or 0.0
-            comm = (f" {comm_s * 1e3:>8.2f} {overlap:>7.0%} {r['allreduce_bytes_per_step'] / 1e6:>8.2f}"
-                    f" {bandwidth / 1e6:>7.0f}")
-        straggler = "n/a" if r["straggler"] is None else (r.get("straggler_phase") or "YES") if r["straggler"] else "no"
-        lines.append(f"{r['rank']:>4} {r['step_time_p50_s'] * 1e3:>8.2f} {r['step_time_p90_s'] * 1e3:>8.2f} "
-                     f"{r['samples_per_sec']:>10.0f} " + " ".join(_percent(shares[p]) for p, _ in TABLE_SHARES) +
-                     comm + f" {_percent(r['explained_fraction'])} {r['peak_rss_bytes'] / 2**20:>6.0f}MiB"
-                     f" {straggler:>9}")
-    timing = summary.get("phase_timing")  # absent in summaries written before --phase-timers existed
-    if timing and timing["mode"] == "off":
-        per_step = "" if timing.get("wall_per_step", True) else (
-            " (p50 and p90 are the mean step: on CUDA a single step is not timed without waiting for the GPU)")
-        lines.append(f"phase timers off (--phase-timers off): no phase shares; step times are wall-clock{per_step}")
-    elif timing and timing["mode"] == "sample":
-        timed = timing["steps_timed"]
-        cold = "" if warmup_steps(timed) or not timed else (
-            ": too few to leave the first, cold step out, so nothing is set against the measured step (explained n/a)")
-        lines.append(f"phase shares from one step in {timing['every_n_steps']} ({timed} "
-                     f"step{'' if timed == 1 else 's'} timed on rank 0{cold})")
-    lines.extend(_trace_failures(summary["ranks"]))
-    mfu = f"{summary['mfu']:.1%}" if summary["mfu"] is not None else "n/a"
-    achieved = summary["achieved_tflops"]
-    if summary["mfu"] is None and achieved is not None and achieved > summary["peak_tflops_per_process"] * len(
-            summary["ranks"]) > 0:
-        mfu = "n/a (the run achieved more than this peak, so it is no yardstick)"
-    epoch = f"{summary['epoch_time_s']:.1f} s" if summary["epoch_time_s"] else "n/a"
-    rate = ("samples/s n/a (one step: no interval between two steps to time)" if summary["samples_per_sec"] is None
-            else f"{summary['samples_per_sec']:.0f} samples/s")
-    achieved_text = "n/a" if achieved is None else f"{achieved:.3f}"
-    lines.append(f"global: {rate}, epoch {epoch}, {summary['flops_per_sample'] / 1e6:.1f} MFLOP/sample, "
-                 f"{achieved_text} TFLOP/s achieved, MFU {mfu} of {summary['peak_tflops_per_process']:.3f} TFLOP/s "
-                 f"per process ({summary['peak_source']}); parameters identical on all ranks: "
-                 f"{'yes' if summary['ranks_in_sync'] else 'NO'}")
-    if summary.get("diagnosis"):
-        lines.append(f"diagnosis: {summary['diagnosis']}")
-    if steps := resumed_steps(summary):
-        lines.append(f"resumed at step {summary['first_step']}: these figures are of {steps}, run by the process "
-                     "that resumed the run, not of its earlier steps")
-    return "\n".join(lines)

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from dist_mnist import runjson
-from dist_mnist.compare import compare_summaries, config_changes, format_comparison, resumed_steps, run_label
+from dist_mnist.compare import compare_summaries, config_changes, format_comparison, run_label
 from dist_mnist.console import kept_stdout, rank_line
 from dist_mnist.errors import UserError
-from dist_mnist.metrics import format_eval
 from dist_mnist.plots import write_run_picture
-from dist_mnist.profiling import format_summary
 from dist_mnist.progress import PROGRESS_FILE
 from dist_mnist.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from dist_mnist.runtext import format_eval, format_summary, resumed_steps
 
 PICTURE_FILE = "report.png"
 # The fields the picture reads from each record.
@@ -259,7 +258,8 @@ def unfinished_report(run: Run) -> str:
     if progress:
         last = progress[-1]
         loss = "n/a" if last["train_loss"] is None else f"{last['train_loss']:.4f}"
-        lines.append(f"{PROGRESS_FILE}: {len(progress)} records, the last of step {last['step']}, train loss {loss}")
+        count = f"{len(progress)} record{'' if len(progress) == 1 else 's'}"
+        lines.append(f"{PROGRESS_FILE}: {count}, the last of step {last['step']}, train loss {loss}")
     return "\n".join(lines)
 
 

@@ -63,7 +63,6 @@ from dist_mnist.metrics import (
     RunWriter,
     StepSample,
     StepTimer,
-    format_eval,
     phase_timer_every_note,
     resolve_phase_timers,
 )
@@ -73,7 +72,6 @@ from dist_mnist.profiling import (
     build_summary,
     cuda_memory_snapshot,
     flops_per_sample,
-    format_summary,
     make_profiler,
     measure_matmul_peak,
     parameter_digest,
@@ -84,6 +82,7 @@ from dist_mnist.progress import Progress
 from dist_mnist.restarts import env_whole_number, restart_advice, stop_agreed, torchrun_restarts
 from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
 from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE
+from dist_mnist.runtext import format_eval, format_summary
 from dist_mnist.shutdown import failure_path
 from dist_mnist.startup import StartupTimer
 

@@ -32,7 +32,8 @@ from dist_mnist.distributed import DistContext
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import Marks, StepTimer
 from dist_mnist.model import MnistCNN
-from dist_mnist.profiling import diagnose, flag_stragglers, warmup_steps
+from dist_mnist.profiling import diagnose, flag_stragglers
+from dist_mnist.runtext import warmup_steps
 from dist_mnist.train import accumulation_step, build_train_parts, resolve_speed_settings, run_training
 from dist_mnist.train import main as train_main
 
@@ -95,7 +96,7 @@ def test_input_bound_advice_with_dataloader_workers_asks_for_more_of_them() -> N
 
 @pytest.mark.parametrize(("steps", "diagnosed"), [(1, False), (4, False), (5, True)])
 def test_no_diagnosis_from_a_rank_that_timed_only_its_first_steps(steps: int, diagnosed: bool) -> None:
-    """Under 5 timed steps rank_stats leaves none out as warm-up (profiling.warmup_steps): all there is are the
+    """Under 5 timed steps rank_stats leaves none out as warm-up (runtext.warmup_steps): all there is are the
     steps that paid for start-up, which a 1-step run with a DataLoader worker read as 96% data wait."""
     ranks = [_stats(0, data=0.06), _stats(1, data=0.06, steps=steps)]
     flag_stragglers(ranks)

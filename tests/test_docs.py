@@ -10,8 +10,9 @@ from conftest import REPO, readme_table_row
 
 from dist_mnist.checkpoint import RESUME_FIELDS
 from dist_mnist.config import build_parser
-from dist_mnist.profiling import BOUND_SHARE, STRAGGLER_MIN_STEP_SHARE, STRAGGLER_RATIO, warmup_steps
+from dist_mnist.profiling import BOUND_SHARE, STRAGGLER_MIN_STEP_SHARE, STRAGGLER_RATIO
 from dist_mnist.runfiles import trace_window_dir
+from dist_mnist.runtext import warmup_steps
 
 README = (REPO / "README.md").read_text()
 ACTIONS = build_parser()._option_string_actions

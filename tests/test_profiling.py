@@ -35,11 +35,9 @@ from dist_mnist import profiler_bench, report
 from dist_mnist.config import TrainConfig
 from dist_mnist.graphs import GraphDecision, GraphedStep, capture_eagerly
 from dist_mnist.metrics import (
-    PHASES,
     MemoryTracker,
     StepSample,
     StepTimer,
-    format_eval,
     phase_timer_every_note,
     process_rss_bytes,
     resolve_phase_timers,
@@ -62,12 +60,12 @@ from dist_mnist.profiling import (
     build_summary,
     configure_kineto,
     cuda_memory_snapshot,
-    format_summary,
     make_profiler,
     rank_stats,
 )
 from dist_mnist.progress import Progress
 from dist_mnist.runfiles import TRACE_FILES, trace_file_name, trace_file_rank, trace_window_dir
+from dist_mnist.runtext import PHASES, format_eval, format_summary
 from dist_mnist.train import RunClock
 from dist_mnist.train import main as train_main
 

@@ -14,9 +14,8 @@ from conftest import SMOKE_FLAGS, run, train_in_process
 
 from dist_mnist import report
 from dist_mnist.compare import compare_summaries, format_ratio
-from dist_mnist.metrics import PHASES
 from dist_mnist.plots import BACKWARD_COMPUTE, EXPOSED_ALLREDUCE, bar_segments
-from dist_mnist.profiling import format_summary
+from dist_mnist.runtext import PHASES, format_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -353,6 +352,22 @@ def test_training_does_not_import_matplotlib() -> None:
     assert result.stdout.strip() == "False", result.stderr
 
 
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_the_report_and_the_comparison_import_no_torch(tmp_path: Path) -> None:
+    """Run folders are read where torch may be missing or slow to import (a laptop, a login node): the report and the
+    comparison read JSON files only, and torch was 1.6 s of the 1.7 s `import dist_mnist.report` took on the 2-core
+    CPU (the summary table and PHASES came from the torch modules profiling and metrics)."""
+    one = _write_run(tmp_path / "a", SUMMARY_A, CONFIG_A, _metrics([20]), _progress([10, 20]))
+    two = _write_run(tmp_path / "b", SUMMARY_B, CONFIG_B)
+    code = ("import sys; from dist_mnist import report; "
+            f"codes = [report.main([{str(one)!r}]), report.main([{str(one)!r}, {str(two)!r}])]; "
+            "print(codes, sorted({'torch', 'torchvision', 'tensorboard'} & set(sys.modules)))")
+    result = run([sys.executable, "-c", code], timeout=100)
+    assert result.stdout.splitlines()[-1] == "[0, 0] []", result.stderr
+    assert (one / "report.png").is_file()
+
+
 def test_a_run_shorter_than_log_every_is_not_said_to_lack_progress_jsonl(tmp_path: Path) -> None:
     """--max-steps below --log-every leaves an empty progress.jsonl: the step-time panel must not say the file is
     missing, and says what its emptiness means."""
@@ -477,6 +492,10 @@ def test_a_run_without_summary_json_still_shows_and_draws_its_records(
     _assert_png(run_dir / "report.png")
     assert report.main([str(run_dir), "--no-picture"]) == 1
     assert "picture:" not in capsys.readouterr().out
+    # One progress line (a run killed before its second --log-every step) is "1 record", not "1 records".
+    (run_dir / "progress.jsonl").write_text(json.dumps(_progress([10])[0]) + "\n")
+    assert report.unfinished_report(report.Run(run_dir)).splitlines()[-1] == (
+        "progress.jsonl: 1 record, the last of step 10, train loss 0.2000")
 
 
 def test_the_comparison_shows_shares_bytes_and_seconds_in_their_units_and_keeps_a_blocks_rows_together() -> None:
