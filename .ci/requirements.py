@@ -1,6 +1,7 @@
-"""Print the project's requirements and test extra (pyproject.toml), one a line, but torch and torchvision, whose
-pins .ci/run replaces with the GPU machines' versions."""
+"""Print the project's requirements and test extra (pyproject.toml), one a line, but torch and torchvision, which
+.ci/run installs at the GPU machines' versions."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -11,5 +12,5 @@ except ModuleNotFoundError:  # Python 3.10, which the project supports, has no t
 
 project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
 for requirement in project["dependencies"] + project["optional-dependencies"]["test"]:
-    if not requirement.startswith(("torch==", "torchvision==")):
+    if not re.match(r"(torch|torchvision)\b(?!-)", requirement):  # not torch-tb-profiler
         sys.stdout.write(f"{requirement}\n")

@@ -4,6 +4,7 @@ so its entry points must live in the package; and what the checkout keeps out of
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def test_ci_lists_the_requirements_without_tomllib(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     listed = result.stdout.splitlines()
     assert "psutil>=5.9" in listed and "pytest>=8" in listed
-    assert not [line for line in listed if line.startswith(("torch==", "torchvision=="))]
+    assert "torch-tb-profiler>=0.4.3" in listed
+    assert not [line for line in listed if line.startswith(("torch>", "torch=", "torchvision"))]
 
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
@@ -123,3 +125,22 @@ def test_the_suite_imports_the_checkout(tmp_path: Path) -> None:
                             env=cpu_env(PYTHONPATH=str(decoy)), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert str(REPO / "dist_mnist" / "__init__.py") in result.stdout, result.stdout
+
+
+def test_the_torch_range_holds_both_torches_ci_runs_the_suite_under() -> None:
+    """pyproject.toml asks for a range of torch and torchvision (an environment's own torch stays), and CI runs the
+    suite under a torch at each end: the GPU machines' (.ci/run) and the pinned one (.ci/constraints.txt)."""
+    from packaging.requirements import Requirement
+
+    # Not tomllib: the project supports Python 3.10, which lacks it.
+    block = (REPO / "pyproject.toml").read_text().split("\ndependencies = [\n", 1)[1].split("\n]", 1)[0]
+    dependencies = re.findall(r'^\s*"([^"]+)",', block, re.MULTILINE)
+    wanted = {req.name: req.specifier for req in map(Requirement, dependencies) if req.name in ("torch", "torchvision")}
+    assert all(not any(spec.operator == "==" for spec in specifier) for specifier in wanted.values()), wanted
+    gpu = re.search(r"torch==(\S+) torchvision==(\S+)", (REPO / ".ci" / "run").read_text())
+    constraints = dict(re.findall(r"^(torch|torchvision)==(\S+)$", (REPO / ".ci" / "constraints.txt").read_text(),
+                                  re.MULTILINE))
+    assert gpu and constraints.keys() == {"torch", "torchvision"}
+    for versions in ({"torch": gpu.group(1), "torchvision": gpu.group(2)}, constraints):
+        for name, version in versions.items():
+            assert version in wanted[name], f"{name} {version} is outside pyproject.toml's {wanted[name]}"
