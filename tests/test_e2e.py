@@ -456,7 +456,6 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], dict[str, str], tuple[s
 LAUNCHED_BAD_INPUTS = {"unreadable-value", "wrong-magic", "fp16-on-cpu", "missing-files-download-impossible"}
 
 
-@pytest.mark.cli
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_error_line(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch,

@@ -15,8 +15,6 @@ from conftest import REPO, SMOKE_FLAGS, cpu_env, make_mnist_dir, run
 
 from dist_mnist import bench
 
-pytestmark = pytest.mark.cli
-
 
 def installed_copy(tmp_path: Path) -> Path:
     """A folder holding what a wheel installs, the package alone, to put on PYTHONPATH (before the test environment's
@@ -67,6 +65,7 @@ def test_a_launcher_copied_out_of_a_checkout_runs_the_installed_package(tmp_path
     assert result.stdout.split() == [str(site / "dist_mnist" / "__init__.py"), "False"]
 
 
+@pytest.mark.cli
 @pytest.mark.timeout(150)
 def test_the_bench_of_an_installed_package_launches_its_training_through_the_package(tmp_path: Path) -> None:
     """Before: every launching section ran site-packages/launch/train.py, which no wheel holds, and --output's
