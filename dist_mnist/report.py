@@ -30,7 +30,7 @@ PROGRESS_FIELDS = ("step", "train_loss", "step_time_ms")
 def _read_json(path: Path, text: str) -> Any:
     try:
         return runjson.loads(text)
-    except ValueError as exc:  # json's JSONDecodeError, or runjson.NestedTooDeep
+    except ValueError as exc:  # json's JSONDecodeError, runjson.NestedTooDeep or runjson.NumberTooLong
         raise UserError(f"{path} is corrupt: {exc}") from None
 
 
@@ -137,13 +137,13 @@ def read_records(path: Path) -> Records:
             continue
         try:
             record = runjson.loads(line)
-        except runjson.NestedTooDeep as exc:
-            record = UserError(f"{path} line {number} is corrupt: {exc}")
         except json.JSONDecodeError as exc:
             # A last line without its newline is what a process killed in mid-append leaves.
             cut = " (cut short: the run stopped while writing it)" if number == len(lines) and not text.endswith(
                 "\n") else ""
             record = UserError(f"{path} line {number} is corrupt: {exc.msg}: column {exc.colno}{cut}")
+        except ValueError as exc:  # every other damage runjson.loads raises (NestedTooDeep, NumberTooLong)
+            record = UserError(f"{path} line {number} is corrupt: {exc}")
         parsed.append((number, record))
     return Records(path, parsed)
 

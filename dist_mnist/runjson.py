@@ -6,12 +6,14 @@ as null instead (the run stops at a non-finite loss before recording it; this is
 and allow_nan=False makes one that slipped past the mapping an error here, not a file no reader takes.
 
 `loads` reads them back, and raises JSON nested past Python's recursion limit (no file a run writes) as a ValueError
-like any other damage, where json.loads raises RecursionError."""
+like any other damage, where json.loads raises RecursionError; an integer past Python's digit limit, which json.loads
+raises as a ValueError whose advice no reader of a run file can follow, is one too, in words of its own."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 
@@ -35,9 +37,20 @@ class NestedTooDeep(ValueError):
     """JSON nested past Python's recursion limit: json.loads raises RecursionError on it."""
 
 
+class NumberTooLong(ValueError):
+    """An integer of more digits than Python 3.11+ converts (sys.get_int_max_str_digits(), 4300 unless changed)."""
+
+
 def loads(text: str) -> Any:
-    """json.loads; every damaged text raises a ValueError: json's JSONDecodeError, or NestedTooDeep."""
+    """json.loads; every damaged text raises a ValueError: json's JSONDecodeError, NestedTooDeep or NumberTooLong."""
     try:
         return json.loads(text)
     except RecursionError:
         raise NestedTooDeep("nested too deep to read") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:
+        # The one other ValueError json.loads raises on a str: int() refusing a literal past the digit limit. Its own
+        # text ends "use sys.set_int_max_str_digits() to increase the limit", a call no user of the report can make.
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+        raise NumberTooLong(f"an integer longer than the {limit} digits Python reads") from None

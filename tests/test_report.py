@@ -390,6 +390,24 @@ def test_json_nested_past_the_recursion_limit_is_a_corrupt_file_not_a_traceback(
     assert capsys.readouterr().err == f"error: {run / 'summary.json'} is corrupt: nested too deep to read\n"
 
 
+@pytest.mark.skipif(getattr(sys, "get_int_max_str_digits", lambda: 0)() == 0,
+                    reason="Python reads integers of any length (before 3.11, or the limit turned off)")
+def test_an_integer_past_pythons_digit_limit_is_a_corrupt_line_not_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """json.loads raises a plain ValueError (not JSONDecodeError) for an integer past sys.get_int_max_str_digits():
+    it escaped as a traceback, from a finished run's metrics.jsonl and an unfinished run's progress.jsonl."""
+    huge = "1" * (sys.get_int_max_str_digits() + 1)
+    finished = _write_run(tmp_path / "finished", SUMMARY_A, CONFIG_A)
+    (finished / "metrics.jsonl").write_text(json.dumps(_metrics([20])[0]) + '\n{"step": ' + huge + "}\n")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "progress.jsonl").write_text(json.dumps(_progress([10])[0]) + '\n{"step": ' + huge + "}\n")
+    for run_dir, name in ((finished, "metrics.jsonl"), (unfinished, "progress.jsonl")):
+        assert report.main([str(run_dir), "--no-picture"]) == 1
+        assert capsys.readouterr().err == (f"error: {run_dir / name} line 2 is corrupt: an integer longer than the "
+                                           f"{sys.get_int_max_str_digits()} digits Python reads\n")
+
+
 def test_the_picture_is_not_written_through_a_symlink_at_its_temp_name(tmp_path: Path) -> None:
     """`.report.png.tmp -> ~/victim` in a run folder: the picture replaced the victim's content."""
     run = _write_run(tmp_path / "a", SUMMARY_A, CONFIG_A)
