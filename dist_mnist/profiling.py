@@ -187,7 +187,7 @@ class WindowedProfiler:
         folder (trace_window_dir), named by its global rank; a resumed process that records a window's steps again
         replaces the earlier process's trace of them (and where it cannot, sets that one aside:
         _set_aside_earlier_traces), and rank 0 removes the traces of ranks this world lacks (an earlier, larger
-        world's), which HTA would read as ranks of this window.
+        world's), which HTA would read as ranks of this window (_remove_traces_of_absent_ranks).
 
         The trace's `traceName` is the temporary file torch's .gz export writes and deletes: torch takes no name for
         it (kineto writes the path it exports to), and setting it would mean parsing and writing the trace again.
@@ -199,11 +199,6 @@ class WindowedProfiler:
             folder.mkdir(parents=True, exist_ok=True)
             window.export_chrome_trace(str(partial))
             os.replace(partial, final)
-            if self.rank == 0:
-                for other in folder.iterdir():
-                    rank = trace_file_rank(other.name)
-                    if rank is not None and rank >= self.world_size:
-                        other.unlink(missing_ok=True)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
@@ -211,48 +206,97 @@ class WindowedProfiler:
             rank_line(self.rank, "note", f"{self.write_failure}; no more traces are recorded in this run, training "
                       f"goes on{self._set_aside_earlier_traces()}")
             return
+        # Written from here on: a failed cleanup below is no failed write, and must not have the failure path take
+        # this process's new trace for an earlier process's and set it aside.
         self.traces_written += 1
+        if self.rank == 0:
+            self._remove_traces_of_absent_ranks(folder)
+
+    def _remove_traces_of_absent_ranks(self, folder: Path) -> None:
+        """Rank 0, after writing its trace of the window in `folder`: removes the traces there of ranks this world
+        lacks (an earlier, larger world's, of the same steps), which HTA would read as ranks of this window. What
+        cannot be removed is left as it is and named in a note; this rank's trace is written, and profiling goes
+        on."""
+        stuck = []
+        try:
+            absent = sorted(other for other in folder.iterdir()
+                            if (rank := trace_file_rank(other.name)) is not None and rank >= self.world_size)
+        except OSError as exc:
+            absent, stuck = [], [f"the folder's list ({exc.strerror or exc})"]
+        for other in absent:
+            try:
+                other.unlink(missing_ok=True)
+            except OSError as exc:
+                stuck.append(f"{other.name} ({exc.strerror or exc})")
+        if stuck:
+            one = len(stuck) == 1
+            rank_line(self.rank, "note", f"could not remove from {folder} the {'trace' if one else 'traces'} of "
+                      f"{'a rank' if one else 'ranks'} this world of {self.world_size} lacks, an earlier, larger "
+                      f"world's, which HTA would read as {'a rank' if one else 'ranks'} of this window: "
+                      f"{', '.join(stuck)}; remove {'it' if one else 'them'} before reading the window; training goes "
+                      "on")
 
     def _set_aside_earlier_traces(self) -> str:
-        """After a failed write: this rank's traces that an earlier process of the run (a crashed attempt, the
-        process a resume went back behind) left in this window's folder and in the later ones this process's
-        schedule has, each renamed to `<name>.earlier` (a name no viewer reads: HTA takes *.json and *.gz, the
-        profiler plugin and gpucheck *.pt.trace.json.gz). This process has written none of them, and writes none
-        now, while the other ranks write theirs: left in place, each was taken for this process's trace of that
-        window, beside the other ranks' of another process (HTA merges the ranks of a folder). Returns what the note
-        adds."""
+        """After a failed write: the traces an earlier process of the run (a crashed attempt, the process a resume
+        went back behind) left in this window's folder and in the later ones this process's schedule has, each
+        renamed to `<name>.earlier` (a name no viewer reads: HTA takes *.json and *.gz, the profiler plugin and
+        gpucheck *.pt.trace.json.gz): this rank's, and on rank 0 those of ranks this world lacks (an earlier, larger
+        world's), which rank 0 removes only after a write of its own. This process writes none of them now, while
+        the other ranks write theirs: left in place, each was taken for this process's trace of that window, or for
+        a rank of it, beside the other ranks' of another process (HTA merges the ranks of a folder). Returns what
+        the note adds."""
         name = trace_file_name(self.rank)
         try:
             folders = sorted(self.trace_dir.iterdir())
         except OSError:  # the traces folder itself could not be made
             folders = []
-        moved, stuck = [], []
+        own: list[Path] = []
+        absent: list[Path] = []
         for folder in folders:
             step = trace_window_step(folder.name)
-            earlier = folder / name
-            if step is None or step < self.window_first_step or not self._schedule_has(step) or not earlier.exists():
+            if step is None or step < self.window_first_step or not self._schedule_has(step):
                 continue
-            aside = earlier.with_name(f"{name}.earlier")
-            for number in itertools.count(2):  # an older one set aside before stays too
-                if not aside.exists():
-                    break
-                aside = earlier.with_name(f"{name}.earlier{number}")
-            try:
-                os.replace(earlier, aside)
-                moved.append(f"{folder.name}/{aside.name}")
-            except OSError as exc:
-                stuck.append(f"{folder.name}/{name} ({exc.strerror or exc})")
+            if (folder / name).exists():
+                own.append(folder / name)
+            if self.rank == 0:
+                with contextlib.suppress(OSError):  # a folder that cannot be listed: its traces cannot be renamed
+                    absent += sorted(other for other in folder.iterdir()
+                                     if (rank := trace_file_rank(other.name)) is not None and rank >= self.world_size)
         said = ""
-        if moved:
-            one = len(moved) == 1
-            said += (f"; {'the trace' if one else 'the traces'} an earlier process left for this rank in this window"
-                     f"{'' if one else ' and later ones'}, which viewers would take for this process's, "
-                     f"{'is' if one else 'are'} renamed to {', '.join(moved)}")
+        stuck: list[str] = []
+        for traces in (own, absent):
+            moved: list[Path] = []
+            for earlier in traces:
+                aside = earlier.with_name(f"{earlier.name}.earlier")
+                for number in itertools.count(2):  # an older one set aside before stays too
+                    if not aside.exists():
+                        break
+                    aside = earlier.with_name(f"{earlier.name}.earlier{number}")
+                try:
+                    os.replace(earlier, aside)
+                    moved.append(aside)
+                except OSError as exc:
+                    stuck.append(f"{earlier.parent.name}/{earlier.name} ({exc.strerror or exc})")
+            if moved:
+                one = len(moved) == 1
+                whose, taken_for = (("this rank", "viewers would take for this process's") if traces is own else
+                                    (f"{'a rank' if one else 'ranks'} this world of {self.world_size} lacks",
+                                     f"HTA would read as {'a rank of its' if one else 'ranks of their'} window"))
+                said += (f"; {'the trace' if one else 'the traces'} an earlier process left for {whose} "
+                         f"{self._windows_of(moved)}, which {taken_for}, {'is' if one else 'are'} renamed to "
+                         f"{', '.join(f'{path.parent.name}/{path.name}' for path in moved)}")
         if stuck:
             one = len(stuck) == 1
-            said += (f"; {'the trace' if one else 'the traces'} an earlier process left for this rank could not be "
-                     f"renamed and {'is' if one else 'are'} not this process's: {', '.join(stuck)}")
+            said += (f"; {'the trace' if one else 'the traces'} an earlier process left could not be renamed and "
+                     f"{'is' if one else 'are'} not this process's: {', '.join(stuck)}")
         return said
+
+    def _windows_of(self, traces: list[Path]) -> str:
+        """Which windows `traces` lie in, as the note says it: the window whose write failed, later ones, or both."""
+        here = self.trace_dir / trace_window_dir(self.window_first_step)
+        if all(trace.parent == here for trace in traces):
+            return "in this window"
+        return "in this window and later ones" if any(trace.parent == here for trace in traces) else "in later windows"
 
     def _schedule_has(self, window_step: int) -> bool:
         """Whether this process's schedule opens a window whose first recorded step is `window_step` (see

@@ -433,6 +433,78 @@ def test_a_trace_that_cannot_be_written_leaves_no_earlier_processs_trace_under_i
         f"renamed to {re.escape(', '.join(renamed))}$", err, re.MULTILINE), err
 
 
+@pytest.mark.timeout(60)
+def test_a_larger_worlds_trace_rank_0_cannot_remove_costs_a_note_not_its_own_new_trace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rank 0 wrote its trace, then could not remove an earlier 6-rank world's rank5 trace beside it: that counted as
+    a failed write, profiling stopped, and the failure path renamed rank 0's new trace aside as an earlier process's
+    (review_session F2). The trace is written; the file left behind is named in a note."""
+    cfg = TrainConfig(profile=True, profile_wait=0, profile_warmup=1, profile_active=1, profile_repeat=1)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+    window = tmp_path / TRACES_DIR / trace_window_dir(2)
+    window.mkdir(parents=True)
+    (window / trace_file_name(5)).write_bytes(b"an earlier, larger world's")
+    unlink = Path.unlink
+
+    def busy_for_rank_5(self: Path, missing_ok: bool = False) -> None:
+        if trace_file_rank(self.name) == 5:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", busy_for_rank_5)
+    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=10) as profiler:  # type: ignore[arg-type]
+        for _ in range(3):
+            profiler.begin_step()
+            torch.ones(4).sum()
+            profiler.step()
+    assert profiler.outcome() == {"written": 1, "write_failure": None}
+    assert sorted(path.name for path in window.iterdir()) == [trace_file_name(0), trace_file_name(5)]
+    assert _profiler_steps(_load_trace(window / trace_file_name(0))) == [1]
+    assert capsys.readouterr().err == (
+        f"note: could not remove from {window} the trace of a rank this world of 1 lacks, an earlier, larger world's, "
+        "which HTA would read as a rank of this window: rank5.pt.trace.json.gz (Device or resource busy); remove it "
+        "before reading the window; training goes on\n")
+
+
+@pytest.mark.timeout(60)
+def test_a_trace_rank_0_cannot_write_leaves_no_larger_worlds_trace_beside_the_other_ranks_new_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An earlier 4-rank attempt left traces of ranks 0-3 in the windows of steps 2 and 4; a 2-rank resume's rank 0
+    cannot write its own. Only rank 0 removes the traces of ranks 2 and 3, and only after a write of its own: they
+    stayed beside rank 1's new traces, which HTA merges into one window (review_session F3). They are renamed aside,
+    kept, as rank 0's own earlier ones are; rank 1's, a rank of this world, is left to rank 1."""
+    cfg = TrainConfig(profile=True, profile_wait=0, profile_warmup=1, profile_active=1, profile_repeat=0)
+    ctx = SimpleNamespace(rank=0, world_size=2, device=torch.device("cpu"), is_main=True)
+    traces = tmp_path / TRACES_DIR
+    windows = [traces / trace_window_dir(step) for step in (2, 4)]
+    for window in windows:
+        window.mkdir(parents=True)
+        for rank in range(4):
+            (window / trace_file_name(rank)).write_bytes(f"the 4-rank world's rank {rank}".encode())
+
+    def full_disk(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
+    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=4) as profiler:  # type: ignore[arg-type]
+        for _ in range(4):
+            profiler.begin_step()
+            torch.ones(4).sum()
+            profiler.step()
+    for window in windows:
+        assert {path.name: path.read_bytes() for path in window.iterdir()} == {
+            trace_file_name(1): b"the 4-rank world's rank 1",
+            **{f"{trace_file_name(rank)}.earlier": f"the 4-rank world's rank {rank}".encode() for rank in (0, 2, 3)}}
+    own = ", ".join(f"{window.name}/rank0.pt.trace.json.gz.earlier" for window in windows)
+    absent = ", ".join(f"{window.name}/rank{rank}.pt.trace.json.gz.earlier" for window in windows for rank in (2, 3))
+    assert capsys.readouterr().err == (
+        f"note: could not write rank0.pt.trace.json.gz to {windows[0]}: No space left on device; no more traces are "
+        "recorded in this run, training goes on; the traces an earlier process left for this rank in this window and "
+        f"later ones, which viewers would take for this process's, are renamed to {own}; the traces an earlier "
+        "process left for ranks this world of 2 lacks in this window and later ones, which HTA would read as ranks "
+        f"of their window, are renamed to {absent}\n")
+
+
 def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> None:
     """RunClock's `sync` stands for torch.cuda.synchronize: its wait is training time, the pause's own work is not;
     `sync=False` (the profiler step between windows) does not wait."""
