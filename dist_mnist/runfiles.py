@@ -26,7 +26,7 @@ def trace_window_step(name: str) -> int | None:
     """The first recorded step of the window whose folder is named `name` (trace_window_dir); None for any other
     name."""
     number = name.removeprefix("step")
-    return int(number) if name.startswith("step") and len(number) == 8 and number.isdigit() else None
+    return int(number) if name.startswith("step") and len(number) == 8 and _ascii_digits(number) else None
 
 
 def trace_file_name(rank: int) -> str:
@@ -37,7 +37,14 @@ def trace_file_name(rank: int) -> str:
 def trace_file_rank(name: str) -> int | None:
     """The global rank whose trace a file named `name` is (trace_file_name); None for any other name."""
     number = name.removeprefix("rank").removesuffix(TRACE_SUFFIX)
-    return int(number) if name.startswith("rank") and name.endswith(TRACE_SUFFIX) and number.isdigit() else None
+    return int(number) if name.startswith("rank") and name.endswith(TRACE_SUFFIX) and _ascii_digits(number) else None
+
+
+def _ascii_digits(text: str) -> bool:
+    """Whether `text` is 0-9 only, as the names above write numbers. str.isdigit() is also true of '²', which int()
+    refuses (a stray folder `step0000001²` made the trace-failure note a traceback), and of other scripts' digits,
+    which int() reads as a number no name above is written with."""
+    return text.isascii() and text.isdigit()
 CHECKPOINTS_DIR = "checkpoints"  # without --checkpoint-dir; a --resume given a run folder looks in it
 
 

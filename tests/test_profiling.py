@@ -64,7 +64,7 @@ from dist_mnist.profiling import (
     rank_stats,
 )
 from dist_mnist.progress import Progress
-from dist_mnist.runfiles import TRACE_FILES, trace_file_name, trace_file_rank, trace_window_dir
+from dist_mnist.runfiles import TRACE_FILES, trace_file_name, trace_file_rank, trace_window_dir, trace_window_step
 from dist_mnist.runtext import PHASES, format_eval, format_summary
 from dist_mnist.train import RunClock
 from dist_mnist.train import main as train_main
@@ -503,6 +503,38 @@ def test_a_trace_rank_0_cannot_write_leaves_no_larger_worlds_trace_beside_the_ot
         f"later ones, which viewers would take for this process's, are renamed to {own}; the traces an earlier "
         "process left for ranks this world of 2 lacks in this window and later ones, which HTA would read as ranks "
         f"of their window, are renamed to {absent}\n")
+
+
+@pytest.mark.timeout(60)
+def test_names_with_digits_int_refuses_are_no_window_or_trace_and_leave_the_failure_a_note(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """str.isdigit() is true of '²', which int() refuses: a stray `traces/step0000001²` folder (or a file
+    `rank².pt.trace.json.gz` in a window's) turned the full-disk note into a ValueError traceback out of the
+    profiler (review_session F7). Other scripts' digits, which int() reads, name no window or rank either."""
+    assert [trace_window_step(name) for name in ("step0000001²", "step0000001٣", "step00000013")] == [None, None, 13]
+    assert [trace_file_rank(name) for name in ("rank².pt.trace.json.gz", "rank٣.pt.trace.json.gz",
+                                               "rank3.pt.trace.json.gz")] == [None, None, 3]
+    cfg = TrainConfig(profile=True, profile_wait=0, profile_warmup=1, profile_active=1, profile_repeat=1)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+    traces = tmp_path / TRACES_DIR
+    (traces / "step0000002²").mkdir(parents=True)
+    (traces / trace_window_dir(2)).mkdir()
+    (traces / trace_window_dir(2) / "rank².pt.trace.json.gz").write_bytes(b"not a rank's")
+
+    def full_disk(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
+    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=10) as profiler:  # type: ignore[arg-type]
+        for _ in range(3):
+            profiler.begin_step()
+            torch.ones(4).sum()
+            profiler.step()
+    assert capsys.readouterr().err == (
+        f"note: could not write rank0.pt.trace.json.gz to {traces / trace_window_dir(2)}: No space left on device; no "
+        "more traces are recorded in this run, training goes on\n")
+    assert sorted(str(path.relative_to(traces)) for path in traces.rglob("*")) == [
+        trace_window_dir(2), f"{trace_window_dir(2)}/rank².pt.trace.json.gz", "step0000002²"]
 
 
 def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> None:
