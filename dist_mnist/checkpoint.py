@@ -301,14 +301,16 @@ def non_finite_entry(state: Any) -> str | None:
     holds a floating-point tensor with a NaN or an infinity, as "model.fc1.weight holds NaN"; None where every one
     is finite. The weights and the optimizer's moments above all: a run's checks look at its losses only, and the
     update after the last finite loss can still overflow them."""
-    tensors = dict(_float_tensors(state, ""))
+    # A list, not a dict by name: dotted names can collide ({"a": {"b": t}} and {"a.b": t}, or the keys 0 and "0"),
+    # and a dict would keep only the last tensor of each name, leaving the others unchecked.
+    tensors = list(_float_tensors(state, ""))
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for tensor in tensors.values():
+    for _, tensor in tensors:
         by_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
     # One host sync per device, not one per tensor: on a GPU each would wait for the queue, at every checkpoint.
     if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
         return None
-    name, tensor = next((name, t) for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    name, tensor = next((name, t) for name, t in tensors if not bool(torch.isfinite(t).all()))
     return f"{name} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'an infinity'}"
 
 

@@ -613,6 +613,15 @@ def test_a_checkpoint_holding_non_finite_values_is_set_aside_or_refused(
     assert line == f"error: checkpoint {kept} {problem}"
 
 
+def test_non_finite_tensors_are_found_under_dotted_names_another_tensor_also_has() -> None:
+    """Tensors were kept in a dict by dotted name: of two with one name ({"a": {"b": ...}} and {"a.b": ...}, or the
+    keys 0 and "0" that optimizer and PowerSGD state mix), only the last was checked (review_session F6)."""
+    nan, inf, ok = torch.tensor([float("nan")]), torch.tensor([1.0, float("inf")]), torch.ones(2)
+    assert checkpoint.non_finite_entry({"a": {"b": nan}, "a.b": ok}) == "a.b holds NaN"
+    assert checkpoint.non_finite_entry({"state": {0: inf, "0": ok}}) == "state.0 holds an infinity"
+    assert checkpoint.non_finite_entry({"a": {"b": ok}, "a.b": ok, "state": {0: ok, "0": ok}}) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Run folders
 
