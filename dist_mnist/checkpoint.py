@@ -289,18 +289,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except _Malformed as exc:
         raise UserError(f"checkpoint {path} is malformed: {exc} (not as this program writes it)") from None
     if bad := non_finite_entry(state):
-        # A NaN weight makes every later loss NaN: the resume stopped at its first step with "training loss became
-        # non-finite ... (the last good checkpoint is <this file>). Lower --lr", advice that cannot help.
-        raise UserError(f"checkpoint {path} holds non-finite values ({bad}): a run resumed from it would compute NaN "
-                        "from its first step")
+        # Refused here, not left to the resumed run: a NaN weight makes every loss NaN, and the resume stopped at its
+        # first step with "training loss became non-finite ... (the last good checkpoint is <this file>). Lower
+        # --lr", advice that cannot help; an infinite AdamW second moment leaves the weights finite and that weight's
+        # update zero, unnoticed until the save-time check of the resumed run's first checkpoint.
+        raise UserError(f"checkpoint {path} holds non-finite values ({bad}), checked in every floating-point tensor "
+                        "of its training state (the weights, the optimizer's moments, PowerSGD's residuals): a run "
+                        "resumed from it would not train as it should (a NaN weight makes every loss NaN, an infinite "
+                        "AdamW second moment freezes that weight's updates)")
     return state
 
 
 def non_finite_entry(state: Any) -> str | None:
     """Where `state` (a checkpoint, or a part's state_dict: dicts, lists and tuples of tensors and plain values)
     holds a floating-point tensor with a NaN or an infinity, as "model.fc1.weight holds NaN"; None where every one
-    is finite. The weights and the optimizer's moments above all: a run's checks look at its losses only, and the
-    update after the last finite loss can still overflow them."""
+    is finite. The weights, the optimizer's moments and PowerSGD's residuals above all: a run's checks look at its
+    losses only, and the update after the last finite loss can still overflow them."""
     # A list, not a dict by name: dotted names can collide ({"a": {"b": t}} and {"a.b": t}, or the keys 0 and "0"),
     # and a dict would keep only the last tensor of each name, leaving the others unchecked.
     tensors = list(_float_tensors(state, ""))

@@ -948,7 +948,8 @@ class Trainer:
                                             [self.train_loss_sum, self.train_loss_count],
                                             checkpoint.non_finite_entry(parts)))
         if bad := next((entry for _, _, entry in per_rank if entry), None):
-            raise self.non_finite(f"the model's state became non-finite by step {self.state.step} ({bad}) while its "
+            # "The training state", not the model's: the find may be an optimizer moment or a PowerSGD residual.
+            raise self.non_finite(f"the training state became non-finite by step {self.state.step} ({bad}) while the "
                                   "training loss stayed finite")
 
         def write() -> checkpoint.WrittenCheckpoint:
@@ -1032,8 +1033,8 @@ class Trainer:
         self.progress.add_losses(total, len(values))
 
     def non_finite(self, what: str) -> UserError:
-        """The line that stops every rank at a non-finite loss or model state (`what` says which, where), before it
-        reaches a record or a checkpoint."""
+        """The line that stops every rank at a non-finite loss or training state (`what` says which, where), before
+        it reaches a record or a checkpoint."""
         # Not a listing of the folder: a write in flight (of a step before this one, so good) is the newest once
         # it is done, and the rotation after it removes the file listed now.
         newest = self.settled_checkpoint()

@@ -574,7 +574,7 @@ def test_weights_an_update_made_non_finite_are_never_checkpointed(capsys: pytest
     folder = checkpoints_of(tmp_path)
     good = checkpoint.checkpoint_path(folder, 2)
     assert single_error_line(err) == (
-        "error: the model's state became non-finite by step 4 (model.fc1.weight holds NaN) while its training loss "
+        "error: the training state became non-finite by step 4 (model.fc1.weight holds NaN) while the training loss "
         f"stayed finite; stopped (the last good checkpoint is {good}). Lower --lr, or use --grad-clip")
     assert checkpoint.list_checkpoints(folder) == [good]
     checkpoint.load_checkpoint(good)
@@ -584,25 +584,33 @@ def _poison(state: dict[str, Any], where: str) -> None:
     with torch.no_grad():
         if where == "weight":
             state["model"]["fc1.weight"][0, 0] = float("nan")
-        else:
+        elif where == "moment":
             state["optimizer"]["state"][4]["exp_avg_sq"][0, 0] = float("inf")
+        else:  # a PowerSGD residual, in the shape PowerSGDHookState.state_dict gives (this run has no hook)
+            state["comm_hook"] = {"ranks": [{"error": {0: torch.tensor([0.0, float("nan")])}}]}
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("where", "said"), [("weight", "model.fc1.weight holds NaN"),
-                                             ("moment", "optimizer.state.4.exp_avg_sq holds an infinity")])
+                                             ("moment", "optimizer.state.4.exp_avg_sq holds an infinity"),
+                                             ("residual", "comm_hook.ranks.0.error.0 holds NaN")])
 def test_a_checkpoint_holding_non_finite_values_is_set_aside_or_refused(
         capsys: pytest.CaptureFixture[str], run_copy: Path, tmp_path: Path, where: str, said: str) -> None:
-    """A checkpoint whose weights or optimizer moments are not finite (written by an older version, or edited), saved
+    """A checkpoint with a floating-point tensor that is not finite (written by an older version, or edited), saved
     whole with valid CRCs: --resume auto sets it aside and resumes from the previous one, --resume PATH refuses it.
-    Before, both resumed it and stopped at the first step's NaN loss, naming it "the last good checkpoint"."""
+    Before, both resumed it and stopped at the first step's NaN loss, naming it "the last good checkpoint". The line
+    says what is checked and what follows; it said "would compute NaN from its first step", untrue of an infinite
+    AdamW second moment, which leaves the weights finite and that weight's updates zero (review_session F4, F5)."""
     newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
     state = torch.load(newest, weights_only=True)
     _poison(state, where)
     torch.save(state, newest)
     kept = tmp_path / "kept.pt"
     shutil.copy(newest, kept)
-    problem = f"holds non-finite values ({said}): a run resumed from it would compute NaN from its first step"
+    problem = (f"holds non-finite values ({said}), checked in every floating-point tensor of its training state (the "
+               "weights, the optimizer's moments, PowerSGD's residuals): a run resumed from it would not train as it "
+               "should (a NaN weight makes every loss NaN, an infinite AdamW second moment freezes that weight's "
+               "updates)")
     code, out, err = train_in_process(capsys, run_copy, "--max-steps", str(BASE_STEPS + 2))
     assert code == 0, err
     assert f"warning: checkpoint {newest} {problem}; renamed it to step00000008.pt.unreadable, trying the previous " \
