@@ -867,7 +867,10 @@ class Trainer:
         (checkpoint.numerics_changes)."""
         numerics = {"device": self.ctx.device.type, "amp": dtype_name(self.settings.amp_dtype),
                     "channels_last": self.settings.channels_last, "ddp_comm_hook": self.cfg.ddp_comm_hook,
-                    "compile": self.cfg.compile, "deterministic": self.cfg.deterministic}
+                    "compile": self.cfg.compile, "deterministic": self.cfg.deterministic,
+                    # A replayed step reads its learning rate from a float32 tensor, an eager one gets the scheduler's
+                    # Python float. The decision, not whether capture worked: a failed capture keeps the tensor.
+                    "cuda_graphs": self.graphs.enabled}
         if self.cfg.compile:  # compared only where both runs compiled: on -> off says it already
             numerics["compile_backend"] = self.cfg.compile_backend
         if self.ctx.device.type == "cpu":

@@ -306,6 +306,30 @@ def test_graphed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeyp
     assert group["lr"] == whole["optimizer"]["param_groups"][0]["lr"]
 
 
+@pytest.mark.timeout(180)
+def test_a_resume_that_switches_cuda_graphs_says_its_numbers_differ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """review_gpu F2: a replayed step reads its learning rate from a float32 tensor, an eager step gets a Python
+    float, so the two round differently; a resume that switched graphs on or off said nothing of it."""
+    def graphed(patch: pytest.MonkeyPatch) -> None:
+        patch.setattr(train_module, "graph_decision", lambda *args, **kwargs: GraphDecision(True, ""))
+        patch.setattr(train_module, "GraphedStep", partial(GraphedStep, capture=capture_eagerly))
+
+    flags = [*SMOKE_FLAGS, "--checkpoint-every", "2", "--output-dir", str(tmp_path), "--run-name", "toggled"]
+    with monkeypatch.context() as patch:
+        graphed(patch)
+        assert main([*flags, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*flags, "--max-steps", "4"]) == 0
+    note = "note: this run continues with other settings than the checkpoint's ({}): training goes on correctly, " \
+           "but its numbers will differ in the last bits from a run that was never interrupted"
+    assert note.format("--cuda-graphs on -> off") in capsys.readouterr().out.splitlines()
+    with monkeypatch.context() as patch:
+        graphed(patch)
+        assert main([*flags, "--max-steps", "6"]) == 0
+    assert note.format("--cuda-graphs off -> on") in capsys.readouterr().out.splitlines()
+
+
 @pytest.mark.timeout(120)
 def test_a_run_whose_capture_failed_says_so_and_its_summary_says_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
