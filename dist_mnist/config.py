@@ -173,7 +173,8 @@ class TrainConfig:
     profile_memory: bool = _opt(False, "record tensor allocations in the traces (bigger traces)")
     profile_shapes: bool = _opt(False, "record operator input shapes in the traces")
     profile_stack: bool = _opt(False, "record Python stacks in the traces (much bigger traces)")
-    cuda_memory_snapshot: bool = _opt(False, "CUDA only: dump a memory snapshot (view at pytorch.org/memory_viz)")
+    cuda_memory_snapshot: bool = _opt(False, "CUDA only: dump a memory snapshot, the allocator's last 100,000 events "
+                                             "with Python stacks (view at pytorch.org/memory_viz)")
     peak_tflops: float = _opt(0.0, "peak TFLOP/s (not FLOP/s) per process for the MFU figure, at most "
                                      f"{MAX_PEAK_TFLOPS:g} (0: measure a matmul peak)")
     phase_timers: str = _opt("auto", "per-phase step timers behind summary.json's phase shares: every step, every "
