@@ -27,6 +27,7 @@ from dist_mnist.durable import write_failed
 from dist_mnist.errors import Terminated, UserError, interrupted_early
 from dist_mnist.profiling import WindowedProfiler
 from dist_mnist.rundir import _choose_run_dir
+from dist_mnist.runfiles import trace_file_name
 from dist_mnist.train import world_size_warning
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -154,6 +155,22 @@ def full_disk_trace(s: Situation) -> str:
     return s.capsys.readouterr().err.rstrip("\n")
 
 
+def stuck_absent_rank_trace(s: Situation) -> str:
+    # Rank 0 of a world of 2 wrote its trace of a window that still holds rank 3's, of an earlier world of 4, which
+    # the folder's permissions keep it from removing.
+    folder = s.tmp_path / "traces" / "step00000012"
+    folder.mkdir(parents=True)
+    (folder / trace_file_name(3)).write_bytes(b"")
+    profiler = WindowedProfiler(TrainConfig(profile=True), cpu_ctx(world_size=2), s.tmp_path / "traces", 0, 10)
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    s.monkeypatch.setattr(Path, "unlink", refused)
+    profiler._remove_traces_of_absent_ranks(folder)
+    return s.capsys.readouterr().err.rstrip("\n")
+
+
 def missing_mnist(s: Situation) -> str:
     return error_line(lambda: load_mnist(mnist_cfg(s.tmp_path / "nowhere"), cpu_ctx()))
 
@@ -176,6 +193,7 @@ PRODUCERS: dict[str, Callable[[Situation], str]] = {
     "error: the process group did not open": peers_missing,
     "error: could not write step00000008.pt": full_disk_checkpoint,
     "note: could not write rank0.": full_disk_trace,
+    "note: could not remove from DIR/traces/step<S>": stuck_absent_rank_trace,
     "error: MNIST files missing in": missing_mnist,
     "warning: the checkpoint was written by": lambda s: f"warning: {world_size_warning(4, 2, 1, 29_952, 29_952, 0.35)}",
 }
