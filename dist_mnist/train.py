@@ -276,7 +276,8 @@ def make_model(settings: SpeedSettings, device: torch.device) -> MnistCNN:
     return module
 
 
-def warm_up_kernels(cfg: TrainConfig, settings: SpeedSettings, device: torch.device, eval_batch: int) -> None:
+def warm_up_kernels(cfg: TrainConfig, settings: SpeedSettings, device: torch.device, eval_batch: int,
+                    evaluation: bool = True) -> None:
     """A training forward and backward and an evaluation forward of a throwaway model at the run's shapes, while the
     import thread still imports torch._dynamo (which the optimizer needs before its first step).
 
@@ -287,6 +288,11 @@ def warm_up_kernels(cfg: TrainConfig, settings: SpeedSettings, device: torch.dev
     (loaded kernels, cuDNN's plans, the handles a finished thread hands back) are the process's, so the real model
     finds them warm. Its weights are thrown away, and build_train_parts seeds the generators it drew from again, so
     the run is the same with or without it (tests/test_gpu_paths.py).
+
+    `evaluation` False leaves the evaluation pass out, for a run that captures a CUDA graph next: torch.cuda.graph
+    empties the caching allocator's cache as the capture begins (torch.cuda.empty_cache() in its __enter__), which
+    gave the pass's memory back to the driver, so the first real evaluation allocated it again. Such a run calls
+    warm_up_evaluation after the capture instead.
     """
     model = make_model(settings, device)
     amp = partial(torch.autocast, device.type, dtype=settings.amp_dtype, enabled=settings.amp_dtype is not None)
@@ -296,10 +302,23 @@ def warm_up_kernels(cfg: TrainConfig, settings: SpeedSettings, device: torch.dev
         loss = F.cross_entropy(logits, torch.zeros(cfg.batch_size, dtype=torch.long, device=device),
                                label_smoothing=cfg.label_smoothing)
     loss.backward()
+    if evaluation:
+        warm_up_evaluation(model, settings, device, eval_batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # its GPU time is the phase's, not the next one's
+
+
+def warm_up_evaluation(model: nn.Module, settings: SpeedSettings, device: torch.device, eval_batch: int) -> None:
+    """An evaluation forward at the run's evaluation batch, as `evaluate` runs it: its kernels and convolution plans,
+    and the caching allocator left holding the batch's memory for the first real evaluation. In eval mode and
+    inference mode it changes nothing in `model` and draws no random number (dropout is off), so a graphed run
+    runs it on its own model after the capture (Trainer.resume_and_train)."""
     model.eval()
     images = torch.zeros(eval_batch, 28, 28, dtype=torch.uint8, device=device)
-    with torch.inference_mode(), amp():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=settings.amp_dtype,
+                                                enabled=settings.amp_dtype is not None):
         model(normalize(images, device, settings.channels_last)).float().argmax(dim=1)
+    model.train()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # its GPU time is the phase's, not the next one's
 
@@ -689,7 +708,8 @@ class Trainer:
         self.global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
         if kernel_warmup_pays(ctx.device):
             with self.startup.phase("kernel_warmup"):
-                warm_up_kernels(cfg, self.settings, ctx.device, max(1, self.data.first_test_batch))
+                warm_up_kernels(cfg, self.settings, ctx.device, max(1, self.data.first_test_batch),
+                                evaluation=not graphs.enabled)
         self.startup.join_background_imports()
         with self.startup.phase("model"):
             self.parts = build_train_parts(cfg, ctx, self.settings, self.total_steps)
@@ -1287,6 +1307,13 @@ class Trainer:
                     self.graphed = True
                 except RuntimeError as exc:  # weights and optimizer state are back as they were
                     self.log(capture_failure_note(exc, cfg.cuda_graphs))
+            if kernel_warmup_pays(ctx.device):
+                # The kernel warm-up's evaluation pass, left until now: the capture (a failed one too) emptied the
+                # allocator's cache as it began, and the pass leaves the test batch's memory cached for the first
+                # evaluation, which comes before 99%.
+                with self.startup.phase("kernel_warmup"):
+                    warm_up_evaluation(self.parts.module, self.settings, ctx.device,
+                                       max(1, self.data.first_test_batch))
 
         stopped_by: str | None = None
         with self.stop, frozen_heap(), make_profiler(cfg, ctx, self.run_dir, state.step, self.step_limit()) as profiler:

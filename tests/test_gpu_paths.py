@@ -519,22 +519,69 @@ def test_the_kernel_warmup_leaves_the_run_as_it_would_have_been(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA start-up runs the model's kernels once at the run's shapes while torch._dynamo is imported; the
     throwaway model draws from the generators, which are seeded again after it: the same run with it as without."""
-    shapes: list[tuple[int, int]] = []
+    shapes: list[tuple[int, int, bool]] = []
     real = train_module.warm_up_kernels
 
-    def spy(cfg: TrainConfig, settings: SpeedSettings, device: torch.device, eval_batch: int) -> None:
-        shapes.append((cfg.batch_size, eval_batch))
-        real(cfg, settings, device, eval_batch)
+    def spy(cfg: TrainConfig, settings: SpeedSettings, device: torch.device, eval_batch: int,
+            evaluation: bool = True) -> None:
+        shapes.append((cfg.batch_size, eval_batch, evaluation))
+        real(cfg, settings, device, eval_batch, evaluation)
 
     monkeypatch.setattr(train_module, "warm_up_kernels", spy)
     flags = [*SMOKE_FLAGS, "--amp", "off", "--deterministic", "--max-steps", "6", "--output-dir", str(tmp_path)]
     assert main([*flags, "--run-name", "cold"]) == 0
     monkeypatch.setattr(train_module, "kernel_warmup_pays", lambda device: True)
     assert main([*flags, "--run-name", "warm"]) == 0
-    # SMOKE_FLAGS: batch 16; the synthetic test set (203 images) cut at --eval-batch-size 50.
-    assert shapes == [(16, 50)]
+    # SMOKE_FLAGS: batch 16; the synthetic test set (203 images) cut at --eval-batch-size 50. No graph capture
+    # follows on the CPU, so the evaluation pass runs here too.
+    assert shapes == [(16, 50, True)]
     summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("cold", "warm")}
     assert "kernel_warmup" in summaries["warm"]["startup"] and "kernel_warmup" not in summaries["cold"]["startup"]
+    assert summaries["warm"]["ranks"][0]["params_digest"] == summaries["cold"]["ranks"][0]["params_digest"]
+    assert [json.loads(line)["test_loss"] for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()] \
+        == [json.loads(line)["test_loss"] for line in (tmp_path / "cold" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(180)
+def test_a_graphed_run_warms_the_evaluation_up_after_the_capture(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """review_gpu F4: torch.cuda.graph empties the caching allocator's cache as a capture begins (its __enter__
+    calls torch.cuda.empty_cache()), so the kernel warm-up's evaluation pass, run before the capture, left the first
+    real evaluation to allocate the test batch's memory again, inside the time to 99%. With graphs its evaluation pass
+    runs after the capture, on the run's own model, which it leaves as it was: the same run with it as without."""
+    events: list[str] = []
+    real_normalize, real_evaluate = train_module.normalize, train_module.evaluate
+
+    def normalize(images: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        events.append(f"forward {len(images)}")  # SMOKE_FLAGS: training batches of 16, evaluation batches of 50
+        return real_normalize(images, *args, **kwargs)
+
+    def evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+        events.append("evaluate")
+        return real_evaluate(*args, **kwargs)
+
+    def capture(body: Callable[[], None]) -> Callable[[], None]:
+        torch.cuda.empty_cache()  # as torch.cuda.graph.__enter__ does
+        return capture_eagerly(body)
+
+    monkeypatch.setattr(train_module, "normalize", normalize)
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(train_module, "graph_decision", lambda *args, **kwargs: GraphDecision(True, ""))
+    monkeypatch.setattr(train_module, "GraphedStep", partial(GraphedStep, capture=capture))
+    flags = [*SMOKE_FLAGS, "--amp", "off", "--deterministic", "--max-steps", "4", "--eval-every", "2",
+             "--output-dir", str(tmp_path)]
+    assert main([*flags, "--run-name", "cold"]) == 0
+    monkeypatch.setattr(train_module, "kernel_warmup_pays", lambda device: True)
+    events.clear()
+    assert main([*flags, "--run-name", "warm"]) == 0
+    # The warm-up's training pass before the capture; its evaluation pass between the capture and the first
+    # evaluation, with nothing emptying the cache in between.
+    capture_at, first_evaluation = events.index("empty_cache"), events.index("evaluate")
+    assert events[:capture_at] == ["forward 16"], events
+    assert "forward 50" in events[capture_at:first_evaluation], events
+    assert "empty_cache" not in events[capture_at + 1:], events
+    summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("cold", "warm")}
     assert summaries["warm"]["ranks"][0]["params_digest"] == summaries["cold"]["ranks"][0]["params_digest"]
     assert [json.loads(line)["test_loss"] for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()] \
         == [json.loads(line)["test_loss"] for line in (tmp_path / "cold" / "metrics.jsonl").read_text().splitlines()]
