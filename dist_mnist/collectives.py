@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -55,18 +55,36 @@ class CollectiveTimeout:
     seconds: float
     training_seconds: float
 
-    def switch_to_training(self, ctx: DistContext) -> None:
-        """Call once every rank is past its first step (its backward all-reduce has met all the others)."""
+    def switch_to_training(self, ctx: DistContext) -> str | None:
+        """Call once every rank is past its first step (its backward all-reduce has met all the others). Returns a
+        `note:` line, once, where a group's backend cannot change its timeout; None otherwise."""
         if self.seconds == self.training_seconds:
-            return
-        self.seconds = self.training_seconds
+            return None
         if ctx.world_size == 1:
-            return
-        timeout = datetime.timedelta(seconds=self.training_seconds)
+            self.seconds = self.training_seconds
+            return None
         # The default group (nccl on GPUs, else the control group itself) and the gloo control group. The method of
         # the group, not dist.set_timeout: torch 2.11 (what our GPU machines run) does not have that yet.
-        for group in {dist.group.WORLD, ctx.control_group}:
-            group.set_timeout(timeout)
+        groups = [dist.group.WORLD, *([ctx.control_group] if ctx.control_group is not dist.group.WORLD else [])]
+        switched: list[Any] = []
+        for group in groups:
+            try:
+                group.set_timeout(datetime.timedelta(seconds=self.training_seconds))
+            except RuntimeError as exc:
+                # Some torch versions' backends raise "does not support setting timeout" (torch 2.14's base class
+                # only warns; 2.11's NCCL backend is unverified). A timeout that stays long is no reason to end a
+                # run: every group keeps the start-up one, so the timeout an error line names is the one each
+                # collective applied, and the switch is not tried again.
+                for done in switched:
+                    done.set_timeout(datetime.timedelta(seconds=self.seconds))
+                kept, self.training_seconds = self.training_seconds, self.seconds
+                reason = " ".join(str(exc).split())[:200]
+                return (f"note: this torch cannot change a process group's timeout ({reason}): collectives keep "
+                        f"--timeout-s {self.seconds:g} after the first step, not --train-timeout-s {kept:g}, so a "
+                        f"hung or lost peer ends the run after {self.seconds:g} s")
+            switched.append(group)
+        self.seconds = self.training_seconds
+        return None
 
 
 def is_collective_failure(exc: BaseException) -> bool:

@@ -1343,7 +1343,8 @@ class Trainer:
                         break
                     with self.phase("the training step (the gradient all-reduce in backward)"):
                         loss = self.step_fn(micro_batches, self.timer)
-                    self.timeout.switch_to_training(ctx)
+                    if timeout_note := self.timeout.switch_to_training(ctx):
+                        self.log(timeout_note)
                     self.timer.end_step()
                     if cfg.profile:
                         with self.paused("profiler", sync=profiler.window_closes_next):

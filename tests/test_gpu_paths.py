@@ -4,6 +4,8 @@ and the device-side batch order against the DataLoader's, and a whole graphed ru
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -24,6 +26,7 @@ from conftest import REPO, SMOKE_FLAGS, cpu_env, make_mnist_dir
 
 import dist_mnist.train as train_module
 from dist_mnist import checkpoint
+from dist_mnist.collectives import CollectiveTimeout
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import build_pipeline, synthetic_splits
 from dist_mnist.distributed import DistContext, distributed_session, resolve_backend
@@ -367,6 +370,66 @@ def test_a_world_of_one_runs_no_collective(tmp_path: Path, monkeypatch: pytest.M
              str(tmp_path), "--run-name", "one"]
     assert main(flags) == 0
     assert calls == []
+
+
+class TimeoutGroup:
+    """A process group's set_timeout, as a backend that takes it or one that refuses it."""
+
+    def __init__(self, refuses: bool) -> None:
+        self.refuses = refuses
+        self.timeouts: list[float] = []
+
+    def set_timeout(self, timeout: datetime.timedelta) -> None:
+        if self.refuses:
+            raise RuntimeError("Backend nccl does not support setting timeout")
+        self.timeouts.append(timeout.total_seconds())
+
+
+@contextlib.contextmanager
+def default_group(group: object) -> Iterator[None]:
+    """dist.group.WORLD as `group` (monkeypatch cannot: the attribute is a property of its metaclass)."""
+    before = dist.group.WORLD
+    dist.group.WORLD = group  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        dist.group.WORLD = before
+
+
+@pytest.mark.parametrize(("world_refuses", "control_refuses"), [(True, False), (False, True)])
+def test_a_backend_that_cannot_change_its_timeout_keeps_the_start_up_one(world_refuses: bool,
+                                                                         control_refuses: bool) -> None:
+    """review_gpu F5: after the first step every group gets --train-timeout-s, and where a torch's backend raises
+    instead (2.11's NCCL backend is unverified) every multi-GPU run would have ended there. A timeout that stays
+    long is no reason to end a run: every group keeps --timeout-s, and one note says so, once."""
+    world, control = TimeoutGroup(world_refuses), TimeoutGroup(control_refuses)
+    ctx = DistContext(rank=0, world_size=2, device=CUDA, backend="nccl", control_group=control)
+    timeout = CollectiveTimeout(300, 100)
+    with default_group(world):
+        assert timeout.switch_to_training(ctx) == (
+            "note: this torch cannot change a process group's timeout (Backend nccl does not support setting "
+            "timeout): collectives keep --timeout-s 300 after the first step, not --train-timeout-s 100, so a hung "
+            "or lost peer ends the run after 300 s")
+        assert timeout.seconds == 300  # the timeout a collective's error line names
+        assert world.timeouts + control.timeouts in ([], [100, 300])  # a group switched already is put back
+        assert timeout.switch_to_training(ctx) is None and world.timeouts + control.timeouts in ([], [100, 300])
+    taking = TimeoutGroup(refuses=False)
+    timeout = CollectiveTimeout(300, 100)
+    with default_group(taking):
+        assert timeout.switch_to_training(DistContext(0, 2, CPU, "gloo", control_group=taking)) is None
+    assert timeout.seconds == 100 and taking.timeouts == [100]  # the gloo world is its own control group: once
+
+
+@pytest.mark.timeout(120)
+def test_the_run_prints_the_kept_timeout_note_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The note reaches the run's output (rank 0, stdout: what the run falls back to) once, and the run trains on."""
+    notes = iter(["note: this torch cannot change a process group's timeout (...)"])
+    monkeypatch.setattr(CollectiveTimeout, "switch_to_training", lambda self, ctx: next(notes, None))
+    assert main([*SMOKE_FLAGS, "--max-steps", "4", "--output-dir", str(tmp_path), "--run-name", "kept"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out.count("note: this torch cannot change a process group's timeout (...)") == 1
+    assert json.loads((tmp_path / "kept" / "summary.json").read_text())["last_step"] == 4
 
 
 def test_backend_auto_is_nccl_only_where_cuda_processes_exchange_gradients() -> None:

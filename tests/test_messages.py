@@ -100,6 +100,20 @@ def collective_timeout(s: Situation) -> str:
     return error_line(fail)
 
 
+def kept_timeout(s: Situation) -> str:
+    class RefusingGroup:  # a backend whose set_timeout raises, as some torch versions' do
+        def set_timeout(self, timeout: object) -> None:
+            raise RuntimeError("Backend nccl does not support setting timeout")
+
+    group, before = RefusingGroup(), dist.group.WORLD
+    dist.group.WORLD = group  # type: ignore[assignment]
+    try:
+        ctx = DistContext(rank=0, world_size=2, device=cpu_ctx().device, backend="nccl", control_group=group)
+        return collectives.CollectiveTimeout(300, 100).switch_to_training(ctx) or ""
+    finally:
+        dist.group.WORLD = before
+
+
 def lost_data_worker(s: Situation) -> str:
     error = collectives.lost_data_worker_error("DataLoader worker (pid 25410) is killed by signal: Killed", 202,
                                                s.tmp_path / "step00000200.pt", collectives.Rerun())
@@ -186,6 +200,7 @@ PRODUCERS: dict[str, Callable[[Situation], str]] = {
     "error: ranks disagree on --": recipe_disagreement,
     "error: ranks disagree on the final parameters": diverged_replicas,
     "error: a collective in ": collective_timeout,
+    "note: this torch cannot change a process group's timeout": kept_timeout,
     "error: a DataLoader worker of this process died": lost_data_worker,
     "error: run folder DIR is in use by": held_run_folder,
     "error: RANK and WORLD_SIZE are set but": rendezvous_without_address,
