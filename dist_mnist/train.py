@@ -84,7 +84,7 @@ from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
 from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE
 from dist_mnist.runtext import format_eval, format_summary
 from dist_mnist.shutdown import failure_path
-from dist_mnist.startup import StartupTimer
+from dist_mnist.startup import StartupTimer, check_compile_caches
 
 T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------------------------
@@ -1540,6 +1540,10 @@ def _main(argv: list[str] | None) -> int:
     try:
         startup = StartupTimer()
         cfg = parse_args(argv)
+        if cfg.compile:
+            # Before the import thread, which reads TORCHINDUCTOR_CACHE_DIR (and the compile, which loads code from
+            # the folders): a cache folder another user can write to runs their code as this user.
+            check_compile_caches()
         try:
             # Collectives after the first step are named by their own phase; any failing before it is start-up's.
             # Which checkpoint the run has is not known out here (Trainer.newest_checkpoint knows it inside).

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import getpass
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -1171,17 +1170,16 @@ print(grown, os.environ["TORCHINDUCTOR_CACHE_DIR"])
 """
 
 
-def test_the_import_thread_adds_no_variable_to_the_environment() -> None:
+def test_the_import_thread_adds_no_variable_to_the_environment(tmp_path: Path) -> None:
     """glibc's setenv of a new name reallocates the environment array while the main thread's C code may read it
     (getenv takes no lock): torch._dynamo's import added TORCHINDUCTOR_CACHE_DIR from the import thread."""
-    env = cpu_env(PYTHONPATH=str(REPO))
+    env = cpu_env(PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(tmp_path))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     result = run([sys.executable, "-c", ENV_WATCH], env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     grown, cache_dir = result.stdout.split(" ", 1)[0], result.stdout.split("] ", 1)[1].strip()
     assert grown == "[]", result.stdout
-    user = getpass.getuser()
-    assert cache_dir == os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")  # torch's own default
+    assert cache_dir == str(tmp_path / "dist_mnist" / "inductor")  # our default (review_security F2), not torch's
 
 
 def interrupted_early_line(name: str) -> str:

@@ -12,6 +12,10 @@ import dataclasses
 import io
 import json
 import math
+import os
+import re
+import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,12 @@ from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import StepTimer
 from dist_mnist.model import MnistCNN
+from dist_mnist.startup import (
+    COMPILE_CACHE_VARIABLES,
+    check_compile_caches,
+    inductor_cache_dir,
+    torch_default_inductor_cache_dir,
+)
 from dist_mnist.train import (
     SpeedSettings,
     TrainParts,
@@ -298,6 +308,95 @@ def test_compiled_and_uncompiled_runs_resume_each_other(tmp_path: Path, uncompil
     out = capsys.readouterr().out
     assert "resumed from step 8" in out and "resumed from step 16" in out
     assert final_record(tmp_path / "uncompiled")["step"] == 24
+
+
+@pytest.fixture
+def compile_cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The compile caches' variables unset and the user's cache folder in `tmp_path/cache` (check_compile_caches
+    sets the variables, and this test process's torch._dynamo import had set TORCHINDUCTOR_CACHE_DIR)."""
+    for variable in COMPILE_CACHE_VARIABLES:
+        monkeypatch.setenv(variable, "")  # recorded, so that teardown takes away what the test sets too
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compile_refuses_an_inherited_cache_folder_others_can_write_to(
+        tmp_path: Path, compile_cache_env: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """review_security F2: another local user made the victim's inductor cache folder (mode 0777) and replaced its
+    entries with pickles, which the victim's compile loaded. A cache folder others can write to is refused, in one
+    line that names it and the fix, before any compile; the run leaves nothing behind."""
+    planted = tmp_path / "torchinductor_victim"
+    planted.mkdir()
+    planted.chmod(0o777)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(planted))
+    code = main([*SMOKE_FLAGS, "--output-dir", str(tmp_path / "out"), "--run-name", "compiled", "--compile",
+                 "--compile-backend", "eager", "--max-steps", "1"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err == (f"error: --compile's cache folder {planted} (TORCHINDUCTOR_CACHE_DIR) is writable by its group and "
+                   "others (mode 777), who could put code there that the compile would load and run as you; remove "
+                   f"it (or `chmod go-w {planted}` where nobody else can have written to it), or set "
+                   "TORCHINDUCTOR_CACHE_DIR to a folder of your own that only you can write to (or unset it)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_caches_default_to_private_folders_in_the_users_cache(compile_cache_env: Path) -> None:
+    """Unset, the caches go to $XDG_CACHE_HOME/dist_mnist/{inductor,triton} (~/.cache/...), made with mode 0700:
+    a folder in the user's home nobody else can make first, where torch's default is the guessable
+    /tmp/torchinductor_<user>."""
+    check_compile_caches()
+    for variable, name in zip(COMPILE_CACHE_VARIABLES, ("inductor", "triton")):
+        folder = compile_cache_env / "dist_mnist" / name
+        assert os.environ[variable] == str(folder)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    # A run without --compile leaves the variable as it finds it, or gives torch the same private default.
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+    assert inductor_cache_dir() == str(compile_cache_env / "dist_mnist" / "inductor")
+
+
+def test_compile_refuses_a_cache_folder_of_another_user_or_reached_through_a_shared_folder(
+        tmp_path: Path, compile_cache_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a cache folder of the user's own (no home), the default is torch's /tmp/torchinductor_<user>: one
+    another user made first is refused, as is a folder they could swap (in a folder anyone can write to, without
+    the sticky bit /tmp has), and an inherited link is checked where it leads and used by that path."""
+    compile_cache_env.write_text("a file: no cache folder can be made under it")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # /tmp
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    monkeypatch.setenv("LOGNAME", "victim")  # getpass.getuser's first source, whatever getuid says
+    taken = Path(torch_default_inductor_cache_dir())
+    assert taken == shared / "torchinductor_victim"
+    taken.mkdir(mode=0o700)
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)  # as if the folder's owner, this uid, were someone else
+    with pytest.raises(UserError) as refused:
+        check_compile_caches()
+    assert str(refused.value) == (
+        f"--compile's cache folder {taken} (the default, TORCHINDUCTOR_CACHE_DIR being unset) is owned by uid {uid}, "
+        f"not by this user (uid {uid + 1}): its owner could put code there that the compile would load and run as "
+        "you; remove it, or set TORCHINDUCTOR_CACHE_DIR to a folder of your own that only you can write to")
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # set to the refused default
+    check_compile_caches()  # the same folder, this user's own
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(taken) and "TRITON_CACHE_DIR" not in os.environ
+
+    shared.chmod(0o777)  # no sticky bit: anyone can rename the folder away and put theirs in its place
+    link = tmp_path / "link"
+    link.symlink_to(taken)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(link))
+    with pytest.raises(UserError, match=re.escape(
+            f"--compile's cache folder {taken} (TORCHINDUCTOR_CACHE_DIR={link}) lies in {shared}, which "
+            "anyone can write to (mode 777, no sticky bit) and so put a folder of their own in its place; set "
+            "TORCHINDUCTOR_CACHE_DIR to a folder of your own that only you can write to (or unset it)")):
+        check_compile_caches()
+    shared.chmod(0o755)
+    check_compile_caches()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(taken)  # the checked folder, not the link
 
 
 # ---------------------------------------------------------------------------------------------------------------
