@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -118,12 +119,16 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
                     return torch.empty(0), torch.empty(0)
 
             made = missing_folders(raw)
-            try:
-                MissingFiles(cfg.data_dir, train=True, download=True)
-            except (RuntimeError, OSError) as exc:
-                # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
-                error = " ".join(str(exc).split()) or type(exc).__name__
-                remove_empty_folders(made)  # the MNIST/raw/ it made for files that never came
+            if planted := unsafe_download_targets(raw, missing):
+                # Refused before anything is fetched; every rank learns it from the broadcast below.
+                error = f"{'; '.join(planted)}; remove {'it' if len(planted) == 1 else 'them'} first"
+            else:
+                try:
+                    MissingFiles(cfg.data_dir, train=True, download=True)
+                except (RuntimeError, OSError) as exc:
+                    # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
+                    error = " ".join(str(exc).split()) or type(exc).__name__
+                    remove_empty_folders(made)  # the MNIST/raw/ it made for files that never came
         # Other ranks wait, so only one process downloads; all of them learn whether it worked.
         error = ctx.broadcast_object(error)
         if error:
@@ -154,6 +159,32 @@ class DataView:
 def missing_mnist_files(raw: Path) -> list[str]:
     """The four IDX files' names that `raw` (a MNIST/raw/ folder) lacks, in MNIST_FILES' order."""
     return [name for name in MNIST_FILES if not (raw / name).is_file()]
+
+
+def unsafe_download_targets(raw: Path, missing: list[str]) -> list[str]:
+    """What stands in the way of downloading `missing` into `raw`, each as `<name> is ...`: the paths torchvision's
+    download writes (each file's .gz, which download_url opens with open(path, "wb"), and the file extract_archive
+    decompresses it to, opened the same way) that exist and are no regular file.
+
+    A symbolic link there, dangling or not (a dangling link at a file's name counts as that file missing), is
+    written through, over the file it names: in a shared --data-dir another user could plant
+    `raw/<name>.gz -> ~victim/file`, and the victim's next run overwrote that file, even where the download then
+    failed its md5 check (review_security F3). A FIFO would block the write, a folder fail it. Existing files that
+    are read, links to them included, are no concern of this: only what the download writes."""
+    found = []
+    for name in missing:
+        for target in (f"{name}.gz", name):
+            try:
+                mode = (raw / target).lstat().st_mode
+            except OSError:  # absent (to be written), or unreadable: torchvision's own error says so
+                continue
+            if stat.S_ISLNK(mode):
+                found.append(f"{target} is a symbolic link, which the download would write through, over the file "
+                             "it names")
+            elif not stat.S_ISREG(mode):
+                found.append(f"{target} is {'a folder' if stat.S_ISDIR(mode) else 'no regular file'}, where the "
+                             "download would write")
+    return found
 
 
 def missing_mnist_error(raw: Path, missing: list[str], how_to_fetch: str) -> UserError:

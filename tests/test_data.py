@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import gzip
+import hashlib
+import http.server
 import math
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +306,75 @@ def test_a_download_fetches_only_the_missing_files_and_writes_over_none(tmp_path
     with pytest.raises(UserError, match=f"^{labels} is not a valid MNIST IDX file"):
         load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
     assert fetched[-1] == "t10k-labels-idx1-ubyte.gz"
+
+
+class _Mirror(http.server.SimpleHTTPRequestHandler):
+    """A local MNIST mirror (127.0.0.1) that records what it is asked for, quietly."""
+    requests: list[str] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _Mirror.requests.append(self.path)
+
+
+@pytest.fixture
+def local_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """torchvision's MNIST downloads from a folder served on 127.0.0.1 and takes its files' md5s, so its real
+    download code runs (its writes included) without a network; yields the folder the files go in."""
+    served = tmp_path / "mirror"
+    served.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_Mirror, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_address[1]}/"])
+    real_resources = datasets.MNIST.resources
+
+    class Resources:
+        """MNIST.resources with the md5 of each file the mirror serves, read as load_mnist reads the list."""
+        def __iter__(self) -> Iterator[tuple[str, str]]:
+            return iter([(name, hashlib.md5((served / name).read_bytes()).hexdigest()
+                          if (served / name).exists() else md5) for name, md5 in real_resources])
+
+    monkeypatch.setattr(datasets.MNIST, "resources", Resources())
+    _Mirror.requests = []
+    try:
+        yield served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("planted", ["t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte"])
+def test_a_download_writes_through_no_symbolic_link_planted_in_the_data_folder(
+        tmp_path: Path, local_mirror: Path, planted: str) -> None:
+    """review_security F3: in a shared --data-dir another user deletes a file and plants a link where torchvision's
+    download writes (its .gz, or the file it extracts, where a dangling link counts as the file missing): the
+    victim's run wrote through it, over the victim's file. The download is refused before anything is fetched."""
+    data_dir = make_mnist_dir(tmp_path / "data", test_size=101)
+    raw = mnist_raw_dir(str(data_dir))
+    labels = (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    (local_mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("the victim's notes")
+    # The .gz link names an existing file, the extracted name's a new one (dangling).
+    (raw / planted).symlink_to(victim / ("notes.txt" if planted.endswith(".gz") else "new.txt"))
+    with pytest.raises(UserError) as refused:
+        load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
+    assert str(refused.value) == (
+        f"could not download MNIST into {raw} ({planted} is a symbolic link, which the download would write through, "
+        "over the file it names; remove it first); copy the files t10k-labels-idx1-ubyte there, or point --data-dir / "
+        "DIST_MNIST_DATA at a folder holding MNIST/raw/")
+    assert sorted(path.name for path in victim.iterdir()) == ["notes.txt"]
+    assert (victim / "notes.txt").read_text() == "the victim's notes"
+    assert _Mirror.requests == []
+    # Without the link the same download goes through (the mirror is real), and reading is as before.
+    (raw / planted).unlink()
+    _, test = load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
+    assert len(test.labels) == 101 and (raw / "t10k-labels-idx1-ubyte").read_bytes() == labels
+    assert set(_Mirror.requests) == {"/t10k-labels-idx1-ubyte.gz"}
 
 
 def test_one_missing_file_is_named_first(tmp_path: Path) -> None:
