@@ -17,8 +17,6 @@ NAME.log, import_torch_N.s (bare `import torch` seconds) and bench.json (`python
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import re
 import statistics
 import sys
@@ -32,7 +30,17 @@ from typing import Any
 from dist_mnist.argtypes import whole_number_at_least
 from dist_mnist.config import RawDescriptionDefaultsHelpFormatter
 from dist_mnist.console import kept_stdout, rank_line
-from dist_mnist.runfiles import METRICS_FILE, SUMMARY_FILE, TRACE_FILES, TRACE_SUFFIX, TRACES_DIR
+from dist_mnist.runfiles import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TRACE_FILES,
+    TRACE_SUFFIX,
+    TRACES_DIR,
+    RefusedRunFile,
+    read_gz_text,
+    read_run_text,
+)
+from dist_mnist.runjson import loads
 
 TARGET = 0.99  # issue 9's accuracy bar
 TIME_TO_TARGET_S = 0.5
@@ -119,11 +127,11 @@ class CheckOutput:
     def wall(self, name: str) -> float | None:
         """Whole-process seconds of a timed command that succeeded (the script writes NAME.wall only then)."""
         path = self.out / f"{name}.wall"
-        return float(path.read_text()) if path.exists() else None
+        return float(read_run_text(path)) if path.exists() else None
 
     def import_torch_s(self) -> float:
         """The faster of the bare `import torch` timings (the first may be cold)."""
-        times = [float(p.read_text()) for p in sorted(self.out.glob("import_torch_*.s"))]
+        times = [float(read_run_text(p)) for p in sorted(self.out.glob("import_torch_*.s"))]
         if not times:
             raise FileNotFoundError(f"no import_torch_*.s in {self.out}")
         return min(times)
@@ -131,23 +139,24 @@ class CheckOutput:
     def classic_accuracy(self) -> float | None:
         """The classic example's last test accuracy, from its log; None when it did not run to its test."""
         log = self.out / "classic_1epoch.log"
-        found = CLASSIC_ACCURACY.findall(log.read_text()) if log.exists() else []
+        found = CLASSIC_ACCURACY.findall(read_run_text(log)) if log.exists() else []
         return int(found[-1][0]) / int(found[-1][1]) if found else None
 
     def graphs(self) -> dict[str, Any] | None:
         """bench.json's graphs section, or None when the bench failed or was skipped (it writes no bench.json)."""
         path = self.out / "bench.json"
-        return json.loads(path.read_text())["graphs"] if path.exists() else None
+        return loads(read_run_text(path))["graphs"] if path.exists() else None
 
 
 def read_run(folder: Path) -> Run | None:
     """A finished run folder's evaluations and summary, or None when it has no summary or no evaluation.
 
     Plain JSON, not dist_mnist.report's readers: those import torch, about 5 s on the GPU machine, and the
-    script's table runs in the last seconds of its budget."""
+    script's table runs in the last seconds of its budget. A file no run writes (a FIFO, a device, one past any run's
+    size) is RefusedRunFile, not a run that failed."""
     try:
-        summary = json.loads((folder / SUMMARY_FILE).read_text())
-        metrics = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines() if line.strip()]
+        summary = loads(read_run_text(folder / SUMMARY_FILE))
+        metrics = [loads(line) for line in read_run_text(folder / METRICS_FILE).splitlines() if line.strip()]
     except (OSError, ValueError):
         return None
     return Run(metrics, summary) if metrics else None
@@ -279,6 +288,8 @@ def table(out: Path, classic_given: bool) -> tuple[str, bool]:
     for name, block in blocks:
         try:
             rows += block()
+        except RefusedRunFile:  # a file planted in a bundle: the one line main prints, not a row that hides it
+            raise
         except Exception as exc:  # one broken figure must not hide the others
             rows.append(Row(name, "computable", f"error: {type(exc).__name__}: {exc}", False))
     lines = ["| done-when figure | target | measured | met |", "|---|---|---|---|", *(r.markdown() for r in rows)]
@@ -292,9 +303,9 @@ def same_params(runs: Path, name_a: str, name_b: str, graphed: bool = False) -> 
     digests, eager = {}, []
     for name in (name_a, name_b):
         try:
-            summary = json.loads((runs / name / SUMMARY_FILE).read_text())
+            summary = loads(read_run_text(runs / name / SUMMARY_FILE))
             digests[name] = (summary["ranks"][0]["params_digest"], summary["last_step"])
-        except (OSError, ValueError, KeyError, IndexError) as exc:
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # TypeError: a summary not an object
             return f"FAIL same parameters: {name} has no summary ({type(exc).__name__}: {exc})", False
         if graphed and not summary.get("cuda_graphs"):
             eager.append(name)
@@ -309,14 +320,25 @@ class UnreadableTrace(Exception):
 
 
 def _trace_events(path: Path) -> list[dict[str, Any]]:
-    """A trace file's events, or UnreadableTrace naming the file and why."""
+    """A trace file's events, or UnreadableTrace naming the file and why; RefusedRunFile for a file no profiler
+    writes (a FIFO, a device, past the decompressed cap: a gz bomb in a bundle).
+
+    The events are checked as the readers use them (each an object, its `args` an object, an "X" event's `dur` a
+    number): a crafted trace ended in an AttributeError or TypeError traceback."""
     try:
-        with gzip.open(path, "rt") as f:
-            events = json.load(f)["traceEvents"]
+        events = loads(read_gz_text(path))["traceEvents"]  # loads: JSON nested too deep is a ValueError
     except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
         raise UnreadableTrace(f"{path} is not a readable profiler trace ({type(exc).__name__}: {exc})") from None
     if not isinstance(events, list):
         raise UnreadableTrace(f"{path} is not a readable profiler trace (traceEvents is not a list)")
+    for number, event in enumerate(events):
+        bad = ("not an object" if not isinstance(event, dict)
+               else "its args not an object" if not isinstance(event.get("args", {}), dict)
+               else "its dur not a number" if event.get("ph") == "X" and (
+                   not isinstance(event.get("dur"), (int, float)) or isinstance(event.get("dur"), bool))
+               else None)
+        if bad:
+            raise UnreadableTrace(f"{path} is not a readable profiler trace (event {number}: {bad})")
     return events
 
 
@@ -358,8 +380,8 @@ def trace_kernels(run_dir: Path) -> tuple[str, bool]:
     trace_dir = run_dir / TRACES_DIR
     traces = sorted(trace_dir.glob(TRACE_FILES))
     try:
-        graphed = bool(json.loads((run_dir / SUMMARY_FILE).read_text())["cuda_graphs"])
-    except (OSError, ValueError, KeyError) as exc:
+        graphed = bool(loads(read_run_text(run_dir / SUMMARY_FILE))["cuda_graphs"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: a summary not an object
         return f"FAIL trace kernels: {run_dir} has no summary ({type(exc).__name__}: {exc})", False
     lines, ok = [f"{run_dir.name}: steps {'replayed from a CUDA graph' if graphed else 'eager'}"], bool(traces)
     for path in traces:
@@ -432,7 +454,7 @@ def step_kernels(run_dir: Path, top: int = 15) -> tuple[str, bool]:
         if launches:
             # Outside the graph: the loop's own kernels, those launched in the window (kernels still running from
             # launches before it have no launch event in the trace).
-            launched = {e["args"].get("correlation") for e in events if e.get("cat") == "cuda_runtime"}
+            launched = {e.get("args", {}).get("correlation") for e in events if e.get("cat") == "cuda_runtime"}
             inside = [e for e in gpu if _in_graph(e, launches)]
             outside_us = sum(e["dur"] for e in gpu
                              if not _in_graph(e, launches) and e.get("args", {}).get("correlation") in launched)
@@ -496,6 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _command(args)
+    except RefusedRunFile as exc:  # a FIFO, a device, a gz bomb in a bundle: one line, not a hang or a traceback
+        rank_line(0, "error", str(exc))
+        return 1
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "table":
         if (wrong := _not_an_out_dir(args.out)) is not None:
             print(f"error: {args.out} {wrong}; table reads gpu_check.sh's OUT_DIR (runs/NAME/, NAME.wall, "

@@ -147,7 +147,9 @@ def write_run_picture(path: Path, title: str, summary: dict[str, Any] | None, pr
     _step_times(axes[0, 1], _by_step(progress))
     _losses(axes[1, 0], _by_step(progress), _by_step(metrics))
     _accuracy(axes[1, 1], _by_step(metrics))
-    fig.suptitle(title)
+    # parse_math=False: the title holds the run folder's name, and a `$` there ('r$\\bad{$') was parsed as mathtext
+    # and ended the report in a traceback; the name is drawn as it is.
+    fig.suptitle(title, parse_math=False)
     tmp = temp_path(path)
     try:
         with open_new(tmp) as f:  # not through a symlink planted at the temp name

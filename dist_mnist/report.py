@@ -18,7 +18,7 @@ from dist_mnist.console import kept_stdout, rank_line
 from dist_mnist.errors import UserError
 from dist_mnist.plots import write_run_picture
 from dist_mnist.progress import PROGRESS_FILE
-from dist_mnist.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from dist_mnist.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RefusedRunFile, read_run_text
 from dist_mnist.runtext import format_eval, format_summary, resumed_steps
 
 PICTURE_FILE = "report.png"
@@ -43,13 +43,17 @@ def _format_or_fail(path: Path, formatter: Callable[[Any], str], record: Any) ->
 
 
 def _read_text(path: Path) -> str | None:
-    """The file's text; None when it does not exist."""
+    """The file's text; None when it does not exist. Through read_run_text: a FIFO, a device or a file past any
+    run's size is one line (a FIFO summary.json hung the report, a metrics.jsonl linked to /dev/zero ran it out of
+    memory)."""
     try:
-        return path.read_text()
+        return read_run_text(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except RefusedRunFile as exc:
+        raise UserError(str(exc)) from None
 
 
 def _not_a_run_folder(path: Path) -> str:

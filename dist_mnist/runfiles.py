@@ -2,8 +2,14 @@
 profiling) and the readers that must not pay for `import torch` (python -m dist_mnist.gpucheck, about 5 s on a GPU
 machine) share them."""
 
+import contextlib
+import gzip
 import hashlib
 import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
 
 CONFIG_FILE = "config.json"  # the resolved config and what the run resolved (world size, device, versions)
 SUMMARY_FILE = "summary.json"  # rank 0's end-of-run figures
@@ -62,3 +68,85 @@ def run_id_file_name(run_id: str) -> str:
     if not is_plain_name(run_id) or len(os.fsencode(run_id)) > 200:
         return "sha256-" + hashlib.sha256(os.fsencode(run_id)).hexdigest()
     return run_id
+
+
+# The most bytes a reader takes from one run file, and from a gz trace once decompressed. Far above any real one: a
+# progress.jsonl record is about 250 bytes, so a run of a million log lines writes 250 MB; a profiler window's trace
+# is a few MB (tens decompressed). A file past it is no run's: /dev/zero behind a link, a gz bomb in a bundle, which
+# were read until memory ran out (security review findings 12, 13).
+MAX_RUN_FILE_BYTES = 512 * 2**20
+MAX_TRACE_BYTES = 512 * 2**20
+
+
+class RefusedRunFile(Exception):
+    """A run file that is not read: not a regular file (a FIFO would block the reader for ever, a device never ends)
+    or larger than any run writes. Not an OSError: the readers that take a missing or unreadable file as a run that
+    failed must not take a planted FIFO for one. Its message is the whole line to show."""
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+@contextlib.contextmanager
+def open_run_file(path: Path) -> Iterator[BinaryIO]:
+    """`path` opened for reading once it is known to be a regular file (RefusedRunFile otherwise). O_NONBLOCK: the
+    open of a FIFO returns at once instead of waiting for a writer, and fstat then refuses it; a symlink is followed
+    (a run folder copied with links in it is still read), but what it leads to is checked."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise RefusedRunFile(f"{path} is {_file_kind(mode)}, not a regular file: no run writes one; not read")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def _too_large(path: Path, limit: int, what: str = "") -> RefusedRunFile:
+    return RefusedRunFile(f"{path} holds more than {limit:,} bytes{what}, more than any run writes; not read")
+
+
+def read_run_bytes(path: Path, limit: int | None = None) -> bytes:
+    """A run file's bytes: a regular file of at most `limit` bytes (MAX_RUN_FILE_BYTES), else RefusedRunFile.
+    OSError (FileNotFoundError among them) as open() raises it. The read stops one byte past the limit, so a file
+    that grows while it is read costs no more."""
+    limit = MAX_RUN_FILE_BYTES if limit is None else limit
+    with open_run_file(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(path, limit)
+    return data
+
+
+def read_run_text(path: Path, limit: int | None = None) -> str:
+    """read_run_bytes as UTF-8 text (every run file is); other bytes are RefusedRunFile, one line, not a
+    UnicodeDecodeError traceback."""
+    data = read_run_bytes(path, limit)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise RefusedRunFile(f"{path} is not UTF-8 text (byte {exc.start}): no run writes it; not read") from None
+
+
+def read_gz_text(path: Path, limit: int | None = None) -> str:
+    """A gzip file's decompressed UTF-8 text (a profiler trace), of at most `limit` bytes (MAX_TRACE_BYTES) either
+    way: a megabyte of gzip can hold a gigabyte of spaces. OSError, EOFError and zlib.error as gzip raises them for a
+    damaged file."""
+    limit = MAX_TRACE_BYTES if limit is None else limit
+    with open_run_file(path) as raw:
+        # Decompressed in bounded pieces: GzipFile.read(n) inflates no more than n bytes, whatever the ratio.
+        with gzip.GzipFile(fileobj=raw) as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(path, limit, " decompressed")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise RefusedRunFile(f"{path} is not UTF-8 text (byte {exc.start}): no run writes it; not read") from None

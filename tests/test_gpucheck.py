@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import os
 import re
 import shlex
 import shutil
@@ -412,3 +413,72 @@ def test_the_bench_graphs_section_runs_and_the_table_reads_it(tmp_path: Path, mo
     table = gpucheck.graphs(gpucheck.CheckOutput(tmp_path))
     assert [r.figure for r in table] == ["batch 4: loop with graphs / eager loop", "batch 4: loop with graphs / bare "
                                                                                    "captured step"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A bundle an attacker made (security review finding 12): run in-process on crafted folders, no training.
+
+
+def _one_error_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpucheck.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err, captured.err
+    assert len(captured.err.splitlines()) == 1 and captured.out == ""
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_in_a_bundle_is_one_error_line_not_a_hang(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """GNU tar extracts a FIFO as one; read_text() on it waited for a writer for ever."""
+    (tmp_path / "runs").mkdir()
+    os.mkfifo(tmp_path / "ours_1epoch.wall")
+    _one_error_line(["table", str(tmp_path)], "ours_1epoch.wall is a FIFO, not a regular file", capsys)
+
+
+def test_a_bundle_file_linked_to_dev_zero_is_one_error_line(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "default.wall").symlink_to("/dev/zero")
+    _one_error_line(["table", str(tmp_path)], "default.wall is a character device, not a regular file", capsys)
+
+
+def _trace(run_dir: Path, data: bytes) -> Path:
+    path = run_dir / gpucheck.TRACES_DIR / "step00000002" / "rank0.pt.trace.json.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(data))
+    return path
+
+
+def test_a_gz_bomb_trace_is_read_only_up_to_the_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A megabyte of gzip held a gigabyte of spaces, all decompressed (2 GB of memory); here the cap is lowered."""
+    monkeypatch.setattr("dist_mnist.runfiles.MAX_TRACE_BYTES", 2**20)
+    _trace(tmp_path, b" " * (2**20 + 1))
+    _one_error_line(["step-kernels", str(tmp_path)], "holds more than 1,048,576 bytes decompressed", capsys)
+
+
+@pytest.mark.parametrize(("trace", "why"), [
+    ('{"traceEvents": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep to read"),
+    ('{"traceEvents": [1, 2, 3]}', "event 0: not an object"),
+    ('{"traceEvents": [{"ph": "X", "cat": "kernel", "name": "k", "dur": "x"}]}', "event 0: its dur not a number"),
+    ('{"traceEvents": [{"ph": "i", "args": 1}]}', "event 0: its args not an object"),
+])
+def test_a_crafted_trace_is_a_failed_line_not_a_traceback(trace: str, why: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = _trace(tmp_path, trace.encode())
+    (tmp_path / "summary.json").write_text('{"cuda_graphs": false}')
+    for command in ("step-kernels", "trace-kernels"):
+        assert gpucheck.main([command, str(tmp_path)]) == 1
+        out = capsys.readouterr().out
+        assert f"{path} is not a readable profiler trace" in out and why in out
+
+
+def test_same_params_on_a_summary_that_is_no_object_fails_in_a_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text("[]")
+    assert gpucheck.main(["same-params", str(tmp_path), "a", "b"]) == 1
+    assert capsys.readouterr().out.startswith("FAIL same parameters: a has no summary (TypeError")
+    (tmp_path / "a" / "summary.json").write_text('{"cuda_graphs": 1}')
+    assert gpucheck.main(["trace-kernels", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().out.startswith(f"FAIL trace kernels: {tmp_path / 'b'} has no summary (TypeError")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -532,3 +533,44 @@ def test_the_comparison_shows_shares_bytes_and_seconds_in_their_units_and_keeps_
     labels = [r.label for r in rows if r.section == "global"]
     assert labels.index("startup.rendezvous") < labels.index("pauses_s.evaluation")
     assert not [r for r in rows if r.label.endswith("_share") and not r.shown_a.endswith("%")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run files an attacker planted (security review finding 13)
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_summary_is_one_line_not_a_hang(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Opened without O_NONBLOCK, a FIFO waits for a writer for ever; it is refused as no regular file."""
+    run = _write_run(tmp_path / "run", SUMMARY_A, CONFIG_A)
+    (run / "summary.json").unlink()
+    os.mkfifo(run / "summary.json")
+    assert_report_fails_in_one_line(run, "summary.json is a FIFO, not a regular file", capsys)
+
+
+def test_a_metrics_file_linked_to_dev_zero_is_one_line_not_a_memory_blow_up(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _write_run(tmp_path / "run", SUMMARY_A, CONFIG_A)
+    (run / "metrics.jsonl").symlink_to("/dev/zero")
+    assert_report_fails_in_one_line(run, "metrics.jsonl is a character device, not a regular file", capsys)
+
+
+def test_a_run_file_past_the_size_cap_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap (far above a real file, so lowered here) is checked on the bytes read, not on a size stat reports."""
+    run = _write_run(tmp_path / "run", SUMMARY_A, CONFIG_A, _metrics([50, 100]))
+    monkeypatch.setattr("dist_mnist.runfiles.MAX_RUN_FILE_BYTES", 100)
+    assert_report_fails_in_one_line(run, "summary.json holds more than 100 bytes, more than any run writes", capsys)
+
+
+def test_a_run_file_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _write_run(tmp_path / "run", SUMMARY_A, CONFIG_A)
+    (run / "summary.json").write_bytes(b'{"a": "\xff"}')
+    assert_report_fails_in_one_line(run, "summary.json is not UTF-8 text", capsys)
+
+
+def test_a_dollar_in_the_run_folders_name_is_drawn_not_parsed_as_mathtext(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _write_run(tmp_path / "r$\\bad{$", SUMMARY_B, CONFIG_B, _metrics([50, 100]), _progress([10, 20]))
+    assert report.main([str(run)]) == 0, capsys.readouterr().err
+    _assert_png(run / "report.png")
