@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -90,25 +91,55 @@ def write_durably(path: Path, data: bytes) -> None:
         raise write_failed(path, len(data), exc) from None
 
 
+def read_own_records(path: Path) -> bytes | None:
+    """The bytes of the line-per-record file `path` that a process is about to cut or rewrite (keep_records); None
+    where there is none. A file that is not the run's own is refused with one line (UserError) before a byte of it is
+    read: a symlink (its target's lines were printed to stderr as damaged records, a private key into a shared job
+    log), a file with other hard links (the cut and the appends reached every linked copy: a victim's file linked in,
+    a folder snapshotted with `cp -al` or `rsync --link-dest`), or no regular file (a FIFO blocked the resume;
+    O_NONBLOCK lets the open return so fstat can refuse it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW's answer to a symlink
+            raise UserError(f"{path} is a symbolic link: a resume cuts and rewrites this file, and does not follow a "
+                            f"link to do it; replace the link by a copy of the file it leads to (or remove it), then "
+                            "rerun") from None
+        raise write_failed(path, None, exc) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{path} is not a regular file: a resume cuts and rewrites this file; remove it, then "
+                            "rerun")
+        if info.st_nlink > 1:
+            raise UserError(f"{path} has {info.st_nlink - 1} other hard link(s) (a copy made with cp -al or rsync "
+                            "--link-dest, or a file linked in): a resume cuts and rewrites this file, and would change "
+                            f"every linked copy; give it a copy of its own (cp {path} {path}.copy && mv {path}.copy "
+                            f"{path}), then rerun")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise write_failed(path, None, exc) from None
+    finally:
+        os.close(fd)
+
+
 def keep_records(path: Path, data: bytes) -> None:
     """Make the line-per-record file `path` hold exactly `data`: the records a run keeps as a process starts.
 
     Where the file already begins with `data` it is cut there in place (nothing is done where it holds no more), not
     replaced by a rename: a follower holding the file open sees the same file shrink and can follow on (GNU `tail -f`
     says `file truncated` and reads it again from its start), where after a rename it read the old, unlinked file for
-    ever. A follower that keeps its byte offset without checking the size reads from the middle of a record: the
-    README says so. A hard link to the file is cut too. Crash-safe as write_durably is: a truncation changes only
-    the file's length, in one update of its inode, so after a crash the file has its old length or the new one, and
-    both end at a whole record (`data` is whole records, and so is what was appended after it); the fsync makes the
-    new length durable before the run appends after it. Any other content (a damaged line dropped, records that are
-    not the file's start) is written with write_durably."""
-    try:
-        with open(path, "rb") as f:
-            current: bytes | None = f.read()
-    except FileNotFoundError:
-        current = None
-    except OSError as exc:
-        raise write_failed(path, None, exc) from None
+    ever. A follower that keeps its byte offset without checking the size reads from the middle of a record: the README
+    says so. A file with other hard links, or a symlink, is refused first (read_own_records). Crash-safe as
+    write_durably is: a truncation changes only the file's length, in one update of its inode, so after a crash the file
+    has its old length or the new one, and both end at a whole record (`data` is whole records, and so is what was
+    appended after it); the fsync makes the new length durable before the run appends after it. Any other content (a
+    damaged line dropped, records that are not the file's start) is written with write_durably."""
+    current = read_own_records(path)
     if current == data:
         return
     if current is None or not current.startswith(data):

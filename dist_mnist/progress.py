@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TextIO
 
 from dist_mnist.console import OPEN_LINE
-from dist_mnist.durable import append_whole, keep_records
+from dist_mnist.durable import append_whole, keep_records, read_own_records
 from dist_mnist.runjson import json_text, loads
 
 PROGRESS_FILE = "progress.jsonl"
@@ -66,8 +66,10 @@ class Progress:
         if not self.enabled:
             return
         kept = []
-        if self.path.is_file():
-            for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+        # read_own_records: a symlink or hard link at progress.jsonl is refused before its lines are read (and
+        # printed below as damaged), not only when the file is cut.
+        if (current := read_own_records(self.path)) is not None:
+            for number, line in enumerate(current.decode(errors="replace").splitlines(), start=1):
                 try:
                     record = loads(line) if line.strip() else None
                     if record is not None and int(record["step"]) <= step:

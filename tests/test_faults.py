@@ -60,6 +60,7 @@ from dist_mnist.data import MNIST_FILES
 from dist_mnist.durable import append_whole, write_durably, write_failed
 from dist_mnist.errors import Terminated, UserError
 from dist_mnist.metrics import RunWriter
+from dist_mnist.progress import PROGRESS_FILE, Progress
 from dist_mnist.rundir import LOCK_FILE, _choose_run_dir
 
 # Our code's frames in a traceback; torchrun's own failure report (frames in torch/distributed) is allowed.
@@ -1604,3 +1605,42 @@ def test_full_disk_under_tensorboard_is_one_line_and_keeps_whole_records(
     assert "Exception in thread" not in err
     loss = EventAccumulator(str(events)).Reload().Scalars("train/loss")
     assert [event.step for event in loss] == [4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Record files that are not the run's own (security review findings 9 and 10)
+
+
+SECRET = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n"
+
+
+def test_a_resume_refuses_a_symlinked_progress_file_before_printing_a_line_of_its_target(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each line of the link's target read as a damaged record and went to stderr (a shared job log)."""
+    secret = tmp_path / "id_rsa"
+    secret.write_text(SECRET)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / PROGRESS_FILE).symlink_to(secret)
+    progress = Progress(run_dir, enabled=True, step_limit=12, global_batch=16, stream=io.StringIO())
+    with pytest.raises(UserError, match=rf"^{re.escape(str(run_dir / PROGRESS_FILE))} is a symbolic link: .*"
+                                        "replace the link by a copy"):
+        progress.start(8, 1.0)
+    assert "PRIVATE" not in capsys.readouterr().err and secret.read_text() == SECRET
+
+
+@pytest.mark.parametrize("name", [PROGRESS_FILE, "metrics.jsonl"])
+def test_a_resume_refuses_a_hard_linked_record_file_and_leaves_the_linked_file_whole(name: str,
+                                                                                     tmp_path: Path) -> None:
+    """keep_records cut the file in place and the run appended to it: the other name's content was lost."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("line one of victim notes\nline two\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.link(notes, run_dir / name)
+    with pytest.raises(UserError, match=r"has 1 other hard link\(s\) .*give it a copy of its own"):
+        if name == PROGRESS_FILE:
+            Progress(run_dir, enabled=True, step_limit=12, global_batch=16, stream=io.StringIO()).start(8, 1.0)
+        else:
+            RunWriter(run_dir, enabled=True, tensorboard=False).reset_metrics([])
+    assert notes.read_text() == "line one of victim notes\nline two\n"
