@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import itertools
 import os
+import pickle
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +27,7 @@ from dist_mnist.comm import CommStep
 from dist_mnist.config import TrainConfig
 from dist_mnist.console import rank_line
 from dist_mnist.distributed import DistContext
+from dist_mnist.durable import open_new, temp_path
 from dist_mnist.runfiles import TRACES_DIR, trace_file_name, trace_file_rank, trace_window_dir, trace_window_step
 from dist_mnist.runtext import PHASES, warmup_steps
 
@@ -181,24 +186,26 @@ class WindowedProfiler:
 
         torch's handler gzips straight into the final name, so a full disk left a truncated
         rank<N>.<ns>.pt.trace.json.gz, which TensorBoard and HTA then fail to read (they take every file so named).
-        Here the trace is written under a hidden name that ends in .gz (export_chrome_trace gzips by the suffix)
-        but not in .json.gz, which readers skip, and renamed when complete; a failed write removes it, says so in
-        one line and ends profiling for the rest of this process (`write_failure`). It goes into its window's
+        Here the trace is written under a hidden name that ends in .gz but not in .json.gz, which readers skip
+        (export_trace: a new file of this process's, never a link planted there), and renamed when complete; a
+        failed write removes it, says so in one line and ends profiling for the rest of this process
+        (`write_failure`). It goes into its window's
         folder (trace_window_dir), named by its global rank; a resumed process that records a window's steps again
         replaces the earlier process's trace of them (and where it cannot, sets that one aside:
         _set_aside_earlier_traces), and rank 0 removes the traces of ranks this world lacks (an earlier, larger
         world's), which HTA would read as ranks of this window (_remove_traces_of_absent_ranks).
 
-        The trace's `traceName` is the temporary file torch's .gz export writes and deletes: torch takes no name for
-        it (kineto writes the path it exports to), and setting it would mean parsing and writing the trace again.
+        The trace's `traceName` is the temporary file export_trace has torch write and then deletes: torch takes no
+        name for it (kineto writes the path it exports to), and setting it would mean parsing and writing the trace
+        again.
         """
         folder = self.trace_dir / trace_window_dir(self.window_first_step)
         final = folder / trace_file_name(self.rank)
         partial = final.with_name(f".{final.name.removesuffix('.json.gz')}.partial.gz")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            window.export_chrome_trace(str(partial))
-            os.replace(partial, final)
+            export_trace(window, partial)
+            os.replace(partial, final)  # a link planted at the final name is replaced, not written through
         except OSError as exc:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
@@ -339,6 +346,24 @@ class WindowedProfiler:
         self.window_first_step = start + self.cfg.profile_warmup + 1
 
 
+def export_trace(window: profile, path: Path) -> None:
+    """`window`'s trace, gzipped, as `path`, a new file of this process's (durable.open_new: whatever was at the name
+    goes first, and a symbolic link planted there in between is refused, not written through).
+
+    torch's export_chrome_trace opens the path it is given with gzip.open(path, "wb"), which follows a symbolic
+    link: one planted at the temporary name in a run folder another user can write to (a group-shared output
+    folder, a copied run folder that is resumed) had the trace written over the file it named (review_security F4).
+    So torch writes the plain JSON into a folder of this process's own (mkdtemp, mode 0700, in the temporary folder,
+    where torch's own .gz export puts the same JSON), and it is gzipped from there into `path` here, as torch would.
+    """
+    with tempfile.TemporaryDirectory(prefix="dist_mnist_trace_") as private:
+        exported = os.path.join(private, path.name.removeprefix(".").removesuffix(".partial.gz") + ".json")
+        window.export_chrome_trace(exported)
+        with open(exported, "rb") as source, open_new(path) as target, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=target) as compressed:
+            shutil.copyfileobj(source, compressed, 1 << 20)
+
+
 class _NoProfiler(nullcontext):
     window_opens_next = window_closes_next = window_open = False
 
@@ -398,9 +423,27 @@ def cuda_memory_snapshot(enabled: bool, path: Path) -> Iterator[None]:
         yield
     finally:
         try:
-            torch.cuda.memory._dump_snapshot(str(path))
+            dump_memory_snapshot(path)
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def dump_memory_snapshot(path: Path) -> None:
+    """torch.cuda.memory._dump_snapshot's file (the pickled _snapshot()), written as durable.write_durably writes:
+    a new temporary file of this process's (open_new), renamed over `path`. torch's own opens `path` with
+    open(path, "wb"), which follows a symbolic link: one planted in the run folder had the snapshot written over the
+    file it named (review_security F4). Streamed into the file, not pickled into memory first: a snapshot of
+    100,000 events with their stacks can take hundreds of MB."""
+    snapshot = torch.cuda.memory._snapshot()
+    tmp = temp_path(path)
+    try:
+        with open_new(tmp) as f:
+            pickle.dump(snapshot, f)
+        os.replace(tmp, path)  # a link at `path` is replaced, not written through
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def flops_per_sample(model: nn.Module) -> float:

@@ -10,6 +10,7 @@ import gzip
 import inspect
 import json
 import os
+import pickle
 import re
 import signal
 import statistics
@@ -538,6 +539,34 @@ def test_names_with_digits_int_refuses_are_no_window_or_trace_and_leave_the_fail
         trace_window_dir(2), f"{trace_window_dir(2)}/rank².pt.trace.json.gz", "step0000002²"]
 
 
+@pytest.mark.timeout(60)
+def test_a_trace_is_written_through_no_symbolic_link_planted_in_its_window_folder(tmp_path: Path) -> None:
+    """review_security F4: in a run folder another user could write to (a copied one that is resumed, a
+    group-shared --output-dir), links planted at a window's temporary trace name and at the trace's own name had
+    torch's export write the trace over the file the first named, and the rename then left the link as the trace.
+    The trace is a new file of this process's; the victim's files stay as they are."""
+    cfg = TrainConfig(profile=True, profile_wait=0, profile_warmup=1, profile_active=1, profile_repeat=1)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+    window = tmp_path / TRACES_DIR / trace_window_dir(2)
+    window.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config").write_text("the victim's ssh config")
+    (window / ".rank0.pt.trace.partial.gz").symlink_to(victim / "config")
+    (window / trace_file_name(0)).symlink_to(victim / "trace")  # dangling: the final name
+    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=10) as profiler:  # type: ignore[arg-type]
+        for _ in range(3):
+            profiler.begin_step()
+            torch.ones(4).sum()
+            profiler.step()
+    assert profiler.outcome() == {"written": 1, "write_failure": None}
+    assert (victim / "config").read_text() == "the victim's ssh config" and sorted(victim.iterdir()) == [
+        victim / "config"]
+    assert [path.name for path in window.iterdir()] == [trace_file_name(0)]
+    assert not (window / trace_file_name(0)).is_symlink()
+    assert _profiler_steps(_load_trace(window / trace_file_name(0))) == [1]
+
+
 def test_a_pause_waits_for_the_queued_device_work_before_its_clock_starts() -> None:
     """RunClock's `sync` stands for torch.cuda.synchronize: its wait is training time, the pause's own work is not;
     `sync=False` (the profiler step between windows) does not wait."""
@@ -706,19 +735,46 @@ def test_cuda_memory_snapshot_is_dumped_on_any_exit(fail: bool, tmp_path: Path,
     monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
                         lambda enabled="all", **kwargs: calls.append(("record", enabled)))
 
-    def dump_snapshot(path: str) -> None:
-        calls.append(("dump", path))
-        Path(path).write_bytes(b"snapshot")
+    def snapshot(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(("snapshot", None))
+        return {"segments": [], "device_traces": [[{"action": "alloc", "size": 512}]]}
 
-    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", dump_snapshot)
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", snapshot)
     path = tmp_path / "rank0.memory_snapshot.pickle"
     with pytest.raises(torch.cuda.OutOfMemoryError) if fail else nullcontext():
         with cuda_memory_snapshot(True, path):
             calls.append(("train", None))
             if fail:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-    assert calls == [("record", "all"), ("train", None), ("dump", str(path)), ("record", None)]
-    assert path.read_bytes() == b"snapshot"
+    assert calls == [("record", "all"), ("train", None), ("snapshot", None), ("record", None)]
+    with open(path, "rb") as f:
+        assert pickle.load(f) == {"segments": [], "device_traces": [[{"action": "alloc", "size": 512}]]}
+    assert [child.name for child in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_cuda_memory_snapshot_is_written_through_no_symbolic_link_planted_in_the_run_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """review_security F4 (reproduced on an H200): torch's _dump_snapshot opens its path with open(path, "wb"), so a
+    link planted at rank0.memory_snapshot.pickle had the snapshot written over the victim's file. Links at the
+    snapshot's name and at its temporary name are replaced, never written through."""
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *args, **kwargs: {"segments": []})
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("file", "other"):
+        (victim / name).write_text(f"precious victim data ({name})")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "rank0.memory_snapshot.pickle"
+    path.symlink_to(victim / "file")
+    (run_dir / ".rank0.memory_snapshot.pickle.tmp").symlink_to(victim / "other")
+    with cuda_memory_snapshot(True, path):
+        pass
+    assert {name: (victim / name).read_text() for name in ("file", "other")} == {
+        name: f"precious victim data ({name})" for name in ("file", "other")}
+    assert [child.name for child in run_dir.iterdir()] == [path.name] and not path.is_symlink()
+    with open(path, "rb") as f:
+        assert pickle.load(f) == {"segments": []}
 
 
 
@@ -733,7 +789,7 @@ def test_cuda_memory_snapshot_records_python_stacks_only(tmp_path: Path, monkeyp
         calls.append(dict(real.bind(*args, **kwargs).arguments))
 
     monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", record)
-    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda path: None)
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *args, **kwargs: {})
     with cuda_memory_snapshot(True, tmp_path / "rank0.memory_snapshot.pickle"):
         pass
     assert calls[0].get("stacks") == "python" and calls[0].get("max_entries") == 100_000
