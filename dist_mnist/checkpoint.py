@@ -25,6 +25,7 @@ import torch
 from numpy.typing import NDArray
 
 from dist_mnist.argtypes import on_off
+from dist_mnist.console import shown
 from dist_mnist.durable import temp_path, write_durably
 from dist_mnist.errors import UserError, first_line, join_thread
 from dist_mnist.runfiles import CHECKPOINTS_DIR
@@ -578,8 +579,9 @@ def find_resume_checkpoint(folder: Path, set_aside: bool = True) -> tuple[Path, 
             # outlive the good checkpoints written after it in the rotation.
             aside = path.with_name(f"{path.name}.unreadable")
             os.replace(path, aside)
-            print(f"warning: {exc}; renamed it to {aside.name}, trying the previous checkpoint", file=sys.stderr,
-                  flush=True)
+            # shown: the refusal quotes the pickle's GLOBAL name, which a crafted file fills with terminal escapes.
+            print(shown(f"warning: {exc}; renamed it to {aside.name}, trying the previous checkpoint"),
+                  file=sys.stderr, flush=True)
     return None
 
 

@@ -145,6 +145,14 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def shown(text: str) -> str:
+    """Text for the terminal whose lines quote run files (report's and compare's tables, gpucheck's, the resume's
+    `warning:`): each line one_line'd, the line breaks kept. A summary's diagnosis, a rank field, a config key, a
+    trace's kernel name or a pickle's GLOBAL name with ESC, CR, BEL or a C1 byte in it cleared the screen, set the
+    window's title or forged a line; escaped, it is shown as text."""
+    return "\n".join(one_line(line) for line in text.split("\n"))
+
+
 def rank_line(rank: int | str, kind: str, message: str) -> None:
     """One `error:` or `note:` line on stderr, `[rank N] `-prefixed off rank 0. One write, newline included: print()
     writes the text and the newline apart, and the lines of ranks that fail at the same moment would run together."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from dist_mnist.argtypes import whole_number_at_least
 from dist_mnist.config import RawDescriptionDefaultsHelpFormatter
-from dist_mnist.console import kept_stdout, rank_line
+from dist_mnist.console import kept_stdout, rank_line, shown
 from dist_mnist.runfiles import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -542,7 +542,7 @@ def _command(args: argparse.Namespace) -> int:
             return 1
     else:
         text, ok = trace_kernels(args.run_dir)
-    print(text)
+    print(shown(text))  # its rows quote bench.json, kernel and folder names: no escape reaches the terminal
     return 0 if ok else 1
 
 

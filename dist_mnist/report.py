@@ -14,7 +14,7 @@ from typing import Any
 
 from dist_mnist import runjson
 from dist_mnist.compare import compare_summaries, config_changes, format_comparison, run_label
-from dist_mnist.console import kept_stdout, rank_line
+from dist_mnist.console import kept_stdout, rank_line, shown
 from dist_mnist.errors import UserError
 from dist_mnist.plots import write_run_picture
 from dist_mnist.progress import PROGRESS_FILE
@@ -303,19 +303,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.run_b is not None:
-            print(compare(args.run_dir, args.run_b))
+            print(shown(compare(args.run_dir, args.run_b)))
             return 0
         run = Run(args.run_dir)
         if unfinished(run):
             # A failed run's records are what there is to see, its loss curve above all; still exit 1 with the
             # line for a run without summary.json, as for one that wrote no records.
-            print(unfinished_report(run), flush=True)
+            print(shown(unfinished_report(run)), flush=True)
             if not args.no_picture:
-                print(f"picture: {picture(run, finished=False)}")
+                print(shown(f"picture: {picture(run, finished=False)}"))
             raise UserError(_not_a_run_folder(args.run_dir))
-        print(report(run), flush=True)
+        print(shown(report(run)), flush=True)
         if not args.no_picture:
-            print(f"picture: {picture(run)}")
+            print(shown(f"picture: {picture(run)}"))
     except UserError as exc:
         rank_line(0, "error", str(exc))
         return 1

@@ -482,3 +482,12 @@ def test_same_params_on_a_summary_that_is_no_object_fails_in_a_line(tmp_path: Pa
     (tmp_path / "a" / "summary.json").write_text('{"cuda_graphs": 1}')
     assert gpucheck.main(["trace-kernels", str(tmp_path / "b")]) == 1
     assert capsys.readouterr().out.startswith(f"FAIL trace kernels: {tmp_path / 'b'} has no summary (TypeError")
+
+
+def test_terminal_escapes_in_a_bundle_are_shown_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.json's `skipped` text reached the table as it was: `\\x1b[2J` cleared the screen (review finding 8)."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "bench.json").write_text(json.dumps({"graphs": {"skipped": "\x1b[2J\x1b[31mALL GOOD\x1b[0m"}}))
+    assert gpucheck.main(["table", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "skipped: \\x1b[2J\\x1b[31mALL GOOD\\x1b[0m" in out and "\x1b" not in out

@@ -574,3 +574,19 @@ def test_a_dollar_in_the_run_folders_name_is_drawn_not_parsed_as_mathtext(
     run = _write_run(tmp_path / "r$\\bad{$", SUMMARY_B, CONFIG_B, _metrics([50, 100]), _progress([10, 20]))
     assert report.main([str(run)]) == 0, capsys.readouterr().err
     _assert_png(run / "report.png")
+
+
+def test_terminal_escapes_from_run_files_are_shown_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A diagnosis or a rank field with ESC, CR or BEL cleared the screen or set the title (security review
+    finding 8); the table shows them as `\\x1b`, and the comparison too."""
+    esc = "\x1b"
+    forged = _summary([_rank(0, 0.010, 1600.0, SHARES_A)], 1600.0, 0.2)
+    forged["diagnosis"] = f"fine\r{esc}[2K{esc}]0;owned\x07{esc}[31mFORGED\x9b"
+    run = _write_run(tmp_path / "forged", forged, CONFIG_A)
+    assert report.main([str(run), "--no-picture"]) == 0
+    out = capsys.readouterr().out
+    assert "diagnosis: fine\\r\\x1b[2K\\x1b]0;owned\\x07\\x1b[31mFORGED\\x9b" in out
+    assert not any(c in out for c in (esc, "\r", "\x07", "\x9b"))
+    other = _write_run(tmp_path / "a", SUMMARY_A, {**CONFIG_A, f"lr{esc}[31m": 1})
+    assert report.main([str(other), str(run)]) == 0
+    assert esc not in capsys.readouterr().out
