@@ -257,6 +257,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         # as opcodes and may fail with anything (an IndexError, a KeyError: its memo and stack) or, worse, succeed.
         raise UserError(f"checkpoint {path} is not a checkpoint: neither a torch.save archive nor a pickle (the "
                         "files are <run folder>/checkpoints/step*.pt)")
+    if refusal := _archive_refusal(path):
+        raise UserError(f"checkpoint {path} {refusal}")
     try:
         with warnings.catch_warnings():
             # "Detected pickle protocol 4 in the checkpoint": a second line before the error below, which says more.
@@ -286,6 +288,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is damaged: its record {damaged} fails its CRC-32 check (the bytes "
                         "changed after the file was written: a disk, memory or copy error)")
     try:
+        # First, before anything walks it: _check_structure's messages, non_finite_entry, the compatibility checks
+        # and the broadcast to the other ranks all go through the state as a tree, recursively.
+        _check_tree(state)
         _check_structure(state)
     except _Malformed as exc:
         raise UserError(f"checkpoint {path} is malformed: {exc} (not as this program writes it)") from None
@@ -308,7 +313,7 @@ def non_finite_entry(state: Any) -> str | None:
     losses only, and the update after the last finite loss can still overflow them."""
     # A list, not a dict by name: dotted names can collide ({"a": {"b": t}} and {"a.b": t}, or the keys 0 and "0"),
     # and a dict would keep only the last tensor of each name, leaving the others unchecked.
-    tensors = list(_float_tensors(state, ""))
+    tensors = list(_float_tensors(state))
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, tensor in tensors:
         by_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
@@ -319,20 +324,32 @@ def non_finite_entry(state: Any) -> str | None:
     return f"{name} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'an infinity'}"
 
 
-def _float_tensors(state: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every floating-point (or complex) tensor in `state`, under its dotted name, in the state's own order."""
-    if isinstance(state, torch.Tensor):
-        if state.is_floating_point() or state.is_complex():
-            yield name, state
-        return
-    if isinstance(state, dict):
-        items: Any = state.items()
-    elif isinstance(state, (list, tuple)):
-        items = enumerate(state)
-    else:
-        return
-    for key, value in items:
-        yield from _float_tensors(value, f"{name}.{key}" if name else str(key))
+def _float_tensors(state: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every floating-point (or complex) tensor in `state`, under its dotted name, in the state's own order.
+
+    Without recursion, and into each dict, list or tuple once: load_checkpoint refuses shared and deeply nested
+    containers before this runs (_check_tree), but the save-time check walks live state, which nothing vetted. As a
+    tree, a list holding one list twice, 60 times over (500 bytes of pickle), was 2^60 visits: a resume that hung at
+    100% CPU for ever; and a list nested 100,000 deep a RecursionError traceback (review_security F5, F7)."""
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", state)]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                yield name, value
+            continue
+        if isinstance(value, dict):
+            items: list[tuple[Any, Any]] = list(value.items())
+        elif isinstance(value, (list, tuple)):
+            items = list(enumerate(value))
+        else:
+            continue
+        if id(value) in seen:  # its tensors are checked already (the state holds it, so the id is no other's)
+            continue
+        seen.add(id(value))
+        # Reversed onto the stack, so they come off it in the state's own order, as the recursion took them.
+        stack.extend((f"{name}.{key}" if name else str(key), item) for key, item in reversed(items))
 
 
 def _file_kind(mode: int) -> str:
@@ -380,6 +397,89 @@ def _list(value: object, name: str) -> list[Any]:
     if not isinstance(value, (list, tuple)):
         raise _Malformed(f"{name} is {_show(value)}, not a list")
     return list(value)
+
+
+# torch.save writes what it is given; this program gives it a tree at most 5 containers deep (a world's PowerSGD
+# state: comm_hook.ranks[r].orders[bucket] is a list). 32 leaves room for what later versions add, and keeps the
+# recursive walks over a loaded checkpoint (_show's repr, _kind, pickling it for the other ranks) far from Python's
+# recursion limit of 1000 frames.
+_MAX_NESTING = 32
+# Items of tuples met again (see _check_tree) that a walk as a tree goes through once more: AdamW's betas, 2 per
+# param group. A list of N references to one tuple of M numbers is a few bytes per reference and N * M items for
+# every walk (repr, _kind, json) of it.
+_MAX_REPEATED_ITEMS = 10_000
+
+
+def _contents(value: object) -> list[tuple[object, object]] | None:
+    """What a walk goes into from `value`, as (key, item) pairs (a dict's keys are items too: a tuple can be one), or
+    None where it stops: a tensor's data, a number, a string. Attributes count: the weights-only loader sets them
+    on an OrderedDict (a state_dict's _metadata) and on tensors, so pickling the state for the other ranks walks
+    them too."""
+    pairs: list[tuple[object, object]]
+    if isinstance(value, dict):
+        pairs = [pair for key, item in value.items() for pair in ((key, key), (key, item))]
+    elif isinstance(value, (list, tuple)):
+        pairs = list(enumerate(value))
+    elif isinstance(value, (set, frozenset)):
+        pairs = [("<item>", item) for item in value]
+    else:
+        pairs = []
+    attributes = getattr(value, "__dict__", None)  # a class's own is a mappingproxy: not gone into
+    if isinstance(attributes, dict):
+        pairs.extend(attributes.items())
+    return pairs if pairs or isinstance(value, (dict, list, tuple, set, frozenset)) else None
+
+
+def _label(key: object) -> str:
+    """A key in a place's dotted name, short and on one line whatever the file holds (str() of a tuple key is a walk
+    of its own, of an int of 5,000 digits a ValueError)."""
+    if isinstance(key, str):
+        return key if key.isprintable() and len(key) <= 40 else _show(key)
+    if isinstance(key, int) and -10**18 < key < 10**18:
+        return str(key)
+    return f"<{type(key).__name__}>"
+
+
+def _check_tree(state: object) -> None:
+    """Refuse (_Malformed) a loaded checkpoint that is not a tree of modest depth, with one walk that enters each
+    container once and never recurses.
+
+    The weights-only loader builds what the pickle says: a list holding one list twice, 60 times over, is 500 bytes
+    and 2^60 places to a walk as a tree (non_finite_entry spun at 100% CPU for ever, review_security F5); a list in
+    itself never ends; one nested 100,000 deep ended the resume in a RecursionError traceback (F7). A container met a
+    second time is refused, but for a tuple of plain values: torch.save memoizes a tuple it meets twice (AdamW's
+    param groups share the betas of its defaults), and every empty tuple is Python's one `()`."""
+    first_place: dict[int, str] = {id(state): "the checkpoint"}
+    repeated = 0
+    # (dotted name, depth, the (key, item) pairs inside, the top-level entry it is in: what a refusal names)
+    stack: list[tuple[str, int, list[tuple[object, object]], str]] = [("", 0, _contents(state) or [], "")]
+    while stack:
+        name, depth, pairs, top = stack.pop()
+        for key, item in pairs:
+            inner = _contents(item)
+            if inner is None:
+                continue
+            place = f"{name}.{_label(key)}" if name else _label(key)
+            if id(item) in first_place:  # the state holds every item, so an id is no other object's
+                if isinstance(item, tuple) and all(_contents(each) is None for each in item):
+                    repeated += len(item)
+                    if repeated > _MAX_REPEATED_ITEMS:
+                        raise _Malformed(f"it holds the same tuples in place after place (more than "
+                                         f"{_MAX_REPEATED_ITEMS} items again, up to {_cut(place)}), which every walk "
+                                         "over it would go through again each time")
+                    continue
+                raise _Malformed(f"{_cut(place)} is the same {type(item).__name__} as {_cut(first_place[id(item)])}: "
+                                 "a container held in two places, or inside itself, which a walk over it as a tree "
+                                 "would go through over and over, or for ever")
+            if depth + 1 > _MAX_NESTING:
+                raise _Malformed(f"{top} nests containers more than {_MAX_NESTING} deep, where this program's "
+                                 "checkpoints nest 5")
+            first_place[id(item)] = place
+            stack.append((place, depth + 1, inner, top or place))
+
+
+def _cut(place: str) -> str:
+    return place if len(place) <= 60 else place[:57] + "..."
 
 
 def _check_structure(state: dict[str, Any]) -> None:
@@ -474,6 +574,42 @@ def _is_pickle_or_archive(path: Path) -> bool:
     except OSError:
         return True
     return not head or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+_METHODS = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+
+
+def _archive_refusal(path: Path) -> str | None:
+    """Why a checkpoint's zip must not reach torch.load (the rest of the sentence after its path), or None.
+
+    torch.save stores every record as it is (ZIP_STORED), yet torch's reader inflates a compressed one, allocating
+    the size its header declares first: 1 MB of DEFLATEd zeros took 1 GiB of memory before any check, 8 MB 8 GiB
+    (review_security F6), and _record_failing_its_crc's testzip inflated it all again. Records declaring more bytes
+    in all than the file holds are refused too: torch.save never writes them, and the sizes are what a reader
+    allocates (torch's miniz refused the ones tried as corrupt, but this check does not rest on it). Both from the
+    zip's directory alone, nothing read or inflated. A file torch reads as a zip (it starts with a local header) but
+    zipfile cannot list is refused too, as unreadable: a junk record with a malformed extra field made zipfile give
+    up where torch's reader, which skips the field, loaded the rest, compressed records included."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch.load reads such a file as a pickle (the legacy format): no zip
+                return None
+            size = os.fstat(f.fileno()).st_size
+            with zipfile.ZipFile(f) as archive:
+                records = archive.infolist()
+    except OSError:
+        return None  # the loader's own error says it
+    except Exception as exc:  # BadZipFile, a UnicodeDecodeError, ...: whatever zipfile raised on these bytes
+        return f"is unreadable (truncated or corrupt: its zip directory does not read: {first_line(exc)})"
+    if packed := next((r for r in records if r.compress_type != zipfile.ZIP_STORED), None):
+        method = _METHODS.get(packed.compress_type, f"zip method {packed.compress_type}")
+        return (f"was refused: its record {_show(packed.filename)} is compressed ({method}), which torch.save never "
+                "writes; it is not read, as a small file can inflate to gigabytes in memory (a zip bomb)")
+    declared = sum(max(record.file_size, record.compress_size) for record in records)
+    if declared > size:
+        return (f"was refused: its records declare {declared} bytes, more than the {size} of the file, which "
+                "torch.save never writes; it is not read")
+    return None
 
 
 def _record_failing_its_crc(path: Path) -> str | None:

@@ -13,8 +13,10 @@ import re
 import shlex
 import shutil
 import signal
+import struct
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -301,7 +303,8 @@ NOT_A_CHECKPOINT = r"is not a checkpoint: neither a torch\.save archive nor a pi
 
 @pytest.mark.parametrize(("bad", "said"), [
     (b"", r"is unreadable \(truncated or corrupt: EOFError\)$"),  # a write a full disk cut at its start
-    (b"PK\x03\x04 and then nothing of a zip", r"is unreadable \(truncated or corrupt: PytorchStreamReader failed "),
+    (b"PK\x03\x04 and then nothing of a zip",
+     r"is unreadable \(truncated or corrupt: its zip directory does not read: File is not a zip file\)$"),
     (b"not a zip file at all", NOT_A_CHECKPOINT),
     # Text whose first bytes are pickle opcodes: torch's pickle machine failed on them with an IndexError ("r", ")")
     # or a KeyError ("h"), a traceback where this line belongs.
@@ -397,13 +400,65 @@ def test_the_note_says_a_powersgd_change_differs_by_more_than_rounding(
         f"correctly, but its numbers will differ {differ} from a run that was never interrupted")
 
 
+# -- files crafted to exhaust the loader (review_security F5-F7) ---------------------------------------------------
+
+
+def rewritten_archive(data: bytes, change: Callable[[bytes], bytes] = lambda pickled: pickled,
+                      compressed: Callable[[str], bool] = lambda name: False) -> bytes:
+    """A torch.save archive written again by zipfile: its pickle changed by `change`, and the records `compressed`
+    names DEFLATEd, which torch.save never does and torch.load still inflates."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w") as archive:
+        for info in source.infolist():
+            record = source.read(info)
+            archive.writestr(info.filename, change(record) if info.filename.endswith("/data.pkl") else record,
+                             zipfile.ZIP_DEFLATED if compressed(info.filename) else zipfile.ZIP_STORED)
+    return out.getvalue()
+
+
+NESTED_HERE = "a list nested 100000 deep goes here"
+
+
+def nested_100000_deep(pickled: bytes) -> bytes:
+    """The pickle with NESTED_HERE (a BINUNICODE string) replaced by a list nested 100,000 deep: 100,000 EMPTY_LISTs,
+    each APPENDed to the one below. torch.save itself cannot write one: pickling recurses."""
+    string = b"X" + struct.pack("<I", len(NESTED_HERE)) + NESTED_HERE.encode()
+    assert pickled.count(string) == 1
+    return pickled.replace(string, b"]" * 100_000 + b"a" * 99_999)
+
+
+def laughs(depth: int) -> list[Any]:
+    """A list holding one list twice, `depth` times over: a few bytes a level in the pickle (its memo), 2^depth places
+    to a walk as a tree (a "billion laughs")."""
+    shared: list[Any] = [0]
+    for _ in range(depth):
+        shared = [shared, shared]
+    return shared
+
+
+def with_junk(value: object, change: Callable[[bytes], bytes] = lambda pickled: pickled) -> Callable[[bytes], bytes]:
+    """A damage for test_unreadable_newest_checkpoint_falls_back_to_previous: the checkpoint with `value` added, its
+    pickle then changed by `change`."""
+    def damage(data: bytes) -> bytes:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+        state["junk"] = value
+        return rewritten_archive(checkpoint.serialize(state), change)
+    return damage
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("damage", "said"), [
     (lambda data: data[: len(data) // 2], "is unreadable (truncated or corrupt: "),
     # Bytes that are no checkpoint at all: this one made torch's pickle machine raise an IndexError, which ended
     # every rerun in a traceback with the file left in place.
     (lambda data: b"run crashed\n", "is not a checkpoint: "),
-], ids=["truncated", "text"])
+    # Each retried on every restart, never set aside: a resume that hung at 100% CPU for ever, a RecursionError
+    # traceback, and a zip bomb inflated in full (review_security F5, F7, F6).
+    (with_junk(laughs(60)), "is malformed: junk.1 is the same list as junk.0: "),
+    (with_junk(NESTED_HERE, nested_100000_deep), "is malformed: junk nests containers more than 32 deep"),
+    (lambda data: rewritten_archive(data, compressed=lambda name: name.endswith("/data.pkl")),
+     "was refused: its record 'archive/data.pkl' is compressed (deflate), which torch.save never writes"),
+], ids=["truncated", "text", "shared", "deep", "compressed"])
 def test_unreadable_newest_checkpoint_falls_back_to_previous(capsys: pytest.CaptureFixture[str], run_copy: Path,
                                                             damage: Callable[[bytes], bytes], said: str) -> None:
     newest = checkpoint.checkpoint_path(checkpoints_of(run_copy), BASE_STEPS)
@@ -874,6 +929,121 @@ def test_a_checkpoint_with_crafted_values_is_one_error_naming_the_field(
 
 def test_the_checkpoints_this_program_writes_pass_the_checks(base_run: Path) -> None:
     for path in checkpoint.list_checkpoints(checkpoints_of(base_run)):
+        checkpoint.load_checkpoint(path)
+
+
+def in_itself() -> list[Any]:
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    return cycle
+
+
+def tuple_laughs(depth: int) -> tuple[Any, ...]:
+    shared: tuple[Any, ...] = (0,)
+    for _ in range(depth):
+        shared = (shared, shared)
+    return shared
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("junk", "said"), [
+    # 500 bytes: non_finite_entry went through its 2^60 places, and the resume hung at 100% CPU for ever.
+    (laughs(60), r"junk\.1 is the same list as junk\.0: a container held in two places, or inside itself, which a "
+                 r"walk over it as a tree would go through over and over, or for ever"),
+    (in_itself(), r"junk\.0 is the same list as junk: "),
+    (tuple_laughs(60), r"junk\.1 is the same tuple as junk\.0: "),
+    # A tuple of plain values may recur (test_tuples_torch_save_shares_still_load), but not without end: each
+    # reference is a few bytes of pickle and the whole tuple again to every walk.
+    ([tuple(range(100))] * 200, r"it holds the same tuples in place after place \(more than 10000 items again, up "
+                                r"to junk\.101\), which every walk over it would go through again each time"),
+], ids=["laughs", "cycle", "tuples", "repeated"])
+def test_a_checkpoint_a_walk_would_go_through_for_ever_is_one_line_at_once(base_run: Path, tmp_path: Path,
+                                                                         junk: object, said: str) -> None:
+    """A checkpoint of shared references: the weights-only loader builds what the pickle's memo says, and every walk
+    over the state as a tree (non_finite_entry, _check_structure's repr of a bad value, the compatibility checks)
+    went through each place of it again (review_security F5)."""
+    path = crafted_copy(base_run, tmp_path, _set("junk", value=junk))
+    assert path.stat().st_size < 15 * 2**20  # the base checkpoint's 13.8 MiB and a few bytes
+    with pytest.raises(UserError, match=rf"^checkpoint {re.escape(str(path))} is malformed: {said}.*\(not as this "
+                                        r"program writes it\)$"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_tuples_torch_save_shares_still_load(base_run: Path, tmp_path: Path) -> None:
+    """torch.save memoizes a tuple it meets twice, so the loaded state holds one tuple in both places: AdamW's param
+    groups share the betas of its defaults, and every empty tuple is Python's one `()`. Tuples of plain values are
+    no walk's trap: they load."""
+    weights = [torch.zeros(1, requires_grad=True) for _ in range(2)]
+    two_groups = torch.optim.AdamW([{"params": [weights[0]]}, {"params": [weights[1]]}]).state_dict()
+    path = crafted_copy(base_run, tmp_path, _set("junk", value={"optimizer": two_groups, "empty": [(), ()]}))
+    junk = checkpoint.load_checkpoint(path)["junk"]
+    groups = junk["optimizer"]["param_groups"]
+    assert groups[0]["betas"] is groups[1]["betas"] and junk["empty"][0] is junk["empty"][1]
+
+
+@pytest.mark.timeout(30)
+def test_a_checkpoint_nested_100000_deep_is_one_line_not_a_recursion_error(base_run: Path, tmp_path: Path) -> None:
+    """The weights-only loader builds a list nested 100,000 deep without recursing; non_finite_entry then ended the
+    resume in a RecursionError traceback (review_security F7)."""
+    path = crafted_copy(base_run, tmp_path, _set("junk", value=NESTED_HERE))
+    path.write_bytes(rewritten_archive(path.read_bytes(), nested_100000_deep))
+    with pytest.raises(UserError, match=rf"^checkpoint {re.escape(str(path))} is malformed: junk nests containers "
+                                        r"more than 32 deep, where this program's checkpoints nest 5 \(not as this "
+                                        r"program writes it\)$"):
+        checkpoint.load_checkpoint(path)
+
+
+def declaring(data: bytes, suffix: str, size: int) -> bytes:
+    """The archive with the central directory entry of the record whose name ends with `suffix` declaring `size`
+    bytes, compressed and not (its local header, and its bytes, as they were)."""
+    patched = bytearray(data)
+    at = patched.find(b"PK\x01\x02")
+    while at >= 0:
+        name_length = struct.unpack_from("<H", patched, at + 28)[0]
+        if bytes(patched[at + 46:at + 46 + name_length]).endswith(suffix.encode()):
+            struct.pack_into("<II", patched, at + 20, size, size)  # compressed size, uncompressed size
+            return bytes(patched)
+        at = patched.find(b"PK\x01\x02", at + 4)
+    raise AssertionError(f"no record {suffix}")
+
+
+def _with_junk_record_zipfile_rejects(data: bytes) -> bytes:
+    """The archive, its records compressed, with a record more whose extra field claims more bytes than it has:
+    zipfile gives up on the archive where torch's reader skips the field and inflates the rest."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info))
+        junk = zipfile.ZipInfo("archive/junk")
+        junk.extra = struct.pack("<HH", 0x9999, 16) + b"ab"
+        archive.writestr(junk, b"x")
+    return out.getvalue()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("craft", "said"), [
+    # torch.load inflated it: 1 MB of DEFLATEd zeros took 1 GiB of memory before any check (here 4 kB of zeros).
+    (lambda data: rewritten_archive(data, compressed=lambda name: True),
+     r"was refused: its record 'archive/data\.pkl' is compressed \(deflate\), which torch\.save never writes; it is "
+     r"not read, as a small file can inflate to gigabytes in memory \(a zip bomb\)$"),
+    (lambda data: rewritten_archive(data, compressed=lambda name: name.endswith("/data/0")),
+     r"was refused: its record 'archive/data/0' is compressed \(deflate\), which torch\.save never writes; "),
+    (lambda data: declaring(data, "/data/0", 2**30),
+     r"was refused: its records declare 107[0-9]{7} bytes, more than the [0-9]+ of the file, which torch\.save "
+     r"never writes; it is not read$"),
+    (_with_junk_record_zipfile_rejects,
+     r"is unreadable \(truncated or corrupt: its zip directory does not read: Corrupt extra field 9999 "
+     r"\(size=16\)\)$"),
+], ids=["compressed", "compressed-tensor", "declared-size", "zipfile-rejects"])
+def test_a_checkpoint_zip_bomb_is_refused_unread(tmp_path: Path, craft: Callable[[bytes], bytes], said: str) -> None:
+    """torch.save stores every record as it is; a compressed record, or records declaring more bytes than the file
+    holds, are refused before torch.load reads them (review_security F6). Small archives: what they would inflate to
+    does not matter, only that nothing reads them."""
+    buffer = io.BytesIO()
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, "model": {"w": torch.zeros(1000)}}, buffer)
+    path = tmp_path / "step00000004.pt"
+    path.write_bytes(craft(buffer.getvalue()))
+    with pytest.raises(UserError, match=rf"^checkpoint {re.escape(str(path))} {said}"):
         checkpoint.load_checkpoint(path)
 
 
