@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dist_mnist.errors import UserError
-from dist_mnist.recipes import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPES, AppliedRecipe, recipe_name, recipe_values
+from dist_mnist.recipes import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPES, AppliedRecipe, Recipe, recipe_name, recipe_values
 
 # --timeout-s becomes a C++ duration inside torch.distributed; a week is more than any rendezvous or collective
 # should wait, and far from where such a duration overflows.
@@ -98,8 +98,9 @@ class TrainConfig:
                                                                 "2**31 - 1)")
     lr: float = _opt(DEFAULT_RECIPE.lr, "peak learning rate of the warm-up + cosine schedule (AdamW)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
-    warmup_frac: float = _opt(DEFAULT_RECIPE.warmup_frac,
-                              "share of all steps spent warming the learning rate up to --lr")
+    warmup_frac: float = _opt(DEFAULT_RECIPE.warmup_frac(DEFAULT_RECIPE.epochs),
+                              "share of all steps spent warming the learning rate up to --lr. Left out, the recipe's "
+                              "warm-up, a length in epochs, sets it for the run's --epochs (given or the recipe's)")
     label_smoothing: float = _opt(0.1, "label smoothing of the training loss (evaluation loss is plain)")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off); with fp16 the gradients "
                                  "are unscaled first")
@@ -338,9 +339,18 @@ class RawDescriptionDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, 
 def _recipe_help(name: str, help: str) -> str:
     """A recipe-managed flag's help: the cpu recipe's value is its plain default; the other recipes' stand beside it,
     as a run on their device uses them (`--checkpoint-every ... (default: 200)` read on a GPU, which gets 0)."""
-    others = "; ".join(f"{recipe} recipe: {getattr(values, name)}" for recipe, values in RECIPES.items()
-                       if values != DEFAULT_RECIPE)
+    if name == "warmup_frac":
+        # A share that follows --epochs: each recipe's warm-up in epochs, and the share at its own epochs.
+        others = "; ".join(f"{recipe} recipe: {_warmup(values)}" for recipe, values in RECIPES.items())
+    else:
+        others = "; ".join(f"{recipe} recipe: {getattr(values, name)}" for recipe, values in RECIPES.items()
+                           if values != DEFAULT_RECIPE)
     return f"{help} (default: %(default)s; {others})"
+
+
+def _warmup(recipe: Recipe) -> str:
+    """A recipe's warm-up as --help gives it: "0.4 epochs' worth (0.1 at 4 epochs)"."""
+    return f"{recipe.warmup_epochs:g} epochs' worth ({recipe.warmup_frac(recipe.epochs):g} at {recipe.epochs} epochs)"
 
 
 def _prog() -> str:

@@ -8,24 +8,41 @@ recipe in afterwards, keeping every flag the user gave explicitly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from dist_mnist.errors import UserError
 
+# The largest --warmup-frac validation allows (it must be below 1): a recipe's warm-up as long as the run or longer
+# becomes this share of the run's steps.
+MAX_WARMUP_FRAC = math.nextafter(1.0, 0.0)
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """One device's training settings; the field names are TrainConfig fields (and so flags)."""
+    """One device's training settings. The field names are TrainConfig fields (and so flags), except
+    `warmup_epochs`: the learning-rate warm-up as a length in epochs, which sets --warmup-frac (a share of the
+    schedule's steps) for the run's resolved --epochs, so that `--epochs 1` keeps the warm-up the recipe meant."""
     batch_size: int
     lr: float
     epochs: int
-    warmup_frac: float
+    warmup_epochs: float
     eval_every: int
     eval_batch_size: int
     checkpoint_every: int
     ddp_comm_hook: str
     bucket_cap_mb: float
+
+    def warmup_frac(self, epochs: int) -> float:
+        """--warmup-frac for a run of `epochs` epochs: `warmup_epochs` of them, below 1 (validation's limit)."""
+        return min(self.warmup_epochs / epochs, MAX_WARMUP_FRAC)
+
+    def flag_values(self, epochs: int | None = None) -> dict[str, Any]:
+        """The TrainConfig values this recipe sets, for a run of `epochs` epochs (None: the recipe's)."""
+        share = self.warmup_frac(self.epochs if epochs is None else epochs)
+        values = {**dataclasses.asdict(self), "warmup_frac": share}
+        return {name: values[name] for name in RECIPE_FIELDS}
 
 
 # The one table to edit; README.md's "Recipe and accuracy" table is checked against it by tests/test_recipes.py.
@@ -37,7 +54,8 @@ RECIPES: dict[str, Recipe] = {
     # fp32 all-reduce at unchanged accuracy; torch's default buckets (bucket_cap_mb 0) overlap a 1 MiB first bucket
     # with backward (issue 12, docs/benchmarks.md). Evaluation batches of 250, not 1000: the same accuracy, and an
     # evaluation 0.79x as long on the 2-core AMD CPU (docs/benchmarks.md, "The cpu recipe's evaluation batch").
-    "cpu": Recipe(batch_size=16, lr=2e-3, epochs=2, warmup_frac=0.1, eval_every=750, eval_batch_size=250,
+    # Its warm-up of 0.2 epochs is 0.1 of the steps at its 2 epochs.
+    "cpu": Recipe(batch_size=16, lr=2e-3, epochs=2, warmup_epochs=0.2, eval_every=750, eval_batch_size=250,
                   checkpoint_every=200, ddp_comm_hook="bf16", bucket_cap_mb=0.0),
     # A GPU step costs about the same for 16 or 256 samples, so larger batches reach 99% first in wall time; the
     # step count to 99.0% does not depend on the device, so a CPU study ranked the candidates (docs/benchmarks.md,
@@ -57,13 +75,16 @@ RECIPES: dict[str, Recipe] = {
     # epoch is 0.2 s of a GPU's time, and the cpu recipe's 200 steps put one more pause (30 ms) before 99.0%.
     # Gradients cross NVLink or InfiniBand, where 4.8 MB of fp32 all-reduce is tens of microseconds
     # (docs/cluster.md): no compression, exact fp32 gradients.
-    # Warm-up 0.2, not 0.1 (docs/benchmarks.md, "The cuda recipe's warm-up"): on CPU over seeds 0-3 one epoch ended
-    # at 98.41-98.52% (98.33-98.52% with 0.1), and four at 99.16 / 99.21% (99.12 / 99.15%) with 99.0% first at step
-    # 274-294 either way.
-    "cuda": Recipe(batch_size=512, lr=8e-3, epochs=4, warmup_frac=0.2, eval_every=40, eval_batch_size=10_000,
+    # A warm-up of 0.4 epochs: 0.1 of the steps at the recipe's 4 epochs, 0.4 of a one-epoch run's (`--epochs 1`).
+    # On the H200 (2026-11-29) a share of 0.1 reached 99.0% at step 234, 0.37 s after the first step, where 0.2 (the
+    # recipe before) took until step 314, 0.53 s (issue 9's bar is 0.5 s). A share of 0.1 of one epoch, though, left
+    # `--epochs 1` at 98.33 / 98.35% on CPU (seeds 0 / 1), below the classic example's one epoch on that GPU
+    # (98.37%); 0.4 of it gave 98.51 / 98.54% (docs/benchmarks.md, "The cuda recipe's warm-up").
+    "cuda": Recipe(batch_size=512, lr=8e-3, epochs=4, warmup_epochs=0.4, eval_every=40, eval_batch_size=10_000,
                    checkpoint_every=0, ddp_comm_hook="none", bucket_cap_mb=0.0),
 }
-RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+# The TrainConfig fields (flags) a recipe sets: its own fields, with --warmup-frac for its warm-up in epochs.
+RECIPE_FIELDS = tuple("warmup_frac" if f.name == "warmup_epochs" else f.name for f in dataclasses.fields(Recipe))
 DEFAULT_RECIPE = RECIPES["cpu"]  # the plain defaults of the flags, so `TrainConfig()` is the CPU recipe
 
 
@@ -94,8 +115,9 @@ def recipe_name(requested: str, device_type: str) -> str:
 
 
 def recipe_values(cfg: Any, name: str, explicit: frozenset[str]) -> AppliedRecipe:
-    """The recipe's value for every recipe field not in `explicit`; the explicit ones are reported as overrides."""
-    recipe = dataclasses.asdict(RECIPES[name])
+    """The recipe's value for every recipe field not in `explicit`; the explicit ones are reported as overrides.
+    Its warm-up in epochs becomes --warmup-frac for the run's epochs, the given --epochs or the recipe's."""
+    recipe = RECIPES[name].flag_values(cfg.epochs if "epochs" in explicit else None)
     return AppliedRecipe(name=name,
                          set={k: v for k, v in recipe.items() if k not in explicit},
                          overridden={k: getattr(cfg, k) for k in RECIPE_FIELDS if k in explicit})

@@ -213,8 +213,8 @@ EXACT: dict[str, Any] = dict(
     log_every=4, peak_tflops=1.0, tensorboard=False, amp="off", deterministic=True, checkpoint_every=0, timeout_s=60.0,
     ddp_comm_hook="none")
 # (name, config, total optimizer steps, where the first part stops): each stop is mid-epoch, and PowerSGD's
-# compression has started by then (after the 10% warm-up, at least 2 steps). 256 samples on 2 ranks at batch 16:
-# 8 steps per epoch; 512 with 4 micro-batches per step: 4 optimizer steps per epoch.
+# compression has started by then (after the cpu recipe's warm-up of 0.2 epochs, at least 2 steps). 256 samples on
+# 2 ranks at batch 16: 8 steps per epoch; 512 with 4 micro-batches per step: 4 optimizer steps per epoch.
 RESUME_CASES: list[tuple[str, dict[str, Any], int, int]] = [
     ("bf16", dict(ddp_comm_hook="bf16", epochs=1, synthetic_train_size=256), 8, 5),
     ("powersgd", dict(ddp_comm_hook="powersgd", epochs=1, synthetic_train_size=256), 8, 5),

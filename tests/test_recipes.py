@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, SMOKE_FLAGS
+import torch
+from conftest import REPO, SMOKE_FLAGS, train_in_process
 
 from dist_mnist.config import TrainConfig, apply_recipe, build_parser, parse_args
 from dist_mnist.errors import UserError
@@ -22,7 +23,8 @@ from dist_mnist.recipes import RECIPE_FIELDS, RECIPES, Recipe
 from dist_mnist.train import TrainState, main
 
 # README column -> Recipe field, in table order after the name.
-README_COLUMNS = {"per-process batch": "batch_size", "peak lr": "lr", "epochs": "epochs", "warm-up": "warmup_frac",
+README_COLUMNS = {"per-process batch": "batch_size", "peak lr": "lr", "epochs": "epochs",
+                  "warm-up epochs": "warmup_epochs",
                   "eval every": "eval_every", "eval batch": "eval_batch_size", "checkpoint every": "checkpoint_every",
                   "comm hook": "ddp_comm_hook",
                   "bucket MiB": "bucket_cap_mb"}
@@ -46,8 +48,18 @@ def readme_recipes() -> dict[str, Recipe]:
 
 
 def test_readme_recipe_table_is_the_code_table() -> None:
-    assert set(README_COLUMNS.values()) == set(RECIPE_FIELDS)
+    assert set(README_COLUMNS.values()) == {f.name for f in dataclasses.fields(Recipe)}
     assert readme_recipes() == RECIPES
+
+
+def test_readme_gives_each_recipes_warmup_share_at_its_epochs_and_at_one() -> None:
+    """README's paragraph under the table turns each recipe's warm-up in epochs into --warmup-frac, at the recipe's
+    epochs and at `--epochs 1`."""
+    text = " ".join((REPO / "README.md").read_text().split())
+    for name, recipe in RECIPES.items():
+        assert re.search(rf"the {name} recipe's {recipe.warmup_epochs:g} epochs are (`--warmup-frac` )?"
+                         rf"{recipe.warmup_frac(recipe.epochs):g} at its {recipe.epochs} epochs and "
+                         rf"{recipe.warmup_frac(1):g} with `--epochs 1`", text), name
 
 
 def test_readme_lists_the_cuda_recipes_evaluation_steps() -> None:
@@ -68,7 +80,7 @@ def test_readme_lists_the_cuda_recipes_evaluation_steps() -> None:
 
 
 def test_plain_defaults_are_the_cpu_recipe() -> None:
-    assert {k: getattr(TrainConfig(), k) for k in RECIPE_FIELDS} == dataclasses.asdict(RECIPES["cpu"])
+    assert {k: getattr(TrainConfig(), k) for k in RECIPE_FIELDS} == RECIPES["cpu"].flag_values()
     assert "--recipe" in build_parser().format_help()
 
 
@@ -77,7 +89,7 @@ def test_plain_defaults_are_the_cpu_recipe() -> None:
 def test_auto_follows_the_device_and_a_named_recipe_any_device(requested: str, device: str, expected: str) -> None:
     resolved = apply_recipe(parse_args(["--recipe", requested]), device)
     assert resolved.recipe.name == expected
-    assert {k: getattr(resolved.config, k) for k in RECIPE_FIELDS} == dataclasses.asdict(RECIPES[expected])
+    assert {k: getattr(resolved.config, k) for k in RECIPE_FIELDS} == RECIPES[expected].flag_values()
 
 
 def test_explicit_flags_win_even_when_they_equal_the_plain_default() -> None:
@@ -87,9 +99,54 @@ def test_explicit_flags_win_even_when_they_equal_the_plain_default() -> None:
     assert resolved.config.epochs == RECIPES["cuda"].epochs
     assert resolved.recipe.overridden == {"batch_size": 16, "lr": 1e-3}
     assert "batch_size" not in resolved.recipe.set
-    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.2, --eval-every 40, "
+    assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.1, --eval-every 40, "
                                               "--eval-batch-size 10000, --checkpoint-every 0, --ddp-comm-hook none, "
                                               "--bucket-cap-mb 0.0; flags kept: --batch-size 16, --lr 0.001)")
+
+
+@pytest.mark.parametrize(("recipe", "flags", "expected"), [
+    ("cuda", [], 0.1), ("cuda", ["--epochs", "1"], 0.4), ("cuda", ["--epochs", "2"], 0.2),
+    ("cpu", [], 0.1), ("cpu", ["--epochs", "1"], 0.2), ("cpu", ["--epochs", "4"], 0.05),
+    ("auto", ["--epochs", "1"], 0.4),  # on the cuda device below
+    # A --warmup-frac given explicitly wins, whatever --epochs is.
+    ("cuda", ["--epochs", "1", "--warmup-frac", "0.1"], 0.1), ("cpu", ["--warmup-frac", "0.3"], 0.3),
+    ("cpu", ["--epochs", "1", "--warmup-frac", "0"], 0.0),
+])
+def test_the_recipes_warmup_is_a_length_in_epochs(recipe: str, flags: list[str], expected: float) -> None:
+    """A recipe's warm-up is in epochs: --warmup-frac, unless given, is it over the run's epochs (given or the
+    recipe's), so `--epochs 1` keeps 0.4 epochs of the cuda recipe's warm-up rather than 0.1 of one epoch."""
+    resolved = apply_recipe(parse_args(["--recipe", recipe, *flags]), "cuda")
+    assert resolved.config.warmup_frac == expected
+    if "--warmup-frac" in flags:
+        assert resolved.recipe.overridden["warmup_frac"] == expected and "warmup_frac" not in resolved.recipe.set
+    else:
+        assert resolved.recipe.set["warmup_frac"] == expected
+        assert f"--warmup-frac {expected}" in resolved.recipe.summary_line()
+
+
+def test_a_warmup_as_long_as_the_run_stays_below_the_whole_schedule() -> None:
+    """--warmup-frac must be below 1: a recipe's warm-up of as many epochs as the run has, or more, is the largest
+    share below 1, which validation takes."""
+    recipe = dataclasses.replace(RECIPES["cpu"], warmup_epochs=3.0)
+    for epochs in (1, 2, 3):
+        assert recipe.warmup_frac(epochs) < 1
+        TrainConfig(warmup_frac=recipe.warmup_frac(epochs), epochs=epochs)
+    assert recipe.warmup_frac(4) == 0.75
+
+
+@pytest.mark.timeout(120)
+def test_a_run_records_the_warmup_share_its_epochs_resolved(tmp_path: Path) -> None:
+    """`--epochs 1` under the cpu recipe trains with --warmup-frac 0.2 (its 0.2 epochs), and the first line,
+    config.json (the value and the `resolved` block's recipe values) and the checkpoint record 0.2."""
+    result = train_in_process(*SMOKE_FLAGS, "--epochs", "1", "--max-steps", "2", "--output-dir", str(tmp_path),
+                              "--run-name", "run")
+    assert result.returncode == 0, result.stderr
+    assert "recipe cpu (" in result.stdout.splitlines()[0] and "--warmup-frac 0.2," in result.stdout.splitlines()[0]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["warmup_frac"] == 0.2 and config["resolved"]["recipe_values"]["warmup_frac"] == 0.2
+    assert config["resolved"]["recipe_overridden_by_flags"]["epochs"] == 1
+    (newest,) = sorted((tmp_path / "run" / "checkpoints").glob("step*.pt"))[-1:]
+    assert torch.load(newest, weights_only=True)["config"]["warmup_frac"] == 0.2
 
 
 def test_a_config_built_in_code_keeps_the_values_it_changed() -> None:
@@ -203,9 +260,17 @@ def test_help_gives_every_recipes_value_of_a_recipe_flag(capsys: pytest.CaptureF
     formatter = parser._get_formatter()
     helps = {action.dest: " ".join(formatter._expand_help(action).split()) for action in parser._actions}
     for name in RECIPE_FIELDS:
+        if name == "warmup_frac":
+            continue
         values = "; ".join(f"{recipe} recipe: {getattr(settings, name)}" for recipe, settings in RECIPES.items()
                            if recipe != "cpu")
         assert helps[name].endswith(f"(default: {getattr(RECIPES['cpu'], name)}; {values})"), helps[name]
+    # --warmup-frac's default is the cpu recipe's 0.2 epochs at its 2 epochs; each recipe's warm-up is in epochs.
+    assert helps["warmup_frac"].endswith(
+        "(default: 0.1; cpu recipe: 0.2 epochs' worth (0.1 at 2 epochs); cuda recipe: 0.4 epochs' worth (0.1 at 4 "
+        "epochs))"), helps["warmup_frac"]
+    assert (RECIPES["cpu"].warmup_epochs, RECIPES["cpu"].epochs, RECIPES["cuda"].warmup_epochs,
+            RECIPES["cuda"].epochs) == (0.2, 2, 0.4, 4)
     # The other entry points show their defaults too.
     from dist_mnist import commmodel, gpucheck
 
