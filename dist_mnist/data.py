@@ -8,7 +8,9 @@ import os
 import stat
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,10 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 # The classic MNIST normalisation constants (mean and std of the training pixels scaled to [0, 1]).
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 SYNTHETIC_SEED = 1234
+# The most images an IDX pair may declare (7.8 GB of 28x28 images), checked before a body is read: a sparse file's
+# header can declare any count its size matches at no cost on disk. Far above MNIST's 60,000, and the 8.1 million of
+# its largest derivative (infinite MNIST's mnist8m).
+MAX_IDX_IMAGES = 10_000_000
 
 
 @dataclass
@@ -41,56 +47,90 @@ def mnist_raw_dir(data_dir: str) -> Path:
     return Path(data_dir) / "MNIST" / "raw"
 
 
-def read_idx_uint8(path: Path, ndim: int) -> torch.Tensor:
-    """An IDX file of unsigned bytes (MNIST's format: 0x00 0x00 0x08 ndim, big-endian uint32 sizes, the bytes).
+def read_idx_header(f: BufferedReader, ndim: int) -> tuple[int, ...]:
+    """The shape an IDX file of unsigned bytes declares (MNIST's format: 0x00 0x00 0x08 ndim, big-endian uint32
+    sizes, the bytes), checked against the file's size; `f` is left at the body's start.
 
-    Read here rather than with torchvision's reader: importing torchvision took about 1.7 s, most of it
-    torch._dynamo, which the first optimizer needs too but which main() imports in a thread (StartupTimer); a
+    The files are read here rather than with torchvision's reader: importing torchvision took about 1.7 s, most of
+    it torch._dynamo, which the first optimizer needs too but which main() imports in a thread (StartupTimer); a
     torchvision import on the main thread would wait for it. Only the download still uses torchvision.
     """
     header = 4 + 4 * ndim
-    with open(path, "rb") as f:
-        # The header first, and the file's size against the one it implies, before the body is read: a file whose
-        # header claims one image but that is gigabytes long (a sparse file costs nothing to make) was read whole.
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(header)
-        if len(head) < header or head[:4] != bytes([0, 0, 0x08, ndim]):
-            raise ValueError(f"expected the magic number 0x0000080{ndim} and {ndim} sizes")
-        shape = tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
-        if size - header != math.prod(shape):
-            raise ValueError(f"{size - header} data bytes for a shape of {shape}")
-        body = f.read(size - header)
-    if len(body) != math.prod(shape):  # the file changed while it was read
-        raise ValueError(f"{len(body)} data bytes for a shape of {shape}")
-    return torch.from_numpy(np.frombuffer(body, dtype=np.uint8).reshape(shape).copy())
+    # The file's size against the one the header implies, before the body is read: a file whose header claims one
+    # image but that is gigabytes long (a sparse file costs nothing to make) was read whole.
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(header)
+    if len(head) < header or head[:4] != bytes([0, 0, 0x08, ndim]):
+        raise ValueError(f"expected the magic number 0x0000080{ndim} and {ndim} sizes")
+    shape = tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
+    if size - header != math.prod(shape):
+        raise ValueError(f"{size - header} data bytes for a shape of {shape}")
+    return shape
+
+
+def read_idx_body(f: BufferedReader, shape: tuple[int, ...]) -> torch.Tensor:
+    """The body of an IDX file whose header read_idx_header read, straight into the tensor it becomes (readinto):
+    reading it into bytes and copying those out held it twice."""
+    tensor = torch.empty(shape, dtype=torch.uint8)
+    buffer = tensor.view(-1).numpy().data  # the tensor's own bytes, as a memoryview
+    filled = 0
+    while filled < len(buffer) and (got := f.readinto(buffer[filled:])):
+        filled += got
+    if filled != len(buffer):  # the file changed while it was read
+        raise ValueError(f"{filled} data bytes for a shape of {shape}")
+    return tensor
+
+
+@contextmanager
+def _idx_file_errors(path: Path) -> Iterator[None]:
+    """A bad or unreadable IDX file at `path` as one line naming it."""
+    try:
+        yield
+    except ValueError as exc:
+        detail = f": {exc}" if str(exc) else ""
+        raise UserError(f"{path} is not a valid MNIST IDX file (wrong magic number, dimensions or size"
+                        f"{detail}); replace it with the original file") from None
+    except OSError as exc:  # no read permission, an I/O error of the disk or the network filesystem
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}; make it readable by this process, or "
+                        "point --data-dir at a copy that is") from None
 
 
 def _read_idx_pair(raw: Path, prefix: str) -> Split:
+    """A split's images and labels, their shapes checked against each other before either body is read.
+
+    A header can declare any shape its file's size matches, and a sparse file of that size costs 4 KiB on disk: in a
+    shared data folder, images of (2^22, 16, 16) over a 1 GiB hole were read and copied (2.7 GB at the peak) before
+    the 28x28 shape was checked (review_security F11). The shapes, the count the labels agree on, and a bound on it
+    come first; a body is then read once, into its tensor."""
     images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
-    tensors = []
-    for path, ndim in ((images_path, 3), (labels_path, 1)):
-        try:
-            tensors.append(read_idx_uint8(path, ndim))
-        except ValueError as exc:
-            detail = f": {exc}" if str(exc) else ""
-            raise UserError(f"{path} is not a valid MNIST IDX file (wrong magic number, dimensions or size"
-                            f"{detail}); replace it with the original file") from None
-        except OSError as exc:  # no read permission, an I/O error of the disk or the network filesystem
-            raise UserError(f"cannot read {path}: {exc.strerror or exc}; make it readable by this process, or "
-                            "point --data-dir at a copy that is") from None
+    with ExitStack() as files:
+        opened = []
+        for path, ndim in ((images_path, 3), (labels_path, 1)):
+            with _idx_file_errors(path):
+                f = files.enter_context(open(path, "rb"))
+                opened.append((path, f, read_idx_header(f, ndim)))
+        images_shape, labels_shape = opened[0][2], opened[1][2]
+        if images_shape[1:] != (28, 28) or images_shape[0] != labels_shape[0]:
+            raise UserError(f"{images_path} and {labels_path} do not match: {images_shape} images of 28x28 expected "
+                            f"with as many labels, got {labels_shape[0]} labels")
+        if not images_shape[0]:  # the evaluation would divide by its zero images after training
+            raise UserError(f"{images_path} and {labels_path} hold no images; replace them with the original files")
+        if images_shape[0] > MAX_IDX_IMAGES:
+            raise UserError(f"{images_path} and {labels_path} hold {images_shape[0]:,} images by their headers, more "
+                            f"than the {MAX_IDX_IMAGES:,} this reader takes (MNIST has 60,000 training and 10,000 "
+                            "test images); replace them with the original files")
+        tensors = []
+        for path, f, shape in opened:
+            with _idx_file_errors(path):
+                tensors.append(read_idx_body(f, shape))
     images, labels = tensors
-    if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise UserError(f"{images_path} and {labels_path} do not match: {tuple(images.shape)} images of 28x28 "
-                        f"expected with as many labels, got {len(labels)} labels")
-    if not len(labels):  # the evaluation would divide by its zero images after training
-        raise UserError(f"{images_path} and {labels_path} hold no images; replace them with the original files")
     if int(labels.max()) > 9:
         raise UserError(f"{labels_path} holds labels outside 0-9; replace it with the original file")
-    return Split(images.contiguous(), labels.long())
+    return Split(images, labels.long())
 
 
 def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
-    """Decode the four IDX files (read_idx_uint8); rank 0 downloads them first with torchvision when allowed.
+    """Decode the four IDX files (_read_idx_pair); rank 0 downloads them first with torchvision when allowed.
 
     Every rank takes the same branches whatever its own disk holds: with node-local --data-dir folders one rank can
     lack the files another has, and a rank waiting in the download's broadcast while the others went on would sit
@@ -102,7 +142,7 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
     if views[0].missing and not views[0].no_download:
         error = ""
         if ctx.is_main:
-            from torchvision.datasets import MNIST  # only for downloading: see read_idx_uint8
+            from torchvision.datasets import MNIST  # only for downloading: see read_idx_header
 
             class MissingFiles(MNIST):
                 """torchvision's MNIST download, of the files `raw` lacks only: its own fetches all four whenever
@@ -114,7 +154,7 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
                     return str(raw)            # the legacy .pt files are no concern of a download of IDX files)
 
                 def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-                    # torchvision decodes the split after its download; read_idx_uint8 does, with its checks, and a
+                    # torchvision decodes the split after its download; _read_idx_pair does, with its checks, and a
                     # present file that is damaged must fail there, not here as a failed download.
                     return torch.empty(0), torch.empty(0)
 

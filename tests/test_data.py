@@ -9,7 +9,9 @@ import functools
 import gzip
 import hashlib
 import http.server
+import io
 import math
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from torchvision import datasets, transforms
 
 from dist_mnist.config import TrainConfig, parse_args, usable_cpus
 from dist_mnist.data import (
+    MAX_IDX_IMAGES,
     MNIST_FILES,
     MNIST_MEAN,
     MNIST_STD,
@@ -235,6 +238,73 @@ def test_an_idx_file_longer_than_its_header_says_is_refused_before_its_body_is_r
         load_mnist(mnist_cfg(data_dir), cpu_ctx())
     assert "\n" not in str(excinfo.value)
     assert reads == [16]  # the header only
+
+
+def _sparse_idx(path: Path, shape: tuple[int, ...]) -> None:
+    """An IDX file whose header declares `shape` and whose body is a hole of that size: 4 KiB on disk."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(f">I{len(shape)}I", 0x0800 + len(shape), *shape))
+        f.truncate(4 + 4 * len(shape) + math.prod(shape))
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts the data module's file reads ask for (read and readinto), from here on."""
+    reads: list[int] = []
+    real_open = open
+
+    class CountingFile(io.BufferedReader):
+        def read(self, n: int | None = -1) -> bytes:
+            reads.append(-1 if n is None else n)
+            return super().read(n)
+
+        def readinto(self, buffer: Any) -> int:
+            reads.append(len(memoryview(buffer)))
+            return super().readinto(buffer)
+
+    def counting_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        assert mode == "rb"
+        return CountingFile(real_open(path, "rb", buffering=0))
+
+    monkeypatch.setattr("dist_mnist.data.open", counting_open, raising=False)
+    return reads
+
+
+@pytest.mark.parametrize(("images", "labels", "refusal"), [
+    # review_security F11's file: 2^22 images of 16x16 over a 1 GiB hole (here 2^16: the same checks, 16 MiB)
+    ((1 << 16, 16, 16), None, r"do not match: \(65536, 16, 16\) images of 28x28 expected with as many labels, got "
+                              "300 labels"),
+    ((1 << 16, 28, 28), None, r"do not match: \(65536, 28, 28\) images of 28x28 expected with as many labels, got "
+                              "300 labels"),
+    # Both sparse and agreeing: only the bound stops them (7.8 GB of images over a hole).
+    ((MAX_IDX_IMAGES + 1, 28, 28), (MAX_IDX_IMAGES + 1,), "hold 10,000,001 images by their headers, more than the "
+                                                         "10,000,000 this reader takes"),
+], ids=["16x16", "more-images-than-labels", "beyond-the-bound"])
+def test_an_idx_pairs_shapes_are_checked_before_either_body_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: tuple[int, ...], labels: tuple[int, ...] | None,
+        refusal: str) -> None:
+    """A sparse IDX file costs nothing on disk and its header can declare any shape its size matches: in a shared
+    data folder one was read and copied whole (2.7 GB at the peak) before its 28x28 shape was checked. The headers
+    of both files of the split are read and checked against each other first, and no body is read."""
+    data_dir = make_mnist_dir(tmp_path, train_size=300)
+    raw = mnist_raw_dir(str(data_dir))
+    _sparse_idx(raw / "train-images-idx3-ubyte", images)
+    if labels is not None:
+        _sparse_idx(raw / "train-labels-idx1-ubyte", labels)
+    reads = _count_reads(monkeypatch)
+    with pytest.raises(UserError, match=f"^{raw / 'train-images-idx3-ubyte'} and {raw / 'train-labels-idx1-ubyte'} "
+                                        f"{refusal}"):
+        load_mnist(mnist_cfg(data_dir), cpu_ctx())
+    assert reads == [16, 8]  # the two headers only
+
+
+def test_an_idx_body_is_read_once_into_its_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bodies go straight into their tensors (readinto), not into bytes copied out afterwards."""
+    data_dir = make_mnist_dir(tmp_path, train_size=300, test_size=101)
+    reads = _count_reads(monkeypatch)
+    train, test = load_mnist(mnist_cfg(data_dir), cpu_ctx())
+    assert reads == [16, 8, 300 * 784, 300, 16, 8, 101 * 784, 101]
+    expected_train, expected_test = synthetic_splits(300, 101)
+    assert torch.equal(train.images, expected_train.images) and torch.equal(test.labels, expected_test.labels)
 
 
 def test_images_and_labels_that_do_not_match_are_refused(tmp_path: Path) -> None:

@@ -1047,7 +1047,7 @@ if _signal != signal.SIGINT:  # likewise SIGHUP under nohup, SIGQUIT in a backgr
     signal.signal(_signal, signal.SIG_DFL)
 import builtins
 _target, _open = os.environ.get("DIST_MNIST_TEST_SIGNAL_AT"), builtins.open
-def _open_interrupted(file, *args, **kwargs):  # the data files are opened with open() (data.read_idx_uint8)
+def _open_interrupted(file, *args, **kwargs):  # the data files are opened with open() (data._read_idx_pair)
     if _target and _target in os.path.basename(str(file)):
         os.kill(os.getpid(), _signal)
     return _open(file, *args, **kwargs)
