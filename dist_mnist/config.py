@@ -82,7 +82,8 @@ class TrainConfig:
 
     # Model and recipe
     recipe: str = _opt("auto", "named settings for --batch-size, --lr, --epochs, --warmup-frac, --eval-every, "
-                               "--eval-batch-size, --checkpoint-every, --ddp-comm-hook and --bucket-cap-mb "
+                               "--eval-batch-size, --checkpoint-every, --epoch-checkpoints, --ddp-comm-hook and "
+                               "--bucket-cap-mb "
                                "(README, 'Recipe'); flags "
                                "given explicitly win. auto: the recipe of the device the run resolves to. The "
                                "defaults shown are the cpu recipe's",
@@ -187,7 +188,11 @@ class TrainConfig:
 
     # Checkpoints and fault tolerance
     checkpoint_every: int = _opt(DEFAULT_RECIPE.checkpoint_every,
-                                 "save a checkpoint every N optimizer steps (0: only at epoch ends)")
+                                 "save a checkpoint every N optimizer steps (0: none between epoch ends)")
+    epoch_checkpoints: str = _opt(DEFAULT_RECIPE.epoch_checkpoints,
+                                  "save a checkpoint at each epoch's end too; off: only every --checkpoint-every "
+                                  "steps, at the run's end and when it stops early",
+                                  choices=["on", "off"])
     checkpoint_dir: str = _opt("", "where checkpoints go (default: <run folder>/checkpoints)")
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
     resume: str = _opt("auto", "auto: continue from the run's newest valid checkpoint if any; never: start fresh; "

@@ -31,6 +31,7 @@ class Recipe:
     eval_every: int
     eval_batch_size: int
     checkpoint_every: int
+    epoch_checkpoints: str
     ddp_comm_hook: str
     bucket_cap_mb: float
 
@@ -56,7 +57,7 @@ RECIPES: dict[str, Recipe] = {
     # evaluation 0.79x as long on the 2-core AMD CPU (docs/benchmarks.md, "The cpu recipe's evaluation batch").
     # Its warm-up of 0.2 epochs is 0.1 of the steps at its 2 epochs.
     "cpu": Recipe(batch_size=16, lr=2e-3, epochs=2, warmup_epochs=0.2, eval_every=750, eval_batch_size=250,
-                  checkpoint_every=200, ddp_comm_hook="bf16", bucket_cap_mb=0.0),
+                  checkpoint_every=200, epoch_checkpoints="on", ddp_comm_hook="bf16", bucket_cap_mb=0.0),
     # A GPU step costs about the same for 16 or 256 samples, so larger batches reach 99% first in wall time; the
     # step count to 99.0% does not depend on the device, so a CPU study ranked the candidates (docs/benchmarks.md,
     # "The cuda recipe's steps to 99.0%"), and launch/gpu_check.sh timed the closest ones on one H200, each
@@ -80,8 +81,11 @@ RECIPES: dict[str, Recipe] = {
     # recipe before) took until step 314, 0.53 s (issue 9's bar is 0.5 s). A share of 0.1 of one epoch, though, left
     # `--epochs 1` at 98.33 / 98.35% on CPU (seeds 0 / 1), below the classic example's one epoch on that GPU
     # (98.37%); 0.4 of it gave 98.51 / 98.54% (docs/benchmarks.md, "The cuda recipe's warm-up").
+    # No checkpoint between the run's start and its end (a stop still saves one): the whole run is about 0.75 s of
+    # the H200's time and 9 s of start-up, so a restart from step 0 loses less than a checkpoint's pause costs, and
+    # the two epoch-end checkpoints before 99.0% (step 314) took about 70 ms of its 0.53 s there (run 3).
     "cuda": Recipe(batch_size=512, lr=8e-3, epochs=4, warmup_epochs=0.4, eval_every=40, eval_batch_size=10_000,
-                   checkpoint_every=0, ddp_comm_hook="none", bucket_cap_mb=0.0),
+                   checkpoint_every=0, epoch_checkpoints="off", ddp_comm_hook="none", bucket_cap_mb=0.0),
 }
 # The TrainConfig fields (flags) a recipe sets: its own fields, with --warmup-frac for its warm-up in epochs.
 RECIPE_FIELDS = tuple("warmup_frac" if f.name == "warmup_epochs" else f.name for f in dataclasses.fields(Recipe))

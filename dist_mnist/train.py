@@ -1387,7 +1387,12 @@ class Trainer:
                 run_done = self.at_max_steps()
                 if (stopped_by is None or epoch_done or run_done) and self.target_reached is None and not evaluated:
                     self.evaluate_and_record(cadence=epoch_done)
-                self.save_checkpoint()
+                # An epoch's end checkpoints with --epoch-checkpoints on, or on a --checkpoint-every step (the loop
+                # above leaves that one to here); a stop, a limit and the run's last epoch always do.
+                due = bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
+                if (cfg.epoch_checkpoints == "on" or due or stopped_by is not None or run_done or self.target_reached
+                        or state.epoch >= cfg.epochs):
+                    self.save_checkpoint()
                 if run_done or self.target_reached:
                     break
             self.end_vote_and_wait()  # in here, where a stop signal during the wait is noted, not fatal

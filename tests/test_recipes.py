@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,13 +22,13 @@ from conftest import REPO, SMOKE_FLAGS, train_in_process
 from dist_mnist.config import TrainConfig, apply_recipe, build_parser, parse_args
 from dist_mnist.errors import UserError
 from dist_mnist.recipes import RECIPE_FIELDS, RECIPES, Recipe
-from dist_mnist.train import TrainState, main
+from dist_mnist.train import Trainer, TrainState, main
 
 # README column -> Recipe field, in table order after the name.
 README_COLUMNS = {"per-process batch": "batch_size", "peak lr": "lr", "epochs": "epochs",
                   "warm-up epochs": "warmup_epochs",
                   "eval every": "eval_every", "eval batch": "eval_batch_size", "checkpoint every": "checkpoint_every",
-                  "comm hook": "ddp_comm_hook",
+                  "epoch checkpoints": "epoch_checkpoints", "comm hook": "ddp_comm_hook",
                   "bucket MiB": "bucket_cap_mb"}
 
 
@@ -100,8 +102,9 @@ def test_explicit_flags_win_even_when_they_equal_the_plain_default() -> None:
     assert resolved.recipe.overridden == {"batch_size": 16, "lr": 1e-3}
     assert "batch_size" not in resolved.recipe.set
     assert resolved.recipe.summary_line() == ("recipe cuda (--epochs 4, --warmup-frac 0.1, --eval-every 40, "
-                                              "--eval-batch-size 10000, --checkpoint-every 0, --ddp-comm-hook none, "
-                                              "--bucket-cap-mb 0.0; flags kept: --batch-size 16, --lr 0.001)")
+                                              "--eval-batch-size 10000, --checkpoint-every 0, --epoch-checkpoints off, "
+                                              "--ddp-comm-hook none, --bucket-cap-mb 0.0; flags kept: --batch-size 16, "
+                                              "--lr 0.001)")
 
 
 @pytest.mark.parametrize(("recipe", "flags", "expected"), [
@@ -200,7 +203,7 @@ def test_run_records_its_recipe(stopped_run: Path) -> None:
     assert resolved["recipe"] == "cpu"
     assert resolved["recipe_overridden_by_flags"] == {"batch_size": 16, "eval_batch_size": 50, "eval_every": 2}
     assert resolved["recipe_values"] == {"lr": 2e-3, "epochs": 2, "warmup_frac": 0.1, "checkpoint_every": 200,
-                                         "ddp_comm_hook": "bf16", "bucket_cap_mb": 0.0}
+                                         "epoch_checkpoints": "on", "ddp_comm_hook": "bf16", "bucket_cap_mb": 0.0}
     assert resolved["cuda_graphs"] is False
 
 
@@ -279,3 +282,29 @@ def test_help_gives_every_recipes_value_of_a_recipe_flag(capsys: pytest.CaptureF
         with pytest.raises(SystemExit):
             command([*entry, "--help"])
         assert default in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(("flags", "saved"), [
+    ([], [16, 32, 48]),  # an epoch's end each (16 steps: 256 images, batch 16)
+    (["--epoch-checkpoints", "off"], [48]),  # the run's end only
+    # A --checkpoint-every step on an epoch's end.
+    (["--epoch-checkpoints", "off", "--checkpoint-every", "32"], [32, 48]),
+    (["--epoch-checkpoints", "off", "--max-steps", "40"], [40]),  # a --max-steps end
+    (["--epoch-checkpoints", "off", "stop"], [4]),  # a stop signal at the first progress line
+])
+def test_epoch_checkpoints_off_leaves_the_runs_end_and_its_checkpoint_every_steps(
+        tmp_path: Path, flags: list[str], saved: list[int]) -> None:
+    written: list[int] = []
+    save = Trainer._save_checkpoint
+
+    def spy(self: Trainer) -> None:
+        written.append(self.state.step)
+        save(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_save_checkpoint", spy)
+        if "stop" in flags:
+            patch.setattr(Trainer, "log_progress", lambda self: os.kill(os.getpid(), signal.SIGTERM))
+        assert main([*SMOKE_FLAGS, "--synthetic-train-size", "256", "--epochs", "3", "--checkpoint-every", "0",
+                     "--keep-checkpoints", "5", *(f for f in flags if f != "stop"), "--output-dir", str(tmp_path)]) == 0
+    assert written == saved
