@@ -103,6 +103,22 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
     return _run_2_ranks(tmp_path_factory.mktemp("profiles"), "plain", "--num-workers", "1", "--ddp-comm-hook", "none")
 
 
+def _full_disk(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
+    """torch.profiler.profile.export_chrome_trace on a disk with no room left."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _profile_steps(cfg: TrainConfig, ctx: Any, run_dir: Path, steps: int, step_limit: int) -> WindowedProfiler:
+    """Rank ctx.rank's profiler over `steps` steps of a tiny CPU op from step 0, as the loop drives it."""
+    with make_profiler(cfg, ctx, run_dir, first_step=0, step_limit=step_limit) as profiler:
+        assert isinstance(profiler, WindowedProfiler)  # cfg.profile is on
+        for _ in range(steps):
+            profiler.begin_step()
+            torch.ones(4).sum()
+            profiler.step()
+    return profiler
+
+
 def _traces(run_dir: Path) -> list[Path]:
     return sorted((run_dir / TRACES_DIR).glob(TRACE_FILES))
 
@@ -417,10 +433,7 @@ def test_a_trace_that_cannot_be_written_leaves_no_earlier_processs_trace_under_i
     assert sorted(earlier) == [trace_window_dir(step) for step in (3, 6, 9, 12, 15)]
     capsys.readouterr()
 
-    def full_disk(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", _full_disk)
     assert train_main(flags) == 0
     _, err = capsys.readouterr()
     assert {trace.parent.name: trace.read_bytes() for trace in _traces(tmp_path / "traced")} == {
@@ -454,11 +467,7 @@ def test_a_larger_worlds_trace_rank_0_cannot_remove_costs_a_note_not_its_own_new
         unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", busy_for_rank_5)
-    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=10) as profiler:  # type: ignore[arg-type]
-        for _ in range(3):
-            profiler.begin_step()
-            torch.ones(4).sum()
-            profiler.step()
+    profiler = _profile_steps(cfg, ctx, tmp_path, steps=3, step_limit=10)
     assert profiler.outcome() == {"written": 1, "write_failure": None}
     assert sorted(path.name for path in window.iterdir()) == [trace_file_name(0), trace_file_name(5)]
     assert _profiler_steps(_load_trace(window / trace_file_name(0))) == [1]
@@ -484,15 +493,8 @@ def test_a_trace_rank_0_cannot_write_leaves_no_larger_worlds_trace_beside_the_ot
         for rank in range(4):
             (window / trace_file_name(rank)).write_bytes(f"the 4-rank world's rank {rank}".encode())
 
-    def full_disk(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
-    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=4) as profiler:  # type: ignore[arg-type]
-        for _ in range(4):
-            profiler.begin_step()
-            torch.ones(4).sum()
-            profiler.step()
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", _full_disk)
+    _profile_steps(cfg, ctx, tmp_path, steps=4, step_limit=4)
     for window in windows:
         assert {path.name: path.read_bytes() for path in window.iterdir()} == {
             trace_file_name(1): b"the 4-rank world's rank 1",
@@ -523,15 +525,8 @@ def test_names_with_digits_int_refuses_are_no_window_or_trace_and_leave_the_fail
     (traces / trace_window_dir(2)).mkdir()
     (traces / trace_window_dir(2) / "rank².pt.trace.json.gz").write_bytes(b"not a rank's")
 
-    def full_disk(self: torch.profiler.profile, path: str, use_python_export: bool = False) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
-    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=10) as profiler:  # type: ignore[arg-type]
-        for _ in range(3):
-            profiler.begin_step()
-            torch.ones(4).sum()
-            profiler.step()
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", _full_disk)
+    _profile_steps(cfg, ctx, tmp_path, steps=3, step_limit=10)
     assert capsys.readouterr().err == (
         f"note: could not write rank0.pt.trace.json.gz to {traces / trace_window_dir(2)}: No space left on device; no "
         "more traces are recorded in this run, training goes on\n")
@@ -554,11 +549,7 @@ def test_a_trace_is_written_through_no_symbolic_link_planted_in_its_window_folde
     (victim / "config").write_text("the victim's ssh config")
     (window / ".rank0.pt.trace.partial.gz").symlink_to(victim / "config")
     (window / trace_file_name(0)).symlink_to(victim / "trace")  # dangling: the final name
-    with make_profiler(cfg, ctx, tmp_path, first_step=0, step_limit=10) as profiler:  # type: ignore[arg-type]
-        for _ in range(3):
-            profiler.begin_step()
-            torch.ones(4).sum()
-            profiler.step()
+    profiler = _profile_steps(cfg, ctx, tmp_path, steps=3, step_limit=10)
     assert profiler.outcome() == {"written": 1, "write_failure": None}
     assert (victim / "config").read_text() == "the victim's ssh config" and sorted(victim.iterdir()) == [
         victim / "config"]
