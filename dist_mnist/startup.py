@@ -99,13 +99,18 @@ def check_compile_caches() -> None:
     to (or owns, and so can open to writing) lets them plant code that runs as this user. Unset variables get ours
     (TRITON_CACHE_DIR beside the inductor folder; torch would put it inside). Every folder, ours or inherited, is
     made with mode 0700 where missing and must then be a folder this uid owns that neither its group nor others can
-    write to, in a folder others cannot rename it out of; otherwise the run stops with one line naming it. Each
+    write to, in a parent folder owned by this uid or root that others cannot rename it out of (not writable by its
+    group or others, or sticky; the folders above it are not checked); otherwise the run stops with one line naming
+    it. Each
     variable is then set to the folder's resolved path, so a symbolic link on the way cannot be pointed elsewhere
     after the check. Called before the import thread starts: torch._dynamo's import reads and sets the variable."""
     inherited = {variable for variable in COMPILE_CACHE_VARIABLES if variable in os.environ}
     if "TORCHINDUCTOR_CACHE_DIR" not in inherited:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
-        if "TRITON_CACHE_DIR" not in inherited and (base := user_cache_dir()) is not None:
+        inductor = os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
+        # Triton's beside it only where inductor's is in our own cache folder: where that could not be made (a
+        # read-only home), neither can Triton's, and torch's default for it is the one left.
+        base = user_cache_dir()
+        if "TRITON_CACHE_DIR" not in inherited and base is not None and os.path.dirname(inductor) == base:
             os.environ["TRITON_CACHE_DIR"] = os.path.join(base, "triton")
     for variable in COMPILE_CACHE_VARIABLES:
         if variable in os.environ:
@@ -139,9 +144,13 @@ def _checked_cache_folder(value: str, variable: str, inherited: bool) -> str:
     elif info.st_mode & 0o022:
         problem = (f"is writable by {_writers(info.st_mode)} (mode {stat.S_IMODE(info.st_mode):o}), who {planted}; "
                    f"remove it (or `chmod go-w {folder}` where nobody else can have written to it), or {own}")
-    elif parent_info.st_mode & 0o002 and not parent_info.st_mode & stat.S_ISVTX:
-        problem = (f"lies in {parent}, which anyone can write to (mode {stat.S_IMODE(parent_info.st_mode):o}, no "
-                   f"sticky bit) and so put a folder of their own in its place; {own}")
+    elif parent_info.st_uid not in (uid, 0):
+        problem = (f"lies in {parent}, owned by uid {parent_info.st_uid}, who could put a folder of their own in its "
+                   f"place; {own}")
+    elif parent_info.st_mode & 0o022 and not parent_info.st_mode & stat.S_ISVTX:
+        problem = (f"lies in {parent}, which {_writers(parent_info.st_mode)} can write to (mode "
+                   f"{stat.S_IMODE(parent_info.st_mode):o}, no sticky bit) and so put a folder of their own in its "
+                   f"place; {own}")
     else:
         return folder
     raise UserError(f"{what} {problem}")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from conftest import SMOKE_FLAGS, gradient, one_intra_op_thread
 
 import dist_mnist.train as train_module
+from dist_mnist import startup
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import normalize, synthetic_splits
 from dist_mnist.distributed import DistContext, distributed_session
@@ -358,6 +359,42 @@ def test_compile_caches_default_to_private_folders_in_the_users_cache(compile_ca
     assert inductor_cache_dir() == str(compile_cache_env / "dist_mnist" / "inductor")
 
 
+def test_a_user_cache_that_cannot_hold_the_inductor_folder_leaves_both_caches_to_torch(
+        tmp_path: Path, compile_cache_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only home whose ~/.cache/dist_mnist exists: the inductor cache fell back to torch's folder, but
+    TRITON_CACHE_DIR went to the home's `triton`, which could not be made, and the run stopped blaming the unset
+    variable (review_late 1). Triton's cache follows inductor's out of the home."""
+    make_private = startup._private_folder
+    monkeypatch.setattr(startup, "_private_folder", lambda path: not path.startswith(str(compile_cache_env))
+                        and make_private(path))
+    monkeypatch.setattr(startup, "torch_default_inductor_cache_dir", lambda: str(tmp_path / "torchinductor_me"))
+    check_compile_caches()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torchinductor_me")
+    assert "TRITON_CACHE_DIR" not in os.environ
+
+
+def test_compile_refuses_a_cache_folder_in_a_folder_another_user_owns(
+        tmp_path: Path, compile_cache_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a parent folder others could write to was refused; one another user owns (a shared HOME, a group's
+    project folder) lets its owner rename our folder away and put theirs in its place (review_late 2)."""
+    theirs = tmp_path / "theirs"
+    (theirs / "cache").mkdir(parents=True, mode=0o700)
+    real_stat = os.stat
+
+    def owned_by_another(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        result = real_stat(path, *args, **kwargs)
+        if os.fspath(path) == str(theirs):
+            return os.stat_result((result.st_mode, result.st_ino, result.st_dev, result.st_nlink, 4242,
+                                   result.st_gid, result.st_size, result.st_atime, result.st_mtime, result.st_ctime))
+        return result
+
+    monkeypatch.setattr(startup.os, "stat", owned_by_another)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(theirs / "cache"))
+    with pytest.raises(UserError, match=re.escape(f"lies in {theirs}, owned by uid 4242, who could put a folder of "
+                                                  "their own in its place")):
+        check_compile_caches()
+
+
 def test_compile_refuses_a_cache_folder_of_another_user_or_reached_through_a_shared_folder(
         tmp_path: Path, compile_cache_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a cache folder of the user's own (no home), the default is torch's /tmp/torchinductor_<user>: one
@@ -391,8 +428,8 @@ def test_compile_refuses_a_cache_folder_of_another_user_or_reached_through_a_sha
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(link))
     with pytest.raises(UserError, match=re.escape(
             f"--compile's cache folder {taken} (TORCHINDUCTOR_CACHE_DIR={link}) lies in {shared}, which "
-            "anyone can write to (mode 777, no sticky bit) and so put a folder of their own in its place; set "
-            "TORCHINDUCTOR_CACHE_DIR to a folder of your own that only you can write to (or unset it)")):
+            "its group and others can write to (mode 777, no sticky bit) and so put a folder of their own in its "
+            "place; set TORCHINDUCTOR_CACHE_DIR to a folder of your own that only you can write to (or unset it)")):
         check_compile_caches()
     shared.chmod(0o755)
     check_compile_caches()
