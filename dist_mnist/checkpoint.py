@@ -28,7 +28,7 @@ from dist_mnist.argtypes import on_off
 from dist_mnist.console import shown
 from dist_mnist.durable import temp_path, write_durably
 from dist_mnist.errors import UserError, first_line, join_thread
-from dist_mnist.runfiles import CHECKPOINTS_DIR
+from dist_mnist.runfiles import CHECKPOINTS_DIR, file_kind
 
 FORMAT_VERSION = 2  # 2: one entry per stateful part (model, optimizer, ..., train_state, clock)
 _NAME = re.compile(r"^step(\d{8})\.pt$")
@@ -250,7 +250,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is a folder; give {hint}, or --resume auto for this run's own newest")
     if not stat.S_ISREG(mode):
         # A FIFO blocked the open below until something wrote to it (the resume hung); a device read on and on.
-        raise UserError(f"checkpoint {path} is not a regular file (a {_file_kind(mode)}); the files are <run "
+        raise UserError(f"checkpoint {path} is not a regular file ({file_kind(mode)}); the files are <run "
                         "folder>/checkpoints/step*.pt")
     if not _is_pickle_or_archive(path):
         # A config.json or a log given by mistake, or bytes a disk scrambled: torch's pickle machine reads such a file
@@ -350,12 +350,6 @@ def _float_tensors(state: Any) -> Iterator[tuple[str, torch.Tensor]]:
         seen.add(id(value))
         # Reversed onto the stack, so they come off it in the state's own order, as the recursion took them.
         stack.extend((f"{name}.{key}" if name else str(key), item) for key, item in reversed(items))
-
-
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-             (stat.S_ISBLK, "block device"))
-    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 # -- what a loaded checkpoint must hold ----------------------------------------------------------------------------

@@ -37,7 +37,8 @@ class Recipe:
 
     def warmup_frac(self, epochs: int) -> float:
         """--warmup-frac for a run of `epochs` epochs: `warmup_epochs` of them, below 1 (validation's limit)."""
-        return min(self.warmup_epochs / epochs, MAX_WARMUP_FRAC)
+        # Rounded to 6 digits: the run's first line and config.json show 0.133333 for 0.4 epochs of 3, not 17 digits.
+        return min(round(self.warmup_epochs / epochs, 6), MAX_WARMUP_FRAC)
 
     def flag_values(self, epochs: int | None = None) -> dict[str, Any]:
         """The TrainConfig values this recipe sets, for a run of `epochs` epochs (None: the recipe's)."""

@@ -84,10 +84,11 @@ class RefusedRunFile(Exception):
     failed must not take a planted FIFO for one. Its message is the whole line to show."""
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file of `mode` that is no regular file is, in words ("a FIFO")."""
     kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 @contextlib.contextmanager
@@ -99,7 +100,7 @@ def open_run_file(path: Path) -> Iterator[BinaryIO]:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise RefusedRunFile(f"{path} is {_file_kind(mode)}, not a regular file: no run writes one; not read")
+            raise RefusedRunFile(f"{path} is {file_kind(mode)}, not a regular file: no run writes one; not read")
         os.set_blocking(fd, True)
         f = os.fdopen(fd, "rb")
     except BaseException:

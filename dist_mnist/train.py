@@ -926,7 +926,8 @@ class Trainer:
         at_end = state.batch_in_epoch >= self.batches_per_epoch
         if at_end:
             # Past this world's epoch (it leaves out more leftover images, or pads differently): stay at its end, so
-            # the loop ends the epoch as after its last step, evaluating and checkpointing it. Moved on to the next
+            # the loop ends the epoch as after its last step, evaluating it (and checkpointing it, with
+            # --epoch-checkpoints on). Moved on to the next
             # epoch, the run had no record of this one's end, and one in its last epoch was "already complete" with
             # no evaluation at all (review_repro finding 1). That checkpoint has this step's number: in this run's
             # folder it replaces the one resumed from, as it should, since a resume rewrites metrics.jsonl from the

@@ -291,6 +291,8 @@ def test_help_gives_every_recipes_value_of_a_recipe_flag(capsys: pytest.CaptureF
     (["--epoch-checkpoints", "off", "--checkpoint-every", "32"], [32, 48]),
     (["--epoch-checkpoints", "off", "--max-steps", "40"], [40]),  # a --max-steps end
     (["--epoch-checkpoints", "off", "stop"], [4]),  # a stop signal at the first progress line
+    # A --stop-at-accuracy end: the first evaluation (the epoch's end) reaches 1%.
+    (["--epoch-checkpoints", "off", "--stop-at-accuracy", "0.01"], [16]),
 ])
 def test_epoch_checkpoints_off_leaves_the_runs_end_and_its_checkpoint_every_steps(
         tmp_path: Path, flags: list[str], saved: list[int]) -> None:
