@@ -205,13 +205,22 @@ def temporary_env(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def loopback_only(alone: bool) -> AbstractContextManager[None]:
-    """For a world of one (`alone`), the process group's sockets on the loopback interface while it opens: gloo's
-    device listens for peers on the host name's address, so a single-process run listened on the machine's public
-    address where the host name resolves to one (servers bind to 127.0.0.1 unless asked). A world of one has no
-    peer to reach it. An interface the user chose stays; the variables are put back after, so nothing a later group
-    or process inherits changes."""
-    return temporary_env({name: "lo" for name in SOCKET_INTERFACE_VARIABLES if alone and name not in os.environ})
+def loopback_only(world_size: int) -> AbstractContextManager[None]:
+    """The process groups' sockets on the loopback interface while they open, where no peer is on another host:
+    gloo's device listens for peers on the host name's address, so a run listened on the machine's public address
+    where the host name resolves to one (servers bind to 127.0.0.1 unless asked), and the ranks' object collectives
+    unpickle what arrives there (review_security 14). A world of one has no peer: gloo and NCCL both. A world whose
+    ranks are all on this host (torchrun's LOCAL_WORLD_SIZE is the world's size, as with --standalone): gloo, the
+    group that carries pickles; NCCL, which carries tensors, keeps its own choice, untried on lo across GPUs. An
+    interface the user chose stays; the variables are put back after, so nothing a later group or process inherits
+    changes."""
+    if world_size == 1:
+        names: tuple[str, ...] = SOCKET_INTERFACE_VARIABLES
+    elif env_whole_number("LOCAL_WORLD_SIZE", 1, least=1) == world_size:
+        names = ("GLOO_SOCKET_IFNAME",)
+    else:
+        names = ()
+    return temporary_env({name: "lo" for name in names if name not in os.environ})
 
 
 def beyond_host_cpus(per_rank: int, ranks_on_host: int, cpus: int, what: str) -> str | None:
@@ -286,7 +295,7 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
                 store = dist.PrefixStore(f"dist_mnist/attempt_{attempt}", store)
     else:
         store = dist.HashStore()  # a world of one needs no rendezvous: an in-process store, so no port is opened
-    with timer.phase("process_group"), loopback_only(world_size == 1):
+    with timer.phase("process_group"), loopback_only(world_size):
         try:
             dist.init_process_group(store=store, rank=rank, world_size=world_size, **init_kwargs)
         except dist.DistError as exc:  # DistStoreError: a peer's address never came (a world of one waits on none)
@@ -295,7 +304,7 @@ def distributed_session(cfg: TrainConfig, startup: StartupTimer | None = None) -
             raise _peers_missing(exc, rank, world_size, cfg.timeout_s) from None
     try:
         # A world of one exchanges no control messages (DistContext returns at once), so it makes no gloo group.
-        with timer.phase("control_group"):
+        with timer.phase("control_group"), loopback_only(world_size):
             try:
                 control_group = (dist.new_group(backend="gloo", timeout=timeout)
                                  if backend == "nccl" and world_size > 1 else dist.group.WORLD)

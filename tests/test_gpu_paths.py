@@ -29,7 +29,7 @@ from dist_mnist import checkpoint
 from dist_mnist.collectives import CollectiveTimeout
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import build_pipeline, synthetic_splits
-from dist_mnist.distributed import DistContext, distributed_session, resolve_backend
+from dist_mnist.distributed import DistContext, distributed_session, loopback_only, resolve_backend
 from dist_mnist.errors import UserError
 from dist_mnist.graphs import (
     GraphDecision,
@@ -176,6 +176,29 @@ def test_a_world_of_one_listens_on_the_loopback_interface_only(monkeypatch: pyte
         pass
     assert seen[-1] == ("lo", "lo") and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
 
+
+
+@pytest.mark.parametrize(("world_size", "local_world_size", "expected"), [
+    (1, None, ("lo", "lo")),  # no peer at all
+    (2, "2", ("lo", None)),  # every rank on this host (torchrun --standalone): gloo, which carries pickles
+    (2, "1", (None, None)),  # a peer on another host must reach this one's address
+    (2, None, (None, None)),  # launched without torchrun's LOCAL_WORLD_SIZE: where the peers are is not known
+])
+def test_ranks_all_on_this_host_open_gloo_on_the_loopback_interface(
+        monkeypatch: pytest.MonkeyPatch, world_size: int, local_world_size: str | None,
+        expected: tuple[str | None, str | None]) -> None:
+    """review_security 14: a 2-rank --standalone run left each rank's gloo listener on the host name's address, and
+    the ranks' object collectives unpickle what arrives there. The user's own interface stays either way."""
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    if local_world_size is not None:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    with loopback_only(world_size):
+        assert (os.environ.get("GLOO_SOCKET_IFNAME"), os.environ.get("NCCL_SOCKET_IFNAME")) == expected
+    assert "GLOO_SOCKET_IFNAME" not in os.environ and "NCCL_SOCKET_IFNAME" not in os.environ
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
+    with loopback_only(world_size):
+        assert os.environ["GLOO_SOCKET_IFNAME"] == "eth1"
 
 def batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     train, _ = synthetic_splits(n * size, 1)
