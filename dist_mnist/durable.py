@@ -127,8 +127,13 @@ def read_own_records(path: Path) -> bytes | None:
         os.close(fd)
 
 
-def keep_records(path: Path, data: bytes) -> None:
+_UNREAD = object()
+
+
+def keep_records(path: Path, data: bytes, current: bytes | None | object = _UNREAD) -> None:
     """Make the line-per-record file `path` hold exactly `data`: the records a run keeps as a process starts.
+    `current`: the file's bytes as the caller has just read them with read_own_records (None: no file), so a caller
+    that read them to choose `data` does not read the whole file again.
 
     Where the file already begins with `data` it is cut there in place (nothing is done where it holds no more), not
     replaced by a rename: a follower holding the file open sees the same file shrink and can follow on (GNU `tail -f`
@@ -139,10 +144,11 @@ def keep_records(path: Path, data: bytes) -> None:
     has its old length or the new one, and both end at a whole record (`data` is whole records, and so is what was
     appended after it); the fsync makes the new length durable before the run appends after it. Any other content (a
     damaged line dropped, records that are not the file's start) is written with write_durably."""
-    current = read_own_records(path)
+    if current is _UNREAD:
+        current = read_own_records(path)
     if current == data:
         return
-    if current is None or not current.startswith(data):
+    if not isinstance(current, bytes) or not current.startswith(data):
         write_durably(path, data)
         return
     try:

@@ -219,6 +219,12 @@ class WindowedProfiler:
         if self.rank == 0:
             self._remove_traces_of_absent_ranks(folder)
 
+    def _absent_ranks_traces(self, folder: Path) -> list[Path]:
+        """The traces in the window folder `folder` of ranks this world lacks (an earlier, larger world's), sorted;
+        OSError where the folder cannot be listed."""
+        return sorted(other for other in folder.iterdir()
+                      if (rank := trace_file_rank(other.name)) is not None and rank >= self.world_size)
+
     def _remove_traces_of_absent_ranks(self, folder: Path) -> None:
         """Rank 0, after writing its trace of the window in `folder`: removes the traces there of ranks this world
         lacks (an earlier, larger world's, of the same steps), which HTA would read as ranks of this window. What
@@ -226,8 +232,7 @@ class WindowedProfiler:
         on."""
         stuck = []
         try:
-            absent = sorted(other for other in folder.iterdir()
-                            if (rank := trace_file_rank(other.name)) is not None and rank >= self.world_size)
+            absent = self._absent_ranks_traces(folder)
         except OSError as exc:
             absent, stuck = [], [f"the folder's list ({exc.strerror or exc})"]
         for other in absent:
@@ -267,8 +272,7 @@ class WindowedProfiler:
                 own.append(folder / name)
             if self.rank == 0:
                 with contextlib.suppress(OSError):  # a folder that cannot be listed: its traces cannot be renamed
-                    absent += sorted(other for other in folder.iterdir()
-                                     if (rank := trace_file_rank(other.name)) is not None and rank >= self.world_size)
+                    absent += self._absent_ranks_traces(folder)
         said = ""
         stuck: list[str] = []
         for traces in (own, absent):

@@ -68,7 +68,8 @@ class Progress:
         kept = []
         # read_own_records: a symlink or hard link at progress.jsonl is refused before its lines are read (and
         # printed below as damaged), not only when the file is cut.
-        if (current := read_own_records(self.path)) is not None:
+        current = read_own_records(self.path)
+        if current is not None:
             for number, line in enumerate(current.decode(errors="replace").splitlines(), start=1):
                 try:
                     record = loads(line) if line.strip() else None
@@ -79,7 +80,7 @@ class Progress:
                     # that no longer reads, not a reason to stop every later resume.
                     print(f"warning: {self.path} line {number} is damaged and was dropped: {line[:80]!r}",
                           file=sys.stderr, flush=True)
-        keep_records(self.path, "".join(line + "\n" for line in kept).encode())
+        keep_records(self.path, "".join(line + "\n" for line in kept).encode(), current)
 
     def state_dict(self) -> dict[str, float]:
         """The loss since the previous line (rank 0's, as checkpoints hold it): a resumed run's next line still

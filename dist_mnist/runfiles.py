@@ -126,14 +126,19 @@ def read_run_bytes(path: Path, limit: int | None = None) -> bytes:
     return data
 
 
-def read_run_text(path: Path, limit: int | None = None) -> str:
-    """read_run_bytes as UTF-8 text (every run file is); other bytes are RefusedRunFile, one line, not a
-    UnicodeDecodeError traceback."""
-    data = read_run_bytes(path, limit)
+def _utf8(path: Path, data: bytes) -> str:
+    """`data`, read from `path`, as UTF-8 text (every run file is); other bytes are RefusedRunFile."""
     try:
         return data.decode()
     except UnicodeDecodeError as exc:
         raise RefusedRunFile(f"{path} is not UTF-8 text (byte {exc.start}): no run writes it; not read") from None
+
+
+def read_run_text(path: Path, limit: int | None = None) -> str:
+    """read_run_bytes as UTF-8 text (every run file is); other bytes are RefusedRunFile, one line, not a
+    UnicodeDecodeError traceback."""
+    data = read_run_bytes(path, limit)
+    return _utf8(path, data)
 
 
 def read_gz_text(path: Path, limit: int | None = None) -> str:
@@ -147,7 +152,4 @@ def read_gz_text(path: Path, limit: int | None = None) -> str:
             data = f.read(limit + 1)
     if len(data) > limit:
         raise _too_large(path, limit, " decompressed")
-    try:
-        return data.decode()
-    except UnicodeDecodeError as exc:
-        raise RefusedRunFile(f"{path} is not UTF-8 text (byte {exc.start}): no run writes it; not read") from None
+    return _utf8(path, data)

@@ -80,10 +80,13 @@ def _private_folder(path: str) -> bool:
     return os.path.isdir(path)
 
 
-def inductor_cache_dir() -> str:
+def inductor_cache_dir(base: str | None = None) -> str:
     """The folder this run gives torch._inductor when TORCHINDUCTOR_CACHE_DIR is not set: `inductor` in
-    user_cache_dir, made with mode 0700; torch's own default where this user has no cache folder."""
-    if (base := user_cache_dir()) is not None and _private_folder(folder := os.path.join(base, "inductor")):
+    user_cache_dir (`base`, where the caller has it already), made with mode 0700; torch's own default where this
+    user has no cache folder."""
+    if base is None:
+        base = user_cache_dir()
+    if base is not None and _private_folder(folder := os.path.join(base, "inductor")):
         return folder
     return torch_default_inductor_cache_dir()
 
@@ -106,10 +109,10 @@ def check_compile_caches() -> None:
     after the check. Called before the import thread starts: torch._dynamo's import reads and sets the variable."""
     inherited = {variable for variable in COMPILE_CACHE_VARIABLES if variable in os.environ}
     if "TORCHINDUCTOR_CACHE_DIR" not in inherited:
-        inductor = os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
+        base = user_cache_dir()
+        inductor = os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(base)
         # Triton's beside it only where inductor's is in our own cache folder: where that could not be made (a
         # read-only home), neither can Triton's, and torch's default for it is the one left.
-        base = user_cache_dir()
         if "TRITON_CACHE_DIR" not in inherited and base is not None and os.path.dirname(inductor) == base:
             os.environ["TRITON_CACHE_DIR"] = os.path.join(base, "triton")
     for variable in COMPILE_CACHE_VARIABLES:

@@ -303,8 +303,8 @@ def warm_up_kernels(cfg: TrainConfig, settings: SpeedSettings, device: torch.dev
                                label_smoothing=cfg.label_smoothing)
     loss.backward()
     if evaluation:
-        warm_up_evaluation(model, settings, device, eval_batch)
-    if device.type == "cuda":
+        warm_up_evaluation(model, settings, device, eval_batch)  # which ends with the synchronize below
+    elif device.type == "cuda":
         torch.cuda.synchronize(device)  # its GPU time is the phase's, not the next one's
 
 
@@ -1197,6 +1197,10 @@ class Trainer:
                        f"config.json; {kept}: {rerun}")
         return UserError(message, exit_code=signal_exit_code(sig))
 
+    def checkpoint_due(self) -> bool:
+        """This step is one of --checkpoint-every's."""
+        return bool(self.cfg.checkpoint_every) and self.state.step % self.cfg.checkpoint_every == 0
+
     def at_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
 
@@ -1251,10 +1255,11 @@ class Trainer:
                 self.log(f"run {self.run_dir} is already complete at step {state.step} ({done}); nothing to do"
                          + self.unevaluated_end_note() + missing_summary_note(self.run_dir, state.step))
             return
-        if self.resumed_from is None and profile_records_nothing(cfg, self.step_limit()):
+        steps = self.step_limit()
+        if self.resumed_from is None and profile_records_nothing(cfg, steps):
             # Before the run's files: a run from step 0 can never record, while a resumed one's few steps left are
             # only warned about (make_profiler).
-            steps, wait = self.step_limit(), cfg.profile_wait + cfg.profile_warmup
+            wait = cfg.profile_wait + cfg.profile_warmup
             longer = f"raise --max-steps above {wait}" if cfg.max_steps else "train more --epochs"
             raise UserError(f"--profile records nothing in this run: it has {steps} step{'' if steps == 1 else 's'}, "
                             f"and the first window records only after --profile-wait {cfg.profile_wait} + "
@@ -1373,7 +1378,7 @@ class Trainer:
                             with self.paused("profiler"):
                                 profiler.end()
                         break
-                    if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                    if self.checkpoint_due() and not end_of_epoch:
                         self.save_checkpoint()
                 epoch_done = state.batch_in_epoch >= self.batches_per_epoch
                 if epoch_done:
@@ -1390,9 +1395,8 @@ class Trainer:
                     self.evaluate_and_record(cadence=epoch_done)
                 # An epoch's end checkpoints with --epoch-checkpoints on, or on a --checkpoint-every step (the loop
                 # above leaves that one to here); a stop, a limit and the run's last epoch always do.
-                due = bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
-                if (cfg.epoch_checkpoints == "on" or due or stopped_by is not None or run_done or self.target_reached
-                        or state.epoch >= cfg.epochs):
+                if (cfg.epoch_checkpoints == "on" or self.checkpoint_due() or stopped_by is not None or run_done
+                        or self.target_reached or state.epoch >= cfg.epochs):
                     self.save_checkpoint()
                 if run_done or self.target_reached:
                     break
