@@ -1,16 +1,17 @@
 """The training entry point: `python -m dist_mnist [flags]`, `torchrun --nproc_per_node=N -m dist_mnist [flags]`, and
 what launch/train.py runs from a checkout.
 
-Only the standard library's small modules and dist_mnist's console and errors load before run() has set the stop
-signals' handlers: `import torch` (seconds) comes after, so a stop signal there is one line too.
+Only the standard library's small modules and dist_mnist's console, errors and caches load before run() has set the
+stop signals' handlers: `import torch` (seconds) comes after, so a stop signal there is one line too.
 """
 
 import os
 import signal
 import sys
 
+from dist_mnist.caches import use_bytecode_cache
 from dist_mnist.console import rank_line
-from dist_mnist.errors import TERMINATING_SIGNALS, Terminated, interrupted_early, raise_terminated
+from dist_mnist.errors import TERMINATING_SIGNALS, Terminated, UserError, interrupted_early, raise_terminated
 
 
 def run() -> None:
@@ -21,6 +22,13 @@ def run() -> None:
     for stop in TERMINATING_SIGNALS:
         if signal.getsignal(stop) == signal.SIG_DFL:
             signal.signal(stop, raise_terminated)
+    try:
+        # Before the first import of torch, which compiles every module from source where Python has no bytecode
+        # cache for it (seconds; dist_mnist/caches.py).
+        use_bytecode_cache()
+    except UserError as exc:
+        rank_line(os.environ.get("RANK", "0"), "error", str(exc))
+        sys.exit(exc.exit_code)
     try:  # `import torch` takes seconds: a stop signal there is one line too, not the import machinery's traceback
         from torch.distributed.elastic.multiprocessing.errors import record
 

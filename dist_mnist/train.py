@@ -29,6 +29,7 @@ from torch.profiler import record_function
 from dist_mnist import checkpoint, collectives, runjson
 from dist_mnist.agreement import agree_on_data, agree_on_recipe, check_replicas_in_sync, code_version
 from dist_mnist.argtypes import on_off
+from dist_mnist.caches import check_compile_caches
 from dist_mnist.comm import (
     CommRecorder,
     PowerSGDHookState,
@@ -84,7 +85,7 @@ from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
 from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE
 from dist_mnist.runtext import format_eval, format_summary
 from dist_mnist.shutdown import failure_path
-from dist_mnist.startup import StartupTimer, check_compile_caches
+from dist_mnist.startup import StartupTimer
 
 T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,19 +26,19 @@ import torch.nn.functional as F
 from conftest import SMOKE_FLAGS, gradient, one_intra_op_thread
 
 import dist_mnist.train as train_module
-from dist_mnist import startup
+from dist_mnist import caches
+from dist_mnist.caches import (
+    COMPILE_CACHE_VARIABLES,
+    check_compile_caches,
+    inductor_cache_dir,
+    torch_default_inductor_cache_dir,
+)
 from dist_mnist.config import TrainConfig
 from dist_mnist.data import normalize, synthetic_splits
 from dist_mnist.distributed import DistContext, distributed_session
 from dist_mnist.errors import UserError
 from dist_mnist.metrics import StepTimer
 from dist_mnist.model import MnistCNN
-from dist_mnist.startup import (
-    COMPILE_CACHE_VARIABLES,
-    check_compile_caches,
-    inductor_cache_dir,
-    torch_default_inductor_cache_dir,
-)
 from dist_mnist.train import (
     SpeedSettings,
     TrainParts,
@@ -364,10 +364,10 @@ def test_a_user_cache_that_cannot_hold_the_inductor_folder_leaves_both_caches_to
     """A read-only home whose ~/.cache/dist_mnist exists: the inductor cache fell back to torch's folder, but
     TRITON_CACHE_DIR went to the home's `triton`, which could not be made, and the run stopped blaming the unset
     variable (review_late 1). Triton's cache follows inductor's out of the home."""
-    make_private = startup._private_folder
-    monkeypatch.setattr(startup, "_private_folder", lambda path: not path.startswith(str(compile_cache_env))
+    make_private = caches._private_folder
+    monkeypatch.setattr(caches, "_private_folder", lambda path: not path.startswith(str(compile_cache_env))
                         and make_private(path))
-    monkeypatch.setattr(startup, "torch_default_inductor_cache_dir", lambda: str(tmp_path / "torchinductor_me"))
+    monkeypatch.setattr(caches, "torch_default_inductor_cache_dir", lambda: str(tmp_path / "torchinductor_me"))
     check_compile_caches()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torchinductor_me")
     assert "TRITON_CACHE_DIR" not in os.environ
@@ -388,7 +388,7 @@ def test_compile_refuses_a_cache_folder_in_a_folder_another_user_owns(
                                    result.st_gid, result.st_size, result.st_atime, result.st_mtime, result.st_ctime))
         return result
 
-    monkeypatch.setattr(startup.os, "stat", owned_by_another)
+    monkeypatch.setattr(caches.os, "stat", owned_by_another)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(theirs / "cache"))
     with pytest.raises(UserError, match=re.escape(f"lies in {theirs}, owned by uid 4242, who could put a folder of "
                                                   "their own in its place")):
