@@ -891,8 +891,11 @@ def test_summary_explains_the_step_time_of_every_rank(which: str, request: pytes
         assert 0 < r["step_time_p50_s"] <= r["step_time_p90_s"]
         assert r["samples_per_sec"] > 0
         assert sum(r[f"{phase}_share"] for phase in PHASES) == pytest.approx(1.0)
-        # The phase timers account for (nearly) all of the wall time between step starts.
-        assert 0.9 <= r["explained_fraction"] <= 1.05
+        # The phase timers account for (nearly) all of the wall time between step starts. What they miss is the
+        # loop's own host time between them, which a rank waiting for a CPU stretches: 0.893 once on the 2-core
+        # machine with both cores busy (2026-11-29), where the forward or the backward left untimed would take a
+        # third or more.
+        assert 0.8 <= r["explained_fraction"] <= 1.05
         assert r["peak_rss_bytes"] > 0 and r["cuda_peak_allocated_bytes"] is None
         # The flag follows the rule from the summary's own figures. Whether a rank of a real run is flagged depends on
         # the host (a 2-core CI machine running other tests beside this one starves one rank now and then), so which
