@@ -6,12 +6,16 @@ Standard library only: the bytecode cache is chosen before `import torch`, which
 from __future__ import annotations
 
 import getpass
+import hashlib
 import importlib.util
 import os
+import py_compile
 import re
+import shutil
 import stat
 import sys
 import tempfile
+from contextlib import suppress
 
 from dist_mnist.console import rank_line
 from dist_mnist.errors import UserError
@@ -40,12 +44,15 @@ def user_cache_dir() -> str | None:
         base = os.path.join(os.path.expanduser("~"), ".cache")
     if not os.path.isabs(base):  # no HOME and no passwd entry: expanduser left `~` as it was
         return None
-    folder = os.path.join(base, "dist_mnist")
+    folder = os.path.normpath(os.path.join(base, "dist_mnist"))
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(base, exist_ok=True)
     except OSError:
         return None
-    return folder
+    # Mode 0700 too: the caches in it are checked for a parent others cannot write to, and a umask of 002 (many
+    # distributions' default for a user with a group of their own) made it group-writable, so every cache in it
+    # was refused (review_bytecode 1).
+    return folder if _private_folder(folder) else None
 
 
 def _private_folder(path: str) -> bool:
@@ -154,6 +161,8 @@ def _writers(mode: int) -> str:
 
 BYTECODE_CACHE_VARIABLE = "DIST_MNIST_BYTECODE_CACHE"
 BYTECODE_CACHE_SETTINGS = ("auto", "off")
+# In the bytecode cache's mirror of torch's site-packages: which build of torch filled it (_empty_for_another_build).
+BUILD_FILE = "dist_mnist-torch-build"
 
 
 def use_bytecode_cache(package: str = "torch") -> str | None:
@@ -166,15 +175,22 @@ def use_bytecode_cache(package: str = "torch") -> str | None:
     H200 machine, whose image is such, `import torch` took 4.7 s and `torch._dynamo`, which every torch.optim
     optimizer imports, 4.1 s more, against 2.4 s and 0.8-1.4 s with a cache (2026-11-29; docs/benchmarks.md). Python's
     own `sys.pycache_prefix` (PYTHONPYCACHEPREFIX) keeps bytecode in a separate tree, checked against each source's
-    size and modification time as `__pycache__` is; the first run fills it (about 50 MB for torch and what it
+    size and modification time as `__pycache__` is; the first run fills it (about 55 MB for torch and what it
     imports), later runs read it. Set here, before `import torch`, and in the environment for the processes this one
-    starts (a DataLoader's spawned workers, inductor's compile workers), which read it.
+    starts (a DataLoader's spawned workers, inductor's compile workers), which read it. The modules this process
+    loaded before (the standard library's, dist_mnist's first few) are compiled into it too, since a process that
+    starts with the prefix looks for theirs there. A cache outlives an image in a mounted home, and an image
+    rebuilt with its files' times fixed (reproducible builds) can change a source and keep its size and time: what
+    the cache holds of `package`'s site-packages is emptied when another build of `package` comes to use it
+    (_empty_for_another_build).
 
     Nothing changes where the sources have their bytecode or Python may write it beside them (pip's installs,
-    CI's), where the user chose a prefix of their own (PYTHONPYCACHEPREFIX, `-X pycache_prefix`; one naming this
-    folder is taken as this folder, checked and written to), or with DIST_MNIST_BYTECODE_CACHE=off. A cache folder
-    that is not safe to load code from (see _unsafe_folder) or cannot be made is left unused, with one `note:` line
-    from each host's first rank; an unknown setting is a UserError.
+    CI's), where the user chose a prefix of their own (PYTHONPYCACHEPREFIX, `-X pycache_prefix`), or with
+    DIST_MNIST_BYTECODE_CACHE=off. A prefix naming this folder is taken as this folder: torchrun's own process reads
+    the cache where it is started with it, and the ranks it starts fill it. A folder that is not safe to load code
+    from (see _unsafe_folder; a symbolic link is checked where it leads) or cannot be made is left unused, with one
+    `note:` line from each host's first rank; an unknown setting, or an inherited prefix naming the folder when it
+    is not safe (Python has read from it since the process began), is a UserError.
     """
     setting = os.environ.get(BYTECODE_CACHE_VARIABLE, "auto")
     if setting not in BYTECODE_CACHE_SETTINGS:
@@ -188,28 +204,29 @@ def use_bytecode_cache(package: str = "torch") -> str | None:
         return None
     base = user_cache_dir()
     folder = None if base is None else os.path.join(base, "pycache")
-    # A prefix the user set is theirs, unless it is this very folder: torchrun's own process reads the cache where
-    # it is started with PYTHONPYCACHEPREFIX=~/.cache/dist_mnist/pycache, and the runs it starts fill it as usual.
-    if chosen is not None and (folder is None or os.path.abspath(chosen) != folder):
-        return None
+    if chosen is not None and (folder is None or os.path.realpath(chosen) != os.path.realpath(folder)):
+        return None  # the user's own prefix
     own = (f"set {BYTECODE_CACHE_VARIABLE}=off to silence this, or PYTHONPYCACHEPREFIX to a folder only you can "
            "write to (with PYTHONDONTWRITEBYTECODE unset)")
     if folder is None:
-        problem: str | None = f"has no folder of this user's own to go in (no home, or a read-only one); {own}"
+        problem = f"has no folder of this user's own to go in (no home, or a read-only one); {own}"
     else:
         try:
-            problem = (_unsafe_folder(folder, "Python", own) if _private_folder(folder) else
-                       f"cannot be made; {own}")
+            _private_folder(folder)
+            folder = os.path.realpath(folder)  # checked, and used, where a link leads: it cannot be re-pointed after
+            found = _unsafe_folder(folder, "Python", own)
         except OSError as exc:
-            problem = f"cannot be used: {exc.strerror or exc}; {own}"
-        if problem is None:
+            found = f"cannot be used: {exc.strerror or exc}; {own}"
+        if found is None:
+            _empty_for_another_build(folder, package)
             sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = folder
             sys.dont_write_bytecode = False  # PYTHONDONTWRITEBYTECODE's point, no files beside the sources, holds
+            _cache_loaded_modules()
             return folder
-        problem = f"{folder} {problem}"
-    if chosen is not None:  # the user's prefix, unusable: Python's own default, bytecode beside the sources
-        sys.pycache_prefix = None
-        os.environ.pop("PYTHONPYCACHEPREFIX", None)
+        problem = f"{folder} {found}"
+    if chosen is not None:
+        raise UserError(f"PYTHONPYCACHEPREFIX={chosen} names the bytecode cache, which Python has loaded code from "
+                        f"since this process began, and the cache {problem}")
     if os.environ.get("LOCAL_RANK", "0") == "0":
         rank_line(os.environ.get("RANK", "0"), "note", f"Python has no bytecode for {package} here and may not "
                   f"write it beside its sources, so every import compiles it (seconds); the bytecode cache {problem}")
@@ -229,3 +246,52 @@ def bytecode_missing(package: str) -> bool:
     folder = os.path.dirname(cached)  # __pycache__, which Python makes in the package's folder where it is missing
     return sys.dont_write_bytecode or not os.access(folder if os.path.isdir(folder) else os.path.dirname(folder),
                                                     os.W_OK)
+
+
+def _empty_for_another_build(folder: str, package: str) -> None:
+    """Empty the part of the bytecode cache `folder` that mirrors `package`'s site-packages where another build of
+    `package` filled it, then record this one's (BUILD_FILE there: a hash of its version.py, which names torch's
+    version and git commit). Each environment has its own part (the cache mirrors sources' paths), so two of them
+    used in turn keep theirs. Ranks that start together may both empty it: a file one of them has just written is
+    compiled again by the next run."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return
+    package_dir = os.path.dirname(os.path.abspath(spec.origin))
+    try:
+        with open(os.path.join(package_dir, "version.py"), "rb") as file:
+            key = hashlib.sha256(file.read(65536)).hexdigest()
+    except OSError:  # no version.py: nothing says which build this is
+        return
+    # Where cache_from_source puts the bytecode of a source in site-packages: the folder's path below the prefix.
+    mirror = os.path.join(folder, os.path.dirname(package_dir).lstrip(os.sep))
+    record = os.path.join(mirror, BUILD_FILE)
+    try:
+        with open(record) as file:
+            if file.read().strip() == key:
+                return
+    except OSError:
+        pass
+    shutil.rmtree(mirror, ignore_errors=True)
+    try:
+        os.makedirs(mirror, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=mirror, delete=False) as temporary:
+            temporary.write(key + "\n")
+        os.replace(temporary.name, record)
+    except OSError:  # unrecorded: the next run empties it again
+        pass
+
+
+def _cache_loaded_modules() -> None:
+    """Compile into the cache the modules this process loaded from source before the cache was chosen (the
+    standard library's that start-up needs, dist_mnist's first few): they came from their own `__pycache__`, which a
+    process started with the prefix (a DataLoader or compile worker, torchrun's own process) does not look in, so
+    it compiled each from source (41 modules, 0.27 s on the 2-core CPU). Once: later runs find them there."""
+    for module in list(sys.modules.values()):
+        source = getattr(module, "__file__", None)
+        if not isinstance(source, str) or not source.endswith(".py"):
+            continue
+        cached = importlib.util.cache_from_source(source)
+        if not os.path.exists(cached):
+            with suppress(OSError, py_compile.PyCompileError, ValueError):
+                py_compile.compile(source, cfile=cached, doraise=True)

@@ -173,12 +173,14 @@ timed ours_1epoch_cold 120 "$python" launch/train.py --data-dir "$data_dir" --no
     --output-dir "$out/runs" --run-name ours_1epoch_cold
 smoke default 120
 # The bytecode cache our runs used (summary.json's bytecode_cache; empty where Python had bytecode of its own): a bare
-# `import torch` that reads it too, for the own start-up's like-for-like subtraction, and the probe's breakdown.
+# `import torch` that reads it as a run does (choosing it first, as launch/train.py does), for the own start-up's
+# like-for-like subtraction, and the probe's breakdown with it.
 bytecode_cache=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("bytecode_cache") or "")' \
     "$out/runs/default/summary.json" 2>/dev/null)
 if [ -n "$bytecode_cache" ]; then
     for i in 1 2; do
-        start=$(now); PYTHONPYCACHEPREFIX=$bytecode_cache timeout 60 "$python" -c 'import torch'
+        start=$(now)
+        timeout 60 "$python" -c 'from dist_mnist.caches import use_bytecode_cache; use_bytecode_cache(); import torch'
         since "$start" > "$out/import_torch_cached_$i.s"
     done
     PYTHONPYCACHEPREFIX=$bytecode_cache import_probe "with our bytecode cache"
@@ -193,8 +195,8 @@ if [ -n "$classic_main" ] && [ -f "$classic_main" ]; then
     if [ -n "$bytecode_cache" ]; then
         # The classic example as it would run with the same cache (what it imports that ours does not, torchvision,
         # compiled into it first): the like-for-like figure beside the bar's.
-        env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$bytecode_cache" timeout 60 "$python" -c \
-            'import torch, torch._dynamo, torch.optim, torchvision'
+        timed classic_cache_fill 60 env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$bytecode_cache" "$python" \
+            -c 'import torch, torch._dynamo, torch.optim, torchvision'
         timed classic_1epoch_cached 150 env PYTHONPYCACHEPREFIX="$bytecode_cache" "$python" "$classic_main" --epochs 1
     fi
     cd "$repo" || exit 1

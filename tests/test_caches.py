@@ -7,16 +7,24 @@ from __future__ import annotations
 
 import os
 import py_compile
+import re
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import REPO, TRAIN_SCRIPT, cpu_env
 
 from dist_mnist import caches
-from dist_mnist.caches import BYTECODE_CACHE_VARIABLE, bytecode_missing, use_bytecode_cache
+from dist_mnist.caches import (
+    BYTECODE_CACHE_VARIABLE,
+    COMPILE_CACHE_VARIABLES,
+    bytecode_missing,
+    check_compile_caches,
+    use_bytecode_cache,
+)
 from dist_mnist.errors import UserError
 
 PACKAGE = "cacheless_pkg"
@@ -37,6 +45,8 @@ def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv(BYTECODE_CACHE_VARIABLE, raising=False)
     monkeypatch.setattr(sys, "pycache_prefix", None)
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    # In this process: not the hundreds of modules pytest and torch loaded (the subprocess test covers it).
+    monkeypatch.setattr(caches, "_cache_loaded_modules", lambda: None)
     return source
 
 
@@ -71,6 +81,11 @@ def test_a_package_without_bytecode_is_compiled_once_into_a_private_cache_then_r
     for run in runs:
         assert run.stdout.splitlines() == [str(folder), str(folder)]
     assert cached.is_file() and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    # What the process had loaded before the cache was chosen is there too: a process that starts with the prefix
+    # (a worker, torchrun's own) looks for it there, not beside the sources.
+    loaded_before = Path(caches.__file__).resolve().parent / "console.py"
+    assert (folder / str(loaded_before.parent).lstrip(os.sep) /
+            f"console.{sys.implementation.cache_tag}.pyc").is_file()
     assert f"# code object from '{cached}'" not in runs[0].stderr  # compiled from source, then written
     assert f"# code object from '{cached}'" in runs[1].stderr
     assert sorted(path.name for path in package.iterdir()) == ["__init__.py", "sub.py"]
@@ -92,18 +107,84 @@ def test_the_cache_is_left_alone_where_the_user_chose_or_turned_it_off(
 def test_a_prefix_naming_the_cache_folder_is_the_cache_so_torchrun_can_read_it_too(
         package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """README: torchrun's own process imports torch before our code runs; started with PYTHONPYCACHEPREFIX naming our
-    folder it reads the cache, and the ranks it starts (the prefix inherited, PYTHONDONTWRITEBYTECODE too) must
-    still write to it, even where Python has bytecode of its own, which a prefix makes it ignore."""
+    folder (written as the user likes: `//`, `/./`) it reads the cache, and the ranks it starts (the prefix
+    inherited, PYTHONDONTWRITEBYTECODE too) must still write to it, even where Python has bytecode of its own, which
+    a prefix makes it ignore. Found unsafe there, the folder has been read from since the process began: the run
+    stops (review_bytecode 3)."""
     folder = tmp_path / "cache" / "dist_mnist" / "pycache"
-    monkeypatch.setattr(sys, "pycache_prefix", str(folder))
+    monkeypatch.setattr(sys, "pycache_prefix", f"{tmp_path}//cache/./dist_mnist/pycache")
     monkeypatch.setattr(caches, "bytecode_missing", lambda package: False)
     assert use_bytecode_cache(PACKAGE) == str(folder)
     assert not sys.dont_write_bytecode and stat.S_IMODE(folder.stat().st_mode) == 0o700
-    folder.chmod(0o777)  # unsafe: not read from any more, Python's default instead
-    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(folder))
+    folder.chmod(0o777)
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    with pytest.raises(UserError, match=re.escape(
+            f"PYTHONPYCACHEPREFIX={folder} names the bytecode cache, which Python has loaded code from since this "
+            f"process began, and the cache {folder} is writable by its group and others (mode 777)")):
+        use_bytecode_cache(PACKAGE)
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "mine"))  # a prefix of the user's own: theirs
+    assert use_bytecode_cache(PACKAGE) is None and sys.pycache_prefix == str(tmp_path / "mine")
+
+
+def test_the_cache_folder_is_checked_and_used_where_a_link_leads(package: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A link in place of the folder (a cache moved off a small home) was checked against its own parent, and the
+    prefix kept the link, whose target's parent others could write to (review_bytecode 2): checked and used where
+    it leads, as --compile's caches are."""
+    shared = tmp_path / "shared"
+    (shared / "pycache").mkdir(parents=True, mode=0o700)
+    shared.chmod(0o777)  # no sticky bit: anyone can put a folder of theirs in the cache's place
+    (tmp_path / "cache" / "dist_mnist").mkdir(parents=True, mode=0o700)
+    (tmp_path / "cache" / "dist_mnist" / "pycache").symlink_to(shared / "pycache")
     assert use_bytecode_cache(PACKAGE) is None
-    assert sys.pycache_prefix is None and "PYTHONPYCACHEPREFIX" not in os.environ and sys.dont_write_bytecode
+    assert f"the bytecode cache {shared / 'pycache'} lies in {shared}, which its group and others can write to" in (
+        capsys.readouterr().err)
+    shared.chmod(0o755)
+    assert use_bytecode_cache(PACKAGE) == sys.pycache_prefix == str(shared / "pycache")
+
+
+def test_a_umask_of_002_leaves_the_caches_private(package: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under umask 002 (a user with a group of their own, on many distributions) ~/.cache/dist_mnist was made
+    group-writable, and the caches in it were then refused for that: every run noted the bytecode cache unused,
+    and --compile stopped (review_bytecode 1)."""
+    for variable in COMPILE_CACHE_VARIABLES:  # which check_compile_caches sets: put back afterwards
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
+    previous = os.umask(0o002)
+    try:
+        assert use_bytecode_cache(PACKAGE) == str(tmp_path / "cache" / "dist_mnist" / "pycache")
+        check_compile_caches()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "cache" / "dist_mnist").stat().st_mode) == 0o700
+
+
+def test_another_build_of_torch_empties_its_part_of_the_cache(package: Path, tmp_path: Path) -> None:
+    """A cache in a home outlives an image, and a rebuilt image can change a source and keep its size and time
+    (reproducible builds fix the times), when Python would load the old bytecode (review_bytecode 5): another
+    build (another version.py) empties what the cache holds of the package's site-packages, and only that."""
+    folder = tmp_path / "cache" / "dist_mnist" / "pycache"
+    (package / "version.py").write_text("__version__ = '2.11.0'\n")
+    mirror = folder / str(package.parent).lstrip(os.sep)
+    elsewhere = folder / "usr" / "lib" / "python3" / f"os.{sys.implementation.cache_tag}.pyc"
+    assert use_bytecode_cache(PACKAGE) == str(folder)
+    old = mirror / PACKAGE / f"sub.{sys.implementation.cache_tag}.pyc"
+    for pyc in (old, elsewhere):
+        pyc.parent.mkdir(parents=True, exist_ok=True)
+        pyc.write_bytes(b"bytecode")
+    reset_prefix(use_bytecode_cache)
+    assert old.is_file()  # the same build: kept
+    (package / "version.py").write_text("__version__ = '2.11.1'\n")  # the same size
+    reset_prefix(use_bytecode_cache)
+    assert not old.exists() and elsewhere.is_file() and (mirror / caches.BUILD_FILE).is_file()
+
+
+def reset_prefix(use: Callable[[str], str | None]) -> None:
+    """`use(PACKAGE)` as a new process of the same environment would call it: no prefix yet."""
+    sys.pycache_prefix = None
+    sys.dont_write_bytecode = True
+    assert use(PACKAGE) is not None
 
 
 def test_a_cache_folder_others_can_write_to_is_not_used_and_the_first_rank_of_a_host_says_so(
@@ -130,6 +211,18 @@ def test_a_cache_folder_others_can_write_to_is_not_used_and_the_first_rank_of_a_
     folder.chmod(0o700)
     assert use_bytecode_cache(PACKAGE) == str(folder)
     assert sys.pycache_prefix == os.environ["PYTHONPYCACHEPREFIX"] == str(folder) and not sys.dont_write_bytecode
+
+
+def test_the_entry_point_chooses_the_cache_before_it_imports_torch() -> None:
+    """The cache must be chosen before `import torch` in dist_mnist/__main__.py's run(): torch imported first is
+    compiled from source, the cache unused for it."""
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys, dist_mnist.caches as caches\n"
+        "def chosen(): print('torch' in sys.modules); raise SystemExit(0)\n"
+        "caches.use_bytecode_cache = chosen\n"
+        "from dist_mnist.__main__ import run\n"
+        "run()")], capture_output=True, text=True, timeout=60, env=cpu_env())
+    assert probe.stdout.strip() == "False", probe.stderr
 
 
 def test_an_unknown_setting_ends_the_launcher_in_one_line_before_torch_loads(tmp_path: Path) -> None:
