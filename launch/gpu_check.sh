@@ -75,7 +75,8 @@ fi
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, gpu or "no CUDA GPU")
 sys.exit(0 if gpu else 3)'
-case $? in
+gpu_found=$?
+case $gpu_found in
     0) ;;
     3) [ "${GPU_CHECK_ALLOW_CPU:-}" = 1 ] || fail "no CUDA GPU here (torch.cuda.is_available() is False): this check measures one (GPU_CHECK_ALLOW_CPU=1 runs its logic on CPU, figures meaning nothing)" ;;
     *) fail "$python cannot import torch (above); set PYTHON to the interpreter that has it" ;;
@@ -128,9 +129,11 @@ except OSError as exc: found = f"not resolved ({exc})"
 print(f"hostname {name!r} -> {found} in {time.perf_counter() - t:.2f} s")'
 # What `init_process_group` with nccl costs in a process of one (5.5-6.1 s on an H200 on 2026-11-27; runs of one
 # use gloo since, 2+ GPUs still pay it): with the flight recorder's variables as train.py sets them, and without.
-# Each probe under `timeout`: a hang here would cost the session its bundle.
-for recorder in on off; do
-    timeout 60 "$python" -c 'import os, sys, time, torch, torch.distributed as dist
+# Each probe under `timeout`: a hang here would cost the session its bundle. Without a GPU (GPU_CHECK_ALLOW_CPU) there
+# is no nccl to time: two processes importing torch for a traceback each.
+if [ "$gpu_found" = 0 ]; then
+    for recorder in on off; do
+        timeout 60 "$python" -c 'import os, sys, time, torch, torch.distributed as dist
 from pathlib import Path
 from dist_mnist.collectives import flight_recorder_env
 if sys.argv[1] == "on":
@@ -139,7 +142,10 @@ torch.cuda.set_device(0); torch.zeros(1, device="cuda")
 t = time.perf_counter(); dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
 print(f"init_process_group(nccl), world of one, flight recorder {sys.argv[1]}: {time.perf_counter() - t:.2f} s")
 dist.destroy_process_group()' "$recorder" || echo "init_process_group(nccl) probe, flight recorder $recorder: failed or timed out"
-done
+    done
+else
+    echo "SKIP init_process_group(nccl) probes: no CUDA GPU"
+fi
 # --- issue 9: a bare `import torch` on this machine (the first one may be cold; the table takes the faster) ---
 for i in 1 2; do
     start=$(now); timeout 60 "$python" -c 'import torch'; since "$start" > "$out/import_torch_$i.s"
