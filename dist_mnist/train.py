@@ -82,7 +82,7 @@ from dist_mnist.profiling import (
 from dist_mnist.progress import Progress
 from dist_mnist.restarts import env_whole_number, restart_advice, stop_agreed, torchrun_restarts
 from dist_mnist.rundir import checkpoint_dir, is_restart, open_run_dir
-from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE
+from dist_mnist.runfiles import CONFIG_FILE, SUMMARY_FILE, RefusedRunFile, read_run_text
 from dist_mnist.runtext import format_eval, format_summary
 from dist_mnist.shutdown import failure_path
 from dist_mnist.startup import StartupTimer
@@ -650,11 +650,12 @@ def missing_summary_note(run_dir: Path, step: int) -> str:
     """What the "already complete" line adds when summary.json is not of the run's end at `step`: absent, or of an
     earlier process's steps (a resumed process ended the run without writing its own)."""
     try:
-        last_step = runjson.loads((run_dir / SUMMARY_FILE).read_text()).get("last_step")
+        # read_run_text: a FIFO in its place blocked the launch's "already complete" line for ever.
+        last_step = runjson.loads(read_run_text(run_dir / SUMMARY_FILE)).get("last_step")
     except FileNotFoundError:
         return f" (it has no {SUMMARY_FILE}: {NO_SUMMARY_WHY})"
-    except (OSError, ValueError, AttributeError):
-        return ""  # damaged: `python -m dist_mnist.report` says so
+    except (OSError, ValueError, AttributeError, RefusedRunFile):
+        return ""  # damaged or no file a run writes: `python -m dist_mnist.report` says so
     if isinstance(last_step, int) and last_step < step:
         return f" (its {SUMMARY_FILE} is an earlier process's, of the steps up to {last_step}: {NO_SUMMARY_WHY})"
     return ""

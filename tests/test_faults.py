@@ -317,6 +317,20 @@ def test_run_files_nested_past_the_recursion_limit_are_damaged_records_not_trace
     assert "is already complete at step 6" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(60)
+def test_a_fifo_in_place_of_a_complete_runs_summary_does_not_block_its_rerun(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rerun of a complete run reads its summary.json for the "already complete" line: a FIFO there (planted, or
+    left by a tool) blocked the launch for ever, as it did `python -m dist_mnist.report` before runfiles refused it."""
+    flags = [*SMOKE_FLAGS, "--output-dir", str(tmp_path), "--run-name", "done", "--max-steps", "4"]
+    assert train_module.main(flags) == 0
+    (tmp_path / "done" / "summary.json").unlink()
+    os.mkfifo(tmp_path / "done" / "summary.json")
+    capsys.readouterr()
+    assert train_module.main(flags) == 0
+    assert "is already complete at step 4" in capsys.readouterr().out
+
+
 def test_a_lock_holder_line_with_control_characters_stays_one_line(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """The refusal quotes the lock file's holder line, which anyone who can write the folder can craft: a newline and
