@@ -364,13 +364,20 @@ class _Malformed(Exception):
 
 
 def _show(value: object) -> str:
+    # An int past Python's 4300 digits for a str() raises ValueError; one of 200 bits is already no count a run keeps.
+    if isinstance(value, int) and value.bit_length() > 200:
+        return f"a {value.bit_length()}-bit integer"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# The largest count a checkpoint holds (steps, epochs, processes): an int64's, as torch's own counters.
+_MOST = 2**63 - 1
+
+
 def _whole(value: object, name: str, least: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise _Malformed(f"{name} is {_show(value)}, not a whole number >= {least}")
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= _MOST:
+        raise _Malformed(f"{name} is {_show(value)}, not a whole number from {least} to 2**63 - 1")
     return value
 
 
