@@ -787,6 +787,8 @@ def _check_value(saved: object, live: object, name: str) -> None:
             _check_value(s, lv, f"{name}[{i}]")
     elif _kind(saved) == "number":
         _real(saved.item() if isinstance(saved, torch.Tensor) else saved, f"its {name}")
+        if isinstance(saved, int) and abs(saved) > _MOST:  # LambdaLR's float of such a last_epoch: an OverflowError
+            raise _Malformed(f"its {name} is {_show(saved)}, past any count a run keeps")
         if isinstance(live, int) and not isinstance(saved, int):
             raise _Malformed(f"its {name} is {_show(saved)}, not a whole number")
 

@@ -243,7 +243,7 @@ def one_epoch(check: CheckOutput, classic_given: bool) -> list[Row]:
         if cold and cold_wall:
             cache = cold.summary.get("bytecode_cache")
             rows.append(Row("... our first run on this machine (bytecode cache " + ("empty)" if cache else
-                                                                                      "not used: Python had its own)"),
+                                                                                      "not used)"),
                             "-", f"{classic_wall / cold_wall:.2f}x ({cold_wall:.1f} s: {cold.wall_split(cold_wall)}; "
                                  f"{cold.final_accuracy:.2%})", None))
         if cached_wall := check.wall("classic_1epoch_cached"):

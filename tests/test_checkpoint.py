@@ -1071,6 +1071,9 @@ def _params_of_group_0(value: object) -> Callable[[dict[str, Any]], None]:
      r"its optimizer state's param_groups\[0\].lr is 'fast', where this run has"),
     (lambda state: state["scheduler"].__setitem__("step", 1), "its scheduler state holds 'step', which"),
     (lambda state: state["scheduler"].__setitem__("last_epoch", -3), "its scheduler state's last_epoch is -3"),
+    # A count past any run's: LambdaLR's float of it was an OverflowError traceback at the first step.
+    (lambda state: state["scheduler"].__setitem__("last_epoch", 10**600),
+     "its scheduler state's last_epoch is a 1994-bit integer, past any count a run keeps"),
     # Past the checks: the scheduler's own load_state_dict fails on it (KeyError), said as one line too.
     (lambda state: state.__setitem__("scheduler", {"x": 1}),
      r"does not load into this run: its scheduler state was refused \(KeyError: 'lr_lambdas'\)"),

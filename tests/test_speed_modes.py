@@ -429,7 +429,8 @@ def test_compile_refuses_a_cache_folder_of_another_user_or_reached_through_a_sha
     with pytest.raises(UserError, match=re.escape(
             f"--compile's cache folder {taken} (TORCHINDUCTOR_CACHE_DIR={link}) lies in {shared}, which "
             "its group and others can write to (mode 777, no sticky bit) and so put a folder of their own in its "
-            "place; set TORCHINDUCTOR_CACHE_DIR to a folder of your own that only you can write to (or unset it)")):
+            f"place; `chmod go-w {shared}` where nobody else can have written to it, or set TORCHINDUCTOR_CACHE_DIR "
+            "to a folder of your own that only you can write to (or unset it)")):
         check_compile_caches()
     shared.chmod(0o755)
     check_compile_caches()
