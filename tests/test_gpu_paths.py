@@ -561,6 +561,8 @@ def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_prints_the_table_a
     # No main.py given: the classic runs are skipped for that reason.
     assert sweep and skipped - sweep == launched - {"classic_1epoch", "classic_cache_fill", "classic_1epoch_cached"}
     assert not (out / "runs").exists()
+    # Without a GPU no nccl to time: no process started for it (two torch imports for a traceback each).
+    assert "SKIP init_process_group(nccl) probes: no CUDA GPU" in result.stdout
     assert "| done-when figure | target | measured | met |" in result.stdout
     assert result.returncode == 1  # nothing was measured: not a pass
     with tarfile.open(bundle) as tar:
