@@ -129,7 +129,8 @@ except OSError as exc: found = f"not resolved ({exc})"
 print(f"hostname {name!r} -> {found} in {time.perf_counter() - t:.2f} s")'
 # What `init_process_group` with nccl costs in a process of one (5.5-6.1 s on an H200 on 2026-11-27; runs of one
 # use gloo since, 2+ GPUs still pay it): with the flight recorder's variables as train.py sets them, and without.
-# Each probe under `timeout`: a hang here would cost the session its bundle. Without a GPU (GPU_CHECK_ALLOW_CPU) there
+# Each probe under `timeout`: a hang here would cost the session its bundle. The recorder's dumps go in OUT_DIR, not a
+# fixed name in /tmp another user could have made first (review_security 15). Without a GPU (GPU_CHECK_ALLOW_CPU) there
 # is no nccl to time: two processes importing torch for a traceback each.
 if [ "$gpu_found" = 0 ]; then
     for recorder in on off; do
@@ -137,11 +138,12 @@ if [ "$gpu_found" = 0 ]; then
 from pathlib import Path
 from dist_mnist.collectives import flight_recorder_env
 if sys.argv[1] == "on":
-    os.environ.update(flight_recorder_env(Path("/tmp/flight_recorder"), os.environ))
+    os.environ.update(flight_recorder_env(Path(sys.argv[2]), os.environ))
 torch.cuda.set_device(0); torch.zeros(1, device="cuda")
 t = time.perf_counter(); dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
 print(f"init_process_group(nccl), world of one, flight recorder {sys.argv[1]}: {time.perf_counter() - t:.2f} s")
-dist.destroy_process_group()' "$recorder" || echo "init_process_group(nccl) probe, flight recorder $recorder: failed or timed out"
+dist.destroy_process_group()' "$recorder" "$out/flight_recorder" ||
+            echo "init_process_group(nccl) probe, flight recorder $recorder: failed or timed out"
     done
 else
     echo "SKIP init_process_group(nccl) probes: no CUDA GPU"
