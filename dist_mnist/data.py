@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import shutil
 import stat
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -146,12 +148,13 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
 
             class MissingFiles(MNIST):
                 """torchvision's MNIST download, of the files `raw` lacks only: its own fetches all four whenever
-                one is missing, writing over the others (through a symbolic link, over its target)."""
+                one is missing, writing over the others (through a symbolic link, over its target). Into
+                `staging`, a folder of this process's own: see fetch_missing."""
                 resources = [(name, md5) for name, md5 in MNIST.resources if name.removesuffix(".gz") in missing]
 
                 @property
                 def raw_folder(self) -> str:  # torchvision's is named after the class (its processed_folder too:
-                    return str(raw)            # the legacy .pt files are no concern of a download of IDX files)
+                    return str(staging)        # the legacy .pt files are no concern of a download of IDX files)
 
                 def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
                     # torchvision decodes the split after its download; _read_idx_pair does, with its checks, and a
@@ -159,15 +162,30 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
                     return torch.empty(0), torch.empty(0)
 
             made = missing_folders(raw)
-            if planted := unsafe_download_targets(raw, missing):
+            if blocked := unsafe_download_targets(raw, missing):
                 # Refused before anything is fetched; every rank learns it from the broadcast below.
-                error = f"{'; '.join(planted)}; remove {'it' if len(planted) == 1 else 'them'} first"
+                error = f"{'; '.join(blocked)}; remove {'it' if len(blocked) == 1 else 'them'} first"
             else:
+                staging = Path()
                 try:
+                    # torchvision writes the .gz and the file it extracts with open(path, "wb"), through whatever
+                    # stands at that name: in a shared --data-dir another user could plant `raw/<name>.gz ->
+                    # ~victim/file`, and the victim's download wrote over that file (review_security F3; a check of
+                    # `raw` first left a race). It writes them in a folder only this process can enter (mkdtemp:
+                    # mode 0700), on the same file system, and each file is renamed into `raw`: a rename replaces a
+                    # link at its name, and never follows it.
+                    raw.mkdir(parents=True, exist_ok=True)
+                    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=raw))
                     MissingFiles(cfg.data_dir, train=True, download=True)
+                    for name in missing:
+                        os.replace(staging / name, raw / name)
                 except (RuntimeError, OSError) as exc:
                     # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
                     error = " ".join(str(exc).split()) or type(exc).__name__
+                finally:
+                    if staging != Path():
+                        shutil.rmtree(staging, ignore_errors=True)
+                if error:
                     remove_empty_folders(made)  # the MNIST/raw/ it made for files that never came
         # Other ranks wait, so only one process downloads; all of them learn whether it worked.
         error = ctx.broadcast_object(error)
@@ -202,28 +220,18 @@ def missing_mnist_files(raw: Path) -> list[str]:
 
 
 def unsafe_download_targets(raw: Path, missing: list[str]) -> list[str]:
-    """What stands in the way of downloading `missing` into `raw`, each as `<name> is ...`: the paths torchvision's
-    download writes (each file's .gz, which download_url opens with open(path, "wb"), and the file extract_archive
-    decompresses it to, opened the same way) that exist and are no regular file.
-
-    A symbolic link there, dangling or not (a dangling link at a file's name counts as that file missing), is
-    written through, over the file it names: in a shared --data-dir another user could plant
-    `raw/<name>.gz -> ~victim/file`, and the victim's next run overwrote that file, even where the download then
-    failed its md5 check (review_security F3). A FIFO would block the write, a folder fail it. Existing files that
-    are read, links to them included, are no concern of this: only what the download writes."""
+    """What stands at a missing file's name in `raw` that the downloaded file cannot be renamed over, each as
+    `<name> is ...`: a folder, which the rename would fail on after the whole fetch. A symbolic link there (dangling:
+    a link to a file that exists is that file, not missing) is replaced by the rename, never written through, as is
+    any other file; the .gz files are fetched in the staging folder only (load_mnist)."""
     found = []
     for name in missing:
-        for target in (f"{name}.gz", name):
-            try:
-                mode = (raw / target).lstat().st_mode
-            except OSError:  # absent (to be written), or unreadable: torchvision's own error says so
-                continue
-            if stat.S_ISLNK(mode):
-                found.append(f"{target} is a symbolic link, which the download would write through, over the file "
-                             "it names")
-            elif not stat.S_ISREG(mode):
-                found.append(f"{target} is {'a folder' if stat.S_ISDIR(mode) else 'no regular file'}, where the "
-                             "download would write")
+        try:
+            mode = (raw / name).lstat().st_mode
+        except OSError:  # absent (to be written), or unreadable: the rename's own error says so
+            continue
+        if stat.S_ISDIR(mode):
+            found.append(f"{name} is a folder, where the download would put the file")
     return found
 
 

@@ -420,7 +420,9 @@ def test_a_download_writes_through_no_symbolic_link_planted_in_the_data_folder(
         tmp_path: Path, local_mirror: Path, planted: str) -> None:
     """review_security F3: in a shared --data-dir another user deletes a file and plants a link where torchvision's
     download writes (its .gz, or the file it extracts, where a dangling link counts as the file missing): the
-    victim's run wrote through it, over the victim's file. The download is refused before anything is fetched."""
+    victim's run wrote through it, over the victim's file. torchvision's real download (from a local mirror) now
+    writes in a staging folder, and the file is renamed into place: the victim's file is untouched, and a link at
+    the file's name is replaced by the file."""
     data_dir = make_mnist_dir(tmp_path / "data", test_size=101)
     raw = mnist_raw_dir(str(data_dir))
     labels = (raw / "t10k-labels-idx1-ubyte").read_bytes()
@@ -431,20 +433,56 @@ def test_a_download_writes_through_no_symbolic_link_planted_in_the_data_folder(
     (victim / "notes.txt").write_text("the victim's notes")
     # The .gz link names an existing file, the extracted name's a new one (dangling).
     (raw / planted).symlink_to(victim / ("notes.txt" if planted.endswith(".gz") else "new.txt"))
+    _, test = load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
+    assert sorted(path.name for path in victim.iterdir()) == ["notes.txt"]
+    assert (victim / "notes.txt").read_text() == "the victim's notes"
+    assert len(test.labels) == 101 and (raw / "t10k-labels-idx1-ubyte").read_bytes() == labels
+    assert not (raw / "t10k-labels-idx1-ubyte").is_symlink()
+    assert set(_Mirror.requests) == {"/t10k-labels-idx1-ubyte.gz"}
+
+
+def test_a_folder_where_a_missing_file_goes_is_refused_before_the_download(tmp_path: Path,
+                                                                         local_mirror: Path) -> None:
+    """The rename into place would fail on a folder, after the whole fetch: refused before anything is fetched."""
+    data_dir = make_mnist_dir(tmp_path / "data", test_size=101)
+    raw = mnist_raw_dir(str(data_dir))
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte").mkdir()
     with pytest.raises(UserError) as refused:
         load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
     assert str(refused.value) == (
-        f"could not download MNIST into {raw} ({planted} is a symbolic link, which the download would write through, "
-        "over the file it names; remove it first); copy the files t10k-labels-idx1-ubyte there, or point --data-dir / "
-        "DIST_MNIST_DATA at a folder holding MNIST/raw/")
-    assert sorted(path.name for path in victim.iterdir()) == ["notes.txt"]
-    assert (victim / "notes.txt").read_text() == "the victim's notes"
+        f"could not download MNIST into {raw} (t10k-labels-idx1-ubyte is a folder, where the download would put the "
+        "file; remove it first); copy the files t10k-labels-idx1-ubyte there, or point --data-dir / DIST_MNIST_DATA at "
+        "a folder holding MNIST/raw/")
     assert _Mirror.requests == []
-    # Without the link the same download goes through (the mirror is real), and reading is as before.
-    (raw / planted).unlink()
+
+
+def test_a_link_planted_while_the_download_runs_is_replaced_not_written_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal above checks before the download; a link planted after the check, while torchvision fetches,
+    was written through all the same (the check-then-use race, noticed 2026-11-29). The files are fetched into a
+    folder of this process's own and renamed into place: a rename replaces the link at the name."""
+    import torchvision.datasets.mnist
+
+    source_raw = mnist_raw_dir(str(make_mnist_dir(tmp_path / "source")))
+    data_dir = make_mnist_dir(tmp_path / "data")
+    raw = mnist_raw_dir(str(data_dir))
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the victim's notes")
+
+    def download(url: str, download_root: str, filename: str, md5: str) -> None:
+        name = filename.removesuffix(".gz")
+        (raw / name).symlink_to(victim)  # planted after the check, before the file is written
+        for written in (filename, name):  # torchvision writes the .gz, then the file it extracts
+            (Path(download_root) / written).write_bytes((source_raw / name).read_bytes())
+        (Path(download_root) / filename).unlink()  # extract_archive's remove_finished
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", download)
     _, test = load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
-    assert len(test.labels) == 101 and (raw / "t10k-labels-idx1-ubyte").read_bytes() == labels
-    assert set(_Mirror.requests) == {"/t10k-labels-idx1-ubyte.gz"}
+    assert victim.read_text() == "the victim's notes" and len(test.labels) == 101
+    assert not (raw / "t10k-labels-idx1-ubyte").is_symlink()
+    assert sorted(path.name for path in raw.iterdir()) == sorted(MNIST_FILES)  # no staging folder left
 
 
 def test_one_missing_file_is_named_first(tmp_path: Path) -> None:
