@@ -10,7 +10,7 @@ import stat
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
@@ -144,49 +144,7 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
     if views[0].missing and not views[0].no_download:
         error = ""
         if ctx.is_main:
-            from torchvision.datasets import MNIST  # only for downloading: see read_idx_header
-
-            class MissingFiles(MNIST):
-                """torchvision's MNIST download, of the files `raw` lacks only: its own fetches all four whenever
-                one is missing, writing over the others (through a symbolic link, over its target). Into
-                `staging`, a folder of this process's own: see fetch_missing."""
-                resources = [(name, md5) for name, md5 in MNIST.resources if name.removesuffix(".gz") in missing]
-
-                @property
-                def raw_folder(self) -> str:  # torchvision's is named after the class (its processed_folder too:
-                    return str(staging)        # the legacy .pt files are no concern of a download of IDX files)
-
-                def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-                    # torchvision decodes the split after its download; _read_idx_pair does, with its checks, and a
-                    # present file that is damaged must fail there, not here as a failed download.
-                    return torch.empty(0), torch.empty(0)
-
-            made = missing_folders(raw)
-            if blocked := unsafe_download_targets(raw, missing):
-                # Refused before anything is fetched; every rank learns it from the broadcast below.
-                error = f"{'; '.join(blocked)}; remove {'it' if len(blocked) == 1 else 'them'} first"
-            else:
-                staging = Path()
-                try:
-                    # torchvision writes the .gz and the file it extracts with open(path, "wb"), through whatever
-                    # stands at that name: in a shared --data-dir another user could plant `raw/<name>.gz ->
-                    # ~victim/file`, and the victim's download wrote over that file (review_security F3; a check of
-                    # `raw` first left a race). It writes them in a folder only this process can enter (mkdtemp:
-                    # mode 0700), on the same file system, and each file is renamed into `raw`: a rename replaces a
-                    # link at its name, and never follows it.
-                    raw.mkdir(parents=True, exist_ok=True)
-                    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=raw))
-                    MissingFiles(cfg.data_dir, train=True, download=True)
-                    for name in missing:
-                        os.replace(staging / name, raw / name)
-                except (RuntimeError, OSError) as exc:
-                    # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
-                    error = " ".join(str(exc).split()) or type(exc).__name__
-                finally:
-                    if staging != Path():
-                        shutil.rmtree(staging, ignore_errors=True)
-                if error:
-                    remove_empty_folders(made)  # the MNIST/raw/ it made for files that never came
+            error = fetch_missing(raw, missing, cfg.data_dir)
         # Other ranks wait, so only one process downloads; all of them learn whether it worked.
         error = ctx.broadcast_object(error)
         if error:
@@ -206,6 +164,74 @@ def load_mnist(cfg: TrainConfig, ctx: DistContext) -> tuple[Split, Split]:
     return _read_idx_pair(raw, "train"), _read_idx_pair(raw, "t10k")
 
 
+def fetch_missing(raw: Path, missing: list[str], root: str) -> str:
+    """Download the files `missing` from `raw` (MNIST/raw/ under --data-dir `root`) with torchvision: "" once they
+    are there, else why not, in one line.
+
+    torchvision writes each `.gz` and the file it extracts with open(path, "wb"), through whatever stands at that
+    name: in a shared --data-dir another user could plant `raw/<name>.gz -> ~victim/file`, and the victim's download
+    wrote over that file (review_security F3). A check of `raw` first left a race, and a staging folder inside a
+    `raw` others can write to could be renamed away and replaced by theirs (review_download 1). So torchvision
+    fetches into a folder of this process's own in the temporary folder (mkdtemp: mode 0700, in /tmp, whose sticky
+    bit keeps others from renaming it), and each file is copied into `raw` by _install. The `.gz` files are not
+    kept. Any failure of the fetch (a network error of any kind) is the line, not a traceback on this rank while
+    the others wait in the broadcast of it."""
+    from torchvision.datasets import MNIST  # only for downloading: see read_idx_header
+
+    class MissingFiles(MNIST):
+        """torchvision's MNIST download, of the files `raw` lacks only: its own fetches all four whenever one is
+        missing, writing over the others (through a symbolic link, over its target). Into `staging`."""
+        resources = [(name, md5) for name, md5 in MNIST.resources if name.removesuffix(".gz") in missing]
+
+        @property
+        def raw_folder(self) -> str:  # torchvision's is named after the class
+            return staging
+
+        def _check_legacy_exist(self) -> bool:
+            # torchvision would torch.load the old processed .pt files where it finds them under the root, and skip
+            # the download: no concern of a download of IDX files (review_download 3).
+            return False
+
+        def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+            # torchvision decodes the split after its download; _read_idx_pair does, with its checks, and a present
+            # file that is damaged must fail there, not here as a failed download.
+            return torch.empty(0), torch.empty(0)
+
+    made = missing_folders(raw)
+    if blocked := unsafe_download_targets(raw, missing):
+        # Refused before anything is fetched; every rank learns it from the broadcast.
+        return f"{'; '.join(blocked)}; remove {'it' if len(blocked) == 1 else 'them'} first"
+    staging = tempfile.mkdtemp(prefix="dist_mnist-download-")
+    try:
+        MissingFiles(root, train=True, download=True)
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            _install(Path(staging) / name, raw / name)
+    except Exception as exc:
+        remove_empty_folders(made)  # the MNIST/raw/ made for files that never came
+        # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
+        return " ".join(str(exc).split()) or type(exc).__name__
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ""
+
+
+def _install(fetched: Path, target: Path) -> None:
+    """`fetched` in `target`'s place: copied into a new file beside it (mkstemp creates it, O_EXCL, so it is never a
+    link planted first) and renamed over the name, which replaces whatever stands there, a link too (a rename does
+    not follow one)."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(fetched, "rb") as source:
+            shutil.copyfileobj(source, out)
+            os.fchmod(out.fileno(), 0o644)  # mkstemp's is 0600; a data folder's readers may be other users
+        os.replace(temporary, target)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 @dataclass(frozen=True)
 class DataView:
     """What one rank's disk holds of MNIST, which every rank learns before any of them downloads or decodes."""
@@ -223,7 +249,7 @@ def unsafe_download_targets(raw: Path, missing: list[str]) -> list[str]:
     """What stands at a missing file's name in `raw` that the downloaded file cannot be renamed over, each as
     `<name> is ...`: a folder, which the rename would fail on after the whole fetch. A symbolic link there (dangling:
     a link to a file that exists is that file, not missing) is replaced by the rename, never written through, as is
-    any other file; the .gz files are fetched in the staging folder only (load_mnist)."""
+    any other file; the .gz files are fetched in the staging folder only (fetch_missing)."""
     found = []
     for name in missing:
         try:

@@ -11,7 +11,9 @@ import hashlib
 import http.server
 import io
 import math
+import stat
 import struct
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -471,18 +473,27 @@ def test_a_link_planted_while_the_download_runs_is_replaced_not_written_through(
     victim = tmp_path / "victim.txt"
     victim.write_text("the victim's notes")
 
+    temporary = tmp_path / "tmp"
+    temporary.mkdir(mode=0o1777)  # /tmp
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    staged: list[Path] = []
+
     def download(url: str, download_root: str, filename: str, md5: str) -> None:
         name = filename.removesuffix(".gz")
+        staged.append(Path(download_root))
         (raw / name).symlink_to(victim)  # planted after the check, before the file is written
         for written in (filename, name):  # torchvision writes the .gz, then the file it extracts
             (Path(download_root) / written).write_bytes((source_raw / name).read_bytes())
-        (Path(download_root) / filename).unlink()  # extract_archive's remove_finished
 
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", download)
     _, test = load_mnist(TrainConfig(data_dir=str(data_dir)), cpu_ctx())
     assert victim.read_text() == "the victim's notes" and len(test.labels) == 101
     assert not (raw / "t10k-labels-idx1-ubyte").is_symlink()
-    assert sorted(path.name for path in raw.iterdir()) == sorted(MNIST_FILES)  # no staging folder left
+    assert stat.S_IMODE((raw / "t10k-labels-idx1-ubyte").stat().st_mode) == 0o644
+    # Fetched outside the shared folder, where nobody else could rename the staging folder away and put theirs in
+    # its place (review_download 1), and nothing left behind: no staging folder, no temporary file, no .gz.
+    assert [folder.parent for folder in staged] == [temporary] and list(temporary.iterdir()) == []
+    assert sorted(path.name for path in raw.iterdir()) == sorted(MNIST_FILES)
 
 
 def test_one_missing_file_is_named_first(tmp_path: Path) -> None:
