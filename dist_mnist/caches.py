@@ -1,7 +1,8 @@
 """This user's cache folders, and the checks that make them safe to load code from: torch.compile's (inductor's
 and Triton's, for --compile) and Python's bytecode cache (every run where Python has no bytecode of torch of its own).
 
-Standard library only: the bytecode cache is chosen before `import torch`, which it speeds up."""
+Torch-free (the standard library and dist_mnist's console, errors and durable): the bytecode cache is chosen before
+`import torch`, which it speeds up."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import stat
 import sys
 import tempfile
 from contextlib import suppress
+from pathlib import Path
 
 from dist_mnist.console import rank_line
+from dist_mnist.durable import write_durably
 from dist_mnist.errors import UserError
 
 
@@ -281,10 +284,8 @@ def _empty_for_another_build(folder: str, package: str) -> None:
         return
     try:
         os.makedirs(mirror, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=mirror, delete=False) as temporary:
-            temporary.write(key + "\n")
-        os.replace(temporary.name, record)
-    except OSError:  # unrecorded: the next run empties it again
+        write_durably(Path(record), f"{key}\n".encode())
+    except (OSError, UserError):  # unrecorded: the next run empties it again
         pass
 
 

@@ -339,15 +339,11 @@ def _float_tensors(state: Any) -> Iterator[tuple[str, torch.Tensor]]:
             if value.is_floating_point() or value.is_complex():
                 yield name, value
             continue
-        if isinstance(value, dict):
-            items: list[tuple[Any, Any]] = list(value.items())
-        elif isinstance(value, (list, tuple)):
-            items = list(enumerate(value))
-        else:
-            continue
-        if id(value) in seen:  # its tensors are checked already (the state holds it, so the id is no other's)
+        # A container met again: its tensors are checked already (the state holds it, so the id is no other's).
+        if not isinstance(value, (dict, list, tuple)) or id(value) in seen:
             continue
         seen.add(id(value))
+        items: list[tuple[Any, Any]] = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
         # Reversed onto the stack, so they come off it in the state's own order, as the recursion took them.
         stack.extend((f"{name}.{key}" if name else str(key), item) for key, item in reversed(items))
 
@@ -367,8 +363,7 @@ def _show(value: object) -> str:
     # An int past Python's 4300 digits for a str() raises ValueError; one of 200 bits is already no count a run keeps.
     if isinstance(value, int) and value.bit_length() > 200:
         return f"a {value.bit_length()}-bit integer"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return _cut(repr(value))
 
 
 # The largest count a checkpoint holds (steps, epochs, processes): an int64's, as torch's own counters.

@@ -10,7 +10,7 @@ import stat
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
@@ -21,7 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from dist_mnist.config import TrainConfig
 from dist_mnist.distributed import DistContext, beyond_host_cpus
-from dist_mnist.durable import missing_folders, remove_empty_folders
+from dist_mnist.durable import WriteFailed, missing_folders, remove_empty_folders, write_durably
 from dist_mnist.errors import UserError
 from dist_mnist.preemption import DataWorkerContext, leave_stop_signals_to_the_rank
 from dist_mnist.recipes import value_source
@@ -173,9 +173,9 @@ def fetch_missing(raw: Path, missing: list[str], root: str) -> str:
     wrote over that file (review_security F3). A check of `raw` first left a race, and a staging folder inside a
     `raw` others can write to could be renamed away and replaced by theirs (review_download 1). So torchvision
     fetches into a folder of this process's own in the temporary folder (mkdtemp: mode 0700, in /tmp, whose sticky
-    bit keeps others from renaming it), and each file is copied into `raw` by _install. The `.gz` files are not
-    kept. Any failure of the fetch (a network error of any kind) is the line, not a traceback on this rank while
-    the others wait in the broadcast of it."""
+    bit keeps others from renaming it), and each file is written into `raw` by durable.write_durably. The `.gz`
+    files are not kept. Any failure of the fetch (a network error of any kind) is the line, not a traceback on this
+    rank while the others wait in the broadcast of it."""
     from torchvision.datasets import MNIST  # only for downloading: see read_idx_header
 
     class MissingFiles(MNIST):
@@ -206,7 +206,12 @@ def fetch_missing(raw: Path, missing: list[str], root: str) -> str:
         MissingFiles(root, train=True, download=True)
         raw.mkdir(parents=True, exist_ok=True)
         for name in missing:
-            _install(Path(staging) / name, raw / name)
+            # A new file beside the name (open_new: O_EXCL, O_NOFOLLOW, so never a link planted first), renamed
+            # over it, which replaces whatever stands there, a link too (a rename does not follow one).
+            write_durably(raw / name, (Path(staging) / name).read_bytes())
+    except WriteFailed as exc:
+        remove_empty_folders(made)
+        return exc.failed  # which file, where, why: the advice after it is a run's, not a download's
     except Exception as exc:
         remove_empty_folders(made)  # the MNIST/raw/ made for files that never came
         # torchvision's message spans lines ("Error downloading X:", "Tried URL, got: ..."): keep one.
@@ -214,22 +219,6 @@ def fetch_missing(raw: Path, missing: list[str], root: str) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ""
-
-
-def _install(fetched: Path, target: Path) -> None:
-    """`fetched` in `target`'s place: copied into a new file beside it (mkstemp creates it, O_EXCL, so it is never a
-    link planted first) and renamed over the name, which replaces whatever stands there, a link too (a rename does
-    not follow one)."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(fetched, "rb") as source:
-            shutil.copyfileobj(source, out)
-            os.fchmod(out.fileno(), 0o644)  # mkstemp's is 0600; a data folder's readers may be other users
-        os.replace(temporary, target)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 @dataclass(frozen=True)

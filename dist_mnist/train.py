@@ -1288,7 +1288,7 @@ class Trainer:
 
         with self.startup.phase("run_files"):  # written durably (fsync), whose cost depends on the disk
             ctx.on_main(write_run_files)
-        self.progress.step_limit = self.step_limit()  # made before the resume, which can move the end
+        self.progress.step_limit = steps  # made before the resume, which can move the end
         self.progress.start(state.step, self.elapsed_s())
         self.first_step = state.step
         self.log(f"run {self.run_dir}: {self.recipe.summary_line()}; {ctx.world_size} x {ctx.device.type} "
@@ -1324,7 +1324,7 @@ class Trainer:
                                        max(1, self.data.first_test_batch))
 
         stopped_by: str | None = None
-        with self.stop, frozen_heap(), make_profiler(cfg, ctx, self.run_dir, state.step, self.step_limit()) as profiler:
+        with self.stop, frozen_heap(), make_profiler(cfg, ctx, self.run_dir, state.step, steps) as profiler:
             while state.epoch < cfg.epochs and stopped_by is None:
                 self.data.train_batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
                 batches = iter(self.data.train_loader)
